@@ -18,13 +18,35 @@ Canonical tables (pandas, one row per record):
   ``user_*`` side columns.
 * ``sales`` (optional) — daily units per item: ``item_id: str, day: int32 (days since epoch),
   units: float32 >= 0, promo: int8 {0,1}``. Derived from purchases when a shop supplies none.
+
+Merchant shop directory (`load_shop_dir` reads it, `write_shop_dir` writes the canonical label form):
+``interactions.csv|.parquet`` (required), ``items.*``, ``users.*``, ``sales.*`` and ``shop.toml``
+(``name``, ``currency``, ``[columns]`` mapping our field names to the merchant's, ``[meta]``).
+Interactions are an event log (``event`` in EVENTS; collapsed to one exposure per user, item and UTC
+day, a later stage implying the earlier ones) or label columns (``clicked``, optional ``carted``,
+``purchased``, ``quantity``; purchased implies carted implies clicked). Timestamps are unix seconds
+or ISO-8601 (naive = UTC); sales days are days since epoch or ISO dates. CSV files must be UTF-8 and
+every cell is read as text, so IDs keep leading zeros. Error rows count the header as row 1; columns
+the canonical form does not keep are listed in ``ShopData.meta["ignored_columns"]``.
 """
 
 from __future__ import annotations
 
+import csv
+import difflib
+import io
+import os
+import shutil
+import tempfile
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import tomli_w
+
+from shared.atomic import atomic_write_parquet, atomic_write_text
 
 EVENTS = ("impression", "click", "cart", "purchase")
 TASKS = ("ctr", "cvr", "ranking", "sales")
@@ -76,3 +98,603 @@ class ShopData:
         if self.sales is not None and len(self.sales) and self.sales["units"].sum() > 0:
             tasks.append("sales")
         return tasks
+
+
+# ----------------------------------------------------------------------------- writing a shop directory
+FORMATS = ("csv", "parquet")
+LABEL_COLUMNS = ("clicked", "carted", "purchased")
+_TOML_SCALARS = (str, int, float, bool)
+
+
+def _context_columns(frame: pd.DataFrame) -> list[str]:
+    """Optional context columns present in an interactions table, in a stable order."""
+    return [c for c in frame.columns if c in ("device", "hour") or c.startswith("ctx_")]
+
+
+def _toml_safe(meta: dict) -> dict:
+    """Keep only the meta entries TOML can hold (scalars and lists of scalars)."""
+    safe = {}
+    for key, value in meta.items():
+        if isinstance(value, _TOML_SCALARS) or (
+            isinstance(value, list) and all(isinstance(v, _TOML_SCALARS) for v in value)
+        ):
+            safe[str(key)] = value
+    return safe
+
+
+def _canonical_interactions(inter: pd.DataFrame) -> pd.DataFrame:
+    """Interactions in the canonical label form with the canonical dtypes, ready to write."""
+    missing = [c for c in INTERACTION_COLUMNS if c not in inter.columns]
+    if missing:
+        raise ShopDataError("ShopData.interactions", f"missing columns {missing}",
+                            f"build the frame with all of {list(INTERACTION_COLUMNS)}")
+    out = inter[list(INTERACTION_COLUMNS) + _context_columns(inter)].copy()
+    out["user_id"] = out["user_id"].astype(str)
+    out["item_id"] = out["item_id"].astype(str)
+    out["timestamp"] = out["timestamp"].astype("int64")
+    for col in LABEL_COLUMNS:
+        out[col] = out[col].astype("int8")
+    out["quantity"] = out["quantity"].astype("float32")
+    return out.reset_index(drop=True)
+
+
+def write_shop_dir(shop: ShopData, path: str | Path, fmt: str = "csv", *, overwrite: bool = False) -> Path:
+    """Write a shop as a merchant directory (canonical label form) that `load_shop_dir` reads back.
+
+    The files go into a temp sibling folder that is renamed into place, so a reader never sees a
+    half-written shop. An existing non-empty directory is replaced only with ``overwrite=True``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; choose another path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} is a non-empty directory; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tables = {"interactions": _canonical_interactions(shop.interactions), "items": shop.items,
+              "users": shop.users, "sales": shop.sales}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for stem, frame in tables.items():
+            if frame is None:
+                continue
+            if fmt == "parquet":
+                atomic_write_parquet(tmp / f"{stem}.parquet", frame.reset_index(drop=True))
+            else:  # quote every string: pandas leaves a lone "\r" unquoted, which readers take as a line break
+                text = frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
+                atomic_write_text(tmp / f"{stem}.csv", text)
+        info: dict = {"name": shop.name, "currency": shop.currency}
+        meta = _toml_safe(shop.meta)
+        if meta:
+            info["meta"] = meta
+        atomic_write_text(tmp / "shop.toml", tomli_w.dumps(info))
+        if path.is_dir() and any(path.iterdir()):
+            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, trash / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, path)  # rename(2) may replace an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- reading a shop directory
+SHOP_TOML = "shop.toml"
+TABLES = ("interactions", "items", "users", "sales")
+EXTENSIONS = {".csv": "csv", ".parquet": "parquet"}
+SECONDS_PER_DAY = 86_400
+_EPOCH = pd.Timestamp(0, tz="UTC")
+_STAGE = {event: stage for stage, event in enumerate(EVENTS)}  # a later stage implies the earlier ones
+_FIELDS = frozenset(
+    {"event", "device", "hour", "global_key", "item_id", "user_id", "day", "units", "promo"}
+    | set(INTERACTION_COLUMNS) | set(ITEM_SIDE_COLUMNS) | set(USER_SIDE_COLUMNS)
+)
+_EXTRA_PREFIXES = ("ctx_", "item_", "user_")
+# Common merchant spellings, used only to suggest a `[columns]` line in an error message.
+_SYNONYMS = {
+    "user_id": ("user", "userid", "uid", "customer", "customer_id", "client_id", "visitor_id", "reviewer_id"),
+    "item_id": ("item", "itemid", "product", "product_id", "sku", "asin", "article_id", "offer_id"),
+    "timestamp": ("time", "ts", "datetime", "date", "event_time", "created_at", "unix_time"),
+    "event": ("event_type", "action", "behavior", "behaviour", "type", "interaction"),
+    "clicked": ("click", "is_click"),
+    "purchased": ("purchase", "conversion", "is_purchase", "bought", "buy"),
+    "carted": ("cart", "add_to_cart", "is_cart"),
+    "quantity": ("qty", "amount", "count"),
+    "price": ("unit_price", "list_price", "cost"),
+    "units": ("quantity", "qty", "sold", "sales"),
+}
+_STRING_DTYPES = ("object", "str", "string")
+
+
+def _row(position: int) -> int:
+    """Row number as a spreadsheet shows the file: the header is row 1, the first data row is row 2."""
+    return int(position) + 2
+
+
+def _fail_where(mask: pd.Series | np.ndarray, file: str, column: str, problem: str, fix: str,
+                values: pd.Series | None = None) -> None:
+    """Raise a ShopDataError at the first row where ``mask`` is true, counting the other bad rows."""
+    bad = np.flatnonzero(np.asarray(mask, dtype=bool))
+    if not len(bad):
+        return
+    first = int(bad[0])
+    if values is not None:
+        problem = f"{problem} (found {values.iloc[first]!r})"
+    if len(bad) > 1:
+        problem += f"; {len(bad) - 1} more row(s) have the same problem"
+    raise ShopDataError(file, problem, fix, row=_row(first), column=column)
+
+
+def _is_text(series: pd.Series) -> bool:
+    """Whether a column holds text (CSV columns always do; Parquet ones may be typed)."""
+    return str(series.dtype) in _STRING_DTYPES or isinstance(series.dtype, pd.StringDtype)
+
+
+def _check_mapping(mapping: dict, path: Path, table: str) -> None:
+    """Each `[columns]` entry maps one of our field names to a column name of the merchant's."""
+    for ours, theirs in mapping.items():
+        if not isinstance(theirs, str) or not theirs:
+            raise ShopDataError(str(path), f"[{table}] {ours} must name a column as a string",
+                                f'write {ours} = "<your column name>"', column=ours)
+        if ours not in _FIELDS and not ours.startswith(_EXTRA_PREFIXES):
+            hint = f" (did you mean {theirs} = \"{ours}\"?)" if theirs in _FIELDS else ""
+            raise ShopDataError(str(path), f"[{table}] maps unknown field '{ours}'{hint}",
+                                f"keys are our field names ({', '.join(sorted(_FIELDS))}), "
+                                "values are your column names", column=ours)
+
+
+def _mapping_for(info: dict, stem: str) -> dict[str, str]:
+    """The column mapping for one file: global `[columns]` entries, overridden by `[columns.<stem>]`."""
+    columns = info.get("columns", {})
+    mapping = {ours: theirs for ours, theirs in columns.items() if isinstance(theirs, str)}
+    return mapping | columns.get(stem, {})
+
+
+def _read_toml(root: Path) -> dict:
+    """Read and check the optional shop.toml (name, currency, [columns], [meta])."""
+    path = root / SHOP_TOML
+    if not path.exists():
+        return {}
+    try:
+        info = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ShopDataError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            "save shop.toml as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ShopDataError(str(path), f"not valid TOML ({exc})",
+                            'write it as TOML, e.g. name = "My shop"') from None
+    allowed = {"name", "currency", "columns", "meta"}
+    for key in info:
+        if key not in allowed:
+            raise ShopDataError(str(path), f"unknown key '{key}'", f"use only {sorted(allowed)}",
+                                column=key)
+    for key in ("name", "currency"):
+        if key in info and (not isinstance(info[key], str) or not info[key].strip()):
+            raise ShopDataError(str(path), f"'{key}' must be a non-empty string", f'write {key} = "..."',
+                                column=key)
+    columns = info.get("columns", {})
+    if not isinstance(columns, dict):
+        raise ShopDataError(str(path), "'columns' must be a table", 'write [columns] then lines like '
+                            'user_id = "customer"', column="columns")
+    for ours, theirs in columns.items():
+        if ours in TABLES and isinstance(theirs, dict):  # [columns.<file>]: a mapping for one file only
+            _check_mapping(theirs, path, f"columns.{ours}")
+        else:
+            _check_mapping({ours: theirs}, path, "columns")
+    if "meta" in info and not isinstance(info["meta"], dict):
+        raise ShopDataError(str(path), "'meta' must be a table", "write [meta] then key = value lines",
+                            column="meta")
+    return info
+
+
+def _find_file(root: Path, stem: str) -> Path | None:
+    """The one file named ``stem.<ext>`` in the shop directory, or None if there is none."""
+    found = sorted(p for p in root.iterdir() if p.name.startswith(f"{stem}.") and not p.is_dir())
+    if not found:
+        return None
+    for path in found:
+        if path.name[len(stem):].lower() not in EXTENSIONS:
+            raise ShopDataError(str(path), f"unknown file extension '{path.name[len(stem):]}'",
+                                f"save {stem} as {stem}.csv or {stem}.parquet")
+    if len(found) > 1:
+        raise ShopDataError(str(root), f"several {stem} files: {[p.name for p in found]}",
+                            f"keep exactly one {stem} file (.csv or .parquet)")
+    return found[0]
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Read a UTF-8 CSV with every cell as text, so IDs like "007" stay as written."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ShopDataError(str(path), f"cannot read the file ({exc.strerror})",
+                            "check that the file exists and is readable") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        row = data.count(b"\n", 0, exc.start) + 1
+        raise ShopDataError(str(path), f"byte {exc.start} is not UTF-8 ({exc.reason})",
+                            "re-export the file as UTF-8 (e.g. in a spreadsheet: Save As > CSV UTF-8)",
+                            row=row) from None
+    if not text.strip():
+        raise ShopDataError(str(path), "the file is empty", "export a header row and at least one data row")
+    if "\x00" in text:
+        row = text.count("\n", 0, text.index("\x00")) + 1
+        raise ShopDataError(str(path), "the file holds NUL bytes, so it is not a text CSV",
+                            "export it again as a comma-separated UTF-8 text file", row=row)
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+    except Exception as exc:  # the C parser raises several types; all mean "not a well-formed CSV"
+        raise ShopDataError(str(path), f"not a well-formed CSV ({str(exc).strip()})",
+                            "use one header row, commas between fields and double quotes around "
+                            "fields that contain commas") from None
+    return frame
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """Read a Parquet file, wrapping pyarrow's errors."""
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...; all mean "unreadable"
+        raise ShopDataError(str(path), f"unreadable Parquet file ({type(exc).__name__}: {exc})",
+                            "write it again with pandas/pyarrow, or export it as CSV") from None
+
+
+def _read_table(path: Path, mapping: dict[str, str]) -> pd.DataFrame:
+    """Read one table, strip header whitespace and rename merchant columns to ours."""
+    frame = _read_csv(path) if path.suffix.lower() == ".csv" else _read_parquet(path)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    rename = {theirs: ours for ours, theirs in mapping.items() if theirs in frame.columns}
+    frame = frame.rename(columns=rename).reset_index(drop=True)
+    dupes = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if dupes:
+        raise ShopDataError(str(path), f"column '{dupes[0]}' appears more than once after the "
+                            "shop.toml [columns] mapping", "keep one column per field", column=dupes[0])
+    return frame
+
+
+def _suggest(field_name: str, found: list[str]) -> str | None:
+    """A found column that probably means ``field_name``, for the `[columns]` hint."""
+    lowered = {c.lower(): c for c in found}
+    for synonym in _SYNONYMS.get(field_name, ()):
+        if synonym in lowered:
+            return lowered[synonym]
+    close = difflib.get_close_matches(field_name, found, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _require(frame: pd.DataFrame, columns: tuple[str, ...], path: Path, mapping: dict[str, str],
+             why: str = "") -> None:
+    """Raise a ShopDataError naming the first missing column, what was found and a mapping hint."""
+    found = list(frame.columns)
+    for col in columns:
+        if col in found:
+            continue
+        problem = f"missing column '{col}'{why}; found {found}"
+        if col in mapping:
+            problem += f" (shop.toml maps {col} = \"{mapping[col]}\", which is not in the file)"
+        if len(found) == 1 and any(sep in found[0] for sep in (";", "\t", "|")):
+            fix = "save the file comma-separated (it looks like another delimiter was used)"
+        else:
+            guess = _suggest(col, found)
+            table = f"columns.{path.stem}" if guess in _FIELDS else "columns"  # keep other files' columns
+            fix = (f"rename a column to '{col}', or map yours in shop.toml: [{table}] "
+                   f"{col} = \"{guess or '<your column name>'}\"")
+        raise ShopDataError(str(path), problem, fix, column=col)
+
+
+def _ids(frame: pd.DataFrame, col: str, path: Path) -> pd.Series:
+    """An ID column as text; empty IDs are an error."""
+    series = frame[col]
+    missing = series.isna().to_numpy()
+    if pd.api.types.is_float_dtype(series) and not missing.all():
+        whole = series[~missing]
+        if ((whole == np.floor(whole)) & (whole.abs() < 2**53)).all():
+            series = series.astype("Int64")
+    text = series.astype(str)
+    empty = missing | (text.str.strip() == "").to_numpy()
+    _fail_where(empty, str(path), col, "empty ID", f"give every row a {col}, or drop the rows without one")
+    return text
+
+
+def _numbers(series: pd.Series, path: Path, col: str, *, fix: str, allow_nan: bool = False,
+             integer: bool = False) -> pd.Series:
+    """A numeric column (float64): non-numbers, NaN/inf (unless allowed) and negatives are errors."""
+    if pd.api.types.is_bool_dtype(series):
+        series = series.astype("int8")
+    values = pd.to_numeric(series, errors="coerce").astype("float64")
+    raw = series
+    if _is_text(series) and values.isna().any():
+        unparsed = values.isna() & ~series.str.strip().str.lower().isin(["", "nan"])
+        _fail_where(unparsed, str(path), col, "not a number", fix, raw)
+    if not allow_nan:
+        _fail_where(values.isna(), str(path), col, "missing value (empty or NaN)", fix, raw)
+    _fail_where(np.isinf(values), str(path), col, "infinite value", fix, raw)
+    _fail_where(values < 0, str(path), col, "negative value", fix, raw)
+    if integer:
+        _fail_where(values.notna() & (values != np.floor(values)), str(path), col, "not a whole number",
+                    fix, raw)
+    return values
+
+
+def _labels(series: pd.Series, path: Path, col: str) -> pd.Series:
+    """A 0/1 label column as int8 (also accepts true/false)."""
+    if pd.api.types.is_bool_dtype(series) and not series.isna().any():
+        return series.astype("int8")
+    values = pd.to_numeric(series, errors="coerce").astype("float64")
+    unparsed = values.isna()
+    if _is_text(series) and unparsed.any():
+        values[unparsed] = series[unparsed].str.strip().str.lower().map({"true": 1.0, "false": 0.0})
+    _fail_where(~values.isin([0.0, 1.0]), str(path), col, "label is not 0 or 1",
+                f"write {col} as 0 or 1", series)
+    return values.astype("int8")
+
+
+def _seconds(series: pd.Series) -> pd.Series:
+    """Timestamps (unix seconds or ISO-8601 text, naive = UTC) as float unix seconds, NaN if unparsed."""
+    if isinstance(series.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(series):
+        stamps = series if isinstance(series.dtype, pd.DatetimeTZDtype) else series.dt.tz_localize("UTC")
+        return ((stamps - _EPOCH) // pd.Timedelta(seconds=1)).astype("float64")
+    if pd.api.types.is_bool_dtype(series):
+        return pd.Series(np.nan, index=series.index)
+    values = pd.to_numeric(series, errors="coerce").astype("float64")
+    values[np.isinf(values)] = np.nan
+    text = values.isna() & series.notna()
+    if text.any() and _is_text(series):
+        stamps = pd.to_datetime(series[text], format="ISO8601", utc=True, errors="coerce")
+        values[text] = ((stamps - _EPOCH) // pd.Timedelta(seconds=1)).astype("float64")
+    return values
+
+
+def _timestamps(series: pd.Series, path: Path, col: str = "timestamp") -> pd.Series:
+    """A timestamp column as int64 unix seconds; unparseable or millisecond values are errors."""
+    values = _seconds(series)
+    fix = "use unix seconds (e.g. 1706700000) or ISO-8601 (e.g. 2024-01-31T12:00:00Z)"
+    _fail_where(values.isna(), str(path), col, "unparseable timestamp", fix, series)
+    _fail_where(values.abs() > 1e11, str(path), col, "timestamp too large (milliseconds?)",
+                "give unix time in seconds (divide milliseconds by 1000)", series)
+    return np.floor(values).astype("int64")
+
+
+def _text(series: pd.Series) -> pd.Series:
+    """A categorical side column as text; missing values become the empty string."""
+    return series.astype(object).where(series.notna(), "").astype(str)
+
+
+def _extra(series: pd.Series) -> pd.Series:
+    """An extra ``ctx_*``/``item_*``/``user_*`` column: numeric if every value is a number, else text."""
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        return series.astype("float64")
+    values = pd.to_numeric(series, errors="coerce")
+    if len(series) and values.notna().all():
+        return values.astype("float64")
+    return _text(series)
+
+
+def _unique(ids: pd.Series, path: Path, col: str, what: str) -> None:
+    """Raise on the first row repeating an ID, naming the row it repeats."""
+    dup = ids.duplicated(keep="first").to_numpy()
+    if dup.any():
+        pos = int(np.flatnonzero(dup)[0])
+        first = int(np.flatnonzero((ids == ids.iloc[pos]).to_numpy())[0])
+        raise ShopDataError(str(path), f"duplicate {what} row: {col} {ids.iloc[pos]!r} already on row "
+                            f"{_row(first)}", f"keep one row per {col} (merge or delete the duplicates)",
+                            row=_row(pos), column=col)
+
+
+def _ignored(frame: pd.DataFrame, kept: set[str], prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Columns of ``frame`` the canonical form does not keep (reported in ``ShopData.meta``)."""
+    return [c for c in frame.columns if c not in kept and not c.startswith(prefixes)]
+
+
+def _load_interactions(path: Path, mapping: dict[str, str],
+                       items: tuple[pd.Series, Path] | None) -> tuple[pd.DataFrame, list[str]]:
+    """Read and validate interactions (event log or label form) into the canonical exposure rows.
+
+    ``items`` (the catalog's IDs and file) is checked against before events collapse, so an error
+    names the merchant's own row.
+    """
+    frame = _read_table(path, mapping)
+    _require(frame, ("user_id", "item_id", "timestamp"), path, mapping)
+    if "event" in mapping:
+        _require(frame, ("event",), path, mapping)
+    if "event" not in frame.columns:
+        _require(frame, ("clicked",), path, mapping,
+                 " (give either an 'event' column or label columns 'clicked'/'purchased')")
+    if not len(frame):
+        raise ShopDataError(str(path), "empty shop: no interaction rows",
+                            "export at least one interaction row under the header")
+    out = pd.DataFrame({"user_id": _ids(frame, "user_id", path), "item_id": _ids(frame, "item_id", path),
+                        "timestamp": _timestamps(frame["timestamp"], path)})
+    if items is not None:
+        _check_known(out["item_id"], items[0], path, "item_id", items[1])
+    labels = _event_stages(frame, path) if "event" in frame.columns else _label_columns(frame, path)
+    out = pd.concat([out, labels], axis=1)
+    if "device" in frame.columns:
+        out["device"] = _text(frame["device"])
+    if "hour" in frame.columns:
+        hour = _numbers(frame["hour"], path, "hour", fix="give hour as a whole number 0..23", integer=True)
+        _fail_where(hour > 23, str(path), "hour", "hour above 23", "give hour as a whole number 0..23",
+                    frame["hour"])
+        out["hour"] = hour.astype("int8")
+    for col in frame.columns:
+        if col.startswith("ctx_"):
+            out[col] = _extra(frame[col])
+    kept = {"user_id", "item_id", "timestamp", "event", "device", "hour", *INTERACTION_COLUMNS}
+    ignored = _ignored(frame, kept, ("ctx_",))
+    if "event" in frame.columns:
+        out = _collapse_events(out)
+    return out[list(INTERACTION_COLUMNS) + _context_columns(out)], ignored
+
+
+_QTY_FIX = "give quantity as a number >= 0 (units bought)"
+
+
+def _quantity(frame: pd.DataFrame, path: Path, bought: pd.Series) -> pd.Series:
+    """Units bought per row: the ``quantity`` column on purchase rows (required there), else 0."""
+    qty = _numbers(frame["quantity"], path, "quantity", fix=_QTY_FIX, allow_nan=True)
+    _fail_where(qty.isna() & bought, str(path), "quantity", "missing quantity on a purchase", _QTY_FIX)
+    return qty.fillna(0.0).where(bought, 0.0)
+
+
+def _event_stages(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Event-log rows as ``_stage`` (index into EVENTS) and ``_bought`` (units), collapsed later."""
+    stage = frame["event"].astype(str).str.strip().str.lower().map(_STAGE)
+    _fail_where(stage.isna() | frame["event"].isna(), str(path), "event", "unknown event",
+                f"use one of {list(EVENTS)}", frame["event"])
+    purchase = stage == _STAGE["purchase"]
+    bought = _quantity(frame, path, purchase) if "quantity" in frame.columns else purchase.astype("float64")
+    return pd.DataFrame({"_stage": stage.astype("int8"), "_bought": bought})
+
+
+def _label_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Label-form rows: 0/1 labels made consistent (purchased implies carted implies clicked)."""
+    absent = pd.Series(0, index=frame.index, dtype="int8")
+    purchased = _labels(frame["purchased"], path, "purchased") if "purchased" in frame.columns else absent
+    carted = _labels(frame["carted"], path, "carted") if "carted" in frame.columns else purchased
+    carted = np.maximum(carted, purchased)
+    clicked = np.maximum(_labels(frame["clicked"], path, "clicked"), carted)
+    qty = _quantity(frame, path, purchased == 1) if "quantity" in frame.columns else purchased
+    return pd.DataFrame({"clicked": clicked.astype("int8"), "carted": carted.astype("int8"),
+                         "purchased": purchased.astype("int8"), "quantity": qty.astype("float32")})
+
+
+def _collapse_events(log: pd.DataFrame) -> pd.DataFrame:
+    """One exposure row per (user, item, UTC day): furthest stage reached, units bought, first event."""
+    log = log.assign(_day=log["timestamp"] // SECONDS_PER_DAY).sort_values("timestamp", kind="stable")
+    agg = {"timestamp": "min", "_stage": "max", "_bought": "sum"}
+    agg.update({c: "first" for c in _context_columns(log)})
+    rows = log.groupby(["user_id", "item_id", "_day"], sort=False).agg(agg).reset_index()
+    stage = rows.pop("_stage")
+    rows["clicked"] = (stage >= _STAGE["click"]).astype("int8")
+    rows["carted"] = (stage >= _STAGE["cart"]).astype("int8")
+    rows["purchased"] = (stage >= _STAGE["purchase"]).astype("int8")
+    rows["quantity"] = rows.pop("_bought").astype("float32")
+    return rows.drop(columns="_day")
+
+
+def _load_items(path: Path, mapping: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
+    """Read and validate the item catalog."""
+    frame = _read_table(path, mapping)
+    _require(frame, ("item_id",), path, mapping)
+    out = pd.DataFrame({"item_id": _ids(frame, "item_id", path)})
+    _unique(out["item_id"], path, "item_id", "item")
+    for col in ("global_key", "category", "brand"):
+        if col in frame.columns:
+            out[col] = _text(frame[col])
+    if "price" in frame.columns:
+        out["price"] = _numbers(frame["price"], path, "price",
+                                fix="give every price as a number >= 0, or drop the price column")
+    for col in frame.columns:
+        if col.startswith("item_") and col != "item_id":
+            out[col] = _extra(frame[col])
+    return out, _ignored(frame, {"item_id", "global_key", *ITEM_SIDE_COLUMNS}, ("item_",))
+
+
+def _load_users(path: Path, mapping: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
+    """Read and validate the user table."""
+    frame = _read_table(path, mapping)
+    _require(frame, ("user_id",), path, mapping)
+    out = pd.DataFrame({"user_id": _ids(frame, "user_id", path)})
+    _unique(out["user_id"], path, "user_id", "user")
+    for col in USER_SIDE_COLUMNS:
+        if col in frame.columns:
+            out[col] = _text(frame[col])
+    for col in frame.columns:
+        if col.startswith("user_") and col != "user_id":
+            out[col] = _extra(frame[col])
+    return out, _ignored(frame, {"user_id", *USER_SIDE_COLUMNS}, ("user_",))
+
+
+def _load_sales(path: Path, mapping: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
+    """Read and validate daily sales (day as days since epoch or an ISO date)."""
+    frame = _read_table(path, mapping)
+    _require(frame, ("item_id", "day", "units"), path, mapping)
+    item_id = _ids(frame, "item_id", path)
+    raw_day = frame["day"]
+    days = _seconds(raw_day)
+    if _is_text(raw_day):
+        is_number = pd.to_numeric(raw_day, errors="coerce").notna()
+    else:
+        numeric = pd.api.types.is_numeric_dtype(raw_day) and not pd.api.types.is_bool_dtype(raw_day)
+        is_number = pd.Series(numeric, index=raw_day.index)
+    # numbers are already days since epoch; ISO dates and datetimes came back as seconds
+    days = days.where(is_number, np.floor(days / SECONDS_PER_DAY))
+    fix = "give day as days since 1970-01-01 (e.g. 19753) or an ISO date (e.g. 2024-01-31)"
+    _fail_where(days.isna() | (days != np.floor(days)) | (days.abs() > 1e6), str(path), "day",
+                "unparseable day", fix, raw_day)
+    units = _numbers(frame["units"], path, "units", fix="give units sold as a number >= 0")
+    promo = (_labels(frame["promo"], path, "promo") if "promo" in frame.columns
+             else pd.Series(0, index=frame.index, dtype="int8"))
+    out = pd.DataFrame({"item_id": item_id, "day": days.astype("int32"), "units": units.astype("float32"),
+                        "promo": promo})
+    dup = out.duplicated(["item_id", "day"]).to_numpy()
+    _fail_where(dup, str(path), "day", "duplicate (item_id, day) row",
+                "keep one row per item and day (sum the units)", raw_day)
+    return out, _ignored(frame, set(SALES_COLUMNS))
+
+
+def derive_sales(interactions: pd.DataFrame) -> pd.DataFrame:
+    """Daily units per item from purchases; bought items get zero rows on the shop's other days."""
+    day = interactions["timestamp"] // SECONDS_PER_DAY
+    bought = interactions["purchased"] == 1
+    if not bought.any():
+        return pd.DataFrame({"item_id": pd.Series(dtype=str), "day": pd.Series(dtype="int32"),
+                             "units": pd.Series(dtype="float32"), "promo": pd.Series(dtype="int8")})
+    units = interactions.loc[bought, "quantity"].astype("float64").groupby(
+        [interactions.loc[bought, "item_id"], day[bought]]).sum()
+    items = np.sort(units.index.get_level_values(0).unique().to_numpy())
+    full = pd.MultiIndex.from_product([items, np.arange(day.min(), day.max() + 1)], names=["item_id", "day"])
+    units = units.rename_axis(["item_id", "day"]).reindex(full, fill_value=0.0).reset_index(name="units")
+    return pd.DataFrame({"item_id": units["item_id"].astype(str), "day": units["day"].astype("int32"),
+                         "units": units["units"].astype("float32"),
+                         "promo": np.zeros(len(units), dtype="int8")})
+
+
+def _check_known(ids: pd.Series, known: pd.Series, path: Path, col: str, other: Path) -> None:
+    """Raise on the first row whose ID is not in the other table."""
+    _fail_where(~ids.isin(known).to_numpy(), str(path), col, f"{col} not found in {other.name}",
+                f"add the missing {col}s to {other.name}, or remove those rows", ids)
+
+
+def load_shop_dir(path: str | Path) -> ShopData:
+    """Read and validate a merchant's shop directory (see module docstring); raises ShopDataError.
+
+    Nothing is written; all checks run before a ShopData is returned.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ShopDataError(str(root), "no such shop directory", "pass the folder holding interactions.csv")
+    info = _read_toml(root)
+    files = {stem: _find_file(root, stem) for stem in TABLES}
+    inter_path = files["interactions"]
+    if inter_path is None:
+        found = sorted(p.name for p in root.iterdir())
+        raise ShopDataError(str(root), f"missing interactions file; found {found}",
+                            "add interactions.csv or interactions.parquet")
+    tables: dict[str, pd.DataFrame | None] = {"items": None, "users": None, "sales": None}
+    ignored: dict[str, list[str]] = {}
+    if files["items"] is not None:
+        tables["items"], ignored["items"] = _load_items(files["items"], _mapping_for(info, "items"))
+    items = tables["items"]
+    known = None if items is None else (items["item_id"], files["items"])
+    interactions, ignored["interactions"] = _load_interactions(inter_path, _mapping_for(info, "interactions"), known)
+    if files["users"] is not None:
+        tables["users"], ignored["users"] = _load_users(files["users"], _mapping_for(info, "users"))
+    sales = None
+    if files["sales"] is not None:
+        sales, ignored["sales"] = _load_sales(files["sales"], _mapping_for(info, "sales"))
+        if items is not None:
+            _check_known(sales["item_id"], items["item_id"], files["sales"], "item_id", files["items"])
+    if sales is None:
+        derived = derive_sales(interactions)
+        sales = derived if len(derived) else None
+    meta = {**info.get("meta", {}), "source": "shop_dir", "path": str(root),
+            "sales_derived": files["sales"] is None,
+            "ignored_columns": {k: v for k, v in ignored.items() if v}}
+    return ShopData(name=info.get("name", root.name), interactions=interactions, items=items,
+                    users=tables["users"], sales=sales, currency=info.get("currency", "EUR"), meta=meta)

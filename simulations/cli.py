@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from simulations.commands import data, train
+from simulations.commands import generate, train, validate
 
 app = typer.Typer(
     name="fedshop",
@@ -13,7 +13,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (data, train):
+for module in (generate, validate, train):
     module.register(app)
 
 if __name__ == "__main__":

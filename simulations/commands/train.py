@@ -1,7 +1,70 @@
-"""Commands: placeholder until this area lands."""
+"""`fedshop train-local` and `fedshop train-central`: the two non-federated reference runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from simulations.baselines import run_central, run_local_only
+from simulations.options import parse_overrides, scenario_or_exit
+from simulations.report import final_table, print_final_table
+from simulations.rundir import new_run_dir, write_metrics, write_run_info
+
+console = Console()
+
+
+def _run(kind: str, scenario_name: str, epochs: int | None, run_dir: Path | None, runs: Path, seed: int | None,
+         overrides: list[str]) -> Path:
+    extra = parse_overrides(overrides)
+    if seed is not None:
+        extra["seed"] = seed
+    scenario = scenario_or_exit(scenario_name, extra)
+    out = run_dir or new_run_dir(runs, f"{scenario.name}-{kind}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_info(out, {"command": f"train-{kind}", "epochs": epochs or 0, "scenario": scenario.raw})
+    runner = run_local_only if kind == "local" else run_central
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        rows = runner(scenario, epochs=epochs, progress=progress)
+    write_metrics(out, rows)
+    print_final_table(console, final_table(rows), title=f"train-{kind}: test metrics at each shop's best validation epoch")
+    console.print(f"run directory: [bold]{out}[/bold]")
+    return out
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add `train-local` and `train-central`."""
+
+    @app.command("train-local")
+    def train_local(
+        scenario: str = typer.Argument("default", help="scenario name or path to a .toml"),
+        epochs: int | None = typer.Option(None, help="epochs per shop (default: rounds x local epochs)"),
+        run_dir: Path | None = typer.Option(None, help="write here instead of runs/<scenario>-local-<time>"),
+        runs: Path = typer.Option(Path("runs"), help="parent folder of new run directories"),
+        seed: int | None = typer.Option(None, help="override the scenario's seed"),
+        set_: list[str] = typer.Option([], "--set", help="override a scenario key, e.g. --set train.lr=0.001"),
+    ) -> None:
+        """Train every shop alone on its own data (the local-only baseline)."""
+        _run("local", scenario, epochs, run_dir, runs, seed, set_)
+
+    @app.command("train-central")
+    def train_central(
+        scenario: str = typer.Argument("default", help="scenario name or path to a .toml"),
+        epochs: int | None = typer.Option(None, help="epochs on the pooled data (default: rounds x local epochs)"),
+        run_dir: Path | None = typer.Option(None, help="write here instead of runs/<scenario>-central-<time>"),
+        runs: Path = typer.Option(Path("runs"), help="parent folder of new run directories"),
+        seed: int | None = typer.Option(None, help="override the scenario's seed"),
+        set_: list[str] = typer.Option([], "--set", help="override a scenario key, e.g. --set train.lr=0.001"),
+    ) -> None:
+        """Train one model on all shops' pooled data (the centralized oracle that privacy forbids)."""
+        _run("central", scenario, epochs, run_dir, runs, seed, set_)

@@ -1,0 +1,104 @@
+"""The shop's Flower ClientApp: receive the encoder, restore the local part, train or evaluate, reply.
+
+Only records move here; training and evaluation live in `shared.train`. Every reply passes the
+leak guard (`client.leak_guard`), an app-wide mod.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.leak_guard import LOCAL_PREFIX, leak_guard
+from client.local_state import Shop, resolve_shop, restore_local_part, save_local_part
+from shared.model import ShopModel
+from shared.train import evaluate_shop, train_shop
+
+app = ClientApp(mods=[leak_guard])
+
+
+def _config(msg: Message, context: Context) -> dict[str, Any]:
+    """Run config, overridden by what the coordinator sent with this message."""
+    sent = next(iter(msg.content.config_records.values()), {})
+    return {**dict(context.run_config), **dict(sent)}
+
+
+def round_seed(seed: int, server_round: int, shop_index: int) -> int:
+    """Seed of one shop's local training in one round, so a resumed run retrains identically."""
+    return int(np.random.SeedSequence([seed, server_round, shop_index + 1]).generate_state(1)[0])
+
+
+def _prepare(msg: Message, context: Context) -> tuple[Shop, ShopModel, dict[str, Any], dict[str, torch.Tensor]]:
+    """The shop, its model with the received encoder and its own local part, and the config."""
+    torch.set_num_threads(1)  # one core per simulated shop; Ray gives each client num_cpus=1
+    config = _config(msg, context)
+    shop = resolve_shop(context, config)
+    model = shop.model()
+    received = dict(next(iter(msg.content.array_records.values())).to_torch_state_dict())
+    model.load_encoder_state({k: v for k, v in received.items() if not k.startswith(LOCAL_PREFIX)})
+    restore_local_part(model, context, shop.state_dir)
+    if config.get("share") == "all-shareable":  # FedAvg-all baseline: averaged heads replace local ones
+        own = model.local.state_dict()
+        shared = {k[len(LOCAL_PREFIX):]: v for k, v in received.items() if k.startswith(LOCAL_PREFIX)}
+        fits = {k: v for k, v in shared.items() if k in own and own[k].shape == v.shape}
+        model.local.load_state_dict({**own, **fits})
+    return shop, model, config, received
+
+
+def _inject_fault(config: dict[str, Any], shop: Shop, server_round: int) -> str | None:
+    """Test-only faults from `fault-inject = "kind:shop[@round],..."`; kinds: nan, error, sleep."""
+    for item in str(config.get("fault-inject") or "").split(","):
+        kind, _, target = item.strip().partition(":")
+        index, _, at_round = target.partition("@")
+        if kind and index and int(index) == shop.index and (not at_round or int(at_round) == server_round):
+            if kind == "error":
+                raise RuntimeError(f"injected fault in shop {shop.name}")
+            if kind == "sleep":
+                time.sleep(float(config.get("fault-sleep", 30.0)))
+            return kind
+    return None
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training; replies with the encoder (and shareable heads if asked) only."""
+    shop, model, config, received = _prepare(msg, context)
+    server_round = int(config.get("server-round", 0))
+    fault = _inject_fault(config, shop, server_round)
+    base = shop.scenario.train
+    cfg = replace(base, epochs=int(config.get("local-epochs", base.epochs)),
+                  prox_mu=float(config.get("proximal-mu", base.prox_mu)),
+                  freeze_encoder=bool(config.get("freeze-encoder", False)),
+                  max_steps=int(config.get("max-steps", base.max_steps)),
+                  seed=round_seed(int(config.get("seed", shop.scenario.seed)), server_round, shop.index))
+    losses = train_shop(model, shop.tensors, cfg, global_encoder=received if cfg.prox_mu > 0 else None)
+    save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round)
+    arrays = model.encoder_state()
+    if config.get("share") == "all-shareable":
+        local = model.local_state()
+        arrays.update({LOCAL_PREFIX + k: local[k] for k in model.shareable_local_keys()})
+    if fault == "nan":
+        first = next(iter(arrays))
+        arrays[first] = torch.full_like(arrays[first], float("nan"))
+    metrics = {k: float(v) for k, v in losses.items()}
+    metrics["shop-index"] = shop.index
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Per-task metrics of the global encoder with the shop's own local part, as `<task>.<metric>`."""
+    shop, model, config, _ = _prepare(msg, context)
+    split = str(config.get("eval-split", "val"))
+    results = evaluate_shop(model, shop.tensors, split)
+    metrics: dict[str, float] = {f"{task}.{name}": float(value)
+                                 for task, values in results.items() for name, value in values.items()}
+    metrics["num-examples"] = float(max(1, shop.tensors.rows[split]["user"].shape[0]))
+    metrics["shop-index"] = shop.index
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,152 @@
+"""What a shop keeps at home: its cached tensors and its private local part between rounds.
+
+Which shop a node is: `partition-id` in node_config (simulation: an index into the scenario's
+training shops) or `shop-dir` (deployment: the merchant's data directory). Tensors are built once
+per process and reused every round. The local part (ID embeddings, task gates/towers, loss
+weights) never leaves the shop. Within one run it lives in `context.state` as a named ArrayRecord;
+when the shop has a state directory (its own disk: `state-dir` in deployment,
+`<run-dir>/shop-state/<shop>/` in simulation) it is also saved there atomically after every round,
+so it survives SuperNode restarts, interrupted runs and later runs. A corrupt or incompatible
+state file is reported and replaced by a fresh local part, never fatal.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context
+
+from shared.atomic import atomic_write_bytes
+from shared.features import ShopTensors, build_shop_tensors
+from shared.model import ShopModel, build_model
+from shared.scenario import Scenario, load_scenario
+from shared.schema import load_shop_dir
+
+LOCAL_RECORD = "fedshop.local-part"  # name of the ArrayRecord in context.state
+STATE_FILE = "local_part.pt"
+FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Shop:
+    """One shop as its node sees it: name, index in the federation, scenario, tensors, state folder."""
+
+    name: str
+    index: int  # -1 when the operator gave none (deployment)
+    scenario: Scenario
+    tensors: ShopTensors
+    state_dir: Path | None
+
+    def model(self) -> ShopModel:
+        """A fresh model; its encoder is overwritten by the coordinator's, its local part by saved state."""
+        return build_model(self.tensors, self.scenario.model, self.scenario.features, seed=self.scenario.seed)
+
+
+_SHOPS: dict[tuple, Shop] = {}  # per process: tensors are built once and reused every round
+
+
+def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
+    """The shop this node serves, from node_config (`partition-id` or `shop-dir`) and the run's scenario."""
+    node = dict(context.node_config)
+    scenario_ref = str(config.get("scenario") or "default")
+    run_dir = str(config.get("run-dir") or "")
+    seed = config.get("seed")
+    key = (scenario_ref, seed, node.get("partition-id"), node.get("shop-dir"), node.get("state-dir"), run_dir)
+    if key in _SHOPS:
+        return _SHOPS[key]
+    scenario = load_scenario(scenario_ref, {"seed": int(seed)} if seed is not None else None)
+    if node.get("shop-dir"):
+        data = load_shop_dir(str(node["shop-dir"]))
+        index = int(node.get("shop-index", -1))
+    elif "partition-id" in node:
+        index = int(node["partition-id"])
+        shops = scenario.training_shops()
+        if not 0 <= index < len(shops):
+            raise ValueError(f"node_config partition-id={index} but scenario '{scenario.name}' has "
+                             f"{len(shops)} training shops. Fix: run with num-supernodes={len(shops)}")
+        data = shops[index]
+    else:
+        raise ValueError("node_config names no shop. Fix: pass --node-config \"shop-dir='/path/to/shop'\" "
+                         "(deployment) or run under the simulation engine (partition-id)")
+    if node.get("state-dir"):
+        state_dir: Path | None = Path(str(node["state-dir"]))
+    elif run_dir:
+        state_dir = Path(run_dir) / "shop-state" / data.name
+    else:
+        state_dir = None
+    shop = Shop(data.name, index, scenario, build_shop_tensors(data, scenario.features), state_dir)
+    _SHOPS[key] = shop
+    return shop
+
+
+def _compatible(model: ShopModel, state: dict[str, torch.Tensor]) -> str | None:
+    """None if ``state`` fits the model's local part, else what differs (keys or shapes)."""
+    expected = model.local.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        return f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, value in expected.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            return f"'{key}' has shape {tuple(state[key].shape)}, the model needs {tuple(value.shape)}"
+    return None
+
+
+def read_state_file(state_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The local part saved in ``state_dir``; None (with a warning) when absent, corrupt or foreign."""
+    path = Path(state_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        logger.warning("%s is unreadable (%s); starting a fresh local part. Fix: delete the file if this "
+                       "repeats", path, type(exc).__name__)
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        logger.warning("%s is not a fedshop local-part file of format %d; starting a fresh local part",
+                       path, FORMAT_VERSION)
+        return None
+    return dict(payload["local"])
+
+
+def write_state_file(state_dir: Path, model: ShopModel, *, shop: str, server_round: int) -> Path:
+    """Save the model's local part to ``state_dir`` atomically."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT_VERSION, "shop": shop, "round": server_round, "local": model.local_state()}, buf)
+    return atomic_write_bytes(Path(state_dir) / STATE_FILE, buf.getvalue())
+
+
+def restore_local_part(model: ShopModel, context: Context, state_dir: Path | None) -> str:
+    """Load the shop's saved local part into ``model``; returns where it came from (context/disk/fresh)."""
+    candidates: list[tuple[str, dict[str, torch.Tensor] | None]] = []
+    if LOCAL_RECORD in context.state.array_records:
+        candidates.append(("context", dict(context.state.array_records[LOCAL_RECORD].to_torch_state_dict())))
+    if state_dir is not None:
+        candidates.append(("disk", read_state_file(state_dir)))
+    for source, state in candidates:
+        if state is None:
+            continue
+        problem = _compatible(model, state)
+        if problem is None:
+            model.load_local_state(state)
+            return source
+        where = Path(state_dir) / STATE_FILE if source == "disk" else f"context.state['{LOCAL_RECORD}']"
+        logger.warning("saved local part in %s does not fit this shop's model: %s; starting a fresh local "
+                       "part. Fix: delete it if the shop's data or model settings changed on purpose",
+                       where, problem)
+    return "fresh"
+
+
+def save_local_part(model: ShopModel, context: Context, state_dir: Path | None, *, shop: str,
+                    server_round: int) -> None:
+    """Keep the local part in ``context.state`` and, when the shop has one, in its state directory."""
+    context.state[LOCAL_RECORD] = ArrayRecord(model.local_state())
+    if state_dir is not None:
+        write_state_file(state_dir, model, shop=shop, server_round=server_round)

@@ -1,0 +1,155 @@
+"""Coordinator checkpoints: global arrays, round, strategy state and RNG state, written atomically.
+
+One file per round in `<run-dir>/checkpoints/round-NNNN.pt` (older ones pruned); a run resumes
+from the newest. Saved with `torch.save` holding only tensors and plain Python values, so
+`torch.load(weights_only=True)` reads it back without executing pickled code.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.atomic import atomic_write_bytes
+
+CHECKPOINT_DIR = "checkpoints"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^round-(\d{4,})\.pt$")
+# Attributes Flower strategies keep between rounds that hold arrays (FedOpt moments, FedAvgM momentum).
+# `current_arrays` is re-set from the global arrays at every configure_train, so it is not state.
+_TRANSIENT_ATTRS = {"current_arrays"}
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not match this run's settings; the message says the fix."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue a run after round ``server_round``."""
+
+    server_round: int
+    arrays: dict[str, np.ndarray]  # the global record sent to shops (encoder, plus shared heads if any)
+    strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # what must not change on resume
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy and torch global RNG states (Flower samples shops with Python's `random`)."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss],
+            "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), np_pos, np_has_gauss,
+                      np_cached],
+            "torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    if "python" in state:
+        version, mt, gauss = state["python"]
+        random.setstate((version, tuple(mt), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+
+
+def strategy_state(strategy: object) -> dict[str, dict[str, np.ndarray]]:
+    """Array-valued state of a Flower strategy (e.g. FedAdam's m_t and v_t); empty for stateless ones."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, value in vars(strategy).items():
+        if name in _TRANSIENT_ATTRS or not isinstance(value, dict) or not value:
+            continue
+        if all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items()):
+            out[name] = {k: np.array(v, copy=True) for k, v in value.items()}
+    return out
+
+
+def load_strategy_state(strategy: object, state: dict[str, dict[str, np.ndarray]]) -> None:
+    """Put array-valued state back on a freshly built strategy of the same kind."""
+    for name, arrays in state.items():
+        if not hasattr(strategy, name):
+            raise CheckpointError(f"checkpoint holds strategy state '{name}' that "
+                                  f"{type(strategy).__name__} does not have. Fix: resume with the "
+                                  "strategy the run started with")
+        setattr(strategy, name, {k: np.array(v, copy=True) for k, v in arrays.items()})
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+def checkpoint_path(run_dir: Path, server_round: int) -> Path:
+    """Where round ``server_round``'s checkpoint lives."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"round-{server_round:04d}.pt"
+
+
+def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 2) -> Path:
+    """Write ``ckpt`` atomically and prune all but the newest ``keep`` checkpoints."""
+    payload = {"format": FORMAT_VERSION, "round": ckpt.server_round, "arrays": _tensors(ckpt.arrays),
+               "strategy": {n: _tensors(a) for n, a in ckpt.strategy_state.items()},
+               "rng": ckpt.rng, "settings": ckpt.settings}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    path = atomic_write_bytes(checkpoint_path(run_dir, ckpt.server_round), buf.getvalue())
+    for old in list_checkpoints(run_dir)[:-max(keep, 1)]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint files of a run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}). Fix: delete it to "
+                              "resume from the previous round's checkpoint, or start a new run") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a fedshop checkpoint of format {FORMAT_VERSION}. "
+                              "Fix: resume only run directories written by this version")
+    return Checkpoint(server_round=int(payload["round"]),
+                      arrays={k: v.numpy() for k, v in payload["arrays"].items()},
+                      strategy_state={n: {k: v.numpy() for k, v in a.items()}
+                                      for n, a in payload["strategy"].items()},
+                      rng=payload["rng"], settings=payload["settings"])
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest readable checkpoint of a run (a corrupt newest one is skipped with a warning)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as exc:
+            logger.warning("%s; trying the previous checkpoint", exc)
+    return None
+
+
+def check_settings(ckpt: Checkpoint, settings: dict[str, Any]) -> None:
+    """Refuse to resume when a setting that shapes the model or the aggregation has changed."""
+    for key, value in settings.items():
+        if key in ckpt.settings and ckpt.settings[key] != value:
+            raise CheckpointError(f"checkpoint of round {ckpt.server_round} was written with {key}="
+                                  f"{ckpt.settings[key]!r} but this run has {key}={value!r}. Fix: resume "
+                                  "with the run's original settings, or start a new run directory")

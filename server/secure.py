@@ -1,0 +1,185 @@
+"""The coordinator with SecAgg+: Flower's `SecAggPlusWorkflow` on the legacy workflow path.
+
+In flwr 1.42 SecAgg+ runs only as `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` over a
+`LegacyContext` and a legacy strategy. The coordinator receives each shop's encoder only as a
+masked, quantised integer vector and learns just the sum; no cryptography here is our own.
+What still arrives in plaintext: each shop's training metrics, its weight and evaluation metrics.
+
+Selected by run config `secure-aggregation = true` with options `secagg-num-shares`,
+`secagg-reconstruction-threshold`, `secagg-clipping-range`, `secagg-quantization-range`,
+`secagg-max-weight`, `secagg-weighting` (uniform | examples), `secagg-timeout`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+
+from server.checkpoint import Checkpoint, capture_rng, save_checkpoint
+from server.metrics_log import MetricsLog, eval_rows, train_rows
+from server.server_app import FederationSettings, initial_encoder
+from shared.scenario import load_scenario
+
+logger = logging.getLogger(__name__)
+
+SECURE_SWITCH = "secure-aggregation"
+
+
+@dataclass
+class SecAggSettings:
+    """SecAgg+ run options (`secagg-*` in the run config)."""
+
+    num_shares: float = 1.0  # <= 1: share of sampled shops each key is shared with; > 1: a count
+    reconstruction_threshold: float = 0.6  # <= 1: share of num_shares needed to unmask; > 1: a count
+    clipping_range: float = 8.0  # weights are clipped to +-this before quantisation
+    quantization_range: int = 1 << 22
+    max_weight: float = 1.0  # largest per-shop weight; 1 with uniform weighting (full precision)
+    weighting: str = "uniform"  # uniform | examples (weight = num-examples; raise max-weight to match)
+    timeout: float = 0.0  # seconds per protocol stage; 0 = wait for every reply
+
+    def workflow(self) -> SecAggPlusWorkflow:
+        """Flower's SecAgg+ fit workflow with these settings."""
+        def count_or_share(v: float) -> int | float:
+            return int(v) if v > 1 else float(v)
+        return SecAggPlusWorkflow(num_shares=count_or_share(self.num_shares),
+                                  reconstruction_threshold=count_or_share(self.reconstruction_threshold),
+                                  max_weight=self.max_weight, clipping_range=self.clipping_range,
+                                  quantization_range=int(self.quantization_range),
+                                  timeout=self.timeout or None)
+
+    def quantisation_step(self, n_shops: int) -> float:
+        """Worst-case absolute rounding error SecAgg+ adds to one averaged weight (one quantum per shop)."""
+        return 2 * self.clipping_range / self.quantization_range
+
+
+def split_config(config: dict[str, Any]) -> tuple[bool, SecAggSettings, dict[str, Any]]:
+    """(secure on?, SecAgg+ settings, the remaining run config for `FederationSettings`)."""
+    known = {f.name for f in fields(SecAggSettings)}
+    values: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in config.items():
+        if key.startswith("secagg-"):
+            name = key[len("secagg-"):].replace("-", "_")
+            if name not in known:
+                raise ValueError(f"run config key '{key}' is unknown. Fix: use one of "
+                                 f"{sorted('secagg-' + k.replace('_', '-') for k in known)}")
+            values[name] = value
+        elif key != SECURE_SWITCH:
+            rest[key] = value
+    settings = SecAggSettings(**{k: (str(v) if k == "weighting" else float(v)) for k, v in values.items()})
+    if settings.weighting not in ("uniform", "examples"):
+        raise ValueError(f"secagg-weighting='{settings.weighting}' is unknown. Fix: use 'uniform' or 'examples'")
+    return bool(config.get(SECURE_SWITCH, False)), settings, rest
+
+
+class SecureFedAvg(LegacyFedAvg):
+    """Legacy FedAvg that logs per-shop plaintext metrics and checkpoints the (already summed) encoder."""
+
+    def __init__(self, *, keys: list[str], run_dir: Path, method: str, shop_name: Callable[[int], str],
+                 eval_split: Callable[[int], str], keep_checkpoints: int = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.keys, self.run_dir, self.shop_name, self.keep = keys, run_dir, shop_name, keep_checkpoints
+        self.eval_split = eval_split
+        self.log = MetricsLog(run_dir / "metrics.csv", method)
+
+    def aggregate_fit(self, server_round, results, failures):
+        """SecAgg+ already replaced every result's parameters by the unmasked average; log and checkpoint."""
+        for _, res in results:
+            shop = self.shop_name(int(res.metrics.get("shop-index", -1)))
+            self.log.add(server_round, shop, "train", train_rows(res.metrics))
+        for failure in failures:
+            logger.warning("round %d: a shop dropped out of secure aggregation (%s)", server_round,
+                           type(failure).__name__)
+        params, metrics = super().aggregate_fit(server_round, results, failures)
+        if params is not None:
+            arrays = dict(zip(self.keys, parameters_to_ndarrays(params), strict=True))
+            arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+            params = ndarrays_to_parameters(list(arrays.values()))
+            save_checkpoint(self.run_dir, Checkpoint(server_round, arrays, {}, capture_rng(),
+                                                     {"secure-aggregation": True}), keep=self.keep)
+        self.log.write()
+        return params, metrics
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        """Log every shop's per-task metrics."""
+        for _, res in results:
+            shop = self.shop_name(int(res.metrics.get("shop-index", -1)))
+            self.log.add(server_round, shop, self.eval_split(server_round), eval_rows(res.metrics))
+        self.log.write()
+        return super().aggregate_evaluate(server_round, results, failures)
+
+
+def run_secure_federation(grid: Grid, context: Context, settings: FederationSettings,
+                          secagg: SecAggSettings, *, initial: dict[str, np.ndarray] | None = None,
+                          shop_names: list[str] | None = None) -> Path:
+    """Run ``settings.num_server_rounds`` SecAgg+ rounds on ``grid``; returns the run directory.
+
+    ``initial`` (default: the scenario's initial encoder) fixes the array names and starting values.
+    """
+    run_dir = Path(settings.run_dir or Path.cwd() / "runs" / f"secure-{context.run_id}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    scenario = load_scenario(settings.scenario, {"seed": settings.seed} if settings.seed >= 0 else None)
+    if initial is None:
+        initial = {k: a.numpy() for k, a in initial_encoder(scenario).items()}
+    keys = list(initial)
+    n_shops = max(len(list(grid.get_node_ids())), settings.min_shops)
+
+    @functools.cache
+    def names() -> list[str]:
+        if shop_names is not None:
+            return shop_names
+        try:  # a coordinator in deployment may not hold the shops' data
+            return [s.name for s in scenario.training_shops()]
+        except (OSError, ValueError):
+            return []
+
+    def split_of(server_round: int) -> str:
+        return settings.final_split if server_round == settings.num_server_rounds else settings.eval_split
+
+    def client_config(server_round: int) -> dict[str, Any]:
+        cfg = settings.client_config(scenario.seed)
+        cfg.update({"server-round": server_round, "secagg-weighting": secagg.weighting,
+                    "eval-split": split_of(server_round)})
+        return cfg
+
+    strategy = SecureFedAvg(
+        keys=keys, run_dir=run_dir, method=settings.method,
+        shop_name=lambda i: names()[i] if 0 <= i < len(names()) else f"shop-{i}", eval_split=split_of,
+        fraction_fit=settings.fraction_train, fraction_evaluate=1.0, min_fit_clients=max(2, settings.min_shops),
+        min_evaluate_clients=max(2, settings.min_shops), min_available_clients=n_shops,
+        initial_parameters=Parameters(tensors=[], tensor_type=""),
+        on_fit_config_fn=client_config, on_evaluate_config_fn=client_config,
+        fit_metrics_aggregation_fn=lambda _: {}, evaluate_metrics_aggregation_fn=lambda _: {},
+    )
+    strategy.initial_parameters = ndarrays_to_parameters([np.asarray(a) for a in initial.values()])
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.num_server_rounds),
+                           strategy=strategy)
+    DefaultWorkflow(fit_workflow=secagg.workflow())(grid, legacy)
+    return run_dir
+
+
+def make_secure_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp running the federation with SecAgg+ (settings: run config updated with ``overrides``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        _, secagg, rest = split_config({**dict(context.run_config), **(overrides or {})})
+        run_secure_federation(grid, context, FederationSettings.from_config(rest), secagg)
+
+    return app
+
+
+app = make_secure_server_app()

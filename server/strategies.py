@@ -1,0 +1,237 @@
+"""Strategies over the shared encoder: Flower's own, chosen by name, behind a wrapper that screens replies.
+
+`ShopStrategy` wraps any Flower strategy the way Flower's DP wrappers do. Before the inner strategy
+sees a round's replies it leaves out shops that failed, timed out or sent non-finite or misshapen
+arrays (logged, never aggregated) and stops the run when fewer than `min-shops` remain. It reduces
+every reply to the encoder arrays and `num-examples`, so Flower's aggregation never meets the
+shop-specific metric keys (shops run different task sets). It reports each round's per-shop metrics
+to a callback (metric log, checkpoint, progress) and offsets round numbers when a run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+
+from server.metrics_log import mean_by_key
+
+STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam,
+                                       "fedyogi": FedYogi, "fedmedian": FedMedian,
+                                       "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
+LOCAL_PREFIX = "local."  # wire name prefix of local-part arrays shared by the FedAvg-all baseline
+SHOP_INDEX = "shop-index"
+NUM_EXAMPLES = "num-examples"
+
+logger = logging.getLogger(__name__)
+
+
+def build_strategy(name: str, *, fraction_train: float = 1.0, min_shops: int = 2,
+                   proximal_mu: float = 0.0) -> FedAvg:
+    """One of Flower's strategies by name, sampling at least ``min_shops`` shops each round."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy '{name}' is unknown. Fix: use one of {sorted(STRATEGIES)}")
+    kwargs: dict[str, Any] = {"fraction_train": fraction_train, "fraction_evaluate": 1.0,
+                              "min_train_nodes": min_shops, "min_evaluate_nodes": min_shops,
+                              "min_available_nodes": min_shops}
+    if name == "fedprox":
+        kwargs["proximal_mu"] = proximal_mu
+    return STRATEGIES[name](**kwargs)
+
+
+def split_arrays(arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
+    """Global record -> (encoder record, shared local arrays by wire name)."""
+    encoder = ArrayRecord({k: v for k, v in arrays.items() if not k.startswith(LOCAL_PREFIX)})
+    local = {k: v.numpy() for k, v in arrays.items() if k.startswith(LOCAL_PREFIX)}
+    return encoder, local
+
+
+@dataclass
+class RoundReport:
+    """What one round produced: the new global arrays and every shop's metrics."""
+
+    server_round: int
+    arrays: ArrayRecord
+    train: dict[str, dict[str, float]] = field(default_factory=dict)  # shop -> training metrics
+    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)  # shop -> '<task>.<metric>'
+    left_out: dict[str, str] = field(default_factory=dict)  # shop -> why it was left out
+    eval_split: str = "val"
+
+
+RoundConfig = Callable[[int, str], dict[str, Any]]  # (round, "train" | "evaluate") -> extra config
+
+
+class ShopStrategy(Strategy):
+    """A Flower strategy restricted to usable replies, with per-shop reporting and round offsets."""
+
+    def __init__(self, inner: FedAvg, *, min_shops: int, shop_name: Callable[[int], str],
+                 on_round_end: Callable[[RoundReport], None] | None = None,
+                 round_config: RoundConfig | None = None, round_offset: int = 0) -> None:
+        self.inner = inner
+        self.min_shops = min_shops
+        self.shop_name = shop_name
+        self.on_round_end = on_round_end
+        self.round_config = round_config or (lambda _r, _kind: {})
+        self.round_offset = round_offset
+        self.key = inner.arrayrecord_key
+        self._node_shop: dict[int, str] = {}
+        self._report: RoundReport | None = None
+        self._global_local: dict[str, np.ndarray] = {}
+        self._sampled: set[int] = set()
+
+    def summary(self) -> None:
+        """Log the inner strategy's settings and the fault bound."""
+        logger.info("ShopStrategy over %s: min-shops %d, resuming after round %d",
+                    type(self.inner).__name__, self.min_shops, self.round_offset)
+        self.inner.summary()
+
+    # ---- training ---------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Let the inner strategy sample shops for the encoder; add shared local arrays if any."""
+        rnd = server_round + self.round_offset
+        encoder, local = split_arrays(arrays)
+        self._global_local = local
+        cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "train")})
+        messages = list(self.inner.configure_train(rnd, encoder, cfg, grid))
+        self._sampled = {m.metadata.dst_node_id for m in messages}
+        for msg in messages:
+            record = msg.content[self.key]
+            for k, v in local.items():
+                record[k] = Array(v)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the usable replies' encoders with the inner strategy; average shared local arrays."""
+        rnd = server_round + self.round_offset
+        replies = list(replies)
+        self._report = RoundReport(server_round=rnd, arrays=ArrayRecord())
+        usable = [m for m in replies if self._usable(m, self._report)]
+        for node in sorted(self._sampled - {m.metadata.src_node_id for m in replies}):
+            shop = self._node_shop.get(node, f"node-{node}")
+            self._report.left_out[shop] = "no reply within the round timeout"
+            logger.warning("round %d: left out shop %s: no reply within the round timeout", rnd, shop)
+        if len(usable) < self.min_shops:
+            raise RuntimeError(f"round {rnd}: only {len(usable)} shop(s) sent a usable update, fewer than "
+                               f"min-shops={self.min_shops}; left out: {self._report.left_out or 'none'}. "
+                               "Fix: check the shops' logs, or lower min-shops")
+        shared: list[tuple[float, dict[str, np.ndarray]]] = []
+        dtypes: dict[str, np.dtype] = {}
+        for msg in usable:
+            metrics = dict(next(iter(msg.content.metric_records.values())))
+            shop = self._shop_of(msg, metrics)
+            self._report.train[shop] = {k: float(v) for k, v in metrics.items() if k != SHOP_INDEX}
+            encoder, local = split_arrays(next(iter(msg.content.array_records.values())))
+            dtypes = dtypes or {k: a.numpy().dtype for k, a in encoder.items()}
+            weight = float(metrics[NUM_EXAMPLES])
+            shared.append((weight, local))
+            reduced = {NUM_EXAMPLES: weight}
+            msg.content = RecordDict({self.key: encoder, "metrics": MetricRecord(reduced)})
+        arrays, metrics = self.inner.aggregate_train(rnd, usable)
+        if arrays is None:
+            raise RuntimeError(f"round {rnd}: {type(self.inner).__name__} produced no aggregate")
+        # Keep the model's dtype: FedAdam/FedYogi compute in float64, and shops reply in their own dtype.
+        merged = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=dtypes.get(k))) for k, a in arrays.items()})
+        for k, v in _mean_per_key(shared, self._global_local).items():
+            merged[k] = Array(v)
+        self._report.arrays = merged
+        return merged, metrics
+
+    def _usable(self, msg: Message, report: RoundReport) -> bool:
+        """True if a training reply may be aggregated; otherwise note why it was left out."""
+        shop = self._node_shop.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+        if msg.has_error():
+            report.left_out[shop] = f"error reply: {msg.error.reason}"
+        elif len(msg.content.array_records) != 1 or len(msg.content.metric_records) != 1:
+            report.left_out[shop] = "reply must hold one ArrayRecord and one MetricRecord"
+        else:
+            metrics = next(iter(msg.content.metric_records.values()))
+            shop = self._shop_of(msg, dict(metrics))
+            weight = metrics.get(NUM_EXAMPLES)
+            arrays = next(iter(msg.content.array_records.values()))
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+                report.left_out[shop] = f"'{NUM_EXAMPLES}' missing or not a positive number"
+            elif not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
+                report.left_out[shop] = "update holds NaN/Inf values"
+            else:
+                return True
+        logger.warning("round %d: left out shop %s: %s", report.server_round, shop, report.left_out[shop])
+        return False
+
+    def _shop_of(self, msg: Message, metrics: dict[str, Any]) -> str:
+        """Shop name from the reply's allow-listed `shop-index` (remembered per node for error replies)."""
+        index = metrics.get(SHOP_INDEX)
+        node = msg.metadata.src_node_id
+        if isinstance(index, (int, float)) and math.isfinite(index) and index >= 0:
+            self._node_shop[node] = self.shop_name(int(index))
+        return self._node_shop.get(node, f"node-{node}")
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Send the new global arrays to every shop for per-task evaluation."""
+        rnd = server_round + self.round_offset
+        cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "evaluate")})
+        if self._report is not None:
+            self._report.eval_split = str(cfg.get("eval-split", "val"))
+        return self.inner.configure_evaluate(rnd, arrays, cfg, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Collect every shop's metrics, average them per key, and close the round."""
+        rnd = server_round + self.round_offset
+        report = self._report or RoundReport(server_round=rnd, arrays=ArrayRecord())
+        for msg in replies:
+            if msg.has_error() or len(msg.content.metric_records) != 1:
+                shop = self._node_shop.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+                reason = msg.error.reason if msg.has_error() else "malformed evaluation reply"
+                logger.warning("round %d: no evaluation from shop %s: %s", rnd, shop, reason)
+                continue
+            metrics = dict(next(iter(msg.content.metric_records.values())))
+            shop = self._shop_of(msg, metrics)
+            report.evaluate[shop] = {k: float(v) for k, v in metrics.items()
+                                     if k not in (SHOP_INDEX, NUM_EXAMPLES)}
+        # Error replies carry no shop-index: name shops first seen in this round's evaluation.
+        for node, shop in self._node_shop.items():
+            if f"node-{node}" in report.left_out:
+                report.left_out[shop] = report.left_out.pop(f"node-{node}")
+        if self.on_round_end is not None:
+            self.on_round_end(report)
+        self._report = None
+        means = mean_by_key(report.evaluate)
+        return MetricRecord(means) if means else None
+
+
+def _mean_per_key(updates: list[tuple[float, dict[str, np.ndarray]]],
+                  previous: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Weighted mean of each shared local array over the shops that hold it.
+
+    Hand-written because Flower's aggregation needs identical keys in every reply, while shops
+    with different task sets share different heads. Arrays no shop sent keep their previous value.
+    """
+    out = dict(previous)
+    keys = sorted({k for _, local in updates for k in local})
+    for key in keys:
+        held = [(w, local[key]) for w, local in updates if key in local]
+        if len({a.shape for _, a in held}) > 1:  # e.g. loss weights of shops with different task counts
+            out.pop(key, None)
+            continue
+        total = sum(w for w, _ in held)
+        out[key] = sum(w / total * a for w, a in held).astype(held[0][1].dtype)
+    return out

@@ -1,0 +1,234 @@
+"""The shop model: a federated `SharedEncoder` and a private `LocalPart`, as two submodules.
+
+The split is structural: `model.encoder` holds everything shops average (embeddings of shared
+fields and the global product key, the user/item/context towers, the MMoE experts); `model.local`
+holds everything that stays home (user and local item ID embeddings, per-task gates and towers,
+the ranking projection, the numeric-context projection, the loss weighting). No key-prefix
+matching decides what leaves a shop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shared.features import FeatureConfig, ShopTensors
+from shared.weighting import make_weighting
+
+GATED_TASKS = ("ctr", "cvr", "sales")
+SALES_FEATURES = 13  # lag features (5) + weekday one-hot (7) + promo (1), see features._sales_rows
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the model; identical across the shops of one federation."""
+
+    embed_dim: int = 32  # d: every embedding and tower output
+    n_experts: int = 4  # MMoE experts in the encoder
+    expert_dim: int = 64  # width of each expert's output
+    tower_dim: int = 32  # hidden width of each local task tower
+    dropout: float = 0.0  # dropout inside experts and towers
+    weighting: str = "uncertainty"  # multi-task loss weighting: fixed | uncertainty | gradnorm | dwa
+
+
+def _mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def _pool(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """Mean of the embeddings of the non-padding fields: (..., F) -> (..., d)."""
+    mask = (idx > 0).unsqueeze(-1).float()
+    return (emb(idx) * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
+
+
+class SharedEncoder(nn.Module):
+    """What the federation learns: shared-field embeddings, towers and MMoE experts."""
+
+    def __init__(self, cfg: ModelConfig, fcfg: FeatureConfig) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.fields = nn.Embedding(fcfg.hash_buckets, d, padding_idx=0)
+        self.products = nn.Embedding(fcfg.product_buckets, d, padding_idx=0)
+        self.price = nn.Linear(2, d)
+        self.item_tower = _mlp([3 * d, 2 * d, d])
+        self.user_tower = _mlp([2 * d, 2 * d, d])
+        self.ctx_tower = _mlp([d, d])
+        self.experts = nn.ModuleList(_mlp([5 * d, cfg.expert_dim, cfg.expert_dim], cfg.dropout)
+                                     for _ in range(cfg.n_experts))
+        # Wide part: a first-order weight per shared field value and task (Wide & Deep / DeepFM),
+        # which small shops learn far faster through the federation than deep crosses.
+        self.wide = nn.Embedding(fcfg.hash_buckets, len(GATED_TASKS), padding_idx=0)
+        nn.init.zeros_(self.wide.weight)
+        for emb in (self.fields, self.products):
+            nn.init.normal_(emb.weight, std=0.05)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+
+    def items(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
+              item_id_emb: torch.Tensor) -> torch.Tensor:
+        """Item vectors (I, d) from shared side fields, the product key and the local ID embedding."""
+        x = torch.cat([_pool(self.fields, item_cat), self.products(item_key) + item_id_emb, self.price(item_num)], -1)
+        return self.item_tower(x)
+
+    def users(self, user_side: torch.Tensor, user_id_emb: torch.Tensor, hist_vec: torch.Tensor) -> torch.Tensor:
+        """User vectors (B, d) from side fields + local ID embedding and the behaviour sequence."""
+        return self.user_tower(torch.cat([user_side + user_id_emb, hist_vec], -1))
+
+    def context(self, ctx_cat: torch.Tensor, ctx_num_vec: torch.Tensor) -> torch.Tensor:
+        """Context vectors (B, d) from hashed context fields and the locally projected numeric ones."""
+        return self.ctx_tower(_pool(self.fields, ctx_cat) + ctx_num_vec)
+
+    def crosses(self, field_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bi-interaction pooling (NFM) of all shared fields of a row, and their wide terms.
+
+        (B, F) hashed indices -> ((B, d) pairwise crosses, (B, n_gated_tasks) first-order logits).
+        """
+        mask = (field_idx > 0).unsqueeze(-1).float()
+        e = self.fields(field_idx) * mask  # (B, F, d)
+        bi = 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1))
+        return bi, (self.wide(field_idx) * mask).sum(1)
+
+    def mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert outputs (B, K, E) over the joint input (B, 5d)."""
+        return torch.stack([e(x) for e in self.experts], 1)
+
+
+class LocalPart(nn.Module):
+    """What never leaves the shop: ID embeddings, task gates/towers, ranking head, loss weights."""
+
+    def __init__(self, cfg: ModelConfig, tensors: ShopTensors) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.tasks = list(tensors.tasks)
+        self.user_ids = nn.Embedding(tensors.n_users, d)
+        self.item_ids = nn.Embedding(tensors.n_items, d)
+        nn.init.normal_(self.user_ids.weight, std=0.01)
+        nn.init.normal_(self.item_ids.weight, std=0.01)
+        self.ctx_num = nn.Linear(tensors.n_ctx_num, d) if tensors.n_ctx_num else None
+        gated = [t for t in GATED_TASKS if t in self.tasks]
+        self.gates = nn.ModuleDict({t: nn.Linear(5 * d, cfg.n_experts) for t in gated})
+        self.towers = nn.ModuleDict({t: _mlp([cfg.expert_dim, cfg.tower_dim, 1], cfg.dropout) for t in gated
+                                     if t != "sales"})
+        if "sales" in self.tasks:
+            self.sales_in = nn.Linear(SALES_FEATURES, d)
+            self.towers["sales"] = _mlp([cfg.expert_dim + d, cfg.tower_dim, 1], cfg.dropout)
+        if "ranking" in self.tasks:
+            self.rank_proj = nn.Linear(d, d, bias=False)
+            nn.init.eye_(self.rank_proj.weight)
+            self.item_bias = nn.Embedding(tensors.n_items, 1)
+            nn.init.zeros_(self.item_bias.weight)
+        self.weighting = make_weighting(cfg.weighting, self.tasks)
+
+    def gate(self, task: str, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Task-specific mixture of expert outputs: (B, K, E) -> (B, E)."""
+        w = torch.softmax(self.gates[task](x), -1)  # (B, K)
+        return (w.unsqueeze(-1) * experts).sum(1)
+
+
+# Local parameters whose shapes do not depend on the shop's vocabulary: the "FedAvg of everything
+# shareable" baseline averages these too (heads), while fedshop keeps them home.
+VOCAB_BOUND_LOCAL = ("user_ids.", "item_ids.", "item_bias.", "ctx_num.")
+
+
+class ShopModel(nn.Module):
+    """`encoder` (federated) + `local` (private), and the forward passes every task uses."""
+
+    def __init__(self, cfg: ModelConfig, fcfg: FeatureConfig, tensors: ShopTensors) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = SharedEncoder(cfg, fcfg)
+        self.local = LocalPart(cfg, tensors)
+        self.register_buffer("item_cat", tensors.item_cat, persistent=False)
+        self.register_buffer("item_key", tensors.item_key, persistent=False)
+        self.register_buffer("item_num", tensors.item_num, persistent=False)
+        self.register_buffer("user_cat", tensors.user_cat, persistent=False)
+
+    # ---- state split -------------------------------------------------------------------------
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """What the shop sends: the encoder's state dict (same keys and shapes in every shop)."""
+        return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """What the shop keeps: the local part's state dict."""
+        return {k: v.detach().clone() for k, v in self.local.state_dict().items()}
+
+    def load_encoder_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load encoder weights received from the coordinator (strict: every key, same shapes)."""
+        self.encoder.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+
+    def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore the shop's private part saved from an earlier round or run."""
+        self.local.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+
+    def shareable_local_keys(self) -> list[str]:
+        """Local keys with vocabulary-independent shapes (averaged only by the FedAvg-all baseline)."""
+        return [k for k in self.local.state_dict() if not k.startswith(VOCAB_BOUND_LOCAL)]
+
+    # ---- forward pieces ----------------------------------------------------------------------
+    def all_items(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Item vectors for the given item indices (default: the whole local vocabulary)."""
+        if items is None:
+            return self.encoder.items(self.item_cat, self.item_key, self.item_num, self.local.item_ids.weight)
+        return self.encoder.items(self.item_cat[items], self.item_key[items], self.item_num[items],
+                                  self.local.item_ids(items))
+
+    def user_vectors(self, user: torch.Tensor, hist: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+        """User vectors (B, d): side fields, ID embedding, and the mean of the history's item vectors."""
+        mask = (hist > 0).unsqueeze(-1).float()  # (B, L, 1)
+        hist_vec = (item_table[hist] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        side = _pool(self.encoder.fields, self.user_cat[user])
+        return self.encoder.users(side, self.local.user_ids(user), hist_vec)
+
+    def impression_logits(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-task logits on impression rows: {'ctr': (B,), 'cvr': (B,)} for the tasks the shop has."""
+        u = self.user_vectors(batch["user"], batch["hist"], item_table)
+        v = item_table[batch["item"]]
+        num = batch["ctx_num"]
+        num_vec = self.local.ctx_num(num) if self.local.ctx_num is not None else torch.zeros_like(u)
+        c = self.encoder.context(batch["ctx_cat"], num_vec)
+        fields = torch.cat([self.user_cat[batch["user"]], self.item_cat[batch["item"]], batch["ctx_cat"]], 1)
+        bi, wide = self.encoder.crosses(fields)
+        x = torch.cat([u, v, c, u * v, bi], -1)  # (B, 5d)
+        experts = self.encoder.mixture(x)  # (B, K, E)
+        return {t: self.local.towers[t](self.local.gate(t, x, experts)).squeeze(-1) + wide[:, GATED_TASKS.index(t)]
+                for t in ("ctr", "cvr") if t in self.local.towers}
+
+    def ranking_scores(self, user: torch.Tensor, hist: torch.Tensor, items: torch.Tensor,
+                       item_table: torch.Tensor) -> torch.Tensor:
+        """Scores (B, C) of candidate items: (B, C) indices, or (C,) shared by the batch."""
+        u = self.local.rank_proj(self.user_vectors(user, hist, item_table))  # (B, d)
+        v = item_table[items]
+        bias = self.local.item_bias(items).squeeze(-1)
+        if items.dim() == 1:
+            return u @ v.T + bias
+        return torch.einsum("bd,bcd->bc", u, v) + bias
+
+    def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> torch.Tensor:
+        """Log of expected next-period units per (item, period) row: (B,)."""
+        v = item_table[batch["item"]]
+        s = self.local.sales_in(batch["x"])  # (B, d)
+        bi, wide = self.encoder.crosses(self.item_cat[batch["item"]])
+        zero = torch.zeros_like(v)
+        x = torch.cat([zero, v, s, zero, bi], -1)
+        h = self.local.gate("sales", x, self.encoder.mixture(x))
+        return self.local.towers["sales"](torch.cat([h, s], -1)).squeeze(-1) + wide[:, GATED_TASKS.index("sales")]
+
+
+def build_model(tensors: ShopTensors, cfg: ModelConfig | None = None, feature_cfg: FeatureConfig | None = None,
+                seed: int = 0) -> ShopModel:
+    """A fresh model for one shop. The encoder's initial weights depend only on ``seed``."""
+    cfg = cfg or ModelConfig()
+    fcfg = feature_cfg or tensors.cfg or FeatureConfig()
+    torch.manual_seed(seed)
+    model = ShopModel(cfg, fcfg, tensors)
+    return model

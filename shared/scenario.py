@@ -1,0 +1,192 @@
+"""Scenarios: one TOML file says where shops come from and every setting of a run.
+
+Flower-free so that the coordinator, the shops' clients and the CLI all resolve a scenario the
+same way. Built-in names (``default``, ``movielens-region``, ``movielens-genre``) resolve to
+``simulations/scenarios/<name>.toml``; anything else is a path.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from shared.features import FeatureConfig
+from shared.model import ModelConfig
+from shared.schema import ShopData
+from shared.train import TrainConfig
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
+DATA_ENV = {"movielens": "FEDSHOP_MOVIELENS", "amazon": "FEDSHOP_AMAZON"}
+
+FEDERATION_DEFAULTS: dict[str, Any] = {
+    "rounds": 10,  # server rounds
+    "strategy": "fedavg",  # fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
+    "fraction_train": 1.0,  # share of shops sampled per round
+    "min_shops": 2,  # a round needs at least this many replies
+    "local_epochs": 1,  # local epochs per round
+    "prox_mu": 0.0,  # FedProx proximal weight (strategy fedprox)
+    "server_lr": 0.1,  # server learning rate for FedAdam/FedYogi
+    "join_round": 0,  # round at which late joiners join a running federation (0 = never)
+    "warmup_rounds": 1,  # rounds a joining shop trains its local part with the encoder frozen
+    "objective": "fedavg",  # fedavg | meta (Reptile-style: short inner loops, see docs)
+    "meta_inner_steps": 20,  # inner steps per round with objective = meta
+    "round_timeout": 600.0,  # seconds before a shop's reply counts as missing
+}
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used: names the file, the key and the fix."""
+
+
+def _dataclass_from(cls: type, table: dict, where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ScenarioError(f"{where}: unknown key(s) {unknown}. Fix: use one of {sorted(known)}")
+    return cls(**table)
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.replace("-", "_").split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+@dataclass
+class Scenario:
+    """A resolved scenario: data source, feature/model/train settings, federation and transfer."""
+
+    name: str
+    seed: int
+    raw: dict
+    features: FeatureConfig
+    model: ModelConfig
+    train: TrainConfig
+    federation: dict = field(default_factory=dict)
+    transfer: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def data(self) -> dict:
+        """The ``[data]`` table."""
+        return self.raw.get("data", {})
+
+    def shops(self) -> list[ShopData]:
+        """All shops of the scenario (late joiners included), deterministic; cached per process."""
+        return list(_load_shops(json.dumps(self.data, sort_keys=True), self.seed))
+
+    @property
+    def late_joiners(self) -> list[str]:
+        """Shops held out of federated training (they join later: transfer)."""
+        names = self.transfer.get("late_joiners")
+        if names is not None:
+            return list(names)
+        return [s.name for s in self.shops() if s.meta.get("late_joiner")]
+
+    def training_shops(self) -> list[ShopData]:
+        """The shops that take part in federated training from round 1."""
+        late = set(self.late_joiners)
+        return [s for s in self.shops() if s.name not in late]
+
+    def joining_shops(self) -> list[ShopData]:
+        """The late joiners, in scenario order."""
+        late = set(self.late_joiners)
+        return [s for s in self.shops() if s.name in late]
+
+
+@functools.lru_cache(maxsize=4)
+def _load_shops(data_json: str, seed: int) -> tuple[ShopData, ...]:
+    data = json.loads(data_json)
+    source = data.get("source", "synthetic")
+    if source == "synthetic":
+        from shared.datasets.synthetic import WorldConfig, generate_world
+
+        table = {"seed": seed, **data.get("synthetic", {})}
+        world = generate_world(_dataclass_from(WorldConfig, table, "[data.synthetic]"))
+        late = set(world.late_joiners)
+        for shop in world.shops:
+            shop.meta["late_joiner"] = shop.name in late
+        return tuple(world.shops)
+    if source == "movielens":
+        from shared.datasets.movielens import load_movielens
+
+        path = _data_path(data, "movielens")
+        shops = load_movielens(path, split_by=data.get("split_by", "region"), seed=seed,
+                               negatives_per_positive=int(data.get("negatives_per_positive", 1)))
+        return tuple(shops)
+    if source == "amazon":
+        from shared.datasets.amazon import load_amazon_ratings
+
+        path = _data_path(data, "amazon")
+        return tuple(load_amazon_ratings(path, seed=seed, n_shops=int(data.get("n_shops", 1))))
+    if source == "shop-dirs":
+        from shared.schema import load_shop_dir
+
+        return tuple(load_shop_dir(p) for p in data.get("paths", []))
+    raise ScenarioError(f"[data] source = {source!r} is unknown. Fix: use synthetic, movielens, amazon or shop-dirs")
+
+
+def _data_path(data: dict, source: str) -> Path:
+    env = DATA_ENV[source]
+    path = os.environ.get(env) or data.get("path")
+    if not path:
+        raise ScenarioError(f"[data] needs a path to the {source} files. Fix: set `path` in the scenario or "
+                            f"export {env}=/path/to/data")
+    p = Path(path)
+    if not p.is_absolute():
+        p = (SCENARIO_DIR.parent.parent / p).resolve()
+    if not p.exists():
+        raise ScenarioError(f"{source} data not found at {p}. Fix: point `path` in the scenario or {env} at a copy")
+    return p
+
+
+def resolve_scenario_path(name_or_path: str | Path) -> Path:
+    """The TOML file for a built-in scenario name or a path."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.exists():
+            raise ScenarioError(f"scenario file {p} does not exist")
+        return p
+    builtin = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not builtin.exists():
+        names = sorted(f.stem for f in SCENARIO_DIR.glob("*.toml"))
+        raise ScenarioError(f"no scenario named {name_or_path!r}. Fix: use one of {names} or a path to a .toml")
+    return builtin
+
+
+def load_scenario(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Scenario:
+    """Read a scenario and apply dotted overrides such as ``{"federation.rounds": 3}``."""
+    path = resolve_scenario_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML ({exc}). Fix the syntax at that line") from exc
+    return scenario_from_dict(raw, overrides, path=path)
+
+
+def scenario_from_dict(raw: dict, overrides: dict[str, Any] | None = None, *, path: Path | None = None) -> Scenario:
+    """Resolve a scenario dict (as read from TOML) into typed settings."""
+    raw = copy.deepcopy(raw)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    where = str(path or "scenario")
+    seed = int(raw.get("seed", 0))
+    feats = _dataclass_from(FeatureConfig, {"seed": seed, **raw.get("features", {})}, f"{where} [features]")
+    model = _dataclass_from(ModelConfig, raw.get("model", {}), f"{where} [model]")
+    train = _dataclass_from(TrainConfig, {"seed": seed, **raw.get("train", {})}, f"{where} [train]")
+    fed_table = raw.get("federation", {})
+    unknown = sorted(set(fed_table) - set(FEDERATION_DEFAULTS))
+    if unknown:
+        raise ScenarioError(f"{where} [federation]: unknown key(s) {unknown}. Fix: use {sorted(FEDERATION_DEFAULTS)}")
+    federation = {**FEDERATION_DEFAULTS, **fed_table}
+    return Scenario(name=str(raw.get("name", path.stem if path else "scenario")), seed=seed, raw=raw,
+                    features=feats, model=model, train=train, federation=federation,
+                    transfer=dict(raw.get("transfer", {})), path=path)

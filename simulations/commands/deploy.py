@@ -1,0 +1,182 @@
+"""Commands for a real deployment: `certs`, `coordinator {start,register,unregister,run,stop}`,
+`merchant {start,stop}`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+coordinator_app = typer.Typer(help="Run the coordinator: a TLS SuperLink with authenticated SuperNodes.",
+                              no_args_is_help=True)
+merchant_app = typer.Typer(help="Run one merchant's SuperNode over its own shop data.", no_args_is_help=True)
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.secho(f"Error: {err}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=1)
+
+
+def certs(
+    out: Path = typer.Option(..., "--out", help="Folder for ca.crt, server.pem/.key and merchants/<name>.key/.pub."),
+    merchants: str = typer.Option("3", "--merchants", help="A count (merchant-1..N) or names: shop-a,shop-b."),
+    host: list[str] = typer.Option(["localhost"], "--host", help="DNS name(s) in the server certificate."),
+    ip: list[str] = typer.Option(["127.0.0.1"], "--ip", help="IP address(es) in the server certificate."),
+    merchant_keys_only: bool = typer.Option(False, "--merchant-keys-only",
+                                            help="Only (re)create merchant key pairs: new merchants, key rotation."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+) -> None:
+    """Create the CA, the coordinator's TLS certificate and one SuperNode key pair per merchant."""
+    from simulations.deploy.certs import CertsExistError, parse_merchants, write_certs, write_merchant_keys
+
+    try:
+        names = parse_merchants(merchants)
+        if merchant_keys_only:
+            paths = write_merchant_keys(out, names, force=force)
+        else:
+            paths = write_certs(out, names, hosts=host, ips=ip, force=force)
+    except (CertsExistError, ValueError) as err:
+        raise _fail(err) from None
+    if not merchant_keys_only:
+        typer.echo(f"CA certificate      {paths.ca_cert}   (give to every merchant)")
+        typer.echo(f"CA key              {paths.ca_key}   (keep offline)")
+        typer.echo(f"server certificate  {paths.server_cert} + {paths.server_key.name}  (coordinator only)")
+    for name, (private, public) in paths.merchant_keys.items():
+        typer.echo(f"merchant {name:<12} {private} (merchant only)  {public.name} (register on coordinator)")
+
+
+@coordinator_app.command("start")
+def coordinator_start(
+    home: Path = typer.Option(..., "--home", help="Coordinator folder (PID, log, state, FLWR_HOME)."),
+    certs_dir: Path = typer.Option(None, "--certs", help="Folder from `fedshop certs` (default HOME/certs)."),
+    port_base: int = typer.Option(0, "--port-base", help="SuperLink port (Fleet, Control and Runtime APIs share "
+                                  "it in flwr 1.42); 0 picks a free port."),
+    bind: str = typer.Option("127.0.0.1", "--bind", help="Interface to listen on; 0.0.0.0 for other hosts."),
+    public_host: str = typer.Option(None, "--public-host", help="Name merchants dial (must be in the cert)."),
+) -> None:
+    """Start `flower-superlink` with TLS and --enable-supernode-auth, record its PID, wait until ready."""
+    from simulations.deploy.coordinator import start_coordinator
+    from simulations.deploy.processes import ProcessStartError
+
+    try:
+        info = start_coordinator(home, certs_dir or home / "certs", port=port_base or None, host=bind,
+                                 public_host=public_host)
+    except (FileNotFoundError, RuntimeError, ProcessStartError) as err:
+        raise _fail(err) from None
+    typer.echo(f"SuperLink ready on {info.address} (TLS, SuperNode auth); log {home / 'superlink.log'}")
+    typer.echo(f"Merchants connect with --superlink {info.address} --ca {info.ca_cert}")
+
+
+@coordinator_app.command("register")
+def coordinator_register(
+    public_key: Path = typer.Argument(..., help="A merchant's .pub from `fedshop certs`."),
+    home: Path = typer.Option(..., "--home"),
+    name: str = typer.Option(None, "--name", help="Label for the SuperNode."),
+) -> None:
+    """Allow a merchant's SuperNode key (`flwr supernode register`)."""
+    from simulations.deploy.coordinator import register_merchant
+
+    try:
+        node_id = register_merchant(home, public_key, name=name)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise _fail(err) from None
+    typer.echo(f"registered {public_key.name} as SuperNode {node_id}")
+
+
+@coordinator_app.command("unregister")
+def coordinator_unregister(node_id: int = typer.Argument(...), home: Path = typer.Option(..., "--home")) -> None:
+    """Revoke a merchant's SuperNode (e.g. a rotated or leaked key)."""
+    from simulations.deploy.coordinator import unregister_merchant
+
+    try:
+        unregister_merchant(home, node_id)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise _fail(err) from None
+    typer.echo(f"unregistered SuperNode {node_id}")
+
+
+@coordinator_app.command("run")
+def coordinator_run(
+    scenario: str = typer.Argument(..., help="Scenario name or TOML path, passed to the app as `scenario`."),
+    home: Path = typer.Option(..., "--home"),
+    rounds: int = typer.Option(0, "--rounds", help="num-server-rounds (0 keeps the app default)."),
+    config: list[str] = typer.Option([], "--config", "-c", help="Extra run config KEY=VALUE (repeatable)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the run directory is created."),
+    app_dir: Path = typer.Option(None, "--app", help="Flower app folder (default: this fedshop checkout)."),
+) -> None:
+    """Submit a run with `flwr run --stream`, stream progress, exit non-zero unless it completed."""
+    from simulations.deploy.coordinator import REPO_ROOT, submit_run
+    from simulations.rundir import new_run_dir
+
+    run_dir = new_run_dir(runs_dir, Path(scenario).stem).resolve()
+    run_config: dict[str, object] = {"scenario": scenario, "run-dir": str(run_dir)}
+    if rounds:
+        run_config["num-server-rounds"] = rounds
+    for item in config:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _fail(ValueError(f"--config '{item}': expected KEY=VALUE"))
+        run_config[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    try:
+        outcome = submit_run(home, run_config, app=app_dir or REPO_ROOT, run_dir=str(run_dir))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise _fail(err) from None
+    colour = typer.colors.GREEN if outcome.ok else typer.colors.RED
+    typer.secho(f"run {outcome.run_id}: {outcome.status}; run dir {run_dir}", fg=colour)
+    if not outcome.ok:
+        raise typer.Exit(code=1)
+
+
+@coordinator_app.command("stop")
+def coordinator_stop(home: Path = typer.Option(..., "--home")) -> None:
+    """Stop the SuperLink by its recorded PID."""
+    from simulations.deploy.coordinator import stop_coordinator
+
+    try:
+        stopped = stop_coordinator(home)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(err) from None
+    typer.echo("SuperLink stopped" if stopped else "SuperLink was not running")
+
+
+@merchant_app.command("start")
+def merchant_start(
+    shop_dir: Path = typer.Option(..., "--shop-dir", help="The merchant's data (validated before anything starts)."),
+    state_dir: Path = typer.Option(..., "--state-dir", help="Where the shop's local part persists across runs."),
+    superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the coordinator's SuperLink."),
+    ca: Path = typer.Option(..., "--ca", help="The coordinator's CA certificate (ca.crt)."),
+    key: Path = typer.Option(..., "--key", help="This merchant's SuperNode private key (.key)."),
+    port: int = typer.Option(0, "--port", help="Local Runtime API port, distinct per SuperNode on a host; 0 = free."),
+) -> None:
+    """Validate the shop, then start `flower-supernode` with TLS and key authentication."""
+    from shared.schema import ShopDataError
+    from simulations.deploy.merchant import start_merchant
+    from simulations.deploy.processes import ProcessStartError
+
+    try:
+        merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, port=port or None)
+    except ShopDataError as err:
+        typer.secho(f"Shop data rejected, nothing started: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+    except (FileNotFoundError, ValueError, RuntimeError, ProcessStartError) as err:
+        raise _fail(err) from None
+    typer.echo(f"SuperNode {merchant.node_id} connected (PID {merchant.pid}); log {merchant.log}")
+
+
+@merchant_app.command("stop")
+def merchant_stop(state_dir: Path = typer.Option(..., "--state-dir")) -> None:
+    """Stop this merchant's SuperNode by its recorded PID (the local part stays in the state dir)."""
+    from simulations.deploy.merchant import stop_merchant
+
+    try:
+        stopped = stop_merchant(state_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(err) from None
+    typer.echo("SuperNode stopped" if stopped else "SuperNode was not running")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `certs`, `coordinator` and `merchant` to the root app."""
+    app.command("certs")(certs)
+    app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(merchant_app, name="merchant")

@@ -1,0 +1,1 @@
+"""Real deployment: certificates, SuperLink/SuperNode processes and the `flwr` CLI configuration."""

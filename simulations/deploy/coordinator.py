@@ -1,0 +1,216 @@
+"""The coordinator host: a TLS SuperLink with SuperNode authentication, registration, runs, stop.
+
+Everything lives under one home folder::
+
+    <home>/coordinator.json   address, port, certificate paths (written by `start`)
+    <home>/superlink.json     PID record; <home>/superlink.log its output
+    <home>/superlink.db       SuperLink state, so registered SuperNodes survive a restart
+    <home>/flwr/              FLWR_HOME: config.toml with the `fedshop` connection, installed FABs
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TextIO
+
+from shared.atomic import atomic_write_text
+from simulations.deploy.flwr_config import CONNECTION, flwr_bin, flwr_env, write_connection
+from simulations.deploy.processes import (
+    ProcessStartError,
+    free_port,
+    pid_alive,
+    port_open,
+    read_record,
+    start_process,
+    stop_recorded,
+    wait_ready,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
+
+
+@dataclass
+class Coordinator:
+    """Where a started coordinator listens and which files it uses."""
+
+    home: str
+    host: str
+    port: int
+    address: str  # host:port that `flwr` and SuperNodes dial
+    ca_cert: str
+    server_cert: str
+    server_key: str
+
+    @property
+    def flwr_home(self) -> Path:
+        """FLWR_HOME of every `flwr` call made for this coordinator."""
+        return Path(self.home) / "flwr"
+
+    def env(self) -> dict[str, str]:
+        """Environment for `flwr` CLI calls against this coordinator."""
+        return flwr_env(self.flwr_home)
+
+
+@dataclass
+class RunOutcome:
+    """How a submitted run ended."""
+
+    run_id: int
+    status: str  # e.g. finished:completed, finished:failed
+    run_dir: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run finished and completed."""
+        return self.status == "finished:completed"
+
+
+def load_coordinator(home: str | Path) -> Coordinator:
+    """The coordinator recorded in ``home`` by `start_coordinator`."""
+    path = Path(home) / "coordinator.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no coordinator here. Fix: run `fedshop coordinator start --home {home}`")
+    return Coordinator(**json.loads(path.read_text()))
+
+
+def _require_files(**paths: Path) -> None:
+    missing = [f"{name} ({p})" for name, p in paths.items() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing certificate file(s): {', '.join(missing)}. Fix: create them with "
+                                "`fedshop certs --out DIR` and pass --certs DIR")
+
+
+def start_coordinator(home: str | Path, certs: str | Path, *, port: int | None = None, host: str = "127.0.0.1",
+                      public_host: str | None = None, env: dict[str, str] | None = None,
+                      timeout: float = 60.0) -> Coordinator:
+    """Start `flower-superlink` with TLS and SuperNode auth; return once it accepts connections."""
+    home, certs = Path(home).resolve(), Path(certs).resolve()
+    ca, cert, key = certs / "ca.crt", certs / "server.pem", certs / "server.key"
+    _require_files(ca=ca, server_cert=cert, server_key=key)
+    record = home / "superlink.json"
+    if record.exists() and pid_alive(read_record(record).pid):
+        raise RuntimeError(f"a SuperLink from {home} already runs (PID {read_record(record).pid}). Fix: "
+                           f"`fedshop coordinator stop --home {home}` first")
+    port = port or free_port(host)
+    dial_host = public_host or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
+    info = Coordinator(str(home), host, port, f"{dial_host}:{port}", str(ca), str(cert), str(key))
+    info.flwr_home.mkdir(parents=True, exist_ok=True)
+    command = [flwr_bin("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
+               "--ssl-keyfile", str(key), "--enable-supernode-auth", "--host", host, "--port", str(port),
+               "--database", str(home / "superlink.db"), "--disable-runtime-dependency-installation"]
+    log = home / "superlink.log"
+    proc = start_process("flower-superlink", command, log_path=log, record_path=record,
+                         env=flwr_env(info.flwr_home, env))
+    try:
+        wait_ready(proc, lambda: port_open(dial_host, port), timeout=timeout, log_path=log, what="flower-superlink")
+    except ProcessStartError:
+        stop_recorded(record)
+        raise
+    atomic_write_text(home / "coordinator.json", json.dumps(asdict(info), indent=2))
+    write_connection(info.flwr_home, info.address, ca)
+    return info
+
+
+def stop_coordinator(home: str | Path, timeout: float = 10.0) -> bool:
+    """Stop the SuperLink started from ``home`` by its recorded PID; False when it was not running."""
+    return stop_recorded(Path(home) / "superlink.json", timeout=timeout)
+
+
+def _flwr(info: Coordinator, *args: str, timeout: float = 60.0) -> dict:
+    """Run one `flwr ... --format json` command against the coordinator and return its JSON answer."""
+    proc = subprocess.run([flwr_bin("flwr"), *args, "--format", "json"], env=info.env(), capture_output=True,
+                          text=True, timeout=timeout)
+    start = proc.stdout.find("{")
+    try:
+        answer = json.loads(proc.stdout[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        answer = {}
+    if proc.returncode != 0 or not answer.get("success", False):
+        detail = answer.get("error-message") or (proc.stdout + proc.stderr).strip()[-800:]
+        raise RuntimeError(f"`flwr {' '.join(args)}` failed: {detail}")
+    return answer
+
+
+def register_merchant(home: str | Path, public_key: str | Path, *, name: str | None = None) -> int:
+    """Register a merchant's SuperNode public key with the SuperLink; returns its node ID."""
+    key = Path(public_key)
+    if not key.is_file():
+        raise FileNotFoundError(f"{key}: no such public key. Fix: pass the merchant's .pub file from `fedshop certs`")
+    args = ["supernode", "register", str(key.resolve()), CONNECTION]
+    if name:
+        args += ["--name", name]
+    return int(_flwr(load_coordinator(home), *args)["node-id"])
+
+
+def unregister_merchant(home: str | Path, node_id: int) -> None:
+    """Remove a SuperNode (e.g. before registering a rotated key) so its old key is refused."""
+    _flwr(load_coordinator(home), "supernode", "unregister", str(node_id), CONNECTION)
+
+
+def list_merchants(home: str | Path) -> list[dict]:
+    """The registered SuperNodes as `flwr supernode ls` reports them."""
+    return list(_flwr(load_coordinator(home), "supernode", "ls", CONNECTION).get("nodes", []))
+
+
+def run_status(home: str | Path, run_id: int) -> str:
+    """The run's status text from `flwr ls --run-id` (e.g. running, finished:completed)."""
+    runs = _flwr(load_coordinator(home), "ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+    if not runs:
+        raise RuntimeError(f"run {run_id} unknown to the SuperLink")
+    return str(runs[0]["status"])
+
+
+def _config_arg(run_config: dict[str, object]) -> str:
+    """`--run-config` text: TOML values (strings JSON-quoted, which TOML basic strings accept)."""
+    parts = []
+    for key, value in run_config.items():
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def submit_run(home: str | Path, run_config: dict[str, object], *, app: str | Path = REPO_ROOT,
+               out: TextIO = sys.stdout, timeout: float = 3600.0, run_dir: str | None = None) -> RunOutcome:
+    """Submit ``app`` with `flwr run --stream`, echo its log to ``out``, and return the run's real status.
+
+    `flwr run --stream` exits 0 even when the run fails, so the status comes from `flwr ls`.
+    """
+    info = load_coordinator(home)
+    command = [flwr_bin("flwr"), "run", str(Path(app).resolve()), CONNECTION, "--stream"]
+    if run_config:
+        command += ["--run-config", _config_arg(run_config)]
+    proc = subprocess.Popen(command, env=info.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=info.home)
+    run_id = None
+    deadline = time.monotonic() + timeout
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            if run_id is None and (match := _RUN_ID_RE.search(line)):
+                run_id = int(match.group(1))
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if run_id is None:
+        raise RuntimeError(f"`flwr run` did not start a run (exit code {proc.returncode}); see the output above")
+    status = run_status(home, run_id)
+    while not status.startswith("finished") and time.monotonic() < deadline:
+        time.sleep(1.0)  # the log stream ended before the SuperLink recorded the final status
+        status = run_status(home, run_id)
+    return RunOutcome(run_id, status, run_dir)

@@ -1,0 +1,67 @@
+"""The environment and ``$FLWR_HOME/config.toml`` every Flower process and `flwr` call of ours uses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+import tomli_w
+
+from shared.atomic import atomic_write_text
+
+CONNECTION = "fedshop"  # name of our SuperLink connection in $FLWR_HOME/config.toml
+
+
+def flwr_bin(name: str) -> str:
+    """Path of a Flower executable, preferring the one beside the running Python (the project venv)."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"'{name}' not found beside {sys.executable} or on PATH. Fix: install flwr==1.42.0 "
+                                "into this environment (pip install -e . in the repo)")
+    return found
+
+
+def flwr_env(flwr_home: str | Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """os.environ plus a project-local FLWR_HOME, telemetry off and no runtime dependency installation."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(Path(flwr_home).resolve()),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        # Without this, Flower would `uv sync` the app's dependencies and could pull a CUDA build of torch.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Flower spawns flower-superexec / flwr-clientapp / flwr-serverapp by name from PATH.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    })
+    env.update(extra or {})
+    return env
+
+
+def write_connection(flwr_home: str | Path, address: str, root_certificates: str | Path | None, *,
+                     name: str = CONNECTION, make_default: bool = True) -> Path:
+    """Add (or replace) a SuperLink connection in ``$FLWR_HOME/config.toml``, keeping other entries."""
+    path = Path(flwr_home) / "config.toml"
+    config: dict = {}
+    if path.exists():
+        try:
+            config = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML ({err}). Fix: delete the file; it is rewritten") from err
+    superlink = config.setdefault("superlink", {})
+    entry: dict = {"address": address}
+    if root_certificates is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
+    superlink[name] = entry
+    if make_default:
+        superlink["default"] = name
+    atomic_write_text(path, tomli_w.dumps(config))
+    return path

@@ -1,0 +1,107 @@
+"""A merchant host: validate the shop's data, then run an authenticated `flower-supernode` over TLS.
+
+Files of the SuperNode itself go to ``<state-dir>/supernode/`` (PID record, log, FLWR_HOME); the
+ClientApp keeps the shop's local part directly in ``<state-dir>``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from simulations.deploy.flwr_config import flwr_bin, flwr_env
+from simulations.deploy.processes import (
+    ProcessStartError,
+    free_port,
+    pid_alive,
+    read_record,
+    start_process,
+    stop_recorded,
+    wait_ready,
+)
+
+_NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
+
+
+@dataclass
+class Merchant:
+    """A started SuperNode."""
+
+    pid: int
+    node_id: int
+    port: int
+    state_dir: Path
+    log: Path
+
+
+def supernode_dir(state_dir: str | Path) -> Path:
+    """Folder for the SuperNode's own files inside the merchant's state dir."""
+    return Path(state_dir).resolve() / "supernode"
+
+
+def validate_shop(shop_dir: str | Path) -> str:
+    """Load and validate the shop directory (raises ShopDataError naming file, row, column, fix); its name."""
+    from shared.schema import load_shop_dir  # imports pandas; only needed here
+
+    return load_shop_dir(shop_dir).name
+
+
+def _node_config(shop_dir: Path, state_dir: Path) -> str:
+    for path in (shop_dir, state_dir):
+        if "'" in str(path):
+            raise ValueError(f"{path}: a quote in the path cannot pass through --node-config. Fix: rename the folder")
+    return f"shop-dir='{shop_dir}' state-dir='{state_dir}'"
+
+
+def _activated_node_id(log: Path) -> int | None:
+    try:
+        match = _NODE_ID_RE.search(log.read_text(errors="replace"))
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
+                   key: str | Path, port: int | None = None, isolation: str = "subprocess",
+                   env: dict[str, str] | None = None, validate: bool = True, timeout: float = 60.0) -> Merchant:
+    """Validate ``shop_dir``, start the SuperNode and wait until the SuperLink has accepted it.
+
+    Raises ShopDataError before anything starts when the data is bad, and ProcessStartError (with the
+    SuperNode's log) when the SuperLink refuses it: unregistered key, untrusted certificate.
+    """
+    shop_dir, state_dir = Path(shop_dir).resolve(), Path(state_dir).resolve()
+    if validate:
+        validate_shop(shop_dir)
+    key = Path(key).resolve()
+    if not key.is_file():
+        raise FileNotFoundError(f"{key}: no such SuperNode private key. Fix: pass the merchant's .key from "
+                                "`fedshop certs`")
+    if ca is not None and not Path(ca).is_file():
+        raise FileNotFoundError(f"{ca}: no such CA certificate. Fix: copy ca.crt from the coordinator")
+    own = supernode_dir(state_dir)
+    own.mkdir(parents=True, exist_ok=True)
+    record, log = own / "supernode.json", own / "supernode.log"
+    if record.exists() and pid_alive(read_record(record).pid):
+        raise RuntimeError(f"a SuperNode for {state_dir} already runs (PID {read_record(record).pid}). Fix: "
+                           f"`fedshop merchant stop --state-dir {state_dir}` first")
+    port = port or free_port()
+    command = [flwr_bin("flower-supernode"), "--superlink", superlink, "--auth-supernode-private-key", str(key),
+               "--node-config", _node_config(shop_dir, state_dir), "--port", str(port), "--isolation", isolation]
+    if ca is not None:
+        command += ["--root-certificates", str(Path(ca).resolve())]
+    log.unlink(missing_ok=True)  # the node ID is read from this run's log only
+    proc = start_process("flower-supernode", command, log_path=log, record_path=record,
+                         env=flwr_env(own / "flwr", env))
+    try:
+        wait_ready(proc, lambda: _activated_node_id(log) is not None, timeout=timeout, log_path=log,
+                   what=f"flower-supernode for {shop_dir.name}")
+    except ProcessStartError:
+        stop_recorded(record)
+        raise
+    return Merchant(proc.pid, int(_activated_node_id(log) or 0), port, state_dir, log)
+
+
+def stop_merchant(state_dir: str | Path, timeout: float = 10.0) -> bool:
+    """Stop the SuperNode started for ``state_dir`` by its recorded PID; False when it was not running."""
+    return stop_recorded(supernode_dir(state_dir) / "supernode.json", timeout=timeout)
