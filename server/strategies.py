@@ -132,6 +132,9 @@ class ShopStrategy(Strategy):
             raise RuntimeError(f"round {rnd}: only {len(usable)} shop(s) sent a usable update, fewer than "
                                f"min-shops={self.min_shops}; left out: {self._report.left_out or 'none'}. "
                                "Fix: check the shops' logs, or lower min-shops")
+        # A fixed order makes the float sums, and so a resumed run, independent of reply arrival.
+        usable.sort(key=lambda m: (self._shop_of(m, dict(next(iter(m.content.metric_records.values())))),
+                                   m.metadata.src_node_id))
         shared: list[tuple[float, dict[str, np.ndarray]]] = []
         dtypes: dict[str, np.dtype] = {}
         for msg in usable:

@@ -50,7 +50,9 @@ def hash_field(field_name: str, values: pd.Series | np.ndarray, buckets: int) ->
 
 def _row_key(values: np.ndarray, seed: int) -> np.ndarray:
     """A per-row uniform number in [0, 1) fixed by the row's identity and the seed (nested subsets)."""
-    hashed = pd.util.hash_array(np.asarray(values, dtype=object), hash_key=f"fedshop{seed:08d}"[:16])
+    # pandas needs a hash key of exactly 16 bytes; derive one from the seed so every seed gets its own.
+    key16 = f"{hash_int(f'fedshop-rows-{seed}') % 10**16:016d}"
+    hashed = pd.util.hash_array(np.asarray(values, dtype=object), hash_key=key16)
     return (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
@@ -111,7 +113,7 @@ class ShopTensors:
     n_ctx_num: int  # numeric context columns (local projection)
     item_cat: torch.Tensor  # (I, F_item) hashed shared fields
     item_key: torch.Tensor  # (I,) global product key bucket (0 = none)
-    item_num: torch.Tensor  # (I, 2) normalised log price, has-price flag
+    item_num: torch.Tensor  # (I, 3) normalised log price, has-price flag, price relative to its category
     user_cat: torch.Tensor  # (U, F_user)
     catalog: torch.Tensor  # item indices eligible for ranking
     rows: dict[str, dict[str, torch.Tensor]]  # split -> impression rows (user, item, hist, ctx_cat, ctx_num, labels)
@@ -168,7 +170,7 @@ def _item_features(shop: ShopData, items_vocab: pd.Index, cfg: FeatureConfig):
     n = len(items_vocab) + 1
     item_cat = np.zeros((n, 3), dtype=np.int64)
     item_key = np.zeros(n, dtype=np.int64)
-    item_num = np.zeros((n, 2), dtype=np.float32)
+    item_num = np.zeros((n, 3), dtype=np.float32)
     items = shop.items
     if items is None or not len(items):
         return item_cat, item_key, item_num
@@ -198,6 +200,11 @@ def _item_features(shop: ShopData, items_vocab: pd.Index, cfg: FeatureConfig):
         mu, sd = (logp[has].mean(), logp[has].std() + 1e-6) if has.any() else (0.0, 1.0)
         item_num[idx, 0] = np.where(has, (logp - mu) / sd, 0.0)
         item_num[idx, 1] = has.astype(np.float32)
+        if "category" in items:
+            # Price relative to the item's category in this shop: what a shopper compares against.
+            cat_mean = pd.Series(np.where(has, logp, np.nan)).groupby(items["category"].astype(str).to_numpy()
+                                                                       ).transform("mean").to_numpy()
+            item_num[idx, 2] = np.where(has, (logp - np.nan_to_num(cat_mean)) / sd, 0.0)
     return item_cat, item_key, item_num
 
 

@@ -31,6 +31,8 @@ class ModelConfig:
     expert_dim: int = 64  # width of each expert's output
     tower_dim: int = 32  # hidden width of each local task tower
     dropout: float = 0.0  # dropout inside experts and towers
+    id_dropout: float = 0.8  # training-time share of rows whose ID/product-key embeddings are zeroed, so
+    # sparse IDs (a few impressions each) cannot memorise labels and side fields carry what generalises
     weighting: str = "uncertainty"  # multi-task loss weighting: fixed | uncertainty | gradnorm | dwa
 
 
@@ -59,7 +61,7 @@ class SharedEncoder(nn.Module):
         d = cfg.embed_dim
         self.fields = nn.Embedding(fcfg.hash_buckets, d, padding_idx=0)
         self.products = nn.Embedding(fcfg.product_buckets, d, padding_idx=0)
-        self.price = nn.Linear(2, d)
+        self.price = nn.Linear(3, d)
         self.item_tower = _mlp([3 * d, 2 * d, d])
         self.user_tower = _mlp([2 * d, 2 * d, d])
         self.ctx_tower = _mlp([d, d])
@@ -75,9 +77,12 @@ class SharedEncoder(nn.Module):
                 emb.weight[0].zero_()
 
     def items(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
-              item_id_emb: torch.Tensor) -> torch.Tensor:
+              item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Item vectors (I, d) from shared side fields, the product key and the local ID embedding."""
-        x = torch.cat([_pool(self.fields, item_cat), self.products(item_key) + item_id_emb, self.price(item_num)], -1)
+        ids = self.products(item_key) + item_id_emb
+        if id_keep is not None:
+            ids = ids * id_keep
+        x = torch.cat([_pool(self.fields, item_cat), ids, self.price(item_num)], -1)
         return self.item_tower(x)
 
     def users(self, user_side: torch.Tensor, user_id_emb: torch.Tensor, hist_vec: torch.Tensor) -> torch.Tensor:
@@ -175,19 +180,28 @@ class ShopModel(nn.Module):
         return [k for k in self.local.state_dict() if not k.startswith(VOCAB_BOUND_LOCAL)]
 
     # ---- forward pieces ----------------------------------------------------------------------
+    def _id_keep(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
+        if not self.training or self.cfg.id_dropout <= 0:
+            return None
+        return (torch.rand(n, 1, device=like.device) >= self.cfg.id_dropout).to(like.dtype)
+
     def all_items(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """Item vectors for the given item indices (default: the whole local vocabulary)."""
         if items is None:
-            return self.encoder.items(self.item_cat, self.item_key, self.item_num, self.local.item_ids.weight)
-        return self.encoder.items(self.item_cat[items], self.item_key[items], self.item_num[items],
-                                  self.local.item_ids(items))
+            w = self.local.item_ids.weight
+            return self.encoder.items(self.item_cat, self.item_key, self.item_num, w, self._id_keep(len(w), w))
+        emb = self.local.item_ids(items)
+        return self.encoder.items(self.item_cat[items], self.item_key[items], self.item_num[items], emb,
+                                  self._id_keep(len(emb), emb))
 
     def user_vectors(self, user: torch.Tensor, hist: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
         """User vectors (B, d): side fields, ID embedding, and the mean of the history's item vectors."""
         mask = (hist > 0).unsqueeze(-1).float()  # (B, L, 1)
         hist_vec = (item_table[hist] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         side = _pool(self.encoder.fields, self.user_cat[user])
-        return self.encoder.users(side, self.local.user_ids(user), hist_vec)
+        ids = self.local.user_ids(user)
+        keep = self._id_keep(len(ids), ids)
+        return self.encoder.users(side, ids if keep is None else ids * keep, hist_vec)
 
     def impression_logits(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-task logits on impression rows: {'ctr': (B,), 'cvr': (B,)} for the tasks the shop has."""

@@ -78,8 +78,8 @@ def test_two_rounds_survive_a_merchant_crash_with_state_intact(federation: Loopb
     result: dict[str, object] = {}
 
     def run() -> None:
-        result["outcome"], result["metrics"] = _run(federation, "crash", **{"num-server-rounds": 2,
-                                                                            "pause-after-round-1": 8.0})
+        result["outcome"], result["metrics"] = _run(federation, "crash", **{"num-server-rounds": 3,
+                                                                            "pause-seconds": 6.0})
 
     worker = threading.Thread(target=run)
     worker.start()
@@ -92,7 +92,7 @@ def test_two_rounds_survive_a_merchant_crash_with_state_intact(federation: Loopb
     stop_pid(victim.pid, sig=signal.SIGKILL, timeout=5)  # a crash, not a clean stop
     assert not pid_alive(victim.pid)
     assert rounds_trained(federation, "shop-a") == 1
-    restarted = federation.start("shop-a")
+    restarted = federation.start("shop-a", retry_for=90)  # the SuperLink releases a crashed node within 60 s
     worker.join(120)
     assert not worker.is_alive()
     outcome, metrics = result["outcome"], result["metrics"]
@@ -100,13 +100,16 @@ def test_two_rounds_survive_a_merchant_crash_with_state_intact(federation: Loopb
     ids = {name: m.node_id for name, m in federation.merchants.items()}
     assert restarted.node_id == victim.node_id  # same key, same SuperNode
     assert set(metrics["shop"]) == set(ids.values()) and len(set(ids.values())) == 3
-    assert sorted(metrics["round"].unique()) == [1, 2]
+    assert sorted(metrics["round"].unique()) == [1, 2, 3]
     trained = metrics[metrics["metric"] == "rounds-trained"].pivot(index="shop", columns="round", values="value")
-    assert trained.loc[ids["shop-a"]].tolist() == [1, 2]  # restarted node continued from its saved state
-    assert trained.loc[ids["shop-b"]].tolist() == [6, 7]  # state from an earlier run was picked up
-    assert trained.loc[ids["shop-c"]].tolist() == [1, 2]  # corrupt state replaced by a fresh one
-    restored = metrics[(metrics["metric"] == "restored") & (metrics["round"] == 2)].set_index("shop")["value"]
-    assert restored[ids["shop-a"]] == 1
+    assert trained.loc[ids["shop-b"]].tolist() == [6, 7, 8]  # state from an earlier run was picked up
+    assert trained.loc[ids["shop-c"]].tolist() == [1, 2, 3]  # corrupt state replaced by a fresh one
+    # The crashed node may miss round 2 (its message dies with it); after the restart it continues from
+    # its saved counter instead of starting again at 1.
+    shop_a = trained.loc[ids["shop-a"]].dropna()
+    assert shop_a[1] == 1 and 3 in shop_a.index and shop_a[3] >= 2
+    assert shop_a.is_monotonic_increasing
+    assert rounds_trained(federation, "shop-a") == shop_a[3]
     assert read_record(supernode_dir(federation.state_dir("shop-a")) / "supernode.json").pid == restarted.pid
 
 

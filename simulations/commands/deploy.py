@@ -147,6 +147,8 @@ def merchant_start(
     ca: Path = typer.Option(..., "--ca", help="The coordinator's CA certificate (ca.crt)."),
     key: Path = typer.Option(..., "--key", help="This merchant's SuperNode private key (.key)."),
     port: int = typer.Option(0, "--port", help="Local Runtime API port, distinct per SuperNode on a host; 0 = free."),
+    retry_for: float = typer.Option(0.0, "--retry-for", help="Seconds to keep retrying a refused activation "
+                                    "(after a crash the SuperLink needs up to 60 s to release the node)."),
 ) -> None:
     """Validate the shop, then start `flower-supernode` with TLS and key authentication."""
     from shared.schema import ShopDataError
@@ -154,7 +156,8 @@ def merchant_start(
     from simulations.deploy.processes import ProcessStartError
 
     try:
-        merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, port=port or None)
+        merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, port=port or None,
+                                  retry_for=retry_for)
     except ShopDataError as err:
         typer.secho(f"Shop data rejected, nothing started: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None

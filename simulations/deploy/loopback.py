@@ -30,11 +30,12 @@ class LoopbackFederation:
         """The merchant's state folder (local part, SuperNode files)."""
         return self.root / name / "state"
 
-    def start(self, name: str, *, key: str | None = None, ca: bool = True, validate: bool = True) -> Merchant:
+    def start(self, name: str, *, key: str | None = None, ca: bool = True, validate: bool = True,
+              retry_for: float = 0.0) -> Merchant:
         """Start (or restart) merchant ``name``'s SuperNode, using ``key``'s key pair (default: its own)."""
         merchant = start_merchant(self.shop_dir(name), self.state_dir(name), self.coordinator.address,
                                   ca=self.certs.ca_cert if ca else None, key=self.certs.merchant_keys[key or name][0],
-                                  env=self.env, validate=validate, timeout=30)
+                                  env=self.env, validate=validate, timeout=30, retry_for=retry_for)
         self.merchants[name] = merchant
         return merchant
 

@@ -7,6 +7,7 @@ ClientApp keeps the shop's local part directly in ``<state-dir>``.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from simulations.deploy.processes import (
 )
 
 _NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
+_REFUSED = "Failed to activate SuperNode"
+_RETRY_PAUSE = 5.0
 
 
 @dataclass
@@ -64,12 +67,36 @@ def _activated_node_id(log: Path) -> int | None:
 
 def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
                    key: str | Path, port: int | None = None, isolation: str = "subprocess",
-                   env: dict[str, str] | None = None, validate: bool = True, timeout: float = 60.0) -> Merchant:
+                   env: dict[str, str] | None = None, validate: bool = True, timeout: float = 60.0,
+                   retry_for: float = 0.0) -> Merchant:
     """Validate ``shop_dir``, start the SuperNode and wait until the SuperLink has accepted it.
 
     Raises ShopDataError before anything starts when the data is bad, and ProcessStartError (with the
-    SuperNode's log) when the SuperLink refuses it: unregistered key, untrusted certificate.
+    SuperNode's log) when the SuperLink refuses it: unregistered key, untrusted certificate. After a
+    crash the SuperLink keeps the node "online" until two missed heartbeats (flwr 1.42: up to 60 s) and
+    refuses to activate it again meanwhile; ``retry_for`` seconds of retries cover that window.
     """
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            return _start_once(shop_dir, state_dir, superlink, ca=ca, key=key, port=port, isolation=isolation,
+                               env=env, validate=validate, timeout=timeout)
+        except ProcessStartError as err:
+            if _REFUSED not in str(err):
+                raise
+            if time.monotonic() + _RETRY_PAUSE > deadline:
+                raise ProcessStartError(f"{err}\nThe SuperLink refused this SuperNode: its key is not registered "
+                                        "(fix: `fedshop coordinator register KEY.pub`), or it still counts a "
+                                        "crashed earlier instance as online (fix: retry within about a minute, "
+                                        "or pass --retry-for 90)") from None
+            validate = False  # validated on the first attempt
+            time.sleep(_RETRY_PAUSE)
+
+
+def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
+                key: str | Path, port: int | None, isolation: str, env: dict[str, str] | None, validate: bool,
+                timeout: float) -> Merchant:
+    """One attempt of `start_merchant`."""
     shop_dir, state_dir = Path(shop_dir).resolve(), Path(state_dir).resolve()
     if validate:
         validate_shop(shop_dir)

@@ -121,10 +121,32 @@ def _is_same_process(record: ProcessRecord) -> bool:
     return any(Path(part.decode(errors="replace")).name.encode() == exe for part in cmdline[:2])
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of all processes below ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def stop_pid(pid: int, *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> bool:
-    """Signal the process group led by ``pid``, escalate to SIGKILL after ``timeout``; True if it was running."""
+    """Signal the process group led by ``pid``, escalate to SIGKILL after ``timeout``; True if it was running.
+
+    Flower detaches some children into their own session (the SuperLink's SuperExec and the ServerApp
+    it launches), so those are found by parent PID and killed too.
+    """
     if not pid_alive(pid):
         return False
+    below = descendants(pid)
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
@@ -148,6 +170,11 @@ def stop_pid(pid: int, *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> b
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for child in below:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     return True
 
 

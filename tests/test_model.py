@@ -1,0 +1,127 @@
+"""The encoder/local split of ShopModel: what may leave a shop, and that it is the same in every shop."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from shared.features import FeatureConfig, ShopTensors
+from shared.model import ModelConfig, ShopModel, build_model
+
+
+def _tensor_ids(module: torch.nn.Module) -> set[int]:
+    """Storage pointers of every parameter and buffer of a module."""
+    return {t.data_ptr() for t in [*module.parameters(), *module.buffers()] if t.numel()}
+
+
+def test_encoder_state_holds_nothing_local(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                           tiny_features: FeatureConfig) -> None:
+    model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    # By identity: no encoder tensor is (or shares storage with) a local parameter.
+    local_ptrs = _tensor_ids(model.local)
+    encoder_live = {**dict(model.encoder.named_parameters()), **dict(model.encoder.named_buffers())}
+    assert not {t.data_ptr() for t in encoder_live.values() if t.numel()} & local_ptrs
+    local_params = set(map(id, model.local.parameters()))
+    assert not local_params & set(map(id, model.encoder.parameters()))
+    # Every trainable parameter is in exactly one half: the split is the whole model.
+    assert local_params | set(map(id, model.encoder.parameters())) == set(map(id, model.parameters()))
+    # The local part holds the user and local item ID embeddings and every task head.
+    assert model.local.user_ids.weight.shape[0] == largest_shop.n_users
+    assert model.local.item_ids.weight.shape[0] == largest_shop.n_items
+    assert set(model.local.towers) == {"ctr", "cvr", "sales"}
+    # By shape: nothing the shop sends is sized by its user or item vocabulary.
+    state = model.encoder_state()
+    assert state, "encoder_state() is empty"
+    vocab_sizes = {largest_shop.n_users, largest_shop.n_items}
+    for key, tensor in state.items():
+        assert tensor.dim() == 0 or tensor.shape[0] not in vocab_sizes, f"{key} {tuple(tensor.shape)}"
+    # The copy sent away is detached from the live weights.
+    assert not {t.data_ptr() for t in state.values() if t.numel()} & _tensor_ids(model)
+    assert all(not t.requires_grad for t in state.values())
+
+
+def test_encoder_keys_and_shapes_identical_across_shops(tiny_tensors: dict[str, ShopTensors],
+                                                        id_only_shop: ShopTensors, largest_shop: ShopTensors,
+                                                        tiny_model_cfg: ModelConfig,
+                                                        tiny_features: FeatureConfig) -> None:
+    ranking_only = replace(largest_shop, tasks=["ranking"])
+    shops = [*tiny_tensors.values(), ranking_only]
+    assert len({t.n_users for t in shops}) >= 3, "fixture shops should differ in vocabulary size"
+    assert id_only_shop in shops
+    models = [build_model(t, tiny_model_cfg, tiny_features, seed=0) for t in shops]
+    reference = {k: tuple(v.shape) for k, v in models[0].encoder_state().items()}
+    for t, m in zip(shops, models, strict=True):
+        assert {k: tuple(v.shape) for k, v in m.encoder_state().items()} == reference, t.name
+    # The local parts do differ: their shapes follow each shop's vocabulary and tasks.
+    local_shapes = [{k: tuple(v.shape) for k, v in m.local_state().items()} for m in models]
+    assert all(local_shapes[i] != local_shapes[0] for i in range(1, len(shops)))
+
+
+def test_load_encoder_state_round_trip_between_shops(largest_shop: ShopTensors, id_only_shop: ShopTensors,
+                                                     tiny_model_cfg: ModelConfig,
+                                                     tiny_features: FeatureConfig) -> None:
+    sender = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=1)
+    receiver = build_model(id_only_shop, tiny_model_cfg, tiny_features, seed=2)
+    sent = sender.encoder_state()
+    local_before = receiver.local_state()
+    assert any(not torch.equal(sent[k], v) for k, v in receiver.encoder_state().items())
+    receiver.load_encoder_state({k: v.numpy() for k, v in sent.items()})  # arrive as NumPy over Flower
+    got = receiver.encoder_state()
+    assert got.keys() == sent.keys() and all(torch.equal(got[k], sent[k]) for k in sent)
+    after = receiver.local_state()
+    assert all(torch.equal(after[k], local_before[k]) for k in local_before), "loading touched the local part"
+
+
+def test_load_encoder_state_is_strict(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                      tiny_features: FeatureConfig) -> None:
+    model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    state = model.encoder_state()
+    missing = dict(list(state.items())[1:])
+    for bad in (missing, {**state, "local.user_ids.weight": torch.zeros(3, 8)}):
+        try:
+            model.load_encoder_state(bad)
+        except RuntimeError:
+            continue
+        raise AssertionError("load_encoder_state accepted a state with wrong keys")
+
+
+def test_local_state_round_trip(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                tiny_features: FeatureConfig) -> None:
+    a = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    b = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=5)
+    b.load_local_state(a.local_state())
+    assert all(torch.equal(v, a.local_state()[k]) for k, v in b.local_state().items())
+    # Vocabulary-bound keys are never in the list FedAvg-all may average.
+    shareable = set(a.shareable_local_keys())
+    vocab_sizes = {largest_shop.n_users, largest_shop.n_items}
+    for key, value in a.local_state().items():
+        if value.dim() and value.shape[0] in vocab_sizes:
+            assert key not in shareable, key
+
+
+def test_encoder_init_depends_only_on_seed(largest_shop: ShopTensors, id_only_shop: ShopTensors,
+                                           tiny_model_cfg: ModelConfig, tiny_features: FeatureConfig) -> None:
+    def encoder(t: ShopTensors, seed: int, cfg: ModelConfig = tiny_model_cfg) -> dict[str, torch.Tensor]:
+        return build_model(t, cfg, tiny_features, seed=seed).encoder_state()
+
+    a = encoder(largest_shop, 3)
+    torch.manual_seed(12345)  # global RNG state before the call must not matter
+    b = encoder(id_only_shop, 3, replace(tiny_model_cfg, tower_dim=4, weighting="uncertainty"))
+    c = encoder(largest_shop, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a), "same seed, different shop -> different encoder"
+    assert any(not torch.equal(a[k], c[k]) for k in a), "different seeds gave the same encoder"
+
+
+def test_forward_shapes(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                        tiny_features: FeatureConfig) -> None:
+    model: ShopModel = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    rows = {k: v[:7] for k, v in largest_shop.rows["train"].items()}
+    items = model.all_items()
+    assert items.shape == (largest_shop.n_items, tiny_model_cfg.embed_dim)
+    logits = model.impression_logits(rows, items)
+    assert set(logits) == {"ctr", "cvr"} and all(v.shape == (7,) for v in logits.values())
+    scores = model.ranking_scores(rows["user"], rows["hist"], torch.arange(5), items)
+    assert scores.shape == (7, 5)
+    sales = {k: v[:4] for k, v in largest_shop.sales["train"].items()}
+    assert model.sales_log_rate(sales, items).shape == (4,)
