@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared.atomic import atomic_write_text
 from simulations.deploy.coordinator import submit_run
 from simulations.deploy.loopback import loopback_federation
 
@@ -98,7 +99,7 @@ def main() -> None:
               "loadavg": os.getloadavg()[0], "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out = ROOT / "benchmarks" / "results" / "deployment_latency.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 

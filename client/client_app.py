@@ -6,6 +6,7 @@ leak guard (`client.leak_guard`), an app-wide mod.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Any
@@ -21,6 +22,7 @@ from shared.model import ShopModel
 from shared.train import evaluate_shop, train_shop
 
 app = ClientApp(mods=[leak_guard])
+logger = logging.getLogger(__name__)
 
 
 def _config(msg: Message, context: Context) -> dict[str, Any]:
@@ -42,7 +44,8 @@ def _prepare(msg: Message, context: Context) -> tuple[Shop, ShopModel, dict[str,
     model = shop.model()
     received = dict(next(iter(msg.content.array_records.values())).to_torch_state_dict())
     model.load_encoder_state({k: v for k, v in received.items() if not k.startswith(LOCAL_PREFIX)})
-    restore_local_part(model, context, shop.state_dir)
+    source = restore_local_part(model, context, shop.state_dir)
+    logger.debug("shop %s: local part restored from %s", shop.name, source)
     if config.get("share") == "all-shareable":  # FedAvg-all baseline: averaged heads replace local ones
         own = model.local.state_dict()
         shared = {k[len(LOCAL_PREFIX):]: v for k, v in received.items() if k.startswith(LOCAL_PREFIX)}

@@ -59,8 +59,8 @@ class SecAggSettings:
                                   quantization_range=int(self.quantization_range),
                                   timeout=self.timeout or None)
 
-    def quantisation_step(self, n_shops: int) -> float:
-        """Worst-case absolute rounding error SecAgg+ adds to one averaged weight (one quantum per shop)."""
+    def quantisation_step(self) -> float:
+        """One quantum: stochastic rounding moves each shop's value, hence the mean, by less than this."""
         return 2 * self.clipping_range / self.quantization_range
 
 
@@ -134,7 +134,6 @@ def run_secure_federation(grid: Grid, context: Context, settings: FederationSett
     if initial is None:
         initial = {k: a.numpy() for k, a in initial_encoder(scenario).items()}
     keys = list(initial)
-    n_shops = max(len(list(grid.get_node_ids())), settings.min_shops)
 
     @functools.cache
     def names() -> list[str]:
@@ -158,7 +157,7 @@ def run_secure_federation(grid: Grid, context: Context, settings: FederationSett
         keys=keys, run_dir=run_dir, method=settings.method,
         shop_name=lambda i: names()[i] if 0 <= i < len(names()) else f"shop-{i}", eval_split=split_of,
         fraction_fit=settings.fraction_train, fraction_evaluate=1.0, min_fit_clients=max(2, settings.min_shops),
-        min_evaluate_clients=max(2, settings.min_shops), min_available_clients=n_shops,
+        min_evaluate_clients=max(2, settings.min_shops), min_available_clients=max(2, settings.min_shops),
         initial_parameters=Parameters(tensors=[], tensor_type=""),
         on_fit_config_fn=client_config, on_evaluate_config_fn=client_config,
         fit_metrics_aggregation_fn=lambda _: {}, evaluate_metrics_aggregation_fn=lambda _: {},

@@ -48,6 +48,8 @@ import tomli_w
 
 from shared.atomic import atomic_write_parquet, atomic_write_text
 
+SALES_WEEKLY_AFTER_DAYS = 180  # derived sales use weekly periods beyond this log span
+SALES_TAIL_PERIODS = 8  # zero periods kept after an item's last sale
 EVENTS = ("impression", "click", "cart", "purchase")
 TASKS = ("ctr", "cvr", "ranking", "sales")
 
@@ -639,20 +641,37 @@ def _load_sales(path: Path, mapping: dict[str, str]) -> tuple[pd.DataFrame, list
 
 
 def derive_sales(interactions: pd.DataFrame) -> pd.DataFrame:
-    """Daily units per item from purchases; bought items get zero rows on the shop's other days."""
-    day = interactions["timestamp"] // SECONDS_PER_DAY
+    """Units per item and period from purchases, for shops that supply no sales table.
+
+    Periods are days, or weeks (``day`` = the week's first day) when the log spans more than
+    SALES_WEEKLY_AFTER_DAYS. Zero rows fill each item's periods from its first sale to a few periods
+    after its last one, not the whole log: long logs of rarely sold items would otherwise explode
+    (14 years of Amazon ratings gave 46M daily rows).
+    """
+    day = (interactions["timestamp"] // SECONDS_PER_DAY).astype("int64")
     bought = interactions["purchased"] == 1
     if not bought.any():
         return pd.DataFrame({"item_id": pd.Series(dtype=str), "day": pd.Series(dtype="int32"),
                              "units": pd.Series(dtype="float32"), "promo": pd.Series(dtype="int8")})
+    width = 7 if day.max() - day.min() > SALES_WEEKLY_AFTER_DAYS else 1
+    # Weeks start on Monday (day 0 of the epoch was a Thursday).
+    period = (day - ((day + 3) % 7)) // 7 if width == 7 else day
     units = interactions.loc[bought, "quantity"].astype("float64").groupby(
-        [interactions.loc[bought, "item_id"], day[bought]]).sum()
-    items = np.sort(units.index.get_level_values(0).unique().to_numpy())
-    full = pd.MultiIndex.from_product([items, np.arange(day.min(), day.max() + 1)], names=["item_id", "day"])
-    units = units.rename_axis(["item_id", "day"]).reindex(full, fill_value=0.0).reset_index(name="units")
-    return pd.DataFrame({"item_id": units["item_id"].astype(str), "day": units["day"].astype("int32"),
-                         "units": units["units"].astype("float32"),
-                         "promo": np.zeros(len(units), dtype="int8")})
+        [interactions.loc[bought, "item_id"].to_numpy(), period[bought].to_numpy()]).sum()
+    units.index.names = ["item_id", "period"]
+    span = units.reset_index().groupby("item_id")["period"].agg(["min", "max"])
+    last = int(period.max())
+    stop = np.minimum(span["max"].to_numpy() + SALES_TAIL_PERIODS, last)
+    lengths = (stop - span["min"].to_numpy() + 1).astype(np.int64)
+    item = np.repeat(span.index.to_numpy(), lengths)
+    offset = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    per = np.repeat(span["min"].to_numpy(), lengths) + offset
+    full = pd.MultiIndex.from_arrays([item, per], names=["item_id", "period"])
+    filled = units.reindex(full, fill_value=0.0).reset_index(name="units")
+    first_day = filled["period"] * 7 + 4 if width == 7 else filled["period"]  # Monday of the week
+    return pd.DataFrame({"item_id": filled["item_id"].astype(str), "day": first_day.astype("int32"),
+                         "units": filled["units"].astype("float32"),
+                         "promo": np.zeros(len(filled), dtype="int8")})
 
 
 def _check_known(ids: pd.Series, known: pd.Series, path: Path, col: str, other: Path) -> None:

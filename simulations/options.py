@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from shared.scenario import Scenario, ScenarioError, load_scenario
 from shared.schema import ShopDataError
@@ -33,5 +34,6 @@ def scenario_or_exit(name: str, overrides: dict[str, Any] | None = None) -> Scen
         scenario.shops()
         return scenario
     except (ScenarioError, ShopDataError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        # Escaped: messages name TOML tables like "[model]", which Rich would otherwise eat as markup.
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc

@@ -17,15 +17,45 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+import numpy as np
+import tomli_w
+import torch
+import torch.nn.functional as F
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+from client.secure_client import make_secure_app
+from server.checkpoint import latest_checkpoint
+from server.secure import SecAggSettings, run_secure_federation
+from server.server_app import FederationSettings
+from shared.atomic import atomic_write_text
+from shared.features import ShopTensors, build_shop_tensors
+from shared.model import ShopModel, build_model
+from shared.privacy.accounting import ShopAccountant
+from shared.privacy.attacks import (
+    dp_violations,
+    evaluate_attack,
+    loss_threshold_scores,
+    per_user_mean,
+    product_leakage,
+    property_inference,
+    reference_model_scores,
+)
+from shared.privacy.dpsgd import DPSGDConfig, privacy_report, train_dpsgd
+from shared.scenario import Scenario, load_scenario
+from shared.schema import ShopData
+from shared.train import train_shop
 
 logger = logging.getLogger(__name__)
 
@@ -130,4 +160,284 @@ def nodes(n: int) -> dict[int, dict]:
     return {101 + i: {"partition-id": i} for i in range(n)}
 
 
-_ = itertools  # reserved for the evaluation grid below
+
+# ============================================================================= evaluation settings
+@dataclass
+class PrivacyEvalConfig:
+    """Sizes of the privacy evaluation; `small()` is what the tests use."""
+
+    n_property_shops: int = 50  # small synthetic shops for property inference (>= 50 for the report)
+    property_steps: int = 10  # local optimiser steps per shop update (one short round)
+    mia_users: int = 0  # users of the attacked shop used (0 = all); split into members/non-members/reference
+    overfit_epochs: int = 30  # positive control: many epochs, no regularisation
+    normal_epochs: int = 1
+    reference_models: int = 2  # offline LiRA reference (OUT) models
+    dpsgd_noise: float = 1.0  # user-level DP-SGD on the attacked shop
+    dpsgd_sample_rate: float = 0.05
+    dpsgd_rounds: int = 10  # DP-SGD rounds; each ceil(1/q) steps
+    central_noise: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)  # central DP noise multipliers (0 = no DP)
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+    rounds: int = 3  # federated rounds per privacy-utility point
+    secagg: bool = True  # also measure the SecAgg+ rows
+    seed: int = 0
+
+    @classmethod
+    def small(cls) -> PrivacyEvalConfig:
+        """A few seconds' worth: for tests and smoke runs."""
+        return cls(n_property_shops=20, property_steps=2, mia_users=150, overfit_epochs=15, reference_models=1,
+                   dpsgd_rounds=2, central_noise=(0.0, 1.0), rounds=1)
+
+
+# Small model and hash spaces: privacy evaluations train many models; the attacks need no big ones.
+EVAL_OVERRIDES = {"features.hash_buckets": 2048, "features.product_buckets": 4096, "model.embed_dim": 8,
+                  "model.expert_dim": 16, "model.tower_dim": 8, "model.n_experts": 2}
+
+
+def property_world_overrides(n_shops: int) -> dict:
+    """Many small synthetic shops of similar size (the property, not the size, should drive updates)."""
+    return {**EVAL_OVERRIDES, "data.source": "synthetic", "data.synthetic.n_shops": n_shops,
+            "data.synthetic.n_late_joiners": 0, "data.synthetic.n_small_shops": 0,
+            "data.synthetic.max_impressions": 3000, "data.synthetic.min_impressions": 1500,
+            "data.synthetic.days": 30}
+
+
+# ============================================================================= helpers over shops
+def dominant_category(shop: ShopData) -> str:
+    """The top-level category with most impressions in a shop (the property a curious coordinator guesses)."""
+    if shop.items is None or "category" not in shop.items:
+        return "unknown"
+    cats = shop.interactions[["item_id"]].merge(shop.items[["item_id", "category"]], on="item_id", how="left")
+    return str(cats["category"].fillna("").str.split(">").str[0].mode().iloc[0])
+
+
+def write_eval_scenario(name: str, overrides: dict, path: Path) -> Path:
+    """Resolve a scenario with overrides and save it as TOML, so Flower clients load the same shops by path."""
+    scenario = load_scenario(name, overrides)
+    atomic_write_text(path, tomli_w.dumps(scenario.raw))
+    return path
+
+
+def encoder_arrays(model: ShopModel) -> dict[str, np.ndarray]:
+    """The encoder as numpy arrays (float64 for exact differences)."""
+    return {k: v.numpy().astype(np.float64) for k, v in model.encoder_state().items()}
+
+
+def shop_updates(scenario: Scenario, shops: list[ShopData], *, steps: int, seed: int
+                 ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]], list[ShopTensors]]:
+    """Each shop's individual encoder update after one short local round from the same initial encoder."""
+    initial: dict[str, np.ndarray] | None = None
+    updates, tensors = [], []
+    for shop in shops:
+        t = build_shop_tensors(shop, scenario.features)
+        model = build_model(t, scenario.model, scenario.features, seed=scenario.seed)
+        before = encoder_arrays(model)
+        initial = initial or before
+        train_shop(model, t, replace(scenario.train, epochs=1, max_steps=steps, seed=seed))
+        updates.append({k: v - before[k] for k, v in encoder_arrays(model).items()})
+        tensors.append(t)
+    assert initial is not None, "no shops"
+    return initial, updates, tensors
+
+
+def flat(update: Mapping[str, np.ndarray]) -> np.ndarray:
+    """One vector per update (keys in a fixed order)."""
+    return np.concatenate([np.asarray(update[k]).ravel() for k in sorted(update)])
+
+
+def clip_update(update: Mapping[str, np.ndarray], norm: float) -> dict[str, np.ndarray]:
+    """Scale an update to L2 norm <= ``norm`` (what `fixedclipping_mod` does on the shop)."""
+    total = float(np.sqrt(sum(float((v ** 2).sum()) for v in update.values())))
+    scale = min(1.0, norm / max(total, 1e-12))
+    return {k: v * scale for k, v in update.items()}
+
+
+def sold_product_rows(tensors: ShopTensors) -> set[int]:
+    """Global-product buckets of the items this shop showed in its training rows."""
+    items = torch.unique(tensors.rows["train"]["item"])
+    keys = tensors.item_key[items]
+    return {int(k) for k in keys[keys > 0]}
+
+
+def payload_values(content: RecordDict) -> dict[str, object]:
+    """Every key and value of a message, flattened, for ID scanning (arrays as raw bytes)."""
+    out: dict[str, object] = {}
+    for name, rec in content.array_records.items():
+        for k, a in rec.items():
+            out[f"{name}/{k}"] = a.numpy()
+    for name, rec in itertools.chain(content.metric_records.items(), content.config_records.items()):
+        for k, v in rec.items():
+            out[f"{name}/{k}"] = b"".join(v) if isinstance(v, list) and v and isinstance(v[0], bytes) else v
+    return out
+
+
+class ReplayShop(NumPyClient):
+    """Sends a precomputed update through SecAgg+: the coordinator's view of real updates, without retraining."""
+
+    def __init__(self, context: Context, initial: list[np.ndarray], updates: list[list[np.ndarray]]) -> None:
+        self.index = int(context.node_config["partition-id"])
+        self.initial, self.updates = initial, updates
+
+    def fit(self, parameters, config):
+        return [(a + u).astype(np.float32) for a, u in zip(self.initial, self.updates[self.index], strict=True)], 1, {}
+
+    def evaluate(self, parameters, config):
+        return 0.0, 1, {}
+
+
+def secagg_view(initial: Mapping[str, np.ndarray], updates: list[Mapping[str, np.ndarray]], run_dir: Path,
+                secagg: SecAggSettings | None = None) -> tuple[list[np.ndarray], dict[str, np.ndarray], float]:
+    """Run one SecAgg+ round over ``updates``: (per-shop vectors the coordinator got, the aggregate, seconds)."""
+    keys = sorted(initial)
+    init = [np.asarray(initial[k], np.float32) for k in keys]
+    ups = [[np.asarray(u[k]) for k in keys] for u in updates]
+    app = make_secure_app(lambda ctx: ReplayShop(ctx, init, ups).to_client())
+    grid = LoopbackGrid(app, nodes(len(updates)))
+    settings = FederationSettings(num_server_rounds=1, run_dir=str(run_dir), min_shops=2, method="secagg-view")
+    start = time.perf_counter()
+    run_secure_federation(grid, Context(1, 0, {}, RecordDict(), {}), settings, secagg or SecAggSettings(),
+                          initial=dict(zip(keys, init, strict=True)), shop_names=[f"shop-{i}" for i in range(len(ups))])
+    seconds = time.perf_counter() - start
+    views: dict[int, np.ndarray] = {}
+    for r in grid.received:
+        cfg = r.content.config_records.get("secaggplus_configs") if r.content is not None else None
+        if cfg is not None and "masked_params" in cfg:
+            views[r.node_id] = np.concatenate([bytes_to_ndarray(b).ravel() for b in cfg["masked_params"]])
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None, "SecAgg+ round produced no aggregate"
+    return [views[n].astype(np.float64) for n in sorted(views)], ckpt.arrays, seconds
+
+
+# ============================================================================= property inference + product leakage
+def property_and_product_leakage(cfg: PrivacyEvalConfig, run_dir: Path, base: str = "default") -> dict[str, object]:
+    """Property inference and product-row leakage over many small shops: plain, SecAgg+, central DP."""
+    scenario = load_scenario(base, property_world_overrides(cfg.n_property_shops))
+    shops = scenario.training_shops()
+    labels = np.array([dominant_category(s) for s in shops])
+    initial, updates, tensors = shop_updates(scenario, shops, steps=cfg.property_steps, seed=cfg.seed)
+    keep = np.isin(labels, [c for c, n in zip(*np.unique(labels, return_counts=True), strict=True) if n >= 3])
+    out: dict[str, object] = {"n_shops": len(shops), "property": "dominant top-level category",
+                              "classes": sorted(set(labels[keep].tolist())), "n_shops_scored": int(keep.sum())}
+    x_plain = np.stack([flat(u) for u in updates])
+    out["auc_plain"] = property_inference(x_plain[keep], labels[keep], seed=cfg.seed)
+    clipped = [clip_update(u, cfg.clipping_norm) for u in updates]
+    # Central DP adds noise to the *aggregate* only: the coordinator still sees each clipped update.
+    out["auc_central_dp"] = property_inference(np.stack([flat(u) for u in clipped])[keep], labels[keep], seed=cfg.seed)
+    views, aggregate, _ = secagg_view(initial, updates, run_dir / "secagg-view")
+    out["auc_secagg"] = property_inference(np.stack(views)[keep], labels[keep], seed=cfg.seed)
+
+    key = "products.weight"
+    init = initial[key]
+    rng = np.random.default_rng(cfg.seed)
+    rows = []
+    for noise in sorted({z for z in cfg.central_noise if z > 0} | {1.0}):
+        std = noise * cfg.clipping_norm / len(updates)
+        noisy = np.mean([c[key] for c in clipped], axis=0) + rng.normal(0, std, init.shape)
+        rows.append((f"central DP z={noise}", noisy))
+    leak: dict[str, dict[str, float]] = {}
+    views_by = {"none (individual update)": None, "SecAgg+ (aggregate only)": aggregate[key] - init,
+                **dict(rows)}
+    for name, shared_view in views_by.items():
+        rec, prec = [], []
+        for t, u in zip(tensors, updates, strict=True):
+            sold = sold_product_rows(t)
+            seen = u[key] if shared_view is None else shared_view
+            # SecAgg+ quantisation moves untouched rows by < one quantum: ignore changes below it.
+            res = product_leakage(init, init + seen, sold, tol=SecAggSettings().quantisation_step())
+            rec.append(res["recall"])
+            prec.append(res["precision"])
+        leak[name] = {"recall": float(np.mean(rec)), "precision": float(np.mean(prec))}
+    out["product_leakage"] = leak
+    return out
+
+
+# ============================================================================= membership inference
+def restrict_users(tensors: ShopTensors, users: np.ndarray) -> ShopTensors:
+    """The shop's tensors with training rows of ``users`` only (no sales rows: they pool every user)."""
+    rows = tensors.rows["train"]
+    mask = torch.isin(rows["user"], torch.as_tensor(users))
+    return replace(tensors, rows={**tensors.rows, "train": {k: v[mask] for k, v in rows.items()}}, sales=None,
+                   tasks=[t for t in tensors.tasks if t != "sales"])
+
+
+def impression_row_loss(model: ShopModel, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-row loss of the impression tasks (CTR BCE, plus CVR BCE on clicked rows): (n,)."""
+    item_table = model.all_items()
+    logits = model.impression_logits(rows, item_table)
+    loss = torch.zeros(rows["user"].shape[0])
+    if "ctr" in logits:
+        loss = loss + F.binary_cross_entropy_with_logits(logits["ctr"], rows["clicked"], reduction="none")
+    if "cvr" in logits:
+        cvr = F.binary_cross_entropy_with_logits(logits["cvr"], rows["purchased"], reduction="none")
+        loss = loss + cvr * rows["clicked"]
+    return loss
+
+
+@torch.no_grad()
+def user_losses(model: ShopModel, tensors: ShopTensors, users: np.ndarray) -> np.ndarray:
+    """Mean training-period loss of each user in ``users`` (members' seen rows, others' unseen rows)."""
+    model.eval()
+    rows = tensors.rows["train"]
+    per_user = per_user_mean(impression_row_loss(model, rows).numpy(), rows["user"].numpy())
+    model.train()
+    return per_user.reindex(users).to_numpy()
+
+
+def train_dpsgd_shop(model: ShopModel, tensors: ShopTensors, dp: DPSGDConfig, rounds: int) -> ShopAccountant:
+    """User-level DP-SGD on a shop's impression tasks; the accountant carries over between rounds."""
+    rows = tensors.rows["train"]
+
+    def unit_loss(m: nn.Module, idx: np.ndarray) -> torch.Tensor:
+        batch = {k: v[torch.as_tensor(idx)] for k, v in rows.items()}
+        return impression_row_loss(m, batch).sum()
+
+    acc = ShopAccountant()
+    for r in range(rounds):
+        state = acc.to_json()  # what the shop keeps in its local state between rounds
+        acc = ShopAccountant.from_json(state)
+        train_dpsgd(model, unit_of_row=rows["user"].numpy(), unit_loss=unit_loss,
+                    cfg=replace(dp, seed=dp.seed + r), accountant=acc)
+    return acc
+
+
+def membership_inference(cfg: PrivacyEvalConfig, scenario: Scenario, shop: ShopData) -> dict[str, object]:
+    """User-level MIA on one shop: overfit (positive control), normal training and user-level DP-SGD."""
+    tensors = build_shop_tensors(shop, scenario.features)
+    users = np.unique(tensors.rows["train"]["user"].numpy())
+    rng = np.random.default_rng(cfg.seed)
+    users = rng.permutation(users)[: cfg.mia_users or len(users)]
+    third = len(users) // 3
+    members, nonmembers, population = users[:third], users[third:2 * third], users[2 * third:]
+    targets = np.concatenate([members, nonmembers])
+    is_member = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
+    member_t = restrict_users(tensors, members)
+
+    def train(epochs: int, seed: int, data: ShopTensors) -> ShopModel:
+        model = build_model(data, scenario.model, scenario.features, seed=seed)
+        train_shop(model, data, replace(scenario.train, epochs=epochs, weight_decay=0.0, seed=seed))
+        return model
+
+    refs = []
+    for k in range(cfg.reference_models):
+        half = rng.permutation(population)[: max(2, len(population) // 2)]
+        refs.append(user_losses(train(cfg.overfit_epochs, 100 + k, restrict_users(tensors, half)), tensors, targets))
+    ref = np.stack(refs)
+    results: dict[str, object] = {"shop": shop.name, "members": len(members), "nonmembers": len(nonmembers)}
+    dp = DPSGDConfig(noise_multiplier=cfg.dpsgd_noise, max_grad_norm=cfg.clipping_norm, unit="user",
+                     sample_rate=cfg.dpsgd_sample_rate, lr=1e-2, delta=cfg.delta, seed=cfg.seed)
+    for mode in ("overfit", "normal", "dpsgd"):
+        if mode == "dpsgd":
+            model = build_model(member_t, scenario.model, scenario.features, seed=cfg.seed)
+            acc = train_dpsgd_shop(model, member_t, dp, cfg.dpsgd_rounds)
+            results["dpsgd_report"] = privacy_report(acc, dp).as_dict()
+        else:
+            model = train(cfg.overfit_epochs if mode == "overfit" else cfg.normal_epochs, cfg.seed, member_t)
+        loss = user_losses(model, tensors, targets)
+        scores = {"loss-threshold": loss_threshold_scores(loss), "offline-LiRA": reference_model_scores(loss, ref)}
+        for name, sc in scores.items():
+            results[f"{mode}/{name}"] = evaluate_attack(name, sc, is_member, seed=cfg.seed)
+        if mode == "dpsgd":
+            eps = results["dpsgd_report"]["epsilon"]
+            results["dp_violations"] = sum(len(dp_violations(sc, is_member, epsilon=eps, delta=cfg.delta))
+                                           for sc in scores.values())
+    return results

@@ -30,11 +30,13 @@ def final_table(rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=["method", "shop", "task", "metric", "value", "round"])
     picks = []
-    for (method, shop, task), grp in df.groupby(["method", "shop", "task"], sort=True):
+    for (_method, _shop, task), grp in df.groupby(["method", "shop", "task"], sort=True):
         metric, higher = PRIMARY[task]
-        val = grp[(grp["split"] == "val") & (grp["metric"] == metric)].dropna(subset=["value"])
-        if val.empty:
-            best_round = grp["round"].max()
+        tested = grp.loc[grp["split"] == "test", "round"].unique()
+        val = grp[(grp["split"] == "val") & (grp["metric"] == metric) & grp["round"].isin(tested)]
+        val = val.dropna(subset=["value"])
+        if val.empty:  # no round has both splits (e.g. test only after the last round): the last tested round
+            best_round = tested.max() if len(tested) else grp["round"].max()
         else:
             best_round = (val.loc[val["value"].idxmax()] if higher else val.loc[val["value"].idxmin()])["round"]
         test = grp[(grp["split"] == "test") & (grp["round"] == best_round)]

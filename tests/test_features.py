@@ -35,7 +35,8 @@ def make_shop(name: str, rows: list[tuple[str, str, int, int]], items: pd.DataFr
 def id_vocab(source: ShopData) -> tuple[np.ndarray, np.ndarray]:
     """Index -> ID for users and items, per the features contract: sorted string IDs from 1, 0 = padding."""
     users = [source.interactions["user_id"]] + ([source.users["user_id"]] if source.users is not None else [])
-    items = [source.interactions["item_id"]] + [f["item_id"] for f in (source.items, source.sales) if f is not None]
+    items = [source.interactions["item_id"]]
+    items += [f["item_id"] for f in (source.items, source.sales) if f is not None]
 
     def vocab(parts: list[pd.Series]) -> np.ndarray:
         return np.r_[["<pad>"], np.sort(pd.concat(parts).astype(str).unique())].astype(object)
@@ -73,7 +74,8 @@ def test_shared_field_value_lands_in_same_bucket_in_two_shops() -> None:
     cfg = FeatureConfig(hash_buckets=512, product_buckets=1024, history_len=3)
     items_a = pd.DataFrame({"item_id": ["a1", "a2"], "category": ["Home>Lamps", "Toys>Cars"],
                             "brand": ["Acme", "Zeta"], "price": [10.0, 3.0], "global_key": ["GTIN-1", None]})
-    items_b = pd.DataFrame({"item_id": ["b0", "b7", "b9"], "category": ["Books>SF", "Home>Lamps", "Toys>Cars"],
+    items_b = pd.DataFrame({"item_id": ["b0", "b7", "b9"],
+                            "category": ["Books>SF", "Home>Lamps", "Toys>Cars"],
                             "brand": ["Orbit", "Other", "Zeta"], "price": [8.0, 99.0, 4.0],
                             "global_key": [None, "GTIN-1", "GTIN-2"]})
     users_a = pd.DataFrame({"user_id": ["u1"], "region": ["north"]})
@@ -206,7 +208,8 @@ def test_subsample_train_is_nested_and_keeps_val_test(largest_shop: ShopTensors,
                 assert torch.equal(full.ranking_eval[split][key], sub.ranking_eval[split][key]), (split, key)
 
 
-def test_subsample_depends_on_seed_and_rejects_bad_fraction(largest_shop: ShopTensors, subsamples: dict) -> None:
+def test_subsample_depends_on_seed_and_rejects_bad_fraction(largest_shop: ShopTensors,
+                                                            subsamples: dict) -> None:
     a, b = _train_index(subsamples[0.25, 0]), _train_index(subsamples[0.25, 1])
     assert a != b and abs(len(a) - len(b)) < 0.1 * len(a)
     for bad in (0.0, -0.1, 1.5):

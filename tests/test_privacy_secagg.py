@@ -59,7 +59,7 @@ def test_aggregate_equals_plain_mean_within_quantisation(tmp_path: Path) -> None
     plain = [np.mean([_update(s, 1)[j] for s in range(n)], axis=0) for j in range(len(SHAPES))]
     err = max(float(np.abs(agg[k] - p).max()) for k, p in zip(SHAPES, plain, strict=True))
     # Stochastic rounding: each shop's value moves by < one quantum, so the mean moves by < one quantum.
-    assert 0 < err < settings.quantisation_step(n)
+    assert 0 < err < settings.quantisation_step()
     assert err < 1e-5
 
 
@@ -96,7 +96,7 @@ def test_round_survives_a_dropout_above_threshold(tmp_path: Path) -> None:
     alive = [s for s in range(n) if s + 101 != dropped]
     plain = [np.mean([_update(s, 1)[j] for s in alive], axis=0) for j in range(len(SHAPES))]
     err = max(float(np.abs(agg[k] - p).max()) for k, p in zip(SHAPES, plain, strict=True))
-    assert err < settings.quantisation_step(n)
+    assert err < settings.quantisation_step()
 
 
 def test_split_config_rejects_unknown_keys() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared.transfer import TransferConfig
@@ -58,7 +59,7 @@ def transfer(
                      workers=workers, transfer_cfg=tcfg,
                      progress=lambda msg: console.print(f"[dim]{time.perf_counter() - started:6.0f}s[/dim] {msg}"))
     except TransferError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     console.print(_targets_table(summary))

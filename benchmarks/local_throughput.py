@@ -1,0 +1,143 @@
+"""Local training throughput: examples per second for each task mix on the default scenario's largest shop.
+
+Runs the production trainer (`shared.train.train_shop`) for a fixed number of optimiser steps per task
+mix (ctr; ctr+cvr; ctr+cvr+ranking; all four) and torch thread count, after a short warm-up. The
+machine is shared, so the 1/5/15-minute load averages are recorded before and after every measurement,
+and CPU time is reported beside wall time (examples per CPU-second is the less load-sensitive figure).
+Prints a Rich table and writes benchmarks/results/local_throughput.json atomically.
+
+    .venv/bin/python benchmarks/local_throughput.py [--steps 300] [--warmup 10] [--threads 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from shared.atomic import atomic_write_text
+from shared.features import ShopTensors, build_shop_tensors
+from shared.model import build_model
+from shared.scenario import Scenario, load_scenario
+from shared.train import train_shop
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "local_throughput.json"
+MIXES: dict[str, list[str]] = {
+    "ctr": ["ctr"],
+    "ctr+cvr": ["ctr", "cvr"],
+    "ctr+cvr+ranking": ["ctr", "cvr", "ranking"],
+    "all four": ["ctr", "cvr", "ranking", "sales"],
+}
+
+
+def rows_per_step(tensors: ShopTensors, tasks: list[str], batch_size: int) -> int:
+    """Training rows one optimiser step reads: a batch from each source the tasks draw on.
+
+    Impressions feed CTR and CVR together, clicked rows feed ranking, sales rows feed sales (see
+    shared/train.py); a source smaller than the batch contributes all its rows.
+    """
+    train = tensors.rows["train"]
+    sizes = {}
+    if {"ctr", "cvr"} & set(tasks):
+        sizes["impressions"] = int(train["user"].shape[0])
+    if "ranking" in tasks:
+        sizes["positives"] = int((train["clicked"] == 1).sum())
+    if "sales" in tasks and tensors.sales is not None:
+        sizes["sales"] = int(tensors.sales["train"]["item"].shape[0])
+    return sum(min(batch_size, n) for n in sizes.values())
+
+
+def largest_shop(scenario: Scenario) -> tuple[str, ShopTensors]:
+    """The training shop with the most interaction rows, as cached tensors."""
+    shop = max(scenario.training_shops(), key=lambda s: len(s.interactions))
+    return shop.name, build_shop_tensors(shop, scenario.features)
+
+
+def measure(scenario: Scenario, tensors: ShopTensors, tasks: list[str], threads: int, steps: int,
+            warmup: int) -> dict[str, Any]:
+    """Time ``steps`` optimiser steps of one task mix at one thread count (after ``warmup`` steps)."""
+    missing = sorted(set(tasks) - set(tensors.tasks))
+    if missing:
+        raise ValueError(f"the shop {tensors.name!r} lacks task(s) {missing}; pick a scenario whose largest "
+                         "shop has every task")
+    torch.set_num_threads(threads)
+    shop = replace(tensors, tasks=list(tasks))
+    model = build_model(shop, scenario.model, scenario.features, seed=scenario.seed)
+    # Many epochs so that max_steps, not the epoch length, ends each call.
+    cfg = replace(scenario.train, epochs=10_000, seed=scenario.seed)
+    train_shop(model, shop, replace(cfg, max_steps=warmup))
+    load_before = os.getloadavg()
+    wall, cpu = time.perf_counter(), time.process_time()
+    train_shop(model, shop, replace(cfg, max_steps=steps))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    load_after = os.getloadavg()
+    examples = steps * rows_per_step(shop, tasks, cfg.batch_size)
+    return {
+        "tasks": list(tasks), "threads": threads, "steps": steps, "examples": examples,
+        "wall_s": wall, "cpu_s": cpu, "examples_per_s": examples / wall, "steps_per_s": steps / wall,
+        "examples_per_cpu_s": examples / cpu, "loadavg_before": list(load_before),
+        "loadavg_after": list(load_after),
+    }
+
+
+def main() -> None:
+    """Run every task mix at every thread count, print the table and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="default", help="scenario name or path (default: default)")
+    parser.add_argument("--steps", type=int, default=300, help="timed optimiser steps per measurement")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each measurement")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts")
+    parser.add_argument("--out", type=Path, default=RESULT, help="JSON result path")
+    args = parser.parse_args()
+
+    console = Console()
+    scenario = load_scenario(args.scenario)
+    start_load = os.getloadavg()
+    name, tensors = largest_shop(scenario)
+    results = []
+    for threads in args.threads:
+        for label, tasks in MIXES.items():
+            console.print(f"[dim]{label}, {threads} thread(s): {args.steps} steps ...[/dim]")
+            result = measure(scenario, tensors, tasks, threads, args.steps, args.warmup)
+            results.append({"mix": label, **result})
+
+    table = Table(title=f"Local training throughput: {scenario.name} / {name} "
+                        f"({tensors.rows['train']['user'].shape[0]} training impressions)")
+    for col in ("tasks", "threads", "rows/step", "steps/s", "examples/s", "examples/CPU-s", "load (1 min)"):
+        table.add_column(col, justify="left" if col == "tasks" else "right")
+    for r in results:
+        table.add_row(r["mix"], str(r["threads"]), str(r["examples"] // r["steps"]),
+                      f"{r['steps_per_s']:.1f}", f"{r['examples_per_s']:,.0f}",
+                      f"{r['examples_per_cpu_s']:,.0f}", f"{r['loadavg_before'][0]:.1f}")
+    console.print(table)
+
+    report = {
+        "benchmark": "local_throughput",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "scenario": scenario.name, "shop": name,
+        "train_impressions": int(tensors.rows["train"]["user"].shape[0]),
+        "n_users": tensors.n_users, "n_items": tensors.n_items,
+        "model": asdict(scenario.model), "batch_size": scenario.train.batch_size,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "loadavg_at_start": list(start_load), "loadavg_at_end": list(os.getloadavg())},
+        "note": "examples = optimiser steps x rows read per step (one batch per task source); the machine is "
+                "shared, so compare examples_per_cpu_s across runs and read wall-clock figures with the load",
+        "results": results,
+    }
+    atomic_write_text(args.out, json.dumps(report, indent=2))
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

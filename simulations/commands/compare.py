@@ -1,0 +1,86 @@
+"""`fedshop compare`: every method on the same splits, seeds and compute budget, with reports and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from simulations.compare import METHODS, Comparison, parse_methods, parse_seeds, run_comparison
+from simulations.options import parse_overrides, scenario_or_exit
+from simulations.report import print_final_table
+from simulations.rundir import new_run_dir
+
+console = Console()
+
+
+def print_headline(comparison: Comparison) -> None:
+    """Rich table: per task, each method's mean, the gap fedshop closes and the shops it leaves worse off."""
+    summary = comparison.summary
+    tasks = summary.get("tasks", {})
+    methods = [m for m in METHODS if any(m in t["mean"] for t in tasks.values())]
+    table = Table(title="compare: test metric, mean over shops" + (" and seeds" if len(summary["seeds"]) > 1 else ""))
+    for col in ["task", "metric", *methods, "gap closed", "worse than local", "small-shop gain"]:
+        table.add_column(col, justify="left" if col in ("task", "metric", "worse than local") else "right")
+    for task, t in tasks.items():
+        gap = f"{t['gap_closed']:.1%}" if t["gap_closed"] is not None else t["gap_status"]
+        worse = ", ".join(f"{w['shop']} {w['margin']:+.4f}" for w in t.get("worse_shops", [])) or "none"
+        gain = (t.get("small_shop_gain") or {}).get(summary["method"])
+        table.add_row(task, t["metric"], *[f"{t['mean'][m]:.4f}" if m in t["mean"] else "-" for m in methods], gap,
+                      worse, f"{gain:+.4f}" if gain is not None else "-")
+    console.print(table)
+    for name, target in (summary.get("targets") or {}).items():
+        value = "-" if target["value"] is None else f"{target['value']:.4f}"
+        mark = "[green]met[/green]" if target["met"] else "[red]not met[/red]"
+        console.print(f"target {name} {target['target']}: {value} {mark}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `compare`."""
+
+    @app.command("compare")
+    def compare(
+        scenario: str = typer.Argument("default", help="scenario name or path to a .toml"),
+        rounds: int | None = typer.Option(None, min=1, help="federation rounds (local/central train rounds x local "
+                                          "epochs epochs); default: the scenario's"),
+        seeds: str | None = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2 (default: the scenario's)"),
+        methods: str = typer.Option(",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)),
+        runs: Path = typer.Option(Path("runs"), help="parent folder of the new run directory"),
+        run_dir: Path | None = typer.Option(None, help="write here instead of <runs>/<scenario>-compare-<time>"),
+        set_: list[str] = typer.Option([], "--set", help="override a scenario key, e.g. --set train.lr=0.001"),
+    ) -> None:
+        """Compare local-only, the centralized oracle, FedAvg of everything shareable and fedshop."""
+        try:
+            chosen = parse_methods(methods)
+            seed_list = parse_seeds(seeds) if seeds is not None else None
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        overrides = parse_overrides(set_)
+        if rounds is not None:
+            overrides["federation.rounds"] = rounds
+        base = scenario_or_exit(scenario, overrides)
+        scenarios = [base] if seed_list is None else [scenario_or_exit(scenario, {**overrides, "seed": s})
+                                                      for s in seed_list]
+        out = run_dir or new_run_dir(runs, f"{base.name}-compare")
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            bars: dict[str, int] = {}
+
+            def progress(label: str, done: int, total: int) -> None:
+                if label not in bars:
+                    bars[label] = bar.add_task(label, total=total)
+                bar.update(bars[label], completed=done)
+
+            def done(method: str, seed: int, seconds: float) -> None:
+                console.print(f"{method} (seed {seed}) finished in {seconds:.0f} s")
+
+            result = run_comparison(scenarios, out, methods=chosen, progress=progress, on_method_done=done,
+                                    config={"overrides": {k: str(v) for k, v in overrides.items()}})
+        mean_final = result.final.groupby(["method", "shop", "task", "metric"], as_index=False)["value"].mean()
+        print_final_table(console, mean_final, title="test metrics at each shop's best validation round")
+        print_headline(result)
+        console.print(f"run directory: [bold]{out}[/bold] (summary.md, summary.json, comparison.csv, plots/)")

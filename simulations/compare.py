@@ -1,0 +1,246 @@
+"""`fedshop compare`: local-only, the centralized oracle, FedAvg-all and fedshop on the same splits and seeds.
+
+Every method gets the same compute budget (rounds x local epochs = epochs of the non-federated
+runs) and the same early-stopping rule (test metric at each shop's best-validation round). The
+headline is the share of the local-to-oracle gap fedshop closes, and which shops end worse than
+they would alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from shared.atomic import atomic_write_csv, atomic_write_text
+from shared.scenario import Scenario
+from simulations.baselines import compute_epochs, run_central, run_local_only
+from simulations.report import PRIMARY
+from simulations.rundir import METRIC_COLUMNS, write_run_info
+from simulations.summary import seeded_final_table, write_run_report
+
+METHODS = ("local", "central", "fedavg-all", "fedshop")
+FEDERATED = ("fedavg-all", "fedshop")
+MIN_GAP = 0.002  # oracle-minus-local gaps smaller than this (in metric units) make gap_closed undefined
+WORSE_TOLERANCE = 0.005  # a shop worse than local-only by more than this fails the "no shop loses" target
+TARGETS = {"gap_closed": 0.70, "max_loss": WORSE_TOLERANCE, "small_shop_gain": 0.02}  # on CTR AUC
+
+Progress = Callable[[str, int, int], None]  # (label, done, total)
+
+
+@dataclass
+class Comparison:
+    """What a comparison produced: metric rows, the final per-shop table, the summary and where they are."""
+
+    run_dir: Path
+    rows: pd.DataFrame  # METRIC_COLUMNS (+ seed when several seeds)
+    final: pd.DataFrame  # method, shop, task, metric, value, round (+ seed)
+    summary: dict[str, Any]
+    small_shops: list[str] = field(default_factory=list)
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"local,fedshop"`` -> a validated, de-duplicated list in the order given."""
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods {text!r}: unknown method(s) {unknown or '(none given)'}. "
+                         f"Fix: a comma-separated subset of {','.join(METHODS)}")
+    return methods
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]; anything that is not a comma-separated list of integers is an error."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--seeds {text!r} is not a list of integers. Fix: e.g. --seeds 0,1,2") from exc
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: give at least one seed, each once. Fix: e.g. --seeds 0,1,2")
+    return seeds
+
+
+def small_shops_of(scenario: Scenario) -> list[str]:
+    """Training shops the data source flags as data-poor (``ShopData.meta['small']``, set by the synthetic world)."""
+    return [s.name for s in scenario.training_shops() if s.meta.get("small")]
+
+
+def run_method(scenario: Scenario, method: str, run_dir: Path, *, progress: Progress | None = None
+               ) -> list[dict[str, Any]]:
+    """Metric rows of one method on one scenario (its seed), with the comparison's compute budget."""
+    epochs = compute_epochs(scenario)
+    if method == "local":
+        return run_local_only(scenario, epochs=epochs, progress=progress)
+    if method == "central":
+        return run_central(scenario, epochs=epochs, progress=progress)
+    if method in FEDERATED:
+        from simulations.federated import run_federated  # Flower and Ray load only when a federation runs
+
+        def on_round(report: Any, total: int) -> None:
+            if progress:
+                progress(method, int(report.server_round), int(total))
+
+        sub = run_federated(scenario, run_dir / f"{method}-seed{scenario.seed}", method=method,
+                            rounds=int(scenario.federation["rounds"]), progress=on_round)
+        frame = pd.read_csv(sub / "metrics.csv")
+        return frame.assign(method=method)[METRIC_COLUMNS].to_dict("records")
+    raise ValueError(f"method {method!r} is unknown. Fix: use one of {METHODS}")
+
+
+def primary_table(final: pd.DataFrame) -> pd.DataFrame:
+    """Primary test metric per (task, shop, method), averaged over seeds: index (task, shop), columns method."""
+    keep = [(task, metric) for task, (metric, _) in PRIMARY.items()]
+    mask = pd.Series(False, index=final.index)
+    for task, metric in keep:
+        mask |= (final["task"] == task) & (final["metric"] == metric)
+    picked = final[mask]
+    if picked.empty:
+        return pd.DataFrame()
+    return picked.pivot_table(index=["task", "shop"], columns="method", values="value", aggfunc="mean")
+
+
+def _gap(local: float, central: float, fedshop: float, higher: bool, min_gap: float) -> tuple[float | None, str]:
+    """(gap_closed, status): the share of the local-to-oracle gap fedshop closes, when there is a gap."""
+    gap = (central - local) if higher else (local - central)
+    if any(math.isnan(v) for v in (local, central, fedshop)):
+        return None, "missing-method"
+    if abs(gap) < min_gap:
+        return None, "no-gap"  # the oracle does not beat local-only: nothing to close, report raw gains
+    if gap < 0:
+        return None, "oracle-below-local"  # pooling hurts; a share of a negative gap would invert the sign
+    return (fedshop - local) / (central - local), "ok"
+
+
+def _improvement(new: pd.Series, base: pd.Series, higher: bool) -> pd.Series:
+    """Per-shop gain of ``new`` over ``base`` in the metric's good direction (positive = better)."""
+    return (new - base) if higher else (base - new)
+
+
+def summarize(final: pd.DataFrame, *, small_shops: Sequence[str] = (), method: str = "fedshop",
+              min_gap: float = MIN_GAP, tolerance: float = WORSE_TOLERANCE) -> dict[str, Any]:
+    """Per task (primary metric): method means, gap closed, shops worse than local-only, small-shop gain.
+
+    Means are over shops (each seed's shops averaged, then seeds averaged: with the same shops in
+    every seed this equals the mean over shops of seed-averaged values). ``gap_closed`` is
+    (method - local) / (central - local) on those means; it is None with a status when the gap is
+    below ``min_gap`` ("no-gap") or negative ("oracle-below-local"). ``worse_shops`` lists every
+    shop where ``method`` ends below local-only, with the margin (positive = worse), and whether it
+    exceeds ``tolerance``. Gains are in the metric's good direction (WAPE: a drop is a gain).
+    """
+    table = primary_table(final)
+    small = sorted(set(small_shops))
+    out: dict[str, Any] = {"method": method, "min_gap": min_gap, "tolerance": tolerance, "small_shops": small,
+                           "seeds": sorted(int(s) for s in final["seed"].unique()) if "seed" in final else [],
+                           "tasks": {}}
+    if table.empty:
+        return out
+    for task in table.index.get_level_values("task").unique():
+        metric, higher = PRIMARY[task]
+        per_shop = table.loc[task].dropna(axis=1, how="all")
+        means = {m: float(per_shop[m].mean()) for m in per_shop.columns}
+        entry: dict[str, Any] = {"metric": metric, "higher_is_better": higher, "n_shops": int(len(per_shop)),
+                                 "mean": means}
+        if {"local", "central", method} <= set(per_shop.columns):
+            entry["gap"] = means["central"] - means["local"]
+            entry["gap_closed"], entry["gap_status"] = _gap(means["local"], means["central"], means[method],
+                                                            higher, min_gap)
+        else:
+            entry["gap_closed"], entry["gap_status"] = None, "missing-method"
+        if {"local", method} <= set(per_shop.columns):
+            both = per_shop[["local", method]].dropna()
+            margin = -_improvement(both[method], both["local"], higher)
+            worse = margin[margin > 0].sort_values(ascending=False)
+            entry["worse_shops"] = [{"shop": str(s), "margin": float(v), "beyond_tolerance": bool(v > tolerance)}
+                                    for s, v in worse.items()]
+            entry["max_loss"] = float(max(margin.max(), 0.0)) if len(margin) else None
+        gains = {}
+        shops_small = [s for s in small if s in per_shop.index]
+        for other in per_shop.columns:
+            if other != "local" and "local" in per_shop.columns and shops_small:
+                gain = _improvement(per_shop.loc[shops_small, other], per_shop.loc[shops_small, "local"], higher)
+                gains[other] = float(gain.mean())
+        entry["small_shop_gain"] = gains or None
+        out["tasks"][str(task)] = entry
+    out["targets"] = check_targets(out)
+    return out
+
+
+def check_targets(summary: dict[str, Any]) -> dict[str, Any]:
+    """The project's CTR targets (gap closed, no shop losing, small-shop gain) with measured values."""
+    ctr = summary["tasks"].get("ctr")
+    if not ctr:
+        return {}
+    method = summary["method"]
+    gain = (ctr.get("small_shop_gain") or {}).get(method)
+    gap_closed, max_loss = ctr.get("gap_closed"), ctr.get("max_loss")
+    return {
+        "gap_closed": {"target": f">= {TARGETS['gap_closed']}", "value": gap_closed,
+                       "met": gap_closed is not None and gap_closed >= TARGETS["gap_closed"]},
+        "max_loss": {"target": f"<= {TARGETS['max_loss']}", "value": max_loss,
+                     "met": max_loss is not None and max_loss <= TARGETS["max_loss"]},
+        "small_shop_gain": {"target": f">= {TARGETS['small_shop_gain']}", "value": gain,
+                            "met": gain is not None and gain >= TARGETS["small_shop_gain"]},
+    }
+
+
+def comparison_csv(final: pd.DataFrame, several_seeds: bool) -> pd.DataFrame:
+    """The test-split table written to comparison.csv: method, shop, task, metric, value (+ seed, round)."""
+    cols = ["method", "shop", "task", "metric", "value", "round"]
+    return final[(["seed"] if several_seeds else []) + cols].reset_index(drop=True)
+
+
+def run_comparison(scenarios: Sequence[Scenario], run_dir: Path, *, methods: Sequence[str] = METHODS,
+                   progress: Progress | None = None, config: dict[str, Any] | None = None,
+                   on_method_done: Callable[[str, int, float], None] | None = None) -> Comparison:
+    """Run every method on every scenario (one per seed) into ``run_dir``; write metrics, tables and reports.
+
+    Writes config.toml + versions.json, metrics.csv (all methods; a seed column when several
+    seeds), comparison.csv, summary.json, summary.md and PNG plots.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    several = len(scenarios) > 1
+    write_run_info(run_dir, {"command": "compare", "methods": list(methods),
+                             "seeds": [s.seed for s in scenarios], **(config or {}),
+                             "scenario": scenarios[0].raw})
+    frames: list[pd.DataFrame] = []
+    for scenario in scenarios:
+        for method in methods:
+            start = time.perf_counter()
+            rows = pd.DataFrame(run_method(scenario, method, run_dir, progress=progress), columns=METRIC_COLUMNS)
+            frames.append(rows.assign(seed=scenario.seed))
+            if on_method_done:
+                on_method_done(method, scenario.seed, time.perf_counter() - start)
+            _write_rows(run_dir, frames, several)  # partial results survive a later failure
+    rows = pd.concat(frames, ignore_index=True)
+    final = seeded_final_table(rows)
+    small = small_shops_of(scenarios[0])
+    summary = summarize(final, small_shops=small)
+    atomic_write_csv(run_dir / "comparison.csv", comparison_csv(final, several))
+    atomic_write_text(run_dir / "summary.json", json.dumps(_plain(summary), indent=2))
+    write_run_report(run_dir, small_shops=small, summary=summary)
+    return Comparison(run_dir=run_dir, rows=rows, final=final, summary=summary, small_shops=small)
+
+
+def _write_rows(run_dir: Path, frames: list[pd.DataFrame], several: bool) -> None:
+    frame = pd.concat(frames, ignore_index=True)
+    atomic_write_csv(run_dir / "metrics.csv", frame if several else frame[METRIC_COLUMNS])
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: numpy scalars to Python, NaN to null (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

@@ -1,0 +1,109 @@
+"""PNG plots of a run directory: per-round curves per shop and method, and final per-task bars.
+
+Matplotlib runs on the Agg backend (no display), and every figure is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from shared.atomic import atomic_write_bytes  # noqa: E402
+from simulations.report import PRIMARY  # noqa: E402
+
+METHOD_ORDER = ("local", "central", "fedavg-all", "fedshop")
+
+
+def _ordered(methods: list[str]) -> list[str]:
+    known = [m for m in METHOD_ORDER if m in methods]
+    return known + sorted(m for m in methods if m not in METHOD_ORDER)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_rounds(rows: pd.DataFrame, out_dir: Path, *, split: str = "val") -> list[Path]:
+    """One PNG per task: the primary metric on ``split`` by round, a panel per shop, a line per method.
+
+    Non-federated methods log one point per epoch; with one local epoch per round, epoch and round
+    are the same compute. Several seeds are averaged.
+    """
+    paths = []
+    for task, (metric, higher) in PRIMARY.items():
+        sel = rows[(rows["task"] == task) & (rows["metric"] == metric) & (rows["split"] == split)]
+        sel = sel.dropna(subset=["value"])
+        if sel.empty:
+            continue
+        curves = sel.groupby(["shop", "method", "round"], sort=True)["value"].mean()
+        shops = sorted(sel["shop"].unique())
+        methods = _ordered(list(sel["method"].unique()))
+        cols = min(4, len(shops))
+        nrows = int(np.ceil(len(shops) / cols))
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, sharex=True)
+        for ax, shop in zip(axes.flat, shops, strict=False):
+            for method in methods:
+                if (shop, method) in curves.index.droplevel("round"):
+                    line = curves.loc[(shop, method)]
+                    ax.plot(line.index, line.values, marker="o", markersize=3, label=method)
+            ax.set_title(shop, fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(shops):]:
+            ax.set_visible(False)
+        axes[0][0].legend(fontsize=7)
+        better = "higher" if higher else "lower"
+        fig.suptitle(f"{task}: {split} {metric} by round ({better} is better)", fontsize=11)
+        fig.supxlabel("round (epoch for local/central)", fontsize=9)
+        paths.append(_save(fig, Path(out_dir) / f"rounds_{task}.png"))
+    return paths
+
+
+def plot_final_bars(final: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """One PNG per task: test primary metric at each shop's best-validation round, grouped bars per method.
+
+    The last group is the mean over shops; with several seeds, bars are seed means and whiskers one
+    standard deviation across seeds.
+    """
+    paths = []
+    for task, (metric, higher) in PRIMARY.items():
+        sel = final[(final["task"] == task) & (final["metric"] == metric)].dropna(subset=["value"])
+        if sel.empty:
+            continue
+        if "seed" not in sel:
+            sel = sel.assign(seed=0)
+        per_seed = sel.pivot_table(index=["seed", "shop"], columns="method", values="value", aggfunc="mean")
+        methods = _ordered(list(per_seed.columns))
+        per_seed = per_seed[methods]
+        means_by_seed = per_seed.groupby(level="seed").mean()  # (seeds, methods): mean over shops
+        shop_mean = per_seed.groupby(level="shop").mean()
+        shop_std = per_seed.groupby(level="shop").std(ddof=0).fillna(0.0)
+        mean = pd.concat([shop_mean, means_by_seed.mean().to_frame("mean").T])
+        std = pd.concat([shop_std, means_by_seed.std(ddof=0).fillna(0.0).to_frame("mean").T])
+        x = np.arange(len(mean.index))
+        width = 0.8 / len(methods)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(x) + 2), 3.6))
+        for i, method in enumerate(methods):
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, mean[method], width, yerr=std[method], label=method,
+                   capsize=2 if std[method].any() else 0)
+        ax.set_xticks(x, list(mean.index), rotation=30, ha="right", fontsize=8)
+        lo, hi = np.nanmin(mean.values), np.nanmax(mean.values)
+        pad = max(0.02, (hi - lo) * 0.3)
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+        ax.set_ylabel(f"test {metric}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, ncols=len(methods))
+        better = "higher" if higher else "lower"
+        ax.set_title(f"{task}: test {metric} at best-validation round ({better} is better)", fontsize=10)
+        paths.append(_save(fig, Path(out_dir) / f"final_{task}.png"))
+    return paths

@@ -1,0 +1,153 @@
+"""Gap closed, shops worse than alone, small-shop gain and the run report, on hand-made metric rows."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from simulations.compare import check_targets, comparison_csv, parse_methods, parse_seeds, summarize
+from simulations.report import final_table
+from simulations.summary import read_metrics, seeded_final_table, write_run_report
+
+# Test CTR AUC per shop: local means 0.70, central 0.80, fedshop 0.77 -> fedshop closes exactly 70%.
+CTR = {"local": {"a": 0.60, "b": 0.70, "c": 0.80},
+       "central": {"a": 0.70, "b": 0.80, "c": 0.90},
+       "fedshop": {"a": 0.72, "b": 0.80, "c": 0.79}}
+# Test WAPE (lower is better): local 0.50, central 0.40, fedshop 0.45 -> half the gap.
+WAPE = {"local": {"a": 0.50, "b": 0.50}, "central": {"a": 0.40, "b": 0.40}, "fedshop": {"a": 0.38, "b": 0.52}}
+
+
+def _final(values: dict, task: str, metric: str, seed: int = 0) -> list[dict]:
+    return [{"method": m, "shop": s, "task": task, "metric": metric, "value": v, "round": 1, "seed": seed}
+            for m, shops in values.items() for s, v in shops.items()]
+
+
+def _rows(values: dict, task: str, metric: str, *, best_round: int, rounds: int = 3, seed: int = 0) -> list[dict]:
+    """Metric rows where validation peaks at ``best_round``; test there is ``values``, elsewhere 0.5 lower."""
+    rows = []
+    for m, shops in values.items():
+        for s, v in shops.items():
+            for r in range(1, rounds + 1):
+                good = r == best_round
+                rows.append({"method": m, "round": r, "shop": s, "task": task, "split": "val", "metric": metric,
+                             "value": 0.9 if good else 0.6, "seed": seed})
+                rows.append({"method": m, "round": r, "shop": s, "task": task, "split": "test", "metric": metric,
+                             "value": v if good else v - 0.5, "seed": seed})
+    return rows
+
+
+def test_gap_closed_worse_shops_and_small_shop_gain_are_exact():
+    summary = summarize(pd.DataFrame(_final(CTR, "ctr", "auc")), small_shops=["a", "zz-not-training"])
+    ctr = summary["tasks"]["ctr"]
+    assert ctr["mean"] == pytest.approx({"local": 0.70, "central": 0.80, "fedshop": 0.77}, abs=1e-12)
+    assert ctr["gap_status"] == "ok"
+    assert ctr["gap_closed"] == pytest.approx(0.7, abs=1e-9)
+    assert [(w["shop"], round(w["margin"], 9), w["beyond_tolerance"]) for w in ctr["worse_shops"]] == [
+        ("c", 0.01, True)]
+    assert ctr["max_loss"] == pytest.approx(0.01)
+    assert ctr["small_shop_gain"] == pytest.approx({"central": 0.10, "fedshop": 0.12})
+    targets = summary["targets"]
+    assert targets["gap_closed"]["met"] and not targets["max_loss"]["met"] and targets["small_shop_gain"]["met"]
+
+
+def test_lower_is_better_metrics_count_a_drop_as_a_gain():
+    ctr_and_sales = pd.DataFrame(_final(WAPE, "sales", "wape"))
+    sales = summarize(ctr_and_sales, small_shops=["b"])["tasks"]["sales"]
+    assert sales["higher_is_better"] is False
+    assert sales["gap_closed"] == pytest.approx(0.5)
+    assert [(w["shop"], round(w["margin"], 9)) for w in sales["worse_shops"]] == [("b", 0.02)]
+    assert sales["small_shop_gain"]["fedshop"] == pytest.approx(-0.02)
+
+
+@pytest.mark.parametrize(("central_shift", "status"), [(0.0, "no-gap"), (0.001, "no-gap"),
+                                                         (-0.05, "oracle-below-local")])
+def test_gap_closed_is_undefined_without_a_positive_gap(central_shift, status):
+    values = {"local": {"a": 0.7}, "central": {"a": 0.7 + central_shift}, "fedshop": {"a": 0.72}}
+    ctr = summarize(pd.DataFrame(_final(values, "ctr", "auc")))["tasks"]["ctr"]
+    assert ctr["gap_closed"] is None and ctr["gap_status"] == status
+    assert ctr["mean"]["fedshop"] == pytest.approx(0.72)  # raw means are still reported
+    assert summarize(pd.DataFrame(_final(values, "ctr", "auc")))["targets"]["gap_closed"]["met"] is False
+
+
+def test_missing_oracle_leaves_gap_undefined_but_reports_worse_shops():
+    values = {"local": {"a": 0.7, "b": 0.6}, "fedshop": {"a": 0.65, "b": 0.7}}
+    ctr = summarize(pd.DataFrame(_final(values, "ctr", "auc")))["tasks"]["ctr"]
+    assert (ctr["gap_closed"], ctr["gap_status"]) == (None, "missing-method")
+    assert [w["shop"] for w in ctr["worse_shops"]] == ["a"]
+
+
+def test_summary_uses_test_at_the_best_validation_round_and_averages_seeds():
+    seed1 = {m: {s: v + 0.02 for s, v in shops.items()} for m, shops in CTR.items()}
+    rows = pd.DataFrame(_rows(CTR, "ctr", "auc", best_round=2) + _rows(seed1, "ctr", "auc", best_round=3, seed=1))
+    final = seeded_final_table(rows)
+    assert set(final[final["seed"] == 0]["round"]) == {2} and set(final[final["seed"] == 1]["round"]) == {3}
+    ctr = summarize(final)["tasks"]["ctr"]
+    assert ctr["mean"]["local"] == pytest.approx(0.71)  # seed means 0.70 and 0.72
+    assert ctr["gap_closed"] == pytest.approx(0.7)
+    assert summarize(final)["seeds"] == [0, 1]
+    table = comparison_csv(final, several_seeds=True)
+    assert list(table.columns) == ["seed", "method", "shop", "task", "metric", "value", "round"]
+    assert list(comparison_csv(final, several_seeds=False).columns)[0] == "method"
+
+
+def test_final_table_falls_back_to_the_last_tested_round_when_test_runs_only_at_the_end():
+    # A federation that validates rounds 1-2 and tests only after round 3 still gets a test value.
+    rows = [{"method": "fedshop", "round": r, "shop": "a", "task": "ctr", "split": "val", "metric": "auc",
+             "value": v} for r, v in ((1, 0.6), (2, 0.9))]
+    rows.append({"method": "fedshop", "round": 3, "shop": "a", "task": "ctr", "split": "test", "metric": "auc",
+                 "value": 0.75})
+    table = final_table(rows)
+    assert table[["round", "value"]].values.tolist() == [[3, 0.75]]
+
+
+def test_parse_methods_and_seeds_reject_bad_input_with_the_fix():
+    assert parse_methods("fedshop, local,fedshop") == ["fedshop", "local"]
+    assert parse_seeds("0,1,2") == [0, 1, 2]
+    with pytest.raises(ValueError, match="unknown method.*'fedprox'.*Fix"):
+        parse_methods("local,fedprox")
+    with pytest.raises(ValueError, match="not a list of integers"):
+        parse_seeds("0,one")
+    with pytest.raises(ValueError, match="each once"):
+        parse_seeds("1,1")
+
+
+def test_targets_without_ctr_are_empty():
+    assert check_targets({"method": "fedshop", "tasks": {}}) == {}
+
+
+def test_write_run_report_writes_summary_and_plots(tmp_path):
+    rows = pd.DataFrame(_rows(CTR, "ctr", "auc", best_round=2) + _rows(WAPE, "sales", "wape", best_round=1))
+    rows.drop(columns="seed").to_csv(tmp_path / "metrics.csv", index=False)
+    final = seeded_final_table(read_metrics(tmp_path))
+    summary = json.loads(json.dumps(summarize(final, small_shops=["a"])))
+    written = write_run_report(tmp_path, small_shops=["a"], summary=summary)
+    names = {p.name for p in written}
+    assert names == {"summary.md", "rounds_ctr.png", "rounds_sales.png", "final_ctr.png", "final_sales.png"}
+    for png in (p for p in written if p.suffix == ".png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    text = (tmp_path / "summary.md").read_text()
+    assert "| ctr | auc | 0.7000 | 0.8000 | 0.7700 | 0.700 | c (+0.0100) | 0.1200 |" in text
+    assert "a (small)" in text and "0.7200 (r2)" in text
+    assert "max_loss | <= 0.005 | 0.0100 | **no**" in text
+    assert "![final_ctr](plots/final_ctr.png)" in text
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_write_run_report_of_a_single_method_run_has_no_headline(tmp_path):
+    rows = pd.DataFrame(_rows({"fedshop": CTR["fedshop"]}, "ctr", "auc", best_round=3)).drop(columns="seed")
+    rows.to_csv(tmp_path / "metrics.csv", index=False)
+    write_run_report(tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "Headline" not in text and "| c | 0.7900 (r3) |" in text
+    assert (tmp_path / "plots" / "rounds_ctr.png").exists()
+
+
+def test_write_run_report_names_the_missing_file_or_column(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"metrics\.csv does not exist"):
+        write_run_report(tmp_path)
+    pd.DataFrame({"method": ["x"], "round": [1]}).to_csv(tmp_path / "metrics.csv", index=False)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['metric', 'shop', 'split', 'task', 'value'\]"):
+        write_run_report(tmp_path)
+    assert not (tmp_path / "summary.md").exists()
