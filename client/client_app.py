@@ -74,10 +74,13 @@ def train(msg: Message, context: Context) -> Message:
     shop, model, config, received = _prepare(msg, context)
     server_round = int(config.get("server-round", 0))
     fault = _inject_fault(config, shop, server_round)
+    stage = join_stage(shop, config, server_round)
+    if stage == "waiting":  # a late joiner before its join round: nothing to train, nothing to count
+        return _reply(model.encoder_state(), {"num-examples": 0.0, "shop-index": shop.index}, msg)
     base = shop.scenario.train
     cfg = replace(base, epochs=int(config.get("local-epochs", base.epochs)),
                   prox_mu=float(config.get("proximal-mu", base.prox_mu)),
-                  freeze_encoder=bool(config.get("freeze-encoder", False)),
+                  freeze_encoder=bool(config.get("freeze-encoder", False)) or stage == "warm-up",
                   max_steps=int(config.get("max-steps", base.max_steps)),
                   seed=round_seed(int(config.get("seed", shop.scenario.seed)), server_round, shop.index))
     losses = train_shop(model, shop.tensors, cfg, global_encoder=received if cfg.prox_mu > 0 else None)
@@ -91,17 +94,42 @@ def train(msg: Message, context: Context) -> Message:
         arrays[first] = torch.full_like(arrays[first], float("nan"))
     metrics = {k: float(v) for k, v in losses.items()}
     metrics["shop-index"] = shop.index
+    if stage == "warm-up":  # its encoder is unchanged anyway; weight 0 keeps it out of the aggregate
+        metrics["num-examples"] = 0.0
+    return _reply(arrays, metrics, msg)
+
+
+def _reply(arrays: dict[str, torch.Tensor], metrics: dict[str, float], msg: Message) -> Message:
     return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def join_stage(shop: Shop, config: dict[str, Any], server_round: int) -> str:
+    """'active', or for a late joiner 'waiting' (before `join-round`) / 'warm-up' (its first `warmup-rounds`).
+
+    A joining shop first trains its local part against the frozen encoder, so its random heads never
+    push gradients into the encoder the others rely on; only then do its updates count.
+    """
+    if not shop.late_joiner:
+        return "active"
+    join = int(config.get("join-round", shop.scenario.federation["join_round"]))
+    warmup = int(config.get("warmup-rounds", shop.scenario.federation["warmup_rounds"]))
+    if join <= 0 or server_round < join:
+        return "waiting"
+    return "warm-up" if server_round < join + warmup else "active"
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Per-task metrics of the global encoder with the shop's own local part, as `<task>.<metric>`."""
     shop, model, config, _ = _prepare(msg, context)
-    split = str(config.get("eval-split", "val"))
-    results = evaluate_shop(model, shop.tensors, split)
-    metrics: dict[str, float] = {f"{task}.{name}": float(value)
-                                 for task, values in results.items() for name, value in values.items()}
+    requested = str(config.get("eval-split", "val"))
+    splits = requested.split("+")
+    metrics: dict[str, float] = {}
+    for split in splits:
+        prefix = f"{split}/" if len(splits) > 1 else ""
+        for task, values in evaluate_shop(model, shop.tensors, split).items():
+            metrics.update({f"{prefix}{task}.{name}": float(value) for name, value in values.items()})
+    split = splits[-1]
     metrics["num-examples"] = float(max(1, shop.tensors.rows[split]["user"].shape[0]))
     metrics["shop-index"] = shop.index
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

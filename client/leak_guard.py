@@ -43,6 +43,9 @@ def allowed_metric(key: str, message_type: str) -> bool:
         return key in TRAIN_METRICS
     if key in EVAL_METRICS:
         return True
+    split, sep, rest = key.partition("/")
+    if sep and split in ("val", "test"):
+        key = rest
     task, _, metric = key.partition(".")
     return task in TASKS and (metric in METRIC_NAMES or bool(_RANK_METRIC.match(metric)))
 

@@ -43,6 +43,7 @@ class Shop:
     scenario: Scenario
     tensors: ShopTensors
     state_dir: Path | None
+    late_joiner: bool = False  # joins a running federation at the scenario's join_round
 
     def model(self) -> ShopModel:
         """A fresh model; its encoder is overwritten by the coordinator's, its local part by saved state."""
@@ -67,10 +68,10 @@ def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
         index = int(node.get("shop-index", -1))
     elif "partition-id" in node:
         index = int(node["partition-id"])
-        shops = scenario.training_shops()
+        shops = scenario.federation_shops()
         if not 0 <= index < len(shops):
             raise ValueError(f"node_config partition-id={index} but scenario '{scenario.name}' has "
-                             f"{len(shops)} training shops. Fix: run with num-supernodes={len(shops)}")
+                             f"{len(shops)} federation shops. Fix: run with num-supernodes={len(shops)}")
         data = shops[index]
     else:
         raise ValueError("node_config names no shop. Fix: pass --node-config \"shop-dir='/path/to/shop'\" "
@@ -81,7 +82,8 @@ def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
         state_dir = Path(run_dir) / "shop-state" / data.name
     else:
         state_dir = None
-    shop = Shop(data.name, index, scenario, build_shop_tensors(data, scenario.features), state_dir)
+    shop = Shop(data.name, index, scenario, build_shop_tensors(data, scenario.features), state_dir,
+                late_joiner=data.name in set(scenario.late_joiners))
     _SHOPS[key] = shop
     return shop
 

@@ -19,10 +19,23 @@ METRIC_COLUMNS = ["method", "round", "shop", "task", "split", "metric", "value"]
 ALL_TASKS = "all"  # task label of a shop's total training loss
 
 
+SPLIT_SEP = "/"  # evaluation keys may carry their split: 'test/ctr.auc'
+SPLITS = ("train", "val", "test")
+
+
 def split_metric_key(key: str) -> tuple[str, str] | None:
-    """`'<task>.<metric>'` -> (task, metric); None for keys that are not per-task metrics."""
+    """`'[<split>/]<task>.<metric>'` -> (task, metric); None for keys that are not per-task metrics."""
+    prefix, sep, rest = key.partition(SPLIT_SEP)
+    if sep and prefix in SPLITS:
+        key = rest
     task, sep, metric = key.partition(".")
     return (task, metric) if sep and task and metric else None
+
+
+def key_split(key: str, default: str) -> str:
+    """The split an evaluation key belongs to: its prefix, else ``default``."""
+    prefix, sep, _ = key.partition(SPLIT_SEP)
+    return prefix if sep and prefix in SPLITS else default
 
 
 def train_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, float]]:
@@ -44,6 +57,16 @@ def eval_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, float]]:
         if parts is not None:
             rows.append((parts[0], parts[1], float(value)))
     return rows
+
+
+def eval_rows_by_split(metrics: Mapping[str, float], default_split: str) -> dict[str, list[tuple[str, str, float]]]:
+    """Evaluation rows grouped by split (keys like 'test/ctr.auc'; unprefixed keys go to ``default_split``)."""
+    out: dict[str, list[tuple[str, str, float]]] = {}
+    for key, value in metrics.items():
+        parts = split_metric_key(key)
+        if parts is not None:
+            out.setdefault(key_split(key, default_split), []).append((parts[0], parts[1], float(value)))
+    return out
 
 
 def mean_by_key(per_shop: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

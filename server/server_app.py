@@ -35,7 +35,7 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from server.metrics_log import MetricsLog, eval_rows, train_rows
+from server.metrics_log import MetricsLog, eval_rows_by_split, train_rows
 from server.strategies import RoundReport, ShopStrategy, build_strategy
 from shared.atomic import atomic_write_text
 from shared.model import SharedEncoder
@@ -57,15 +57,17 @@ class FederationSettings:
     local_epochs: int = 1
     proximal_mu: float = 0.0  # FedProx
     server_lr: float = 0.1  # FedAdam / FedYogi server learning rate
-    warmup_rounds: int = 0  # first rounds train local parts only (encoder frozen)
+    warmup_rounds: int = 0  # rounds a late joiner trains its local part only (encoder frozen) before its updates count
     max_steps: int = 0  # cap on local optimiser steps per round (0 = none)
     round_timeout: float = 600.0  # seconds; a shop not replying by then is left out of the round
     seed: int = -1  # -1 = the scenario's seed
     run_dir: str = ""  # where metrics, checkpoints and simulated shop state go
     method: str = "fedshop"  # label in metrics.csv
     share: str = "encoder"  # encoder | all-shareable (FedAvg-all baseline: heads averaged too)
-    eval_split: str = "val"  # split evaluated after each round; the last round evaluates final_split
+    eval_split: str = "val+test"  # split(s) evaluated after each round ("val+test": both, so reports can pick
+    # each shop's best-validation round); with a single split, the last round evaluates final_split
     final_split: str = "test"
+    join_round: int = 0  # round at which the scenario's late joiners join (0 = they never do)
     resume: bool = False
     keep_checkpoints: int = 2
     fault_inject: str = ""  # test-only: "nan:1", "error:2", "sleep:1@2" (kind:shop-index[@round])
@@ -92,7 +94,7 @@ class FederationSettings:
         """What every shop needs to know each round (forwarded in the messages' ConfigRecord)."""
         return {"scenario": self.scenario, "seed": seed, "local-epochs": self.local_epochs, "share": self.share,
                 "run-dir": self.run_dir, "max-steps": self.max_steps, "fault-inject": self.fault_inject,
-                "fault-sleep": self.fault_sleep}
+                "fault-sleep": self.fault_sleep, "join-round": self.join_round, "warmup-rounds": self.warmup_rounds}
 
 
 def initial_encoder(scenario: Scenario) -> ArrayRecord:
@@ -144,14 +146,16 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
 
     def round_config(rnd: int, kind: str) -> dict[str, Any]:
         if kind == "train":
-            return {"freeze-encoder": rnd <= settings.warmup_rounds}
-        return {"eval-split": settings.final_split if rnd == total else settings.eval_split}
+            return {}
+        both = "+" in settings.eval_split
+        return {"eval-split": settings.eval_split if both or rnd < total else settings.final_split}
 
     def on_round_end(report: RoundReport) -> None:
         for shop, metrics in report.train.items():
             log.add(report.server_round, shop, "train", train_rows(metrics))
         for shop, metrics in report.evaluate.items():
-            log.add(report.server_round, shop, report.eval_split, eval_rows(metrics))
+            for split, rows in eval_rows_by_split(metrics, report.eval_split).items():
+                log.add(report.server_round, shop, split, rows)
         log.write()
         save_checkpoint(run_dir, Checkpoint(report.server_round, {k: a.numpy() for k, a in report.arrays.items()},
                                             strategy_state(inner), capture_rng(), fingerprint),
@@ -162,7 +166,7 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     @functools.cache
     def shop_names() -> list[str]:
         try:  # in deployment the coordinator may not hold the shops' data: fall back to indices
-            return [s.name for s in scenario.training_shops()]
+            return [s.name for s in scenario.federation_shops()]
         except (OSError, ValueError) as exc:
             logger.warning("shop names unavailable (%s); labelling shops by index", exc)
             return []

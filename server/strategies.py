@@ -169,7 +169,10 @@ class ShopStrategy(Strategy):
             shop = self._shop_of(msg, dict(metrics))
             weight = metrics.get(NUM_EXAMPLES)
             arrays = next(iter(msg.content.array_records.values()))
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            if weight == 0:  # a late joiner still waiting or warming up: it reports, but does not count
+                report.left_out[shop] = "not aggregated yet (joining shop: waiting or warm-up)"
+                return False
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
                 report.left_out[shop] = f"'{NUM_EXAMPLES}' missing or not a positive number"
             elif not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
                 report.left_out[shop] = "update holds NaN/Inf values"

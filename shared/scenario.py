@@ -96,6 +96,14 @@ class Scenario:
         late = set(self.late_joiners)
         return [s for s in self.shops() if s.name not in late]
 
+    def federation_shops(self) -> list[ShopData]:
+        """Shops that get a node in a federated run: training shops, then late joiners if ``join_round`` > 0.
+
+        A node's ``partition-id`` indexes this list, so training shops keep their index either way.
+        """
+        joiners = self.joining_shops() if int(self.federation.get("join_round", 0)) > 0 else []
+        return self.training_shops() + joiners
+
     def joining_shops(self) -> list[ShopData]:
         """The late joiners, in scenario order."""
         late = set(self.late_joiners)

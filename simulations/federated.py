@@ -45,6 +45,7 @@ def run_config(scenario: Scenario, run_dir: Path, *, method: str, rounds: int | 
             "proximal-mu": float(fed["prox_mu"]), "server-lr": float(fed["server_lr"]),
             "warmup-rounds": int(fed["warmup_rounds"]), "round-timeout": float(fed["round_timeout"]),
             "max-steps": int(fed["meta_inner_steps"]) if fed["objective"] == "meta" else 0,
+            "join-round": int(fed["join_round"]),
             "seed": scenario.seed, "run-dir": str(run_dir), "method": method, "share": METHODS[method],
             "resume": resume}
 
@@ -69,7 +70,7 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     if not (resume and (run_dir / SCENARIO_FILE).exists()):
         atomic_write_text(run_dir / SCENARIO_FILE, tomli_w.dumps(scenario.raw))
     write_run_info(run_dir, {"run": config, "scenario": scenario.raw})
-    n_shops = len(scenario.training_shops())
+    n_shops = len(scenario.federation_shops())
     if n_shops < int(config["min-shops"]):
         raise ValueError(f"scenario '{scenario.name}' has {n_shops} training shops but min-shops is "
                          f"{config['min-shops']}. Fix: lower federation.min_shops or add shops")

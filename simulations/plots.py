@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from shared.atomic import atomic_write_bytes  # noqa: E402
 from simulations.report import PRIMARY  # noqa: E402
@@ -50,13 +51,15 @@ def plot_rounds(rows: pd.DataFrame, out_dir: Path, *, split: str = "val") -> lis
         methods = _ordered(list(sel["method"].unique()))
         cols = min(4, len(shops))
         nrows = int(np.ceil(len(shops) / cols))
-        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, sharex=True)
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows + 0.5), squeeze=False,
+                                 sharex=True, layout="constrained")
         for ax, shop in zip(axes.flat, shops, strict=False):
             for method in methods:
                 if (shop, method) in curves.index.droplevel("round"):
                     line = curves.loc[(shop, method)]
                     ax.plot(line.index, line.values, marker="o", markersize=3, label=method)
             ax.set_title(shop, fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(shops):]:

@@ -102,13 +102,13 @@ def _per_shop(final: pd.DataFrame, small: set[str]) -> list[str]:
         if sel.empty:
             continue
         wide = sel.pivot_table(index="shop", columns="method", values="value", aggfunc="mean")
-        rounds = sel.pivot_table(index="shop", columns="method", values="round", aggfunc="median")
+        rounds = sel.groupby(["shop", "method"])["round"].agg(lambda r: "/".join(str(int(x)) for x in sorted(set(r))))
         methods = _methods(list(wide.columns))
         rows = [[shop + (" (small)" if shop in small else ""),
-                 *[f"{_fmt(wide.at[shop, m])} (r{int(rounds.at[shop, m])})" if pd.notna(wide.at[shop, m]) else "-"
+                 *[f"{_fmt(wide.at[shop, m])} (r{rounds[(shop, m)]})" if pd.notna(wide.at[shop, m]) else "-"
                    for m in methods]] for shop in wide.index]
         better = "higher" if higher else "lower"
-        lines += [f"### {task}: {metric} ({better} is better; rN = round picked on validation)", "",
+        lines += [f"### {task}: {metric} ({better} is better; rN = round picked on validation, per seed)", "",
                   markdown_table(["shop", *methods], rows), ""]
     return lines
 

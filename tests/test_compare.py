@@ -106,3 +106,12 @@ def test_all_four_methods_on_a_tiny_scenario(tmp_path):
     finals = result.final[(result.final["task"] == "ctr") & (result.final["metric"] == "auc")]
     assert finals.groupby("method")["shop"].nunique().to_dict() == {m: 3 for m in ctr["mean"]}
     assert "fedshop" in (result.run_dir / "summary.md").read_text()
+
+
+def test_cli_compare_exits_1_when_a_method_fails_and_keeps_finished_rows(tiny_toml, tmp_path):
+    out = tmp_path / "fail"
+    result = runner.invoke(app, ["compare", str(tiny_toml), "--methods", "local,fedshop", "--rounds", "1",
+                                 "--run-dir", str(out), "--set", "federation.min_shops=5"])
+    assert result.exit_code == 1, result.output
+    assert "min-shops" in " ".join(result.output.split())
+    assert set(pd.read_csv(out / "metrics.csv")["method"]) == {"local"}

@@ -29,7 +29,7 @@ def test_encoder_state_holds_nothing_local(largest_shop: ShopTensors, tiny_model
     # The local part holds the user and local item ID embeddings and every task head.
     assert model.local.user_ids.weight.shape[0] == largest_shop.n_users
     assert model.local.item_ids.weight.shape[0] == largest_shop.n_items
-    assert set(model.local.towers) == {"ctr", "cvr", "sales"}
+    assert model.local.tasks == largest_shop.tasks
     # By shape: nothing the shop sends is sized by its user or item vocabulary.
     state = model.encoder_state()
     assert state, "encoder_state() is empty"

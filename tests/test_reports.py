@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from simulations.compare import check_targets, comparison_csv, parse_methods, parse_seeds, summarize
-from simulations.report import final_table
+from simulations.report import PRIMARY, final_table
 from simulations.summary import read_metrics, seeded_final_table, write_run_report
 
 # Test CTR AUC per shop: local means 0.70, central 0.80, fedshop 0.77 -> fedshop closes exactly 70%.
@@ -25,16 +25,17 @@ def _final(values: dict, task: str, metric: str, seed: int = 0) -> list[dict]:
 
 
 def _rows(values: dict, task: str, metric: str, *, best_round: int, rounds: int = 3, seed: int = 0) -> list[dict]:
-    """Metric rows where validation peaks at ``best_round``; test there is ``values``, elsewhere 0.5 lower."""
+    """Metric rows where validation is best at ``best_round``; test there is ``values``, elsewhere 0.5 worse."""
+    sign = 1 if PRIMARY[task][1] else -1
     rows = []
     for m, shops in values.items():
         for s, v in shops.items():
             for r in range(1, rounds + 1):
                 good = r == best_round
                 rows.append({"method": m, "round": r, "shop": s, "task": task, "split": "val", "metric": metric,
-                             "value": 0.9 if good else 0.6, "seed": seed})
+                             "value": sign * (0.9 if good else 0.6), "seed": seed})
                 rows.append({"method": m, "round": r, "shop": s, "task": task, "split": "test", "metric": metric,
-                             "value": v if good else v - 0.5, "seed": seed})
+                             "value": v if good else v - sign * 0.5, "seed": seed})
     return rows
 
 
@@ -49,7 +50,8 @@ def test_gap_closed_worse_shops_and_small_shop_gain_are_exact():
     assert ctr["max_loss"] == pytest.approx(0.01)
     assert ctr["small_shop_gain"] == pytest.approx({"central": 0.10, "fedshop": 0.12})
     targets = summary["targets"]
-    assert targets["gap_closed"]["met"] and not targets["max_loss"]["met"] and targets["small_shop_gain"]["met"]
+    assert targets["gap_closed"]["met"]  # exactly at the 0.70 target, despite float rounding
+    assert not targets["max_loss"]["met"] and targets["small_shop_gain"]["met"]
 
 
 def test_lower_is_better_metrics_count_a_drop_as_a_gain():
@@ -130,6 +132,7 @@ def test_write_run_report_writes_summary_and_plots(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "| ctr | auc | 0.7000 | 0.8000 | 0.7700 | 0.700 | c (+0.0100) | 0.1200 |" in text
     assert "a (small)" in text and "0.7200 (r2)" in text
+    assert "| sales | wape | 0.5000 | 0.4000 | 0.4500 | 0.500 | b (+0.0200) | 0.1200 |" in text
     assert "max_loss | <= 0.005 | 0.0100 | **no**" in text
     assert "![final_ctr](plots/final_ctr.png)" in text
     assert not list(tmp_path.rglob(".*.tmp"))

@@ -104,7 +104,7 @@ def test_freeze_encoder_trains_only_the_local_part(largest_shop: ShopTensors, ti
     after = model.encoder_state()
     assert all(torch.equal(after[k], enc[k]) for k in enc), "a frozen encoder changed"
     changed = [k for k, v in model.local_state().items() if not torch.equal(v, loc[k])]
-    assert any(k.startswith("user_ids") for k in changed) and any(k.startswith("towers") for k in changed)
+    assert any(k.startswith("user_ids") for k in changed) and len(changed) > len(loc) // 2, changed
     assert all(p.requires_grad for p in model.encoder.parameters()), "freezing must not outlive the call"
 
 

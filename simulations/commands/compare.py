@@ -78,8 +78,12 @@ def register(app: typer.Typer) -> None:
             def done(method: str, seed: int, seconds: float) -> None:
                 console.print(f"{method} (seed {seed}) finished in {seconds:.0f} s")
 
-            result = run_comparison(scenarios, out, methods=chosen, progress=progress, on_method_done=done,
-                                    config={"overrides": {k: str(v) for k, v in overrides.items()}})
+            try:
+                result = run_comparison(scenarios, out, methods=chosen, progress=progress, on_method_done=done,
+                                        config={"overrides": {k: str(v) for k, v in overrides.items()}})
+            except (RuntimeError, ValueError) as exc:
+                console.print(f"[red]error:[/red] {exc}\nrows of the methods that finished are in {out}/metrics.csv")
+                raise typer.Exit(1) from exc
         mean_final = result.final.groupby(["method", "shop", "task", "metric"], as_index=False)["value"].mean()
         print_final_table(console, mean_final, title="test metrics at each shop's best validation round")
         print_headline(result)

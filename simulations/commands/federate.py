@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,8 +38,74 @@ def _headline(report: RoundReport) -> str:
     return "  ".join(parts)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def flwr_env() -> dict[str, str]:
+    """Environment `flwr run` needs here: project-local FLWR_HOME, no runtime installs, no telemetry."""
+    env = dict(os.environ)
+    env.setdefault("FLWR_HOME", str(REPO / ".flwr"))
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # else uv installs a CUDA torch
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flower-superlink
+    return env
+
+
+def local_superlink_pids(flwr_home: str) -> list[int]:
+    """PIDs of the SuperLink `flwr run` spawned for this FLWR_HOME (its --database lies under it)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        if any(a.endswith("flower-superlink") for a in text) and any(a.startswith(flwr_home) for a in text):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _flwr_json(args: list[str], env: dict[str, str]) -> dict:
+    out = subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True, env=env, cwd=REPO,
+                         check=False)
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return {"success": False, "error-message": (out.stdout + out.stderr).strip()}
+
+
 def register(app: typer.Typer) -> None:
-    """Add `simulate`."""
+    """Add `simulate` and `flwr-run`."""
+
+    @app.command("flwr-run")
+    def flwr_run(
+        run_config: str = typer.Option("", help='e.g. \'num-server-rounds=3 run-dir="/abs/runs/demo"\''),
+        num_supernodes: int = typer.Option(8, help="must equal the scenario's number of training shops"),
+        timeout: float = typer.Option(7200.0, help="seconds to wait for the run to finish"),
+    ) -> None:
+        """`flwr run .` on a local SuperLink, failing unless the run completes (flwr's own exit code does not)."""
+        env = flwr_env()
+        before = set(local_superlink_pids(env["FLWR_HOME"]))
+        args = ["run", ".", "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
+        if run_config:
+            args += ["--run-config", run_config]
+        try:
+            started = _flwr_json(args, env)
+            if not started.get("success"):
+                console.print(f"[red]flwr run failed:[/red] {started.get('error-message', started)}")
+                raise typer.Exit(1)
+            run_id, status, deadline = str(started["run-id"]), "", time.monotonic() + timeout
+            console.print(f"run {run_id} submitted (FLWR_HOME={env['FLWR_HOME']})")
+            while time.monotonic() < deadline and not status.startswith("finished"):
+                time.sleep(5)
+                runs = _flwr_json(["ls", "--run-id", run_id], env).get("runs") or [{}]
+                status = str(runs[0].get("status", ""))
+            console.print(f"run {run_id}: {status or 'no status'}")
+            if status != "finished:completed":
+                raise typer.Exit(1)
+        finally:
+            for pid in set(local_superlink_pids(env["FLWR_HOME"])) - before:  # only the one this call spawned
+                os.kill(pid, signal.SIGTERM)
 
     @app.command("simulate")
     def simulate(

@@ -1,0 +1,65 @@
+"""A shop joining a running federation: it waits, warms up against the frozen encoder, then counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from flower_harness import LocalGrid, tiny_scenario, write_scenario
+
+from client import client_app
+from server.server_app import FederationSettings, run_federation
+
+JOIN, ROUNDS = 2, 3
+
+
+def _run(tmp_path, name: str, *, join_round: int, warmup: int):
+    scenario = tiny_scenario(**{"data.synthetic.n_late_joiners": 1, "data.synthetic.late_joiner_impressions": 1500,
+                                "federation.join_round": join_round, "federation.warmup_rounds": warmup})
+    path = write_scenario(scenario, tmp_path / f"{name}.toml")
+    n_nodes = len(scenario.federation_shops())
+    settings = FederationSettings.from_config({"scenario": str(path), "num-server-rounds": ROUNDS,
+                                               "run-dir": str(tmp_path / name), "join-round": join_round,
+                                               "warmup-rounds": warmup})
+    reports = []
+    run_federation(LocalGrid(n_nodes, client_app.app), settings, lambda report, total: reports.append(report))
+    return reports, pd.read_csv(tmp_path / name / "metrics.csv"), scenario
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("join")
+    return {name: _run(tmp, name, join_round=j, warmup=w)
+            for name, j, w in (("alone", 0, 0), ("warmup", JOIN, 2), ("naive", JOIN, 0))}
+
+
+def _encoder(report):
+    return {k: a.numpy() for k, a in report.arrays.items()}
+
+
+def test_late_joiner_waits_then_warms_up_then_counts(runs):
+    reports, _, scenario = runs["warmup"]
+    joiner = scenario.late_joiners[0]
+    assert "waiting" in reports[0].left_out[joiner]  # round 1 < join round
+    assert "warm-up" in reports[1].left_out[joiner] and joiner not in reports[1].train
+    assert "warm-up" in reports[2].left_out[joiner]  # warm-up lasts 2 rounds
+    naive, _, _ = runs["naive"]
+    assert joiner in naive[1].train  # without warm-up it counts from its first round
+
+
+def test_warmup_keeps_the_other_shops_exactly_where_they_would_be_without_the_newcomer(runs):
+    alone, warm, naive = runs["alone"][0], runs["warmup"][0], runs["naive"][0]
+    at_join = JOIN - 1
+    for key, value in _encoder(alone[at_join]).items():
+        np.testing.assert_array_equal(_encoder(warm[at_join])[key], value)
+    assert any(not np.array_equal(_encoder(naive[at_join])[k], v) for k, v in _encoder(alone[at_join]).items())
+
+    def others_val_auc(metrics: pd.DataFrame, scenario) -> pd.Series:
+        rows = metrics[(metrics["round"] == JOIN) & (metrics["split"] == "val") & (metrics["task"] == "ctr")
+                       & (metrics["metric"] == "auc") & (~metrics["shop"].isin(scenario.late_joiners))]
+        return rows.set_index("shop")["value"].sort_index()
+
+    scenario = runs["warmup"][2]
+    base = others_val_auc(runs["alone"][1], scenario)
+    pd.testing.assert_series_equal(others_val_auc(runs["warmup"][1], scenario), base)
+    assert not others_val_auc(runs["naive"][1], scenario).equals(base)
