@@ -48,7 +48,8 @@ class TaskHead:
         """Mean training loss on a batch of this task's source rows."""
         raise NotImplementedError
 
-    def evaluate(self, model: ShopModel, tensors: ShopTensors, split: str, item_table: torch.Tensor) -> dict[str, float]:
+    def evaluate(self, model: ShopModel, tensors: ShopTensors, split: str,
+                 item_table: torch.Tensor) -> dict[str, float]:
         """Metrics on a split ('val' or 'test'); empty when the split has no rows for this task."""
         raise NotImplementedError
 

@@ -182,8 +182,8 @@ def test_product_leakage_individual_union_and_noise() -> None:
 
 def test_audit_blocks_leaks_without_naming_them() -> None:
     allow = AllowList.for_encoder(["encoder.fields.weight"])
-    audit_payload(arrays={"arrays": {"encoder.fields.weight": 1}}, metrics={"metrics": {"num-examples": 3, "loss": 0.1}},
-                  configs={}, allow=allow)
+    audit_payload(arrays={"arrays": {"encoder.fields.weight": 1}},
+                  metrics={"metrics": {"num-examples": 3, "loss": 0.1}}, configs={}, allow=allow)
     with pytest.raises(LeakBlocked) as err:
         audit_payload(arrays={"arrays": {"encoder.fields.weight": 1, "local.user_ids.weight": 2}},
                       metrics={"metrics": {"num-examples": 3, "user-4711": 0.5}}, configs={}, allow=allow)

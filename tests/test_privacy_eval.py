@@ -48,3 +48,20 @@ def test_no_user_id_leaves_a_shop_plain_or_secagg(tmp_path: Path) -> None:
     assert ids["user_ids"] > 100
     assert ids["plain_replies"] == 3 and ids["secagg_replies"] >= 12  # 4 SecAgg+ stages x 3 shops (+ evaluate)
     assert ids["plain"] == 0.0 and ids["secagg"] == 0.0
+
+
+def test_privacy_command_registers() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from simulations.commands import privacy
+
+    app = typer.Typer()
+    privacy.register(app)
+
+    @app.command("noop")
+    def noop() -> None:
+        """Second command so Typer keeps sub-command names."""
+
+    result = CliRunner().invoke(app, ["privacy", "--help"])
+    assert result.exit_code == 0 and "SCENARIO" in result.output.upper() and "--small" in result.output

@@ -176,9 +176,16 @@ def test_task_dropout_and_overlap_knobs() -> None:
     every = generate_world(WorldConfig(task_dropout=1.0, **SMALL))
     largest, *rest = every.training_shops()
     assert largest.available_tasks() == ["ctr", "cvr", "ranking", "sales"]
+    small = set(every.truth["small_shops"]) if "small_shops" in every.truth else {
+        s.name for s in every.training_shops() if s.meta.get("small")}
+    assert small
     for shop in rest:
-        assert shop.sales is None and (shop.interactions["clicked"] == 1).all()
-        assert shop.available_tasks() == ["cvr", "ranking"]
+        assert shop.sales is None
+        if shop.name in small:  # small shops keep their impression log (CTR) whatever the dropout
+            assert shop.available_tasks() == ["ctr", "cvr", "ranking"]
+        else:
+            assert (shop.interactions["clicked"] == 1).all()
+            assert shop.available_tasks() == ["cvr", "ranking"]
 
     def keyed(cfg: WorldConfig) -> list[float]:
         w = generate_world(cfg)

@@ -388,6 +388,8 @@ def generate_world(cfg: WorldConfig) -> World:
     drop_rng = np.random.default_rng(seeds[2])
     drops = [{t for t in ("ctr", "sales") if drop_rng.random() < cfg.task_dropout} for _ in range(cfg.n_shops)]
     drops[0] = set()  # the largest shop keeps every task, so each task is learnable somewhere
+    for k in range(cfg.n_shops - cfg.n_small_shops, cfg.n_shops):
+        drops[k].discard("ctr")  # small shops keep their impression log: they are where federation must pay off
 
     small = {f"shop_{k:02d}" for k in range(cfg.n_shops - cfg.n_small_shops, cfg.n_shops)}
     specs = [(f"shop_{k:02d}", int(sizes[k]), train_mix[k], False, drops[k], False) for k in range(cfg.n_shops)]

@@ -26,8 +26,9 @@ def _run(kind: str, scenario_name: str, epochs: int | None, run_dir: Path | None
     out.mkdir(parents=True, exist_ok=True)
     write_run_info(out, {"command": f"train-{kind}", "epochs": epochs or 0, "scenario": scenario.raw})
     runner = run_local_only if kind == "local" else run_central
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("epoch {task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def progress(label: str, done: int, total: int) -> None:
@@ -37,7 +38,8 @@ def _run(kind: str, scenario_name: str, epochs: int | None, run_dir: Path | None
 
         rows = runner(scenario, epochs=epochs, progress=progress)
     write_metrics(out, rows)
-    print_final_table(console, final_table(rows), title=f"train-{kind}: test metrics at each shop's best validation epoch")
+    print_final_table(console, final_table(rows),
+                      title=f"train-{kind}: test metrics at each shop's best validation epoch")
     console.print(f"run directory: [bold]{out}[/bold]")
     return out
 
