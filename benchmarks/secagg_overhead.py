@@ -57,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shops", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--scenario", default="default")
+    parser.add_argument("--num-shares", type=float, nargs="+", default=[1.0, 7],
+                        help="SecAgg+ neighbourhood: <= 1 share of shops (1.0 = all pairs), > 1 a count")
     parser.add_argument("--full-size", action="store_true", help="the scenario's own encoder (default: eval size)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "secagg_overhead.json")
     args = parser.parse_args()
@@ -68,16 +70,22 @@ def main() -> None:
     for n in args.shops:
         updates = _updates(initial, n, seed=n)
         plain_s, plain = _fedavg_seconds(initial, updates)
-        with tempfile.TemporaryDirectory() as tmp:
-            _, secure, secure_s = secagg_view(initial, updates, Path(tmp))
         exact = {k: initial[k] + np.mean([u[k] for u in updates], axis=0) for k in initial}
-        err = max(float(np.abs(secure[k] - exact[k]).max()) for k in exact)
         plain_err = max(float(np.abs(plain[k] - exact[k]).max()) for k in exact)
-        rows.append({"shops": n, "params": n_params, "fedavg_round_s": plain_s, "secagg_round_s": secure_s,
-                     "overhead_x": secure_s / plain_s, "secagg_max_abs_error": err,
-                     "fedavg_max_abs_error": plain_err, "quantum": SecAggSettings().quantisation_step()})
-        print(f"{n:>4} shops  {n_params:>9} params  FedAvg {plain_s:7.2f}s  SecAgg+ {secure_s:7.2f}s  "
-              f"x{secure_s / plain_s:5.1f}  max |error| SecAgg+ {err:.2e} (FedAvg float32 {plain_err:.2e})")
+        for shares in args.num_shares:
+            if shares > 1 and shares >= n:
+                continue
+            # Threshold: 60% of each neighbourhood must survive (a count of 2 at least for tiny ones).
+            secagg = SecAggSettings(num_shares=shares, reconstruction_threshold=0.6)
+            with tempfile.TemporaryDirectory() as tmp:
+                _, secure, secure_s = secagg_view(initial, updates, Path(tmp), secagg)
+            err = max(float(np.abs(secure[k] - exact[k]).max()) for k in exact)
+            rows.append({"shops": n, "params": n_params, "num_shares": shares, "fedavg_round_s": plain_s,
+                         "secagg_round_s": secure_s, "overhead_x": secure_s / plain_s, "secagg_max_abs_error": err,
+                         "fedavg_max_abs_error": plain_err, "quantum": secagg.quantisation_step()})
+            print(f"{n:>4} shops  {n_params:>9} params  shares {shares:>4}  FedAvg {plain_s:7.2f}s  "
+                  f"SecAgg+ {secure_s:7.2f}s  x{secure_s / plain_s:5.1f}  max |error| SecAgg+ {err:.2e} "
+                  f"(FedAvg float32 {plain_err:.2e})")
     atomic_write_text(args.out, json.dumps({"scenario": args.scenario, "results": rows}, indent=2))
     print(f"written: {args.out}")
 

@@ -7,7 +7,9 @@ weights) never leaves the shop. Within one run it lives in `context.state` as a 
 when the shop has a state directory (its own disk: `state-dir` in deployment,
 `<run-dir>/shop-state/<shop>/` in simulation) it is also saved there atomically after every round,
 so it survives SuperNode restarts, interrupted runs and later runs. A corrupt or incompatible
-state file is reported and replaced by a fresh local part, never fatal.
+state file is reported and replaced by a fresh local part, never fatal. The file also counts the
+training rounds its local part has been through (`rounds_trained`, across runs), so an operator can
+tell a carried-over local part from one that started afresh.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from shared.atomic import atomic_write_bytes
 from shared.features import ShopTensors, build_shop_tensors
@@ -28,6 +30,8 @@ from shared.scenario import Scenario, load_scenario
 from shared.schema import load_shop_dir
 
 LOCAL_RECORD = "fedshop.local-part"  # name of the ArrayRecord in context.state
+LINEAGE_RECORD = "fedshop.local-lineage"  # ConfigRecord in context.state: {ROUNDS_TRAINED: n}
+ROUNDS_TRAINED = "rounds-trained"
 STATE_FILE = "local_part.pt"
 FORMAT_VERSION = 1
 
@@ -100,8 +104,8 @@ def _compatible(model: ShopModel, state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def read_state_file(state_dir: Path) -> dict[str, torch.Tensor] | None:
-    """The local part saved in ``state_dir``; None (with a warning) when absent, corrupt or foreign."""
+def _read_payload(state_dir: Path) -> dict | None:
+    """The whole saved payload in ``state_dir``; None (with a warning) when absent, corrupt or foreign."""
     path = Path(state_dir) / STATE_FILE
     if not path.exists():
         return None
@@ -115,40 +119,64 @@ def read_state_file(state_dir: Path) -> dict[str, torch.Tensor] | None:
         logger.warning("%s is not a fedshop local-part file of format %d; starting a fresh local part",
                        path, FORMAT_VERSION)
         return None
-    return dict(payload["local"])
+    return payload
 
 
-def write_state_file(state_dir: Path, model: ShopModel, *, shop: str, server_round: int) -> Path:
-    """Save the model's local part to ``state_dir`` atomically."""
+def read_state_file(state_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The local part saved in ``state_dir``; None (with a warning) when absent, corrupt or foreign."""
+    payload = _read_payload(state_dir)
+    return None if payload is None else dict(payload["local"])
+
+
+def rounds_trained(context: Context) -> int:
+    """Training rounds the local part now in ``context`` has been through (0 for a fresh one)."""
+    if LINEAGE_RECORD not in context.state.config_records:
+        return 0
+    return int(context.state.config_records[LINEAGE_RECORD].get(ROUNDS_TRAINED, 0))
+
+
+def write_state_file(state_dir: Path, model: ShopModel, *, shop: str, server_round: int,
+                     trained: int = 0) -> Path:
+    """Save the model's local part (and how many rounds it has trained) to ``state_dir`` atomically."""
     buf = io.BytesIO()
-    torch.save({"format": FORMAT_VERSION, "shop": shop, "round": server_round, "local": model.local_state()}, buf)
+    torch.save({"format": FORMAT_VERSION, "shop": shop, "round": server_round, "rounds_trained": trained,
+                "local": model.local_state()}, buf)
     return atomic_write_bytes(Path(state_dir) / STATE_FILE, buf.getvalue())
 
 
 def restore_local_part(model: ShopModel, context: Context, state_dir: Path | None) -> str:
     """Load the shop's saved local part into ``model``; returns where it came from (context/disk/fresh)."""
-    candidates: list[tuple[str, dict[str, torch.Tensor] | None]] = []
+    candidates: list[tuple[str, dict[str, torch.Tensor] | None, int]] = []
     if LOCAL_RECORD in context.state.array_records:
-        candidates.append(("context", dict(context.state.array_records[LOCAL_RECORD].to_torch_state_dict())))
+        candidates.append(("context", dict(context.state.array_records[LOCAL_RECORD].to_torch_state_dict()),
+                           rounds_trained(context)))
     if state_dir is not None:
-        candidates.append(("disk", read_state_file(state_dir)))
-    for source, state in candidates:
-        if state is None:
-            continue
+        payload = _read_payload(state_dir)
+        if payload is not None:
+            candidates.append(("disk", dict(payload["local"]), int(payload.get("rounds_trained", 0))))
+    for source, state, trained in candidates:
         problem = _compatible(model, state)
         if problem is None:
             model.load_local_state(state)
+            context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: trained})
             return source
         where = Path(state_dir) / STATE_FILE if source == "disk" else f"context.state['{LOCAL_RECORD}']"
         logger.warning("saved local part in %s does not fit this shop's model: %s; starting a fresh local "
                        "part. Fix: delete it if the shop's data or model settings changed on purpose",
                        where, problem)
+    context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: 0})
     return "fresh"
 
 
 def save_local_part(model: ShopModel, context: Context, state_dir: Path | None, *, shop: str,
                     server_round: int) -> None:
-    """Keep the local part in ``context.state`` and, when the shop has one, in its state directory."""
+    """Keep the local part in ``context.state`` and, when the shop has one, in its state directory.
+
+    Call after one round of training on a local part loaded by `restore_local_part`: its lineage
+    count goes up by one.
+    """
+    trained = rounds_trained(context) + 1
     context.state[LOCAL_RECORD] = ArrayRecord(model.local_state())
+    context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: trained})
     if state_dir is not None:
-        write_state_file(state_dir, model, shop=shop, server_round=server_round)
+        write_state_file(state_dir, model, shop=shop, server_round=server_round, trained=trained)

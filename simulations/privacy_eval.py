@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
@@ -36,7 +35,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.task_identity import TaskIdentity
-from torch import nn
 
 from client.secure_client import make_secure_app
 from server.checkpoint import latest_checkpoint
@@ -45,7 +43,6 @@ from server.server_app import FederationSettings, initial_encoder
 from shared.atomic import atomic_write_bytes, atomic_write_text
 from shared.features import ShopTensors, build_shop_tensors, hash_field
 from shared.model import ShopModel, build_model
-from shared.privacy.accounting import ShopAccountant
 from shared.privacy.attacks import (
     AttackResult,
     dp_violations,
@@ -57,7 +54,7 @@ from shared.privacy.attacks import (
     reference_model_scores,
     user_id_leakage,
 )
-from shared.privacy.dpsgd import DPSGDConfig, privacy_report, train_dpsgd
+from shared.privacy.dpsgd import DPSGDConfig, impression_row_loss, privacy_report, train_dpsgd_shop
 from shared.scenario import Scenario, load_scenario
 from shared.schema import ShopData
 from shared.train import evaluate_shop, train_shop
@@ -184,7 +181,7 @@ class PrivacyEvalConfig:
     dpsgd_noise: float = 1.0  # user-level DP-SGD on the attacked shop
     dpsgd_sample_rate: float = 0.05
     dpsgd_rounds: int = 10  # DP-SGD rounds; each ceil(1/q) steps
-    central_noise: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)  # central DP noise multipliers (0 = no DP)
+    central_noise: tuple[float, ...] = (0.0, 0.5, 2.0)  # central DP noise multipliers (0 = no DP)
     clipping_norm: float = 1.0
     delta: float = 1e-5
     rounds: int = 3  # federated rounds per privacy-utility point
@@ -394,19 +391,6 @@ def restrict_users(tensors: ShopTensors, users: np.ndarray) -> ShopTensors:
                    tasks=[t for t in tensors.tasks if t != "sales"])
 
 
-def impression_row_loss(model: ShopModel, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per-row loss of the impression tasks (CTR BCE, plus CVR BCE on clicked rows): (n,)."""
-    item_table = model.all_items()
-    logits = model.impression_logits(rows, item_table)
-    loss = torch.zeros(rows["user"].shape[0])
-    if "ctr" in logits:
-        loss = loss + F.binary_cross_entropy_with_logits(logits["ctr"], rows["clicked"], reduction="none")
-    if "cvr" in logits:
-        cvr = F.binary_cross_entropy_with_logits(logits["cvr"], rows["purchased"], reduction="none")
-        loss = loss + cvr * rows["clicked"]
-    return loss
-
-
 @torch.no_grad()
 def user_losses(model: ShopModel, tensors: ShopTensors, users: np.ndarray) -> np.ndarray:
     """Mean training-period loss of each user in ``users`` (members' seen rows, others' unseen rows)."""
@@ -415,23 +399,6 @@ def user_losses(model: ShopModel, tensors: ShopTensors, users: np.ndarray) -> np
     per_user = per_user_mean(impression_row_loss(model, rows).numpy(), rows["user"].numpy())
     model.train()
     return per_user.reindex(users).to_numpy()
-
-
-def train_dpsgd_shop(model: ShopModel, tensors: ShopTensors, dp: DPSGDConfig, rounds: int) -> ShopAccountant:
-    """User-level DP-SGD on a shop's impression tasks; the accountant carries over between rounds."""
-    rows = tensors.rows["train"]
-
-    def unit_loss(m: nn.Module, idx: np.ndarray) -> torch.Tensor:
-        batch = {k: v[torch.as_tensor(idx)] for k, v in rows.items()}
-        return impression_row_loss(m, batch).sum()
-
-    acc = ShopAccountant()
-    for r in range(rounds):
-        state = acc.to_json()  # what the shop keeps in its local state between rounds
-        acc = ShopAccountant.from_json(state)
-        train_dpsgd(model, unit_of_row=rows["user"].numpy(), unit_loss=unit_loss,
-                    cfg=replace(dp, seed=dp.seed + r), accountant=acc)
-    return acc
 
 
 def membership_inference(cfg: PrivacyEvalConfig, scenario: Scenario, shop: ShopData) -> dict[str, object]:
@@ -585,11 +552,12 @@ UTILITY_METRIC = "ctr.auc"
 
 
 def privacy_utility(cfg: PrivacyEvalConfig, scenario_path: Path, run_dir: Path, *, n_shops: int = 8,
-                    max_steps: int = 10) -> list[dict[str, object]]:
+                    max_steps: int = 20) -> list[dict[str, object]]:
     """Test-split task metric after ``cfg.rounds`` federated rounds for each central-DP noise level, +/- SecAgg+."""
     from client.client_app import app as main_app
     from client.secure_client import dp_app, secure_app
-    from server.dp import CentralDPSettings, wrap
+    from server.dp import CentralDP, CentralDPSettings, wrap
+    from server.strategies import ShopStrategy
 
     scenario = load_scenario(str(scenario_path))
     shops = scenario.training_shops()[:n_shops]
@@ -598,12 +566,14 @@ def privacy_utility(cfg: PrivacyEvalConfig, scenario_path: Path, run_dir: Path, 
         base = {"scenario": str(scenario_path), "max-steps": max_steps, "run-dir": str(run_dir / f"utility-z{z}")}
         grid = LoopbackGrid(dp_app if z > 0 else main_app, nodes(len(shops)), run_config=base)
         inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(shops), min_train_nodes=len(shops))
-        strategy = wrap(inner, CentralDPSettings(noise_multiplier=z, clipping_norm=cfg.clipping_norm, delta=cfg.delta),
-                        num_shops=len(shops))
+        dp = wrap(inner, CentralDPSettings(noise_multiplier=z, clipping_norm=cfg.clipping_norm, delta=cfg.delta),
+                  num_shops=len(shops))
+        # The main app's strategy wrapper: per-shop metrics stay out of aggregation (shops' task sets differ).
+        strategy = ShopStrategy(dp, min_shops=2, shop_name=lambda i: shops[i].name if 0 <= i < len(shops) else str(i))
         result = strategy.start(grid=grid, initial_arrays=initial_encoder(scenario), num_rounds=cfg.rounds,
                                 train_config=ConfigRecord(base))
         final = _evaluate_shops(scenario, shops, result.arrays, grid)
-        eps = strategy.report().epsilon if z > 0 else float("inf")
+        eps = dp.report().epsilon if isinstance(dp, CentralDP) else float("inf")
         rows.append({"protection": "none" if z == 0 else "central DP", "noise_multiplier": z, "epsilon": eps,
                      "delta": cfg.delta, "rounds": cfg.rounds, "metric": UTILITY_METRIC,
                      "value": float(final.get(UTILITY_METRIC, float("nan")))})

@@ -1,12 +1,15 @@
-"""Deployment on loopback: a TLS SuperLink with SuperNode auth and one SuperNode per merchant.
+"""Deployment on loopback with the real fedshop apps: a TLS SuperLink with SuperNode auth, one SuperNode per merchant.
 
-Uses the throwaway app in tests/fixtures/tinyapp (numpy only, so a message costs Flower's own
-overhead, not torch's). Every process is started in its own session and stopped by PID in teardown.
+Three tiny synthetic shops, each served by its own `flower-supernode` that reads the shop's directory
+and keeps its local part in its own state dir. One module fixture starts the federation; a second runs
+the first federation (with a merchant crash and a corrupt state file), so each test checks one property.
+Every process is started in its own session and stopped by PID in teardown.
 """
 
 from __future__ import annotations
 
-import json
+import io
+import shutil
 import signal
 import threading
 import time
@@ -14,53 +17,115 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
+from client.local_state import STATE_FILE
+from shared.datasets.synthetic import WorldConfig, generate_world, write_world
 from simulations.commands import deploy
 from simulations.deploy.certs import write_certs
-from simulations.deploy.coordinator import RunOutcome, register_merchant, submit_run
+from simulations.deploy.coordinator import RunOutcome, deployment_run_config, register_merchant, submit_run
 from simulations.deploy.loopback import LoopbackFederation, loopback_federation
 from simulations.deploy.merchant import supernode_dir
 from simulations.deploy.processes import ProcessStartError, pid_alive, read_record, stop_pid
+from simulations.options import scenario_or_exit
 
-TINYAPP = Path(__file__).parent / "fixtures" / "tinyapp"
-SHOPS = ["shop-a", "shop-b", "shop-c"]
-INTERACTIONS = ("user_id,item_id,timestamp,event\n" + "".join(
-    f"u{i % 3},i{i % 4},{1_700_000_000 + 60 * i},{('impression', 'click', 'purchase')[i % 3]}\n" for i in range(12)))
+SCENARIO = """
+name = "deploy-tiny"
+seed = 0
+[data]  # the coordinator holds no shop data: each merchant's SuperNode reads its own shop-dir
+source = "shop-dirs"
+paths = []
+[features]
+hash_buckets = 512
+product_buckets = 512
+history_len = 5
+[model]
+embed_dim = 8
+expert_dim = 16
+tower_dim = 8
+n_experts = 2
+[train]
+batch_size = 256
+[federation]
+rounds = 3
+min_shops = 2
+round_timeout = 120.0  # a healthy reply takes ~10 s idle; only a pulled-then-killed message waits this long
+"""
+EXTRA = ("intruder", "no-ca")  # key pairs that are not registered / started
 
 
-def rounds_trained(fed: LoopbackFederation, name: str) -> int:
-    return int(json.loads((fed.state_dir(name) / "tiny_state.json").read_text())["rounds_trained"])
+def lineage(fed: LoopbackFederation, name: str) -> dict:
+    """The saved local part's header: round of its last save and rounds it has trained (across runs)."""
+    payload = torch.load(fed.state_dir(name) / STATE_FILE, weights_only=True)
+    return {"round": payload["round"], "rounds_trained": payload["rounds_trained"]}
+
+
+def train_rounds(metrics: pd.DataFrame, shop: str) -> list[int]:
+    """Rounds in which ``shop``'s training update reached the coordinator."""
+    return sorted(metrics.loc[(metrics["shop"] == shop) & (metrics["split"] == "train"), "round"].unique())
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory):
-    """Coordinator + three registered merchants, all on 127.0.0.1; everything stopped by PID afterwards."""
+    """Coordinator + three registered merchants over tiny synthetic shops, all on 127.0.0.1."""
     root = tmp_path_factory.mktemp("deploy")
-    for name in SHOPS + ["intruder", "no-ca"]:
-        (root / name / "shop").mkdir(parents=True)
-        (root / name / "shop" / "interactions.csv").write_text(INTERACTIONS)
-    with loopback_federation(root, SHOPS, extra_keys=("intruder", "no-ca")) as fed:
+    world = generate_world(WorldConfig(n_shops=3, n_late_joiners=0, max_impressions=2500, min_impressions=800,
+                                       n_small_shops=1))
+    write_world(world, root / "world")
+    shops = [s.name for s in world.shops]
+    for name in shops:
+        (root / name).mkdir()
+        (root / "world" / name).rename(root / name / "shop")
+    for name in EXTRA:
+        shutil.copytree(root / shops[0] / "shop", root / name / "shop")
+    (root / "tiny.toml").write_text(SCENARIO)
+    with loopback_federation(root, shops, extra_keys=EXTRA) as fed:
         yield fed
 
 
-def _run(fed: LoopbackFederation, name: str, **config: object) -> tuple[RunOutcome, pd.DataFrame]:
-    run_dir = fed.root / "runs" / name
+@pytest.fixture(scope="module")
+def crash_run(federation: LoopbackFederation) -> dict:
+    """The federation's first run, 3 rounds; merchant 0 is SIGKILLed after round 1 and restarted.
+
+    Merchant 2 starts from a corrupt local_part.pt. Returns the outcome, metrics and what was seen.
+    """
+    shops = list(federation.merchants)
+    (federation.state_dir(shops[2]) / STATE_FILE).write_bytes(b"not a torch file")
+    run_dir = federation.root / "runs" / "crash"
     run_dir.mkdir(parents=True)
-    with (run_dir / "flwr-run.log").open("w") as log:
-        outcome = submit_run(fed.coordinator.home, {"min-nodes": 3, "run-dir": str(run_dir), **config},
-                             app=TINYAPP, out=log, timeout=150)
-    metrics = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else pd.DataFrame()
-    return outcome, metrics
+    config = deployment_run_config(scenario_or_exit(str(federation.root / "tiny.toml")),
+                                   str(federation.root / "tiny.toml"), run_dir)
+    result: dict = {}
+
+    def run() -> None:
+        result["outcome"] = submit_run(federation.coordinator.home, config, out=io.StringIO(), timeout=600)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=run)
+    worker.start()
+    while not (run_dir / "metrics.csv").exists() and worker.is_alive():
+        time.sleep(0.05)
+    assert (run_dir / "metrics.csv").exists(), f"round 1 never finished: {result}"
+    victim = federation.merchants[shops[0]]
+    stop_pid(victim.pid, sig=signal.SIGKILL, timeout=5)  # a crash, not a clean stop
+    result["victim_alive"] = pid_alive(victim.pid)
+    result["after_crash"] = lineage(federation, shops[0])
+    result["victim"] = victim
+    result["restarted"] = federation.start(shops[0], retry_for=90)  # SuperLink frees a dead node within 60 s
+    worker.join(600)
+    assert not worker.is_alive(), "the run did not end"
+    result["seconds"] = time.monotonic() - started
+    result["metrics"] = pd.read_csv(run_dir / "metrics.csv")
+    return result
 
 
 @pytest.mark.slow
 def test_unregistered_merchant_is_refused(federation: LoopbackFederation) -> None:
     with pytest.raises(ProcessStartError, match="Failed to activate SuperNode"):
         federation.start("intruder")
-    record = supernode_dir(federation.state_dir("intruder")) / "supernode.json"
-    assert not record.exists()
+    assert not (supernode_dir(federation.state_dir("intruder")) / "supernode.json").exists()
 
 
 @pytest.mark.slow
@@ -71,56 +136,79 @@ def test_merchant_without_the_ca_cannot_connect(federation: LoopbackFederation) 
 
 
 @pytest.mark.slow
-def test_two_rounds_survive_a_merchant_crash_with_state_intact(federation: LoopbackFederation) -> None:
-    """Three merchants over TLS + auth, two rounds; shop-a is SIGKILLed after round 1 and restarted."""
-    (federation.state_dir("shop-c") / "tiny_state.json").write_text("{not json")  # corrupt: must start fresh
-    (federation.state_dir("shop-b") / "tiny_state.json").write_text('{"rounds_trained": 5}')  # a previous run
-    result: dict[str, object] = {}
-
-    def run() -> None:
-        result["outcome"], result["metrics"] = _run(federation, "crash", **{"num-server-rounds": 3,
-                                                                            "pause-seconds": 6.0})
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    metrics_file = federation.root / "runs" / "crash" / "metrics.csv"
-    deadline = time.monotonic() + 100
-    while not metrics_file.exists() and time.monotonic() < deadline and worker.is_alive():
-        time.sleep(0.2)
-    assert metrics_file.exists(), "round 1 never finished"
-    victim = federation.merchants["shop-a"]
-    stop_pid(victim.pid, sig=signal.SIGKILL, timeout=5)  # a crash, not a clean stop
-    assert not pid_alive(victim.pid)
-    assert rounds_trained(federation, "shop-a") == 1
-    restarted = federation.start("shop-a", retry_for=90)  # the SuperLink releases a crashed node within 60 s
-    worker.join(120)
-    assert not worker.is_alive()
-    outcome, metrics = result["outcome"], result["metrics"]
-    assert outcome.ok, outcome
-    ids = {name: m.node_id for name, m in federation.merchants.items()}
-    assert restarted.node_id == victim.node_id  # same key, same SuperNode
-    assert set(metrics["shop"]) == set(ids.values()) and len(set(ids.values())) == 3
+def test_run_completes_with_every_merchant_labelled_by_its_shop_index(federation: LoopbackFederation,
+                                                                     crash_run: dict) -> None:
+    outcome, metrics = crash_run["outcome"], crash_run["metrics"]
+    assert isinstance(outcome, RunOutcome) and outcome.ok, outcome
+    assert set(metrics["shop"]) == {"shop-0", "shop-1", "shop-2"}  # merchant i started with --shop-index i
     assert sorted(metrics["round"].unique()) == [1, 2, 3]
-    trained = metrics[metrics["metric"] == "rounds-trained"].pivot(index="shop", columns="round", values="value")
-    assert trained.loc[ids["shop-b"]].tolist() == [6, 7, 8]  # state from an earlier run was picked up
-    assert trained.loc[ids["shop-c"]].tolist() == [1, 2, 3]  # corrupt state replaced by a fresh one
-    # The crashed node may miss round 2 (its message dies with it); after the restart it continues from
-    # its saved counter instead of starting again at 1.
-    shop_a = trained.loc[ids["shop-a"]].dropna()
-    assert shop_a[1] == 1 and 3 in shop_a.index and shop_a[3] >= 2
-    assert shop_a.is_monotonic_increasing
-    assert rounds_trained(federation, "shop-a") == shop_a[3]
-    assert read_record(supernode_dir(federation.state_dir("shop-a")) / "supernode.json").pid == restarted.pid
+    for shop in ("shop-1", "shop-2"):
+        assert train_rounds(metrics, shop) == [1, 2, 3]
+        assert set(metrics.loc[metrics["shop"] == shop, "split"]) == {"train", "val", "test"}
+
+
+@pytest.mark.slow
+def test_killed_merchant_restarts_with_its_local_part_intact(federation: LoopbackFederation,
+                                                            crash_run: dict) -> None:
+    name = list(federation.merchants)[0]
+    victim, restarted = crash_run["victim"], crash_run["restarted"]
+    assert not crash_run["victim_alive"]
+    assert crash_run["after_crash"] == {"round": 1, "rounds_trained": 1}
+    assert restarted.node_id == victim.node_id  # same key, same SuperNode
+    assert read_record(supernode_dir(federation.state_dir(name)) / "supernode.json").pid == restarted.pid
+    rounds = train_rounds(crash_run["metrics"], "shop-0")
+    assert rounds[0] == 1 and rounds[-1] == 3  # missed round 2 at most (its message died with it)
+    # Restored from disk after the restart: the lineage counts every round, not just those since.
+    assert lineage(federation, name) == {"round": 3, "rounds_trained": len(rounds)}
+
+
+@pytest.mark.slow
+def test_corrupt_local_part_warns_and_starts_fresh(federation: LoopbackFederation, crash_run: dict) -> None:
+    name = list(federation.merchants)[2]
+    log = (supernode_dir(federation.state_dir(name)) / "supernode.log").read_text(errors="replace")
+    assert f"{STATE_FILE} is unreadable" in log and "starting a fresh local part" in log
+    assert lineage(federation, name) == {"round": 3, "rounds_trained": 3}  # fresh, then three rounds; no crash loop
+
+
+@pytest.mark.slow
+def test_cli_second_run_carries_local_parts_over(federation: LoopbackFederation, crash_run: dict,
+                                                 tmp_path: Path) -> None:
+    """`fedshop coordinator run` writes a simulation's run dir; each merchant continues its local part."""
+    before = {name: lineage(federation, name)["rounds_trained"] for name in federation.merchants}
+    app = typer.Typer()
+    deploy.register(app)
+    result = CliRunner().invoke(app, ["coordinator", "run", str(federation.root / "tiny.toml"), "--home",
+                                      federation.coordinator.home, "--runs-dir", str(tmp_path), "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    assert "finished:completed" in result.output
+    (run_dir,) = tmp_path.iterdir()
+    assert {"config.toml", "versions.json", "scenario.toml", "metrics.csv"} <= {p.name for p in run_dir.iterdir()}
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert set(metrics["shop"]) == {"shop-0", "shop-1", "shop-2"}
+    for name in federation.merchants:
+        assert lineage(federation, name) == {"round": 1, "rounds_trained": before[name] + 1}, name
 
 
 @pytest.mark.slow
 def test_cli_run_exits_non_zero_when_the_run_fails(federation: LoopbackFederation, tmp_path: Path) -> None:
     app = typer.Typer()
     deploy.register(app)
-    result = CliRunner().invoke(app, ["coordinator", "run", "tiny", "--home", federation.coordinator.home,
-                                      "--app", str(TINYAPP), "--runs-dir", str(tmp_path), "-c", "fail-server=1"])
+    result = CliRunner().invoke(app, ["coordinator", "run", str(federation.root / "tiny.toml"), "--home",
+                                      federation.coordinator.home, "--runs-dir", str(tmp_path), "--rounds", "1",
+                                      "-c", "strategy=no-such-strategy"])
     assert result.exit_code == 1, result.output
     assert "finished:failed" in result.output
+
+
+def test_cli_run_rejects_an_unknown_run_config_key_before_submitting(tmp_path: Path) -> None:
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(SCENARIO)
+    app = typer.Typer()
+    deploy.register(app)
+    result = CliRunner().invoke(app, ["coordinator", "run", str(scenario), "--home", str(tmp_path / "nowhere"),
+                                      "--runs-dir", str(tmp_path / "runs"), "-c", "num-rounds=2"])
+    assert result.exit_code == 1, result.output
+    assert "num-rounds" in result.output and "Fix" in result.output
 
 
 def test_merchant_with_bad_shop_data_starts_nothing(tmp_path: Path) -> None:
@@ -132,7 +220,7 @@ def test_merchant_with_bad_shop_data_starts_nothing(tmp_path: Path) -> None:
     deploy.register(app)
     result = CliRunner().invoke(app, ["merchant", "start", "--shop-dir", str(shop), "--state-dir", str(state),
                                       "--superlink", "127.0.0.1:9", "--ca", str(certs.ca_cert),
-                                      "--key", str(certs.merchant_keys["m"][0])])
+                                      "--key", str(certs.merchant_keys["m"][0]), "--shop-index", "0"])
     assert result.exit_code == 2, result.output
     assert "interactions.csv" in result.output and "nothing started" in result.output
     assert not (supernode_dir(state) / "supernode.json").exists()

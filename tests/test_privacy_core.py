@@ -190,3 +190,25 @@ def test_audit_blocks_leaks_without_naming_them() -> None:
     text = str(err.value)
     assert "user_ids" not in text and "4711" not in text and "0.5" not in text
     assert "array record 'arrays'" in text and "metric record 'metrics'" in text
+
+
+def test_dpsgd_on_a_shop_model_keeps_accounting_across_rounds() -> None:
+    from shared.features import build_shop_tensors
+    from shared.model import build_model
+    from shared.privacy.dpsgd import train_dpsgd_shop
+    from shared.scenario import load_scenario
+    from simulations.privacy_eval import property_world_overrides
+
+    scenario = load_scenario("default", property_world_overrides(2))
+    tensors = build_shop_tensors(scenario.training_shops()[0], scenario.features)
+    model = build_model(tensors, scenario.model, scenario.features, seed=0)
+    before = {k: v.clone() for k, v in model.encoder_state().items()}
+    cfg = DPSGDConfig(noise_multiplier=1.0, sample_rate=0.02, steps_per_round=3)
+    acc = train_dpsgd_shop(model, tensors, cfg, rounds=1)
+    acc = train_dpsgd_shop(model, tensors, cfg, rounds=1, accountant_state=acc.to_json())  # next round
+    assert acc.steps == 6
+    assert acc.epsilon(cfg.delta) == pytest.approx(opacus_epsilon(noise_multiplier=1.0, sample_rate=0.02, steps=6,
+                                                                  delta=cfg.delta))
+    after = model.encoder_state()
+    # Noise reaches every encoder row, so the whole product table moves (no row is left untouched).
+    assert all(not torch.equal(before[k], after[k]) for k in before)

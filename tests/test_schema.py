@@ -135,18 +135,30 @@ def test_unused_columns_are_reported_not_kept(tmp_path: Path) -> None:
     assert shop.meta["ignored_columns"] == {"items": ["title"]}
 
 
-def test_derive_sales_zero_fills_between_first_and_last_shop_day() -> None:
+def test_derive_sales_zero_fills_from_each_items_first_sale_to_the_shops_last_day() -> None:
     inter = pd.DataFrame({"user_id": ["u"] * 4, "item_id": ["a", "a", "b", "c"],
                           "timestamp": [T0, T0 + 2 * DAY, T0 + 3 * DAY, T0 + DAY],
                           "clicked": [1, 1, 1, 1], "carted": [1, 1, 0, 1], "purchased": [1, 1, 0, 1],
                           "quantity": [2.0, 1.0, 0.0, 4.0]})
     sales = derive_sales(inter)
     first = T0 // DAY
-    assert sales["item_id"].tolist() == ["a"] * 4 + ["c"] * 4  # b was never bought
-    assert sales["day"].tolist() == list(range(first, first + 4)) * 2
-    assert sales["units"].tolist() == [2, 0, 1, 0, 0, 4, 0, 0]
+    assert sales["item_id"].tolist() == ["a"] * 4 + ["c"] * 3  # b was never bought; c first sold on day 1
+    assert sales["day"].tolist() == list(range(first, first + 4)) + list(range(first + 1, first + 4))
+    assert sales["units"].tolist() == [2, 0, 1, 0, 4, 0, 0]
     assert sales.dtypes.astype(str).to_dict() == {"item_id": "str", "day": "int32", "units": "float32",
                                                   "promo": "int8"}
+
+
+def test_derive_sales_uses_weeks_for_long_logs_and_stops_a_few_periods_after_the_last_sale() -> None:
+    years = 3 * 365 * DAY
+    inter = pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["a", "a", "z"],
+                          "timestamp": [T0, T0 + 8 * DAY, T0 + years], "clicked": [1, 1, 1], "carted": [1, 1, 1],
+                          "purchased": [1, 1, 1], "quantity": [1.0, 3.0, 1.0]})
+    sales = derive_sales(inter)
+    a = sales[sales["item_id"] == "a"]
+    assert len(a) == 2 + 8  # two weeks with sales, then SALES_TAIL_PERIODS zero weeks, not 3 years of days
+    assert (np.diff(a["day"].to_numpy()) == 7).all()
+    assert a["units"].tolist()[:2] == [1.0, 3.0]
 
 
 def test_sales_file_with_iso_dates(tmp_path: Path) -> None:

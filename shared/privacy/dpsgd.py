@@ -15,15 +15,18 @@ its JSON state in the shop's local state so epsilon keeps adding up across round
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from shared.features import ShopTensors
+from shared.model import ShopModel
 from shared.privacy.accounting import PrivacyReport, ShopAccountant
 
 UnitLossFn = Callable[[nn.Module, np.ndarray], torch.Tensor]  # (model, one unit's row indices) -> scalar loss
@@ -135,3 +138,41 @@ def privacy_report(accountant: ShopAccountant, cfg: DPSGDConfig) -> PrivacyRepor
     return PrivacyReport(epsilon=accountant.epsilon(cfg.delta), delta=cfg.delta, unit=cfg.unit,
                          sample_rate=cfg.sample_rate, noise_multiplier=cfg.noise_multiplier,
                          clipping_norm=cfg.max_grad_norm, steps=accountant.steps)
+
+
+# ----------------------------------------------------------------------------- ShopModel adapter
+def impression_row_loss(model: ShopModel, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-row loss of the impression tasks (CTR BCE, plus CVR BCE on clicked rows): (n,)."""
+    item_table = model.all_items()
+    logits = model.impression_logits(rows, item_table)
+    loss = torch.zeros(rows["user"].shape[0])
+    if "ctr" in logits:
+        loss = loss + F.binary_cross_entropy_with_logits(logits["ctr"], rows["clicked"], reduction="none")
+    if "cvr" in logits:
+        cvr = F.binary_cross_entropy_with_logits(logits["cvr"], rows["purchased"], reduction="none")
+        loss = loss + cvr * rows["clicked"]
+    return loss
+
+
+def train_dpsgd_shop(model: ShopModel, tensors: ShopTensors, dp: DPSGDConfig, rounds: int = 1,
+                     accountant_state: str | None = None) -> ShopAccountant:
+    """``rounds`` rounds of DP-SGD on a shop's impression tasks (CTR, CVR) at ``dp.unit`` level.
+
+    ``accountant_state`` is the JSON the shop kept from earlier rounds (None = first round); save
+    the returned accountant's ``to_json()`` back into the shop's local state.
+    """
+    rows = tensors.rows["train"]
+
+    def unit_loss(m: nn.Module, idx: np.ndarray) -> torch.Tensor:
+        batch = {k: v[torch.as_tensor(idx)] for k, v in rows.items()}
+        return impression_row_loss(m, batch).sum()
+
+    acc = ShopAccountant.from_json(accountant_state)
+    for r in range(rounds):
+        state = acc.to_json()  # what the shop keeps in its local state between rounds
+        acc = ShopAccountant.from_json(state)
+        train_dpsgd(model, unit_of_row=rows["user"].numpy(), unit_loss=unit_loss,
+                    cfg=replace(dp, seed=dp.seed + r), accountant=acc)
+    return acc
+
+

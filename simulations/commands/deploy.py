@@ -97,26 +97,33 @@ def coordinator_unregister(node_id: int = typer.Argument(...), home: Path = type
 
 @coordinator_app.command("run")
 def coordinator_run(
-    scenario: str = typer.Argument(..., help="Scenario name or TOML path, passed to the app as `scenario`."),
+    scenario: str = typer.Argument(..., help="Built-in scenario name or TOML path; every merchant must resolve it "
+                                   "too (a built-in name, or the same path on each merchant host)."),
     home: Path = typer.Option(..., "--home"),
-    rounds: int = typer.Option(0, "--rounds", help="num-server-rounds (0 keeps the app default)."),
-    config: list[str] = typer.Option([], "--config", "-c", help="Extra run config KEY=VALUE (repeatable)."),
+    rounds: int = typer.Option(0, "--rounds", help="num-server-rounds (0: the scenario's federation.rounds)."),
+    config: list[str] = typer.Option([], "--config", "-c", help="Extra run config KEY=VALUE (repeatable), e.g. "
+                                     "-c round-timeout=120.0"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the run directory is created."),
     app_dir: Path = typer.Option(None, "--app", help="Flower app folder (default: this fedshop checkout)."),
 ) -> None:
-    """Submit a run with `flwr run --stream`, stream progress, exit non-zero unless it completed."""
-    from simulations.deploy.coordinator import REPO_ROOT, submit_run
+    """Submit a run with `flwr run --stream`, stream progress, exit non-zero unless it completed.
+
+    The run directory gets what a simulation writes: config.toml, versions.json, scenario.toml,
+    then metrics.csv and checkpoints/ from the ServerApp.
+    """
+    from simulations.deploy.coordinator import REPO_ROOT, deployment_run_config, submit_run
+    from simulations.options import parse_overrides, scenario_or_exit
     from simulations.rundir import new_run_dir
 
-    run_dir = new_run_dir(runs_dir, Path(scenario).stem).resolve()
-    run_config: dict[str, object] = {"scenario": scenario, "run-dir": str(run_dir)}
-    if rounds:
-        run_config["num-server-rounds"] = rounds
-    for item in config:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise _fail(ValueError(f"--config '{item}': expected KEY=VALUE"))
-        run_config[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    if Path(scenario).suffix == ".toml" or Path(scenario).exists():
+        scenario = str(Path(scenario).resolve())
+    loaded = scenario_or_exit(scenario)  # fails fast (exit 2) on a bad scenario, before anything is submitted
+    try:
+        extra = parse_overrides(config)
+        run_dir = new_run_dir(runs_dir, loaded.name).resolve()
+        run_config = deployment_run_config(loaded, scenario, run_dir, rounds=rounds or None, extra=extra)
+    except (ValueError, typer.BadParameter) as err:
+        raise _fail(err) from None
     try:
         outcome = submit_run(home, run_config, app=app_dir or REPO_ROOT, run_dir=str(run_dir))
     except (FileNotFoundError, RuntimeError) as err:
@@ -147,6 +154,8 @@ def merchant_start(
     ca: Path = typer.Option(..., "--ca", help="The coordinator's CA certificate (ca.crt)."),
     key: Path = typer.Option(..., "--key", help="This merchant's SuperNode private key (.key)."),
     port: int = typer.Option(0, "--port", help="Local Runtime API port, distinct per SuperNode on a host; 0 = free."),
+    shop_index: int = typer.Option(None, "--shop-index", help="This merchant's number (0, 1, ...): metrics.csv "
+                                   "labels its rows shop-<index>; without it they say node-<SuperNode ID>."),
     retry_for: float = typer.Option(0.0, "--retry-for", help="Seconds to keep retrying a refused activation "
                                     "(after a crash the SuperLink needs up to 60 s to release the node)."),
 ) -> None:
@@ -157,7 +166,7 @@ def merchant_start(
 
     try:
         merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, port=port or None,
-                                  retry_for=retry_for)
+                                  shop_index=shop_index, retry_for=retry_for)
     except ShopDataError as err:
         typer.secho(f"Shop data rejected, nothing started: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None

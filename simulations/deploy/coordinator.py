@@ -17,9 +17,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+import tomli_w
 
 from shared.atomic import atomic_write_text
+from shared.scenario import Scenario
 from simulations.deploy.flwr_config import CONNECTION, flwr_bin, flwr_env, write_connection
 from simulations.deploy.processes import (
     ProcessStartError,
@@ -179,6 +182,27 @@ def _config_arg(run_config: dict[str, object]) -> str:
             text = json.dumps(str(value))
         parts.append(f"{key}={text}")
     return " ".join(parts)
+
+
+def deployment_run_config(scenario: Scenario, scenario_ref: str, run_dir: Path, *, rounds: int | None = None,
+                          extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run config of a deployed run, as a simulation of ``scenario`` would have it; writes the run dir.
+
+    Like `simulations.federated.run_federated`: config.toml, versions.json and scenario.toml (a record;
+    merchants load ``scenario_ref`` themselves). Keys are checked against the ServerApp's settings here,
+    so a typo fails before anything is submitted.
+    """
+    from server.server_app import FederationSettings
+    from simulations.federated import SCENARIO_FILE, run_config
+    from simulations.rundir import write_run_info
+
+    config = {**run_config(scenario, run_dir, method="fedshop", rounds=rounds, resume=False), **(extra or {}),
+              "scenario": scenario_ref, "run-dir": str(run_dir)}
+    settings = FederationSettings.from_config(config)  # unknown key or wrong type -> ValueError naming it
+    config = {key: getattr(settings, key.replace("-", "_")) for key in config}
+    atomic_write_text(run_dir / SCENARIO_FILE, tomli_w.dumps(scenario.raw))
+    write_run_info(run_dir, {"run": config, "scenario": scenario.raw})
+    return config
 
 
 def submit_run(home: str | Path, run_config: dict[str, object], *, app: str | Path = REPO_ROOT,

@@ -31,11 +31,17 @@ class LoopbackFederation:
         return self.root / name / "state"
 
     def start(self, name: str, *, key: str | None = None, ca: bool = True, validate: bool = True,
-              retry_for: float = 0.0) -> Merchant:
-        """Start (or restart) merchant ``name``'s SuperNode, using ``key``'s key pair (default: its own)."""
+              retry_for: float = 0.0, shop_index: int | None = None) -> Merchant:
+        """Start (or restart) merchant ``name``'s SuperNode, using ``key``'s key pair (default: its own).
+
+        ``shop_index`` defaults to the merchant's position among ``certs`` names, so metrics say shop-<i>.
+        """
+        if shop_index is None:
+            shop_index = list(self.certs.merchant_keys).index(name)
         merchant = start_merchant(self.shop_dir(name), self.state_dir(name), self.coordinator.address,
                                   ca=self.certs.ca_cert if ca else None, key=self.certs.merchant_keys[key or name][0],
-                                  env=self.env, validate=validate, timeout=30, retry_for=retry_for)
+                                  shop_index=shop_index, env=self.env, validate=validate, timeout=30,
+                                  retry_for=retry_for)
         self.merchants[name] = merchant
         return merchant
 

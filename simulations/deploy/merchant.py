@@ -1,7 +1,11 @@
 """A merchant host: validate the shop's data, then run an authenticated `flower-supernode` over TLS.
 
 Files of the SuperNode itself go to ``<state-dir>/supernode/`` (PID record, log, FLWR_HOME); the
-ClientApp keeps the shop's local part directly in ``<state-dir>``.
+ClientApp keeps the shop's local part directly in ``<state-dir>`` (``local_part.pt``).
+
+The SuperNode's node_config tells the ClientApp which shop it serves: ``shop-dir``, ``state-dir``
+and, when the operator gives one, ``shop-index`` (the coordinator labels this merchant's rows in
+metrics.csv by it; without it the rows say ``node-<SuperNode ID>``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from simulations.deploy.processes import (
 
 _NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
 _REFUSED = "Failed to activate SuperNode"
-_RETRY_PAUSE = 5.0
+_RETRY_PAUSE = 2.0  # each retry starts a fresh flower-supernode (about 1-2 s)
 
 
 @dataclass
@@ -50,11 +54,17 @@ def validate_shop(shop_dir: str | Path) -> str:
     return load_shop_dir(shop_dir).name
 
 
-def _node_config(shop_dir: Path, state_dir: Path) -> str:
+def node_config(shop_dir: Path, state_dir: Path, shop_index: int | None = None) -> str:
+    """The ``--node-config`` text the ClientApp reads (client.local_state.resolve_shop)."""
     for path in (shop_dir, state_dir):
         if "'" in str(path):
             raise ValueError(f"{path}: a quote in the path cannot pass through --node-config. Fix: rename the folder")
-    return f"shop-dir='{shop_dir}' state-dir='{state_dir}'"
+    text = f"shop-dir='{shop_dir}' state-dir='{state_dir}'"
+    if shop_index is not None:
+        if shop_index < 0:
+            raise ValueError(f"--shop-index {shop_index}: must be 0 or more. Fix: number merchants 0, 1, 2, ...")
+        text += f" shop-index={int(shop_index)}"
+    return text
 
 
 def _activated_node_id(log: Path) -> int | None:
@@ -66,9 +76,9 @@ def _activated_node_id(log: Path) -> int | None:
 
 
 def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
-                   key: str | Path, port: int | None = None, isolation: str = "subprocess",
-                   env: dict[str, str] | None = None, validate: bool = True, timeout: float = 60.0,
-                   retry_for: float = 0.0) -> Merchant:
+                   key: str | Path, port: int | None = None, shop_index: int | None = None,
+                   isolation: str = "subprocess", env: dict[str, str] | None = None, validate: bool = True,
+                   timeout: float = 60.0, retry_for: float = 0.0) -> Merchant:
     """Validate ``shop_dir``, start the SuperNode and wait until the SuperLink has accepted it.
 
     Raises ShopDataError before anything starts when the data is bad, and ProcessStartError (with the
@@ -79,8 +89,8 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
     deadline = time.monotonic() + retry_for
     while True:
         try:
-            return _start_once(shop_dir, state_dir, superlink, ca=ca, key=key, port=port, isolation=isolation,
-                               env=env, validate=validate, timeout=timeout)
+            return _start_once(shop_dir, state_dir, superlink, ca=ca, key=key, port=port, shop_index=shop_index,
+                               isolation=isolation, env=env, validate=validate, timeout=timeout)
         except ProcessStartError as err:
             if _REFUSED not in str(err):
                 raise
@@ -94,8 +104,8 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
 
 
 def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
-                key: str | Path, port: int | None, isolation: str, env: dict[str, str] | None, validate: bool,
-                timeout: float) -> Merchant:
+                key: str | Path, port: int | None, shop_index: int | None, isolation: str,
+                env: dict[str, str] | None, validate: bool, timeout: float) -> Merchant:
     """One attempt of `start_merchant`."""
     shop_dir, state_dir = Path(shop_dir).resolve(), Path(state_dir).resolve()
     if validate:
@@ -114,7 +124,8 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
                            f"`fedshop merchant stop --state-dir {state_dir}` first")
     port = port or free_port()
     command = [flwr_bin("flower-supernode"), "--superlink", superlink, "--auth-supernode-private-key", str(key),
-               "--node-config", _node_config(shop_dir, state_dir), "--port", str(port), "--isolation", isolation]
+               "--node-config", node_config(shop_dir, state_dir, shop_index), "--port", str(port),
+               "--isolation", isolation]
     if ca is not None:
         command += ["--root-certificates", str(Path(ca).resolve())]
     log.unlink(missing_ok=True)  # the node ID is read from this run's log only
