@@ -198,9 +198,8 @@ def print_results(console: Console, res: dict[str, Any]) -> None:
                      "-" if value is None else f"{value:.3f}")
     console.print(head)
     shops = Table(title="per shop, per round")
-    for col in ("shop", "train ex.", "train s", "eval s", "encoder KB", "wire KB", "whole model KB",
-                "fedavg-all KB"):
-        shops.add_column(col, justify="left" if col == "shop" else "right")
+    for col in ("shop", "train ex", "train s", "eval s", "encoder KB", "wire KB", "model KB", "fedavg-all KB"):
+        shops.add_column(col, justify="left" if col == "shop" else "right", no_wrap=True)
     for s in res["shops"]:
         shops.add_row(s["shop"] + (" (small)" if s["small"] else ""), str(s["train_examples"]), f"{s['train_s']:.2f}",
                       f"{s['eval_s']:.2f}", f"{s['encoder_bytes'] / 1024:.0f}", f"{s['encoder_wire_bytes'] / 1024:.0f}",

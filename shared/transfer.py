@@ -81,7 +81,7 @@ def _fit(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, tcfg: Transfe
                   0 if tensors.sales is None else tensors.sales["train"]["item"].shape[0], 1)
     steps_per_epoch = math.ceil(largest / cfg.batch_size)
     epochs = max(1, math.ceil(tcfg.min_steps / steps_per_epoch))
-    best_state, improved, stale, period = None, False, 0, 0
+    best_state, improved, stale, period = copy.deepcopy(model.state_dict()), False, 0, 0
     for period in range(1, tcfg.max_periods + 1):
         train_shop(model, tensors, replace(cfg, epochs=epochs, max_steps=0, seed=cfg.seed * 1009 + period))
         score = validation_score(evaluate_shop(model, tensors, "val"))
@@ -92,8 +92,7 @@ def _fit(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, tcfg: Transfe
             stale += 1
             if stale >= tcfg.patience:
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    model.load_state_dict(best_state)
     return best_score, period, improved
 
 

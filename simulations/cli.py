@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from simulations.commands import compare, deploy, federate, generate, train, transfer, validate
+from simulations.commands import compare, deploy, federate, generate, privacy, train, transfer, validate
 
 app = typer.Typer(
     name="fedshop",
@@ -13,7 +13,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (generate, validate, train, federate, compare, transfer, deploy):
+for module in (generate, validate, train, federate, compare, transfer, privacy, deploy):
     module.register(app)
 
 if __name__ == "__main__":

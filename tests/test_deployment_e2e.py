@@ -23,13 +23,13 @@ from typer.testing import CliRunner
 
 from client.local_state import STATE_FILE
 from shared.datasets.synthetic import WorldConfig, generate_world, write_world
+from shared.scenario import load_scenario
 from simulations.commands import deploy
 from simulations.deploy.certs import write_certs
 from simulations.deploy.coordinator import RunOutcome, deployment_run_config, register_merchant, submit_run
 from simulations.deploy.loopback import LoopbackFederation, loopback_federation
 from simulations.deploy.merchant import supernode_dir
 from simulations.deploy.processes import ProcessStartError, pid_alive, read_record, stop_pid
-from simulations.options import scenario_or_exit
 
 SCENARIO = """
 name = "deploy-tiny"
@@ -95,7 +95,7 @@ def crash_run(federation: LoopbackFederation) -> dict:
     (federation.state_dir(shops[2]) / STATE_FILE).write_bytes(b"not a torch file")
     run_dir = federation.root / "runs" / "crash"
     run_dir.mkdir(parents=True)
-    config = deployment_run_config(scenario_or_exit(str(federation.root / "tiny.toml")),
+    config = deployment_run_config(load_scenario(str(federation.root / "tiny.toml")),
                                    str(federation.root / "tiny.toml"), run_dir)
     result: dict = {}
 

@@ -111,18 +111,20 @@ def coordinator_run(
     The run directory gets what a simulation writes: config.toml, versions.json, scenario.toml,
     then metrics.csv and checkpoints/ from the ServerApp.
     """
+    from shared.scenario import ScenarioError, load_scenario
     from simulations.deploy.coordinator import REPO_ROOT, deployment_run_config, submit_run
-    from simulations.options import parse_overrides, scenario_or_exit
+    from simulations.options import parse_overrides
     from simulations.rundir import new_run_dir
 
     if Path(scenario).suffix == ".toml" or Path(scenario).exists():
         scenario = str(Path(scenario).resolve())
-    loaded = scenario_or_exit(scenario)  # fails fast (exit 2) on a bad scenario, before anything is submitted
     try:
+        # Settings only: the coordinator holds no shop data, so the scenario's shops are not loaded here.
+        loaded = load_scenario(scenario)
         extra = parse_overrides(config)
         run_dir = new_run_dir(runs_dir, loaded.name).resolve()
         run_config = deployment_run_config(loaded, scenario, run_dir, rounds=rounds or None, extra=extra)
-    except (ValueError, typer.BadParameter) as err:
+    except (ScenarioError, ValueError, typer.BadParameter) as err:
         raise _fail(err) from None
     try:
         outcome = submit_run(home, run_config, app=app_dir or REPO_ROOT, run_dir=str(run_dir))
