@@ -104,24 +104,7 @@ def main() -> None:
     scenario = load_scenario(args.scenario)
     start_load = os.getloadavg()
     name, tensors = largest_shop(scenario)
-    results = []
-    for threads in args.threads:
-        for label, tasks in MIXES.items():
-            console.print(f"[dim]{label}, {threads} thread(s): {args.steps} steps ...[/dim]")
-            result = measure(scenario, tensors, tasks, threads, args.steps, args.warmup)
-            results.append({"mix": label, **result})
-
-    table = Table(title=f"Local training throughput: {scenario.name} / {name} "
-                        f"({tensors.rows['train']['user'].shape[0]} training impressions)")
-    for col in ("tasks", "threads", "rows/step", "steps/s", "examples/s", "examples/CPU-s", "load (1 min)"):
-        table.add_column(col, justify="left" if col == "tasks" else "right")
-    for r in results:
-        table.add_row(r["mix"], str(r["threads"]), str(r["examples"] // r["steps"]),
-                      f"{r['steps_per_s']:.1f}", f"{r['examples_per_s']:,.0f}",
-                      f"{r['examples_per_cpu_s']:,.0f}", f"{r['loadavg_before'][0]:.1f}")
-    console.print(table)
-
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "local_throughput",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scenario": scenario.name, "shop": name,
@@ -130,12 +113,29 @@ def main() -> None:
         "model": asdict(scenario.model), "batch_size": scenario.train.batch_size,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "loadavg_at_start": list(start_load), "loadavg_at_end": list(os.getloadavg())},
+                    "loadavg_at_start": list(start_load)},
         "note": "examples = optimiser steps x rows read per step (one batch per task source); the machine is "
                 "shared, so compare examples_per_cpu_s across runs and read wall-clock figures with the load",
-        "results": results,
+        "results": [],
     }
-    atomic_write_text(args.out, json.dumps(report, indent=2))
+    for threads in args.threads:
+        for label, tasks in MIXES.items():
+            console.print(f"[dim]{label}, {threads} thread(s): {args.steps} steps ...[/dim]")
+            result = measure(scenario, tensors, tasks, threads, args.steps, args.warmup)
+            report["results"].append({"mix": label, **result})
+            report["machine"]["loadavg_at_end"] = list(os.getloadavg())
+            # Rewritten after every measurement, so a long run interrupted on a busy machine keeps its numbers.
+            atomic_write_text(args.out, json.dumps(report, indent=2))
+
+    table = Table(title=f"Local training throughput: {scenario.name} / {name} "
+                        f"({report['train_impressions']} training impressions)")
+    for col in ("tasks", "threads", "rows/step", "steps/s", "examples/s", "examples/CPU-s", "load (1 min)"):
+        table.add_column(col, justify="left" if col == "tasks" else "right")
+    for r in report["results"]:
+        table.add_row(r["mix"], str(r["threads"]), str(r["examples"] // r["steps"]),
+                      f"{r['steps_per_s']:.1f}", f"{r['examples_per_s']:,.0f}",
+                      f"{r['examples_per_cpu_s']:,.0f}", f"{r['loadavg_before'][0]:.1f}")
+    console.print(table)
     console.print(f"wrote {args.out}")
 
 

@@ -1,28 +1,84 @@
 """The shop's Flower ClientApp: receive the encoder, restore the local part, train or evaluate, reply.
 
 Only records move here; training and evaluation live in `shared.train`. Every reply passes the
-leak guard (`client.leak_guard`), an app-wide mod.
+leak guard (`client.leak_guard`), an app-wide mod. This one ClientApp serves every privacy mode:
+* SecAgg+: Flower's legacy messages (the SecAgg+ workflow) go to `client.secure_client.secure_app`,
+  whose own audit mod checks its replies;
+* central DP: `fixedclipping_mod` clips the encoder update whenever the coordinator sends a norm;
+* DP-SGD: with `dpsgd-noise-multiplier > 0` the shop trains with `shared.privacy.dpsgd`, keeps its
+  accountant in its local state across rounds and reports its epsilon as `dp-epsilon`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
-from client.leak_guard import LOCAL_PREFIX, leak_guard
+from client.leak_guard import ERROR_CODE_BLOCKED, FAILED_TEXT, LOCAL_PREFIX, leak_guard
 from client.local_state import Shop, resolve_shop, restore_local_part, save_local_part
+from shared.atomic import atomic_write_text
 from shared.model import ShopModel
 from shared.train import evaluate_shop, train_shop
 
-app = ClientApp(mods=[leak_guard])
 logger = logging.getLogger(__name__)
+
+# Records that only Flower's legacy message format (the SecAgg+ workflow) uses.
+LEGACY_CONFIG_RECORDS = frozenset({"secaggplus_configs"})
+LEGACY_ARRAY_RECORDS = frozenset({"fitins.parameters", "evaluateins.parameters"})
+CLIPPING_NORM_KEY = "clipping_norm"  # what Flower's DP fixed-clipping strategies put in the ConfigRecord
+DPSGD_RECORD = "fedshop.dpsgd-accountant"  # ConfigRecord in context.state: {"state": accountant JSON}
+DPSGD_FILE = "dpsgd_accountant.json"
+
+
+def is_legacy(msg: Message) -> bool:
+    """Whether ``msg`` is a legacy (SecAgg+ workflow) message rather than one of the main ServerApp's."""
+    if not msg.has_content():
+        return False
+    return bool(LEGACY_CONFIG_RECORDS & set(msg.content.config_records)
+                or LEGACY_ARRAY_RECORDS & set(msg.content.array_records))
+
+
+def legacy_dispatch(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Front mod: hand legacy (SecAgg+) messages to the SecAgg+ client, everything else to the handlers.
+
+    The SecAgg+ client's replies are masked integer vectors, which the leak guard (built for encoder
+    arrays) would block; its own audit mod checks them instead. Exceptions still leave as a generic text.
+    """
+    if not is_legacy(msg):
+        return call_next(msg, context)
+    from client.secure_client import secure_app  # secure_client imports this module
+
+    try:
+        reply = secure_app(msg, context)
+    except Exception:  # the text of any exception may quote private data: log it here, send none
+        logger.exception("SecAgg+ handler raised; sending a generic error reply")
+        return Message(Error(code=ERROR_CODE_BLOCKED, reason=FAILED_TEXT), reply_to=msg)
+    if reply.has_error():
+        logger.warning("SecAgg+ handler returned an error (%s); sending a generic error reply", reply.error.reason)
+        return Message(Error(code=ERROR_CODE_BLOCKED, reason=FAILED_TEXT), reply_to=msg)
+    return reply
+
+
+def clip_when_dp(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Train-handler mod: Flower's `fixedclipping_mod` when the coordinator runs central DP, else nothing."""
+    config = next(iter(msg.content.config_records.values()), {}) if msg.has_content() else {}
+    if CLIPPING_NORM_KEY in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[legacy_dispatch, leak_guard])
 
 
 def _config(msg: Message, context: Context) -> dict[str, Any]:
@@ -68,7 +124,7 @@ def _inject_fault(config: dict[str, Any], shop: Shop, server_round: int) -> str 
     return None
 
 
-@app.train()
+@app.train(mods=[clip_when_dp])
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the encoder (and shareable heads if asked) only."""
     shop, model, config, received = _prepare(msg, context)
@@ -83,7 +139,10 @@ def train(msg: Message, context: Context) -> Message:
                   freeze_encoder=bool(config.get("freeze-encoder", False)) or stage == "warm-up",
                   max_steps=int(config.get("max-steps", base.max_steps)),
                   seed=round_seed(int(config.get("seed", shop.scenario.seed)), server_round, shop.index))
-    losses = train_shop(model, shop.tensors, cfg, global_encoder=received if cfg.prox_mu > 0 else None)
+    if float(config.get("dpsgd-noise-multiplier", 0.0)) > 0:
+        losses = _train_dpsgd(model, shop, config, context, cfg.seed)
+    else:
+        losses = train_shop(model, shop.tensors, cfg, global_encoder=received if cfg.prox_mu > 0 else None)
     save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round)
     arrays = model.encoder_state()
     if config.get("share") == "all-shareable":
@@ -97,6 +156,48 @@ def train(msg: Message, context: Context) -> Message:
     if stage == "warm-up":  # its encoder is unchanged anyway; weight 0 keeps it out of the aggregate
         metrics["num-examples"] = 0.0
     return _reply(arrays, metrics, msg)
+
+
+def _train_dpsgd(model: ShopModel, shop: Shop, config: dict[str, Any], context: Context,
+                 seed: int) -> dict[str, float]:
+    """One round of DP-SGD; the shop's accountant carries on from its local state, so epsilon only grows."""
+    from shared.privacy.dpsgd import DPSGDConfig, train_dpsgd_shop  # Opacus: imported only when used
+
+    dp = DPSGDConfig(noise_multiplier=float(config["dpsgd-noise-multiplier"]),
+                     max_grad_norm=float(config.get("dpsgd-clipping-norm", 1.0)),
+                     unit=str(config.get("dpsgd-unit", "user")),
+                     sample_rate=float(config.get("dpsgd-sample-rate", 0.05)),
+                     steps_per_round=int(config.get("dpsgd-steps", 0)), lr=float(config.get("dpsgd-lr", 1e-2)),
+                     delta=float(config.get("dpsgd-delta", 1e-5)),
+                     max_epsilon=float(config.get("dpsgd-max-epsilon", 0.0)) or None, seed=seed % (2**31))
+    acc = train_dpsgd_shop(model, shop.tensors, dp, accountant_state=load_accountant(context, shop.state_dir))
+    save_accountant(context, shop.state_dir, acc.to_json())
+    epsilon = acc.epsilon(dp.delta)
+    logger.info("shop %s: DP-SGD epsilon %.4f at delta %g after %d steps", shop.name, epsilon, dp.delta, acc.steps)
+    return {"num-examples": float(shop.tensors.rows["train"]["user"].shape[0]), "dp-epsilon": epsilon}
+
+
+def load_accountant(context: Context, state_dir: Path | None) -> str | None:
+    """The shop's saved DP-SGD accountant JSON: from `context.state`, else its state directory, else None."""
+    if DPSGD_RECORD in context.state.config_records:
+        return str(context.state.config_records[DPSGD_RECORD]["state"])
+    path = Path(state_dir) / DPSGD_FILE if state_dir is not None else None
+    if path is None or not path.exists():
+        return None
+    text = path.read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:  # never restart accounting silently: that would under-report epsilon
+        raise ValueError(f"{path}: DP-SGD accountant state is not valid JSON ({exc}). Fix: restore it from a "
+                         "backup; delete it only if you accept restarting this shop's privacy accounting") from None
+    return text
+
+
+def save_accountant(context: Context, state_dir: Path | None, state: str) -> None:
+    """Keep the accountant JSON in `context.state` and, when the shop has one, in its state directory."""
+    context.state[DPSGD_RECORD] = ConfigRecord({"state": state})
+    if state_dir is not None:
+        atomic_write_text(Path(state_dir) / DPSGD_FILE, state)
 
 
 def _reply(arrays: dict[str, torch.Tensor], metrics: dict[str, float], msg: Message) -> Message:

@@ -27,7 +27,7 @@ ERROR_CODE_BLOCKED = 6  # flwr ErrorCode.MOD_FAILED_PRECONDITION
 BLOCKED_TEXT = "reply blocked by the shop's leak guard"
 FAILED_TEXT = "shop failed to process the message"
 
-TRAIN_METRICS = {"num-examples", "shop-index", "loss"} | {f"loss-{t}" for t in TASKS}
+TRAIN_METRICS = {"num-examples", "shop-index", "loss", "dp-epsilon"} | {f"loss-{t}" for t in TASKS}
 EVAL_METRICS = {"num-examples", "shop-index"}
 METRIC_NAMES = {"auc", "logloss", "accuracy", "precision", "recall", "f1", "ctcvr_auc", "rmse", "mae", "wape",
                 "poisson_deviance"}

@@ -4,9 +4,10 @@
   as a NumPyClient over the same Flower-free training code (`shared.train`), with
   `secaggplus_mod`. The shop's reply leaves only as a masked integer vector; its arrays record is
   emptied by the mod. Metrics (losses, num-examples, shop-index) still leave in plaintext.
-* `dp_app`: the main ClientApp's handlers, with Flower's `fixedclipping_mod` on the train handler
-  only (clips the encoder update to the norm the DP strategy sends).
-Every outgoing message of `secure_app` passes `audit_mod` (shared/privacy/audit.py allow-list).
+* `dp_app`: the main ClientApp (`client.client_app.app`), which puts Flower's `fixedclipping_mod`
+  on its train handler whenever the coordinator sends a clipping norm.
+The main ClientApp hands legacy (SecAgg+) messages to `secure_app`; every outgoing message of
+`secure_app` passes `audit_mod` (shared/privacy/audit.py allow-list).
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from flwr.app import Context, Error, Message
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from client import client_app as main_client
-from client.leak_guard import leak_guard
 from client.local_state import resolve_shop, restore_local_part, save_local_part
 from shared.privacy.audit import PROTOCOL_CONFIG_PATTERNS, AllowList, LeakBlocked, audit_payload
 from shared.train import evaluate_shop, train_shop
@@ -78,12 +77,15 @@ class ShopNumPyClient(NumPyClient):
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]):
         """Per-task metrics of the global encoder with this shop's local part."""
         shop, model, merged = self._setup(parameters, config)
-        split = str(merged.get("eval-split", "val"))
-        results = evaluate_shop(model, shop.tensors, split)
-        metrics: dict[str, Any] = {f"{t}.{m}": float(v) for t, vals in results.items() for m, v in vals.items()}
+        splits = str(merged.get("eval-split", "val")).split("+")
+        metrics: dict[str, Any] = {}
+        for split in splits:  # "val+test": both, keys prefixed with their split as the main ClientApp does
+            prefix = f"{split}/" if len(splits) > 1 else ""
+            results = evaluate_shop(model, shop.tensors, split)
+            metrics.update({f"{prefix}{t}.{m}": float(v) for t, vals in results.items() for m, v in vals.items()})
         metrics["shop-index"] = shop.index
         loss = float(results.get("ctr", {}).get("logloss", 0.0))
-        return loss, max(1, int(shop.tensors.rows[split]["user"].shape[0])), metrics
+        return loss, max(1, int(shop.tensors.rows[splits[-1]]["user"].shape[0])), metrics
 
 
 def _flatten(msg: Message) -> tuple[dict, dict, dict]:
@@ -129,7 +131,5 @@ def make_secure_app(client_fn: Callable[[Context], Any] | None = None) -> Client
 
 secure_app = make_secure_app()
 
-# Central DP: same handlers as the main ClientApp; clipping is attached to the train handler only.
-dp_app = ClientApp(mods=[leak_guard])
-dp_app.train(mods=[fixedclipping_mod])(main_client.train)
-dp_app.evaluate()(main_client.evaluate)
+# Central DP: the main ClientApp clips on its train handler when the DP strategy sends a clipping norm.
+dp_app = main_client.app

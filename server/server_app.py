@@ -5,6 +5,10 @@ per-task metrics into `<run-dir>/metrics.csv` and checkpoints the encoder, round
 state atomically into `<run-dir>/checkpoints/`. With `resume = true` it continues from the newest
 checkpoint. Settings come from the run config (`[tool.flwr.app.config]`, `--run-config`), or
 from `make_server_app(overrides)` when `simulations.federated` runs it in-process.
+
+Privacy options: `secure-aggregation = true` runs the federation on Flower's SecAgg+ workflow
+(`server.secure`); `dp-noise-multiplier > 0` wraps the strategy in central DP (`server.dp`) and logs
+epsilon every round; `dpsgd-*` keys are forwarded to the shops, which then train with DP-SGD.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import tomli_w
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from server import dp as central_dp
 from server.checkpoint import (
     Checkpoint,
     capture_rng,
@@ -43,6 +49,8 @@ from shared.scenario import Scenario, load_scenario
 
 logger = logging.getLogger(__name__)
 SHARE_MODES = ("encoder", "all-shareable")
+STOP_FILE = "stopped.txt"  # why a run ended before its last round (e.g. the privacy budget), for the caller
+DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")  # mean-based: noise zS/n is calibrated to these
 
 
 @dataclass
@@ -72,6 +80,14 @@ class FederationSettings:
     keep_checkpoints: int = 2
     fault_inject: str = ""  # test-only: "nan:1", "error:2", "sleep:1@2" (kind:shop-index[@round])
     fault_sleep: float = 30.0
+    dpsgd_noise_multiplier: float = 0.0  # > 0: every shop trains with DP-SGD (Opacus), see shared/privacy/dpsgd.py
+    dpsgd_clipping_norm: float = 1.0  # S: per-unit gradient bound
+    dpsgd_unit: str = "user"  # user | record: the unit of privacy inside a shop
+    dpsgd_sample_rate: float = 0.05  # q: Poisson sampling rate of units per step
+    dpsgd_steps: int = 0  # steps per round; 0 = one expected pass (ceil(1/q))
+    dpsgd_lr: float = 0.01
+    dpsgd_delta: float = 1e-5
+    dpsgd_max_epsilon: float = 0.0  # a shop refuses a round that would exceed this (0 = no budget)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FederationSettings:
@@ -88,13 +104,48 @@ class FederationSettings:
         settings = cls(**values)
         if settings.share not in SHARE_MODES:
             raise ValueError(f"run config share='{settings.share}' is unknown. Fix: use one of {SHARE_MODES}")
+        if settings.dpsgd_noise_multiplier > 0:  # fail here, not on every shop, for a bad unit or rate
+            from shared.privacy.dpsgd import DPSGDConfig  # Opacus: imported only when DP-SGD is on
+
+            DPSGDConfig(**settings.dpsgd_kwargs())
         return settings
+
+    def dpsgd_kwargs(self) -> dict[str, Any]:
+        """The shops' `DPSGDConfig` keyword arguments (without seed)."""
+        return {"noise_multiplier": self.dpsgd_noise_multiplier, "max_grad_norm": self.dpsgd_clipping_norm,
+                "unit": self.dpsgd_unit, "sample_rate": self.dpsgd_sample_rate, "steps_per_round": self.dpsgd_steps,
+                "lr": self.dpsgd_lr, "delta": self.dpsgd_delta, "max_epsilon": self.dpsgd_max_epsilon or None}
 
     def client_config(self, seed: int) -> dict[str, Any]:
         """What every shop needs to know each round (forwarded in the messages' ConfigRecord)."""
         return {"scenario": self.scenario, "seed": seed, "local-epochs": self.local_epochs, "share": self.share,
                 "run-dir": self.run_dir, "max-steps": self.max_steps, "fault-inject": self.fault_inject,
-                "fault-sleep": self.fault_sleep, "join-round": self.join_round, "warmup-rounds": self.warmup_rounds}
+                "fault-sleep": self.fault_sleep, "join-round": self.join_round, "warmup-rounds": self.warmup_rounds,
+                **self.dpsgd_config()}
+
+    def dpsgd_config(self) -> dict[str, Any]:
+        """The `dpsgd-*` keys shops need, only when DP-SGD is on (messages stay small otherwise)."""
+        if self.dpsgd_noise_multiplier <= 0:
+            return {}
+        return {f"dpsgd-{f.name[len('dpsgd_'):].replace('_', '-')}": getattr(self, f.name)
+                for f in fields(self) if f.name.startswith("dpsgd_")}
+
+
+def split_privacy(config: dict[str, Any]) -> tuple[FederationSettings, bool, Any, central_dp.CentralDPSettings]:
+    """(settings, secure aggregation on?, SecAgg+ settings, central DP settings) of a full run config.
+
+    G's `secagg-*`/`dp-*` keys are taken out first, so `FederationSettings.from_config` still
+    rejects every other unknown key.
+    """
+    from server import secure  # server.secure imports this module
+
+    on, secagg, rest = secure.split_config(config)
+    dp, rest = central_dp.split_config(rest)
+    settings = FederationSettings.from_config(rest)
+    if on and dp.enabled:
+        raise ValueError("secure-aggregation = true with dp-noise-multiplier > 0 is not supported: the SecAgg+ "
+                         "path has no central-DP noise. Fix: choose one, or use dpsgd-* for DP with SecAgg+")
+    return settings, on, secagg, dp
 
 
 def initial_encoder(scenario: Scenario) -> ArrayRecord:
@@ -111,27 +162,54 @@ def _fingerprint(scenario: Scenario, settings: FederationSettings) -> dict[str, 
 
 
 Progress = Callable[[RoundReport, int], None]  # (report, total rounds)
+COORDINATOR = "coordinator"  # shop label of the coordinator's own rows in metrics.csv
+PRIVACY_TASK = "privacy"
+DPSGD_EPSILON = "dp-epsilon"  # allow-listed train metric: a shop's DP-SGD epsilon so far
 
 
-def run_federation(grid: Grid, settings: FederationSettings, progress: Progress | None = None) -> Path:
-    """Run (or resume) a federation on ``grid``; returns the run directory."""
+def _check_dp(settings: FederationSettings) -> None:
+    """Refuse settings under which central DP's noise would not be calibrated."""
+    if settings.share != "encoder":
+        raise ValueError(f"central DP clips and noises the encoder only, but share='{settings.share}'. "
+                         "Fix: use share='encoder' (method fedshop) with dp-noise-multiplier")
+    if settings.fraction_train < 1.0:
+        raise ValueError(f"central DP samples every shop each round (no amplification), but fraction-train="
+                         f"{settings.fraction_train}. Fix: set fraction-train = 1.0")
+    if settings.strategy not in DP_STRATEGIES:
+        raise ValueError(f"central DP noise is calibrated to a mean, but strategy='{settings.strategy}'. "
+                         f"Fix: use one of {DP_STRATEGIES}")
+
+
+def run_federation(grid: Grid, settings: FederationSettings, progress: Progress | None = None,
+                   dp: central_dp.CentralDPSettings | None = None) -> Path:
+    """Run (or resume) a federation on ``grid``; returns the run directory.
+
+    With ``dp`` enabled the strategy is wrapped in central DP; when the privacy budget would be
+    exceeded the run stops before that round, writes why to `<run-dir>/stopped.txt` and returns.
+    """
+    dp = dp or central_dp.CentralDPSettings()
+    if dp.enabled:
+        _check_dp(settings)
     run_dir = Path(settings.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
     settings.run_dir = str(run_dir)
     scenario = load_scenario(settings.scenario, {"seed": settings.seed} if settings.seed >= 0 else None)
     if not (run_dir / "config.toml").exists():
         atomic_write_text(run_dir / "config.toml", tomli_w.dumps({"run": asdict(settings), "scenario": scenario.raw}))
-    inner = build_strategy(settings.strategy, fraction_train=settings.fraction_train,
-                           min_shops=settings.min_shops, proximal_mu=settings.proximal_mu)
-    if hasattr(inner, "eta"):
-        inner.eta = settings.server_lr
+    base = build_strategy(settings.strategy, fraction_train=settings.fraction_train,
+                          min_shops=settings.min_shops, proximal_mu=settings.proximal_mu)
+    if hasattr(base, "eta"):
+        base.eta = settings.server_lr
     log = MetricsLog(run_dir / "metrics.csv", settings.method)
     fingerprint = _fingerprint(scenario, settings)
+    if dp.enabled:  # the ledger replayed on resume is only right for the same z, S and shops
+        fingerprint["central-dp"] = f"z={dp.noise_multiplier},S={dp.clipping_norm},n={dp.num_shops}"
     ckpt = latest_checkpoint(run_dir) if settings.resume else None
     if ckpt is not None:
         check_settings(ckpt, fingerprint)
         arrays, done = ArrayRecord({k: Array(np.asarray(v)) for k, v in ckpt.arrays.items()}), ckpt.server_round
-        load_strategy_state(inner, ckpt.strategy_state)
+        load_strategy_state(base, ckpt.strategy_state)
         restore_rng(ckpt.rng)
         log.resume(done)
         logger.info("resuming %s after round %d", run_dir, done)
@@ -139,10 +217,26 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         arrays, done = initial_encoder(scenario), 0
         random.seed(scenario.seed)
         np.random.seed(scenario.seed)
+
+    @functools.cache
+    def shop_names() -> list[str]:
+        try:  # in deployment the coordinator may not hold the shops' data: fall back to indices
+            return [s.name for s in scenario.federation_shops()]
+        except (OSError, ValueError) as exc:
+            logger.warning("shop names unavailable (%s); labelling shops by index", exc)
+            return []
+
     total = settings.num_server_rounds
     if done >= total:
         logger.info("%s already has %d of %d rounds; nothing to do", run_dir, done, total)
         return run_dir
+    inner = base
+    if dp.enabled:
+        names = shop_names()
+        if not names and not dp.num_shops:
+            raise ValueError("central DP needs the number of shops per round, and the coordinator cannot list "
+                             "the scenario's shops. Fix: set dp-num-shops")
+        inner = central_dp.wrap(base, dp, num_shops=len(names), completed_rounds=done)
 
     def round_config(rnd: int, kind: str) -> dict[str, Any]:
         if kind == "train":
@@ -153,23 +247,20 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     def on_round_end(report: RoundReport) -> None:
         for shop, metrics in report.train.items():
             log.add(report.server_round, shop, "train", train_rows(metrics))
+            if DPSGD_EPSILON in metrics:  # the shop's own DP-SGD spend so far
+                log.add(report.server_round, shop, "train", [(PRIVACY_TASK, "epsilon", metrics[DPSGD_EPSILON])])
+        if isinstance(inner, central_dp.CentralDP):
+            log.add(report.server_round, COORDINATOR, "train",
+                    [(PRIVACY_TASK, k, v) for k, v in inner.round_metrics().items()])
         for shop, metrics in report.evaluate.items():
             for split, rows in eval_rows_by_split(metrics, report.eval_split).items():
                 log.add(report.server_round, shop, split, rows)
         log.write()
         save_checkpoint(run_dir, Checkpoint(report.server_round, {k: a.numpy() for k, a in report.arrays.items()},
-                                            strategy_state(inner), capture_rng(), fingerprint),
+                                            strategy_state(base), capture_rng(), fingerprint),
                         keep=settings.keep_checkpoints)
         if progress is not None:
             progress(report, total)
-
-    @functools.cache
-    def shop_names() -> list[str]:
-        try:  # in deployment the coordinator may not hold the shops' data: fall back to indices
-            return [s.name for s in scenario.federation_shops()]
-        except (OSError, ValueError) as exc:
-            logger.warning("shop names unavailable (%s); labelling shops by index", exc)
-            return []
 
     def shop_name(index: int) -> str:
         names = shop_names()
@@ -177,10 +268,20 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
 
     strategy = ShopStrategy(inner, min_shops=settings.min_shops, shop_name=shop_name, on_round_end=on_round_end,
                             round_config=round_config, round_offset=done)
-    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
-                   train_config=ConfigRecord(settings.client_config(scenario.seed)),
-                   evaluate_config=ConfigRecord(settings.client_config(scenario.seed)))
+    try:
+        strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
+                       train_config=ConfigRecord(settings.client_config(scenario.seed)),
+                       evaluate_config=ConfigRecord(settings.client_config(scenario.seed)))
+    except PrivacyBudgetExhausted as exc:  # a planned end: the last checkpoint is the final model
+        logger.error("run stopped: %s", exc)
+        atomic_write_text(run_dir / STOP_FILE, f"{exc}\n")
     return run_dir
+
+
+def stop_reason(run_dir: Path) -> str | None:
+    """Why the run in ``run_dir`` ended before its last round (None if it did not)."""
+    path = Path(run_dir) / STOP_FILE
+    return path.read_text(encoding="utf-8").strip() if path.exists() else None
 
 
 def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress | None = None) -> ServerApp:
@@ -192,7 +293,13 @@ def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress 
         config = {**dict(context.run_config), **(overrides or {})}
         if not config.get("run-dir"):
             config["run-dir"] = str(Path.cwd() / "runs" / f"flwr-{context.run_id}")
-        run_federation(grid, FederationSettings.from_config(config), progress)
+        settings, secure_on, secagg, dp = split_privacy(config)
+        if secure_on:
+            from server.secure import run_secure_federation
+
+            run_secure_federation(grid, context, settings, secagg, progress=progress)
+        else:
+            run_federation(grid, settings, progress, dp=dp)
 
     return server
 

@@ -5,18 +5,14 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    f1_score,
-    log_loss,
-    mean_absolute_error,
-    mean_poisson_deviance,
-    precision_recall_curve,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-    root_mean_squared_error,
-)
+
+
+def _skm():  # noqa: ANN202 - a module
+    """scikit-learn's metrics, imported on first use (a third of a deployed shop's per-message start-up)."""
+    import sklearn.metrics as skm
+
+    return skm
+
 
 PROBA_EPS = 1e-7  # clip for logloss so a confident wrong prediction costs ~16 nats, not infinity
 POISSON_EPS = 1e-8  # Poisson deviance needs strictly positive predicted means
@@ -66,14 +62,14 @@ def binary_metrics(y_true: object, y_score: object, *, threshold: float | None =
         return out
     # AUC is undefined with a single class; sklearn would raise, a shop's split may legitimately lack one.
     if np.unique(labels).size == 2:
-        out["auc"] = float(roc_auc_score(labels, ys))
-    out["logloss"] = float(log_loss(labels, np.clip(ys, PROBA_EPS, 1.0 - PROBA_EPS), labels=[0, 1]))
+        out["auc"] = float(_skm().roc_auc_score(labels, ys))
+    out["logloss"] = float(_skm().log_loss(labels, np.clip(ys, PROBA_EPS, 1.0 - PROBA_EPS), labels=[0, 1]))
     if threshold is not None:
         pred = (ys >= threshold).astype(np.int64)
-        out["accuracy"] = float(accuracy_score(labels, pred))
-        out["precision"] = float(precision_score(labels, pred, zero_division=0))
-        out["recall"] = float(recall_score(labels, pred, zero_division=0))
-        out["f1"] = float(f1_score(labels, pred, zero_division=0))
+        out["accuracy"] = float(_skm().accuracy_score(labels, pred))
+        out["precision"] = float(_skm().precision_score(labels, pred, zero_division=0))
+        out["recall"] = float(_skm().recall_score(labels, pred, zero_division=0))
+        out["f1"] = float(_skm().f1_score(labels, pred, zero_division=0))
     return out
 
 
@@ -83,7 +79,7 @@ def best_f1_threshold(y_true: object, y_score: object) -> float:
     labels = _binary_labels(yt)
     if labels.sum() == 0:
         return DEFAULT_F1_THRESHOLD
-    precision, recall, thresholds = precision_recall_curve(labels, ys)
+    precision, recall, thresholds = _skm().precision_recall_curve(labels, ys)
     # The curve's last point (precision 1, recall 0) has no threshold.
     precision, recall = precision[:-1], recall[:-1]
     denom = precision + recall
@@ -243,10 +239,10 @@ def regression_metrics(y_true: object, y_pred: object) -> dict[str, float]:
         return {"rmse": NAN, "mae": NAN, "wape": NAN, "poisson_deviance": NAN}
     abs_true = float(np.abs(yt).sum())
     # Poisson deviance is only defined for non-negative targets.
-    deviance = float(mean_poisson_deviance(yt, np.clip(yp, POISSON_EPS, None))) if (yt >= 0).all() else NAN
+    deviance = float(_skm().mean_poisson_deviance(yt, np.clip(yp, POISSON_EPS, None))) if (yt >= 0).all() else NAN
     return {
-        "rmse": float(root_mean_squared_error(yt, yp)),
-        "mae": float(mean_absolute_error(yt, yp)),
+        "rmse": float(_skm().root_mean_squared_error(yt, yp)),
+        "mae": float(_skm().mean_absolute_error(yt, yp)),
         "wape": float(np.abs(yt - yp).sum() / abs_true) if abs_true > 0 else NAN,
         "poisson_deviance": deviance,
     }

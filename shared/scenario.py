@@ -37,6 +37,22 @@ FEDERATION_DEFAULTS: dict[str, Any] = {
     "objective": "fedavg",  # fedavg | meta (Reptile-style: short inner loops, see docs)
     "meta_inner_steps": 20,  # inner steps per round with objective = meta
     "round_timeout": 600.0,  # seconds before a shop's reply counts as missing
+    # privacy (docs/privacy.md): SecAgg+, central DP over shops, DP-SGD inside each shop
+    "secure_aggregation": False,  # Flower's SecAgg+: the coordinator sees only the sum of the encoders
+    "secagg_num_shares": 1.0,  # <= 1: share of shops each key is shared with; > 1: a count
+    "secagg_clipping_range": 8.0,  # encoder values are clipped to +-this before quantisation
+    "secagg_weighting": "uniform",  # uniform | examples (then raise secagg_max_weight to the largest shop)
+    "secagg_max_weight": 1.0,
+    "dp_noise_multiplier": 0.0,  # central DP noise z (> 0 turns it on); unit of privacy: a shop
+    "dp_clipping_norm": 1.0,  # S: bound on each shop's encoder update
+    "dp_delta": 1e-5,
+    "max_epsilon": 0.0,  # central DP budget: the run stops before exceeding it (0 = none)
+    "dpsgd_noise_multiplier": 0.0,  # DP-SGD in every shop (> 0 turns it on); unit: dpsgd_unit
+    "dpsgd_clipping_norm": 1.0,
+    "dpsgd_unit": "user",  # user | record
+    "dpsgd_sample_rate": 0.05,
+    "dpsgd_steps": 0,  # steps per round; 0 = one expected pass over the units
+    "dpsgd_max_epsilon": 0.0,  # a shop refuses a round past this (0 = none)
 }
 
 

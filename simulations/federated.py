@@ -26,6 +26,10 @@ SCENARIO_FILE = "scenario.toml"
 logger = logging.getLogger(__name__)
 
 
+class RunStopped(RuntimeError):
+    """The federation ended before its last round by design (e.g. the privacy budget); the message says why."""
+
+
 def backend_config(cpus: int | None = None) -> dict[str, Any]:
     """Ray settings: loopback only, no dashboard, one CPU per simulated shop."""
     cpus = cpus or os.cpu_count() or 1
@@ -47,7 +51,27 @@ def run_config(scenario: Scenario, run_dir: Path, *, method: str, rounds: int | 
             "max-steps": int(fed["meta_inner_steps"]) if fed["objective"] == "meta" else 0,
             "join-round": int(fed["join_round"]),
             "seed": scenario.seed, "run-dir": str(run_dir), "method": method, "share": METHODS[method],
-            "resume": resume}
+            "resume": resume, **privacy_config(fed)}
+
+
+def privacy_config(fed: dict[str, Any]) -> dict[str, Any]:
+    """The run-config keys of the privacy options a scenario turns on (none when all are off)."""
+    out: dict[str, Any] = {}
+    if bool(fed["secure_aggregation"]):
+        out.update({"secure-aggregation": True, "secagg-num-shares": float(fed["secagg_num_shares"]),
+                    "secagg-clipping-range": float(fed["secagg_clipping_range"]),
+                    "secagg-weighting": str(fed["secagg_weighting"]),
+                    "secagg-max-weight": float(fed["secagg_max_weight"])})
+    if float(fed["dp_noise_multiplier"]) > 0:
+        out.update({"dp-noise-multiplier": float(fed["dp_noise_multiplier"]),
+                    "dp-clipping-norm": float(fed["dp_clipping_norm"]), "dp-delta": float(fed["dp_delta"]),
+                    "dp-max-epsilon": float(fed["max_epsilon"])})
+    if float(fed["dpsgd_noise_multiplier"]) > 0:
+        out.update({"dpsgd-noise-multiplier": float(fed["dpsgd_noise_multiplier"]),
+                    "dpsgd-clipping-norm": float(fed["dpsgd_clipping_norm"]), "dpsgd-unit": str(fed["dpsgd_unit"]),
+                    "dpsgd-sample-rate": float(fed["dpsgd_sample_rate"]), "dpsgd-steps": int(fed["dpsgd_steps"]),
+                    "dpsgd-max-epsilon": float(fed["dpsgd_max_epsilon"])})
+    return out
 
 
 def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop", rounds: int | None = None,
@@ -56,13 +80,14 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     """Run (or resume) a federation of the scenario's training shops; returns the run directory.
 
     ``progress(report, total_rounds)`` is called after every round with a `server.strategies.RoundReport`.
-    ``extra_config`` adds run-config keys (e.g. test-only `fault-inject`).
+    ``extra_config`` adds run-config keys (e.g. test-only `fault-inject`). Raises `RunStopped` when
+    the run ended early by design (central DP's budget); its checkpoints and metrics stay valid.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
 
     from client.client_app import app as client_app
-    from server.server_app import make_server_app
+    from server.server_app import make_server_app, stop_reason
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,4 +101,7 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
                          f"{config['min-shops']}. Fix: lower federation.min_shops or add shops")
     run_simulation(server_app=make_server_app(config, progress), client_app=client_app, num_supernodes=n_shops,
                    backend_config=backend_config())
+    reason = stop_reason(run_dir)
+    if reason is not None:  # e.g. the privacy budget: the last checkpoint is the final model
+        raise RunStopped(f"{reason}\nrun directory: {run_dir}")
     return run_dir

@@ -13,7 +13,7 @@ import torch
 from shared.features import build_shop_tensors
 from shared.meta import meta_train_shop, reptile_direction
 from shared.model import build_model
-from shared.scenario import load_scenario
+from shared.scenario import load_scenario, scenario_from_dict
 from shared.train import TrainConfig, train_shop
 from shared.transfer import TransferConfig, adapt_frozen_then_finetune, adapt_shop, validation_score
 from simulations.transfer import (
@@ -203,13 +203,14 @@ def test_run_transfer_writes_csv_plot_and_summary_from_given_encoders(world, tmp
     from server.checkpoint import Checkpoint, save_checkpoint
 
     save_checkpoint(tmp_path / "fed", Checkpoint(3, {k: v.numpy() for k, v in encoder.items()}))
+    scenario = scenario_from_dict(scenario.raw, {"transfer.fractions": [1.0]})
     out = run_transfer(scenario, tmp_path / "out", encoder=tmp_path / "fed", meta_encoder=tmp_path / "fed",
                        workers=1, transfer_cfg=TransferConfig(max_periods=1, patience=1, min_steps=1))
     frame = pd.read_csv(out / "transfer.csv")
     assert list(frame.columns) == ["shop", "mode", "fraction", "task", "metric", "value"]
     assert set(frame["shop"]) == {"late_00", "late_01"}
     assert set(frame["mode"]) == {"scratch", "frozen", "finetune", "meta"}
-    assert set(frame["fraction"]) == {0.5, 1.0}
+    assert set(frame["fraction"]) == {1.0}
     assert {"ctr", "ranking"} <= set(frame["task"])
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["shops"]) == {"late_00", "late_01"}
