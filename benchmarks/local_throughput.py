@@ -124,7 +124,7 @@ def main() -> None:
             result = measure(scenario, tensors, tasks, threads, args.steps, args.warmup)
             report["results"].append({"mix": label, **result})
             report["machine"]["loadavg_at_end"] = list(os.getloadavg())
-            # Rewritten after every measurement, so a long run interrupted on a busy machine keeps its numbers.
+            # Rewritten after every measurement: an interrupted run on a busy machine keeps its numbers.
             atomic_write_text(args.out, json.dumps(report, indent=2))
 
     table = Table(title=f"Local training throughput: {scenario.name} / {name} "
