@@ -142,6 +142,10 @@ def split_privacy(config: dict[str, Any]) -> tuple[FederationSettings, bool, Any
     on, secagg, rest = secure.split_config(config)
     dp, rest = central_dp.split_config(rest)
     settings = FederationSettings.from_config(rest)
+    if dp.enabled and settings.join_round > 0:
+        raise ValueError("dp-noise-multiplier > 0 with join-round > 0 is not supported: noise is calibrated to all "
+                         "federation shops, but waiting joiners are not averaged. "
+                         "Fix: set join-round = 0 under central DP")
     if on and dp.enabled:
         raise ValueError("secure-aggregation = true with dp-noise-multiplier > 0 is not supported: the SecAgg+ "
                          "path has no central-DP noise. Fix: choose one, or use dpsgd-* for DP with SecAgg+")

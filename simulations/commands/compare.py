@@ -44,8 +44,8 @@ def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare(
         scenario: str = typer.Argument("default", help="scenario name or path to a .toml"),
-        rounds: int | None = typer.Option(None, min=1, help="federation rounds (local/central train rounds x local "
-                                          "epochs epochs); default: the scenario's"),
+        rounds: int | None = typer.Option(None, min=1, help="federation rounds; local and central train rounds x "
+                                          "local_epochs epochs (default: the scenario's)"),
         seeds: str | None = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2 (default: the scenario's)"),
         methods: str = typer.Option(",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)),
         runs: Path = typer.Option(Path("runs"), help="parent folder of the new run directory"),

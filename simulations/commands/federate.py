@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shared.scenario import scenario_from_dict
-from simulations.federated import METHODS, SCENARIO_FILE, run_federated
+from simulations.federated import METHODS, SCENARIO_FILE, RunStopped, run_federated
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.rundir import new_run_dir
 
@@ -147,5 +147,9 @@ def register(app: typer.Typer) -> None:
                 status = f"shops done {len(report.train)}/{n_shops}{left}  {_headline(report)}"
                 bar.update(task, completed=report.server_round, status=status)
 
-            run_federated(scen, out, method=method, rounds=total, resume=resume is not None, progress=progress)
+            try:
+                run_federated(scen, out, method=method, rounds=total, resume=resume is not None, progress=progress)
+            except RunStopped as exc:  # e.g. the privacy budget: the last checkpoint is the final model
+                console.print(f"[yellow]run stopped:[/yellow] {exc}")
+                raise typer.Exit(3) from exc
         console.print(f"run directory: [bold]{out}[/bold]")

@@ -192,14 +192,15 @@ def deployment_run_config(scenario: Scenario, scenario_ref: str, run_dir: Path, 
     merchants load ``scenario_ref`` themselves). Keys are checked against the ServerApp's settings here,
     so a typo fails before anything is submitted.
     """
-    from server.server_app import FederationSettings
+    from server.server_app import split_privacy
     from simulations.federated import SCENARIO_FILE, run_config
     from simulations.rundir import write_run_info
 
     config = {**run_config(scenario, run_dir, method="fedshop", rounds=rounds, resume=False), **(extra or {}),
               "scenario": scenario_ref, "run-dir": str(run_dir)}
-    settings = FederationSettings.from_config(config)  # unknown key or wrong type -> ValueError naming it
-    config = {key: getattr(settings, key.replace("-", "_")) for key in config}
+    settings = split_privacy(config)[0]  # unknown key or wrong type -> ValueError naming it
+    # Typed values for the ServerApp's own keys; privacy keys (secagg-*, dp-*) pass through as given.
+    config = {key: getattr(settings, key.replace("-", "_"), value) for key, value in config.items()}
     atomic_write_text(run_dir / SCENARIO_FILE, tomli_w.dumps(scenario.raw))
     write_run_info(run_dir, {"run": config, "scenario": scenario.raw})
     return config
