@@ -28,6 +28,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.leak_guard import ERROR_CODE_BLOCKED, FAILED_TEXT, LOCAL_PREFIX, leak_guard
 from client.local_state import Shop, resolve_shop, restore_local_part, save_local_part
 from shared.atomic import atomic_write_text
+from shared.meta import meta_train_shop
 from shared.model import ShopModel
 from shared.train import evaluate_shop, train_shop
 
@@ -141,6 +142,9 @@ def train(msg: Message, context: Context) -> Message:
                   seed=round_seed(int(config.get("seed", shop.scenario.seed)), server_round, shop.index))
     if float(config.get("dpsgd-noise-multiplier", 0.0)) > 0:
         losses = _train_dpsgd(model, shop, config, context, cfg.seed)
+    elif str(config.get("objective", "fedavg")) == "meta":  # Reptile: short inner loop, partial step
+        losses = meta_train_shop(model, shop.tensors, cfg, inner_steps=int(config.get("meta-inner-steps", 20)),
+                                 outer_step=float(config.get("meta-outer-step", 1.0)))
     else:
         losses = train_shop(model, shop.tensors, cfg, global_encoder=received if cfg.prox_mu > 0 else None)
     save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round)

@@ -76,6 +76,9 @@ class FederationSettings:
     # each shop's best-validation round); with a single split, the last round evaluates final_split
     final_split: str = "test"
     join_round: int = 0  # round at which the scenario's late joiners join (0 = they never do)
+    objective: str = "fedavg"  # fedavg | meta (Reptile: a few inner steps, reply moves part-way; docs/transfer.md)
+    meta_inner_steps: int = 20  # inner optimiser steps per round with objective = meta
+    meta_outer_step: float = 1.0  # Reptile outer step: the reply is before + step * (after - before)
     resume: bool = False
     keep_checkpoints: int = 2
     fault_inject: str = ""  # test-only: "nan:1", "error:2", "sleep:1@2" (kind:shop-index[@round])
@@ -121,7 +124,8 @@ class FederationSettings:
         return {"scenario": self.scenario, "seed": seed, "local-epochs": self.local_epochs, "share": self.share,
                 "run-dir": self.run_dir, "max-steps": self.max_steps, "fault-inject": self.fault_inject,
                 "fault-sleep": self.fault_sleep, "join-round": self.join_round, "warmup-rounds": self.warmup_rounds,
-                **self.dpsgd_config()}
+                "objective": self.objective, "meta-inner-steps": self.meta_inner_steps,
+                "meta-outer-step": self.meta_outer_step, **self.dpsgd_config()}
 
     def dpsgd_config(self) -> dict[str, Any]:
         """The `dpsgd-*` keys shops need, only when DP-SGD is on (messages stay small otherwise)."""

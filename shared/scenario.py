@@ -36,6 +36,7 @@ FEDERATION_DEFAULTS: dict[str, Any] = {
     "warmup_rounds": 1,  # rounds a joining shop trains its local part with the encoder frozen
     "objective": "fedavg",  # fedavg | meta (Reptile-style: short inner loops, see docs)
     "meta_inner_steps": 20,  # inner steps per round with objective = meta
+    "meta_outer_step": 1.0,  # Reptile outer step size applied by each shop to its reply
     "round_timeout": 600.0,  # seconds before a shop's reply counts as missing
     # privacy (docs/privacy.md): SecAgg+, central DP over shops, DP-SGD inside each shop
     "secure_aggregation": False,  # Flower's SecAgg+: the coordinator sees only the sum of the encoders

@@ -48,7 +48,8 @@ def run_config(scenario: Scenario, run_dir: Path, *, method: str, rounds: int | 
             "min-shops": int(fed["min_shops"]), "local-epochs": int(fed["local_epochs"]),
             "proximal-mu": float(fed["prox_mu"]), "server-lr": float(fed["server_lr"]),
             "warmup-rounds": int(fed["warmup_rounds"]), "round-timeout": float(fed["round_timeout"]),
-            "max-steps": int(fed["meta_inner_steps"]) if fed["objective"] == "meta" else 0,
+            "objective": str(fed["objective"]), "meta-inner-steps": int(fed["meta_inner_steps"]),
+            "meta-outer-step": float(fed["meta_outer_step"]),
             "join-round": int(fed["join_round"]),
             "seed": scenario.seed, "run-dir": str(run_dir), "method": method, "share": METHODS[method],
             "resume": resume, **privacy_config(fed)}
