@@ -319,6 +319,7 @@ def _sample_negatives(users, catalog, interacted, n_items, k, rng) -> np.ndarray
         need = filled < k
         if not need.any():
             break
+        before = int(filled.sum())
         cand = catalog[rng.integers(0, len(catalog), size=(int(need.sum()), 2 * k))]
         u = users[need][:, None]
         ok = ~np.isin(u.astype(np.int64) * n_items + cand, interacted)
@@ -328,6 +329,8 @@ def _sample_negatives(users, catalog, interacted, n_items, k, rng) -> np.ndarray
             take = take[: k - filled[row]]
             out[row, filled[row]: filled[row] + len(take)] = take
             filled[row] += len(take)
+        if int(filled.sum()) == before:  # small catalogs: what is left unfilled stays padding (0)
+            break
     return out
 
 

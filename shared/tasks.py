@@ -133,7 +133,9 @@ class RankingTask(TaskHead):
         users, hist = ev["user"], ev["hist"]
         cand = torch.cat([ev["pos"][:, None], ev["neg"]], 1)
         sampled = model.ranking_scores(users, hist, cand, item_table)
-        out = sampled_rank_metrics(sampled[:, 0].numpy(), sampled[:, 1:].numpy(), k=TOP_K)
+        # A catalog too small for the full negative count leaves padding (item 0): it is no candidate.
+        neg_scores = sampled[:, 1:].masked_fill(ev["neg"] == 0, float("-inf"))
+        out = sampled_rank_metrics(sampled[:, 0].numpy(), neg_scores.numpy(), k=TOP_K)
         out = {f"{k}_s{ev['neg'].shape[1]}": v for k, v in out.items()}
         blocked = torch.ones(tensors.n_items, dtype=torch.bool)
         blocked[tensors.catalog] = False
