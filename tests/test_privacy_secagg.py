@@ -78,7 +78,8 @@ def test_coordinator_never_holds_an_individual_update(tmp_path: Path) -> None:
         from flwr.common import bytes_to_ndarray
         vec = np.concatenate([bytes_to_ndarray(b).ravel() for b in masked]).astype(np.float64)
         for update in own.values():  # masked integers are uncorrelated with any shop's true update
-            assert abs(np.corrcoef(vec[: update.size], update)[0, 1]) < 0.1
+            # Under independence the sample correlation has sd 1/sqrt(n): allow 5 sd (masks are random per run).
+            assert abs(np.corrcoef(vec[: update.size], update)[0, 1]) < 5 / np.sqrt(update.size)
 
 
 def test_round_survives_a_dropout_above_threshold(tmp_path: Path) -> None:

@@ -23,15 +23,21 @@ def print_headline(comparison: Comparison) -> None:
     tasks = summary.get("tasks", {})
     methods = [m for m in METHODS if any(m in t["mean"] for t in tasks.values())]
     table = Table(title="compare: test metric, mean over shops" + (" and seeds" if len(summary["seeds"]) > 1 else ""))
-    for col in ["task", "metric", *methods, "gap closed", "worse than local", "small-shop gain"]:
-        table.add_column(col, justify="left" if col in ("task", "metric", "worse than local") else "right")
+    for col in ["task", *methods, "gap closed", "worse (max)", "small gain"]:
+        table.add_column(col, justify="left" if col == "task" else "right")
     for task, t in tasks.items():
         gap = f"{t['gap_closed']:.1%}" if t["gap_closed"] is not None else t["gap_status"]
-        worse = ", ".join(f"{w['shop']} {w['margin']:+.4f}" for w in t.get("worse_shops", [])) or "none"
+        worse = t.get("worse_shops", [])
         gain = (t.get("small_shop_gain") or {}).get(summary["method"])
-        table.add_row(task, t["metric"], *[f"{t['mean'][m]:.4f}" if m in t["mean"] else "-" for m in methods], gap,
-                      worse, f"{gain:+.4f}" if gain is not None else "-")
+        means = [f"{t['mean'][m]:.4f}" if m in t["mean"] else "-" for m in methods]
+        table.add_row(f"{task} {t['metric']}", *means, gap,
+                      f"{len(worse)} ({worse[0]['margin']:+.4f})" if worse else "0",
+                      f"{gain:+.4f}" if gain is not None else "-")
     console.print(table)
+    for task, t in tasks.items():
+        if t.get("worse_shops"):
+            shops = ", ".join(f"{w['shop']} {w['margin']:+.4f}" for w in t["worse_shops"])
+            console.print(f"{task}: {summary['method']} below local-only at {shops}")
     for name, target in (summary.get("targets") or {}).items():
         value = "-" if target["value"] is None else f"{target['value']:.4f}"
         mark = "[green]met[/green]" if target["met"] else "[red]not met[/red]"
