@@ -17,9 +17,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shared.scenario import scenario_from_dict
+from simulations.compare import small_shops_of
 from simulations.federated import METHODS, SCENARIO_FILE, RunStopped, run_federated
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.rundir import new_run_dir
+from simulations.summary import write_run_report
 
 if TYPE_CHECKING:  # importing Flower costs a second at every `fedshop` start
     from server.strategies import RoundReport
@@ -152,4 +154,5 @@ def register(app: typer.Typer) -> None:
             except RunStopped as exc:  # e.g. the privacy budget: the last checkpoint is the final model
                 console.print(f"[yellow]run stopped:[/yellow] {exc}")
                 raise typer.Exit(3) from exc
-        console.print(f"run directory: [bold]{out}[/bold]")
+        write_run_report(out, small_shops=small_shops_of(scen))
+        console.print(f"run directory: [bold]{out}[/bold] (summary.md, plots/, metrics.csv, checkpoints/)")
