@@ -44,29 +44,25 @@ def _run(kind: str, scenario_name: str, epochs: int | None, run_dir: Path | None
     return out
 
 
+def _command(kind: str, doc: str):  # noqa: ANN202 - a Typer command function
+    """One command function per runner; both take the same options."""
+
+    def command(
+        scenario: str = typer.Argument("default", help="scenario name or path to a .toml"),
+        epochs: int | None = typer.Option(None, help="epochs (default: the federation's rounds x local epochs)"),
+        run_dir: Path | None = typer.Option(None, help=f"write here instead of runs/<scenario>-{kind}-<time>"),
+        runs: Path = typer.Option(Path("runs"), help="parent folder of new run directories"),
+        seed: int | None = typer.Option(None, help="override the scenario's seed"),
+        set_: list[str] = typer.Option([], "--set", help="override a scenario key, e.g. --set train.lr=0.001"),
+    ) -> None:
+        _run(kind, scenario, epochs, run_dir, runs, seed, set_)
+
+    command.__doc__ = doc
+    return command
+
+
 def register(app: typer.Typer) -> None:
     """Add `train-local` and `train-central`."""
-
-    @app.command("train-local")
-    def train_local(
-        scenario: str = typer.Argument("default", help="scenario name or path to a .toml"),
-        epochs: int | None = typer.Option(None, help="epochs per shop (default: rounds x local epochs)"),
-        run_dir: Path | None = typer.Option(None, help="write here instead of runs/<scenario>-local-<time>"),
-        runs: Path = typer.Option(Path("runs"), help="parent folder of new run directories"),
-        seed: int | None = typer.Option(None, help="override the scenario's seed"),
-        set_: list[str] = typer.Option([], "--set", help="override a scenario key, e.g. --set train.lr=0.001"),
-    ) -> None:
-        """Train every shop alone on its own data (the local-only baseline)."""
-        _run("local", scenario, epochs, run_dir, runs, seed, set_)
-
-    @app.command("train-central")
-    def train_central(
-        scenario: str = typer.Argument("default", help="scenario name or path to a .toml"),
-        epochs: int | None = typer.Option(None, help="epochs on the pooled data (default: rounds x local epochs)"),
-        run_dir: Path | None = typer.Option(None, help="write here instead of runs/<scenario>-central-<time>"),
-        runs: Path = typer.Option(Path("runs"), help="parent folder of new run directories"),
-        seed: int | None = typer.Option(None, help="override the scenario's seed"),
-        set_: list[str] = typer.Option([], "--set", help="override a scenario key, e.g. --set train.lr=0.001"),
-    ) -> None:
-        """Train one model on all shops' pooled data (the centralized oracle that privacy forbids)."""
-        _run("central", scenario, epochs, run_dir, runs, seed, set_)
+    app.command("train-local")(_command("local", "Train every shop alone on its own data (the local-only baseline)."))
+    app.command("train-central")(_command(
+        "central", "Train one model on all shops' pooled data (the centralized oracle that privacy forbids)."))
