@@ -22,6 +22,18 @@ TOPK_CHUNK_ELEMENTS = 1 << 23  # scores held at once while ranking (~32 MB of fl
 NAN = float("nan")
 
 
+def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUC from its positive and negative counts.
+
+    Reports use it to say whether a per-shop AUC difference is larger than its test split can resolve.
+    """
+    if n_pos <= 0 or n_neg <= 0 or not np.isfinite(auc):
+        return NAN
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg)
+    return float(np.sqrt(max(var, 0.0)))
+
+
 def _as_1d(values: object, name: str) -> np.ndarray:
     """Turn an array-like or tensor into a 1-D float64 array, rejecting NaN so metrics never lie silently."""
     if isinstance(values, torch.Tensor):

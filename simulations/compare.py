@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from typing import Any
 import pandas as pd
 
 from shared.atomic import atomic_write_csv, atomic_write_text
+from shared.features import build_shop_tensors
+from shared.metrics import auc_standard_error
 from shared.scenario import Scenario
 from simulations.baselines import compute_epochs, run_central, run_local_only
 from simulations.report import PRIMARY
@@ -122,8 +124,30 @@ def _improvement(new: pd.Series, base: pd.Series, higher: bool) -> pd.Series:
     return (new - base) if higher else (base - new)
 
 
+def ctr_test_sizes(scenarios: Sequence[Scenario]) -> dict[str, list[tuple[int, int]]]:
+    """Per training shop, (clicks, non-clicks) in its CTR test split, one pair per scenario (seed)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for scenario in scenarios:
+        for shop in scenario.training_shops():
+            clicked = build_shop_tensors(shop, scenario.features).rows["test"]["clicked"]
+            pos = int(clicked.sum())
+            out.setdefault(shop.name, []).append((pos, int(clicked.shape[0]) - pos))
+    return out
+
+
+def _difference_se(a: float, b: float, sizes: Sequence[tuple[int, int]]) -> float:
+    """Standard error of the seed-mean of an AUC difference, treating the two AUCs as independent.
+
+    Both methods are scored on the same rows, so they correlate and this overstates the error: a loss
+    larger than it is certainly real, a smaller one may still be.
+    """
+    per_seed = [auc_standard_error(a, p, n) ** 2 + auc_standard_error(b, p, n) ** 2 for p, n in sizes]
+    return math.sqrt(sum(per_seed) / len(per_seed) ** 2) if per_seed else float("nan")
+
+
 def summarize(final: pd.DataFrame, *, small_shops: Sequence[str] = (), method: str = "fedshop",
-              min_gap: float = MIN_GAP, tolerance: float = WORSE_TOLERANCE) -> dict[str, Any]:
+              min_gap: float = MIN_GAP, tolerance: float = WORSE_TOLERANCE,
+              ctr_sizes: Mapping[str, Sequence[tuple[int, int]]] | None = None) -> dict[str, Any]:
     """Per task (primary metric): method means, gap closed, shops worse than local-only, small-shop gain.
 
     Means are over shops (each seed's shops averaged, then seeds averaged: with the same shops in
@@ -131,7 +155,9 @@ def summarize(final: pd.DataFrame, *, small_shops: Sequence[str] = (), method: s
     (method - local) / (central - local) on those means; it is None with a status when the gap is
     below ``min_gap`` ("no-gap") or negative ("oracle-below-local"). ``worse_shops`` lists every
     shop where ``method`` ends below local-only, with the margin (positive = worse), and whether it
-    exceeds ``tolerance``. Gains are in the metric's good direction (WAPE: a drop is a gain).
+    exceeds ``tolerance``; for CTR with ``ctr_sizes`` (from `ctr_test_sizes`) also the margin's
+    standard error, so a reader can tell a real loss from test-split noise. Gains are in the metric's
+    good direction (WAPE: a drop is a gain).
     """
     table = primary_table(final)
     small = sorted(set(small_shops))
@@ -158,6 +184,12 @@ def summarize(final: pd.DataFrame, *, small_shops: Sequence[str] = (), method: s
             worse = margin[margin > 0].sort_values(ascending=False)
             entry["worse_shops"] = [{"shop": str(s), "margin": float(v), "beyond_tolerance": bool(v > tolerance)}
                                     for s, v in worse.items()]
+            if task == "ctr" and ctr_sizes:
+                for row in entry["worse_shops"]:
+                    sizes = ctr_sizes.get(row["shop"], [])
+                    row["margin_se"] = _difference_se(float(both.loc[row["shop"], "local"]),
+                                                      float(both.loc[row["shop"], method]), sizes)
+                    row["test_clicks"] = [p for p, _ in sizes]
             entry["max_loss"] = float(max(margin.max(), 0.0)) if len(margin) else None
         gains = {}
         shops_small = [s for s in small if s in per_shop.index]
@@ -224,7 +256,7 @@ def run_comparison(scenarios: Sequence[Scenario], run_dir: Path, *, methods: Seq
     rows = pd.concat(frames, ignore_index=True)
     final = seeded_final_table(rows)
     small = small_shops_of(scenarios[0])
-    summary = summarize(final, small_shops=small)
+    summary = summarize(final, small_shops=small, ctr_sizes=ctr_test_sizes(scenarios))
     atomic_write_csv(run_dir / "comparison.csv", comparison_csv(final, several))
     atomic_write_text(run_dir / "summary.json", json.dumps(_plain(summary), indent=2))
     write_run_report(run_dir, small_shops=small, summary=summary)

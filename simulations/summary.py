@@ -74,7 +74,9 @@ def _headline(summary: dict[str, Any]) -> list[str]:
     rows = []
     for task, t in tasks.items():
         gap = _fmt(t["gap_closed"], 3) if t["gap_closed"] is not None else f"n/a ({t['gap_status']})"
-        worse = ", ".join(f"{w['shop']} ({w['margin']:+.4f})" for w in t.get("worse_shops", [])) or "none"
+        worse = ", ".join(f"{w['shop']} ({w['margin']:+.4f}"
+                          + (f" ± {w['margin_se']:.3f}" if w.get("margin_se") else "") + ")"
+                          for w in t.get("worse_shops", [])) or "none"
         gain = (t.get("small_shop_gain") or {}).get(method)
         rows.append([task, t["metric"], *[_fmt(t["mean"].get(m)) for m in methods], gap, worse, _fmt(gain)])
     lines = ["## Headline (test, mean over shops" + (" and seeds" if len(summary.get("seeds", [])) > 1 else "")
@@ -83,7 +85,9 @@ def _headline(summary: dict[str, Any]) -> list[str]:
               f"beats local-only by less than {summary.get('min_gap')} (`no-gap`) or not at all "
               "(`oracle-below-local`): then there is no gap to close and the raw means are the result.",
               f"- a shop is listed when {method} ends below local-only; margins are in the metric's bad direction "
-              "(positive = worse). Gains are in the good direction (a lower WAPE is a gain).",
+              "(positive = worse), with CTR's standard error (Hanley-McNeil, from the shop's test clicks; it treats "
+              "the two AUCs as independent, so it overstates the error). Gains are in the good direction "
+              "(a lower WAPE is a gain).",
               f"- small shops (flagged data-poor by the data source): {small}.", ""]
     targets = summary.get("targets") or {}
     if targets:

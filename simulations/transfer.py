@@ -31,6 +31,7 @@ from shared.features import build_shop_tensors
 from shared.model import SharedEncoder
 from shared.scenario import Scenario, scenario_from_dict
 from shared.transfer import MODES, PRIMARY_METRIC, TransferConfig, adapt_frozen_then_finetune, adapt_shop
+from simulations.join_diagnostics import explain_miss, join_diagnostics
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.10, 0.25, 1.0)
 COLUMNS = ["shop", "mode", "fraction", "task", "metric", "value"]
@@ -210,7 +211,7 @@ def run_transfer(scenario: Scenario, out_dir: Path, *, encoder: Path | None = No
     mean = by_seed.groupby(["shop", "mode", "fraction", "task", "metric"], as_index=False)["value"].mean()
     mean = mean[COLUMNS]
     atomic_write_csv(out_dir / "transfer.csv", mean)
-    summary = summarize(mean, plan)
+    summary = summarize(mean, plan, diagnostics=_diagnostics(scenario, plan))
     summary.update({"scenario": scenario.name, "plan": asdict(plan), "encoders": sources, "timing": timing,
                     "transfer_config": asdict(tcfg), "chosen_stage": _chosen(by_seed)})
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
@@ -245,8 +246,20 @@ def fraction_to_match(curve: Mapping[float, float], target: float, larger_is_bet
     return None
 
 
-def summarize(frame: pd.DataFrame, plan: TransferPlan) -> dict[str, Any]:
-    """Per shop and task: curves, scratch's full-data metric and the data each mode saves; plus targets."""
+def _diagnostics(scenario: Scenario, plan: TransferPlan) -> dict[str, dict[str, Any]]:
+    """Per late joiner: what of it the federation has seen and how many clicks its test split holds."""
+    federation = [build_shop_tensors(s, scenario.features) for s in scenario.training_shops()]
+    joiners = {s.name: s for s in scenario.joining_shops()}
+    return {name: join_diagnostics(build_shop_tensors(joiners[name], scenario.features), federation)
+            for name in plan.shops if name in joiners}
+
+
+def summarize(frame: pd.DataFrame, plan: TransferPlan, diagnostics: Mapping[str, dict[str, Any]] | None = None
+              ) -> dict[str, Any]:
+    """Per shop and task: curves, scratch's full-data metric and the data each mode saves; plus targets.
+
+    With ``diagnostics`` (from `join_diagnostics`) the f = 0.25 target carries a plain explanation per shop.
+    """
     shops: dict[str, Any] = {}
     for shop in plan.shops:
         tasks: dict[str, Any] = {}
@@ -266,8 +279,13 @@ def summarize(frame: pd.DataFrame, plan: TransferPlan) -> dict[str, Any]:
                 entry["data_saved"][mode] = None if f is None else round(1 - f, 4)
             tasks[task] = entry
         shops[shop] = tasks
+    targets = _targets(frame, plan)
+    for shop, entry in targets.get("ctr_auc_f0.25_vs_scratch_f1", {}).get("shops", {}).items():
+        if diagnostics and shop in diagnostics:
+            entry["diagnostics"] = diagnostics[shop]
+            entry["explanation"] = explain_miss(entry["gain"], entry["scratch"], diagnostics[shop])
     return {"metric_per_task": {t: m for t, (m, _) in PRIMARY_METRIC.items()}, "shops": shops,
-            "targets": _targets(frame, plan)}
+            "targets": targets, "join_diagnostics": dict(diagnostics or {})}
 
 
 def _targets(frame: pd.DataFrame, plan: TransferPlan) -> dict[str, Any]:
@@ -311,6 +329,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         for shop, v in target["shops"].items():
             modes = ", ".join(f"{m} {x:.4f}" for m, x in v["by_mode"].items())
             lines.append(f"  - {shop}: scratch {v['scratch']:.4f}; {modes}; best {v['best_mode']} ({v['gain']:+.4f})")
+            if v.get("explanation"):
+                lines.append(f"    - why: {v['explanation']}")
     lines += ["", "## Data saved to reach scratch's full-data metric", "",
               "| shop | task | metric | scratch f=1 | mode | f to match | data saved |",
               "|---|---|---|---|---|---|---|"]

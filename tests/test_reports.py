@@ -54,6 +54,18 @@ def test_gap_closed_worse_shops_and_small_shop_gain_are_exact():
     assert not targets["max_loss"]["met"] and targets["small_shop_gain"]["met"]
 
 
+def test_worse_shop_margin_carries_a_standard_error_that_shrinks_with_clicks_and_seeds():
+    final = pd.DataFrame(_final(CTR, "ctr", "auc"))
+    few = summarize(final, ctr_sizes={"c": [(15, 400)]})["tasks"]["ctr"]["worse_shops"][0]
+    many = summarize(final, ctr_sizes={"c": [(1500, 40000)]})["tasks"]["ctr"]["worse_shops"][0]
+    seeds = summarize(final, ctr_sizes={"c": [(15, 400)] * 4})["tasks"]["ctr"]["worse_shops"][0]
+    assert few["shop"] == "c" and few["test_clicks"] == [15]
+    assert 0.05 < few["margin_se"] < 0.2  # 15 clicks cannot resolve a 0.01 loss
+    assert many["margin_se"] == pytest.approx(few["margin_se"] / 10, rel=0.1)
+    assert seeds["margin_se"] == pytest.approx(few["margin_se"] / 2, rel=1e-9)
+    assert "margin_se" not in summarize(final)["tasks"]["ctr"]["worse_shops"][0]
+
+
 def test_lower_is_better_metrics_count_a_drop_as_a_gain():
     ctr_and_sales = pd.DataFrame(_final(WAPE, "sales", "wape"))
     sales = summarize(ctr_and_sales, small_shops=["b"])["tasks"]["sales"]

@@ -196,6 +196,10 @@ def test_data_saved_is_the_smallest_fraction_reaching_scratch_at_full_data():
     gain = summary["targets"]["ctr_auc_f0.05_vs_scratch_f0.05"]
     assert gain["mean_gain"] == pytest.approx(0.07)
     assert summary["targets"]["ctr_auc_f0.25_vs_scratch_f1"]["mean_gain"] == pytest.approx(0.02)
+    diag = {"s": {"item_fields_seen": 0.0, "product_keys_seen": 0.9, "user_fields_seen": 1.0,
+                  "test_impressions": 1000, "test_clicks": 30}}
+    why = summarize(frame, plan, diagnostics=diag)["targets"]["ctr_auc_f0.25_vs_scratch_f1"]["shops"]["s"]
+    assert why["explanation"].startswith("reaches it") and "0% of its item category/brand values" in why["explanation"]
 
 
 def test_run_transfer_writes_csv_plot_and_summary_from_given_encoders(world, tmp_path):
@@ -215,5 +219,8 @@ def test_run_transfer_writes_csv_plot_and_summary_from_given_encoders(world, tmp
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["shops"]) == {"late_00", "late_01"}
     assert "ctr" in summary["shops"]["late_01"]  # the ID-only joiner is reported
+    diag = summary["join_diagnostics"]
+    assert diag["late_01"]["item_fields_seen"] is None  # IDs only: nothing for the encoder's field tables
+    assert 0 <= diag["late_00"]["item_fields_seen"] <= 1 and diag["late_00"]["test_clicks"] > 0
     assert (out / "transfer.png").stat().st_size > 1000
     assert "Data saved" in (out / "summary.md").read_text()
