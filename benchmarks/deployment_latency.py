@@ -1,16 +1,18 @@
 """Round time in deployment (TLS SuperLink + one SuperNode per merchant on loopback) vs simulation.
 
-Same three tiny synthetic shops, same scenario, same rounds, for:
+Same three tiny synthetic shops, same scenario (`simulations.deploy.loopback.tiny_scenario`), same
+rounds, in one run so the comparison is a ratio taken under the same machine load:
   * simulation: `simulations.federated.run_federated` (Ray; one long-lived actor per shop);
-  * deployment, Flower's defaults;
-  * deployment with FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 (how often a SuperExec looks for new tasks).
+  * deployment with Flower's defaults: ServerApp pulls replies every 3 s (`HttpGrid`), each SuperExec
+    polls for tasks every 1 s, every message parses and tensorises the shop again;
+  * deployment with fedshop's settings: ServerApp pulls every 0.1 s (`server.polling_grid`),
+    SuperExec polls every 0.2 s, tensors come from the merchant's on-disk cache.
 Round time = gap between consecutive round checkpoints (`<run-dir>/checkpoints/round-NNNN.pt` mtimes),
-so start-up is excluded. Also measures the fixed cost per message in deployment: flwr 1.42 starts a
-fresh `flwr-clientapp` process for every message (`run_clientapp` pulls one task and exits; warm
-executor pools exist only for the Kubernetes executor and agent/model/connector tasks), which imports
-Flower, torch and fedshop and rebuilds the shop's tensors. CPU seconds are reported beside wall
-seconds because the machine may be loaded (load average recorded). Prints a table and writes
-benchmarks/results/deployment_latency.json.
+so start-up is excluded. Each deployment run also writes a timing log (`FEDSHOP_TIMING_LOG`) from
+which the per-message phases are taken (push -> clientapp process start -> handler start -> end ->
+reply at the ServerApp). The fixed cost of one fresh `flwr-clientapp` process (flwr 1.42 starts one
+per message) is measured step by step, in wall and CPU seconds; the load average is recorded.
+Prints a table and writes benchmarks/results/deployment_latency.json.
 
     .venv/bin/python benchmarks/deployment_latency.py [--rounds 3] [--repeats 3]
 """
@@ -30,37 +32,15 @@ import time
 from pathlib import Path
 
 from shared.atomic import atomic_write_text
-from shared.datasets.synthetic import WorldConfig, generate_world, write_world
 from shared.scenario import load_scenario
 from simulations.deploy.coordinator import deployment_run_config, submit_run
-from simulations.deploy.loopback import loopback_federation
+from simulations.deploy.loopback import loopback_federation, tiny_scenario, write_tiny_shops
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = "flwr.supernode.runtime.run_clientapp"  # what every flwr-clientapp process imports first
-POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-SCENARIO = """
-name = "latency-tiny"
-seed = 0
-[data]
-source = "shop-dirs"
-paths = {paths}
-[transfer]
-late_joiners = []  # so a merchant's ClientApp never loads the other shops' directories
-[features]
-hash_buckets = 512
-product_buckets = 512
-history_len = 5
-[model]
-embed_dim = 8
-expert_dim = 16
-tower_dim = 8
-n_experts = 2
-[train]
-batch_size = 256
-[federation]
-min_shops = 2
-round_timeout = 300.0
-"""
+FLOWER_DEFAULTS = {"FEDSHOP_GRID_POLL_INTERVAL": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
+                   "FEDSHOP_TENSOR_CACHE": "0"}
+FEDSHOP_SETTINGS: dict[str, str] = {}  # the defaults of `fedshop coordinator/merchant start`
 
 
 def fresh_process_cost(code: str, repeats: int) -> dict[str, float]:
@@ -76,18 +56,32 @@ def fresh_process_cost(code: str, repeats: int) -> dict[str, float]:
     return {"wall_s": round(statistics.median(walls), 2), "cpu_s": round(statistics.median(cpus), 2)}
 
 
-def make_shops(root: Path) -> tuple[list[str], Path]:
-    """Three tiny synthetic shops as merchant folders ``root/<shop>/shop`` and a scenario naming them."""
-    world = generate_world(WorldConfig(n_shops=3, n_late_joiners=0, max_impressions=2500, min_impressions=800,
-                                       n_small_shops=1))
-    write_world(world, root / "world")
-    names = [s.name for s in world.shops]
-    for name in names:
-        (root / name).mkdir()
-        (root / "world" / name).rename(root / name / "shop")
-    scenario = root / "latency.toml"
-    scenario.write_text(SCENARIO.format(paths=json.dumps([str(root / n / "shop") for n in names])))
-    return names, scenario
+def message_costs(shop_dir: Path, state_dir: Path, scenario: Path, repeats: int) -> dict[str, dict[str, float]]:
+    """Cumulative cost of what one fresh ClientApp process does before and inside its handler."""
+    setup = ("import torch; torch.set_num_threads(1); "
+             "from pathlib import Path; from shared.scenario import load_scenario; "
+             f"sc = load_scenario({str(scenario)!r}); ")
+    build = ("from shared.schema import load_shop_dir; from shared.features import build_shop_tensors; "
+             f"t = build_shop_tensors(load_shop_dir({str(shop_dir)!r}), sc.features); ")
+    cached = ("from client.local_state import cached_shop_tensors; "
+              f"t = cached_shop_tensors(Path({str(shop_dir)!r}), Path({str(state_dir)!r}), sc.features); ")
+    optim = "from shared.model import build_model; m = build_model(t, sc.model, sc.features); " \
+            "o = torch.optim.Adam(m.parameters()); "
+    metrics = "import sklearn.metrics; "  # shared.metrics imports it on first use
+    steps = {
+        "python only": "pass",
+        "flwr ClientApp runtime": f"import {RUNTIME}",
+        "+ torch": f"import {RUNTIME}, torch",
+        "+ fedshop client_app (all module imports)": f"import {RUNTIME}, client.client_app",
+        "+ parse and tensorise the shop (no cache)": f"import {RUNTIME}, client.client_app; {setup}{build}",
+        "+ tensors from the on-disk cache instead": f"import {RUNTIME}, client.client_app; {setup}{cached}",
+        "+ first torch.optim use (imports torch._dynamo)": f"import {RUNTIME}, client.client_app; {setup}{cached}"
+                                                           f"{optim}",
+        "+ first metrics (imports sklearn.metrics)": f"import {RUNTIME}, client.client_app; {setup}{cached}"
+                                                     f"{optim}{metrics}",
+    }
+    subprocess.run([sys.executable, "-c", f"{setup}{cached}"], check=True, cwd=ROOT)  # fill the cache
+    return {name: fresh_process_cost(code, repeats) for name, code in steps.items()}
 
 
 def round_gaps(run_dir: Path) -> list[float]:
@@ -105,22 +99,43 @@ def simulation_rounds(scenario_path: Path, root: Path, rounds: int) -> list[floa
     return round_gaps(run_dir)
 
 
+def message_phases(timing_log: Path) -> dict[str, float]:
+    """Median seconds of each phase of one message, from the timing log of a deployment run."""
+    events = [json.loads(line) for line in timing_log.read_text().splitlines() if line.strip()]
+    pushes = sorted(e["start"] for e in events if e["where"] == "serverapp" and e["event"] == "push")
+    replies = sorted(e["at"] for e in events if e["where"] == "serverapp" and e["event"] == "reply")
+    phases: dict[str, list[float]] = {"push -> clientapp process start": [], "process start -> handler start": [],
+                                      "handler (train)": [], "handler (evaluate)": [],
+                                      "handler end -> reply at ServerApp": []}
+    for e in (e for e in events if e["where"] == "clientapp" and e["proc_start"]):
+        pushed = max((p for p in pushes if p <= e["msg_created"] + 0.5), default=e["msg_created"])
+        phases["push -> clientapp process start"].append(e["proc_start"] - pushed)
+        phases["process start -> handler start"].append(e["handler_start"] - e["proc_start"])
+        phases["handler (train)" if e["type"] == "train" else "handler (evaluate)"].append(
+            e["handler_end"] - e["handler_start"])
+        later = [r for r in replies if r >= e["handler_end"]]
+        if later:
+            phases["handler end -> reply at ServerApp"].append(later[0] - e["handler_end"])
+    return {name: round(statistics.median(v), 2) for name, v in phases.items() if v}
+
+
 def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds: int, label: str,
-                      env: dict[str, str] | None) -> list[float]:
-    """Round times of a loopback deployment (TLS, SuperNode auth) over the same shops."""
+                      env: dict[str, str]) -> tuple[list[float], dict[str, float]]:
+    """Round times and per-message phases of a loopback deployment (TLS, SuperNode auth), same shops."""
     fed_root = root / f"fed-{label}"
     for name in shops:
         (fed_root / name).mkdir(parents=True)
         (fed_root / name / "shop").symlink_to(root / name / "shop")
     run_dir = fed_root / "run"
     run_dir.mkdir()
+    timing = fed_root / "timing.jsonl"
     config = deployment_run_config(load_scenario(scenario_path), str(scenario_path), run_dir, rounds=rounds,
                                    extra={"keep-checkpoints": rounds})
-    with loopback_federation(fed_root, shops, env=env) as fed:
+    with loopback_federation(fed_root, shops, env={**env, "FEDSHOP_TIMING_LOG": str(timing)}) as fed:
         outcome = submit_run(fed.coordinator.home, config, out=io.StringIO(), timeout=3600)
     if not outcome.ok:
         raise RuntimeError(f"benchmark run {label} failed: {outcome}")
-    return round_gaps(run_dir)
+    return round_gaps(run_dir), message_phases(timing)
 
 
 def main() -> None:
@@ -131,38 +146,37 @@ def main() -> None:
     args = parser.parse_args()
     load_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="fedshop-latency-"))
-    shops, scenario = make_shops(root)
-    largest = str(root / shops[0] / "shop")
-    build = ("from shared.schema import load_shop_dir; from shared.features import build_shop_tensors; "
-             "from shared.scenario import load_scenario; "
-             f"build_shop_tensors(load_shop_dir({largest!r}), load_scenario({str(scenario)!r}).features)")
-    costs = {
-        "python only": fresh_process_cost("pass", args.repeats),
-        "flwr ClientApp runtime": fresh_process_cost(f"import {RUNTIME}", args.repeats),
-        "+ torch": fresh_process_cost(f"import {RUNTIME}, torch", args.repeats),
-        "+ sklearn.metrics (shared.metrics imports it)": fresh_process_cost(
-            f"import {RUNTIME}, torch, sklearn.metrics", args.repeats),
-        "+ fedshop client_app (all imports)": fresh_process_cost(f"import {RUNTIME}, client.client_app",
-                                                                  args.repeats),
-        "+ load and tensorise the shop (largest)": fresh_process_cost(
-            f"import {RUNTIME}, client.client_app; {build}", args.repeats),
-    }
+    shops = write_tiny_shops(root)
+    scenario = root / "latency.toml"
+    scenario.write_text(tiny_scenario([root / n / "shop" for n in shops], name="latency-tiny",
+                                      rounds=args.rounds, round_timeout=300.0))
+    costs = message_costs(root / shops[0] / "shop", root / "cost-state", scenario, args.repeats)
     rounds = {"simulation (Ray, run_federated)": simulation_rounds(scenario, root, args.rounds)}
-    rounds["deployment, default (SuperExec poll 1.0 s)"] = deployment_rounds(scenario, root, shops, args.rounds,
-                                                                             "default", None)
-    rounds[f"deployment, {POLL_ENV}=0.1"] = deployment_rounds(scenario, root, shops, args.rounds, "poll",
-                                                             {POLL_ENV: "0.1"})
+    phases = {}
+    for label, name, env in (("before", "deployment, Flower defaults (before)", FLOWER_DEFAULTS),
+                             ("after", "deployment, fedshop settings (after)", FEDSHOP_SETTINGS)):
+        rounds[name], phases[name] = deployment_rounds(scenario, root, shops, args.rounds, label, env)
     load_end = os.getloadavg()
     print(f"load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end, on {os.cpu_count()} CPUs")
-    print(f"{'fixed cost per message: fresh process that':<50} {'wall s':>7} {'cpu s':>7}")
+    print(f"{'fixed cost per message: fresh process that':<52} {'wall s':>7} {'cpu s':>7}")
     for name, cost in costs.items():
-        print(f"  {name:<48} {cost['wall_s']:7.2f} {cost['cpu_s']:7.2f}")
-    print(f"{'3 shops, round time (from round 2)':<50} {'median':>7}  all")
+        print(f"  {name:<50} {cost['wall_s']:7.2f} {cost['cpu_s']:7.2f}")
+    print(f"{'3 shops, round time (from round 2)':<52} {'median':>7}  all")
+    medians = {name: statistics.median(times) if times else float("nan") for name, times in rounds.items()}
     for name, times in rounds.items():
-        print(f"  {name:<48} {statistics.median(times) if times else float('nan'):7.2f}  {times}")
-    result = {"fixed_cost_per_message": costs, "round_times_s": rounds, "rounds": args.rounds, "shops": shops,
-              "loadavg_start": list(load_start), "loadavg_end": list(load_end), "cpus": os.cpu_count(),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        print(f"  {name:<50} {medians[name]:7.2f}  {times}")
+    before, after = medians["deployment, Flower defaults (before)"], medians["deployment, fedshop settings (after)"]
+    sim = medians["simulation (Ray, run_federated)"]
+    print(f"  after/before {after / before:.2f}; before/simulation {before / sim:.1f}; after/simulation "
+          f"{after / sim:.1f}")
+    print("per-message phases, median s (3 SuperNodes in parallel on this machine)")
+    for name, values in phases.items():
+        print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+    result = {"fixed_cost_per_message": costs, "round_times_s": rounds, "median_round_s": medians,
+              "ratio_after_before": round(after / before, 3), "message_phases_s": phases,
+              "settings": {"before": FLOWER_DEFAULTS, "after": FEDSHOP_SETTINGS or "fedshop defaults"},
+              "rounds": args.rounds, "shops": shops, "loadavg_start": list(load_start),
+              "loadavg_end": list(load_end), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out = ROOT / "benchmarks" / "results" / "deployment_latency.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2))

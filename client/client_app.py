@@ -26,7 +26,8 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.leak_guard import ERROR_CODE_BLOCKED, FAILED_TEXT, LOCAL_PREFIX, leak_guard
-from client.local_state import Shop, resolve_shop, restore_local_part, save_local_part
+from client.local_state import Shop, resolve_shop, restore_local_part, rounds_trained, save_local_part
+from client.timing import timing_mod
 from shared.atomic import atomic_write_text
 from shared.meta import meta_train_shop
 from shared.model import ShopModel
@@ -79,7 +80,7 @@ def clip_when_dp(msg: Message, context: Context, call_next: ClientAppCallable) -
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[legacy_dispatch, leak_guard])
+app = ClientApp(mods=[timing_mod, legacy_dispatch, leak_guard])
 
 
 def _config(msg: Message, context: Context) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def train(msg: Message, context: Context) -> Message:
     shop, model, config, received = _prepare(msg, context)
     server_round = int(config.get("server-round", 0))
     fault = _inject_fault(config, shop, server_round)
-    stage = join_stage(shop, config, server_round)
+    stage = join_stage(shop, config, server_round, rounds_trained(context))
     if stage == "waiting":  # a late joiner before its join round: nothing to train, nothing to count
         return _reply(model.encoder_state(), {"num-examples": 0.0, "shop-index": shop.index}, msg)
     base = shop.scenario.train
@@ -208,16 +209,21 @@ def _reply(arrays: dict[str, torch.Tensor], metrics: dict[str, float], msg: Mess
     return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def join_stage(shop: Shop, config: dict[str, Any], server_round: int) -> str:
-    """'active', or for a late joiner 'waiting' (before `join-round`) / 'warm-up' (its first `warmup-rounds`).
+def join_stage(shop: Shop, config: dict[str, Any], server_round: int, trained: int = -1) -> str:
+    """'active', 'waiting' (a scenario late joiner before `join-round`) or 'warm-up'.
 
-    A joining shop first trains its local part against the frozen encoder, so its random heads never
-    push gradients into the encoder the others rely on; only then do its updates count.
+    A joining shop first trains its local part against the frozen encoder for `warmup-rounds` rounds,
+    so its random heads never push gradients into the encoder the others rely on; only then do its
+    updates count. Scenario late joiners warm up from their join round. Any other node warms up when
+    it arrives mid-run with a fresh local part: ``trained`` (rounds its local part has trained, across
+    runs) is below both the warm-up and the rounds it missed. That is how a merchant who starts a
+    SuperNode while a deployment runs joins it.
     """
-    if not shop.late_joiner:
-        return "active"
-    join = int(config.get("join-round", shop.scenario.federation["join_round"]))
     warmup = int(config.get("warmup-rounds", shop.scenario.federation["warmup_rounds"]))
+    if not shop.late_joiner:
+        joined_late = 0 <= trained < min(warmup, server_round - 1)
+        return "warm-up" if joined_late else "active"
+    join = int(config.get("join-round", shop.scenario.federation["join_round"]))
     if join <= 0 or server_round < join:
         return "waiting"
     return "warm-up" if server_round < join + warmup else "active"

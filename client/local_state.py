@@ -10,12 +10,21 @@ so it survives SuperNode restarts, interrupted runs and later runs. A corrupt or
 state file is reported and replaced by a fresh local part, never fatal. The file also counts the
 training rounds its local part has been through (`rounds_trained`, across runs), so an operator can
 tell a carried-over local part from one that started afresh.
+
+In deployment every Flower message runs in a fresh process, so a merchant's tensors are also kept on
+its own disk (`<state-dir>/cache/tensors-<key>.pt`, keyed by a hash of the shop's files, the feature
+config and the fedshop version): a message loads them instead of parsing and tensorising the shop.
+`FEDSHOP_TENSOR_CACHE=0` turns this off; a corrupt cache file is reported and rebuilt.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +33,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from shared.atomic import atomic_write_bytes
-from shared.features import ShopTensors, build_shop_tensors
+from shared.features import FeatureConfig, ShopTensors, build_shop_tensors
 from shared.model import ShopModel, build_model
 from shared.scenario import Scenario, load_scenario
 from shared.schema import load_shop_dir
@@ -34,6 +43,9 @@ LINEAGE_RECORD = "fedshop.local-lineage"  # ConfigRecord in context.state: {ROUN
 ROUNDS_TRAINED = "rounds-trained"
 STATE_FILE = "local_part.pt"
 FORMAT_VERSION = 1
+CACHE_DIR = "cache"  # below the state dir: tensors of the shop, rebuilt when its files change
+CACHE_FORMAT = 1
+CACHE_ENV = "FEDSHOP_TENSOR_CACHE"  # "0" turns the on-disk tensor cache off
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +79,13 @@ def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
     if key in _SHOPS:
         return _SHOPS[key]
     scenario = load_scenario(scenario_ref, {"seed": int(seed)} if seed is not None else None)
+    if node.get("shop-dir") and node.get("state-dir") and os.environ.get(CACHE_ENV, "1") != "0":
+        tensors = cached_shop_tensors(Path(str(node["shop-dir"])), Path(str(node["state-dir"])),
+                                      scenario.features)
+        shop = Shop(tensors.name, int(node.get("shop-index", -1)), scenario, tensors,
+                    Path(str(node["state-dir"])), late_joiner=tensors.name in set(scenario.late_joiners))
+        _SHOPS[key] = shop
+        return shop
     if node.get("shop-dir"):
         data = load_shop_dir(str(node["shop-dir"]))
         index = int(node.get("shop-index", -1))
@@ -90,6 +109,53 @@ def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
                 late_joiner=data.name in set(scenario.late_joiners))
     _SHOPS[key] = shop
     return shop
+
+
+def tensor_cache_key(shop_dir: Path, features: FeatureConfig) -> str:
+    """Hash of the shop's files (names and contents), the feature config and the fedshop version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        fedshop_version = version("fedshop")
+    except PackageNotFoundError:
+        fedshop_version = "unknown"
+    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "fedshop": fedshop_version,
+                                        "features": dataclasses.asdict(features)}, sort_keys=True).encode())
+    root = Path(shop_dir).resolve()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:32]
+
+
+_CACHED_FIELDS = [f.name for f in dataclasses.fields(ShopTensors) if f.name not in ("source", "cfg")]
+
+
+def cached_shop_tensors(shop_dir: Path, state_dir: Path, features: FeatureConfig) -> ShopTensors:
+    """The shop's tensors from ``<state_dir>/cache`` when its files are unchanged, else built and cached.
+
+    Saves each fresh ClientApp process the parsing, validation and tensorising of the shop. The cached
+    tensors carry no raw rows (``source`` is None). A corrupt file logs a warning and is rebuilt.
+    """
+    path = Path(state_dir) / CACHE_DIR / f"tensors-{tensor_cache_key(shop_dir, features)}.pt"
+    if path.exists():
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if payload.get("format") != CACHE_FORMAT:
+                raise ValueError(f"format {payload.get('format')!r}")
+            return ShopTensors(**{name: payload[name] for name in _CACHED_FIELDS}, source=None, cfg=features)
+        except Exception as exc:  # truncated or foreign file: torch and our checks raise many types
+            logger.warning("tensor cache %s is unreadable (%s); rebuilding it from %s", path,
+                           type(exc).__name__, shop_dir)
+    tensors = build_shop_tensors(load_shop_dir(shop_dir), features)
+    buf = io.BytesIO()
+    torch.save({"format": CACHE_FORMAT, **{name: getattr(tensors, name) for name in _CACHED_FIELDS}}, buf)
+    for old in path.parent.glob("tensors-*.pt") if path.parent.exists() else []:
+        if old != path:
+            old.unlink(missing_ok=True)  # an older version of the shop or of fedshop
+    atomic_write_bytes(path, buf.getvalue())
+    return tensors
 
 
 def _compatible(model: ShopModel, state: dict[str, torch.Tensor]) -> str | None:

@@ -39,7 +39,8 @@ def write_scenario(scenario: Scenario, path: Path) -> Path:
 class LocalGrid(Grid):
     """A Grid whose nodes are in-process ClientApp calls; ``silent`` nodes never reply (a timeout)."""
 
-    def __init__(self, n_nodes: int, app: object, silent: Iterable[int] = ()) -> None:
+    def __init__(self, n_nodes: int, app: object, silent: Iterable[int] = (),
+                 absent_until: dict[int, int] | None = None) -> None:
         # Messages take their sender's identity from the process, as in a ServerApp process.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.app = app
@@ -47,6 +48,8 @@ class LocalGrid(Grid):
         self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": n_nodes},
                                       state=RecordDict(), run_config={}) for i, nid in enumerate(self.node_ids)}
         self.silent = {self.node_ids[i] for i in silent}
+        # node index -> first server round it answers (a SuperNode that connects mid-run)
+        self.absent_until = {self.node_ids[i]: r for i, r in (absent_until or {}).items()}
         self.sent: list[Message] = []
         self.replies: list[Message] = []
 
@@ -77,6 +80,9 @@ class LocalGrid(Grid):
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             if node in self.silent:
+                continue
+            config = next(iter(msg.content.config_records.values()), {})
+            if int(config.get("server-round", 0)) < self.absent_until.get(node, 0):
                 continue
             try:
                 reply = self.app(msg, self.contexts[node])

@@ -9,7 +9,6 @@ Every process is started in its own session and stopped by PID in teardown.
 from __future__ import annotations
 
 import io
-import shutil
 import signal
 import threading
 import time
@@ -22,37 +21,14 @@ import typer
 from typer.testing import CliRunner
 
 from client.local_state import STATE_FILE
-from shared.datasets.synthetic import WorldConfig, generate_world, write_world
 from shared.scenario import load_scenario
 from simulations.commands import deploy
 from simulations.deploy.certs import write_certs
 from simulations.deploy.coordinator import RunOutcome, deployment_run_config, register_merchant, submit_run
-from simulations.deploy.loopback import LoopbackFederation, loopback_federation
+from simulations.deploy.loopback import LoopbackFederation, loopback_federation, tiny_scenario, write_tiny_shops
 from simulations.deploy.merchant import supernode_dir
 from simulations.deploy.processes import ProcessStartError, pid_alive, read_record, stop_pid
 
-SCENARIO = """
-name = "deploy-tiny"
-seed = 0
-[data]  # the coordinator holds no shop data: each merchant's SuperNode reads its own shop-dir
-source = "shop-dirs"
-paths = []
-[features]
-hash_buckets = 512
-product_buckets = 512
-history_len = 5
-[model]
-embed_dim = 8
-expert_dim = 16
-tower_dim = 8
-n_experts = 2
-[train]
-batch_size = 256
-[federation]
-rounds = 3
-min_shops = 2
-round_timeout = 120.0  # a healthy reply takes ~10 s idle; only a pulled-then-killed message waits this long
-"""
 EXTRA = ("intruder", "no-ca")  # key pairs that are not registered / started
 
 
@@ -71,16 +47,8 @@ def train_rounds(metrics: pd.DataFrame, shop: str) -> list[int]:
 def federation(tmp_path_factory: pytest.TempPathFactory):
     """Coordinator + three registered merchants over tiny synthetic shops, all on 127.0.0.1."""
     root = tmp_path_factory.mktemp("deploy")
-    world = generate_world(WorldConfig(n_shops=3, n_late_joiners=0, max_impressions=2500, min_impressions=800,
-                                       n_small_shops=1))
-    write_world(world, root / "world")
-    shops = [s.name for s in world.shops]
-    for name in shops:
-        (root / name).mkdir()
-        (root / "world" / name).rename(root / name / "shop")
-    for name in EXTRA:
-        shutil.copytree(root / shops[0] / "shop", root / name / "shop")
-    (root / "tiny.toml").write_text(SCENARIO)
+    shops = write_tiny_shops(root, copies=EXTRA)
+    (root / "tiny.toml").write_text(tiny_scenario())
     with loopback_federation(root, shops, extra_keys=EXTRA) as fed:
         yield fed
 
@@ -202,7 +170,7 @@ def test_cli_run_exits_non_zero_when_the_run_fails(federation: LoopbackFederatio
 
 def test_cli_run_rejects_an_unknown_run_config_key_before_submitting(tmp_path: Path) -> None:
     scenario = tmp_path / "tiny.toml"
-    scenario.write_text(SCENARIO)
+    scenario.write_text(tiny_scenario())
     app = typer.Typer()
     deploy.register(app)
     result = CliRunner().invoke(app, ["coordinator", "run", str(scenario), "--home", str(tmp_path / "nowhere"),

@@ -1,15 +1,30 @@
-"""A merchant's local-part file counts the rounds its local part has trained, across runs and restarts."""
+"""A merchant's disk: the local-part file (rounds trained across runs and restarts) and the tensor cache."""
 
 from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 from flower_harness import tiny_scenario
 from flwr.app import Context, RecordDict
 
-from client.local_state import STATE_FILE, restore_local_part, rounds_trained, save_local_part
-from shared.features import build_shop_tensors
+from client.local_state import (
+    _CACHED_FIELDS,
+    CACHE_DIR,
+    STATE_FILE,
+    cached_shop_tensors,
+    restore_local_part,
+    rounds_trained,
+    save_local_part,
+    tensor_cache_key,
+)
+from server.polling_grid import DEFAULT_POLL_INTERVAL, POLL_ENV, faster_polling, poll_interval
+from shared.features import FeatureConfig, build_shop_tensors
 from shared.model import build_model
+from simulations.deploy.loopback import write_tiny_shops
 from simulations.deploy.merchant import node_config
 
 
@@ -57,3 +72,54 @@ def test_node_config_carries_the_shop_index(tmp_path) -> None:
     assert "shop-index" not in node_config(tmp_path / "shop", tmp_path / "state")
     with pytest.raises(ValueError, match="--shop-index -1"):
         node_config(tmp_path / "shop", tmp_path / "state", -1)
+
+
+@pytest.fixture(scope="module")
+def shop_dir(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("cache-shops")
+    return root / write_tiny_shops(root)[0] / "shop"
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_tensor_cache_reuses_rebuilds_on_change_and_survives_corruption(shop_dir, tmp_path, monkeypatch,
+                                                                        caplog) -> None:
+    import client.local_state as local_state
+
+    features = FeatureConfig(hash_buckets=64, product_buckets=64, history_len=3)
+    built = cached_shop_tensors(shop_dir, tmp_path, features)
+    (cached,) = (tmp_path / CACHE_DIR).glob("tensors-*.pt")
+    monkeypatch.setattr(local_state, "build_shop_tensors", lambda *a, **k: pytest.fail("rebuilt a valid cache"))
+    again = cached_shop_tensors(shop_dir, tmp_path, features)
+    assert again.source is None and all(_same(getattr(built, f), getattr(again, f)) for f in _CACHED_FIELDS)
+    monkeypatch.undo()
+    # Another feature config or a changed shop file gives another key; the stale file is replaced.
+    assert tensor_cache_key(shop_dir, replace(features, history_len=4)) != tensor_cache_key(shop_dir, features)
+    copy = tmp_path / "shop-copy"
+    shutil.copytree(shop_dir, copy)
+    key = tensor_cache_key(copy, features)
+    interactions = copy / "interactions.csv"
+    interactions.write_text(interactions.read_text() + "\n")
+    assert tensor_cache_key(copy, features) != key
+    cached.write_bytes(b"not a torch file")
+    with caplog.at_level(logging.WARNING, logger="client.local_state"):
+        rebuilt = cached_shop_tensors(shop_dir, tmp_path, features)
+    assert "tensor cache" in caplog.text and "rebuilding" in caplog.text
+    assert _same(rebuilt.rows, built.rows)
+    assert len(list((tmp_path / CACHE_DIR).glob("tensors-*.pt"))) == 1
+
+
+def test_grid_poll_interval_is_validated() -> None:
+    assert poll_interval({}) == DEFAULT_POLL_INTERVAL
+    assert poll_interval({POLL_ENV: "3"}) == 3.0
+    for bad in ("0", "fast", "nan", "100"):
+        with pytest.raises(ValueError, match=POLL_ENV):
+            poll_interval({POLL_ENV: bad})
+    sentinel = object()
+    assert faster_polling(sentinel) is sentinel  # simulation's InMemoryGrid polls every 0.1 s already

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -63,3 +65,33 @@ def test_warmup_keeps_the_other_shops_exactly_where_they_would_be_without_the_ne
     base = others_val_auc(runs["alone"][1], scenario)
     pd.testing.assert_series_equal(others_val_auc(runs["warmup"][1], scenario), base)
     assert not others_val_auc(runs["naive"][1], scenario).equals(base)
+
+
+def test_a_node_arriving_mid_run_with_a_fresh_local_part_warms_up_first(tmp_path):
+    """The deployment join: no scenario late joiner, just a SuperNode that connects at round 2."""
+    scenario = tiny_scenario(**{"federation.warmup_rounds": 1})
+    path = write_scenario(scenario, tmp_path / "s.toml")
+    n = len(scenario.federation_shops())
+    settings = FederationSettings.from_config({"scenario": str(path), "num-server-rounds": 3, "min-shops": 2,
+                                               "run-dir": str(tmp_path / "run"), "warmup-rounds": 1})
+    grid = LocalGrid(n, client_app.app, absent_until={n - 1: 2})
+    reports = []
+    run_federation(grid, settings, lambda report, total: reports.append(report))
+    newcomer = scenario.federation_shops()[n - 1].name
+    assert newcomer not in reports[0].train  # not connected yet
+    assert "warm-up" in reports[1].left_out[newcomer] and newcomer not in reports[1].train
+    assert newcomer in reports[2].train  # its local part has trained a round: it counts
+    assert all(shop in reports[1].train for shop in (s.name for s in scenario.federation_shops()[:-1]))
+
+
+def test_join_stage_rule_for_nodes_that_are_not_scenario_late_joiners():
+    shop = SimpleNamespace(late_joiner=False, scenario=SimpleNamespace(federation={"warmup_rounds": 2,
+                                                                                    "join_round": 0}))
+    stage = client_app.join_stage
+    assert stage(shop, {}, 1, trained=0) == "active"  # everyone starts fresh together
+    assert stage(shop, {}, 5, trained=4) == "active"  # trained every round so far
+    assert stage(shop, {}, 5, trained=0) == "warm-up"  # arrives at round 5
+    assert stage(shop, {}, 6, trained=1) == "warm-up"  # second of its two warm-up rounds
+    assert stage(shop, {}, 7, trained=2) == "active"
+    assert stage(shop, {}, 3, trained=10) == "active"  # a merchant whose heads trained in an earlier run
+    assert stage(shop, {"warmup-rounds": 0}, 5, trained=0) == "active"

@@ -14,6 +14,11 @@ import tomli_w
 from shared.atomic import atomic_write_text
 
 CONNECTION = "fedshop"  # name of our SuperLink connection in $FLWR_HOME/config.toml
+# Latency knobs, unless the caller's environment sets them (docs/deployment.md, "Latency"):
+# how often each SuperExec (SuperNode: one per merchant; SuperLink: launches ServerApps) looks for new
+# tasks; Flower's default is 1.0 s. The ServerApp's reply polling (FEDSHOP_GRID_POLL_INTERVAL) defaults
+# to 0.1 s in server/polling_grid.py.
+POLL_DEFAULTS = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
 
 def flwr_bin(name: str) -> str:
@@ -29,7 +34,7 @@ def flwr_bin(name: str) -> str:
 
 
 def flwr_env(flwr_home: str | Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """os.environ plus a project-local FLWR_HOME, telemetry off and no runtime dependency installation."""
+    """os.environ plus a project-local FLWR_HOME, telemetry off, no runtime dependency installation, fast polls."""
     env = dict(os.environ)
     env.update({
         "FLWR_HOME": str(Path(flwr_home).resolve()),
@@ -40,6 +45,8 @@ def flwr_env(flwr_home: str | Path, extra: Mapping[str, str] | None = None) -> d
         # Flower spawns flower-superexec / flwr-clientapp / flwr-serverapp by name from PATH.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     })
+    for key, value in POLL_DEFAULTS.items():
+        env.setdefault(key, value)
     env.update(extra or {})
     return env
 

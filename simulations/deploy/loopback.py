@@ -3,13 +3,72 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import json
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from simulations.deploy.certs import CertPaths, write_certs
 from simulations.deploy.coordinator import Coordinator, register_merchant, start_coordinator, stop_coordinator
 from simulations.deploy.merchant import Merchant, start_merchant, stop_merchant, supernode_dir
+
+_TINY_SCENARIO = """\
+name = "{name}"
+seed = 0
+[data]  # in a deployment the coordinator holds no shop data: each SuperNode reads its own shop-dir
+source = "shop-dirs"
+paths = {paths}
+[transfer]
+late_joiners = []  # so a merchant's ClientApp never loads the other shops' directories
+[features]
+hash_buckets = 512
+product_buckets = 512
+history_len = 5
+[model]
+embed_dim = 8
+expert_dim = 16
+tower_dim = 8
+n_experts = 2
+[train]
+batch_size = 256
+[federation]
+rounds = {rounds}
+min_shops = 2
+round_timeout = {round_timeout}  # only a message pulled by a node that then died waits this long
+"""
+
+
+def tiny_scenario(paths: Iterable[str | Path] = (), *, name: str = "deploy-tiny", rounds: int = 3,
+                  round_timeout: float = 120.0) -> str:
+    """TOML of the tiny scenario the loopback e2e test and the latency benchmark share.
+
+    ``paths`` lists the shop folders (needed by a simulation of it; a deployment leaves it empty).
+    """
+    return _TINY_SCENARIO.format(name=name, paths=json.dumps([str(p) for p in paths]), rounds=int(rounds),
+                                 round_timeout=float(round_timeout))
+
+
+def write_tiny_shops(root: str | Path, copies: Iterable[str] = ()) -> list[str]:
+    """Three tiny synthetic shops as merchant folders ``root/<shop>/shop``; returns their names.
+
+    Each name in ``copies`` gets a copy of the first shop (for merchants that are refused anyway).
+    """
+    import shutil
+
+    from shared.datasets.synthetic import WorldConfig, generate_world, write_world
+
+    root = Path(root)
+    world = generate_world(WorldConfig(n_shops=3, n_late_joiners=0, max_impressions=2500, min_impressions=800,
+                                       n_small_shops=1))
+    write_world(world, root / "world")
+    shops = [s.name for s in world.shops]
+    for name in shops:
+        (root / name).mkdir(parents=True)
+        (root / "world" / name).rename(root / name / "shop")
+    for name in copies:
+        shutil.copytree(root / shops[0] / "shop", root / name / "shop")
+    return shops
 
 
 @dataclass
@@ -68,7 +127,10 @@ def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple
     try:
         for name in shops:
             register_merchant(coordinator.home, certs.merchant_keys[name][1], name=name)
-            fed.start(name, validate=validate)
+        with ThreadPoolExecutor(max_workers=len(shops) or 1) as pool:  # SuperNodes start side by side
+            for future in [pool.submit(fed.start, name, validate=validate) for name in shops]:
+                future.result()
+        fed.merchants = {name: fed.merchants[name] for name in shops}  # in the order given
         yield fed
     finally:
         fed.stop_all()

@@ -28,7 +28,7 @@ from simulations.deploy.processes import (
 
 _NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
 _REFUSED = "Failed to activate SuperNode"
-_RETRY_PAUSE = 2.0  # each retry starts a fresh flower-supernode (about 1-2 s)
+_RETRY_PAUSES = (2.0, 3.0, 5.0)  # then 5 s: each retry starts a fresh flower-supernode (~1.5 CPU-s)
 
 
 @dataclass
@@ -87,6 +87,7 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
     refuses to activate it again meanwhile; ``retry_for`` seconds of retries cover that window.
     """
     deadline = time.monotonic() + retry_for
+    attempt = 0
     while True:
         try:
             return _start_once(shop_dir, state_dir, superlink, ca=ca, key=key, port=port, shop_index=shop_index,
@@ -94,13 +95,15 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
         except ProcessStartError as err:
             if _REFUSED not in str(err):
                 raise
-            if time.monotonic() + _RETRY_PAUSE > deadline:
+            pause = _RETRY_PAUSES[min(attempt, len(_RETRY_PAUSES) - 1)]
+            attempt += 1
+            if time.monotonic() + pause > deadline:
                 raise ProcessStartError(f"{err}\nThe SuperLink refused this SuperNode: its key is not registered "
                                         "(fix: `fedshop coordinator register KEY.pub`), or it still counts a "
                                         "crashed earlier instance as online (fix: retry within about a minute, "
                                         "or pass --retry-for 90)") from None
             validate = False  # validated on the first attempt
-            time.sleep(_RETRY_PAUSE)
+            time.sleep(pause)
 
 
 def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
