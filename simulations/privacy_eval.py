@@ -45,13 +45,14 @@ from shared.features import ShopTensors, build_shop_tensors, hash_field
 from shared.model import ShopModel, build_model
 from shared.privacy.attacks import (
     AttackResult,
+    category_features,
     dp_violations,
     evaluate_attack,
     loss_threshold_scores,
     per_user_mean,
     product_leakage,
-    property_inference,
     reference_model_scores,
+    shadow_property_attack,
     user_id_leakage,
 )
 from shared.privacy.dpsgd import DPSGDConfig, impression_row_loss, privacy_report, train_dpsgd_shop
@@ -172,8 +173,9 @@ def nodes(n: int) -> dict[int, dict]:
 class PrivacyEvalConfig:
     """Sizes of the privacy evaluation; `small()` is what the tests use."""
 
-    n_property_shops: int = 50  # small synthetic shops for property inference (>= 50 for the report)
-    property_steps: int = 10  # local optimiser steps per shop update (one short round)
+    n_property_shops: int = 60  # target shops of property inference (>= 50 for the report)
+    n_shadow_shops: int = 120  # shadow shops (another synthetic world) the meta-classifier learns from
+    property_steps: int = 10  # cap on local steps per shop update (one local epoch of these shops is 3-5 steps)
     mia_users: int = 0  # users of the attacked shop used (0 = all); split into members/non-members/reference
     overfit_epochs: int = 30  # positive control: many epochs, no regularisation
     normal_epochs: int = 1
@@ -181,18 +183,20 @@ class PrivacyEvalConfig:
     dpsgd_noise: float = 1.0  # user-level DP-SGD on the attacked shop
     dpsgd_sample_rate: float = 0.05
     dpsgd_rounds: int = 10  # DP-SGD rounds; each ceil(1/q) steps
-    central_noise: tuple[float, ...] = (0.0, 0.5, 2.0)  # central DP noise multipliers (0 = no DP)
+    central_noise: tuple[float, ...] = (0.0, 0.3, 0.7, 1.0, 2.0)  # central DP noise multipliers (0 = no DP)
     clipping_norm: float = 1.0
     delta: float = 1e-5
-    rounds: int = 3  # federated rounds per privacy-utility point
+    rounds: int = 10  # federated rounds per privacy-utility point
+    utility_steps: int = 50  # cap on local steps per shop and round in the privacy-utility runs
+    utility_shops: int = 8  # shops of the default world in the privacy-utility runs
     secagg: bool = True  # also measure the SecAgg+ rows
     seed: int = 0
 
     @classmethod
     def small(cls) -> PrivacyEvalConfig:
         """A few seconds' worth: for tests and smoke runs."""
-        return cls(n_property_shops=20, property_steps=2, mia_users=150, overfit_epochs=15, reference_models=1,
-                   dpsgd_rounds=2, central_noise=(0.0, 1.0), rounds=1)
+        return cls(n_property_shops=30, n_shadow_shops=60, mia_users=150, overfit_epochs=15,
+                   reference_models=1, dpsgd_rounds=2, central_noise=(0.0, 1.0), rounds=1, utility_steps=20)
 
 
 # Small model and hash spaces: privacy evaluations train many models; the attacks need no big ones.
@@ -200,9 +204,10 @@ EVAL_OVERRIDES = {"features.hash_buckets": 2048, "features.product_buckets": 409
                   "model.expert_dim": 16, "model.tower_dim": 8, "model.n_experts": 2}
 
 
-def property_world_overrides(n_shops: int) -> dict:
+def property_world_overrides(n_shops: int, seed: int | None = None) -> dict:
     """Many small synthetic shops of similar size (the property, not the size, should drive updates)."""
-    return {**EVAL_OVERRIDES, "data.source": "synthetic", "data.synthetic.n_shops": n_shops,
+    world = {} if seed is None else {"seed": seed}
+    return {**EVAL_OVERRIDES, **world, "data.source": "synthetic", "data.synthetic.n_shops": n_shops,
             "data.synthetic.n_late_joiners": 0, "data.synthetic.n_small_shops": 0,
             "data.synthetic.max_impressions": 3000, "data.synthetic.min_impressions": 1500,
             "data.synthetic.days": 30}
@@ -229,14 +234,18 @@ def encoder_arrays(model: ShopModel) -> dict[str, np.ndarray]:
     return {k: v.numpy().astype(np.float64) for k, v in model.encoder_state().items()}
 
 
-def shop_updates(scenario: Scenario, shops: list[ShopData], *, steps: int, seed: int
+def shop_updates(scenario: Scenario, shops: list[ShopData], *, steps: int, seed: int, model_seed: int | None = None
                  ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]], list[ShopTensors]]:
-    """Each shop's individual encoder update after one short local round from the same initial encoder."""
+    """Each shop's individual encoder update after one short local round from the same initial encoder.
+
+    ``model_seed`` fixes that encoder (default: the scenario's seed); shadow shops use the targets'.
+    """
     initial: dict[str, np.ndarray] | None = None
     updates, tensors = [], []
     for shop in shops:
         t = build_shop_tensors(shop, scenario.features)
-        model = build_model(t, scenario.model, scenario.features, seed=scenario.seed)
+        model = build_model(t, scenario.model, scenario.features,
+                            seed=scenario.seed if model_seed is None else model_seed)
         before = encoder_arrays(model)
         initial = initial or before
         train_shop(model, t, replace(scenario.train, epochs=1, max_steps=steps, seed=seed))
@@ -325,37 +334,78 @@ def secagg_view(initial: Mapping[str, np.ndarray], updates: list[Mapping[str, np
 
 
 # ============================================================================= property inference + product leakage
-def property_and_product_leakage(cfg: PrivacyEvalConfig, run_dir: Path, base: str = "default") -> dict[str, object]:
-    """Property inference and product-row leakage over many small shops: plain, SecAgg+, central DP."""
-    scenario = load_scenario(base, property_world_overrides(cfg.n_property_shops))
-    shops = scenario.training_shops()
-    labels = np.array([dominant_category(s) for s in shops])
-    initial, updates, tensors = shop_updates(scenario, shops, steps=cfg.property_steps, seed=cfg.seed)
-    keep = np.isin(labels, [c for c, n in zip(*np.unique(labels, return_counts=True), strict=True) if n >= 3])
-    out: dict[str, object] = {"n_shops": len(shops), "property": "dominant top-level category",
-                              "classes": sorted(set(labels[keep].tolist())), "n_shops_scored": int(keep.sum())}
-    # The taxonomy and the hashing scheme are public: the attacker reads the embedding rows of every
-    # leaf category's bucket. With Adam every touched row moves by about lr per step, so magnitudes
-    # only say which categories a shop sells; the direction of the rows carries the rest.
+SHADOW_SEED_OFFSET = 1000  # the shadow world: same public generator and taxonomy, independently drawn shops
+
+
+def category_layout(shops: list[ShopData], buckets: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The public taxonomy as an attacker holds it: top names, their buckets, leaf buckets, each leaf's top index."""
     leaves = sorted({c for sh in shops if sh.items is not None for c in sh.items["category"].dropna().astype(str)})
+    if not leaves:
+        raise ValueError("property inference needs shops with an items table that has a 'category' column")
     tops = sorted({leaf.split(">")[0] for leaf in leaves})
     leaf_top = np.array([tops.index(leaf.split(">")[0]) for leaf in leaves])
-    leaf_bucket = hash_field("category", np.array(leaves, dtype=object), scenario.features.hash_buckets)
+    return (tops, hash_field("category_top", np.array(tops, dtype=object), buckets),
+            hash_field("category", np.array(leaves, dtype=object), buckets), leaf_top)
 
-    def features(update: Mapping[str, np.ndarray]) -> np.ndarray:
-        rows = np.asarray(update["fields.weight"], np.float64)[leaf_bucket]  # (leaves, d)
-        moved = np.abs(rows).max(axis=1) > SecAggSettings().quantisation_step()
-        return np.r_[rows.ravel(), np.bincount(leaf_top, weights=moved, minlength=len(tops))]
 
-    def attack(views: list[Mapping[str, np.ndarray]]) -> tuple[float, tuple[float, float]]:
-        return property_inference(np.stack([features(v) for v in views])[keep], labels[keep], seed=cfg.seed)
+def property_and_product_leakage(cfg: PrivacyEvalConfig, run_dir: Path, base: str = "default") -> dict[str, object]:
+    """Property inference (shadow meta-classifier) and product-row leakage over many small shops.
 
-    out["auc_plain"] = attack(updates)
+    Targets: ``cfg.n_property_shops`` shops of the scenario's world. Shadows: ``cfg.n_shadow_shops``
+    shops of an independently drawn world (seed + SHADOW_SEED_OFFSET) that a coordinator can
+    simulate from the public generator, taxonomy and hashing; their updates start from the same
+    global encoder the coordinator sent the targets. Views: plain, clipped (central DP without
+    SecAgg+), a shop's share of the noisy central-DP release, and SecAgg+ masked vectors.
+    """
+    scenario = load_scenario(base, property_world_overrides(cfg.n_property_shops))
+    shops = scenario.training_shops()
+    shadow_scenario = load_scenario(base, property_world_overrides(cfg.n_shadow_shops,
+                                                                   seed=scenario.seed + SHADOW_SEED_OFFSET))
+    shadows = shadow_scenario.training_shops()
+    initial, updates, tensors = shop_updates(scenario, shops, steps=cfg.property_steps, seed=cfg.seed)
+    _, shadow_updates, _ = shop_updates(shadow_scenario, shadows, steps=cfg.property_steps, seed=cfg.seed + 1,
+                                        model_seed=scenario.seed)
+    tops, top_rows, leaf_rows, leaf_top = category_layout(shops + shadows, scenario.features.hash_buckets)
+    target_y = np.array([tops.index(dominant_category(s)) for s in shops])
+    shadow_y = np.array([tops.index(dominant_category(s)) for s in shadows])
+    norms = np.array([np.linalg.norm(flat(u)) for u in updates])
+    out: dict[str, object] = {
+        "n_shops": len(shops), "n_shadow_shops": len(shadows), "property": "dominant top-level category",
+        "update_l2_norm": [float(norms.min()), float(np.median(norms)), float(norms.max())],
+        "share_clipped": float(np.mean(norms > cfg.clipping_norm)),
+        "classes": tops, "target_class_counts": np.bincount(target_y, minlength=len(tops)).tolist(),
+        "shadow_world_seed": scenario.seed + SHADOW_SEED_OFFSET}
+
+    def features(views: list[Mapping[str, np.ndarray]]) -> np.ndarray:
+        return np.stack([category_features(v["wide.weight"], top_rows, leaf_rows, leaf_top) for v in views])
+
+    def attack(shadow_views: list[Mapping[str, np.ndarray]], target_views: list[Mapping[str, np.ndarray]]
+               ) -> dict[str, object]:
+        return shadow_property_attack(features(shadow_views), shadow_y, features(target_views), target_y,
+                                      seed=cfg.seed).as_dict()
+
+    rng = np.random.default_rng(cfg.seed)
+
+    def release_share(views: list[dict[str, np.ndarray]], z: float) -> list[dict[str, np.ndarray]]:
+        # The central-DP release is (sum of clipped updates + N(0, (zS)^2)) / n: against an observer who
+        # knows every other shop's update (DP's adversary), a shop's share is its clipped update + N(0, (zS)^2).
+        # Only the first-order table enters the features; noise elsewhere is independent and changes nothing.
+        return [{"wide.weight": v["wide.weight"] + rng.normal(0.0, z * cfg.clipping_norm, v["wide.weight"].shape)}
+                for v in views]
+
+    attacks: dict[str, dict[str, object]] = {"individual update (no protection)": attack(shadow_updates, updates)}
     clipped = [clip_update(u, cfg.clipping_norm) for u in updates]
+    shadow_clipped = [clip_update(u, cfg.clipping_norm) for u in shadow_updates]
     # Central DP adds noise to the *aggregate* only: the coordinator still sees each clipped update.
-    out["auc_central_dp"] = attack(clipped)
+    attacks[f"individual clipped update (central DP, S={cfg.clipping_norm}, no SecAgg+)"] = attack(shadow_clipped,
+                                                                                                  clipped)
+    for z in sorted({z for z in cfg.central_noise if z > 0}):
+        attacks[f"shop's share of the central-DP release, z={z}"] = attack(release_share(shadow_clipped, z),
+                                                                          release_share(clipped, z))
     views, aggregate, _ = secagg_view(initial, updates, run_dir / "secagg-view")
-    out["auc_secagg"] = attack([unflatten(v, initial) for v in views])
+    # The attacker's best model (trained on plain shadow updates) applied to what SecAgg+ delivers.
+    attacks["SecAgg+ masked vector"] = attack(shadow_updates, [unflatten(v, initial) for v in views])
+    out["attacks"] = attacks
 
     key = "products.weight"
     init = initial[key]
@@ -463,13 +513,20 @@ def write_report(run_dir: Path, prop: dict[str, object], mia: dict[str, object],
     rep = mia.get("dpsgd_report", {})
     lines += ["", f"DP-SGD: {rep}. ROC points above e^eps*FPR+delta (must be 0): {mia.get('dp_violations')}.", "",
               "## Property inference from individual encoder updates", "",
-              f"{prop['n_shops']} small synthetic shops; property: {prop['property']} "
-              f"({prop['n_shops_scored']} shops in classes with >= 3 shops).", "",
-              "| coordinator sees | AUC [95% CI] |", "|---|---|"]
-    for name, key in (("individual update", "auc_plain"), ("individual clipped update (central DP)", "auc_central_dp"),
-                      ("SecAgg+ masked vector", "auc_secagg")):
-        auc, (lo, hi) = prop[key]
-        lines.append(f"| {name} | {auc:.3f} [{lo:.3f}, {hi:.3f}] |")
+              f"Property: {prop['property']} of {prop['n_shops']} target shops (classes {prop['classes']}, "
+              f"counts {prop['target_class_counts']}). Meta-classifier (gradient-boosted trees) trained on "
+              f"{prop['n_shadow_shops']} shadow shops of an independently drawn world (seed "
+              f"{prop['shadow_world_seed']}) from features of the first-order (wide) rows of the public category "
+              "buckets. AUC = one-vs-rest macro AUC over categories; pooled = binary 'is category c dominant' "
+              "over all (shop, c) pairs; 95% CIs bootstrap over target shops. Update L2 norms (min, median, max): "
+              f"{', '.join(f'{v:.3g}' for v in prop['update_l2_norm'])}; share above the clipping norm: "
+              f"{prop['share_clipped']:.2f}.", "",
+              "| coordinator sees | macro AUC [95% CI] | pooled AUC [95% CI] | top-1 (majority guess) |",
+              "|---|---|---|---|"]
+    for name, r in prop["attacks"].items():
+        lines.append(f"| {name} | {r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] | "
+                     f"{r['pooled_auc']:.3f} [{r['pooled_auc_ci'][0]:.3f}, {r['pooled_auc_ci'][1]:.3f}] | "
+                     f"{r['top1']:.2f} ({r['top1_chance']:.2f}) |")
     lines += ["", "## Sold products readable from global-product embedding rows", "",
               "| protection | recall (share of sold products readable) | precision (attributable to the shop) |",
               "|---|---|---|"]
@@ -482,12 +539,20 @@ def write_report(run_dir: Path, prop: dict[str, object], mia: dict[str, object],
                   f"({int(ids['secagg_replies'])} replies). Zero by construction; checked by scanning every byte."]
     if utility:
         plot_utility(utility, Path(run_dir) / "privacy_utility.png")
-        lines += ["", "## Privacy-utility", "", "| protection | z | epsilon | delta | rounds | metric (test) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "## Privacy-utility", "",
+                  "Mean over shops of the test-split metric; epsilon is shop-level (Flower's RDP accountant, every "
+                  "shop in every round, no sampling amplification; inf = no DP). 'local only' trains each shop "
+                  "alone for the same number of epochs: nothing leaves it.", "",
+                  "| protection | z | epsilon | delta | rounds | metric (test) | seconds |",
+                  "|---|---|---|---|---|---|---|"]
         for r in utility:
             lines.append(f"| {r['protection']} | {r['noise_multiplier']} | {r['epsilon']:.3g} | {r['delta']:g} | "
-                         f"{r['rounds']} | {r['metric']} = {r['value']:.4f} |")
-        lines += ["", "![privacy-utility](privacy_utility.png)"]
+                         f"{r['rounds']} | {r['metric']} = {r['value']:.4f} | {r.get('seconds', float('nan')):.0f} |")
+        lines += ["", "'SecAgg+ and central DP' rows are composed in the evaluation (fedshop's runtime refuses the "
+                  "pair): shops clip their updates to S, a real SecAgg+ round averages them, the coordinator adds "
+                  "N(0, (zS/n)^2); same z, S, shops and rounds as the central-DP rows, hence the same epsilon. "
+                  "'SecAgg+ (composed, clipped)' is that loop with z = 0.",
+                  "", "![privacy-utility](privacy_utility.png)"]
     path = atomic_write_text(Path(run_dir) / "privacy.md", "\n".join(lines) + "\n")
     atomic_write_text(Path(run_dir) / "privacy.json", json.dumps(
         {"property": prop, "mia": {k: (v.as_dict() if isinstance(v, AttackResult) else v) for k, v in mia.items()},
@@ -512,7 +577,8 @@ def run_privacy_eval(scenario_name: str, run_dir: Path, cfg: PrivacyEvalConfig |
     prop = property_and_product_leakage(cfg, run_dir)
     world = write_eval_scenario("default", property_world_overrides(4), run_dir / "id-scan-scenario.toml")
     ids = user_id_scan(world, 3, run_dir)
-    utility_world = write_eval_scenario("default", property_world_overrides(8), run_dir / "utility-scenario.toml")
+    # The scenario's own shops (small model): utility is that of the scenario being evaluated.
+    utility_world = write_eval_scenario(scenario_name, EVAL_OVERRIDES, run_dir / "utility-scenario.toml")
     utility = privacy_utility(cfg, utility_world, run_dir)
     return write_report(run_dir, prop, mia, ids, utility)
 
@@ -551,9 +617,13 @@ def user_id_scan(scenario_path: Path, n_shops: int, run_dir: Path, *, max_steps:
 UTILITY_METRIC = "ctr.auc"
 
 
-def privacy_utility(cfg: PrivacyEvalConfig, scenario_path: Path, run_dir: Path, *, n_shops: int = 8,
-                    max_steps: int = 20) -> list[dict[str, object]]:
-    """Test-split task metric after ``cfg.rounds`` federated rounds for each central-DP noise level, +/- SecAgg+."""
+def privacy_utility(cfg: PrivacyEvalConfig, scenario_path: Path, run_dir: Path) -> list[dict[str, object]]:
+    """Test-split task metric after ``cfg.rounds`` federated rounds for each central-DP noise level, +/- SecAgg+.
+
+    Each shop takes at most ``cfg.utility_steps`` local steps per round (the largest default shop has
+    ~80 batches per epoch); the first ``cfg.utility_shops`` training shops take part.
+    """
+    n_shops, max_steps = cfg.utility_shops, cfg.utility_steps
     from client.client_app import app as main_app
     from client.secure_client import dp_app, secure_app
     from server.dp import CentralDP, CentralDPSettings, wrap
@@ -561,8 +631,9 @@ def privacy_utility(cfg: PrivacyEvalConfig, scenario_path: Path, run_dir: Path, 
 
     scenario = load_scenario(str(scenario_path))
     shops = scenario.training_shops()[:n_shops]
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, object]] = [_local_only_row(cfg, scenario, shops)]
     for z in cfg.central_noise:
+        start = time.perf_counter()
         base = {"scenario": str(scenario_path), "max-steps": max_steps, "run-dir": str(run_dir / f"utility-z{z}")}
         grid = LoopbackGrid(dp_app if z > 0 else main_app, nodes(len(shops)), run_config=base)
         inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(shops), min_train_nodes=len(shops))
@@ -574,10 +645,11 @@ def privacy_utility(cfg: PrivacyEvalConfig, scenario_path: Path, run_dir: Path, 
                                 train_config=ConfigRecord(base))
         final = _evaluate_shops(scenario, shops, result.arrays, grid)
         eps = dp.report().epsilon if isinstance(dp, CentralDP) else float("inf")
-        rows.append({"protection": "none" if z == 0 else "central DP", "noise_multiplier": z, "epsilon": eps,
+        rows.append({"protection": "plain FedAvg" if z == 0 else "central DP", "noise_multiplier": z, "epsilon": eps,
                      "delta": cfg.delta, "rounds": cfg.rounds, "metric": UTILITY_METRIC,
-                     "value": float(final.get(UTILITY_METRIC, float("nan")))})
+                     "value": float(final.get(UTILITY_METRIC, float("nan"))), "seconds": time.perf_counter() - start})
     if cfg.secagg:
+        start = time.perf_counter()
         base = {"scenario": str(scenario_path), "max-steps": max_steps}
         grid = LoopbackGrid(secure_app, nodes(len(shops)), run_config=base)
         settings = FederationSettings(scenario=str(scenario_path), num_server_rounds=cfg.rounds, min_shops=2,
@@ -590,8 +662,68 @@ def privacy_utility(cfg: PrivacyEvalConfig, scenario_path: Path, run_dir: Path, 
         task, metric = UTILITY_METRIC.split(".")
         last = m[(m["round"] == cfg.rounds) & (m["task"] == task) & (m["metric"] == metric)]
         rows.append({"protection": "SecAgg+", "noise_multiplier": 0.0, "epsilon": float("inf"), "delta": cfg.delta,
-                     "rounds": cfg.rounds, "metric": UTILITY_METRIC, "value": float(last["value"].mean())})
+                     "rounds": cfg.rounds, "metric": UTILITY_METRIC, "value": float(last["value"].mean()),
+                     "seconds": time.perf_counter() - start})
+        eps_of = {r["noise_multiplier"]: r["epsilon"] for r in rows if r["protection"] == "central DP"}
+        rows += secagg_dp_rows(cfg, scenario, shops, run_dir, eps_of)
     return rows
+
+
+def secagg_dp_rows(cfg: PrivacyEvalConfig, scenario: Scenario, shops: list[ShopData], run_dir: Path,
+                   epsilon_of: Mapping[float, float]) -> list[dict[str, object]]:
+    """SecAgg+ with central DP, composed here because the runtime refuses the pair; one row per z in cfg.
+
+    Each round every shop trains from the global encoder (its local part kept in memory, as a shop
+    keeps it), clips its update to S (what `fixedclipping_mod` does), and the clipped updates go
+    through a real SecAgg+ round (`secagg_view`: masking, quantisation, unmasking, equal weights);
+    the coordinator adds N(0, (zS/n)^2) to the unmasked mean. Same z, S, n and rounds as the
+    central-DP rows, hence the same epsilon (taken from them).
+    """
+    n = len(shops)
+    tensors = [build_shop_tensors(s, scenario.features) for s in shops]
+    rows = []
+    for z in cfg.central_noise:
+        start = time.perf_counter()
+        rng = np.random.default_rng(cfg.seed)
+        models = [build_model(t, scenario.model, scenario.features, seed=scenario.seed) for t in tensors]
+        glob = encoder_arrays(models[0])
+        for r in range(cfg.rounds):
+            clipped = []
+            for model, t in zip(models, tensors, strict=True):
+                model.load_encoder_state({k: torch.as_tensor(v, dtype=torch.float32) for k, v in glob.items()})
+                train_shop(model, t, replace(scenario.train, epochs=1, max_steps=cfg.utility_steps, seed=cfg.seed + r))
+                clipped.append(clip_update({k: v - glob[k] for k, v in encoder_arrays(model).items()},
+                                           cfg.clipping_norm))
+            _, mean, _ = secagg_view(glob, clipped, run_dir / f"utility-secagg-dp-z{z}" / f"round-{r + 1}")
+            glob = {k: np.asarray(mean[k], np.float64) + rng.normal(0.0, z * cfg.clipping_norm / n, glob[k].shape)
+                    for k in glob}
+        state = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in glob.items()}
+        task, metric = UTILITY_METRIC.split(".")
+        values = []
+        for model, t in zip(models, tensors, strict=True):
+            model.load_encoder_state(state)
+            values.append(evaluate_shop(model, t, "test").get(task, {}).get(metric, float("nan")))
+        rows.append({"protection": "SecAgg+ and central DP" if z > 0 else "SecAgg+ (composed, clipped)",
+                     "noise_multiplier": z, "epsilon": float(epsilon_of.get(z, float("inf"))), "delta": cfg.delta,
+                     "rounds": cfg.rounds, "metric": UTILITY_METRIC, "value": float(np.nanmean(values)),
+                     "seconds": time.perf_counter() - start})
+    return rows
+
+
+def _local_only_row(cfg: PrivacyEvalConfig, scenario: Scenario, shops: list[ShopData]) -> dict[str, object]:
+    """Reference: every shop trains alone for as many epochs as rounds (same step cap in total); nothing leaves."""
+    start = time.perf_counter()
+    values = []
+    for shop in shops:
+        t = build_shop_tensors(shop, scenario.features)
+        model = build_model(t, scenario.model, scenario.features, seed=scenario.seed)
+        train_shop(model, t, replace(scenario.train, epochs=cfg.rounds, max_steps=cfg.rounds * cfg.utility_steps,
+                                     seed=cfg.seed))
+        task, metric = UTILITY_METRIC.split(".")
+        values.append(evaluate_shop(model, t, "test").get(task, {}).get(metric, float("nan")))
+    return {"protection": "local only (no federation)", "noise_multiplier": 0.0, "epsilon": 0.0, "delta": 0.0,
+            "rounds": cfg.rounds, "metric": UTILITY_METRIC, "value": float(np.nanmean(values)),
+            "seconds": time.perf_counter() - start}
 
 
 def _evaluate_shops(scenario: Scenario, shops: list[ShopData], encoder: ArrayRecord,
@@ -625,7 +757,11 @@ def plot_utility(rows: list[dict[str, object]], path: Path) -> Path:
         ax.plot([r["epsilon"] for r in dp], [r["value"] for r in dp], "o-", label="central DP")
         for r in dp:
             ax.annotate(f"z={r['noise_multiplier']}", (r["epsilon"], r["value"]), fontsize=7)
-    for r, style in zip([r for r in rows if r["protection"] != "central DP"], ("--", ":"), strict=False):
+    both = [r for r in rows if r["protection"] == "SecAgg+ and central DP"]
+    if both:
+        ax.plot([r["epsilon"] for r in both], [r["value"] for r in both], "s--", label="SecAgg+ and central DP")
+    flat_rows = [r for r in rows if r["protection"] not in ("central DP", "SecAgg+ and central DP")]
+    for r, style in zip(flat_rows, ("--", ":", "-.", (0, (1, 3))), strict=False):
         ax.axhline(float(r["value"]), linestyle=style, color="grey", label=str(r["protection"]))
     ax.set_xscale("log")
     ax.set_xlabel("epsilon (shop level, delta fixed)")

@@ -7,16 +7,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from shared.privacy.accounting import ShopAccountant, opacus_epsilon, tpr_bound
 from shared.privacy.attacks import (
+    category_features,
     dp_violations,
     evaluate_attack,
     loss_threshold_scores,
     product_leakage,
-    property_inference,
+    rank_auc,
     reference_model_scores,
+    shadow_property_attack,
     user_id_leakage,
 )
 from shared.privacy.audit import AllowList, LeakBlocked, audit_payload
@@ -144,15 +147,40 @@ def test_dp_violation_detector_flags_a_broken_claim() -> None:
     assert not dp_violations(rng.normal(size=1000), members, epsilon=0.1, delta=1e-5)
 
 
-def test_property_inference_reads_signal_and_not_noise() -> None:
+def _toy_shops(n: int, rng: np.random.Generator, signal: float) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 4 candidates, 3 features): the dominant candidate's first feature is shifted by ``signal``."""
+    y = rng.integers(0, 4, n)
+    x = rng.normal(size=(n, 4, 3))
+    x[np.arange(n), y, 0] += signal
+    return x, y
+
+
+def test_shadow_property_attack_reads_signal_and_not_noise() -> None:
     rng = np.random.default_rng(0)
-    labels = np.repeat([0, 1, 2], 20)
-    direction = rng.normal(size=(3, 40))
-    updates = direction[labels] * 0.5 + rng.normal(size=(60, 40))
-    auc, (lo, hi) = property_inference(updates, labels, n_boot=50)
-    assert auc > 0.8 and lo <= auc <= hi
-    noise_auc, _ = property_inference(rng.normal(size=(60, 40)), labels, n_boot=20)
-    assert noise_auc < 0.7
+    sx, sy = _toy_shops(120, rng, 2.0)
+    tx, ty = _toy_shops(60, rng, 2.0)
+    res = shadow_property_attack(sx, sy, tx, ty, n_boot=100)
+    assert res.auc > 0.8 and res.auc_ci[0] <= res.auc <= res.auc_ci[1] and res.auc_ci[0] > 0.7
+    assert res.top1 > res.top1_chance and res.n_target == 60 and res.n_classes_scored == 4
+    nx, ny = _toy_shops(120, rng, 0.0)
+    mx, my = _toy_shops(60, rng, 0.0)
+    noise = shadow_property_attack(nx, ny, mx, my, n_boot=100)
+    assert noise.auc_ci[0] < 0.5 < noise.auc_ci[1]
+    with pytest.raises(ValueError, match="candidates, features"):
+        shadow_property_attack(sx[:, :3], sy, tx, ty)
+
+
+def test_rank_auc_matches_sklearn_and_category_features_shape() -> None:
+    rng = np.random.default_rng(1)
+    truth, scores = rng.random(200) < 0.3, np.round(rng.normal(size=200), 1)  # rounded: ties
+    assert rank_auc(truth, scores) == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
+    wide = np.zeros((50, 3))
+    wide[[7, 9]] = [[-0.02, -0.01, 0.0], [-0.01, -0.01, -0.01]]  # two top rows; leaf 11 of top 0 moved
+    wide[11] = 0.005
+    f = category_features(wide, np.array([7, 9]), np.array([11, 12, 13]), np.array([0, 0, 1]))
+    assert f.shape == (2, 18)
+    assert f[0, 3] == pytest.approx(1.0) and f[1, 3] == pytest.approx(0.5)  # |row| relative to the largest
+    assert f[0, 15] == pytest.approx(0.5) and f[1, 15] == 0.0  # share of a top's leaves that moved
 
 
 def test_user_ids_found_only_when_sent() -> None:

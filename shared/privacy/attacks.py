@@ -1,4 +1,4 @@
-"""Privacy attacks used as evaluations: user-level membership inference, update property inference, ID leakage.
+"""Privacy attacks used as evaluations: user-level membership inference, shadow-model property inference, ID leakage.
 
 Everything here works on numbers an attacker could hold (per-user losses, encoder updates, outgoing
 messages); training the models attacked is the caller's job (simulations/privacy_eval.py).
@@ -12,11 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from shared.privacy.accounting import tpr_bound
 
@@ -125,40 +121,110 @@ def dp_violations(scores: np.ndarray, is_member: np.ndarray, *, epsilon: float, 
 
 
 # ----------------------------------------------------------------------------- property inference
-def property_inference(updates: np.ndarray, labels: np.ndarray, *, seed: int = 0, folds: int = 5,
-                       n_boot: int = 200) -> tuple[float, tuple[float, float]]:
-    """Cross-validated AUC of predicting a shop property (e.g. dominant category) from its individual update.
+def category_features(wide_update: np.ndarray, top_rows: np.ndarray, leaf_rows: np.ndarray,
+                      leaf_top: np.ndarray) -> np.ndarray:
+    """Per-candidate features (T, 18) of one update: what its first-order rows say about each top category.
 
-    A curious coordinator's view: one row per shop (flattened encoder update). Multi-class labels
-    are scored one-vs-rest (macro AUC). Returns (AUC, bootstrap 95% CI over shops).
+    ``wide_update`` is the update of a (buckets, tasks) first-order weight table; ``top_rows`` the
+    bucket of each top-level category value, ``leaf_rows`` of each leaf, ``leaf_top`` each leaf's top
+    index (public taxonomy + public hashing). For top category t: |update| of its row per task, the
+    same relative to the largest top row (scale-free: survives clipping), its signed update, and the
+    max / mean |update| and share of moved rows over its leaves. Adam moves every touched row by
+    about lr per step, so single magnitudes say little; signs and the pattern across tasks carry the
+    dominance signal (the sales column rises for categories that sell above the shop's average).
     """
-    x = np.asarray(updates, dtype=np.float64)
-    y = np.asarray(labels)
-    classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        raise ValueError("property inference needs shops with at least two different property values")
-    folds = int(min(folds, counts.min()))
-    if folds < 2:
-        per_value = dict(zip(classes.tolist(), counts.tolist(), strict=True))
-        raise ValueError(f"every property value needs >= 2 shops for cross-validation; got {per_value}")
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-    proba = cross_val_predict(model, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                              method="predict_proba")
+    w = np.asarray(wide_update, np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"wide_update must be a 2-D (buckets, tasks) table; got shape {w.shape}")
+    top = w[np.asarray(top_rows)]  # (T, tasks)
+    leaf = np.abs(w[np.asarray(leaf_rows)])  # (L, tasks)
+    leaf_top = np.asarray(leaf_top)
+    rel = np.abs(top) / (np.abs(top).max(axis=0, keepdims=True) + 1e-12)
+    out = []
+    for t in range(len(top)):
+        mine = leaf[leaf_top == t]
+        if not len(mine):
+            mine = np.zeros((1, w.shape[1]))
+        out.append(np.concatenate([np.abs(top[t]), rel[t], top[t], mine.max(0), mine.mean(0), (mine > 0).mean(0)]))
+    return np.stack(out)
 
-    def auc(idx: np.ndarray) -> float:
-        yy, pp = y[idx], proba[idx]
-        if len(classes) == 2:
-            return float(roc_auc_score(yy == classes[1], pp[:, 1]))
-        return float(roc_auc_score(yy, pp, multi_class="ovr", labels=classes))
 
+@dataclass(frozen=True)
+class PropertyAttackResult:
+    """Shadow-model property inference on target shops, with bootstrap 95% intervals over target shops."""
+
+    auc: float  # one-vs-rest macro AUC over the candidate values (headline)
+    auc_ci: tuple[float, float]
+    pooled_auc: float  # binary "is value c the dominant one" over all (shop, c) pairs
+    pooled_auc_ci: tuple[float, float]
+    top1: float  # share of target shops whose highest-scored value is the true one
+    top1_chance: float  # share of the most frequent value among targets (always guessing it)
+    n_shadow: int
+    n_target: int
+    n_classes_scored: int
+
+    def as_dict(self) -> dict[str, object]:
+        """Flat dict for reports."""
+        return asdict(self)
+
+
+def rank_auc(truth: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney U statistic (ties count one half); the same number as sklearn's, without
+    its per-call validation, which dominates thousands of bootstrap resamples."""
+    truth = np.asarray(truth, bool)
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    ranks = stats.rankdata(scores)
+    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _macro_auc(truth: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
+    """Mean over candidate values with both positive and negative shops of AUC(score_c, truth == c)."""
+    aucs = [rank_auc(truth == c, scores[:, c]) for c in range(scores.shape[1]) if 0 < (truth == c).sum() < len(truth)]
+    return (float(np.mean(aucs)) if aucs else float("nan")), len(aucs)
+
+
+def shadow_property_attack(shadow_x: np.ndarray, shadow_y: np.ndarray, target_x: np.ndarray, target_y: np.ndarray,
+                           *, seed: int = 0, n_boot: int = 500) -> PropertyAttackResult:
+    """Meta-classifier property inference (Ganju et al. 2018; Melis et al. 2019) on per-candidate features.
+
+    ``*_x`` are (shops, T, F) features (one row per candidate value, e.g. `category_features`),
+    ``*_y`` the index of each shop's true value. One binary gradient-boosted classifier is trained on
+    every (shadow shop, candidate) pair: "is this candidate the shop's dominant value"; it is
+    shared by all candidates, so it learns what dominance looks like rather than per-value
+    quirks. It scores every target (shop, candidate); the shadow and target shops must be disjoint.
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier  # noqa: PLC0415 - only this attack needs it
+
+    sx, tx = np.asarray(shadow_x, np.float64), np.asarray(target_x, np.float64)
+    sy, ty = np.asarray(shadow_y, int), np.asarray(target_y, int)
+    if sx.ndim != 3 or tx.ndim != 3 or sx.shape[1:] != tx.shape[1:]:
+        raise ValueError(f"shadow and target features must be (shops, candidates, features) alike; got {sx.shape} "
+                         f"and {tx.shape}")
+    if len(sx) != len(sy) or len(tx) != len(ty):
+        raise ValueError(f"features and labels differ in shop count: shadow {len(sx)}/{len(sy)}, "
+                         f"target {len(tx)}/{len(ty)}")
+    n_cand = sx.shape[1]
+    if len(np.unique(sy)) < 2:
+        raise ValueError("shadow shops need at least two different property values to train the meta-classifier")
+    pair_y = (np.arange(n_cand)[None, :] == sy[:, None]).ravel()
+    model = HistGradientBoostingClassifier(max_depth=3, max_iter=150, learning_rate=0.05, random_state=seed)
+    model.fit(sx.reshape(-1, sx.shape[2]), pair_y)
+    scores = model.predict_proba(tx.reshape(-1, tx.shape[2]))[:, 1].reshape(len(tx), n_cand)
+    pair_truth = (np.arange(n_cand)[None, :] == ty[:, None])
+
+    def stats_of(idx: np.ndarray) -> tuple[float, float]:
+        return _macro_auc(ty[idx], scores[idx])[0], rank_auc(pair_truth[idx].ravel(), scores[idx].ravel())
+
+    auc, n_scored = _macro_auc(ty, scores)
+    pooled = float(roc_auc_score(pair_truth.ravel(), scores.ravel()))
     rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.choice(len(y), len(y))
-        if len(np.unique(y[idx])) == len(classes):
-            boots.append(auc(idx))
-    lo, hi = (np.percentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan))
-    return auc(np.arange(len(y))), (float(lo), float(hi))
+    boot = np.array([stats_of(rng.choice(len(ty), len(ty))) for _ in range(n_boot)])
+    lo, hi = np.nanpercentile(boot, 2.5, axis=0), np.nanpercentile(boot, 97.5, axis=0)
+    counts = np.bincount(ty, minlength=n_cand)
+    return PropertyAttackResult(
+        auc=auc, auc_ci=(float(lo[0]), float(hi[0])), pooled_auc=pooled, pooled_auc_ci=(float(lo[1]), float(hi[1])),
+        top1=float(np.mean(scores.argmax(axis=1) == ty)), top1_chance=float(counts.max() / len(ty)),
+        n_shadow=len(sx), n_target=len(tx), n_classes_scored=n_scored)
 
 
 # ----------------------------------------------------------------------------- ID leakage

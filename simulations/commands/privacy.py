@@ -16,7 +16,10 @@ def register(app: typer.Typer) -> None:
         scenario: str = typer.Argument("default", help="Scenario name or path to a scenario TOML."),
         runs: Path = typer.Option(Path("runs"), help="Folder that receives the run directory."),
         small: bool = typer.Option(False, help="Tiny settings (seconds): for smoke runs."),
-        property_shops: int = typer.Option(0, help="Synthetic shops for property inference (0 = default 50)."),
+        property_shops: int = typer.Option(0, help="Target shops of property inference (0 = default 60)."),
+        shadow_shops: int = typer.Option(0, help="Shadow shops of the property meta-classifier (0 = default 120)."),
+        rounds: int = typer.Option(0, help="Federated rounds per privacy-utility row (0 = default 10)."),
+        steps: int = typer.Option(0, help="Cap on local steps per shop and round, privacy-utility (0 = default 50)."),
         dpsgd_noise: float = typer.Option(0.0, help="Noise multiplier of user-level DP-SGD (0 = default 1.0)."),
         seed: int = typer.Option(0, help="Seed of user splits, training and bootstraps."),
     ) -> None:
@@ -26,7 +29,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = PrivacyEvalConfig.small() if small else PrivacyEvalConfig()
         cfg = replace(cfg, seed=seed, n_property_shops=property_shops or cfg.n_property_shops,
-                      dpsgd_noise=dpsgd_noise or cfg.dpsgd_noise)
+                      n_shadow_shops=shadow_shops or cfg.n_shadow_shops, rounds=rounds or cfg.rounds,
+                      utility_steps=steps or cfg.utility_steps, dpsgd_noise=dpsgd_noise or cfg.dpsgd_noise)
         run_dir = new_run_dir(runs, f"privacy-{Path(scenario).stem}")
         write_run_info(run_dir, {"command": "privacy", "scenario": scenario, "eval": cfg.__dict__})
         report = run_privacy_eval(scenario, run_dir, cfg)
