@@ -3,6 +3,8 @@
 Three tiny synthetic shops, each served by its own `flower-supernode` that reads the shop's directory
 and keeps its local part in its own state dir. One module fixture starts the federation; a second runs
 the first federation (with a merchant crash and a corrupt state file), so each test checks one property.
+While Flower holds the killed merchant's node "online" (36-60 s), that fixture also tries the refused
+merchants and submits a failing run, so the suite spends the wait instead of adding to it.
 Every process is started in its own session and stopped by PID in teardown.
 """
 
@@ -81,7 +83,11 @@ def crash_run(federation: LoopbackFederation) -> dict:
     result["victim_alive"] = pid_alive(victim.pid)
     result["after_crash"] = lineage(federation, shops[0])
     result["victim"] = victim
+    # Flower keeps the dead node "online" for 36-60 s; the checks that need no run use that wait.
+    side = threading.Thread(target=_side_checks, args=(federation, result))
+    side.start()
     result["restarted"] = federation.start(shops[0], retry_for=90)  # SuperLink frees a dead node within 60 s
+    side.join(300)
     worker.join(600)
     assert not worker.is_alive(), "the run did not end"
     result["seconds"] = time.monotonic() - started
@@ -89,18 +95,38 @@ def crash_run(federation: LoopbackFederation) -> dict:
     return result
 
 
+def _refusal(federation: LoopbackFederation, name: str, **kwargs: object) -> Exception | None:
+    """The error starting merchant ``name`` raised (None if it started, which the tests call a failure)."""
+    try:
+        federation.start(name, **kwargs)
+    except ProcessStartError as exc:
+        return exc
+    return None
+
+
+def _side_checks(federation: LoopbackFederation, result: dict) -> None:
+    """Refused merchants and a failing run, recorded in ``result`` for their tests to assert on."""
+    result["intruder"] = _refusal(federation, "intruder")
+    register_merchant(federation.coordinator.home, federation.certs.merchant_keys["no-ca"][1])
+    result["no-ca"] = _refusal(federation, "no-ca", ca=False)  # registered key, but only the system trust store
+    app = typer.Typer()
+    deploy.register(app)
+    result["failing-run"] = CliRunner().invoke(app, [
+        "coordinator", "run", str(federation.root / "tiny.toml"), "--home", federation.coordinator.home,
+        "--runs-dir", str(federation.root / "runs" / "failing"), "--rounds", "1", "-c", "strategy=no-such-strategy"])
+
+
 @pytest.mark.slow
-def test_unregistered_merchant_is_refused(federation: LoopbackFederation) -> None:
-    with pytest.raises(ProcessStartError, match="Failed to activate SuperNode"):
-        federation.start("intruder")
+def test_unregistered_merchant_is_refused(federation: LoopbackFederation, crash_run: dict) -> None:
+    assert isinstance(crash_run["intruder"], ProcessStartError)
+    assert "Failed to activate SuperNode" in str(crash_run["intruder"])
     assert not (supernode_dir(federation.state_dir("intruder")) / "supernode.json").exists()
 
 
 @pytest.mark.slow
-def test_merchant_without_the_ca_cannot_connect(federation: LoopbackFederation) -> None:
-    register_merchant(federation.coordinator.home, federation.certs.merchant_keys["no-ca"][1])
-    with pytest.raises(ProcessStartError, match="CERTIFICATE_VERIFY_FAILED"):
-        federation.start("no-ca", ca=False)  # registered key, but only the system trust store
+def test_merchant_without_the_ca_cannot_connect(crash_run: dict) -> None:
+    assert isinstance(crash_run["no-ca"], ProcessStartError)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(crash_run["no-ca"])
 
 
 @pytest.mark.slow
@@ -158,12 +184,8 @@ def test_cli_second_run_carries_local_parts_over(federation: LoopbackFederation,
 
 
 @pytest.mark.slow
-def test_cli_run_exits_non_zero_when_the_run_fails(federation: LoopbackFederation, tmp_path: Path) -> None:
-    app = typer.Typer()
-    deploy.register(app)
-    result = CliRunner().invoke(app, ["coordinator", "run", str(federation.root / "tiny.toml"), "--home",
-                                      federation.coordinator.home, "--runs-dir", str(tmp_path), "--rounds", "1",
-                                      "-c", "strategy=no-such-strategy"])
+def test_cli_run_exits_non_zero_when_the_run_fails(crash_run: dict) -> None:
+    result = crash_run["failing-run"]  # submitted while the crash run was going: runs do not block each other
     assert result.exit_code == 1, result.output
     assert "finished:failed" in result.output
 
