@@ -112,15 +112,18 @@ def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
 
 
 def tensor_cache_key(shop_dir: Path, features: FeatureConfig) -> str:
-    """Hash of the shop's files (names and contents), the feature config and the fedshop version."""
-    from importlib.metadata import PackageNotFoundError, version
+    """Hash of the shop's files (names and contents), the feature config and the code that builds tensors.
 
-    try:
-        fedshop_version = version("fedshop")
-    except PackageNotFoundError:
-        fedshop_version = "unknown"
-    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "fedshop": fedshop_version,
-                                        "features": dataclasses.asdict(features)}, sort_keys=True).encode())
+    The code is hashed from the source of `shared.schema` and `shared.features` rather than taken from
+    the package version, so an edited feature pipeline never reuses tensors built by the old one.
+    """
+    import shared.features
+    import shared.schema
+
+    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "features": dataclasses.asdict(features)},
+                                       sort_keys=True).encode())
+    for module in (shared.schema, shared.features):
+        digest.update(Path(str(module.__file__)).read_bytes())
     root = Path(shop_dir).resolve()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(root)).encode() + b"\0")

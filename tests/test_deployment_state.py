@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,16 @@ def test_tensor_cache_reuses_rebuilds_on_change_and_survives_corruption(shop_dir
     interactions = copy / "interactions.csv"
     interactions.write_text(interactions.read_text() + "\n")
     assert tensor_cache_key(copy, features) != key
+    # An edited feature pipeline gives another key too: the code is part of it, not just the version.
+    import shared.features
+
+    code = Path(shared.features.__file__)
+    fake = tmp_path / "features_edited.py"
+    fake.write_bytes(code.read_bytes() + b"\n# edited\n")
+    monkeypatch.setattr(shared.features, "__file__", str(fake))
+    edited_key = tensor_cache_key(shop_dir, features)
+    monkeypatch.undo()
+    assert edited_key != tensor_cache_key(shop_dir, features)
     cached.write_bytes(b"not a torch file")
     with caplog.at_level(logging.WARNING, logger="client.local_state"):
         rebuilt = cached_shop_tensors(shop_dir, tmp_path, features)
