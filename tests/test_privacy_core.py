@@ -26,15 +26,6 @@ from shared.privacy.audit import AllowList, LeakBlocked, audit_payload
 from shared.privacy.dpsgd import DPSGDConfig, PrivacyBudgetExceeded, train_dpsgd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than contending for the CI machine's two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_opacus_rdp_accountant_pinned() -> None:
     eps = opacus_epsilon(noise_multiplier=1.5, sample_rate=0.04, steps=2250, delta=1e-5)
     assert eps == pytest.approx(7.32911117143, abs=1e-6)

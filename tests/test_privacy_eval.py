@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from simulations.privacy_eval import (
     PrivacyEvalConfig,
@@ -18,13 +17,11 @@ from simulations.privacy_eval import (
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _quiet_one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quiet():
+    """One torch thread comes from conftest.py; here the federation's per-round logging is silenced."""
     logging.disable(logging.INFO)
     yield
     logging.disable(logging.NOTSET)
-    torch.set_num_threads(before)
 
 
 def test_property_inference_and_product_rows_in_a_small_world(tmp_path: Path) -> None:

@@ -50,17 +50,8 @@ def fedavg_encoder(scenario, rounds: int = 2) -> dict[str, torch.Tensor]:
     return encoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread; on a loaded 2-core machine extra threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def world(one_thread):
+def world():
     scenario = load_scenario("default", TINY)
     late = {s.name: build_shop_tensors(s, scenario.features) for s in scenario.joining_shops()}
     return scenario, late, fedavg_encoder(scenario, rounds=1)

@@ -21,15 +21,6 @@ from shared.weighting import (
 TASKS = ["ctr", "cvr"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Toy problems gain nothing from threads, and spin-waiting threads crawl on a loaded 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _toy_losses(shared: nn.Linear | None = None, seed: int = 0) -> tuple[nn.Linear, dict[str, torch.Tensor]]:
     """A shared linear layer (new unless given) and two task losses that depend on it."""
     torch.manual_seed(seed)
