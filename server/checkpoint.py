@@ -67,13 +67,19 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
 
 
+LIST_MARK = "#"  # key prefix of a list-valued state (FedAvgM's momentum) stored as a dict
+
+
 def strategy_state(strategy: object) -> dict[str, dict[str, np.ndarray]]:
-    """Array-valued state of a Flower strategy (e.g. FedAdam's m_t and v_t); empty for stateless ones."""
+    """Array-valued state of a Flower strategy (FedAdam's m_t and v_t, FedAvgM's momentum); empty if none."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for name, value in vars(strategy).items():
-        if name in _TRANSIENT_ATTRS or not isinstance(value, dict) or not value:
+        if name in _TRANSIENT_ATTRS or not value:
             continue
-        if all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items()):
+        if isinstance(value, list) and all(isinstance(v, np.ndarray) for v in value):
+            out[name] = {f"{LIST_MARK}{i}": np.array(v, copy=True) for i, v in enumerate(value)}
+        elif isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                             for k, v in value.items()):
             out[name] = {k: np.array(v, copy=True) for k, v in value.items()}
     return out
 
@@ -85,7 +91,11 @@ def load_strategy_state(strategy: object, state: dict[str, dict[str, np.ndarray]
             raise CheckpointError(f"checkpoint holds strategy state '{name}' that "
                                   f"{type(strategy).__name__} does not have. Fix: resume with the "
                                   "strategy the run started with")
-        setattr(strategy, name, {k: np.array(v, copy=True) for k, v in arrays.items()})
+        if arrays and all(k.startswith(LIST_MARK) for k in arrays):
+            ordered = sorted(arrays, key=lambda k: int(k[len(LIST_MARK):]))
+            setattr(strategy, name, [np.array(arrays[k], copy=True) for k in ordered])
+        else:
+            setattr(strategy, name, {k: np.array(v, copy=True) for k, v in arrays.items()})
 
 
 def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -51,7 +51,7 @@ from shared.scenario import Scenario, load_scenario
 logger = logging.getLogger(__name__)
 SHARE_MODES = ("encoder", "all-shareable")
 STOP_FILE = "stopped.txt"  # why a run ended before its last round (e.g. the privacy budget), for the caller
-DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")  # mean-based: noise zS/n is calibrated to these
+DP_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")  # mean-based: noise zS/n is calibrated to these
 
 
 @dataclass
@@ -60,12 +60,13 @@ class FederationSettings:
 
     scenario: str = "default"  # built-in scenario name or path to a scenario TOML
     num_server_rounds: int = 5
-    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
+    strategy: str = "fedavg"  # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
     fraction_train: float = 1.0
     min_shops: int = 2  # a round fails when fewer shops send a usable update
     local_epochs: int = 1
     proximal_mu: float = 0.0  # FedProx
-    server_lr: float = 0.1  # FedAdam / FedYogi server learning rate
+    server_lr: float = 0.1  # FedAdam / FedYogi eta, FedAvgM server learning rate
+    server_momentum: float = 0.0  # FedAvgM
     warmup_rounds: int = 0  # rounds a late joiner trains its local part only (encoder frozen) before its updates count
     max_steps: int = 0  # cap on local optimiser steps per round (0 = none)
     round_timeout: float = 600.0  # seconds; a shop not replying by then is left out of the round
@@ -207,9 +208,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     if not (run_dir / "config.toml").exists():
         atomic_write_text(run_dir / "config.toml", tomli_w.dumps({"run": asdict(settings), "scenario": scenario.raw}))
     base = build_strategy(settings.strategy, fraction_train=settings.fraction_train,
-                          min_shops=settings.min_shops, proximal_mu=settings.proximal_mu)
-    if hasattr(base, "eta"):
-        base.eta = settings.server_lr
+                          min_shops=settings.min_shops, proximal_mu=settings.proximal_mu,
+                          server_lr=settings.server_lr, server_momentum=settings.server_momentum)
     log = MetricsLog(run_dir / "metrics.csv", settings.method)
     fingerprint = _fingerprint(scenario, settings)
     if dp.enabled:  # the ledger replayed on resume is only right for the same z, S and shops

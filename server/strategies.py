@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -32,7 +33,7 @@ from flwr.serverapp.strategy import (
 
 from server.metrics_log import mean_by_key
 
-STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam,
+STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
                                        "fedyogi": FedYogi, "fedmedian": FedMedian,
                                        "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
 LOCAL_PREFIX = "local."  # wire name prefix of local-part arrays shared by the FedAvg-all baseline
@@ -43,8 +44,13 @@ logger = logging.getLogger(__name__)
 
 
 def build_strategy(name: str, *, fraction_train: float = 1.0, min_shops: int = 2,
-                   proximal_mu: float = 0.0) -> FedAvg:
-    """One of Flower's strategies by name, sampling at least ``min_shops`` shops each round."""
+                   proximal_mu: float = 0.0, server_lr: float | None = None,
+                   server_momentum: float = 0.0) -> FedAvg:
+    """One of Flower's strategies by name, sampling at least ``min_shops`` shops each round.
+
+    ``server_lr`` is FedAdam/FedYogi's ``eta`` or FedAvgM's server learning rate (None: Flower's
+    default); ``server_momentum`` is FedAvgM's.
+    """
     if name not in STRATEGIES:
         raise ValueError(f"strategy '{name}' is unknown. Fix: use one of {sorted(STRATEGIES)}")
     kwargs: dict[str, Any] = {"fraction_train": fraction_train, "fraction_evaluate": 1.0,
@@ -52,6 +58,12 @@ def build_strategy(name: str, *, fraction_train: float = 1.0, min_shops: int = 2
                               "min_available_nodes": min_shops}
     if name == "fedprox":
         kwargs["proximal_mu"] = proximal_mu
+    if name == "fedavgm":
+        kwargs["server_momentum"] = server_momentum
+        if server_lr is not None:
+            kwargs["server_learning_rate"] = server_lr
+    elif name in ("fedadam", "fedyogi") and server_lr is not None:
+        kwargs["eta"] = server_lr
     return STRATEGIES[name](**kwargs)
 
 

@@ -26,12 +26,13 @@ DATA_ENV = {"movielens": "FEDSHOP_MOVIELENS", "amazon": "FEDSHOP_AMAZON"}
 
 FEDERATION_DEFAULTS: dict[str, Any] = {
     "rounds": 10,  # server rounds
-    "strategy": "fedavg",  # fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
+    "strategy": "fedavg",  # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
     "fraction_train": 1.0,  # share of shops sampled per round
     "min_shops": 2,  # a round needs at least this many replies
     "local_epochs": 1,  # local epochs per round
     "prox_mu": 0.0,  # FedProx proximal weight (strategy fedprox)
-    "server_lr": 0.1,  # server learning rate for FedAdam/FedYogi
+    "server_lr": 0.1,  # FedAdam/FedYogi eta; FedAvgM server learning rate
+    "server_momentum": 0.0,  # FedAvgM server momentum
     "join_round": 0,  # round at which late joiners join a running federation (0 = never)
     "warmup_rounds": 1,  # rounds a joining shop trains its local part with the encoder frozen
     "objective": "fedavg",  # fedavg | meta (Reptile-style: short inner loops, see docs)

@@ -3,8 +3,9 @@
 Three tiny synthetic shops, each served by its own `flower-supernode` that reads the shop's directory
 and keeps its local part in its own state dir. One module fixture starts the federation; a second runs
 the first federation (with a merchant crash and a corrupt state file), so each test checks one property.
-While Flower holds the killed merchant's node "online" (36-60 s), that fixture also tries the refused
-merchants and submits a failing run, so the suite spends the wait instead of adding to it.
+While Flower holds the killed merchant's node "online" (two heartbeats: merchants here beat every 10 s,
+Flower's minimum), that fixture also tries the refused merchants and submits a failing run, so the
+suite spends the wait instead of adding to it.
 Every process is started in its own session and stopped by PID in teardown.
 """
 
@@ -83,10 +84,11 @@ def crash_run(federation: LoopbackFederation) -> dict:
     result["victim_alive"] = pid_alive(victim.pid)
     result["after_crash"] = lineage(federation, shops[0])
     result["victim"] = victim
-    # Flower keeps the dead node "online" for 36-60 s; the checks that need no run use that wait.
+    # Flower keeps the dead node "online" for up to two heartbeat intervals (here 2 x 10 s); the checks
+    # that need no run use that wait.
     side = threading.Thread(target=_side_checks, args=(federation, result))
     side.start()
-    result["restarted"] = federation.start(shops[0], retry_for=90)  # SuperLink frees a dead node within 60 s
+    result["restarted"] = federation.start(shops[0], retry_for=60)  # SuperLink frees a dead node within 20 s
     side.join(300)
     worker.join(600)
     assert not worker.is_alive(), "the run did not end"

@@ -27,6 +27,8 @@ from shared.features import FeatureConfig, build_shop_tensors
 from shared.model import build_model
 from simulations.deploy.loopback import write_tiny_shops
 from simulations.deploy.merchant import node_config
+from simulations.deploy.supernode_launcher import apply_heartbeat_interval, check_heartbeat_interval
+from simulations.deploy.supernode_launcher import main as launcher_main
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +136,18 @@ def test_grid_poll_interval_is_validated() -> None:
             poll_interval({POLL_ENV: bad})
     sentinel = object()
     assert faster_polling(sentinel) is sentinel  # simulation's InMemoryGrid polls every 0.1 s already
+
+
+def test_heartbeat_interval_reaches_the_supernode_modules_and_is_range_checked(monkeypatch) -> None:
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.fleet_http_connection as connection
+
+    for module in (heartbeat, connection):  # restored after the test
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
+    apply_heartbeat_interval(10.0)
+    assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == connection.HEARTBEAT_DEFAULT_INTERVAL == 10.0
+    for bad in (5.0, 4000.0):
+        with pytest.raises(ValueError, match="10-1800 seconds"):
+            check_heartbeat_interval(bad)
+    assert launcher_main(["5", "--", "--help"]) == 2  # refused before Flower starts
+    assert launcher_main(["10"]) == 2  # usage error, no SuperNode

@@ -81,12 +81,15 @@ def test_every_strategy_runs_a_round_over_the_encoder(name, tmp_path):
     assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in arrays.values())
 
 
-def test_in_process_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("strategy", [{"strategy": "fedadam"},
+                                      {"strategy": "fedavgm", "server-lr": 1.5, "server-momentum": 0.9}])
+def test_in_process_resume_matches_an_uninterrupted_run(strategy, tmp_path):
+    """Server optimiser state (FedAdam's moments, FedAvgM's momentum) survives a resume."""
     scenario_file = write_scenario(tiny_scenario(), tmp_path / "scenario.toml")
 
     def settings(run_dir, rounds, resume=False):
         return FederationSettings.from_config({"scenario": str(scenario_file), "num-server-rounds": rounds,
-                                               "run-dir": str(run_dir), "strategy": "fedadam",
+                                               "run-dir": str(run_dir), **strategy,
                                                "max-steps": 3, "resume": resume})
 
     run_federation(LocalGrid(3, client_app.app), settings(tmp_path / "full", 3))

@@ -159,7 +159,10 @@ def merchant_start(
     shop_index: int = typer.Option(None, "--shop-index", help="This merchant's number (0, 1, ...): metrics.csv "
                                    "labels its rows shop-<index>; without it they say node-<SuperNode ID>."),
     retry_for: float = typer.Option(0.0, "--retry-for", help="Seconds to keep retrying a refused activation "
-                                    "(after a crash the SuperLink needs up to 60 s to release the node)."),
+                                    "(after a crash the SuperLink holds the node for two heartbeat intervals)."),
+    heartbeat_interval: float = typer.Option(30.0, "--heartbeat-interval", min=10.0, max=1800.0,
+                                             help="Seconds between this SuperNode's heartbeats (Flower: 30). "
+                                             "The SuperLink notices a crash after two; 10 = back in 20 s."),
 ) -> None:
     """Validate the shop, then start `flower-supernode` with TLS and key authentication."""
     from shared.schema import ShopDataError
@@ -168,7 +171,8 @@ def merchant_start(
 
     try:
         merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, port=port or None,
-                                  shop_index=shop_index, retry_for=retry_for)
+                                  shop_index=shop_index, retry_for=retry_for,
+                                  heartbeat_interval=heartbeat_interval)
     except ShopDataError as err:
         typer.secho(f"Shop data rejected, nothing started: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None

@@ -80,6 +80,7 @@ class LoopbackFederation:
     certs: CertPaths
     env: dict[str, str] | None = None
     merchants: dict[str, Merchant] = field(default_factory=dict)
+    heartbeat_interval: float = 10.0  # Flower's minimum: a killed merchant is let back in within 20 s
 
     def shop_dir(self, name: str) -> Path:
         """The merchant's data folder."""
@@ -100,7 +101,7 @@ class LoopbackFederation:
         merchant = start_merchant(self.shop_dir(name), self.state_dir(name), self.coordinator.address,
                                   ca=self.certs.ca_cert if ca else None, key=self.certs.merchant_keys[key or name][0],
                                   shop_index=shop_index, env=self.env, validate=validate, timeout=30,
-                                  retry_for=retry_for)
+                                  retry_for=retry_for, heartbeat_interval=self.heartbeat_interval)
         self.merchants[name] = merchant
         return merchant
 

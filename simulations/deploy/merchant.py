@@ -11,6 +11,7 @@ metrics.csv by it; without it the rows say ``node-<SuperNode ID>``).
 from __future__ import annotations
 
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from simulations.deploy.processes import (
     stop_recorded,
     wait_ready,
 )
+from simulations.deploy.supernode_launcher import DEFAULT_INTERVAL, check_heartbeat_interval
 
 _NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
 _REFUSED = "Failed to activate SuperNode"
@@ -78,20 +80,25 @@ def _activated_node_id(log: Path) -> int | None:
 def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
                    key: str | Path, port: int | None = None, shop_index: int | None = None,
                    isolation: str = "subprocess", env: dict[str, str] | None = None, validate: bool = True,
-                   timeout: float = 60.0, retry_for: float = 0.0) -> Merchant:
+                   timeout: float = 60.0, retry_for: float = 0.0,
+                   heartbeat_interval: float = DEFAULT_INTERVAL) -> Merchant:
     """Validate ``shop_dir``, start the SuperNode and wait until the SuperLink has accepted it.
 
     Raises ShopDataError before anything starts when the data is bad, and ProcessStartError (with the
     SuperNode's log) when the SuperLink refuses it: unregistered key, untrusted certificate. After a
-    crash the SuperLink keeps the node "online" until two missed heartbeats (flwr 1.42: up to 60 s) and
-    refuses to activate it again meanwhile; ``retry_for`` seconds of retries cover that window.
+    crash the SuperLink keeps the node "online" until two missed heartbeats (2 x ``heartbeat_interval``,
+    Flower's default 30 s) and refuses to activate it again meanwhile; ``retry_for`` seconds of retries
+    cover that window. A shorter interval (down to 10 s) lets a crashed merchant back in sooner.
     """
+    if heartbeat_interval != DEFAULT_INTERVAL:
+        check_heartbeat_interval(heartbeat_interval)  # before anything starts
     deadline = time.monotonic() + retry_for
     attempt = 0
     while True:
         try:
             return _start_once(shop_dir, state_dir, superlink, ca=ca, key=key, port=port, shop_index=shop_index,
-                               isolation=isolation, env=env, validate=validate, timeout=timeout)
+                               isolation=isolation, env=env, validate=validate, timeout=timeout,
+                               heartbeat_interval=heartbeat_interval)
         except ProcessStartError as err:
             if _REFUSED not in str(err):
                 raise
@@ -100,15 +107,17 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
             if time.monotonic() + pause > deadline:
                 raise ProcessStartError(f"{err}\nThe SuperLink refused this SuperNode: its key is not registered "
                                         "(fix: `fedshop coordinator register KEY.pub`), or it still counts a "
-                                        "crashed earlier instance as online (fix: retry within about a minute, "
-                                        "or pass --retry-for 90)") from None
+                                        "crashed earlier instance as online for two heartbeat intervals "
+                                        f"(fix: retry after {2 * heartbeat_interval:g} s, or pass --retry-for "
+                                        f"{3 * heartbeat_interval:g})") from None
             validate = False  # validated on the first attempt
             time.sleep(pause)
 
 
 def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
                 key: str | Path, port: int | None, shop_index: int | None, isolation: str,
-                env: dict[str, str] | None, validate: bool, timeout: float) -> Merchant:
+                env: dict[str, str] | None, validate: bool, timeout: float,
+                heartbeat_interval: float = DEFAULT_INTERVAL) -> Merchant:
     """One attempt of `start_merchant`."""
     shop_dir, state_dir = Path(shop_dir).resolve(), Path(state_dir).resolve()
     if validate:
@@ -126,7 +135,9 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
         raise RuntimeError(f"a SuperNode for {state_dir} already runs (PID {read_record(record).pid}). Fix: "
                            f"`fedshop merchant stop --state-dir {state_dir}` first")
     port = port or free_port()
-    command = [flwr_bin("flower-supernode"), "--superlink", superlink, "--auth-supernode-private-key", str(key),
+    launcher = [flwr_bin("flower-supernode")] if heartbeat_interval == DEFAULT_INTERVAL else [
+        sys.executable, "-m", "simulations.deploy.supernode_launcher", f"{heartbeat_interval:g}", "--"]
+    command = [*launcher, "--superlink", superlink, "--auth-supernode-private-key", str(key),
                "--node-config", node_config(shop_dir, state_dir, shop_index), "--port", str(port),
                "--isolation", isolation]
     if ca is not None:
