@@ -115,7 +115,8 @@ class LoopbackFederation:
 
 @contextlib.contextmanager
 def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple[str, ...] = (),
-                        env: dict[str, str] | None = None, validate: bool = True) -> Iterator[LoopbackFederation]:
+                        env: dict[str, str] | None = None, validate: bool = True,
+                        heartbeat_interval: float = 10.0) -> Iterator[LoopbackFederation]:
     """Certificates, a TLS SuperLink, and one registered, started SuperNode per shop in ``shops``.
 
     Shop folders ``root/<shop>/shop`` must exist. ``extra_keys`` get key pairs but are neither registered
@@ -124,7 +125,7 @@ def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple
     root = Path(root)
     certs = write_certs(root / "certs", list(shops) + list(extra_keys), force=True)
     coordinator = start_coordinator(root / "coordinator", root / "certs", env=env)
-    fed = LoopbackFederation(root, coordinator, certs, env)
+    fed = LoopbackFederation(root, coordinator, certs, env, heartbeat_interval=heartbeat_interval)
     try:
         for name in shops:
             register_merchant(coordinator.home, certs.merchant_keys[name][1], name=name)
