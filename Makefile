@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bytecode
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,10 +17,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# Every Ray worker and Flower process imports fedshop afresh; with PYTHONDONTWRITEBYTECODE set (as on
+# some machines) each would recompile it (~0.6 CPU s). Stale .pyc files are ignored by Python.
+bytecode: $(STAMP)
+	$(PY) -m compileall -q client server shared simulations
+
+demo: bytecode
 	$(VENV)/bin/fedshop compare default
 
-test: $(STAMP)
+test: bytecode
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 

@@ -25,6 +25,7 @@ from client.local_state import (
 from server.polling_grid import DEFAULT_POLL_INTERVAL, POLL_ENV, faster_polling, poll_interval
 from shared.features import FeatureConfig, build_shop_tensors
 from shared.model import build_model
+from simulations.deploy.flwr_config import flwr_env
 from simulations.deploy.loopback import write_tiny_shops
 from simulations.deploy.merchant import node_config
 from simulations.deploy.supernode_launcher import apply_heartbeat_interval, check_heartbeat_interval
@@ -151,3 +152,11 @@ def test_heartbeat_interval_reaches_the_supernode_modules_and_is_range_checked(m
             check_heartbeat_interval(bad)
     assert launcher_main(["5", "--", "--help"]) == 2  # refused before Flower starts
     assert launcher_main(["10"]) == 2  # usage error, no SuperNode
+
+
+def test_flower_processes_get_a_local_home_and_keep_their_bytecode(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    env = flwr_env(tmp_path / "flwr", {"EXTRA": "x"})
+    assert "PYTHONDONTWRITEBYTECODE" not in env  # each per-message process would recompile fedshop otherwise
+    assert env["FLWR_HOME"] == str((tmp_path / "flwr").resolve())
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1" and env["EXTRA"] == "x"
