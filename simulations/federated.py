@@ -86,6 +86,9 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     the run ended early by design (central DP's budget); its checkpoints and metrics stay valid.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # CPU-only: opt in to Ray's future default (leave device env vars alone), which also silences
+    # the FutureWarning Ray raises on every start.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
 
     from client.client_app import app as client_app
