@@ -1,12 +1,11 @@
-"""Opt-in timing log of ClientApp messages, to see where a deployment round's time goes.
+"""ClientApp side of the opt-in timing log (`shared.timing_log`): one line per message.
 
-Set ``FEDSHOP_TIMING_LOG=/path/file.jsonl`` in a SuperNode's environment and every message appends one
-JSON line: when its `flwr-clientapp` process started, when the handler started and ended. Unset: nothing.
+With ``FEDSHOP_TIMING_LOG`` set in a SuperNode's environment every message records when its
+`flwr-clientapp` process started, when imports ended, and when the handler started and ended.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-TIMING_ENV = "FEDSHOP_TIMING_LOG"
+from shared.timing_log import record, timing_enabled
+
 _IMPORTED_AT = time.time()  # client.client_app imports this after torch and Flower
 
 
@@ -29,17 +29,9 @@ def process_start_time() -> float | None:
         return None
 
 
-def record(event: dict) -> None:
-    """Append ``event`` as one JSON line to $FEDSHOP_TIMING_LOG (no-op when unset)."""
-    path = os.environ.get(TIMING_ENV)
-    if path:
-        with open(path, "a", encoding="utf-8") as out:  # one short append per line: safe across processes
-            out.write(json.dumps(event) + "\n")
-
-
 def timing_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """ClientApp mod: records process start, import end, handler start and end of this message."""
-    if not os.environ.get(TIMING_ENV):
+    if not timing_enabled():
         return call_next(msg, context)
     start = time.time()
     reply = call_next(msg, context)

@@ -8,7 +8,6 @@ Flower's push/pull calls and only changes the pause; `FEDSHOP_GRID_POLL_INTERVAL
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -19,9 +18,10 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from shared.timing_log import record
+
 POLL_ENV = "FEDSHOP_GRID_POLL_INTERVAL"
 DEFAULT_POLL_INTERVAL = 0.1  # what Flower's own InMemoryGrid (simulation) uses
-TIMING_ENV = "FEDSHOP_TIMING_LOG"
 
 
 def poll_interval(environ: dict[str, str] | None = None) -> float:
@@ -40,10 +40,7 @@ def poll_interval(environ: dict[str, str] | None = None) -> float:
 
 
 def _timing(event: dict) -> None:
-    path = os.environ.get(TIMING_ENV)
-    if path:
-        with open(path, "a", encoding="utf-8") as out:
-            out.write(json.dumps({"where": "serverapp", **event}) + "\n")
+    record({"where": "serverapp", **event})
 
 
 class PollingGrid(Grid):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import replace
@@ -160,3 +161,18 @@ def test_flower_processes_get_a_local_home_and_keep_their_bytecode(monkeypatch, 
     assert "PYTHONDONTWRITEBYTECODE" not in env  # each per-message process would recompile fedshop otherwise
     assert env["FLWR_HOME"] == str((tmp_path / "flwr").resolve())
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1" and env["EXTRA"] == "x"
+
+
+def test_timing_log_appends_one_json_line_per_event_only_when_asked(monkeypatch, tmp_path) -> None:
+    from server.polling_grid import _timing
+    from shared.timing_log import TIMING_ENV, record, timing_enabled
+
+    monkeypatch.delenv(TIMING_ENV, raising=False)
+    record({"event": "ignored"})
+    assert not timing_enabled() and not list(tmp_path.iterdir())
+    log = tmp_path / "timing.jsonl"
+    monkeypatch.setenv(TIMING_ENV, str(log))
+    record({"where": "clientapp", "round": "1"})
+    _timing({"event": "push", "n": 3})
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines == [{"where": "clientapp", "round": "1"}, {"where": "serverapp", "event": "push", "n": 3}]
