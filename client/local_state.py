@@ -36,7 +36,7 @@ from shared.atomic import atomic_write_bytes
 from shared.features import FeatureConfig, ShopTensors, build_shop_tensors
 from shared.model import ShopModel, build_model
 from shared.scenario import Scenario, load_scenario
-from shared.schema import load_shop_dir
+from shared.schema import ShopData, load_shop_dir
 
 LOCAL_RECORD = "fedshop.local-part"  # name of the ArrayRecord in context.state
 LINEAGE_RECORD = "fedshop.local-lineage"  # ConfigRecord in context.state: {ROUNDS_TRAINED: n}
@@ -79,34 +79,29 @@ def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
     if key in _SHOPS:
         return _SHOPS[key]
     scenario = load_scenario(scenario_ref, {"seed": int(seed)} if seed is not None else None)
-    if node.get("shop-dir") and node.get("state-dir") and os.environ.get(CACHE_ENV, "1") != "0":
-        tensors = cached_shop_tensors(Path(str(node["shop-dir"])), Path(str(node["state-dir"])),
-                                      scenario.features)
-        shop = Shop(tensors.name, int(node.get("shop-index", -1)), scenario, tensors,
-                    Path(str(node["state-dir"])), late_joiner=tensors.name in set(scenario.late_joiners))
-        _SHOPS[key] = shop
-        return shop
+    source: Path | ShopData
     if node.get("shop-dir"):
-        data = load_shop_dir(str(node["shop-dir"]))
-        index = int(node.get("shop-index", -1))
+        source, index = Path(str(node["shop-dir"])), int(node.get("shop-index", -1))
     elif "partition-id" in node:
         index = int(node["partition-id"])
         shops = scenario.federation_shops()
         if not 0 <= index < len(shops):
             raise ValueError(f"node_config partition-id={index} but scenario '{scenario.name}' has "
                              f"{len(shops)} federation shops. Fix: run with num-supernodes={len(shops)}")
-        data = shops[index]
+        source = shops[index]
     else:
         raise ValueError("node_config names no shop. Fix: pass --node-config \"shop-dir='/path/to/shop'\" "
                          "(deployment) or run under the simulation engine (partition-id)")
-    if node.get("state-dir"):
-        state_dir: Path | None = Path(str(node["state-dir"]))
-    elif run_dir:
-        state_dir = Path(run_dir) / "shop-state" / data.name
+    state_dir = Path(str(node["state-dir"])) if node.get("state-dir") else None
+    if isinstance(source, Path) and state_dir is not None and os.environ.get(CACHE_ENV, "1") != "0":
+        tensors = cached_shop_tensors(source, state_dir, scenario.features)
     else:
-        state_dir = None
-    shop = Shop(data.name, index, scenario, build_shop_tensors(data, scenario.features), state_dir,
-                late_joiner=data.name in set(scenario.late_joiners))
+        data = load_shop_dir(source) if isinstance(source, Path) else source
+        tensors = build_shop_tensors(data, scenario.features)
+    if state_dir is None and run_dir:
+        state_dir = Path(run_dir) / "shop-state" / tensors.name
+    shop = Shop(tensors.name, index, scenario, tensors, state_dir,
+                late_joiner=tensors.name in set(scenario.late_joiners))
     _SHOPS[key] = shop
     return shop
 

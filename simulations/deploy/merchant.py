@@ -117,7 +117,7 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
 def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
                 key: str | Path, port: int | None, shop_index: int | None, isolation: str,
                 env: dict[str, str] | None, validate: bool, timeout: float,
-                heartbeat_interval: float = DEFAULT_INTERVAL) -> Merchant:
+                heartbeat_interval: float) -> Merchant:
     """One attempt of `start_merchant`."""
     shop_dir, state_dir = Path(shop_dir).resolve(), Path(state_dir).resolve()
     if validate:
