@@ -65,7 +65,7 @@ class FederationSettings:
     min_shops: int = 2  # a round fails when fewer shops send a usable update
     local_epochs: int = 1
     proximal_mu: float = 0.0  # FedProx
-    server_lr: float = 0.1  # FedAdam / FedYogi eta, FedAvgM server learning rate
+    server_lr: float = 0.0  # FedAdam / FedYogi eta, FedAvgM server lr; 0 = the strategy's default
     server_momentum: float = 0.0  # FedAvgM
     warmup_rounds: int = 0  # rounds a late joiner trains its local part only (encoder frozen) before its updates count
     max_steps: int = 0  # cap on local optimiser steps per round (0 = none)

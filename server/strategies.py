@@ -43,13 +43,18 @@ NUM_EXAMPLES = "num-examples"
 logger = logging.getLogger(__name__)
 
 
+SERVER_LR_DEFAULTS = {"fedadam": 0.1, "fedyogi": 0.1, "fedavgm": 1.0}  # server_lr <= 0 means these
+SERVER_LR_KWARG = {"fedadam": "eta", "fedyogi": "eta", "fedavgm": "server_learning_rate"}
+
+
 def build_strategy(name: str, *, fraction_train: float = 1.0, min_shops: int = 2,
-                   proximal_mu: float = 0.0, server_lr: float | None = None,
+                   proximal_mu: float = 0.0, server_lr: float = 0.0,
                    server_momentum: float = 0.0) -> FedAvg:
     """One of Flower's strategies by name, sampling at least ``min_shops`` shops each round.
 
-    ``server_lr`` is FedAdam/FedYogi's ``eta`` or FedAvgM's server learning rate (None: Flower's
-    default); ``server_momentum`` is FedAvgM's.
+    ``server_lr`` is FedAdam/FedYogi's ``eta`` or FedAvgM's server learning rate; 0 picks the
+    strategy's own default (`SERVER_LR_DEFAULTS`), so choosing FedAvgM alone never inherits FedAdam's
+    0.1. ``server_momentum`` is FedAvgM's.
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy '{name}' is unknown. Fix: use one of {sorted(STRATEGIES)}")
@@ -60,10 +65,8 @@ def build_strategy(name: str, *, fraction_train: float = 1.0, min_shops: int = 2
         kwargs["proximal_mu"] = proximal_mu
     if name == "fedavgm":
         kwargs["server_momentum"] = server_momentum
-        if server_lr is not None:
-            kwargs["server_learning_rate"] = server_lr
-    elif name in ("fedadam", "fedyogi") and server_lr is not None:
-        kwargs["eta"] = server_lr
+    if name in SERVER_LR_KWARG:
+        kwargs[SERVER_LR_KWARG[name]] = server_lr if server_lr > 0 else SERVER_LR_DEFAULTS[name]
     return STRATEGIES[name](**kwargs)
 
 

@@ -31,7 +31,7 @@ FEDERATION_DEFAULTS: dict[str, Any] = {
     "min_shops": 2,  # a round needs at least this many replies
     "local_epochs": 1,  # local epochs per round
     "prox_mu": 0.0,  # FedProx proximal weight (strategy fedprox)
-    "server_lr": 0.1,  # FedAdam/FedYogi eta; FedAvgM server learning rate
+    "server_lr": 0.0,  # FedAdam/FedYogi eta, FedAvgM server lr; 0 = its default (0.1, 0.1, 1.0)
     "server_momentum": 0.0,  # FedAvgM server momentum
     "join_round": 0,  # round at which late joiners join a running federation (0 = never)
     "warmup_rounds": 1,  # rounds a joining shop trains its local part with the encoder frozen

@@ -99,3 +99,10 @@ def test_in_process_resume_matches_an_uninterrupted_run(strategy, tmp_path):
     assert full.server_round == cut.server_round == 3
     for key, value in full.arrays.items():
         np.testing.assert_allclose(cut.arrays[key], value, atol=1e-6, rtol=0)
+
+
+def test_server_lr_zero_means_each_strategys_own_default():
+    assert build_strategy("fedavgm").server_learning_rate == 1.0  # not FedAdam's 0.1
+    assert build_strategy("fedadam").eta == build_strategy("fedyogi").eta == 0.1
+    assert build_strategy("fedavgm", server_lr=2.0, server_momentum=0.5).server_learning_rate == 2.0
+    assert build_strategy("fedadam", server_lr=0.03).eta == 0.03
