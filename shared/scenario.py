@@ -207,6 +207,10 @@ def scenario_from_dict(raw: dict, overrides: dict[str, Any] | None = None, *, pa
     seed = int(raw.get("seed", 0))
     feats = _dataclass_from(FeatureConfig, {"seed": seed, **raw.get("features", {})}, f"{where} [features]")
     model = _dataclass_from(ModelConfig, raw.get("model", {}), f"{where} [model]")
+    if "epochs" in raw.get("train", {}):
+        raise ScenarioError(f"{where} [train]: `epochs` is not read (a federated round, local-only and the oracle "
+                            "all train [federation] local_epochs per round). Fix: remove it and set "
+                            "federation.local_epochs instead")
     train = _dataclass_from(TrainConfig, {"seed": seed, **raw.get("train", {})}, f"{where} [train]")
     fed_table = raw.get("federation", {})
     unknown = sorted(set(fed_table) - set(FEDERATION_DEFAULTS))

@@ -93,3 +93,10 @@ def test_synthetic_shops_are_deterministic_and_late_joiners_held_out() -> None:
     # An explicit list in [transfer] overrides the generator's choice of late joiners.
     chosen = scenario_from_dict({"seed": 3, "data": TINY_DATA, "transfer": {"late_joiners": [names[0]]}})
     assert [s.name for s in chosen.joining_shops()] == [names[0]]
+
+
+def test_train_epochs_is_refused_with_the_key_that_is_read() -> None:
+    # [train] epochs used to be accepted and silently ignored: every runner trains local_epochs per round.
+    with pytest.raises(ScenarioError, match=r"\[train\].*epochs.*federation\.local_epochs"):
+        load_scenario("default", {"train.epochs": 3})
+    assert load_scenario("default", {"federation.local_epochs": 3}).federation["local_epochs"] == 3
