@@ -13,41 +13,22 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.local_state import LOCAL_RECORD
 from shared.model import VOCAB_BOUND_LOCAL
-from shared.schema import TASKS
+from shared.privacy.audit import allowed_metric
 
 LOCAL_PREFIX = "local."  # same wire prefix as server.strategies.LOCAL_PREFIX (client must not import server)
 ERROR_CODE_BLOCKED = 6  # flwr ErrorCode.MOD_FAILED_PRECONDITION
 BLOCKED_TEXT = "reply blocked by the shop's leak guard"
 FAILED_TEXT = "shop failed to process the message"
 
-TRAIN_METRICS = {"num-examples", "shop-index", "loss", "dp-epsilon"} | {f"loss-{t}" for t in TASKS}
-EVAL_METRICS = {"num-examples", "shop-index"}
-METRIC_NAMES = {"auc", "logloss", "accuracy", "precision", "recall", "f1", "ctcvr_auc", "rmse", "mae", "wape",
-                "poisson_deviance"}
-_RANK_METRIC = re.compile(r"^(hr|ndcg|recall|precision|mrr)@\d{1,3}(_s\d{1,4})?$")
 CONFIG_KEYS: set[str] = set()  # replies carry no ConfigRecord today
 
 logger = logging.getLogger(__name__)
-
-
-def allowed_metric(key: str, message_type: str) -> bool:
-    """Whether a metric key may leave the shop in a reply to ``message_type``."""
-    if message_type == MessageType.TRAIN:
-        return key in TRAIN_METRICS
-    if key in EVAL_METRICS:
-        return True
-    split, sep, rest = key.partition("/")
-    if sep and split in ("val", "test"):
-        key = rest
-    task, _, metric = key.partition(".")
-    return task in TASKS and (metric in METRIC_NAMES or bool(_RANK_METRIC.match(metric)))
 
 
 def _shareable_local(context: Context) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -115,9 +115,10 @@ def audit_mod_for(allow: Callable[[Context], AllowList]) -> Callable[[Message, C
 
 def _secure_allow(_: Context) -> AllowList:
     # Outermost mod: after secaggplus_mod emptied the arrays record, nothing array-valued may remain.
-    # Legacy replies carry train metrics in a ConfigRecord and eval metrics as '<task>.<metric>'.
+    # Legacy replies carry train metrics in a ConfigRecord; eval metrics are '<task>.<metric>', which
+    # audit_payload accepts only for known tasks and metric names (never any dotted key).
     return AllowList(array_keys=frozenset(), metric_patterns=("num_examples", "loss", "loss-*", "shop-index"),
-                     config_patterns=PROTOCOL_CONFIG_PATTERNS + ("*.*",))
+                     config_patterns=PROTOCOL_CONFIG_PATTERNS)
 
 
 def make_secure_app(client_fn: Callable[[Context], Any] | None = None) -> ClientApp:

@@ -231,3 +231,13 @@ def test_dpsgd_on_a_shop_model_keeps_accounting_across_rounds() -> None:
     after = model.encoder_state()
     # Noise reaches every encoder row, so the whole product table moves (no row is left untouched).
     assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_audit_accepts_task_metrics_but_no_other_dotted_key() -> None:
+    # The SecAgg+ path's legacy replies carry metrics in records; a dotted key is not a metric by itself.
+    allow = AllowList(array_keys=frozenset(), metric_patterns=("num_examples",))
+    audit_payload(arrays={}, metrics={}, allow=allow,
+                  configs={"config": {"val/ctr.auc": 0.7, "ranking.hr@10_s99": 0.5, "num_examples": 3}})
+    for key in ("user.4711", "ctr.user_4711", "ranking.hr@10_user4711"):
+        with pytest.raises(LeakBlocked):
+            audit_payload(arrays={}, metrics={}, configs={"config": {key: 1.0}}, allow=allow)
