@@ -327,7 +327,12 @@ def secagg_view(initial: Mapping[str, np.ndarray], updates: list[Mapping[str, np
     for r in grid.received:
         cfg = r.content.config_records.get("secaggplus_configs") if r.content is not None else None
         if cfg is not None and "masked_params" in cfg:
-            views[r.node_id] = np.concatenate([bytes_to_ndarray(b).ravel() for b in cfg["masked_params"]])
+            # SecAgg+ puts the node's quantised weight factor in front of the parameters (flwr factor_combine).
+            view = np.concatenate([bytes_to_ndarray(b).ravel() for b in cfg["masked_params"][1:]])
+            if view.size != sum(a.size for a in init):
+                raise RuntimeError(f"SecAgg+ masked vector has {view.size} values, the encoder "
+                                   f"{sum(a.size for a in init)}: Flower's masked_params layout changed")
+            views[r.node_id] = view
     ckpt = latest_checkpoint(run_dir)
     assert ckpt is not None, "SecAgg+ round produced no aggregate"
     return [views[n].astype(np.float64) for n in sorted(views)], ckpt.arrays, seconds
@@ -468,21 +473,27 @@ def membership_inference(cfg: PrivacyEvalConfig, scenario: Scenario, shop: ShopD
         train_shop(model, data, replace(scenario.train, epochs=epochs, weight_decay=0.0, seed=seed))
         return model
 
-    refs = []
-    for k in range(cfg.reference_models):
-        half = rng.permutation(population)[: max(2, len(population) // 2)]
-        refs.append(user_losses(train(cfg.overfit_epochs, 100 + k, restrict_users(tensors, half)), tensors, targets))
-    ref = np.stack(refs)
-    results: dict[str, object] = {"shop": shop.name, "members": len(members), "nonmembers": len(nonmembers)}
     dp = DPSGDConfig(noise_multiplier=cfg.dpsgd_noise, max_grad_norm=cfg.clipping_norm, unit="user",
                      sample_rate=cfg.dpsgd_sample_rate, lr=1e-2, delta=cfg.delta, seed=cfg.seed)
-    for mode in ("overfit", "normal", "dpsgd"):
+
+    def fit(mode: str, seed: int, data: ShopTensors) -> tuple[ShopModel, object]:
+        """A model trained the way ``mode`` trains, and its DP-SGD accountant (None without DP-SGD)."""
         if mode == "dpsgd":
-            model = build_model(member_t, scenario.model, scenario.features, seed=cfg.seed)
-            acc = train_dpsgd_shop(model, member_t, dp, cfg.dpsgd_rounds)
+            model = build_model(data, scenario.model, scenario.features, seed=seed)
+            return model, train_dpsgd_shop(model, data, replace(dp, seed=seed), cfg.dpsgd_rounds)
+        return train(cfg.overfit_epochs if mode == "overfit" else cfg.normal_epochs, seed, data), None
+
+    # LiRA's reference (OUT) models must be trained like the target, so each mode gets its own, on the
+    # same reference halves; their seeds differ from the target's (cfg.seed) and follow --seed.
+    halves = [restrict_users(tensors, rng.permutation(population)[: max(2, len(population) // 2)])
+              for _ in range(cfg.reference_models)]
+    results: dict[str, object] = {"shop": shop.name, "members": len(members), "nonmembers": len(nonmembers)}
+    for mode in ("overfit", "normal", "dpsgd"):
+        ref = np.stack([user_losses(fit(mode, cfg.seed + 1 + k, half)[0], tensors, targets)
+                        for k, half in enumerate(halves)])
+        model, acc = fit(mode, cfg.seed, member_t)
+        if acc is not None:
             results["dpsgd_report"] = privacy_report(acc, dp).as_dict()
-        else:
-            model = train(cfg.overfit_epochs if mode == "overfit" else cfg.normal_epochs, cfg.seed, member_t)
         loss = user_losses(model, tensors, targets)
         scores = {"loss-threshold": loss_threshold_scores(loss), "offline-LiRA": reference_model_scores(loss, ref)}
         for name, sc in scores.items():
@@ -536,7 +547,9 @@ def write_report(run_dir: Path, prop: dict[str, object], mia: dict[str, object],
         lines += ["", "## User IDs in outgoing messages", "",
                   f"Share of {int(ids['user_ids'])} user IDs found in any reply: plain round {ids['plain']:.3f} "
                   f"({int(ids['plain_replies'])} replies), SecAgg+ round {ids['secagg']:.3f} "
-                  f"({int(ids['secagg_replies'])} replies). Zero by construction; checked by scanning every byte."]
+                  f"({int(ids['secagg_replies'])} replies, train and evaluate). "
+                  + ("Zero, as the design requires; every byte of every reply was scanned."
+                     if ids["plain"] == 0 and ids["secagg"] == 0 else "**Not zero: user IDs left a shop (a bug).**")]
     if utility:
         plot_utility(utility, Path(run_dir) / "privacy_utility.png")
         lines += ["", "## Privacy-utility", "",
@@ -596,7 +609,7 @@ def user_id_scan(scenario_path: Path, n_shops: int, run_dir: Path, *, max_steps:
     out: dict[str, float] = {}
 
     plain = LoopbackGrid(main_app, nodes(len(shops)), run_config=run_config)
-    strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(shops), min_train_nodes=len(shops))
+    strategy = FedAvg(min_available_nodes=len(shops), min_train_nodes=len(shops), min_evaluate_nodes=len(shops))
     strategy.start(grid=plain, initial_arrays=initial_encoder(scenario), num_rounds=1,
                    train_config=ConfigRecord(run_config))
     out["plain"] = user_id_leakage([payload_values(r.content) for r in plain.received if r.content], ids)
@@ -609,6 +622,10 @@ def user_id_scan(scenario_path: Path, n_shops: int, run_dir: Path, *, max_steps:
                           shop_names=[s.name for s in shops])
     out["secagg"] = user_id_leakage([payload_values(r.content) for r in secure.received if r.content], ids)
     out["secagg_replies"] = float(sum(r.content is not None for r in secure.received))
+    failed = [r for r in plain.received + secure.received if r.content is None]
+    if failed:  # an error reply carries nothing to scan, so a zero share would prove nothing
+        raise RuntimeError(f"{len(failed)} shop replies in the user-ID scan were errors ({failed[0].error}); "
+                           "fix the shop failure (see the log above) and rerun")
     out["user_ids"] = float(len(ids))
     return out
 
@@ -660,7 +677,7 @@ def privacy_utility(cfg: PrivacyEvalConfig, scenario_path: Path, run_dir: Path) 
 
         m = pd.read_csv(out / "metrics.csv")
         task, metric = UTILITY_METRIC.split(".")
-        last = m[(m["round"] == cfg.rounds) & (m["task"] == task) & (m["metric"] == metric)]
+        last = m[(m["round"] == cfg.rounds) & (m["split"] == "test") & (m["task"] == task) & (m["metric"] == metric)]
         rows.append({"protection": "SecAgg+", "noise_multiplier": 0.0, "epsilon": float("inf"), "delta": cfg.delta,
                      "rounds": cfg.rounds, "metric": UTILITY_METRIC, "value": float(last["value"].mean()),
                      "seconds": time.perf_counter() - start})
@@ -737,7 +754,9 @@ def _evaluate_shops(scenario: Scenario, shops: list[ShopData], encoder: ArrayRec
         t = build_shop_tensors(shop, scenario.features)
         model = build_model(t, scenario.model, scenario.features, seed=scenario.seed)
         model.load_encoder_state(state)
-        restore_local_part(model, grid.context_of(101 + i), None)
+        if restore_local_part(model, grid.context_of(101 + i), None) == "fresh":
+            raise RuntimeError(f"{shop.name} has no trained local part after the run (its training failed; see the "
+                               "log above), so its test metric would be that of a random local part")
         for task, metrics in evaluate_shop(model, t, "test").items():
             for name, v in metrics.items():
                 values.setdefault(f"{task}.{name}", []).append(float(v))

@@ -51,7 +51,8 @@ def test_no_user_id_leaves_a_shop_plain_or_secagg(tmp_path: Path) -> None:
     scenario = write_eval_scenario("default", property_world_overrides(4), tmp_path / "eval.toml")
     ids = user_id_scan(scenario, 3, tmp_path)
     assert ids["user_ids"] > 100
-    assert ids["plain_replies"] == 3 and ids["secagg_replies"] >= 12  # 4 SecAgg+ stages x 3 shops (+ evaluate)
+    # Plain: 3 train + 3 evaluate replies (evaluate carries the metrics, so it is scanned too).
+    assert ids["plain_replies"] == 6 and ids["secagg_replies"] >= 12  # 4 SecAgg+ stages x 3 shops (+ evaluate)
     assert ids["plain"] == 0.0 and ids["secagg"] == 0.0
 
 
@@ -107,3 +108,35 @@ def test_secagg_with_central_dp_rows_compose_a_real_secagg_round(tmp_path: Path)
     assert all(0.0 <= r["value"] <= 1.0 for r in rows)
     # Two SecAgg+ rounds per row actually ran (one checkpoint directory per round).
     assert sorted(p.name for p in (tmp_path / "utility-secagg-dp-z0.5").iterdir()) == ["round-1", "round-2"]
+
+
+def test_secagg_view_is_the_masked_encoder_without_the_weight_factor(tmp_path: Path) -> None:
+    import numpy as np
+
+    from simulations.privacy_eval import flat, secagg_view
+
+    rng = np.random.default_rng(0)
+    initial = {"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.float32)}
+    updates = [{k: rng.normal(scale=0.1, size=v.shape) for k, v in initial.items()} for _ in range(3)]
+    views, aggregate, _ = secagg_view(initial, updates, tmp_path)
+    # One masked value per encoder value (Flower prepends the weight factor; it is not part of the view).
+    assert [v.size for v in views] == [17, 17, 17]
+    mean = np.mean([flat(u) for u in updates], axis=0)
+    assert np.allclose(flat(aggregate), mean, atol=1e-3)
+
+
+def test_membership_inference_catches_the_positive_control_and_not_normal_training() -> None:
+    from dataclasses import replace
+
+    from shared.scenario import load_scenario
+    from simulations.privacy_eval import membership_inference
+
+    scenario = load_scenario("default")
+    shop = next(s for s in scenario.training_shops() if s.name == "shop_03")  # ~300 users
+    cfg = replace(PrivacyEvalConfig.small(), mia_users=300, overfit_epochs=30, reference_models=2)
+    out = membership_inference(cfg, scenario, shop)
+    assert out["members"] == out["nonmembers"] == 100
+    control, normal = out["overfit/offline-LiRA"], out["normal/offline-LiRA"]
+    assert control.auc_ci[0] > 0.65  # an overfit model's members are told apart (measured 0.83)
+    assert normal.auc_ci[0] < 0.5 < normal.auc_ci[1] or normal.auc < control.auc_ci[0]
+    assert out["dp_violations"] == 0 and out["dpsgd_report"]["epsilon"] < 10
