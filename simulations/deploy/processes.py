@@ -153,18 +153,14 @@ def stop_pid(pid: int, *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> b
         return False
     except PermissionError:
         os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _reap(pid)
-        if not pid_alive(pid):
-            break
-        time.sleep(0.1)
-    else:
+    if not _wait_gone(pid, timeout):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _reap(pid)
+        # A killed process can linger in uninterruptible I/O on a loaded machine; callers restart at
+        # once and must not find the old PID still running.
+        _wait_gone(pid, timeout)
     # Children that outlived their leader (ClientApp processes) belong to the same group.
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -176,6 +172,18 @@ def stop_pid(pid: int, *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> b
         except (ProcessLookupError, PermissionError):
             pass
     return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Reap and poll ``pid`` until it is gone or ``timeout`` seconds pass; True if it is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _reap(pid)
+        if not pid_alive(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _reap(pid: int) -> None:
