@@ -105,11 +105,15 @@ def reference_model_scores(target_loss: np.ndarray, reference_losses: np.ndarray
 
 def dp_violations(scores: np.ndarray, is_member: np.ndarray, *, epsilon: float, delta: float,
                   confidence: float = 0.95) -> list[dict[str, float]]:
-    """ROC points whose TPR provably exceeds e^eps * FPR + delta (Clopper-Pearson bounds; non-empty = a bug)."""
+    """ROC points whose TPR provably exceeds e^eps * FPR + delta (Clopper-Pearson bounds; non-empty = a bug).
+
+    ``confidence`` holds for the whole curve: each point is tested at a Bonferroni-corrected level, so
+    a correct DP claim raises a false alarm with probability at most 1 - confidence.
+    """
     labels = np.asarray(is_member, dtype=bool)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     fpr, tpr, _ = roc_curve(labels, scores)
-    alpha = (1 - confidence) / 2
+    alpha = (1 - confidence) / (2 * len(fpr))
     bad = []
     for f, t in zip(fpr, tpr, strict=True):
         tp, fp = round(t * n_pos), round(f * n_neg)
