@@ -33,6 +33,7 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -271,10 +272,11 @@ def unflatten(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, n
 
 
 def clip_update(update: Mapping[str, np.ndarray], norm: float) -> dict[str, np.ndarray]:
-    """Scale an update to L2 norm <= ``norm`` (what `fixedclipping_mod` does on the shop)."""
-    total = float(np.sqrt(sum(float((v ** 2).sum()) for v in update.values())))
-    scale = min(1.0, norm / max(total, 1e-12))
-    return {k: v * scale for k, v in update.items()}
+    """Scale an update to L2 norm <= ``norm`` with Flower's own clipping (what `fixedclipping_mod` runs)."""
+    arrays = {k: np.array(v, copy=True) for k, v in update.items()}  # copies: Flower clips in place
+    if get_norm(list(arrays.values())) > 0:  # Flower divides by the norm
+        clip_inputs_inplace(list(arrays.values()), norm)
+    return arrays
 
 
 def sold_product_rows(tensors: ShopTensors) -> set[int]:
