@@ -91,9 +91,10 @@ def _headline(summary: dict[str, Any]) -> list[str]:
               f"- small shops (flagged data-poor by the data source): {small}.", ""]
     targets = summary.get("targets") or {}
     if targets:
-        lines += ["## Targets (CTR AUC)", "",
+        lines += ["## Targets (CTR AUC; gap closed of the sampled ranking metrics where the scenario has them)", "",
                   markdown_table(["target", "wanted", "measured", "met"],
-                                 [[k, v["target"], _fmt(v["value"]), "yes" if v["met"] else "**no**"]
+                                 [[k, v["target"], _fmt(v["value"]),
+                                   "n/a" if v["met"] is None else "yes" if v["met"] else "**no**"]
                                   for k, v in targets.items()]), ""]
     return lines
 

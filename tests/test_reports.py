@@ -166,3 +166,19 @@ def test_write_run_report_names_the_missing_file_or_column(tmp_path):
     with pytest.raises(ValueError, match=r"missing column\(s\) \['metric', 'shop', 'split', 'task', 'value'\]"):
         write_run_report(tmp_path)
     assert not (tmp_path / "summary.md").exists()
+
+
+def test_sampled_ranking_gap_is_a_target_and_small_shop_gain_is_na_without_small_shops():
+    hr = {"local": {"a": 0.50, "b": 0.60}, "central": {"a": 0.60, "b": 0.70}, "fedshop": {"a": 0.57, "b": 0.65}}
+    ndcg = {"local": {"a": 0.30}, "central": {"a": 0.40}, "fedshop": {"a": 0.35}}
+    final = pd.DataFrame(_final(CTR, "ctr", "auc") + _final(hr, "ranking", "hr@10_s99")
+                         + _final(ndcg, "ranking", "ndcg@10_s99"))
+    summary = summarize(final)
+    assert summary["ranking_sampled"]["hr@10_s99"]["gap_closed"] == pytest.approx(0.6)
+    targets = summary["targets"]
+    assert targets["ranking_gap_closed_hr@10_s99"]["met"]  # exactly 60%, despite float rounding
+    assert targets["ranking_gap_closed_ndcg@10_s99"]["value"] == pytest.approx(0.5)
+    assert targets["ranking_gap_closed_ndcg@10_s99"]["met"] is False
+    assert targets["small_shop_gain"]["met"] is None and "no small shops" in targets["small_shop_gain"]["note"]
+    assert "ranking_sampled" in summarize(pd.DataFrame(_final(CTR, "ctr", "auc"))) and not any(
+        k.startswith("ranking_gap") for k in check_targets(summarize(pd.DataFrame(_final(CTR, "ctr", "auc")))))
