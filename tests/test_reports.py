@@ -173,12 +173,13 @@ def test_sampled_ranking_gap_is_a_target_and_small_shop_gain_is_na_without_small
     ndcg = {"local": {"a": 0.30}, "central": {"a": 0.40}, "fedshop": {"a": 0.35}}
     final = pd.DataFrame(_final(CTR, "ctr", "auc") + _final(hr, "ranking", "hr@10_s99")
                          + _final(ndcg, "ranking", "ndcg@10_s99"))
-    summary = summarize(final)
+    assert not any(k.startswith("ranking_gap") for k in summarize(final)["targets"])  # temporal splits: none
+    summary = summarize(final, ranking_targets=True)
     assert summary["ranking_sampled"]["hr@10_s99"]["gap_closed"] == pytest.approx(0.6)
     targets = summary["targets"]
     assert targets["ranking_gap_closed_hr@10_s99"]["met"]  # exactly 60%, despite float rounding
     assert targets["ranking_gap_closed_ndcg@10_s99"]["value"] == pytest.approx(0.5)
     assert targets["ranking_gap_closed_ndcg@10_s99"]["met"] is False
     assert targets["small_shop_gain"]["met"] is None and "no small shops" in targets["small_shop_gain"]["note"]
-    assert "ranking_sampled" in summarize(pd.DataFrame(_final(CTR, "ctr", "auc"))) and not any(
-        k.startswith("ranking_gap") for k in check_targets(summarize(pd.DataFrame(_final(CTR, "ctr", "auc")))))
+    ctr_only = summarize(pd.DataFrame(_final(CTR, "ctr", "auc")), ranking_targets=True)
+    assert ctr_only["ranking_sampled"] == {} and not any(k.startswith("ranking_gap") for k in ctr_only["targets"])
