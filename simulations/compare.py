@@ -173,15 +173,8 @@ def summarize(final: pd.DataFrame, *, small_shops: Sequence[str] = (), method: s
     for task in table.index.get_level_values("task").unique():
         metric, higher = PRIMARY[task]
         per_shop = table.loc[task].dropna(axis=1, how="all")
-        means = {m: float(per_shop[m].mean()) for m in per_shop.columns}
         entry: dict[str, Any] = {"metric": metric, "higher_is_better": higher, "n_shops": int(len(per_shop)),
-                                 "mean": means}
-        if {"local", "central", method} <= set(per_shop.columns):
-            entry["gap"] = means["central"] - means["local"]
-            entry["gap_closed"], entry["gap_status"] = _gap(means["local"], means["central"], means[method],
-                                                            higher, min_gap)
-        else:
-            entry["gap_closed"], entry["gap_status"] = None, "missing-method"
+                                 **_means_and_gap(per_shop, method, higher, min_gap)}
         if {"local", method} <= set(per_shop.columns):
             both = per_shop[["local", method]].dropna()
             margin = -_improvement(both[method], both["local"], higher)
@@ -208,18 +201,23 @@ def summarize(final: pd.DataFrame, *, small_shops: Sequence[str] = (), method: s
     return out
 
 
+def _means_and_gap(per_shop: pd.DataFrame, method: str, higher: bool, min_gap: float) -> dict[str, Any]:
+    """Per-method means over shops (columns = methods) and the share of the gap ``method`` closes."""
+    means = {m: float(per_shop[m].mean()) for m in per_shop.columns}
+    if not {"local", "central", method} <= set(means):
+        return {"mean": means, "gap_closed": None, "gap_status": "missing-method"}
+    gap_closed, status = _gap(means["local"], means["central"], means[method], higher, min_gap)
+    return {"mean": means, "gap": means["central"] - means["local"], "gap_closed": gap_closed, "gap_status": status}
+
+
 def _sampled_ranking(final: pd.DataFrame, method: str, min_gap: float) -> dict[str, Any]:
     """Means and gap closed of the sampled ranking metrics (HR@10 and NDCG@10 against 99 negatives)."""
     out: dict[str, Any] = {}
     for metric in SAMPLED_RANKING:
         rows = final[(final["task"] == "ranking") & (final["metric"] == metric)]
-        if rows.empty:
-            continue
-        per_shop = rows.pivot_table(index="shop", columns="method", values="value", aggfunc="mean")
-        means = {m: float(per_shop[m].mean()) for m in per_shop.columns}
-        gap_closed, status = (_gap(means["local"], means["central"], means[method], True, min_gap)
-                              if {"local", "central", method} <= set(means) else (None, "missing-method"))
-        out[metric] = {"mean": means, "gap_closed": gap_closed, "gap_status": status}
+        if not rows.empty:
+            per_shop = rows.pivot_table(index="shop", columns="method", values="value", aggfunc="mean")
+            out[metric] = _means_and_gap(per_shop, method, True, min_gap)
     return out
 
 
@@ -230,26 +228,20 @@ def check_targets(summary: dict[str, Any], *, eps: float = 1e-9, ranking: bool =
     ``eps`` keeps a value that equals a target up to float rounding (0.7 computed as 0.69999...) on the right side.
     """
     ctr = summary["tasks"].get("ctr")
+    def check(value: float | None, bound: float, at_least: bool = True) -> dict[str, Any]:
+        met = value is not None and (value >= bound - eps if at_least else value <= bound + eps)
+        return {"target": f"{'>=' if at_least else '<='} {bound}", "value": value, "met": met}
+
     targets: dict[str, Any] = {}
     if ctr:
-        method = summary["method"]
-        gain = (ctr.get("small_shop_gain") or {}).get(method)
-        gap_closed, max_loss = ctr.get("gap_closed"), ctr.get("max_loss")
-        targets = {
-            "gap_closed": {"target": f">= {TARGETS['gap_closed']}", "value": gap_closed,
-                           "met": gap_closed is not None and gap_closed >= TARGETS["gap_closed"] - eps},
-            "max_loss": {"target": f"<= {TARGETS['max_loss']}", "value": max_loss,
-                         "met": max_loss is not None and max_loss <= TARGETS["max_loss"] + eps},
-            "small_shop_gain": {"target": f">= {TARGETS['small_shop_gain']}", "value": gain,
-                                "met": gain is not None and gain >= TARGETS["small_shop_gain"] - eps},
-        }
+        targets = {"gap_closed": check(ctr.get("gap_closed"), TARGETS["gap_closed"]),
+                   "max_loss": check(ctr.get("max_loss"), TARGETS["max_loss"], at_least=False),
+                   "small_shop_gain": check((ctr.get("small_shop_gain") or {}).get(summary["method"]),
+                                            TARGETS["small_shop_gain"])}
         if not summary.get("small_shops"):  # nothing to measure: neither met nor missed
             targets["small_shop_gain"].update(met=None, note="the scenario has no small shops")
     for metric, entry in (summary.get("ranking_sampled") or {}).items() if ranking else ():
-        value = entry["gap_closed"]
-        targets[f"ranking_gap_closed_{metric}"] = {
-            "target": f">= {RANKING_GAP_TARGET}", "value": value,
-            "met": value is not None and value >= RANKING_GAP_TARGET - eps}
+        targets[f"ranking_gap_closed_{metric}"] = check(entry["gap_closed"], RANKING_GAP_TARGET)
     return targets
 
 

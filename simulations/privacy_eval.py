@@ -470,20 +470,17 @@ def membership_inference(cfg: PrivacyEvalConfig, scenario: Scenario, shop: ShopD
     is_member = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
     member_t = restrict_users(tensors, members)
 
-    def train(epochs: int, seed: int, data: ShopTensors) -> ShopModel:
-        model = build_model(data, scenario.model, scenario.features, seed=seed)
-        train_shop(model, data, replace(scenario.train, epochs=epochs, weight_decay=0.0, seed=seed))
-        return model
-
     dp = DPSGDConfig(noise_multiplier=cfg.dpsgd_noise, max_grad_norm=cfg.clipping_norm, unit="user",
                      sample_rate=cfg.dpsgd_sample_rate, lr=1e-2, delta=cfg.delta, seed=cfg.seed)
 
     def fit(mode: str, seed: int, data: ShopTensors) -> tuple[ShopModel, object]:
         """A model trained the way ``mode`` trains, and its DP-SGD accountant (None without DP-SGD)."""
+        model = build_model(data, scenario.model, scenario.features, seed=seed)
         if mode == "dpsgd":
-            model = build_model(data, scenario.model, scenario.features, seed=seed)
             return model, train_dpsgd_shop(model, data, replace(dp, seed=seed), cfg.dpsgd_rounds)
-        return train(cfg.overfit_epochs if mode == "overfit" else cfg.normal_epochs, seed, data), None
+        epochs = cfg.overfit_epochs if mode == "overfit" else cfg.normal_epochs
+        train_shop(model, data, replace(scenario.train, epochs=epochs, weight_decay=0.0, seed=seed))
+        return model, None
 
     # LiRA's reference (OUT) models must be trained like the target, so each mode gets its own, on the
     # same reference halves; their seeds differ from the target's (cfg.seed) and follow --seed.
