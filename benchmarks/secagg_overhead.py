@@ -25,7 +25,7 @@ from server.secure import SecAggSettings
 from server.server_app import initial_encoder
 from shared.atomic import atomic_write_text
 from shared.scenario import load_scenario
-from simulations.privacy_eval import EVAL_OVERRIDES, LoopbackGrid, nodes, secagg_view
+from simulations.privacy_eval import LoopbackGrid, eval_overrides, nodes, secagg_view
 
 
 def _updates(initial: dict[str, np.ndarray], n: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "secagg_overhead.json")
     args = parser.parse_args()
     logging.disable(logging.INFO)
-    scenario = load_scenario(args.scenario, None if args.full_size else EVAL_OVERRIDES)
+    scenario = load_scenario(args.scenario, None if args.full_size else eval_overrides(args.scenario))
     initial = {k: a.numpy().astype(np.float64) for k, a in initial_encoder(scenario).items()}
     n_params = int(sum(v.size for v in initial.values()))
     rows = []

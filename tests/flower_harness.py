@@ -18,7 +18,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from shared.scenario import Scenario, load_scenario
 
 TINY = {"data.synthetic.n_shops": 3, "data.synthetic.n_late_joiners": 0, "data.synthetic.max_impressions": 2500,
-        "data.synthetic.min_impressions": 800, "data.synthetic.n_small_shops": 1, "model.embed_dim": 8,
+        "data.synthetic.min_impressions": 800, "data.synthetic.n_small_shops": 1,
+        "data.synthetic.eval_impressions": 0, "model.embed_dim": 8,
         "model.expert_dim": 16, "model.tower_dim": 8, "model.n_experts": 2, "features.hash_buckets": 512,
         "features.product_buckets": 512, "federation.warmup_rounds": 0, "federation.min_shops": 2}
 

@@ -195,6 +195,31 @@ def test_task_dropout_and_overlap_knobs() -> None:
     assert keyed(WorldConfig(overlap=1.0, **SMALL)) == [1.0] * SMALL["n_shops"]
 
 
+def test_eval_topup_grows_only_the_evaluation_window() -> None:
+    """eval_impressions adds rows to the last eval_days days only; training rows and sales stay identical."""
+    base = generate_world(WorldConfig(**SMALL))
+    topped = generate_world(WorldConfig(eval_impressions=3_000, eval_days=12, **SMALL))
+    start = int(np.datetime64(WorldConfig().start_date, "D").astype(np.int64))
+    cut = (start + WorldConfig().days - 12) * 86_400
+    for before, after in zip(base.shops, topped.shops, strict=True):
+        old, new = before.interactions, after.interactions
+        pd.testing.assert_frame_equal(old[old["timestamp"] < cut].reset_index(drop=True),
+                                      new[new["timestamp"] < cut].reset_index(drop=True))
+        if before.sales is not None:
+            pd.testing.assert_frame_equal(before.sales, after.sales)
+        window = new[new["timestamp"] >= cut]
+        if (old["clicked"] == 0).any():  # shops without a CTR log keep clicked rows only
+            assert len(window) >= 3_000, after.name
+            assert abs(window["clicked"].mean() - old["clicked"].mean()) < 0.02, after.name  # same funnel
+            in_window = int((old["timestamp"] >= cut).sum())
+            assert topped.truth["shops"][after.name]["n_eval_topup"] == max(0, 3_000 - in_window)
+    with pytest.raises(ValueError, match="eval_days"):
+        WorldConfig(eval_impressions=100, eval_days=60)
+    with pytest.raises(ValueError, match="eval_impressions"):
+        WorldConfig(eval_impressions=-1)
+    assert WorldConfig(eval_days=60, days=20).eval_impressions == 0  # the window is unused when the top-up is off
+
+
 def test_shops_share_pool_products(world: World) -> None:
     a, b = (set(s.items["global_key"]) - {""} for s in world.shops[:2])
     assert a & b
@@ -259,13 +284,14 @@ def test_cli_generate_writes_world_and_refuses_a_non_empty_folder(tmp_path: Path
     out = tmp_path / "w"
     runner = CliRunner()
     args = ["generate", "--shops", "3", "--seed", "2", "--out", str(out), "--late-joiners", "1",
-            "--heterogeneity", "0.5", "--overlap", "0.4"]
+            "--heterogeneity", "0.5", "--overlap", "0.4", "--eval-impressions", "2000"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "shop_00" in result.output and "late_00" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["late_00", "shop_00", "shop_01", "shop_02", "world.json"]
     truth = json.loads((out / "world.json").read_text())["truth"]
     assert truth["config"]["heterogeneity"] == 0.5 and truth["config"]["overlap"] == 0.4
+    assert truth["config"]["eval_impressions"] == 2000 and truth["shops"]["shop_02"]["n_eval_topup"] > 0
     assert load_shop_dir(out / "shop_02").available_tasks()
 
     refused = runner.invoke(app, args)

@@ -27,6 +27,7 @@ from simulations.transfer import (
 
 TINY = {"data.synthetic.n_shops": 2, "data.synthetic.n_late_joiners": 2, "data.synthetic.max_impressions": 1500,
         "data.synthetic.min_impressions": 800, "data.synthetic.n_small_shops": 0,
+        "data.synthetic.eval_impressions": 0,
         "data.synthetic.late_joiner_impressions": 1200, "data.synthetic.days": 30, "model.embed_dim": 8,
         "model.expert_dim": 16, "model.tower_dim": 8, "model.n_experts": 2, "features.hash_buckets": 512,
         "features.product_buckets": 512, "train.batch_size": 256, "transfer.fractions": [0.5, 1.0]}

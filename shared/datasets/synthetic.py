@@ -81,6 +81,11 @@ class WorldConfig:
     id_only_joiner: bool = True  # one late joiner has IDs only: no items/users side tables, no global keys
     disjoint_joiner: bool = True  # one late joiner sells only categories no training shop sells
     task_dropout: float = 0.2  # probability a training shop lacks a task (no impression log / no sales)
+    # Evaluation top-up: extra impressions in each shop's last eval_days days, so they hold at least
+    # eval_impressions (0 = off). The training window and the sales table are unchanged; only the
+    # validation/test rows of a temporal split grow, so small shops' test metrics become measurable.
+    eval_impressions: int = 0
+    eval_days: int = 12  # the default temporal split's validation + test share (20%) of 60 days
 
     def __post_init__(self) -> None:
         """Reject knob values the generator cannot honour, naming the field and the fix."""
@@ -99,6 +104,11 @@ class WorldConfig:
         if self.base_cvr > self.cart_rate:
             raise ValueError(f"WorldConfig.base_cvr = {self.base_cvr} exceeds cart_rate = {self.cart_rate}: "
                              "a purchase needs a cart, so set base_cvr <= cart_rate")
+        if self.eval_impressions < 0:
+            raise ValueError(f"WorldConfig.eval_impressions = {self.eval_impressions}: must be >= 0 (0 = no top-up)")
+        if self.eval_impressions and not 1 <= self.eval_days < self.days:
+            raise ValueError(f"WorldConfig.eval_days = {self.eval_days}: needs 1 <= eval_days < days ({self.days}) "
+                             "when eval_impressions > 0; set it to the validation + test days of the split")
         if self.n_categories < self.n_top_categories or self.n_top_categories < 2:
             raise ValueError(f"WorldConfig.n_top_categories = {self.n_top_categories}: needs "
                              f"2 <= n_top_categories <= n_categories ({self.n_categories})")
@@ -246,6 +256,68 @@ def _weekly(cfg: WorldConfig, day_index: np.ndarray) -> np.ndarray:
     return 1.0 + cfg.weekly_amplitude * np.cos(2 * np.pi * (dow - 5) / 7)
 
 
+@dataclass
+class _People:
+    """A shop's users as the impression draw needs them (index = user)."""
+
+    taste: np.ndarray  # (U, d)
+    sens: np.ndarray  # (U,) price sensitivity
+    age: np.ndarray
+    gender: np.ndarray
+    activity: np.ndarray  # (U,) relative traffic
+    device: np.ndarray  # (U,) primary device
+
+
+def _draw_impressions(rng: np.random.Generator, cfg: WorldConfig, g: _Globals, it: dict, people: _People, n: int,
+                      day_index: np.ndarray, day_p: np.ndarray, intercepts: tuple[float, float, float] | None = None,
+                      ) -> tuple[dict[str, np.ndarray], tuple[float, float, float]]:
+    """Draw ``n`` impressions (who, when, device, item) and their funnel labels.
+
+    The click/cart/purchase intercepts are calibrated to the target rates on this draw unless
+    ``intercepts`` is given (an evaluation top-up reuses the shop's intercepts, so its rows follow
+    the same funnel as the rest of the log).
+    """
+    item_top = g.top_of[it["cat"]]
+    u = rng.choice(len(people.activity), n, p=people.activity / people.activity.sum())
+    day = rng.choice(cfg.days, n, p=day_p)
+    hour = rng.choice(24, n, p=HOUR_PROFILE / HOUR_PROFILE.sum())
+    device = np.where(rng.random(n) < 0.8, people.device[u], rng.choice(len(DEVICES), n, p=DEVICE_PROBS))
+    exposure = np.exp(0.5 * it["appeal"])
+    i = rng.choice(len(exposure), n, p=exposure / exposure.sum())
+    timestamp = (day_index[day].astype(np.int64) * SECONDS_PER_DAY + hour * 3600
+                 + rng.integers(0, 3600, n)).astype(np.int64)
+
+    # Funnel: click | impression, cart | click, purchase | cart; each intercept calibrated to its rate.
+    match = (people.taste[u] * it["latent"][i]).sum(axis=1) / _match_scale(cfg)
+    price_term = people.sens[u] * (it["logprice"][i] - g.cat_logprice[it["cat"][i]])  # dearer than its category
+    side = (g.age_aff[people.age[u], item_top[i]] + g.gender_aff[people.gender[u], item_top[i]]
+            + g.device_aff[device, item_top[i]] + g.hour_effect[hour])
+    score = cfg.affinity_scale * match + it["appeal"][i] + side - price_term
+    z_click = score + cfg.click_noise * rng.standard_normal(n)
+    b_click = _calibrate(z_click, cfg.base_ctr) if intercepts is None else intercepts[0]
+    clicked = rng.random(n) < expit(b_click + z_click)
+    z_cart = (0.5 * cfg.affinity_scale * match + 0.5 * it["appeal"][i] - 0.5 * price_term
+              + cfg.click_noise * rng.standard_normal(n))
+    b_cart = _calibrate(z_cart[clicked], cfg.cart_rate) if intercepts is None else intercepts[1]
+    carted = clicked & (rng.random(n) < expit(b_cart + z_cart))
+    z_buy = 0.5 * cfg.affinity_scale * match - price_term + cfg.click_noise * rng.standard_normal(n)
+    b_buy = _calibrate(z_buy[carted], cfg.base_cvr / cfg.cart_rate) if intercepts is None else intercepts[2]
+    purchased = carted & (rng.random(n) < expit(b_buy + z_buy))
+    extra = rng.poisson(cfg.extra_quantity * np.exp(-0.3 * (it["logprice"][i] - g.logprice_ref)))
+    quantity = np.where(purchased, 1 + extra, 0).astype(np.float32)
+    log = {"user": u, "item": i, "day": day, "hour": hour, "device": device, "timestamp": timestamp,
+           "clicked": clicked, "carted": carted, "purchased": purchased, "quantity": quantity, "score": score}
+    return log, (b_click, b_cart, b_buy)
+
+
+def _topup_size(cfg: WorldConfig, day: np.ndarray, n_imp: int) -> int:
+    """Extra impressions that bring the last ``eval_days`` days up to ``eval_impressions`` (0 when off)."""
+    if cfg.eval_impressions <= 0:
+        return 0
+    in_window = int(np.count_nonzero(day >= cfg.days - cfg.eval_days))
+    return max(0, cfg.eval_impressions - in_window)
+
+
 def _make_shop(rng: np.random.Generator, cfg: WorldConfig, g: _Globals, *, name: str, n_imp: int,
                mix: np.ndarray, id_only: bool, drop: set[str]) -> tuple[ShopData, dict, np.ndarray]:
     """Draw one shop's catalogue, users, impression log (with funnel labels) and daily sales."""
@@ -265,7 +337,6 @@ def _make_shop(rng: np.random.Generator, cfg: WorldConfig, g: _Globals, *, name:
     it = {k: v[order] for k, v in it.items()}
     keys = keys[order]
     price = np.round(np.exp(it["logprice"]), 2)
-    item_top = g.top_of[it["cat"]]
 
     # Users: side fields, a favourite category that depends on them, tastes near its centroid.
     n_users = max(20, round(n_imp / cfg.impressions_per_user))
@@ -283,50 +354,14 @@ def _make_shop(rng: np.random.Generator, cfg: WorldConfig, g: _Globals, *, name:
     activity = rng.lognormal(0.0, 0.8, n_users)
     primary_device = rng.choice(len(DEVICES), n_users, p=DEVICE_PROBS)
 
-    # Impression log: who, when, on which device, which item (popular items are shown more).
+    # Impression log and funnel labels; the per-shop intercepts are calibrated on this draw.
     start_day = int(np.datetime64(cfg.start_date, "D").astype(np.int64))
     day_index = start_day + np.arange(cfg.days)
     weekly = _weekly(cfg, day_index)
-    u = rng.choice(n_users, n_imp, p=activity / activity.sum())
-    day = rng.choice(cfg.days, n_imp, p=weekly / weekly.sum())
-    hour = rng.choice(24, n_imp, p=HOUR_PROFILE / HOUR_PROFILE.sum())
-    device = np.where(rng.random(n_imp) < 0.8, primary_device[u], rng.choice(len(DEVICES), n_imp, p=DEVICE_PROBS))
-    exposure = np.exp(0.5 * it["appeal"])
-    i = rng.choice(n_items, n_imp, p=exposure / exposure.sum())
-    timestamp = (day_index[day].astype(np.int64) * SECONDS_PER_DAY + hour * 3600
-                 + rng.integers(0, 3600, n_imp)).astype(np.int64)
-
-    # Funnel: click | impression, cart | click, purchase | cart; each intercept calibrated to its rate.
-    match = (taste[u] * it["latent"][i]).sum(axis=1) / _match_scale(cfg)
-    price_term = sens[u] * (it["logprice"][i] - g.cat_logprice[it["cat"][i]])  # dearer than its category
-    side = (g.age_aff[age[u], item_top[i]] + g.gender_aff[gender[u], item_top[i]]
-            + g.device_aff[device, item_top[i]] + g.hour_effect[hour])
-    score = cfg.affinity_scale * match + it["appeal"][i] + side - price_term
-    z_click = score + cfg.click_noise * rng.standard_normal(n_imp)
-    clicked = rng.random(n_imp) < expit(_calibrate(z_click, cfg.base_ctr) + z_click)
-    z_cart = (0.5 * cfg.affinity_scale * match + 0.5 * it["appeal"][i] - 0.5 * price_term
-              + cfg.click_noise * rng.standard_normal(n_imp))
-    p_cart = expit(_calibrate(z_cart[clicked], cfg.cart_rate) + z_cart)
-    carted = clicked & (rng.random(n_imp) < p_cart)
-    z_buy = 0.5 * cfg.affinity_scale * match - price_term + cfg.click_noise * rng.standard_normal(n_imp)
-    p_buy = expit(_calibrate(z_buy[carted], cfg.base_cvr / cfg.cart_rate) + z_buy)
-    purchased = carted & (rng.random(n_imp) < p_buy)
-    extra = rng.poisson(cfg.extra_quantity * np.exp(-0.3 * (it["logprice"][i] - g.logprice_ref)))
-    quantity = np.where(purchased, 1 + extra, 0).astype(np.float32)
-
+    people = _People(taste=taste, sens=sens, age=age, gender=gender, activity=activity, device=primary_device)
+    log, intercepts = _draw_impressions(rng, cfg, g, it, people, n_imp, day_index, weekly / weekly.sum())
     item_ids = np.array([f"i{k:05d}" for k in range(n_items)], dtype=object)
     user_ids = np.array([f"u{k:05d}" for k in range(n_users)], dtype=object)
-    inter = pd.DataFrame({
-        "user_id": user_ids[u], "item_id": item_ids[i], "timestamp": timestamp,
-        "clicked": clicked.astype(np.int8), "carted": carted.astype(np.int8),
-        "purchased": purchased.astype(np.int8), "quantity": quantity,
-        "device": np.array(DEVICES, dtype=object)[device], "hour": hour.astype(np.int8),
-    })
-    by_time = np.argsort(timestamp, kind="stable")
-    inter, score = inter.iloc[by_time].reset_index(drop=True), score[by_time]
-    if "ctr" in drop:  # the shop logs clicks only: no impressions, so no CTR task
-        kept = inter["clicked"].to_numpy() == 1
-        inter, score = inter[kept].reset_index(drop=True), score[kept]
 
     items = pd.DataFrame({
         "item_id": item_ids, "global_key": keys,
@@ -358,13 +393,36 @@ def _make_shop(rng: np.random.Generator, cfg: WorldConfig, g: _Globals, *, name:
             "units": rng.poisson(lam).ravel().astype(np.float32), "promo": promo.ravel().astype(np.int8),
         })
 
+    # Evaluation top-up, drawn last so every row before it (training log, sales) is unchanged.
+    n_topup = _topup_size(cfg, log["day"], n_imp)
+    if n_topup:
+        window = np.zeros(cfg.days)
+        window[cfg.days - cfg.eval_days:] = weekly[cfg.days - cfg.eval_days:]
+        extra, _ = _draw_impressions(rng, cfg, g, it, people, n_topup, day_index, window / window.sum(), intercepts)
+        log = {k: np.concatenate([log[k], extra[k]]) for k in log}
+
+    u, i, score = log["user"], log["item"], log["score"]
+    clicked, purchased = log["clicked"], log["purchased"]
+    inter = pd.DataFrame({
+        "user_id": user_ids[u], "item_id": item_ids[i], "timestamp": log["timestamp"],
+        "clicked": clicked.astype(np.int8), "carted": log["carted"].astype(np.int8),
+        "purchased": purchased.astype(np.int8), "quantity": log["quantity"],
+        "device": np.array(DEVICES, dtype=object)[log["device"]], "hour": log["hour"].astype(np.int8),
+    })
+    by_time = np.argsort(log["timestamp"], kind="stable")
+    inter, score = inter.iloc[by_time].reset_index(drop=True), score[by_time]
+    if "ctr" in drop:  # the shop logs clicks only: no impressions, so no CTR task
+        kept = inter["clicked"].to_numpy() == 1
+        inter, score = inter[kept].reset_index(drop=True), score[kept]
+
     shop = ShopData(name=name, interactions=inter, items=None if id_only else items,
                     users=None if id_only else users, sales=sales,
                     meta={"source": "synthetic", "seed": cfg.seed})
     top_mix = np.bincount(g.top_of, weights=mix, minlength=cfg.n_top_categories)
     clicks = int(clicked.sum())
     truth = {
-        "n_impressions": int(n_imp), "n_rows": len(inter), "n_users": int(n_users), "n_items": int(n_items),
+        "n_impressions": int(n_imp), "n_eval_topup": int(n_topup), "n_rows": len(inter),
+        "n_users": int(n_users), "n_items": int(n_items),
         "n_pool_items": int(n_pool), "pool_keys": sorted(k for k in keys if k),
         "category_mix": {c: round(float(m), 6) for c, m in zip(g.cat_names, mix, strict=True)},
         "top_category_mix": {t: round(float(m), 6) for t, m in zip(g.top_names, top_mix, strict=True)},
@@ -372,7 +430,7 @@ def _make_shop(rng: np.random.Generator, cfg: WorldConfig, g: _Globals, *, name:
         "dominant_top_category": g.top_names[int(np.argmax(top_mix))],
         "region_mix": [round(float(m), 6) for m in region_mix],
         "ctr": float(clicked.mean()), "cvr": float(purchased.sum() / max(clicks, 1)),
-        "cart_rate": float(carted.sum() / max(clicks, 1)),
+        "cart_rate": float(log["carted"].sum() / max(clicks, 1)),
         "dropped_tasks": sorted(drop), "id_only": bool(id_only),
     }
     return shop, truth, score

@@ -43,6 +43,9 @@ def generate(
                                         help="Dirichlet concentration of category mixes (smaller = more different)."),
     overlap: float = typer.Option(WorldConfig.overlap, "--overlap",
                                   help="Share of each shop's products from the global pool."),
+    eval_impressions: int = typer.Option(WorldConfig.eval_impressions, "--eval-impressions", min=0,
+                                         help="Top each shop's validation + test days up to this many impressions "
+                                              "(0 = off; the default scenario uses 10000)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty OUT, replacing same-named shops."),
 ) -> None:
     """Generate a synthetic multi-shop world (shops over one common latent structure) as shop directories."""
@@ -56,7 +59,7 @@ def generate(
     n_small = min(WorldConfig.n_small_shops, shops // 2)  # at most half the shops are data-poor
     try:
         cfg = WorldConfig(n_shops=shops, seed=seed, n_late_joiners=late_joiners, heterogeneity=heterogeneity,
-                          overlap=overlap, n_small_shops=n_small)
+                          overlap=overlap, n_small_shops=n_small, eval_impressions=eval_impressions)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     start = time.perf_counter()
