@@ -310,7 +310,7 @@ def _draw_impressions(rng: np.random.Generator, cfg: WorldConfig, g: _Globals, i
     return log, (b_click, b_cart, b_buy)
 
 
-def _topup_size(cfg: WorldConfig, day: np.ndarray, n_imp: int) -> int:
+def _topup_size(cfg: WorldConfig, day: np.ndarray) -> int:
     """Extra impressions that bring the last ``eval_days`` days up to ``eval_impressions`` (0 when off)."""
     if cfg.eval_impressions <= 0:
         return 0
@@ -394,7 +394,7 @@ def _make_shop(rng: np.random.Generator, cfg: WorldConfig, g: _Globals, *, name:
         })
 
     # Evaluation top-up, drawn last so every row before it (training log, sales) is unchanged.
-    n_topup = _topup_size(cfg, log["day"], n_imp)
+    n_topup = _topup_size(cfg, log["day"])
     if n_topup:
         window = np.zeros(cfg.days)
         window[cfg.days - cfg.eval_days:] = weekly[cfg.days - cfg.eval_days:]
