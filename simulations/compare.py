@@ -238,6 +238,11 @@ def check_targets(summary: dict[str, Any], *, eps: float = 1e-9, ranking: bool =
                    "max_loss": check(ctr.get("max_loss"), TARGETS["max_loss"], at_least=False),
                    "small_shop_gain": check((ctr.get("small_shop_gain") or {}).get(summary["method"]),
                                             TARGETS["small_shop_gain"])}
+        worst = (ctr.get("worse_shops") or [None])[0]
+        if worst is not None:  # which shop sets the max loss, and how precisely its test split measures it
+            targets["max_loss"]["shop"] = worst["shop"]
+            if worst.get("margin_se") is not None:
+                targets["max_loss"]["se"] = worst["margin_se"]
         if not summary.get("small_shops"):  # nothing to measure: neither met nor missed
             targets["small_shop_gain"].update(met=None, note="the scenario has no small shops")
     for metric, entry in (summary.get("ranking_sampled") or {}).items() if ranking else ():

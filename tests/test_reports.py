@@ -64,6 +64,10 @@ def test_worse_shop_margin_carries_a_standard_error_that_shrinks_with_clicks_and
     assert many["margin_se"] == pytest.approx(few["margin_se"] / 10, rel=0.1)
     assert seeds["margin_se"] == pytest.approx(few["margin_se"] / 2, rel=1e-9)
     assert "margin_se" not in summarize(final)["tasks"]["ctr"]["worse_shops"][0]
+    # The max-loss target names the shop that sets it and carries that margin's error when known.
+    target = summarize(final, ctr_sizes={"c": [(15, 400)]})["targets"]["max_loss"]
+    assert target["shop"] == "c" and target["se"] == pytest.approx(few["margin_se"])
+    assert "se" not in summarize(final)["targets"]["max_loss"]
 
 
 def test_lower_is_better_metrics_count_a_drop_as_a_gain():

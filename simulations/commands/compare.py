@@ -40,6 +40,10 @@ def print_headline(comparison: Comparison) -> None:
             console.print(f"{task}: {summary['method']} below local-only at {shops}")
     for name, target in (summary.get("targets") or {}).items():
         value = "-" if target["value"] is None else f"{target['value']:.4f}"
+        if target.get("se") is not None:
+            value += f" ± {target['se']:.4f}"
+        if target.get("shop"):
+            value += f" ({target['shop']})"
         mark = ("[dim]n/a[/dim]" if target["met"] is None else
                 "[green]met[/green]" if target["met"] else "[red]not met[/red]")
         console.print(f"target {name} {target['target']}: {value} {mark}")
