@@ -82,7 +82,7 @@ class WorldConfig:
     disjoint_joiner: bool = True  # one late joiner sells only categories no training shop sells
     task_dropout: float = 0.2  # probability a training shop lacks a task (no impression log / no sales)
     # Evaluation top-up: extra impressions in each shop's last eval_days days, so they hold at least
-    # eval_impressions (0 = off). The training window and the sales table are unchanged; only the
+    # eval_impressions (0 = off). The rows before the window and the sales table are unchanged; mostly the
     # validation/test rows of a temporal split grow, so small shops' test metrics become measurable.
     eval_impressions: int = 0
     eval_days: int = 12  # the default temporal split's validation + test share (20%) of 60 days
