@@ -26,7 +26,14 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.leak_guard import ERROR_CODE_BLOCKED, FAILED_TEXT, LOCAL_PREFIX, leak_guard
-from client.local_state import Shop, resolve_shop, restore_local_part, rounds_trained, save_local_part
+from client.local_state import (
+    Shop,
+    resolve_shop,
+    restore_local_part,
+    restore_own_encoder,
+    rounds_trained,
+    save_local_part,
+)
 from client.timing import timing_mod
 from shared.atomic import atomic_write_text
 from shared.meta import meta_train_shop
@@ -112,6 +119,27 @@ def _prepare(msg: Message, context: Context) -> tuple[Shop, ShopModel, dict[str,
     return shop, model, config, received
 
 
+def personal_mix(config: dict[str, Any]) -> float:
+    """The personal mix's n0 (0 = off). Only fedshop's own objective uses it: the FedAvg-all baseline and
+    the Reptile objective define their starting point and reply themselves."""
+    if config.get("share") == "all-shareable" or str(config.get("objective", "fedavg")) != "fedavg":
+        return 0.0
+    return max(0.0, float(config.get("personal-mix", 0.0)))
+
+
+def mixed_start(received: dict[str, torch.Tensor], own: dict[str, torch.Tensor], n_rows: int,
+                n0: float) -> dict[str, torch.Tensor]:
+    """Start of a shop's round: (1 - b) x global + b x its own last encoder, with b = n / (n + n0).
+
+    A shop with n training rows keeps the share b of its own encoder: a large shop, whose data alone
+    already trains a good encoder, stays near it; a small one (n << n0) takes the federation's.
+    The idea is FedALA's (Zhang et al., AAAI 2023) adaptive local aggregation, with a fixed, size-based
+    weight instead of a learned one. The reply is the encoder trained from this start, as usual.
+    """
+    b = n_rows / (n_rows + n0)
+    return {k: (1 - b) * v + b * own[k] if v.is_floating_point() else v for k, v in received.items()}
+
+
 def _inject_fault(config: dict[str, Any], shop: Shop, server_round: int) -> str | None:
     """Test-only faults from `fault-inject = "kind:shop[@round],..."`; kinds: nan, error, sleep."""
     for item in str(config.get("fault-inject") or "").split(","):
@@ -135,6 +163,11 @@ def train(msg: Message, context: Context) -> Message:
     stage = join_stage(shop, config, server_round, rounds_trained(context))
     if stage == "waiting":  # a late joiner before its join round: nothing to train, nothing to count
         return _reply(model.encoder_state(), {"num-examples": 0.0, "shop-index": shop.index}, msg)
+    n0 = personal_mix(config)
+    own = restore_own_encoder(model, context, shop.state_dir) if n0 and stage == "active" else None
+    if own is not None:
+        encoder = {k: v for k, v in received.items() if not k.startswith(LOCAL_PREFIX)}
+        model.load_encoder_state(mixed_start(encoder, own, int(shop.tensors.rows["train"]["user"].shape[0]), n0))
     base = shop.scenario.train
     cfg = replace(base, epochs=int(config.get("local-epochs", base.epochs)),
                   prox_mu=float(config.get("proximal-mu", base.prox_mu)),
@@ -148,7 +181,8 @@ def train(msg: Message, context: Context) -> Message:
                                  outer_step=float(config.get("meta-outer-step", 1.0)))
     else:
         losses = train_shop(model, shop.tensors, cfg, global_encoder=received if cfg.prox_mu > 0 else None)
-    save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round)
+    save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round,
+                    keep_own_encoder=bool(n0))
     arrays = model.encoder_state()
     if config.get("share") == "all-shareable":
         local = model.local_state()
@@ -231,8 +265,14 @@ def join_stage(shop: Shop, config: dict[str, Any], server_round: int, trained: i
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Per-task metrics of the global encoder with the shop's own local part, as `<task>.<metric>`."""
+    """Per-task metrics of the global encoder with the shop's own local part, as `<task>.<metric>`.
+
+    With the personal mix on, the shop's own encoder (what it serves) replaces the global one.
+    """
     shop, model, config, _ = _prepare(msg, context)
+    own = restore_own_encoder(model, context, shop.state_dir) if personal_mix(config) else None
+    if own is not None:
+        model.load_encoder_state(own)
     requested = str(config.get("eval-split", "val"))
     splits = requested.split("+")
     metrics: dict[str, float] = {}

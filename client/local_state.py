@@ -39,6 +39,7 @@ from shared.scenario import Scenario, load_scenario
 from shared.schema import ShopData, load_shop_dir
 
 LOCAL_RECORD = "fedshop.local-part"  # name of the ArrayRecord in context.state
+OWN_ENCODER_RECORD = "fedshop.own-encoder"  # the shop's encoder after its last local training (personal mix)
 LINEAGE_RECORD = "fedshop.local-lineage"  # ConfigRecord in context.state: {ROUNDS_TRAINED: n}
 ROUNDS_TRAINED = "rounds-trained"
 STATE_FILE = "local_part.pt"
@@ -200,11 +201,18 @@ def rounds_trained(context: Context) -> int:
 
 
 def write_state_file(state_dir: Path, model: ShopModel, *, shop: str, server_round: int,
-                     trained: int = 0) -> Path:
-    """Save the model's local part (and how many rounds it has trained) to ``state_dir`` atomically."""
+                     trained: int = 0, own_encoder: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save the model's local part (and how many rounds it has trained) to ``state_dir`` atomically.
+
+    ``own_encoder`` (the shop's post-training encoder, kept when the personal mix is on) goes into
+    the same file, so the two can never come from different rounds.
+    """
     buf = io.BytesIO()
-    torch.save({"format": FORMAT_VERSION, "shop": shop, "round": server_round, "rounds_trained": trained,
-                "local": model.local_state()}, buf)
+    payload = {"format": FORMAT_VERSION, "shop": shop, "round": server_round, "rounds_trained": trained,
+               "local": model.local_state()}
+    if own_encoder is not None:
+        payload["own_encoder"] = own_encoder
+    torch.save(payload, buf)
     return atomic_write_bytes(Path(state_dir) / STATE_FILE, buf.getvalue())
 
 
@@ -233,14 +241,37 @@ def restore_local_part(model: ShopModel, context: Context, state_dir: Path | Non
 
 
 def save_local_part(model: ShopModel, context: Context, state_dir: Path | None, *, shop: str,
-                    server_round: int) -> None:
+                    server_round: int, keep_own_encoder: bool = False) -> None:
     """Keep the local part in ``context.state`` and, when the shop has one, in its state directory.
 
     Call after one round of training on a local part loaded by `restore_local_part`: its lineage
-    count goes up by one.
+    count goes up by one. With ``keep_own_encoder`` the model's encoder is kept beside it (the
+    personal mix starts the next round from it and evaluates with it); it never leaves the shop.
     """
     trained = rounds_trained(context) + 1
     context.state[LOCAL_RECORD] = ArrayRecord(model.local_state())
     context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: trained})
+    own = model.encoder_state() if keep_own_encoder else None
+    if own is not None:
+        context.state[OWN_ENCODER_RECORD] = ArrayRecord(own)
     if state_dir is not None:
-        write_state_file(state_dir, model, shop=shop, server_round=server_round, trained=trained)
+        write_state_file(state_dir, model, shop=shop, server_round=server_round, trained=trained, own_encoder=own)
+
+
+def restore_own_encoder(model: ShopModel, context: Context, state_dir: Path | None) -> dict[str, torch.Tensor] | None:
+    """The shop's encoder after its last local training (personal mix), or None when it has none that fits."""
+    candidates: list[tuple[str, dict | None]] = []
+    if OWN_ENCODER_RECORD in context.state.array_records:
+        candidates.append(("context", dict(context.state.array_records[OWN_ENCODER_RECORD].to_torch_state_dict())))
+    elif state_dir is not None:
+        payload = _read_payload(state_dir)
+        candidates.append(("disk", None if payload is None else payload.get("own_encoder")))
+    expected = model.encoder.state_dict()
+    for source, state in candidates:
+        if state is None:
+            continue
+        if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
+            return {k: torch.as_tensor(v) for k, v in state.items()}
+        logger.warning("saved own encoder (%s) does not fit this shop's model; the round starts from the "
+                       "global encoder alone", source)
+    return None

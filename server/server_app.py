@@ -64,6 +64,7 @@ class FederationSettings:
     fraction_train: float = 1.0
     min_shops: int = 2  # a round fails when fewer shops send a usable update
     local_epochs: int = 1
+    personal_mix: float = 0.0  # n0 of the personal mix (client.client_app.mixed_start); 0 = off
     proximal_mu: float = 0.0  # FedProx
     server_lr: float = 0.0  # FedAdam / FedYogi eta, FedAvgM server lr; 0 = the strategy's default
     server_momentum: float = 0.0  # FedAvgM
@@ -124,6 +125,7 @@ class FederationSettings:
     def client_config(self, seed: int) -> dict[str, Any]:
         """What every shop needs to know each round (forwarded in the messages' ConfigRecord)."""
         return {"scenario": self.scenario, "seed": seed, "local-epochs": self.local_epochs, "share": self.share,
+                "personal-mix": self.personal_mix,
                 "run-dir": self.run_dir, "max-steps": self.max_steps, "fault-inject": self.fault_inject,
                 "fault-sleep": self.fault_sleep, "join-round": self.join_round, "warmup-rounds": self.warmup_rounds,
                 "objective": self.objective, "meta-inner-steps": self.meta_inner_steps,

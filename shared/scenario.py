@@ -30,6 +30,8 @@ FEDERATION_DEFAULTS: dict[str, Any] = {
     "fraction_train": 1.0,  # share of shops sampled per round
     "min_shops": 2,  # a round needs at least this many replies
     "local_epochs": 1,  # local epochs per round
+    "personal_mix": 0.0,  # n0: a shop starts each round from (1-b) global + b own encoder, b = n/(n+n0),
+    # and serves its own encoder (docs/federation.md); 0 = off (plain FedAvg start, global encoder served)
     "prox_mu": 0.0,  # FedProx proximal weight (strategy fedprox)
     "server_lr": 0.0,  # FedAdam/FedYogi eta, FedAvgM server lr; 0 = its default (0.1, 0.1, 1.0)
     "server_momentum": 0.0,  # FedAvgM server momentum

@@ -206,13 +206,16 @@ EVAL_OVERRIDES = {"features.hash_buckets": 2048, "features.product_buckets": 409
 
 
 def eval_overrides(scenario_name: str) -> dict:
-    """The small evaluation model, and for a synthetic world no evaluation top-up.
+    """The small evaluation model, no personal mix, and for a synthetic world no evaluation top-up.
 
     The top-up only sharpens utility metrics; the attacks and their documented numbers use the
     world as generated, and it would slow every attack's training and scoring.
     """
     synthetic = load_scenario(scenario_name).raw.get("data", {}).get("source") == "synthetic"
-    return {**EVAL_OVERRIDES, "data.synthetic.eval_impressions": 0} if synthetic else dict(EVAL_OVERRIDES)
+    # The SecAgg+ client trains from the global encoder alone, so utility rows compare like with like
+    # only without the personal mix.
+    plain = {**EVAL_OVERRIDES, "federation.personal_mix": 0.0}
+    return {**plain, "data.synthetic.eval_impressions": 0} if synthetic else plain
 
 
 def property_world_overrides(n_shops: int, seed: int | None = None) -> dict:
@@ -221,7 +224,7 @@ def property_world_overrides(n_shops: int, seed: int | None = None) -> dict:
     return {**EVAL_OVERRIDES, **world, "data.source": "synthetic", "data.synthetic.n_shops": n_shops,
             "data.synthetic.n_late_joiners": 0, "data.synthetic.n_small_shops": 0,
             "data.synthetic.max_impressions": 3000, "data.synthetic.min_impressions": 1500,
-            "data.synthetic.days": 30, "data.synthetic.eval_impressions": 0}
+            "data.synthetic.days": 30, "data.synthetic.eval_impressions": 0, "federation.personal_mix": 0.0}
 
 
 # ============================================================================= helpers over shops

@@ -6,13 +6,22 @@ import logging
 
 import pytest
 import torch
-from flower_harness import tiny_scenario
-from flwr.app import Context, RecordDict
+from flower_harness import LocalGrid, tiny_scenario, write_scenario
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.client_app import round_seed
-from client.local_state import STATE_FILE, restore_local_part, save_local_part
+from client import client_app
+from client.client_app import mixed_start, personal_mix, round_seed
+from client.local_state import (
+    OWN_ENCODER_RECORD,
+    STATE_FILE,
+    restore_local_part,
+    restore_own_encoder,
+    save_local_part,
+)
+from server.server_app import initial_encoder
 from shared.features import build_shop_tensors
 from shared.model import build_model
+from shared.train import evaluate_shop
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +74,51 @@ def test_round_seeds_differ_by_round_and_shop_and_repeat():
     seeds = {round_seed(0, r, s) for r in range(1, 4) for s in range(3)}
     assert len(seeds) == 9
     assert round_seed(0, 2, 1) == round_seed(0, 2, 1)
+
+
+def test_personal_mix_weights_own_encoder_by_shop_size_and_only_for_fedshop():
+    received, own = {"w": torch.zeros(2), "steps": torch.tensor([3])}, {"w": torch.ones(2), "steps": torch.tensor([9])}
+    mixed = mixed_start(received, own, n_rows=300, n0=100.0)
+    assert torch.allclose(mixed["w"], torch.full((2,), 0.75)) and mixed["steps"].item() == 3  # b = 300 / 400
+    assert personal_mix({"personal-mix": 20000}) == 20000
+    assert personal_mix({"personal-mix": 20000, "share": "all-shareable"}) == 0  # FedAvg-all baseline
+    assert personal_mix({"personal-mix": 20000, "objective": "meta"}) == 0
+    assert personal_mix({}) == 0
+
+
+def test_own_encoder_is_kept_in_context_and_on_disk(shop, tmp_path):
+    trained = _model(shop, seed=1)
+    ctx = _context()
+    assert restore_own_encoder(trained, ctx, tmp_path) is None  # nothing saved yet
+    save_local_part(trained, ctx, tmp_path, shop="s", server_round=1, keep_own_encoder=True)
+    for context in (ctx, _context()):  # the second has an empty state: the disk copy is used
+        own = restore_own_encoder(_model(shop, seed=2), context, tmp_path)
+        assert own is not None and all(torch.equal(own[k], v) for k, v in trained.encoder_state().items())
+
+
+def test_train_and_evaluate_use_the_own_encoder_when_the_personal_mix_is_on(shop, tmp_path):
+    scenario, tensors = shop
+    path = write_scenario(scenario, tmp_path / "scenario.toml")
+
+    def message(kind: str, server_round: int, arrays: ArrayRecord, mix: float) -> Message:
+        config = ConfigRecord({"scenario": str(path), "seed": scenario.seed, "server-round": server_round,
+                               "share": "encoder", "eval-split": "val", "personal-mix": mix})
+        msg = Message(RecordDict({"arrays": arrays, "config": config}), 1, kind)
+        msg.metadata.__dict__["_message_id"] = f"{kind}-{server_round}"
+        return msg
+
+    LocalGrid(1, client_app.app)  # sets the sender identity messages take, as in a ServerApp process
+    ctx = _context()
+    first = client_app.train(message(MessageType.TRAIN, 1, initial_encoder(scenario), 1000.0), ctx)
+    sent = dict(first.content["arrays"].to_torch_state_dict())
+    kept = dict(ctx.state.array_records[OWN_ENCODER_RECORD].to_torch_state_dict())
+    assert all(torch.equal(kept[k], v) for k, v in sent.items())  # the shop keeps what it trained
+    # Evaluation serves the own encoder, whatever global encoder arrives.
+    other = initial_encoder(scenario)  # the untrained global stands in for an aggregate
+    metrics = client_app.evaluate(message(MessageType.EVALUATE, 1, other, 1000.0), ctx).content["metrics"]
+    served = _model(shop, seed=0)
+    served.load_encoder_state(kept)
+    restore_local_part(served, ctx, None)
+    assert metrics["ctr.auc"] == pytest.approx(evaluate_shop(served, tensors, "val")["ctr"]["auc"])
+    plain = client_app.evaluate(message(MessageType.EVALUATE, 1, other, 0.0), ctx).content["metrics"]
+    assert plain["ctr.auc"] != metrics["ctr.auc"]
