@@ -128,13 +128,18 @@ def _improvement(new: pd.Series, base: pd.Series, higher: bool) -> pd.Series:
 
 
 def ctr_test_sizes(scenarios: Sequence[Scenario]) -> dict[str, list[tuple[int, int]]]:
-    """Per training shop, (clicks, non-clicks) in its CTR test split, one pair per scenario (seed)."""
+    """Per training shop, (clicks, non-clicks) in its CTR test split, one pair per scenario (seed).
+
+    A seed where the shop has no CTR task (a click-only log: no non-clicks) adds no pair, as its margin
+    comes from the other seeds only.
+    """
     out: dict[str, list[tuple[int, int]]] = {}
     for scenario in scenarios:
         for shop in scenario.training_shops():
             clicked = build_shop_tensors(shop, scenario.features).rows["test"]["clicked"]
-            pos = int(clicked.sum())
-            out.setdefault(shop.name, []).append((pos, int(clicked.shape[0]) - pos))
+            pos, neg = int(clicked.sum()), int(clicked.shape[0] - clicked.sum())
+            if pos and neg:
+                out.setdefault(shop.name, []).append((pos, neg))
     return out
 
 
@@ -184,6 +189,8 @@ def summarize(final: pd.DataFrame, *, small_shops: Sequence[str] = (), method: s
             if task == "ctr" and ctr_sizes:
                 for row in entry["worse_shops"]:
                     sizes = ctr_sizes.get(row["shop"], [])
+                    if not sizes:
+                        continue
                     row["margin_se"] = _difference_se(float(both.loc[row["shop"], "local"]),
                                                       float(both.loc[row["shop"], method]), sizes)
                     row["test_clicks"] = [p for p, _ in sizes]

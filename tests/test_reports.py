@@ -68,6 +68,7 @@ def test_worse_shop_margin_carries_a_standard_error_that_shrinks_with_clicks_and
     target = summarize(final, ctr_sizes={"c": [(15, 400)]})["targets"]["max_loss"]
     assert target["shop"] == "c" and target["se"] == pytest.approx(few["margin_se"])
     assert "se" not in summarize(final)["targets"]["max_loss"]
+    assert "se" not in summarize(final, ctr_sizes={"other": [(15, 400)]})["targets"]["max_loss"]  # no sizes for c
 
 
 def test_lower_is_better_metrics_count_a_drop_as_a_gain():
