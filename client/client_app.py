@@ -164,7 +164,7 @@ def train(msg: Message, context: Context) -> Message:
     if stage == "waiting":  # a late joiner before its join round: nothing to train, nothing to count
         return _reply(model.encoder_state(), {"num-examples": 0.0, "shop-index": shop.index}, msg)
     n0 = personal_mix(config)
-    own = restore_own_encoder(model, context, shop.state_dir) if n0 and stage == "active" else None
+    own = restore_own_encoder(model, context) if n0 and stage == "active" else None
     if own is not None:
         encoder = {k: v for k, v in received.items() if not k.startswith(LOCAL_PREFIX)}
         model.load_encoder_state(mixed_start(encoder, own, int(shop.tensors.rows["train"]["user"].shape[0]), n0))
@@ -270,7 +270,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     With the personal mix on, the shop's own encoder (what it serves) replaces the global one.
     """
     shop, model, config, _ = _prepare(msg, context)
-    own = restore_own_encoder(model, context, shop.state_dir) if personal_mix(config) else None
+    own = restore_own_encoder(model, context) if personal_mix(config) else None
     if own is not None:
         model.load_encoder_state(own)
     requested = str(config.get("eval-split", "val"))

@@ -219,6 +219,7 @@ def write_state_file(state_dir: Path, model: ShopModel, *, shop: str, server_rou
 def restore_local_part(model: ShopModel, context: Context, state_dir: Path | None) -> str:
     """Load the shop's saved local part into ``model``; returns where it came from (context/disk/fresh)."""
     candidates: list[tuple[str, dict[str, torch.Tensor] | None, int]] = []
+    payload = None
     if LOCAL_RECORD in context.state.array_records:
         candidates.append(("context", dict(context.state.array_records[LOCAL_RECORD].to_torch_state_dict()),
                            rounds_trained(context)))
@@ -231,6 +232,8 @@ def restore_local_part(model: ShopModel, context: Context, state_dir: Path | Non
         if problem is None:
             model.load_local_state(state)
             context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: trained})
+            if source == "disk" and payload and payload.get("own_encoder") is not None:  # same file, same round
+                context.state[OWN_ENCODER_RECORD] = ArrayRecord(dict(payload["own_encoder"]))
             return source
         where = Path(state_dir) / STATE_FILE if source == "disk" else f"context.state['{LOCAL_RECORD}']"
         logger.warning("saved local part in %s does not fit this shop's model: %s; starting a fresh local "
@@ -258,20 +261,16 @@ def save_local_part(model: ShopModel, context: Context, state_dir: Path | None, 
         write_state_file(state_dir, model, shop=shop, server_round=server_round, trained=trained, own_encoder=own)
 
 
-def restore_own_encoder(model: ShopModel, context: Context, state_dir: Path | None) -> dict[str, torch.Tensor] | None:
-    """The shop's encoder after its last local training (personal mix), or None when it has none that fits."""
-    candidates: list[tuple[str, dict | None]] = []
-    if OWN_ENCODER_RECORD in context.state.array_records:
-        candidates.append(("context", dict(context.state.array_records[OWN_ENCODER_RECORD].to_torch_state_dict())))
-    elif state_dir is not None:
-        payload = _read_payload(state_dir)
-        candidates.append(("disk", None if payload is None else payload.get("own_encoder")))
+def restore_own_encoder(model: ShopModel, context: Context) -> dict[str, torch.Tensor] | None:
+    """The shop's encoder after its last local training (personal mix), or None when it has none that fits.
+
+    Call after `restore_local_part`, which brings a saved one from the state file into ``context``.
+    """
+    if OWN_ENCODER_RECORD not in context.state.array_records:
+        return None
+    state = dict(context.state.array_records[OWN_ENCODER_RECORD].to_torch_state_dict())
     expected = model.encoder.state_dict()
-    for source, state in candidates:
-        if state is None:
-            continue
-        if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
-            return {k: torch.as_tensor(v) for k, v in state.items()}
-        logger.warning("saved own encoder (%s) does not fit this shop's model; the round starts from the "
-                       "global encoder alone", source)
+    if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
+        return state
+    logger.warning("saved own encoder does not fit this shop's model; the round starts from the global encoder alone")
     return None

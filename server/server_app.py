@@ -108,6 +108,9 @@ class FederationSettings:
             default = known[name].default
             values[name] = type(default)(value) if not isinstance(default, str) else str(value)
         settings = cls(**values)
+        if settings.personal_mix < 0:
+            raise ValueError(f"run config personal-mix={settings.personal_mix} is negative. Fix: give n0 >= 0 "
+                             "(0 = off)")
         if settings.share not in SHARE_MODES:
             raise ValueError(f"run config share='{settings.share}' is unknown. Fix: use one of {SHARE_MODES}")
         if settings.dpsgd_noise_multiplier > 0:  # fail here, not on every shop, for a bad unit or rate

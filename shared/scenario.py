@@ -219,6 +219,9 @@ def scenario_from_dict(raw: dict, overrides: dict[str, Any] | None = None, *, pa
     if unknown:
         raise ScenarioError(f"{where} [federation]: unknown key(s) {unknown}. Fix: use {sorted(FEDERATION_DEFAULTS)}")
     federation = {**FEDERATION_DEFAULTS, **fed_table}
+    if float(federation["personal_mix"]) < 0:
+        raise ScenarioError(f"{where} [federation]: personal_mix = {federation['personal_mix']} is negative. Fix: "
+                            "give n0 >= 0 in training rows (0 turns the personal mix off; default.toml uses 20000)")
     return Scenario(name=str(raw.get("name", path.stem if path else "scenario")), seed=seed, raw=raw,
                     features=feats, model=model, train=train, federation=federation,
                     transfer=dict(raw.get("transfer", {})), path=path)

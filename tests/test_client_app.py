@@ -89,10 +89,12 @@ def test_personal_mix_weights_own_encoder_by_shop_size_and_only_for_fedshop():
 def test_own_encoder_is_kept_in_context_and_on_disk(shop, tmp_path):
     trained = _model(shop, seed=1)
     ctx = _context()
-    assert restore_own_encoder(trained, ctx, tmp_path) is None  # nothing saved yet
+    assert restore_own_encoder(trained, ctx) is None  # nothing saved yet
     save_local_part(trained, ctx, tmp_path, shop="s", server_round=1, keep_own_encoder=True)
     for context in (ctx, _context()):  # the second has an empty state: the disk copy is used
-        own = restore_own_encoder(_model(shop, seed=2), context, tmp_path)
+        fresh = _model(shop, seed=2)
+        restore_local_part(fresh, context, tmp_path)  # one read of the state file brings both
+        own = restore_own_encoder(fresh, context)
         assert own is not None and all(torch.equal(own[k], v) for k, v in trained.encoder_state().items())
 
 

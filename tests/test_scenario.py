@@ -100,3 +100,8 @@ def test_train_epochs_is_refused_with_the_key_that_is_read() -> None:
     with pytest.raises(ScenarioError, match=r"\[train\].*epochs.*federation\.local_epochs"):
         load_scenario("default", {"train.epochs": 3})
     assert load_scenario("default", {"federation.local_epochs": 3}).federation["local_epochs"] == 3
+
+
+def test_a_negative_personal_mix_is_refused_by_name() -> None:
+    with pytest.raises(ScenarioError, match="personal_mix"):
+        load_scenario("default", {"federation.personal_mix": -1})
