@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,8 +18,10 @@ from flwr.app import Context, RecordDict
 from client.local_state import (
     _CACHED_FIELDS,
     CACHE_DIR,
+    KEY_INDEX,
     STATE_FILE,
     cached_shop_tensors,
+    indexed_tensor_cache_key,
     restore_local_part,
     rounds_trained,
     save_local_part,
@@ -128,6 +132,40 @@ def test_tensor_cache_reuses_rebuilds_on_change_and_survives_corruption(shop_dir
     assert "tensor cache" in caplog.text and "rebuilding" in caplog.text
     assert _same(rebuilt.rows, built.rows)
     assert len(list((tmp_path / CACHE_DIR).glob("tensors-*.pt"))) == 1
+
+
+def _age(folder: Path, seconds: float) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(time.time_ns() - int(seconds * 1e9),) * 2)
+
+
+def test_cache_key_is_read_from_the_index_until_a_file_changes_stat(shop_dir, tmp_path, monkeypatch) -> None:
+    import client.local_state as local_state
+
+    features = FeatureConfig(hash_buckets=64, product_buckets=64, history_len=3)
+    copy = tmp_path / "shop"
+    shutil.copytree(shop_dir, copy)
+    state = tmp_path / "state"
+    # Files written just now are not trusted to their stat: no index is saved for them.
+    _age(copy, 0)
+    assert indexed_tensor_cache_key(copy, state, features) == tensor_cache_key(copy, features)
+    assert not (state / CACHE_DIR / KEY_INDEX).exists()
+    _age(copy, 60)
+    key = indexed_tensor_cache_key(copy, state, features)
+    assert key == tensor_cache_key(copy, features) and (state / CACHE_DIR / KEY_INDEX).exists()
+    monkeypatch.setattr(local_state, "tensor_cache_key", lambda *a, **k: pytest.fail("hashed unchanged files"))
+    assert indexed_tensor_cache_key(copy, state, features) == key
+    monkeypatch.undo()
+    # A changed size (or mtime) and another feature config both miss the index.
+    interactions = copy / "interactions.csv"
+    interactions.write_text(interactions.read_text() + "\n")
+    _age(copy, 60)
+    assert indexed_tensor_cache_key(copy, state, features) == tensor_cache_key(copy, features) != key
+    other = replace(features, history_len=4)
+    assert indexed_tensor_cache_key(copy, state, other) == tensor_cache_key(copy, other)
+    (state / CACHE_DIR / KEY_INDEX).write_text("{not json")
+    assert indexed_tensor_cache_key(copy, state, other) == tensor_cache_key(copy, other)
 
 
 def test_grid_poll_interval_is_validated() -> None:
