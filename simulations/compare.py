@@ -153,6 +153,25 @@ def _difference_se(a: float, b: float, sizes: Sequence[tuple[int, int]]) -> floa
     return math.sqrt(sum(per_seed) / len(per_seed) ** 2) if per_seed else float("nan")
 
 
+def _seed_margin_se(final: pd.DataFrame, task: str, metric: str, shop: str, method: str, higher: bool
+                    ) -> tuple[float, int] | None:
+    """(standard error, seeds) of a shop's seed-mean margin (local minus ``method``) from its seed-to-seed spread.
+
+    Paired within each seed (same test rows) and covering training noise too, unlike `_difference_se`;
+    None with fewer than three seeds, where a spread says little.
+    """
+    if "seed" not in final:
+        return None
+    rows = final[(final["task"] == task) & (final["metric"] == metric) & (final["shop"] == shop)]
+    per_seed = rows.pivot_table(index="seed", columns="method", values="value", aggfunc="mean")
+    if not {"local", method} <= set(per_seed.columns):
+        return None
+    margin = -_improvement(per_seed[method], per_seed["local"], higher).dropna()
+    if len(margin) < 3:
+        return None
+    return float(margin.std(ddof=1) / math.sqrt(len(margin))), int(len(margin))
+
+
 def summarize(final: pd.DataFrame, *, small_shops: Sequence[str] = (), method: str = "fedshop",
               min_gap: float = MIN_GAP, tolerance: float = WORSE_TOLERANCE,
               ctr_sizes: Mapping[str, Sequence[tuple[int, int]]] | None = None,
@@ -165,7 +184,8 @@ def summarize(final: pd.DataFrame, *, small_shops: Sequence[str] = (), method: s
     below ``min_gap`` ("no-gap") or negative ("oracle-below-local"). ``worse_shops`` lists every
     shop where ``method`` ends below local-only, with the margin (positive = worse), and whether it
     exceeds ``tolerance``; for CTR with ``ctr_sizes`` (from `ctr_test_sizes`) also the margin's
-    standard error, so a reader can tell a real loss from test-split noise. Gains are in the metric's
+    standard error, so a reader can tell a real loss from test-split noise, and with three or more
+    seeds every task's margin gets its seed-to-seed standard error (`_seed_margin_se`). Gains are in the metric's
     good direction (WAPE: a drop is a gain).
     """
     table = primary_table(final)
@@ -194,6 +214,10 @@ def summarize(final: pd.DataFrame, *, small_shops: Sequence[str] = (), method: s
                     row["margin_se"] = _difference_se(float(both.loc[row["shop"], "local"]),
                                                       float(both.loc[row["shop"], method]), sizes)
                     row["test_clicks"] = [p for p, _ in sizes]
+            for row in entry["worse_shops"]:
+                spread = _seed_margin_se(final, task, metric, row["shop"], method, higher)
+                if spread is not None:
+                    row["margin_se_seeds"], row["n_seeds"] = spread
             entry["max_loss"] = float(max(margin.max(), 0.0)) if len(margin) else None
         gains = {}
         shops_small = [s for s in small if s in per_shop.index]
@@ -250,6 +274,8 @@ def check_targets(summary: dict[str, Any], *, eps: float = 1e-9, ranking: bool =
             targets["max_loss"]["shop"] = worst["shop"]
             if worst.get("margin_se") is not None:
                 targets["max_loss"]["se"] = worst["margin_se"]
+            if worst.get("margin_se_seeds") is not None:
+                targets["max_loss"].update(se_seeds=worst["margin_se_seeds"], n_seeds=worst["n_seeds"])
         if not summary.get("small_shops"):  # nothing to measure: neither met nor missed
             targets["small_shop_gain"].update(met=None, note="the scenario has no small shops")
     for metric, entry in (summary.get("ranking_sampled") or {}).items() if ranking else ():
@@ -286,13 +312,17 @@ def run_comparison(scenarios: Sequence[Scenario], run_dir: Path, *, methods: Seq
             if on_method_done:
                 on_method_done(method, scenario.seed, time.perf_counter() - start)
             _write_rows(run_dir, frames, several)  # partial results survive a later failure
-    rows = pd.concat(frames, ignore_index=True)
+    return report_comparison(run_dir, pd.concat(frames, ignore_index=True), scenarios)
+
+
+def report_comparison(run_dir: Path, rows: pd.DataFrame, scenarios: Sequence[Scenario]) -> Comparison:
+    """From metric rows with a seed column (one scenario per seed): comparison.csv, summary.json/.md, plots."""
     final = seeded_final_table(rows)
     small = small_shops_of(scenarios[0])
     # The sampled-ranking target belongs to the literature's protocol: leave-one-out splits (MovieLens).
     summary = summarize(final, small_shops=small, ctr_sizes=ctr_test_sizes(scenarios),
                         ranking_targets=all(sc.features.split == "leave-last-out" for sc in scenarios))
-    atomic_write_csv(run_dir / "comparison.csv", comparison_csv(final, several))
+    atomic_write_csv(run_dir / "comparison.csv", comparison_csv(final, len(scenarios) > 1))
     atomic_write_text(run_dir / "summary.json", json.dumps(_plain(summary), indent=2))
     write_run_report(run_dir, small_shops=small, summary=summary)
     return Comparison(run_dir=run_dir, rows=rows, final=final, summary=summary, small_shops=small)

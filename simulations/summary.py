@@ -75,7 +75,9 @@ def _headline(summary: dict[str, Any]) -> list[str]:
     for task, t in tasks.items():
         gap = _fmt(t["gap_closed"], 3) if t["gap_closed"] is not None else f"n/a ({t['gap_status']})"
         worse = ", ".join(f"{w['shop']} ({w['margin']:+.4f}"
-                          + (f" ± {w['margin_se']:.3f}" if w.get("margin_se") else "") + ")"
+                          + (f" ± {w['margin_se']:.3f}" if w.get("margin_se") else "")
+                          + (f"; ± {w['margin_se_seeds']:.3f} over {w['n_seeds']} seeds" if w.get("margin_se_seeds")
+                             else "") + ")"
                           for w in t.get("worse_shops", [])) or "none"
         gain = (t.get("small_shop_gain") or {}).get(method)
         rows.append([task, t["metric"], *[_fmt(t["mean"].get(m)) for m in methods], gap, worse, _fmt(gain)])
@@ -86,17 +88,27 @@ def _headline(summary: dict[str, Any]) -> list[str]:
               "(`oracle-below-local`): then there is no gap to close and the raw means are the result.",
               f"- a shop is listed when {method} ends below local-only; margins are in the metric's bad direction "
               "(positive = worse), with CTR's standard error (Hanley-McNeil, from the shop's test clicks; it treats "
-              "the two AUCs as independent, so it overstates the error). Gains are in the good direction "
-              "(a lower WAPE is a gain).",
+              "the two AUCs as independent, so it overstates the error) and, with three or more seeds, the "
+              "standard error from the margin's seed-to-seed spread (paired, and it includes training noise). "
+              "Gains are in the good direction (a lower WAPE is a gain).",
               f"- small shops (flagged data-poor by the data source): {small}.", ""]
     targets = summary.get("targets") or {}
     if targets:
         lines += ["## Targets (CTR AUC; gap closed of the sampled ranking metrics where the scenario has them)", "",
                   markdown_table(["target", "wanted", "measured", "met"],
-                                 [[k, v["target"], _fmt(v["value"]),
+                                 [[k, v["target"], _fmt(v["value"]) + target_detail(v),
                                    "n/a" if v["met"] is None else "yes" if v["met"] else "**no**"]
                                   for k, v in targets.items()]), ""]
     return lines
+
+
+def target_detail(target: dict[str, Any]) -> str:
+    """' ± se (shop; ± se over k seeds)' for a target that carries them, else ''."""
+    se = f" ± {target['se']:.4f}" if target.get("se") is not None else ""
+    inside = [str(target["shop"])] if target.get("shop") else []
+    if target.get("se_seeds") is not None:
+        inside.append(f"± {target['se_seeds']:.4f} over {target['n_seeds']} seeds")
+    return se + (f" ({'; '.join(inside)})" if inside else "")
 
 
 def _per_shop(final: pd.DataFrame, small: set[str]) -> list[str]:

@@ -71,6 +71,24 @@ def test_worse_shop_margin_carries_a_standard_error_that_shrinks_with_clicks_and
     assert "se" not in summarize(final, ctr_sizes={"other": [(15, 400)]})["targets"]["max_loss"]  # no sizes for c
 
 
+def test_worse_shop_margin_carries_its_seed_to_seed_error_from_three_seeds():
+    def seed(k: int, c_margin: float) -> list[dict]:
+        values = {m: dict(v) for m, v in CTR.items()}
+        values["fedshop"]["c"] = values["local"]["c"] - c_margin
+        return _final(values, "ctr", "auc", seed=k)
+
+    two = pd.DataFrame(seed(0, 0.01) + seed(1, 0.02))
+    three = pd.DataFrame(seed(0, 0.01) + seed(1, 0.02) + seed(2, 0.03))
+    assert "margin_se_seeds" not in summarize(two)["tasks"]["ctr"]["worse_shops"][0]  # two seeds: no spread
+    worst = summarize(three)["tasks"]["ctr"]["worse_shops"][0]
+    # margins 0.01, 0.02, 0.03: sample std 0.01, over sqrt(3) seeds
+    assert worst["shop"] == "c" and worst["n_seeds"] == 3
+    assert worst["margin_se_seeds"] == pytest.approx(0.01 / 3 ** 0.5)
+    target = summarize(three)["targets"]["max_loss"]
+    assert (target["se_seeds"], target["n_seeds"]) == (pytest.approx(0.01 / 3 ** 0.5), 3)
+    assert target["value"] == pytest.approx(0.02)
+
+
 def test_lower_is_better_metrics_count_a_drop_as_a_gain():
     ctr_and_sales = pd.DataFrame(_final(WAPE, "sales", "wape"))
     sales = summarize(ctr_and_sales, small_shops=["b"])["tasks"]["sales"]
@@ -150,7 +168,7 @@ def test_write_run_report_writes_summary_and_plots(tmp_path):
     assert "| ctr | auc | 0.7000 | 0.8000 | 0.7700 | 0.700 | c (+0.0100) | 0.1200 |" in text
     assert "a (small)" in text and "0.7200 (r2)" in text
     assert "| sales | wape | 0.5000 | 0.4000 | 0.4500 | 0.500 | b (+0.0200) | 0.1200 |" in text
-    assert "max_loss | <= 0.005 | 0.0100 | **no**" in text
+    assert "max_loss | <= 0.005 | 0.0100 (c) | **no**" in text
     assert "![final_ctr](plots/final_ctr.png)" in text
     assert not list(tmp_path.rglob(".*.tmp"))
 

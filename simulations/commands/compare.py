@@ -13,6 +13,7 @@ from simulations.compare import METHODS, Comparison, parse_methods, parse_seeds,
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.report import print_final_table
 from simulations.rundir import new_run_dir
+from simulations.summary import target_detail
 
 console = Console()
 
@@ -39,18 +40,14 @@ def print_headline(comparison: Comparison) -> None:
             shops = ", ".join(f"{w['shop']} {w['margin']:+.4f}" for w in t["worse_shops"])
             console.print(f"{task}: {summary['method']} below local-only at {shops}")
     for name, target in (summary.get("targets") or {}).items():
-        value = "-" if target["value"] is None else f"{target['value']:.4f}"
-        if target.get("se") is not None:
-            value += f" ± {target['se']:.4f}"
-        if target.get("shop"):
-            value += f" ({target['shop']})"
+        value = ("-" if target["value"] is None else f"{target['value']:.4f}") + target_detail(target)
         mark = ("[dim]n/a[/dim]" if target["met"] is None else
                 "[green]met[/green]" if target["met"] else "[red]not met[/red]")
         console.print(f"target {name} {target['target']}: {value} {mark}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add `compare`."""
+    """Add `compare` and `pool`."""
 
     @app.command("compare")
     def compare(
@@ -99,3 +96,23 @@ def register(app: typer.Typer) -> None:
         print_final_table(console, mean_final, title="test metrics at each shop's best validation round")
         print_headline(result)
         console.print(f"run directory: [bold]{out}[/bold] (summary.md, summary.json, comparison.csv, plots/)")
+
+    @app.command("pool")
+    def pool(
+        run_dirs: list[Path] = typer.Argument(..., help="two or more `fedshop compare` run directories"),
+        runs: Path = typer.Option(Path("runs"), help="parent folder of the new run directory"),
+        run_dir: Path | None = typer.Option(None, help="write here instead of <runs>/<scenario>-pool-<time>"),
+    ) -> None:
+        """Pool the seeds of several compare runs of one scenario into one report (summary, targets, plots)."""
+        from simulations.pool import PoolError, load_pool, write_pool
+
+        try:
+            plan = load_pool(run_dirs)
+        except PoolError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        result = write_pool(plan, run_dir or new_run_dir(runs, f"{plan.name}-pool"))
+        console.print(f"pooled seeds {', '.join(str(s) for s in plan.seeds)} from {len(plan.run_dirs)} runs")
+        print_headline(result)
+        console.print(f"run directory: [bold]{result.run_dir}[/bold] "
+                      "(summary.md, summary.json, comparison.csv, plots/)")
