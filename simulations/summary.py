@@ -97,7 +97,8 @@ def _headline(summary: dict[str, Any]) -> list[str]:
         lines += ["## Targets (CTR AUC; gap closed of the sampled ranking metrics where the scenario has them)", "",
                   markdown_table(["target", "wanted", "measured", "met"],
                                  [[k, v["target"], _fmt(v["value"]) + target_detail(v),
-                                   "n/a" if v["met"] is None else "yes" if v["met"] else "**no**"]
+                                   "n/a" if v["met"] is None else "yes" if v["met"] else
+                                   "**no** (by less than 2 s.e.)" if v.get("within_noise") else "**no**"]
                                   for k, v in targets.items()]), ""]
     return lines
 

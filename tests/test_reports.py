@@ -69,6 +69,10 @@ def test_worse_shop_margin_carries_a_standard_error_that_shrinks_with_clicks_and
     assert target["shop"] == "c" and target["se"] == pytest.approx(few["margin_se"])
     assert "se" not in summarize(final)["targets"]["max_loss"]
     assert "se" not in summarize(final, ctr_sizes={"other": [(15, 400)]})["targets"]["max_loss"]  # no sizes for c
+    # A 0.01 loss misses the 0.005 target; 15 clicks cannot tell it from noise, 150,000 can.
+    assert target["within_noise"] is True and not target["met"]
+    assert summarize(final, ctr_sizes={"c": [(150000, 4000000)]})["targets"]["max_loss"]["within_noise"] is False
+    assert "within_noise" not in summarize(final)["targets"]["max_loss"]  # no error known: no claim
 
 
 def test_worse_shop_margin_carries_its_seed_to_seed_error_from_three_seeds():

@@ -43,6 +43,8 @@ def print_headline(comparison: Comparison) -> None:
         value = ("-" if target["value"] is None else f"{target['value']:.4f}") + target_detail(target)
         mark = ("[dim]n/a[/dim]" if target["met"] is None else
                 "[green]met[/green]" if target["met"] else "[red]not met[/red]")
+        if target.get("within_noise"):
+            mark += " [yellow](by less than 2 standard errors: more seeds can tell)[/yellow]"
         console.print(f"target {name} {target['target']}: {value} {mark}")
 
 
