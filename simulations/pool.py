@@ -21,6 +21,7 @@ from shared.atomic import atomic_write_csv
 from shared.scenario import scenario_from_dict
 from simulations.compare import Comparison, report_comparison
 from simulations.rundir import METRIC_COLUMNS, write_run_info
+from simulations.summary import read_metrics
 
 
 class PoolError(ValueError):
@@ -29,21 +30,19 @@ class PoolError(ValueError):
 
 def read_compare_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """A compare run's recorded config (``config.toml``) and its metric rows, each with its seed."""
-    run_dir = Path(run_dir)
-    config_path, metrics_path = run_dir / "config.toml", run_dir / "metrics.csv"
-    for path in (config_path, metrics_path):
-        if not path.exists():
-            raise PoolError(f"{path} does not exist. Fix: pass directories written by `fedshop compare`")
+    config_path = Path(run_dir) / "config.toml"
+    if not config_path.exists():
+        raise PoolError(f"{config_path} does not exist. Fix: pass directories written by `fedshop compare`")
     config = tomllib.loads(config_path.read_text(encoding="utf-8"))
     if config.get("command") != "compare" or "scenario" not in config:
         raise PoolError(f"{config_path}: command = {config.get('command')!r}, not a compare run with a [scenario] "
                         "table. Fix: pass directories written by `fedshop compare`")
-    rows = pd.read_csv(metrics_path)
-    missing = sorted(set(METRIC_COLUMNS) - set(rows.columns))
-    if missing:
-        raise PoolError(f"{metrics_path}: missing column(s) {missing}. Fix: metrics.csv needs {METRIC_COLUMNS}")
-    if "seed" not in rows:  # a one-seed run writes no seed column: its seed is the recorded one
-        rows = rows.assign(seed=int(config.get("seeds", [config["scenario"].get("seed", 0)])[0]))
+    # A one-seed run writes no seed column: its seed is the recorded one.
+    seed = int(config.get("seeds", [config["scenario"].get("seed", 0)])[0])
+    try:
+        rows = read_metrics(Path(run_dir), seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
+        raise PoolError(str(exc)) from exc
     return config, rows
 
 

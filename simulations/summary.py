@@ -19,8 +19,8 @@ from simulations.report import PRIMARY, final_table
 from simulations.rundir import METRIC_COLUMNS
 
 
-def read_metrics(run_dir: Path) -> pd.DataFrame:
-    """The run's metric rows (``metrics.csv``; a ``seed`` column is added as 0 when absent)."""
+def read_metrics(run_dir: Path, seed: int = 0) -> pd.DataFrame:
+    """The run's metric rows (``metrics.csv``; a ``seed`` column is added as ``seed`` when absent)."""
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist. Fix: point at a run directory that holds metrics.csv "
@@ -29,7 +29,7 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
     missing = sorted(set(METRIC_COLUMNS) - set(frame.columns))
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}. Fix: metrics.csv needs columns {METRIC_COLUMNS}")
-    return frame if "seed" in frame else frame.assign(seed=0)
+    return frame if "seed" in frame else frame.assign(seed=seed)
 
 
 def seeded_final_table(rows: pd.DataFrame) -> pd.DataFrame:

@@ -76,6 +76,10 @@ def test_pool_refuses_runs_it_cannot_combine_and_names_the_fix(tmp_path):
         load_pool([full, tmp_path / "sim"])
     with pytest.raises(PoolError, match="config.toml does not exist"):
         load_pool([full, tmp_path / "nowhere"])
+    (tmp_path / "sim" / "metrics.csv").unlink()
+    write_run_info(tmp_path / "sim", {"command": "compare", "scenario": tiny_scenario().raw})
+    with pytest.raises(PoolError, match="metrics.csv does not exist"):
+        load_pool([full, tmp_path / "sim"])
 
 
 def test_cli_pool_writes_the_report_or_exits_2_without_writing(tmp_path):
