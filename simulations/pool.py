@@ -21,7 +21,7 @@ from shared.atomic import atomic_write_csv
 from shared.scenario import scenario_from_dict
 from simulations.compare import Comparison, report_comparison
 from simulations.rundir import METRIC_COLUMNS, write_run_info
-from simulations.summary import read_metrics
+from simulations.summary import read_metrics, recorded_seed
 
 
 class PoolError(ValueError):
@@ -37,10 +37,8 @@ def read_compare_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     if config.get("command") != "compare" or "scenario" not in config:
         raise PoolError(f"{config_path}: command = {config.get('command')!r}, not a compare run with a [scenario] "
                         "table. Fix: pass directories written by `fedshop compare`")
-    # A one-seed run writes no seed column: its seed is the recorded one.
-    seed = int(config.get("seeds", [config["scenario"].get("seed", 0)])[0])
-    try:
-        rows = read_metrics(Path(run_dir), seed=seed)
+    try:  # a one-seed run writes no seed column: its seed is the recorded one
+        rows = read_metrics(Path(run_dir), seed=recorded_seed(config))
     except (FileNotFoundError, ValueError) as exc:
         raise PoolError(str(exc)) from exc
     return config, rows

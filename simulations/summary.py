@@ -19,6 +19,12 @@ from simulations.report import PRIMARY, final_table
 from simulations.rundir import METRIC_COLUMNS
 
 
+def recorded_seed(config: dict[str, Any]) -> int:
+    """The (first) seed a run's ``config.toml`` records: compare's ``seeds``, else the scenario's; 0 if neither."""
+    seeds = config.get("seeds") or [config.get("scenario", {}).get("seed", 0)]
+    return int(seeds[0])
+
+
 def read_metrics(run_dir: Path, seed: int = 0) -> pd.DataFrame:
     """The run's metric rows (``metrics.csv``; a ``seed`` column is added as ``seed`` when absent)."""
     path = Path(run_dir) / "metrics.csv"
@@ -164,7 +170,9 @@ def write_run_report(run_dir: str | Path, *, small_shops: Sequence[str] = (), su
     a `compare.summarize` result (when given, the headline and targets are included).
     """
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
+    config_path = run_dir / "config.toml"
+    config = tomllib.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    rows = read_metrics(run_dir, seed=recorded_seed(config))
     final = seeded_final_table(rows)
     plot_dir = run_dir / "plots"
     plots = plot_rounds(rows, plot_dir) + plot_final_bars(final, plot_dir)

@@ -210,3 +210,11 @@ def test_sampled_ranking_gap_is_a_target_and_small_shop_gain_is_na_without_small
     assert targets["small_shop_gain"]["met"] is None and "no small shops" in targets["small_shop_gain"]["note"]
     ctr_only = summarize(pd.DataFrame(_final(CTR, "ctr", "auc")), ranking_targets=True)
     assert ctr_only["ranking_sampled"] == {} and not any(k.startswith("ranking_gap") for k in ctr_only["targets"])
+
+
+def test_a_one_seed_run_report_names_the_seed_its_config_records(tmp_path):
+    rows = pd.DataFrame(_rows(CTR, "ctr", "auc", best_round=2))
+    rows.drop(columns="seed").to_csv(tmp_path / "metrics.csv", index=False)
+    (tmp_path / "config.toml").write_text('command = "compare"\nseeds = [5]\n\n[scenario]\nseed = 5\n')
+    write_run_report(tmp_path)
+    assert "- seeds: 5;" in (tmp_path / "summary.md").read_text()
