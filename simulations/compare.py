@@ -137,7 +137,8 @@ def ctr_test_sizes(scenarios: Sequence[Scenario]) -> dict[str, list[tuple[int, i
     for scenario in scenarios:
         for shop in scenario.training_shops():
             clicked = build_shop_tensors(shop, scenario.features).rows["test"]["clicked"]
-            pos, neg = int(clicked.sum()), int(clicked.shape[0] - clicked.sum())
+            pos = int(clicked.sum())
+            neg = int(clicked.shape[0]) - pos
             if pos and neg:
                 out.setdefault(shop.name, []).append((pos, neg))
     return out

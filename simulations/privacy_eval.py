@@ -211,7 +211,7 @@ def eval_overrides(scenario_name: str) -> dict:
     The top-up only sharpens utility metrics; the attacks and their documented numbers use the
     world as generated, and it would slow every attack's training and scoring.
     """
-    synthetic = load_scenario(scenario_name).raw.get("data", {}).get("source") == "synthetic"
+    synthetic = load_scenario(scenario_name).data.get("source") == "synthetic"
     # The SecAgg+ client trains from the global encoder alone, so utility rows compare like with like
     # only without the personal mix.
     plain = {**EVAL_OVERRIDES, "federation.personal_mix": 0.0}
