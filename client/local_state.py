@@ -111,6 +111,18 @@ def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
     return shop
 
 
+def _code_and_config_digest(features: FeatureConfig) -> Any:
+    """A sha256 over the cache format, the feature config and the source of the code that builds tensors."""
+    import shared.features
+    import shared.schema
+
+    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "features": dataclasses.asdict(features)},
+                                       sort_keys=True).encode())
+    for module in (shared.schema, shared.features):
+        digest.update(Path(str(module.__file__)).read_bytes())
+    return digest
+
+
 def _shop_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
@@ -121,14 +133,8 @@ def _stat_fingerprint(shop_dir: Path, features: FeatureConfig) -> tuple[str, boo
     Also says whether every file is older than ``RACY_SECONDS``: a file written within the mtime
     clock's resolution of the fingerprint could change again without changing its stat.
     """
-    import shared.features
-    import shared.schema
-
     root = Path(shop_dir).resolve()
-    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "features": dataclasses.asdict(features)},
-                                       sort_keys=True).encode())
-    for module in (shared.schema, shared.features):
-        digest.update(Path(str(module.__file__)).read_bytes())
+    digest = _code_and_config_digest(features)
     settled, now = True, time.time_ns()
     for path in _shop_files(root):
         stat = path.stat()
@@ -165,13 +171,7 @@ def tensor_cache_key(shop_dir: Path, features: FeatureConfig) -> str:
     The code is hashed from the source of `shared.schema` and `shared.features` rather than taken from
     the package version, so an edited feature pipeline never reuses tensors built by the old one.
     """
-    import shared.features
-    import shared.schema
-
-    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "features": dataclasses.asdict(features)},
-                                       sort_keys=True).encode())
-    for module in (shared.schema, shared.features):
-        digest.update(Path(str(module.__file__)).read_bytes())
+    digest = _code_and_config_digest(features)
     root = Path(shop_dir).resolve()
     for path in _shop_files(root):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
