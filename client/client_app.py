@@ -165,9 +165,9 @@ def train(msg: Message, context: Context) -> Message:
         return _reply(model.encoder_state(), {"num-examples": 0.0, "shop-index": shop.index}, msg)
     n0 = personal_mix(config)
     own = restore_own_encoder(model, context) if n0 and stage == "active" else None
-    if own is not None:
-        encoder = {k: v for k, v in received.items() if not k.startswith(LOCAL_PREFIX)}
-        model.load_encoder_state(mixed_start(encoder, own, int(shop.tensors.rows["train"]["user"].shape[0]), n0))
+    if own is not None:  # the model holds the received global encoder (loaded by _prepare)
+        model.load_encoder_state(mixed_start(model.encoder_state(), own,
+                                             int(shop.tensors.rows["train"]["user"].shape[0]), n0))
     base = shop.scenario.train
     cfg = replace(base, epochs=int(config.get("local-epochs", base.epochs)),
                   prox_mu=float(config.get("proximal-mu", base.prox_mu)),

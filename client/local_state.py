@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,9 +210,8 @@ def cached_shop_tensors(shop_dir: Path, state_dir: Path, features: FeatureConfig
     return tensors
 
 
-def _compatible(model: ShopModel, state: dict[str, torch.Tensor]) -> str | None:
-    """None if ``state`` fits the model's local part, else what differs (keys or shapes)."""
-    expected = model.local.state_dict()
+def _compatible(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    """None if ``state`` fits ``expected`` (a module's state dict), else what differs (keys or shapes)."""
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         return f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
@@ -270,17 +270,21 @@ def write_state_file(state_dir: Path, model: ShopModel, *, shop: str, server_rou
 
 def restore_local_part(model: ShopModel, context: Context, state_dir: Path | None) -> str:
     """Load the shop's saved local part into ``model``; returns where it came from (context/disk/fresh)."""
-    candidates: list[tuple[str, dict[str, torch.Tensor] | None, int]] = []
     payload = None
-    if LOCAL_RECORD in context.state.array_records:
-        candidates.append(("context", dict(context.state.array_records[LOCAL_RECORD].to_torch_state_dict()),
-                           rounds_trained(context)))
-    if state_dir is not None:
-        payload = _read_payload(state_dir)
-        if payload is not None:
-            candidates.append(("disk", dict(payload["local"]), int(payload.get("rounds_trained", 0))))
-    for source, state, trained in candidates:
-        problem = _compatible(model, state)
+
+    def candidates() -> Iterator[tuple[str, dict[str, torch.Tensor], int]]:
+        # The disk file is read only when the context holds no usable local part (a fresh process).
+        nonlocal payload
+        if LOCAL_RECORD in context.state.array_records:
+            yield ("context", dict(context.state.array_records[LOCAL_RECORD].to_torch_state_dict()),
+                   rounds_trained(context))
+        if state_dir is not None:
+            payload = _read_payload(state_dir)
+            if payload is not None:
+                yield ("disk", dict(payload["local"]), int(payload.get("rounds_trained", 0)))
+
+    for source, state, trained in candidates():
+        problem = _compatible(model.local.state_dict(), state)
         if problem is None:
             model.load_local_state(state)
             context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: trained})
@@ -321,8 +325,9 @@ def restore_own_encoder(model: ShopModel, context: Context) -> dict[str, torch.T
     if OWN_ENCODER_RECORD not in context.state.array_records:
         return None
     state = dict(context.state.array_records[OWN_ENCODER_RECORD].to_torch_state_dict())
-    expected = model.encoder.state_dict()
-    if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
+    problem = _compatible(model.encoder.state_dict(), state)
+    if problem is None:
         return state
-    logger.warning("saved own encoder does not fit this shop's model; the round starts from the global encoder alone")
+    logger.warning("saved own encoder does not fit this shop's model (%s); the round starts from the global "
+                   "encoder alone", problem)
     return None
