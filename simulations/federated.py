@@ -1,4 +1,4 @@
-"""In-process federated runs on Flower's simulation engine (Ray backend, bound to 127.0.0.1).
+"""In-process federated runs on Flower's simulation engine (Ray backend, token-authenticated).
 
 `run_federated` is what `fedshop simulate`, the experiment runner and the tests call: it writes
 the run directory's `config.toml`, `versions.json` and `scenario.toml` (the resolved scenario the
@@ -18,6 +18,7 @@ import tomli_w
 
 from shared.atomic import atomic_write_text
 from shared.scenario import Scenario
+from simulations.ray_auth import require_ray_token
 from simulations.rundir import write_run_info
 
 METHODS = {"fedshop": "encoder", "fedavg-all": "all-shareable"}  # method -> what shops send
@@ -31,9 +32,13 @@ class RunStopped(RuntimeError):
 
 
 def backend_config(cpus: int | None = None) -> dict[str, Any]:
-    """Ray settings: loopback only, no dashboard, one CPU per simulated shop."""
+    """Ray settings: no dashboard, one CPU per simulated shop.
+
+    No `_node_ip_address`: Ray 2.55 replaces 127.0.0.1 by the machine's address anyway, so its ports
+    are guarded by token authentication instead (`simulations.ray_auth`).
+    """
     cpus = cpus or os.cpu_count() or 1
-    return {"init_args": {"_node_ip_address": "127.0.0.1", "include_dashboard": False, "num_cpus": cpus},
+    return {"init_args": {"include_dashboard": False, "num_cpus": cpus},
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
 
@@ -90,6 +95,7 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     # CPU-only: opt in to Ray's future default (leave device env vars alone), which also silences
     # the FutureWarning Ray raises on every start.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    require_ray_token()  # Ray listens on every interface: only holders of this token get an answer
     from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
 
     from client.client_app import app as client_app

@@ -20,6 +20,7 @@ from shared.scenario import scenario_from_dict
 from simulations.compare import small_shops_of
 from simulations.federated import METHODS, SCENARIO_FILE, RunStopped, run_federated
 from simulations.options import parse_overrides, scenario_or_exit
+from simulations.ray_auth import require_ray_token
 from simulations.rundir import new_run_dir
 from simulations.summary import write_run_report
 
@@ -50,6 +51,7 @@ def flwr_env() -> dict[str, str]:
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # else uv installs a CUDA torch
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flower-superlink
+    require_ray_token(env)  # inherited by the SuperLink `flwr run` spawns, its flwr-simulation and Ray
     return env
 
 
