@@ -222,3 +222,46 @@ def test_too_many_short_rounds_in_a_row_stop_the_run_and_resume_continues_it(sce
     reports = _run(scenario_file, tmp_path, 4, resume=True, **{"min-shops": 3, "max-short-rounds": 1})
     assert [r.server_round for r in reports] == [3, 4] and not any(r.skipped for r in reports)
     assert sorted(pd.read_csv(tmp_path / "metrics.csv")["round"].unique()) == [1, 2, 3, 4]
+
+
+def _cli(*args: str):
+    import typer
+    from typer.testing import CliRunner
+
+    from simulations.commands import deploy
+
+    app = typer.Typer()
+    deploy.register(app)
+    return CliRunner().invoke(app, ["coordinator", "run", *args])
+
+
+def test_coordinator_resume_config_is_the_saved_one_with_resume_on(tmp_path):
+    from shared.scenario import load_scenario
+    from simulations.deploy.coordinator import deployment_run_config, resume_run_config
+    from simulations.deploy.loopback import tiny_scenario as deploy_tiny
+
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(deploy_tiny())
+    run_dir = (tmp_path / "run").resolve()
+    run_dir.mkdir()
+    first = deployment_run_config(load_scenario(str(scenario)), str(scenario), run_dir, rounds=3)
+    resumed = resume_run_config(run_dir, rounds=5, extra={"round-timeout": 30.0})
+    assert first["resume"] is False and resumed["resume"] is True
+    assert resumed["num-server-rounds"] == 5 and resumed["round-timeout"] == 30.0
+    assert {k: v for k, v in resumed.items() if k not in ("resume", "num-server-rounds", "round-timeout")} == {
+        k: v for k, v in first.items() if k not in ("resume", "num-server-rounds", "round-timeout")}
+    with pytest.raises(ValueError, match="num-rounds"):  # a typo fails before anything is submitted
+        resume_run_config(run_dir, extra={"num-rounds": 2})
+
+
+def test_coordinator_resume_refuses_what_it_cannot_continue(tmp_path):
+    result = _cli("--resume", str(tmp_path), "--home", str(tmp_path / "coord"))
+    assert result.exit_code == 1 and "config.toml" in result.output and "Fix" in result.output
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.toml").write_text('[run]\nrun-dir = "/elsewhere/run"\n')
+    result = _cli("--resume", str(moved), "--home", str(tmp_path / "coord"))
+    assert result.exit_code == 1 and "/elsewhere/run" in result.output
+    for args in ((), ("tiny", "--resume", str(moved))):  # neither, or both, of SCENARIO and --resume
+        result = _cli(*args, "--home", str(tmp_path / "coord"))
+        assert result.exit_code == 1 and "--resume" in result.output
