@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -96,6 +96,11 @@ def _config(msg: Message, context: Context) -> dict[str, Any]:
     return {**dict(context.run_config), **dict(sent)}
 
 
+def run_key(config: dict[str, Any]) -> str:
+    """Which run a local part belongs to: the coordinator's run directory (the same when a run resumes)."""
+    return str(config.get("run-dir") or "")
+
+
 def round_seed(seed: int, server_round: int, shop_index: int) -> int:
     """Seed of one shop's local training in one round, so a resumed run retrains identically."""
     return int(np.random.SeedSequence([seed, server_round, shop_index + 1]).generate_state(1)[0])
@@ -109,7 +114,8 @@ def _prepare(msg: Message, context: Context) -> tuple[Shop, ShopModel, dict[str,
     model = shop.model()
     received = dict(next(iter(msg.content.array_records.values())).to_torch_state_dict())
     model.load_encoder_state({k: v for k, v in received.items() if not k.startswith(LOCAL_PREFIX)})
-    source = restore_local_part(model, context, shop.state_dir)
+    source = restore_local_part(model, context, shop.state_dir, server_round=int(config.get("server-round", 0)),
+                                run=run_key(config), training=msg.metadata.message_type == MessageType.TRAIN)
     logger.debug("shop %s: local part restored from %s", shop.name, source)
     if config.get("share") == "all-shareable":  # FedAvg-all baseline: averaged heads replace local ones
         own = model.local.state_dict()
@@ -182,7 +188,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         losses = train_shop(model, shop.tensors, cfg, global_encoder=received if cfg.prox_mu > 0 else None)
     save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round,
-                    keep_own_encoder=bool(n0))
+                    keep_own_encoder=bool(n0), run=run_key(config))
     arrays = model.encoder_state()
     if config.get("share") == "all-shareable":
         local = model.local_state()

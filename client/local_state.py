@@ -11,6 +11,12 @@ state file is reported and replaced by a fresh local part, never fatal. The file
 training rounds its local part has been through (`rounds_trained`, across runs), so an operator can
 tell a carried-over local part from one that started afresh.
 
+Resume safety: the file records the run (`run-dir`) and server round it belongs to, and the copy it
+was trained from is kept as `local_part.prev.pt`. A round-r message of the same run never uses a
+local part saved at round r or later (a shop can save round r and be killed before the coordinator
+checkpoints round r): it rolls back to the previous copy, or refuses with `LocalPartMismatch` when
+no copy matches. Temp files a killed writer left behind are removed when the shop's process starts.
+
 In deployment every Flower message runs in a fresh process, so a merchant's tensors are also kept on
 its own disk (`<state-dir>/cache/tensors-<key>.pt`, keyed by a hash of the shop's files, the feature
 config and the tensor code): a message loads them instead of parsing and tensorising the shop. The
@@ -35,7 +41,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from shared.atomic import atomic_write_bytes
+from shared.atomic import atomic_write_bytes, remove_stale_temps
 from shared.features import FeatureConfig, ShopTensors, build_shop_tensors
 from shared.model import ShopModel, build_model
 from shared.scenario import Scenario, load_scenario
@@ -46,6 +52,9 @@ OWN_ENCODER_RECORD = "fedshop.own-encoder"  # the shop's encoder after its last 
 LINEAGE_RECORD = "fedshop.local-lineage"  # ConfigRecord in context.state: {ROUNDS_TRAINED: n}
 ROUNDS_TRAINED = "rounds-trained"
 STATE_FILE = "local_part.pt"
+PREVIOUS_FILE = "local_part.prev.pt"  # the copy the current file was trained from (resume rollback)
+# Keys of the lineage ConfigRecord besides ROUNDS_TRAINED: round and run of the local part now in the context.
+SAVED_ROUND, SAVED_RUN = "saved-round", "saved-run"
 FORMAT_VERSION = 1
 CACHE_DIR = "cache"  # below the state dir: tensors of the shop, rebuilt when its files change
 CACHE_FORMAT = 1
@@ -106,6 +115,10 @@ def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
         tensors = build_shop_tensors(data, scenario.features)
     if state_dir is None and run_dir:
         state_dir = Path(run_dir) / "shop-state" / tensors.name
+    if state_dir is not None:  # once per process: what a killed writer left half-written
+        for folder in (state_dir, state_dir / CACHE_DIR):
+            for path in remove_stale_temps(folder):
+                logger.warning("removed %s, a temp file left by an interrupted write", path)
     shop = Shop(tensors.name, index, scenario, tensors, state_dir,
                 late_joiner=tensors.name in set(scenario.late_joiners))
     _SHOPS[key] = shop
@@ -221,27 +234,29 @@ def _compatible(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.
     return None
 
 
-def _read_payload(state_dir: Path) -> dict | None:
-    """The whole saved payload in ``state_dir``; None (with a warning) when absent, corrupt or foreign."""
-    path = Path(state_dir) / STATE_FILE
+class LocalPartMismatch(RuntimeError):
+    """No saved local part matches the round the coordinator resumes from; the message says the fix."""
+
+
+def _read_payload(path: Path, *, fallback: str = "starting a fresh local part") -> dict | None:
+    """The payload saved at ``path``; None (with a warning) when absent, corrupt or foreign."""
     if not path.exists():
         return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        logger.warning("%s is unreadable (%s); starting a fresh local part. Fix: delete the file if this "
-                       "repeats", path, type(exc).__name__)
+        logger.warning("%s is unreadable (%s); %s. Fix: delete the file if this repeats", path,
+                       type(exc).__name__, fallback)
         return None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-        logger.warning("%s is not a fedshop local-part file of format %d; starting a fresh local part",
-                       path, FORMAT_VERSION)
+        logger.warning("%s is not a fedshop local-part file of format %d; %s", path, FORMAT_VERSION, fallback)
         return None
     return payload
 
 
 def read_state_file(state_dir: Path) -> dict[str, torch.Tensor] | None:
     """The local part saved in ``state_dir``; None (with a warning) when absent, corrupt or foreign."""
-    payload = _read_payload(state_dir)
+    payload = _read_payload(Path(state_dir) / STATE_FILE)
     return None if payload is None else dict(payload["local"])
 
 
@@ -253,68 +268,161 @@ def rounds_trained(context: Context) -> int:
 
 
 def write_state_file(state_dir: Path, model: ShopModel, *, shop: str, server_round: int,
-                     trained: int = 0, own_encoder: dict[str, torch.Tensor] | None = None) -> Path:
+                     trained: int = 0, own_encoder: dict[str, torch.Tensor] | None = None, run: str = "",
+                     parent: str = "fresh") -> Path:
     """Save the model's local part (and how many rounds it has trained) to ``state_dir`` atomically.
 
     ``own_encoder`` (the shop's post-training encoder, kept when the personal mix is on) goes into
-    the same file, so the two can never come from different rounds.
+    the same file, so the two can never come from different rounds. ``run`` and ``server_round`` say
+    which run and round the part belongs to; ``parent`` is "file" when the part it was trained from
+    is `PREVIOUS_FILE`, "fresh" when it started from a fresh one.
     """
     buf = io.BytesIO()
     payload = {"format": FORMAT_VERSION, "shop": shop, "round": server_round, "rounds_trained": trained,
-               "local": model.local_state()}
+               "run": run, "parent": parent, "local": model.local_state()}
     if own_encoder is not None:
         payload["own_encoder"] = own_encoder
     torch.save(payload, buf)
     return atomic_write_bytes(Path(state_dir) / STATE_FILE, buf.getvalue())
 
 
-def restore_local_part(model: ShopModel, context: Context, state_dir: Path | None) -> str:
-    """Load the shop's saved local part into ``model``; returns where it came from (context/disk/fresh)."""
-    payload = None
+# How the next save treats the files (lineage key KEEP): the loaded part is STATE_FILE, so it becomes
+# PREVIOUS_FILE ("rotate"); it is PREVIOUS_FILE already ("previous"); or it was fresh ("none").
+KEEP, ROTATE, PREVIOUS, NONE = "keep", "rotate", "previous", "none"
 
-    def candidates() -> Iterator[tuple[str, dict[str, torch.Tensor], int]]:
+
+@dataclass
+class _Candidate:
+    source: str  # context | disk | disk-previous
+    state: dict[str, torch.Tensor]
+    trained: int
+    saved_round: int
+    run: str
+    keep: str
+    payload: dict | None = None  # the file's payload (its own encoder comes with it)
+
+
+def _too_new(saved_run: str, saved_round: int, run: str, newest: int | None) -> bool:
+    """Whether a part was saved in this run at a round the coordinator is about to redo."""
+    return newest is not None and bool(run) and saved_run == run and saved_round > newest
+
+
+def _from_file(payload: dict, source: str, keep: str) -> _Candidate:
+    return _Candidate(source, dict(payload["local"]), int(payload.get("rounds_trained", 0)),
+                      int(payload.get("round", 0)), str(payload.get("run", "")), keep, payload)
+
+
+def _describe(payload: dict | None, path: Path) -> str:
+    if payload is None:
+        return f"{path} is missing or unreadable"
+    return f"{path} holds round {payload.get('round')} of this run"
+
+
+def _disk_candidate(state_dir: Path, run: str, newest: int | None) -> _Candidate | None:
+    """The state-dir part a round may use: the current file, else the copy it was trained from.
+
+    Raises `LocalPartMismatch` when both belong to rounds of this run that the coordinator redoes.
+    """
+    current_path, previous_path = Path(state_dir) / STATE_FILE, Path(state_dir) / PREVIOUS_FILE
+    if not current_path.exists():  # killed between keeping the previous copy and writing the new one
+        previous = _read_payload(previous_path)
+        if previous is None or _too_new(str(previous.get("run", "")), int(previous.get("round", 0)), run, newest):
+            return None
+        return _from_file(previous, "disk-previous", PREVIOUS)
+    current = _read_payload(current_path)
+    if current is None:
+        return None
+    if not _too_new(str(current.get("run", "")), int(current.get("round", 0)), run, newest):
+        return _from_file(current, "disk", ROTATE)
+    if current.get("parent") != "file":  # its round started from a fresh part: so does the redone round
+        logger.warning("%s was saved in round %s, after the round the coordinator resumes from; this shop "
+                       "restarts that round from a fresh local part, as it did then", current_path,
+                       current.get("round"))
+        return None
+    previous = _read_payload(previous_path, fallback="cannot roll back to it")
+    if previous is not None and not _too_new(str(previous.get("run", "")), int(previous.get("round", 0)), run,
+                                             newest):
+        logger.warning("%s was saved in round %s, after the round the coordinator resumes from; rolling back "
+                       "to %s (round %s)", current_path, current.get("round"), previous_path, previous.get("round"))
+        return _from_file(previous, "disk-previous", PREVIOUS)
+    raise LocalPartMismatch(
+        f"{_describe(current, current_path)} and {_describe(previous, previous_path)}, but the coordinator "
+        f"resumes this run needing a local part of round {newest} or earlier: no saved copy matches its "
+        "checkpoint (only one previous round is kept). Fix: resume from the run's newest checkpoint, or "
+        f"delete {current_path} and {previous_path} to restart this shop's local part fresh")
+
+
+def restore_local_part(model: ShopModel, context: Context, state_dir: Path | None, *, server_round: int = 0,
+                       run: str = "", training: bool = True) -> str:
+    """Load the shop's saved local part into ``model``; returns where it came from.
+
+    Sources: "context", "disk" (`STATE_FILE`), "disk-previous" (`PREVIOUS_FILE`, a rollback) or "fresh".
+    With ``server_round`` > 0 and a ``run`` key (the run directory), a part this run saved at round
+    ``server_round`` or later (training) or after it (evaluation) is never used: the coordinator
+    resumed from an earlier checkpoint, so the shop rolls back with it.
+    """
+    newest = None if server_round <= 0 else (server_round - 1 if training else server_round)
+
+    def candidates() -> Iterator[_Candidate]:
         # The disk file is read only when the context holds no usable local part (a fresh process).
-        nonlocal payload
         if LOCAL_RECORD in context.state.array_records:
-            yield ("context", dict(context.state.array_records[LOCAL_RECORD].to_torch_state_dict()),
-                   rounds_trained(context))
+            lineage = dict(context.state.config_records.get(LINEAGE_RECORD, {}))
+            saved_round, saved_run = int(lineage.get(SAVED_ROUND, 0)), str(lineage.get(SAVED_RUN, ""))
+            if not _too_new(saved_run, saved_round, run, newest):
+                yield _Candidate("context", dict(context.state.array_records[LOCAL_RECORD].to_torch_state_dict()),
+                                 rounds_trained(context), saved_round, saved_run, str(lineage.get(KEEP, ROTATE)))
         if state_dir is not None:
-            payload = _read_payload(state_dir)
-            if payload is not None:
-                yield ("disk", dict(payload["local"]), int(payload.get("rounds_trained", 0)))
+            found = _disk_candidate(Path(state_dir), run, newest)
+            if found is not None:
+                yield found
 
-    for source, state, trained in candidates():
-        problem = _compatible(model.local.state_dict(), state)
+    for cand in candidates():
+        problem = _compatible(model.local.state_dict(), cand.state)
         if problem is None:
-            model.load_local_state(state)
-            context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: trained})
-            if source == "disk" and payload and payload.get("own_encoder") is not None:  # same file, same round
-                context.state[OWN_ENCODER_RECORD] = ArrayRecord(dict(payload["own_encoder"]))
-            return source
-        where = Path(state_dir) / STATE_FILE if source == "disk" else f"context.state['{LOCAL_RECORD}']"
+            model.load_local_state(cand.state)
+            context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: cand.trained, SAVED_ROUND: cand.saved_round,
+                                                          SAVED_RUN: cand.run, KEEP: cand.keep})
+            if cand.payload is not None and cand.payload.get("own_encoder") is not None:  # same file, same round
+                context.state[OWN_ENCODER_RECORD] = ArrayRecord(dict(cand.payload["own_encoder"]))
+            elif cand.payload is not None:
+                context.state.pop(OWN_ENCODER_RECORD, None)
+            return cand.source
+        where = (Path(state_dir) / (PREVIOUS_FILE if cand.source == "disk-previous" else STATE_FILE)
+                 if cand.payload is not None else f"context.state['{LOCAL_RECORD}']")
         logger.warning("saved local part in %s does not fit this shop's model: %s; starting a fresh local "
                        "part. Fix: delete it if the shop's data or model settings changed on purpose",
                        where, problem)
-    context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: 0})
+    context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: 0, KEEP: NONE})
+    context.state.pop(OWN_ENCODER_RECORD, None)
     return "fresh"
 
 
 def save_local_part(model: ShopModel, context: Context, state_dir: Path | None, *, shop: str,
-                    server_round: int, keep_own_encoder: bool = False) -> None:
+                    server_round: int, keep_own_encoder: bool = False, run: str = "") -> None:
     """Keep the local part in ``context.state`` and, when the shop has one, in its state directory.
 
     Call after one round of training on a local part loaded by `restore_local_part`: its lineage
     count goes up by one. With ``keep_own_encoder`` the model's encoder is kept beside it (the
     personal mix starts the next round from it and evaluates with it); it never leaves the shop.
+    The part it was trained from is kept as `PREVIOUS_FILE`, so a resumed run can roll back to it.
     """
+    lineage = dict(context.state.config_records.get(LINEAGE_RECORD, {}))
+    keep = str(lineage.get(KEEP, NONE))
     trained = rounds_trained(context) + 1
     context.state[LOCAL_RECORD] = ArrayRecord(model.local_state())
-    context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: trained})
+    context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: trained, SAVED_ROUND: server_round,
+                                                  SAVED_RUN: run, KEEP: ROTATE})
     own = model.encoder_state() if keep_own_encoder else None
     if own is not None:
         context.state[OWN_ENCODER_RECORD] = ArrayRecord(own)
     if state_dir is not None:
-        write_state_file(state_dir, model, shop=shop, server_round=server_round, trained=trained, own_encoder=own)
+        if keep == ROTATE:  # the part trained from is the current file: keep it as the previous copy
+            try:
+                os.replace(Path(state_dir) / STATE_FILE, Path(state_dir) / PREVIOUS_FILE)
+            except FileNotFoundError:
+                pass
+        write_state_file(state_dir, model, shop=shop, server_round=server_round, trained=trained, own_encoder=own,
+                         run=run, parent="fresh" if keep == NONE else "file")
 
 
 def restore_own_encoder(model: ShopModel, context: Context) -> dict[str, torch.Tensor] | None:

@@ -1,7 +1,8 @@
 """Coordinator checkpoints: global arrays, round, strategy state and RNG state, written atomically.
 
 One file per round in `<run-dir>/checkpoints/round-NNNN.pt` (older ones pruned); a run resumes
-from the newest. Saved with `torch.save` holding only tensors and plain Python values, so
+from the newest readable one and refuses when none is readable. Temp files a killed write left are
+removed at the next start (`remove_orphans`). Saved with `torch.save` holding only tensors and plain Python values, so
 `torch.load(weights_only=True)` reads it back without executing pickled code.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.atomic import atomic_write_bytes
+from shared.atomic import atomic_write_bytes, remove_stale_temps
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -147,13 +148,36 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest readable checkpoint of a run (a corrupt newest one is skipped with a warning)."""
-    for path in reversed(list_checkpoints(run_dir)):
+    """The newest readable checkpoint of a run; None when it has none.
+
+    A corrupt newest one is skipped with a warning. When every checkpoint is unreadable this raises
+    instead of returning None: resuming from round 1 would pair a fresh encoder with local parts the
+    shops trained rounds later.
+    """
+    paths = list_checkpoints(run_dir)
+    for path in reversed(paths):
         try:
             return load_checkpoint(path)
         except CheckpointError as exc:
             logger.warning("%s; trying the previous checkpoint", exc)
+    if paths:
+        raise CheckpointError(f"every checkpoint of {run_dir} is unreadable: {', '.join(p.name for p in paths)} "
+                              f"in {paths[0].parent}. Fix: restore one from a backup and resume, or start a new "
+                              "run directory (resuming this one from round 1 would mix a fresh encoder with "
+                              "local parts trained later)")
     return None
+
+
+def remove_orphans(run_dir: Path) -> list[Path]:
+    """Delete temp files a killed coordinator left in the run dir and its checkpoint folder.
+
+    Call when the coordinator starts, before it writes anything: it is the only writer there.
+    """
+    run_dir = Path(run_dir)
+    removed = remove_stale_temps(run_dir) + remove_stale_temps(run_dir / CHECKPOINT_DIR)
+    for path in removed:
+        logger.warning("removed %s, a temp file left by an interrupted write", path)
+    return removed
 
 
 def check_settings(ckpt: Checkpoint, settings: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ from server.checkpoint import (
     check_settings,
     latest_checkpoint,
     load_strategy_state,
+    remove_orphans,
     restore_rng,
     save_checkpoint,
     strategy_state,
@@ -62,7 +63,8 @@ class FederationSettings:
     num_server_rounds: int = 5
     strategy: str = "fedavg"  # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
     fraction_train: float = 1.0
-    min_shops: int = 2  # a round fails when fewer shops send a usable update
+    min_shops: int = 2  # a round with fewer usable updates is skipped (global model kept)
+    max_short_rounds: int = 3  # the run fails when more rounds than this in a row are short of min-shops
     local_epochs: int = 1
     personal_mix: float = 0.0  # n0 of the personal mix (client.client_app.mixed_start); 0 = off
     proximal_mu: float = 0.0  # FedProx
@@ -111,6 +113,9 @@ class FederationSettings:
         if settings.personal_mix < 0:
             raise ValueError(f"run config personal-mix={settings.personal_mix} is negative. Fix: give n0 >= 0 "
                              "(0 = off)")
+        if settings.max_short_rounds < 0:
+            raise ValueError(f"run config max-short-rounds={settings.max_short_rounds} is negative. Fix: give 0 "
+                             "(stop at the first round short of min-shops) or more")
         if settings.share not in SHARE_MODES:
             raise ValueError(f"run config share='{settings.share}' is unknown. Fix: use one of {SHARE_MODES}")
         if settings.dpsgd_noise_multiplier > 0:  # fail here, not on every shop, for a bad unit or rate
@@ -207,6 +212,7 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         _check_dp(settings)
     run_dir = Path(settings.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_orphans(run_dir)
     (run_dir / STOP_FILE).unlink(missing_ok=True)
     settings.run_dir = str(run_dir)
     scenario = load_scenario(settings.scenario, {"seed": settings.seed} if settings.seed >= 0 else None)
@@ -281,7 +287,7 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         return names[index] if index < len(names) else f"shop-{index}"
 
     strategy = ShopStrategy(inner, min_shops=settings.min_shops, shop_name=shop_name, on_round_end=on_round_end,
-                            round_config=round_config, round_offset=done)
+                            round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds)
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),

@@ -2,7 +2,9 @@
 
 `ShopStrategy` wraps any Flower strategy the way Flower's DP wrappers do. Before the inner strategy
 sees a round's replies it leaves out shops that failed, timed out or sent non-finite or misshapen
-arrays (logged, never aggregated) and stops the run when fewer than `min-shops` remain. It reduces
+arrays (logged, never aggregated). A round with fewer than `min-shops` usable updates is skipped: the
+global model is kept, the reason logged, and the run goes on (a restarting merchant rejoins at the next
+round); only more than `max-short-rounds` such rounds in a row stop the run. It reduces
 every reply to the encoder arrays and `num-examples`, so Flower's aggregation never meets the
 shop-specific metric keys (shops run different task sets). It reports each round's per-shop metrics
 to a callback (metric log, checkpoint, progress) and offsets round numbers when a run resumes.
@@ -87,6 +89,7 @@ class RoundReport:
     evaluate: dict[str, dict[str, float]] = field(default_factory=dict)  # shop -> '<task>.<metric>'
     left_out: dict[str, str] = field(default_factory=dict)  # shop -> why it was left out
     eval_split: str = "val"
+    skipped: str = ""  # why the round was skipped (fewer than min-shops usable updates); "" if it was not
 
 
 RoundConfig = Callable[[int, str], dict[str, Any]]  # (round, "train" | "evaluate") -> extra config
@@ -97,9 +100,14 @@ class ShopStrategy(Strategy):
 
     def __init__(self, inner: FedAvg, *, min_shops: int, shop_name: Callable[[int], str],
                  on_round_end: Callable[[RoundReport], None] | None = None,
-                 round_config: RoundConfig | None = None, round_offset: int = 0) -> None:
+                 round_config: RoundConfig | None = None, round_offset: int = 0,
+                 max_short_rounds: int = 3) -> None:
         self.inner = inner
         self.min_shops = min_shops
+        self.max_short_rounds = max_short_rounds
+        self._short_rounds = 0  # consecutive rounds skipped for want of min-shops usable updates
+        self._global = ArrayRecord()  # the round's global arrays, kept when the round is skipped
+        self._sent: list[Message] = []  # this phase's instructions: error replies are matched to them
         self.shop_name = shop_name
         self.on_round_end = on_round_end
         self.round_config = round_config or (lambda _r, _kind: {})
@@ -112,8 +120,8 @@ class ShopStrategy(Strategy):
 
     def summary(self) -> None:
         """Log the inner strategy's settings and the fault bound."""
-        logger.info("ShopStrategy over %s: min-shops %d, resuming after round %d",
-                    type(self.inner).__name__, self.min_shops, self.round_offset)
+        logger.info("ShopStrategy over %s: min-shops %d, max-short-rounds %d, resuming after round %d",
+                    type(self.inner).__name__, self.min_shops, self.max_short_rounds, self.round_offset)
         self.inner.summary()
 
     # ---- training ---------------------------------------------------------------------------
@@ -123,6 +131,7 @@ class ShopStrategy(Strategy):
         rnd = server_round + self.round_offset
         encoder, local = split_arrays(arrays)
         self._global_local = local
+        self._global = arrays
         cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "train")})
         messages = list(self.inner.configure_train(rnd, encoder, cfg, grid))
         self._sampled = {m.metadata.dst_node_id for m in messages}
@@ -130,23 +139,35 @@ class ShopStrategy(Strategy):
             record = msg.content[self.key]
             for k, v in local.items():
                 record[k] = Array(v)
+        self._sent = messages  # the Grid sets their message IDs when it pushes them
         return messages
+
+    def _readdress(self, replies: list[Message]) -> list[Message]:
+        """Error replies the SuperLink wrote for a node (e.g. "node unavailable") as if the node sent them.
+
+        The SuperLink signs them with its own node ID; matched to the instruction by `reply_to_message_id`,
+        they are labelled with the node's shop and keep their true reason instead of reading as a timeout.
+        """
+        sent = {m.metadata.message_id: m for m in self._sent}
+        out = []
+        for msg in replies:
+            ins = sent.get(msg.metadata.reply_to_message_id)
+            if ins is not None and msg.has_error() and msg.metadata.src_node_id != ins.metadata.dst_node_id:
+                msg = Message(msg.error, reply_to=ins)
+            out.append(msg)
+        return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the usable replies' encoders with the inner strategy; average shared local arrays."""
         rnd = server_round + self.round_offset
-        replies = list(replies)
+        replies = self._readdress(list(replies))
         self._report = RoundReport(server_round=rnd, arrays=ArrayRecord())
         usable = [m for m in replies if self._usable(m, self._report)]
         for node in sorted(self._sampled - {m.metadata.src_node_id for m in replies}):
             shop = self._node_shop.get(node, f"node-{node}")
             self._report.left_out[shop] = "no reply within the round timeout"
             logger.warning("round %d: left out shop %s: no reply within the round timeout", rnd, shop)
-        if len(usable) < self.min_shops:
-            raise RuntimeError(f"round {rnd}: only {len(usable)} shop(s) sent a usable update, fewer than "
-                               f"min-shops={self.min_shops}; left out: {self._report.left_out or 'none'}. "
-                               "Fix: check the shops' logs, or lower min-shops")
         # A fixed order makes the float sums, and so a resumed run, independent of reply arrival.
         usable.sort(key=lambda m: (self._shop_of(m, dict(next(iter(m.content.metric_records.values())))),
                                    m.metadata.src_node_id))
@@ -162,6 +183,9 @@ class ShopStrategy(Strategy):
             shared.append((weight, local))
             reduced = {NUM_EXAMPLES: weight}
             msg.content = RecordDict({self.key: encoder, "metrics": MetricRecord(reduced)})
+        if len(usable) < self.min_shops:
+            return self._skip(rnd, len(usable))
+        self._short_rounds = 0
         arrays, metrics = self.inner.aggregate_train(rnd, usable)
         if arrays is None:
             raise RuntimeError(f"round {rnd}: {type(self.inner).__name__} produced no aggregate")
@@ -171,6 +195,23 @@ class ShopStrategy(Strategy):
             merged[k] = Array(v)
         self._report.arrays = merged
         return merged, metrics
+
+    def _skip(self, rnd: int, n_usable: int) -> tuple[None, None]:
+        """Skip a round short of min-shops (the global model stays), or stop the run after too many in a row."""
+        assert self._report is not None
+        self._short_rounds += 1
+        left_out = "; ".join(f"{shop}: {why}" for shop, why in sorted(self._report.left_out.items())) or "none"
+        reason = (f"only {n_usable} shop(s) sent a usable update, fewer than min-shops={self.min_shops} "
+                  f"(left out: {left_out})")
+        if self._short_rounds > self.max_short_rounds:
+            raise RuntimeError(f"round {rnd}: {reason}; {self._short_rounds} short rounds in a row, more than "
+                               f"max-short-rounds={self.max_short_rounds}. Fix: check the left-out shops' logs and "
+                               "restart them, then `--resume` the run; or lower min-shops")
+        logger.warning("round %d skipped, global model kept (%d of at most %d short rounds in a row): %s", rnd,
+                       self._short_rounds, self.max_short_rounds, reason)
+        self._report.skipped = reason
+        self._report.arrays = self._global
+        return None, None
 
     def _usable(self, msg: Message, report: RoundReport) -> bool:
         """True if a training reply may be aggregated; otherwise note why it was left out."""
@@ -212,13 +253,14 @@ class ShopStrategy(Strategy):
         cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "evaluate")})
         if self._report is not None:
             self._report.eval_split = str(cfg.get("eval-split", "val"))
-        return self.inner.configure_evaluate(rnd, arrays, cfg, grid)
+        self._sent = list(self.inner.configure_evaluate(rnd, arrays, cfg, grid))
+        return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Collect every shop's metrics, average them per key, and close the round."""
         rnd = server_round + self.round_offset
         report = self._report or RoundReport(server_round=rnd, arrays=ArrayRecord())
-        for msg in replies:
+        for msg in self._readdress(list(replies)):
             if msg.has_error() or len(msg.content.metric_records) != 1:
                 shop = self._node_shop.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
                 reason = msg.error.reason if msg.has_error() else "malformed evaluation reply"

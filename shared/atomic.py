@@ -14,12 +14,28 @@ from pathlib import Path
 
 import pandas as pd
 
+TEMP_SUFFIX = ".tmp"  # temp files are ".<name>.<random>.tmp" beside their target
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files an interrupted `atomic_write` left in ``folder``; returns what was removed.
+
+    Call only where no other process writes into ``folder`` at the same time (e.g. at start-up).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
 
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None], *, mode: int | None = None) -> Path:
     """Call ``write(fh)`` on a temp file beside ``path`` and rename it over ``path`` when done."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)

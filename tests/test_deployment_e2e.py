@@ -2,7 +2,9 @@
 
 Three tiny synthetic shops, each served by its own `flower-supernode` that reads the shop's directory
 and keeps its local part in its own state dir. One module fixture starts the federation; a second runs
-the first federation (with a merchant crash and a corrupt state file), so each test checks one property.
+the first federation (with a merchant crash and a corrupt state file; min-shops = 3, so the crash makes
+round 2 short and it is skipped), so each test checks one property. The last slow test resumes that run
+for a fourth round with `fedshop coordinator run --resume`.
 While Flower holds the killed merchant's node "online" (two heartbeats: merchants here beat every 10 s,
 Flower's minimum), that fixture also tries the refused merchants and submits a failing run, so the
 suite spends the wait instead of adding to it.
@@ -58,20 +60,21 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def crash_run(federation: LoopbackFederation) -> dict:
-    """The federation's first run, 3 rounds; merchant 0 is SIGKILLed after round 1 and restarted.
+    """The federation's first run, 3 rounds, min-shops 3; merchant 0 is SIGKILLed after round 1 and restarted.
 
-    Merchant 2 starts from a corrupt local_part.pt. Returns the outcome, metrics and what was seen.
+    Merchant 2 starts from a corrupt local_part.pt. Returns the outcome, metrics, the streamed log and
+    what was seen.
     """
     shops = list(federation.merchants)
     (federation.state_dir(shops[2]) / STATE_FILE).write_bytes(b"not a torch file")
     run_dir = federation.root / "runs" / "crash"
     run_dir.mkdir(parents=True)
     config = deployment_run_config(load_scenario(str(federation.root / "tiny.toml")),
-                                   str(federation.root / "tiny.toml"), run_dir)
-    result: dict = {}
+                                   str(federation.root / "tiny.toml"), run_dir, extra={"min-shops": 3})
+    result: dict = {"log": io.StringIO(), "run_dir": run_dir}
 
     def run() -> None:
-        result["outcome"] = submit_run(federation.coordinator.home, config, out=io.StringIO(), timeout=600)
+        result["outcome"] = submit_run(federation.coordinator.home, config, out=result["log"], timeout=600)
 
     started = time.monotonic()
     worker = threading.Thread(target=run)
@@ -153,9 +156,19 @@ def test_killed_merchant_restarts_with_its_local_part_intact(federation: Loopbac
     assert restarted.node_id == victim.node_id  # same key, same SuperNode
     assert read_record(supernode_dir(federation.state_dir(name)) / "supernode.json").pid == restarted.pid
     rounds = train_rounds(crash_run["metrics"], "shop-0")
-    assert rounds[0] == 1 and rounds[-1] == 3  # missed round 2 at most (its message died with it)
+    assert rounds == [1, 3]  # round 2's message died with it; back in round 3
     # Restored from disk after the restart: the lineage counts every round, not just those since.
     assert lineage(federation, name) == {"round": 3, "rounds_trained": len(rounds)}
+
+
+@pytest.mark.slow
+def test_round_short_of_min_shops_is_skipped_naming_the_shop_once_with_the_true_reason(crash_run: dict) -> None:
+    log = crash_run["log"].getvalue()
+    skipped = [line for line in log.splitlines() if "skipped, global model kept" in line]
+    assert len(skipped) == 1 and "round 2 skipped" in skipped[0], log[-3000:]
+    assert "min-shops=3" in skipped[0] and "shop-0: error reply: Error: Node Unavailable" in skipped[0]
+    assert "node-" not in skipped[0] and "timeout" not in skipped[0]
+    assert not [line for line in log.splitlines() if "left out shop node-" in line]
 
 
 @pytest.mark.slow
@@ -167,22 +180,22 @@ def test_corrupt_local_part_warns_and_starts_fresh(federation: LoopbackFederatio
 
 
 @pytest.mark.slow
-def test_cli_second_run_carries_local_parts_over(federation: LoopbackFederation, crash_run: dict,
-                                                 tmp_path: Path) -> None:
-    """`fedshop coordinator run` writes a simulation's run dir; each merchant continues its local part."""
+def test_cli_resume_continues_the_run_from_its_last_checkpoint(federation: LoopbackFederation,
+                                                               crash_run: dict) -> None:
+    """`fedshop coordinator run --resume` adds round 4; each merchant continues its local part from disk."""
     before = {name: lineage(federation, name)["rounds_trained"] for name in federation.merchants}
     app = typer.Typer()
     deploy.register(app)
-    result = CliRunner().invoke(app, ["coordinator", "run", str(federation.root / "tiny.toml"), "--home",
-                                      federation.coordinator.home, "--runs-dir", str(tmp_path), "--rounds", "1"])
+    result = CliRunner().invoke(app, ["coordinator", "run", "--resume", str(crash_run["run_dir"]), "--home",
+                                      federation.coordinator.home, "--rounds", "4"])
     assert result.exit_code == 0, result.output
-    assert "finished:completed" in result.output
-    (run_dir,) = tmp_path.iterdir()
-    assert {"config.toml", "versions.json", "scenario.toml", "metrics.csv"} <= {p.name for p in run_dir.iterdir()}
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert set(metrics["shop"]) == {"shop-0", "shop-1", "shop-2"}
+    assert "(resumed): finished:completed" in result.output
+    metrics = pd.read_csv(crash_run["run_dir"] / "metrics.csv")
+    assert sorted(metrics["round"].unique()) == [1, 2, 3, 4]
+    pd.testing.assert_frame_equal(metrics[metrics["round"] <= 3].reset_index(drop=True), crash_run["metrics"])
+    assert set(metrics.loc[metrics["round"] == 4, "shop"]) == {"shop-0", "shop-1", "shop-2"}
     for name in federation.merchants:
-        assert lineage(federation, name) == {"round": 1, "rounds_trained": before[name] + 1}, name
+        assert lineage(federation, name) == {"round": 4, "rounds_trained": before[name] + 1}, name
 
 
 @pytest.mark.slow

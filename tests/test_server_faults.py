@@ -54,5 +54,5 @@ def test_a_shop_that_does_not_reply_in_time_is_left_out(scenario_file, tmp_path)
 
 
 def test_fewer_usable_shops_than_min_shops_stops_the_run(scenario_file, tmp_path):
-    with pytest.raises(RuntimeError, match=r"min-shops=3"):
-        _run(scenario_file, tmp_path, **{"fault-inject": "nan:0", "min-shops": 3})
+    with pytest.raises(RuntimeError, match=r"min-shops=3"):  # max-short-rounds=0: no round may be skipped
+        _run(scenario_file, tmp_path, **{"fault-inject": "nan:0", "min-shops": 3, "max-short-rounds": 0})

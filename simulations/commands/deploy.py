@@ -97,14 +97,16 @@ def coordinator_unregister(node_id: int = typer.Argument(...), home: Path = type
 
 @coordinator_app.command("run")
 def coordinator_run(
-    scenario: str = typer.Argument(..., help="Built-in scenario name or TOML path; every merchant must resolve it "
-                                   "too (a built-in name, or the same path on each merchant host)."),
+    scenario: str = typer.Argument(None, help="Built-in scenario name or TOML path; every merchant must resolve it "
+                                   "too (a built-in name, or the same path on each merchant host). Not with --resume."),
     home: Path = typer.Option(..., "--home"),
     rounds: int = typer.Option(0, "--rounds", help="num-server-rounds (0: the scenario's federation.rounds)."),
     config: list[str] = typer.Option([], "--config", "-c", help="Extra run config KEY=VALUE (repeatable), e.g. "
                                      "-c round-timeout=120.0"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the run directory is created."),
     app_dir: Path = typer.Option(None, "--app", help="Flower app folder (default: this fedshop checkout)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue this run directory (e.g. a failed run) from its "
+                                "last checkpoint, with the config it was submitted with; --rounds sets a new total."),
 ) -> None:
     """Submit a run with `flwr run --stream`, stream progress, exit non-zero unless it completed.
 
@@ -116,6 +118,18 @@ def coordinator_run(
     from simulations.options import parse_overrides
     from simulations.rundir import new_run_dir
 
+    if (resume is None) == (scenario is None):
+        raise _fail(ValueError("give either a SCENARIO for a new run or --resume RUN_DIR to continue one"))
+    if resume is not None:
+        from simulations.deploy.coordinator import resume_run_config
+
+        run_dir = resume.resolve()
+        try:
+            run_config = resume_run_config(run_dir, rounds=rounds or None, extra=parse_overrides(config))
+        except (FileNotFoundError, ValueError, typer.BadParameter) as err:
+            raise _fail(err) from None
+        _resume(home, run_config, run_dir, app_dir or REPO_ROOT)
+        return
     if Path(scenario).suffix == ".toml" or Path(scenario).exists():
         scenario = str(Path(scenario).resolve())
     try:
@@ -132,6 +146,20 @@ def coordinator_run(
         raise _fail(err) from None
     colour = typer.colors.GREEN if outcome.ok else typer.colors.RED
     typer.secho(f"run {outcome.run_id}: {outcome.status}; run dir {run_dir}", fg=colour)
+    if not outcome.ok:
+        raise typer.Exit(code=1)
+
+
+def _resume(home: Path, run_config: dict, run_dir: Path, app_dir: Path) -> None:
+    """Submit the resumed run, report its final status, exit 1 unless it completed."""
+    from simulations.deploy.coordinator import submit_run
+
+    try:
+        outcome = submit_run(home, run_config, app=app_dir, run_dir=str(run_dir))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise _fail(err) from None
+    colour = typer.colors.GREEN if outcome.ok else typer.colors.RED
+    typer.secho(f"run {outcome.run_id} (resumed): {outcome.status}; run dir {run_dir}", fg=colour)
     if not outcome.ok:
         raise typer.Exit(code=1)
 

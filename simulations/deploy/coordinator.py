@@ -206,6 +206,42 @@ def deployment_run_config(scenario: Scenario, scenario_ref: str, run_dir: Path, 
     return config
 
 
+def resume_run_config(run_dir: Path, *, rounds: int | None = None,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run config that continues the deployed run in ``run_dir`` from its last checkpoint.
+
+    It is the config the run was submitted with (its `config.toml`), with `resume = true`, ``rounds``
+    as the new total if given, and ``extra`` keys; the ServerApp refuses changed model settings.
+    """
+    import tomllib
+
+    from server.server_app import split_privacy
+    from simulations.rundir import write_run_info
+
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found. Fix: pass --resume a run directory written by "
+                                "`fedshop coordinator run`")
+    try:
+        saved = tomllib.loads(path.read_text(encoding="utf-8"))
+        config = dict(saved["run"])
+    except (tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a run record with a [run] table ({exc}). Fix: pass --resume a run "
+                         "directory written by `fedshop coordinator run`") from None
+    if str(config.get("run-dir", "")) != str(Path(run_dir).resolve()):
+        raise ValueError(f"{path} records run-dir={config.get('run-dir')!r}, not {Path(run_dir).resolve()}. "
+                         "Fix: resume the run in the directory it was created in (checkpoints and the shops' "
+                         "local parts are tied to it)")
+    config.update(extra or {})
+    config["resume"] = True
+    if rounds:
+        config["num-server-rounds"] = int(rounds)
+    settings = split_privacy(config)[0]  # unknown key or wrong type -> ValueError naming it
+    config = {key: getattr(settings, key.replace("-", "_"), value) for key, value in config.items()}
+    write_run_info(run_dir, {**saved, "run": config})
+    return config
+
+
 def submit_run(home: str | Path, run_config: dict[str, object], *, app: str | Path = REPO_ROOT,
                out: TextIO = sys.stdout, timeout: float = 3600.0, run_dir: str | None = None) -> RunOutcome:
     """Submit ``app`` with `flwr run --stream`, echo its log to ``out``, and return the run's real status.
