@@ -94,6 +94,7 @@ class FederationSettings:
     dpsgd_lr: float = 0.01
     dpsgd_delta: float = 1e-5
     dpsgd_max_epsilon: float = 0.0  # a shop refuses a round that would exceed this (0 = no budget)
+    app_signature: str = ""  # deployment: the coordinator's FAB signature, checked by each merchant's SuperNode
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FederationSettings:

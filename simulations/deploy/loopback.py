@@ -100,6 +100,7 @@ class LoopbackFederation:
             shop_index = list(self.certs.merchant_keys).index(name)
         merchant = start_merchant(self.shop_dir(name), self.state_dir(name), self.coordinator.address,
                                   ca=self.certs.ca_cert if ca else None, key=self.certs.merchant_keys[key or name][0],
+                                  trusted_entities=self.certs.trusted_entities,
                                   shop_index=shop_index, env=self.env, validate=validate, timeout=30,
                                   retry_for=retry_for, heartbeat_interval=self.heartbeat_interval)
         self.merchants[name] = merchant
