@@ -212,7 +212,8 @@ def test_merchant_with_bad_shop_data_starts_nothing(tmp_path: Path) -> None:
     deploy.register(app)
     result = CliRunner().invoke(app, ["merchant", "start", "--shop-dir", str(shop), "--state-dir", str(state),
                                       "--superlink", "127.0.0.1:9", "--ca", str(certs.ca_cert),
-                                      "--key", str(certs.merchant_keys["m"][0]), "--shop-index", "0"])
+                                      "--key", str(certs.merchant_keys["m"][0]), "--shop-index", "0",
+                                      "--trusted-entities", str(certs.trusted_entities)])
     assert result.exit_code == 2, result.output
     assert "interactions.csv" in result.output and "nothing started" in result.output
     assert not (supernode_dir(state) / "supernode.json").exists()
