@@ -75,23 +75,25 @@ def build_fab(app: str | Path) -> bytes:
 
 
 def sign_fab(fab: bytes, key: ed25519.Ed25519PrivateKey, *, signed_at: int | None = None) -> str:
-    """The run-config value that lets merchants verify ``fab``: JSON of key ID, signature and time."""
+    """The run-config value that lets merchants verify ``fab``: ``KEY-ID:SIGNED-AT:SIGNATURE``.
+
+    Plain text without quotes or spaces, because `flwr run --run-config` cannot pass either inside a value.
+    """
     from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
 
     signed_at = int(time.time()) if signed_at is None else signed_at
     signature = key.sign(create_message_to_sign(hashlib.sha256(fab).digest(), signed_at))
-    return json.dumps({"key-id": key_id(key.public_key()), "signed-at": signed_at,
-                       "signature": base64.urlsafe_b64encode(signature).decode().rstrip("=")}, sort_keys=True)
+    return f"{key_id(key.public_key())}:{signed_at}:{base64.urlsafe_b64encode(signature).decode().rstrip('=')}"
 
 
 def verification_record(value: str) -> dict[str, str]:
     """Flower's FAB verification entries (as the SuperLink sets them for Hub apps) from an ``app-signature``."""
-    try:
-        record = json.loads(value)
-        entry = {"signature": str(record["signature"]), "signed_at": int(record["signed-at"])}
-        return {str(record["key-id"]): json.dumps(entry), "valid_license": "Valid"}
-    except (ValueError, TypeError, KeyError) as err:
-        raise AppSignatureError(f"run config {SIGNATURE_KEY}: unreadable signature record ({err!r})") from None
+    parts = value.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[0] or not parts[2]:
+        raise AppSignatureError(f"run config {SIGNATURE_KEY}: unreadable signature record {value[:80]!r} "
+                                "(expected KEY-ID:SIGNED-AT:SIGNATURE)")
+    signer, signed_at, signature = parts
+    return {signer: json.dumps({"signature": signature, "signed_at": int(signed_at)}), "valid_license": "Valid"}
 
 
 def read_trusted(path: str | Path) -> dict[str, str]:
