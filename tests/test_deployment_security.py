@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import threading
 from pathlib import Path
@@ -321,3 +322,91 @@ def test_a_second_merchant_presenting_an_online_merchants_key_is_refused(federat
         federation.start("thief", key=victim, shop_index=1)
     assert not (supernode_dir(federation.state_dir("thief")) / "supernode.json").exists()
     assert pid_alive(federation.merchants[victim].pid)  # the real merchant stays connected
+
+
+# ---------------------------------------------------------------- shop identity bound to the node key
+
+
+def _reply(node: int, shop_index: int | None, error: bool = False):
+    from flwr.app import Error, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    sent = Message(RecordDict(), dst_node_id=node, message_type="train")
+    if error:
+        return Message(Error(code=2, reason="x"), reply_to=sent)
+    metrics = {"num-examples": 3.0} if shop_index is None else {"num-examples": 3.0, "shop-index": shop_index}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=sent)
+
+
+class _ReplyGrid:
+    def __init__(self, replies: list) -> None:
+        self.replies = replies
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return list(self.replies)
+
+
+def test_reply_claiming_another_shop_than_its_key_is_bound_to_is_dropped_and_reported(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from server.node_identity import BINDINGS_FILE, IdentityCheckedGrid, check_identities
+
+    (tmp_path / BINDINGS_FILE).write_text(json.dumps({"11": 0, "12": 1}))
+    honest, thief, unbound, failed = _reply(12, 1), _reply(11, 2), _reply(13, 5), _reply(11, None, error=True)
+    grid = check_identities(_ReplyGrid([honest, thief, unbound, failed]), tmp_path)
+    assert isinstance(grid, IdentityCheckedGrid)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        kept = list(grid.send_and_receive([]))
+    assert kept == [honest, unbound, failed]
+    assert grid.dropped == [(11, 0, 2)]
+    assert "SuperNode 11 is registered as shop-index 0 but replied as shop-index 2" in caplog.text
+
+
+def test_without_bindings_the_grid_is_unchanged(tmp_path: Path) -> None:
+    from server.node_identity import BINDINGS_FILE, check_identities
+
+    inner = _ReplyGrid([])
+    assert check_identities(inner, tmp_path) is inner and check_identities(inner, "") is inner
+    (tmp_path / BINDINGS_FILE).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=BINDINGS_FILE):
+        check_identities(inner, tmp_path)
+
+
+def test_register_refuses_a_shop_index_bound_to_another_key(tmp_path: Path) -> None:
+    from simulations.deploy.certs import write_merchant_keys
+    from simulations.deploy.coordinator import register_merchant
+
+    (tmp_path / "merchants.json").write_text(json.dumps({"11": {"name": "a", "shop-index": 0}}))
+    keys = write_merchant_keys(tmp_path / "certs", ["b"])
+    with pytest.raises(ValueError, match="already bound to SuperNode 11; nothing registered"):
+        register_merchant(tmp_path, keys.merchant_keys["b"][1], name="b", shop_index=0)
+
+
+@pytest.fixture(scope="module")
+def impersonation(federation) -> dict:
+    """The first merchant stops; 'thief' starts with its key but its own shop-index, and a signed run follows."""
+    from shared.scenario import load_scenario
+    from simulations.deploy.coordinator import deployment_run_config, submit_run
+    from simulations.deploy.merchant import stop_merchant
+
+    victim = next(iter(federation.merchants))
+    node_id = federation.merchants[victim].node_id
+    stop_merchant(federation.state_dir(victim))
+    thief = federation.start("thief", key=victim, retry_for=40)  # shop-index 2, its own
+    run_dir = federation.root / "runs" / "impersonation"
+    run_dir.mkdir(parents=True)
+    scenario = str(federation.root / "tiny.toml")
+    out = io.StringIO()
+    outcome = submit_run(federation.coordinator.home,
+                         deployment_run_config(load_scenario(scenario), scenario, run_dir), out=out, timeout=300)
+    return {"victim": node_id, "thief": thief, "outcome": outcome, "output": out.getvalue(), "run_dir": run_dir}
+
+
+@pytest.mark.slow
+def test_a_merchant_using_an_offline_merchants_key_is_dropped_and_reported(impersonation: dict) -> None:
+    assert impersonation["thief"].node_id == impersonation["victim"]  # the key is the SuperLink's identity
+    assert (f"fedshop: reply dropped: SuperNode {impersonation['victim']} is registered as shop-index 0 but "
+            "replied as shop-index 2") in impersonation["output"]
+    metrics = impersonation["run_dir"] / "metrics.csv"
+    if metrics.exists():  # the round may fail for lack of shops (min-shops 2); either way no thief rows
+        assert "shop-2" not in metrics.read_text()

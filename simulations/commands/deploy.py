@@ -76,13 +76,15 @@ def coordinator_register(
     public_key: Path = typer.Argument(..., help="A merchant's .pub from `fedshop certs`."),
     home: Path = typer.Option(..., "--home"),
     name: str = typer.Option(None, "--name", help="Label for the SuperNode."),
+    shop_index: int = typer.Option(None, "--shop-index", help="Bind this key to the merchant's --shop-index: "
+                                   "replies from it that claim another shop are dropped and reported."),
 ) -> None:
-    """Allow a merchant's SuperNode key (`flwr supernode register`)."""
+    """Allow a merchant's SuperNode key (`flwr supernode register`), bound to its shop-index."""
     from simulations.deploy.coordinator import register_merchant
 
     try:
-        node_id = register_merchant(home, public_key, name=name)
-    except (FileNotFoundError, RuntimeError) as err:
+        node_id = register_merchant(home, public_key, name=name, shop_index=shop_index)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(err) from None
     typer.echo(f"registered {public_key.name} as SuperNode {node_id}")
 
@@ -94,7 +96,7 @@ def coordinator_unregister(node_id: int = typer.Argument(...), home: Path = type
 
     try:
         unregister_merchant(home, node_id)
-    except (FileNotFoundError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(err) from None
     typer.echo(f"unregistered SuperNode {node_id}")
 

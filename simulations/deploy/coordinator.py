@@ -6,6 +6,7 @@ Everything lives under one home folder::
     <home>/superlink.json     PID record; <home>/superlink.log its output
     <home>/superlink.db       SuperLink state, so registered SuperNodes survive a restart
     <home>/flwr/              FLWR_HOME: config.toml with the `fedshop` connection, installed FABs
+    <home>/merchants.json     node ID -> name and shop-index of each registered key (`register --shop-index`)
 
 The SuperLink runs through `simulations.deploy.superlink_launcher`, which serves other hosts only its
 Fleet API; the operator's `flwr` calls (runs, registrations) go over loopback. Every submitted FAB is
@@ -171,20 +172,53 @@ def _flwr(info: Coordinator, *args: str, timeout: float = 60.0) -> dict:
     return answer
 
 
-def register_merchant(home: str | Path, public_key: str | Path, *, name: str | None = None) -> int:
-    """Register a merchant's SuperNode public key with the SuperLink; returns its node ID."""
+def registered_merchants(home: str | Path) -> dict[str, dict]:
+    """``<home>/merchants.json``: node ID (text) -> {"name", "shop-index"} as given at registration."""
+    path = Path(home) / "merchants.json"
+    if not path.exists():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()))
+    except ValueError as err:
+        raise ValueError(f"{path}: unreadable ({err}). Fix: restore it, or delete it and register the merchants "
+                         "again") from None
+
+
+def register_merchant(home: str | Path, public_key: str | Path, *, name: str | None = None,
+                      shop_index: int | None = None) -> int:
+    """Register a merchant's SuperNode public key with the SuperLink; returns its node ID.
+
+    With ``shop_index`` the node ID is bound to that shop: replies from this key that claim another
+    shop-index are dropped and reported by the ServerApp (server/node_identity.py).
+    """
     key = Path(public_key)
     if not key.is_file():
         raise FileNotFoundError(f"{key}: no such public key. Fix: pass the merchant's .pub file from `fedshop certs`")
+    if shop_index is not None and shop_index < 0:
+        raise ValueError(f"--shop-index {shop_index}: must be 0 or more. Fix: number merchants 0, 1, 2, ...")
+    merchants = registered_merchants(home)
+    taken = [node for node, entry in merchants.items() if shop_index is not None
+             and entry.get("shop-index") == shop_index]
+    if taken:
+        raise ValueError(f"--shop-index {shop_index} is already bound to SuperNode {', '.join(taken)}; nothing "
+                         "registered. Fix: `fedshop coordinator unregister` that node first (key rotation) or give "
+                         "this merchant its own --shop-index")
     args = ["supernode", "register", str(key.resolve()), CONNECTION]
     if name:
         args += ["--name", name]
-    return int(_flwr(load_coordinator(home), *args)["node-id"])
+    node_id = int(_flwr(load_coordinator(home), *args)["node-id"])
+    if shop_index is not None:
+        merchants[str(node_id)] = {"name": name or "", "shop-index": shop_index}
+        atomic_write_text(Path(home) / "merchants.json", json.dumps(merchants, indent=2))
+    return node_id
 
 
 def unregister_merchant(home: str | Path, node_id: int) -> None:
     """Remove a SuperNode (e.g. before registering a rotated key) so its old key is refused."""
     _flwr(load_coordinator(home), "supernode", "unregister", str(node_id), CONNECTION)
+    merchants = registered_merchants(home)
+    if merchants.pop(str(node_id), None) is not None:
+        atomic_write_text(Path(home) / "merchants.json", json.dumps(merchants, indent=2))
 
 
 def list_merchants(home: str | Path) -> list[dict]:
@@ -246,6 +280,12 @@ def submit_run(home: str | Path, run_config: dict[str, object], *, app: str | Pa
     `flwr run --stream` exits 0 even when the run fails, so the status comes from `flwr ls`.
     """
     info = load_coordinator(home)
+    if run_config.get("run-dir"):  # before signing: the FAB is built from the checkout the run dir may be in
+        from server.node_identity import BINDINGS_FILE
+
+        bindings = {node: entry["shop-index"] for node, entry in registered_merchants(home).items()
+                    if entry.get("shop-index") is not None}
+        atomic_write_text(Path(str(run_config["run-dir"])) / BINDINGS_FILE, json.dumps(bindings, indent=2))
     if sign:
         key = load_signing_key(signing_key or info.app_key)
         # `flwr run` builds the same bytes (Flower's builder, fixed zip dates) a moment later.

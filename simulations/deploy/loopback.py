@@ -129,7 +129,8 @@ def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple
     fed = LoopbackFederation(root, coordinator, certs, env, heartbeat_interval=heartbeat_interval)
     try:
         for name in shops:
-            register_merchant(coordinator.home, certs.merchant_keys[name][1], name=name)
+            register_merchant(coordinator.home, certs.merchant_keys[name][1], name=name,
+                              shop_index=list(certs.merchant_keys).index(name))
         with ThreadPoolExecutor(max_workers=len(shops) or 1) as pool:  # SuperNodes start side by side
             for future in [pool.submit(fed.start, name, validate=validate) for name in shops]:
                 future.result()
