@@ -68,6 +68,9 @@ def test_guard_refuses_control_and_runtime_to_remote_peers_but_serves_fleet(guar
         answer = remote.post(path, content=body, headers={"content-type": "application/protobuf"})
         assert answer.status_code == 403, (path, answer.status_code)
         assert answer.json()["detail"] == REFUSAL
+    sneaky = remote.post("/v1/fleet/%2E%2E/control/list-nodes", content=body,
+                         headers={"content-type": "application/protobuf"})
+    assert sneaky.status_code in (403, 404), sneaky.status_code  # never Flower's list-nodes answer
     fleet = remote.post("/v1/fleet/activate-node", content=b"", headers={"content-type": "application/protobuf"})
     assert fleet.status_code != 403 and "fedshop" not in fleet.text  # Flower's own answer (node auth etc.)
     local = TestClient(guarded_superlink_app, client=("127.0.0.1", 50000))
@@ -252,6 +255,10 @@ def test_outsider_cannot_list_register_or_unregister_nodes(federation, with_ca: 
             call()
         assert refused.value.response.status_code == 403, name
         assert refused.value.response.json()["detail"] == REFUSAL
+    spoofed = client._client.post(f"https://{federation.coordinator.address}/v1/control/list-nodes",
+                                  headers={"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"},
+                                  content=ListNodesRequest().SerializeToString())
+    assert spoofed.status_code == 403  # the guard sees the TCP peer, not what a header claims
     after = list_merchants(federation.coordinator.home)  # the operator, on the coordinator host, still may
     assert sorted(n["node-id"] for n in after) == sorted(n["node-id"] for n in before)
     assert str(victim.node_id) in {n["node-id"] for n in after}

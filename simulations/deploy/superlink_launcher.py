@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m simulations.deploy.superlink_launcher [--allow IP]... -- FLOWER-SUPERLINK-ARGS",
               file=sys.stderr)
         return 2
+    # uvicorn would take the client address from X-Forwarded-For when the env var lists the peer; the
+    # guard must see the real TCP peer, so no proxy is trusted.
+    os.environ["FORWARDED_ALLOW_IPS"] = ""
     try:
         install_guard(tuple(allowed))
     except RuntimeError as err:
