@@ -43,6 +43,7 @@ from server.checkpoint import (
     strategy_state,
 )
 from server.metrics_log import MetricsLog, eval_rows_by_split, train_rows
+from server.node_identity import check_identities
 from server.polling_grid import faster_polling
 from server.strategies import RoundReport, ShopStrategy, build_strategy
 from shared.atomic import atomic_write_text
@@ -96,6 +97,7 @@ class FederationSettings:
     dpsgd_lr: float = 0.01
     dpsgd_delta: float = 1e-5
     dpsgd_max_epsilon: float = 0.0  # a shop refuses a round that would exceed this (0 = no budget)
+    app_signature: str = ""  # deployment: the coordinator's FAB signature, checked by each merchant's SuperNode
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FederationSettings:
@@ -315,6 +317,7 @@ def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress 
             config["run-dir"] = str(Path.cwd() / "runs" / f"flwr-{context.run_id}")
         settings, secure_on, secagg, dp = split_privacy(config)
         grid = faster_polling(grid)  # deployment: pull replies every 0.1 s, not flwr's 3 s
+        grid = check_identities(grid, settings.run_dir)  # deployment: replies must match the node's registration
         if secure_on:
             from server.secure import run_secure_federation
 

@@ -44,10 +44,11 @@ def test_server_certificate_is_signed_by_ca_with_requested_sans(bundle) -> None:
 
 
 def test_private_keys_are_owner_only_and_public_files_readable(bundle) -> None:
-    private = [bundle.ca_key, bundle.server_key] + [pair[0] for pair in bundle.merchant_keys.values()]
+    private = [bundle.ca_key, bundle.server_key, bundle.app_key] + [pair[0] for pair in bundle.merchant_keys.values()]
     for path in private:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    for path in [bundle.ca_cert, bundle.server_cert] + [pair[1] for pair in bundle.merchant_keys.values()]:
+    public = [bundle.ca_cert, bundle.server_cert, bundle.trusted_entities]
+    for path in public + [pair[1] for pair in bundle.merchant_keys.values()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
@@ -100,14 +101,40 @@ def test_tls_handshake_succeeds_only_with_the_ca(bundle, server_name: str) -> No
     thread.join(5)
 
 
+def test_app_signing_key_is_ed25519_and_its_public_part_is_what_supernodes_trust(bundle) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from flwr.supernode.cli.flower_supernode import _try_obtain_trusted_entities, _validate_public_keys_ed25519
+
+    from simulations.deploy.app_signing import key_id, load_signing_key
+
+    key = load_signing_key(bundle.app_key)
+    trusted = _try_obtain_trusted_entities(bundle.trusted_entities)  # what flower-supernode reads
+    _validate_public_keys_ed25519(trusted)  # exits on a non-Ed25519 key
+    assert list(trusted) == [key_id(key.public_key())]
+    public = load_ssh_public_key(trusted[key_id(key.public_key())].encode())
+    assert isinstance(public, ed25519.Ed25519PublicKey)
+    assert public.public_bytes_raw() == key.public_key().public_bytes_raw()
+    assert b"PRIVATE" not in bundle.trusted_entities.read_bytes()
+
+
+def test_server_certificate_always_names_loopback_for_the_operator(tmp_path: Path) -> None:
+    paths = write_certs(tmp_path, ["a"], hosts=["coord.example"], ips=["10.0.0.5"])
+    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.5", "127.0.0.1"]
+
+
 def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     first = write_certs(tmp_path, ["a"])
-    ca_before = first.ca_cert.read_bytes()
+    ca_before, app_before = first.ca_cert.read_bytes(), first.app_key.read_bytes()
     with pytest.raises(CertsExistError, match="ca.crt"):
         write_certs(tmp_path, ["a"])
-    assert first.ca_cert.read_bytes() == ca_before
+    first.ca_cert.unlink()
+    with pytest.raises(CertsExistError, match="app-signing.key"):
+        write_certs(tmp_path, ["a"])
+    assert first.app_key.read_bytes() == app_before and not first.ca_cert.exists()
     write_certs(tmp_path, ["a"], force=True)
-    assert first.ca_cert.read_bytes() != ca_before
+    assert first.ca_cert.read_bytes() != ca_before and first.app_key.read_bytes() != app_before
 
 
 def test_merchant_keys_only_rotates_a_key_and_keeps_the_ca(tmp_path: Path) -> None:

@@ -141,6 +141,9 @@ def test_run_completes_with_every_merchant_labelled_by_its_shop_index(federation
     assert isinstance(outcome, RunOutcome) and outcome.ok, outcome
     assert set(metrics["shop"]) == {"shop-0", "shop-1", "shop-2"}  # merchant i started with --shop-index i
     assert sorted(metrics["round"].unique()) == [1, 2, 3]
+    for merchant in federation.merchants.values():  # the coordinator's signed app passed each merchant's check
+        log = merchant.log.read_text(errors="replace")
+        assert f"fedshop: run {outcome.run_id}: app FAB" in log and "signed by trusted key" in log
     for shop in ("shop-1", "shop-2"):
         assert train_rounds(metrics, shop) == [1, 2, 3]
         assert set(metrics.loc[metrics["shop"] == shop, "split"]) == {"train", "val", "test"}
@@ -225,7 +228,8 @@ def test_merchant_with_bad_shop_data_starts_nothing(tmp_path: Path) -> None:
     deploy.register(app)
     result = CliRunner().invoke(app, ["merchant", "start", "--shop-dir", str(shop), "--state-dir", str(state),
                                       "--superlink", "127.0.0.1:9", "--ca", str(certs.ca_cert),
-                                      "--key", str(certs.merchant_keys["m"][0]), "--shop-index", "0"])
+                                      "--key", str(certs.merchant_keys["m"][0]), "--shop-index", "0",
+                                      "--trusted-entities", str(certs.trusted_entities)])
     assert result.exit_code == 2, result.output
     assert "interactions.csv" in result.output and "nothing started" in result.output
     assert not (supernode_dir(state) / "supernode.json").exists()

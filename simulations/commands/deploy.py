@@ -39,6 +39,8 @@ def certs(
         raise _fail(err) from None
     if not merchant_keys_only:
         typer.echo(f"CA certificate      {paths.ca_cert}   (give to every merchant)")
+        typer.echo(f"trusted entities    {paths.trusted_entities}   (give to every merchant: the app-signing key)")
+        typer.echo(f"app-signing key     {paths.app_key}   (coordinator only: signs every run's app)")
         typer.echo(f"CA key              {paths.ca_key}   (keep offline)")
         typer.echo(f"server certificate  {paths.server_cert} + {paths.server_key.name}  (coordinator only)")
     for name, (private, public) in paths.merchant_keys.items():
@@ -61,10 +63,12 @@ def coordinator_start(
     try:
         info = start_coordinator(home, certs_dir or home / "certs", port=port_base or None, host=bind,
                                  public_host=public_host)
-    except (FileNotFoundError, RuntimeError, ProcessStartError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, ProcessStartError) as err:
         raise _fail(err) from None
-    typer.echo(f"SuperLink ready on {info.address} (TLS, SuperNode auth); log {home / 'superlink.log'}")
-    typer.echo(f"Merchants connect with --superlink {info.address} --ca {info.ca_cert}")
+    typer.echo(f"SuperLink ready on {info.address} (TLS, SuperNode auth; Control API for this host only at "
+               f"{info.control_address}); log {home / 'superlink.log'}")
+    trusted = Path(info.app_key).with_name("trusted-entities.yaml")
+    typer.echo(f"Merchants connect with --superlink {info.address} --ca {info.ca_cert} --trusted-entities {trusted}")
 
 
 @coordinator_app.command("register")
@@ -72,13 +76,15 @@ def coordinator_register(
     public_key: Path = typer.Argument(..., help="A merchant's .pub from `fedshop certs`."),
     home: Path = typer.Option(..., "--home"),
     name: str = typer.Option(None, "--name", help="Label for the SuperNode."),
+    shop_index: int = typer.Option(None, "--shop-index", help="Bind this key to the merchant's --shop-index: "
+                                   "replies from it that claim another shop are dropped and reported."),
 ) -> None:
-    """Allow a merchant's SuperNode key (`flwr supernode register`)."""
+    """Allow a merchant's SuperNode key (`flwr supernode register`), bound to its shop-index."""
     from simulations.deploy.coordinator import register_merchant
 
     try:
-        node_id = register_merchant(home, public_key, name=name)
-    except (FileNotFoundError, RuntimeError) as err:
+        node_id = register_merchant(home, public_key, name=name, shop_index=shop_index)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(err) from None
     typer.echo(f"registered {public_key.name} as SuperNode {node_id}")
 
@@ -90,7 +96,7 @@ def coordinator_unregister(node_id: int = typer.Argument(...), home: Path = type
 
     try:
         unregister_merchant(home, node_id)
-    except (FileNotFoundError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(err) from None
     typer.echo(f"unregistered SuperNode {node_id}")
 
@@ -142,7 +148,7 @@ def coordinator_run(
         raise _fail(err) from None
     try:
         outcome = submit_run(home, run_config, app=app_dir or REPO_ROOT, run_dir=str(run_dir))
-    except (FileNotFoundError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(err) from None
     colour = typer.colors.GREEN if outcome.ok else typer.colors.RED
     typer.secho(f"run {outcome.run_id}: {outcome.status}; run dir {run_dir}", fg=colour)
@@ -183,6 +189,8 @@ def merchant_start(
     superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the coordinator's SuperLink."),
     ca: Path = typer.Option(..., "--ca", help="The coordinator's CA certificate (ca.crt)."),
     key: Path = typer.Option(..., "--key", help="This merchant's SuperNode private key (.key)."),
+    trusted_entities: Path = typer.Option(..., "--trusted-entities", help="The coordinator's trusted-entities.yaml: "
+                                          "this SuperNode runs only apps signed by a key in it."),
     port: int = typer.Option(0, "--port", help="Local Runtime API port, distinct per SuperNode on a host; 0 = free."),
     shop_index: int = typer.Option(None, "--shop-index", help="This merchant's number (0, 1, ...): metrics.csv "
                                    "labels its rows shop-<index>; without it they say node-<SuperNode ID>."),
@@ -192,13 +200,14 @@ def merchant_start(
                                              help="Seconds between this SuperNode's heartbeats (Flower: 30). "
                                              "The SuperLink notices a crash after two; 10 = back in 20 s."),
 ) -> None:
-    """Validate the shop, then start `flower-supernode` with TLS and key authentication."""
+    """Validate the shop, then start `flower-supernode` with TLS, key authentication and signed-app checks."""
     from shared.schema import ShopDataError
     from simulations.deploy.merchant import start_merchant
     from simulations.deploy.processes import ProcessStartError
 
     try:
-        merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, port=port or None,
+        merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, trusted_entities=trusted_entities,
+                                  port=port or None,
                                   shop_index=shop_index, retry_for=retry_for,
                                   heartbeat_interval=heartbeat_interval)
     except ShopDataError as err:

@@ -5,6 +5,8 @@ Layout written under ``out``::
     ca.crt, ca.key                 certificate authority (ca.key stays with whoever issues certs)
     server.pem, server.key         the coordinator's SuperLink TLS certificate (SANs from options)
     merchants/<name>.key, .pub     one SuperNode authentication key pair per merchant
+    app-signing.key                the coordinator's Ed25519 key that signs every app it submits (coordinator only)
+    trusted-entities.yaml          its public part, for `fedshop merchant start --trusted-entities` (every merchant)
 
 SuperNode keys follow flwr 1.42: NIST EC keys, the private key in OpenSSH format (read by
 ``flower-supernode --auth-supernode-private-key`` with ``load_ssh_private_key``) and the public key in
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.atomic import atomic_write_bytes
+from simulations.deploy.app_signing import SIGNING_KEY_FILE, TRUSTED_FILE, write_signing_key
 
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
@@ -47,13 +50,16 @@ class CertPaths:
     server_cert: Path
     server_key: Path
     merchant_keys: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # name -> (private, public)
+    app_key: Path | None = None  # Ed25519 app-signing key (coordinator only)
+    trusted_entities: Path | None = None  # its public part, installed by every merchant
 
     @classmethod
     def under(cls, out: str | Path, merchants: list[str] | None = None) -> CertPaths:
         """The standard file layout below ``out`` for the given merchant names."""
         out = Path(out)
         keys = {m: (out / "merchants" / f"{m}.key", out / "merchants" / f"{m}.pub") for m in merchants or []}
-        return cls(out, out / "ca.crt", out / "ca.key", out / "server.pem", out / "server.key", keys)
+        return cls(out, out / "ca.crt", out / "ca.key", out / "server.pem", out / "server.key", keys,
+                   out / SIGNING_KEY_FILE, out / TRUSTED_FILE)
 
 
 def parse_merchants(spec: str) -> list[str]:
@@ -160,11 +166,17 @@ def write_merchant_keys(out: str | Path, merchants: list[str], *, force: bool = 
 
 def write_certs(out: str | Path, merchants: list[str], *, hosts: list[str] | None = None,
                 ips: list[str] | None = None, force: bool = False) -> CertPaths:
-    """Write a CA, the coordinator's server certificate and key, and one SuperNode key pair per merchant."""
+    """Write a CA, the coordinator's server certificate and key, its app-signing key, and merchant key pairs.
+
+    The server certificate always names 127.0.0.1: the operator's `flwr` reaches the Control API over loopback.
+    """
     hosts = ["localhost"] if hosts is None else hosts
     ips = ["127.0.0.1"] if ips is None else ips
+    if "127.0.0.1" not in ips:
+        ips = [*ips, "127.0.0.1"]
     paths = CertPaths.under(out, merchants)
-    _refuse_overwrite([paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key]
+    _refuse_overwrite([paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key, paths.app_key,
+                       paths.trusted_entities]
                       + [p for pair in paths.merchant_keys.values() for p in pair], force)
     ca_key, ca_cert = make_ca()
     server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts=hosts, ips=ips)
@@ -173,5 +185,6 @@ def write_certs(out: str | Path, merchants: list[str], *, hosts: list[str] | Non
     atomic_write_bytes(paths.ca_cert, ca_cert.public_bytes(pem), mode=PUBLIC_MODE)
     atomic_write_bytes(paths.server_key, _pem_key(server_key), mode=PRIVATE_MODE)
     atomic_write_bytes(paths.server_cert, server_cert.public_bytes(pem), mode=PUBLIC_MODE)
+    write_signing_key(out, private_mode=PRIVATE_MODE, public_mode=PUBLIC_MODE)
     write_merchant_keys(out, merchants, force=True)  # overwrite was already checked above
     return paths

@@ -6,10 +6,16 @@ Everything lives under one home folder::
     <home>/superlink.json     PID record; <home>/superlink.log its output
     <home>/superlink.db       SuperLink state, so registered SuperNodes survive a restart
     <home>/flwr/              FLWR_HOME: config.toml with the `fedshop` connection, installed FABs
+    <home>/merchants.json     node ID -> name and shop-index of each registered key (`register --shop-index`)
+
+The SuperLink runs through `simulations.deploy.superlink_launcher`, which serves other hosts only its
+Fleet API; the operator's `flwr` calls (runs, registrations) go over loopback. Every submitted FAB is
+signed with the app-signing key from the certificates folder (`simulations.deploy.app_signing`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import subprocess
@@ -23,6 +29,7 @@ import tomli_w
 
 from shared.atomic import atomic_write_text
 from shared.scenario import Scenario
+from simulations.deploy.app_signing import SIGNATURE_KEY, SIGNING_KEY_FILE, build_fab, load_signing_key, sign_fab
 from simulations.deploy.flwr_config import CONNECTION, flwr_bin, flwr_env, write_connection
 from simulations.deploy.processes import (
     ProcessStartError,
@@ -50,6 +57,8 @@ class Coordinator:
     ca_cert: str
     server_cert: str
     server_key: str
+    control_address: str = ""  # host:port the operator's `flwr` dials (loopback unless bound to one address)
+    app_key: str = ""  # Ed25519 key every submitted FAB is signed with
 
     @property
     def flwr_home(self) -> Path:
@@ -90,34 +99,56 @@ def _require_files(**paths: Path) -> None:
                                 "`fedshop certs --out DIR` and pass --certs DIR")
 
 
+def _operator_host(host: str) -> tuple[str, tuple[str, ...]]:
+    """(host the operator's `flwr` dials, non-loopback peers the Control guard must also let in)."""
+    if host in ("0.0.0.0", "::", "localhost"):
+        return "127.0.0.1", ()
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise ValueError(f"--bind {host}: not an IP address. Fix: pass 127.0.0.1, 0.0.0.0 or one of this host's "
+                         "addresses") from None
+    # Bound to one address: local `flwr` calls arrive from that address, which only this host can use.
+    return host, () if loopback else (host,)
+
+
 def start_coordinator(home: str | Path, certs: str | Path, *, port: int | None = None, host: str = "127.0.0.1",
                       public_host: str | None = None, env: dict[str, str] | None = None,
                       timeout: float = 60.0) -> Coordinator:
-    """Start `flower-superlink` with TLS and SuperNode auth; return once it accepts connections."""
+    """Start `flower-superlink` with TLS and SuperNode auth, Control and Runtime APIs for this host only.
+
+    Returns once it accepts connections.
+    """
     home, certs = Path(home).resolve(), Path(certs).resolve()
     ca, cert, key = certs / "ca.crt", certs / "server.pem", certs / "server.key"
     _require_files(ca=ca, server_cert=cert, server_key=key)
+    load_signing_key(certs / SIGNING_KEY_FILE)  # before anything starts: no key, no signed runs
+    operator_host, allowed = _operator_host(host)
     record = home / "superlink.json"
     if record.exists() and pid_alive(read_record(record).pid):
         raise RuntimeError(f"a SuperLink from {home} already runs (PID {read_record(record).pid}). Fix: "
                            f"`fedshop coordinator stop --home {home}` first")
     port = port or free_port(host)
     dial_host = public_host or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
-    info = Coordinator(str(home), host, port, f"{dial_host}:{port}", str(ca), str(cert), str(key))
+    info = Coordinator(str(home), host, port, f"{dial_host}:{port}", str(ca), str(cert), str(key),
+                       control_address=f"{operator_host}:{port}", app_key=str(certs / SIGNING_KEY_FILE))
     info.flwr_home.mkdir(parents=True, exist_ok=True)
-    command = [flwr_bin("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
+    guard = [sys.executable, "-m", "simulations.deploy.superlink_launcher",
+             *[arg for peer in allowed for arg in ("--allow", peer)], "--"]
+    command = [*guard, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
                "--ssl-keyfile", str(key), "--enable-supernode-auth", "--host", host, "--port", str(port),
                "--database", str(home / "superlink.db"), "--disable-runtime-dependency-installation"]
     log = home / "superlink.log"
     proc = start_process("flower-superlink", command, log_path=log, record_path=record,
                          env=flwr_env(info.flwr_home, env))
     try:
-        wait_ready(proc, lambda: port_open(dial_host, port), timeout=timeout, log_path=log, what="flower-superlink")
+        wait_ready(proc, lambda: port_open(operator_host, port), timeout=timeout, log_path=log,
+               what="flower-superlink")
     except ProcessStartError:
         stop_recorded(record)
         raise
     atomic_write_text(home / "coordinator.json", json.dumps(asdict(info), indent=2))
-    write_connection(info.flwr_home, info.address, ca)
+    write_connection(info.flwr_home, info.control_address, ca)
     return info
 
 
@@ -141,20 +172,53 @@ def _flwr(info: Coordinator, *args: str, timeout: float = 60.0) -> dict:
     return answer
 
 
-def register_merchant(home: str | Path, public_key: str | Path, *, name: str | None = None) -> int:
-    """Register a merchant's SuperNode public key with the SuperLink; returns its node ID."""
+def registered_merchants(home: str | Path) -> dict[str, dict]:
+    """``<home>/merchants.json``: node ID (text) -> {"name", "shop-index"} as given at registration."""
+    path = Path(home) / "merchants.json"
+    if not path.exists():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()))
+    except ValueError as err:
+        raise ValueError(f"{path}: unreadable ({err}). Fix: restore it, or delete it and register the merchants "
+                         "again") from None
+
+
+def register_merchant(home: str | Path, public_key: str | Path, *, name: str | None = None,
+                      shop_index: int | None = None) -> int:
+    """Register a merchant's SuperNode public key with the SuperLink; returns its node ID.
+
+    With ``shop_index`` the node ID is bound to that shop: replies from this key that claim another
+    shop-index are dropped and reported by the ServerApp (server/node_identity.py).
+    """
     key = Path(public_key)
     if not key.is_file():
         raise FileNotFoundError(f"{key}: no such public key. Fix: pass the merchant's .pub file from `fedshop certs`")
+    if shop_index is not None and shop_index < 0:
+        raise ValueError(f"--shop-index {shop_index}: must be 0 or more. Fix: number merchants 0, 1, 2, ...")
+    merchants = registered_merchants(home)
+    taken = [node for node, entry in merchants.items() if shop_index is not None
+             and entry.get("shop-index") == shop_index]
+    if taken:
+        raise ValueError(f"--shop-index {shop_index} is already bound to SuperNode {', '.join(taken)}; nothing "
+                         "registered. Fix: `fedshop coordinator unregister` that node first (key rotation) or give "
+                         "this merchant its own --shop-index")
     args = ["supernode", "register", str(key.resolve()), CONNECTION]
     if name:
         args += ["--name", name]
-    return int(_flwr(load_coordinator(home), *args)["node-id"])
+    node_id = int(_flwr(load_coordinator(home), *args)["node-id"])
+    if shop_index is not None:
+        merchants[str(node_id)] = {"name": name or "", "shop-index": shop_index}
+        atomic_write_text(Path(home) / "merchants.json", json.dumps(merchants, indent=2))
+    return node_id
 
 
 def unregister_merchant(home: str | Path, node_id: int) -> None:
     """Remove a SuperNode (e.g. before registering a rotated key) so its old key is refused."""
     _flwr(load_coordinator(home), "supernode", "unregister", str(node_id), CONNECTION)
+    merchants = registered_merchants(home)
+    if merchants.pop(str(node_id), None) is not None:
+        atomic_write_text(Path(home) / "merchants.json", json.dumps(merchants, indent=2))
 
 
 def list_merchants(home: str | Path) -> list[dict]:
@@ -243,12 +307,25 @@ def resume_run_config(run_dir: Path, *, rounds: int | None = None,
 
 
 def submit_run(home: str | Path, run_config: dict[str, object], *, app: str | Path = REPO_ROOT,
-               out: TextIO = sys.stdout, timeout: float = 3600.0, run_dir: str | None = None) -> RunOutcome:
-    """Submit ``app`` with `flwr run --stream`, echo its log to ``out``, and return the run's real status.
+               out: TextIO = sys.stdout, timeout: float = 3600.0, run_dir: str | None = None,
+               signing_key: str | Path | None = None, sign: bool = True) -> RunOutcome:
+    """Sign ``app``'s FAB, submit it with `flwr run --stream`, echo its log to ``out``, return the real status.
 
+    Merchants run only FABs signed by a key in their trusted-entities file: the coordinator's app key
+    (``signing_key`` overrides it; ``sign=False`` submits unsigned, which merchants refuse).
     `flwr run --stream` exits 0 even when the run fails, so the status comes from `flwr ls`.
     """
     info = load_coordinator(home)
+    if run_config.get("run-dir"):  # before signing: the FAB is built from the checkout the run dir may be in
+        from server.node_identity import BINDINGS_FILE
+
+        bindings = {node: entry["shop-index"] for node, entry in registered_merchants(home).items()
+                    if entry.get("shop-index") is not None}
+        atomic_write_text(Path(str(run_config["run-dir"])) / BINDINGS_FILE, json.dumps(bindings, indent=2))
+    if sign:
+        key = load_signing_key(signing_key or info.app_key)
+        # `flwr run` builds the same bytes (Flower's builder, fixed zip dates) a moment later.
+        run_config = {**run_config, SIGNATURE_KEY: sign_fab(build_fab(app), key)}
     command = [flwr_bin("flwr"), "run", str(Path(app).resolve()), CONNECTION, "--stream"]
     if run_config:
         command += ["--run-config", _config_arg(run_config)]

@@ -100,6 +100,7 @@ class LoopbackFederation:
             shop_index = list(self.certs.merchant_keys).index(name)
         merchant = start_merchant(self.shop_dir(name), self.state_dir(name), self.coordinator.address,
                                   ca=self.certs.ca_cert if ca else None, key=self.certs.merchant_keys[key or name][0],
+                                  trusted_entities=self.certs.trusted_entities,
                                   shop_index=shop_index, env=self.env, validate=validate, timeout=30,
                                   retry_for=retry_for, heartbeat_interval=self.heartbeat_interval)
         self.merchants[name] = merchant
@@ -128,7 +129,8 @@ def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple
     fed = LoopbackFederation(root, coordinator, certs, env, heartbeat_interval=heartbeat_interval)
     try:
         for name in shops:
-            register_merchant(coordinator.home, certs.merchant_keys[name][1], name=name)
+            register_merchant(coordinator.home, certs.merchant_keys[name][1], name=name,
+                              shop_index=list(certs.merchant_keys).index(name))
         with ThreadPoolExecutor(max_workers=len(shops) or 1) as pool:  # SuperNodes start side by side
             for future in [pool.submit(fed.start, name, validate=validate) for name in shops]:
                 future.result()

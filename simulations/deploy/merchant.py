@@ -6,6 +6,9 @@ ClientApp keeps the shop's local part directly in ``<state-dir>`` (``local_part.
 The SuperNode's node_config tells the ClientApp which shop it serves: ``shop-dir``, ``state-dir``
 and, when the operator gives one, ``shop-index`` (the coordinator labels this merchant's rows in
 metrics.csv by it; without it the rows say ``node-<SuperNode ID>``).
+
+The SuperNode runs only apps signed by a key in the merchant's trusted-entities file (the coordinator's
+``trusted-entities.yaml``): Flower's ``--trusted-entities`` check, fed by `supernode_launcher`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from simulations.deploy.flwr_config import flwr_bin, flwr_env
+from simulations.deploy.app_signing import read_trusted
+from simulations.deploy.flwr_config import flwr_env
 from simulations.deploy.processes import (
     ProcessStartError,
     free_port,
@@ -78,7 +82,8 @@ def _activated_node_id(log: Path) -> int | None:
 
 
 def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
-                   key: str | Path, port: int | None = None, shop_index: int | None = None,
+                   key: str | Path, trusted_entities: str | Path, port: int | None = None,
+                   shop_index: int | None = None,
                    isolation: str = "subprocess", env: dict[str, str] | None = None, validate: bool = True,
                    timeout: float = 60.0, retry_for: float = 0.0,
                    heartbeat_interval: float = DEFAULT_INTERVAL) -> Merchant:
@@ -92,11 +97,13 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
     """
     if heartbeat_interval != DEFAULT_INTERVAL:
         check_heartbeat_interval(heartbeat_interval)  # before anything starts
+    read_trusted(trusted_entities)  # a missing or malformed file fails here, naming the fix
     deadline = time.monotonic() + retry_for
     attempt = 0
     while True:
         try:
-            return _start_once(shop_dir, state_dir, superlink, ca=ca, key=key, port=port, shop_index=shop_index,
+            return _start_once(shop_dir, state_dir, superlink, ca=ca, key=key, trusted_entities=trusted_entities,
+                               port=port, shop_index=shop_index,
                                isolation=isolation, env=env, validate=validate, timeout=timeout,
                                heartbeat_interval=heartbeat_interval)
         except ProcessStartError as err:
@@ -115,7 +122,7 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
 
 
 def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
-                key: str | Path, port: int | None, shop_index: int | None, isolation: str,
+                key: str | Path, trusted_entities: str | Path, port: int | None, shop_index: int | None, isolation: str,
                 env: dict[str, str] | None, validate: bool, timeout: float,
                 heartbeat_interval: float) -> Merchant:
     """One attempt of `start_merchant`."""
@@ -135,9 +142,11 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
         raise RuntimeError(f"a SuperNode for {state_dir} already runs (PID {read_record(record).pid}). Fix: "
                            f"`fedshop merchant stop --state-dir {state_dir}` first")
     port = port or free_port()
-    launcher = [flwr_bin("flower-supernode")] if heartbeat_interval == DEFAULT_INTERVAL else [
-        sys.executable, "-m", "simulations.deploy.supernode_launcher", f"{heartbeat_interval:g}", "--"]
+    # Flower's own entry point, started by the launcher so that it checks app signatures (and beats at
+    # the chosen interval).
+    launcher = [sys.executable, "-m", "simulations.deploy.supernode_launcher", f"{heartbeat_interval:g}", "--"]
     command = [*launcher, "--superlink", superlink, "--auth-supernode-private-key", str(key),
+               "--trusted-entities", str(Path(trusted_entities).resolve()),
                "--node-config", node_config(shop_dir, state_dir, shop_index), "--port", str(port),
                "--isolation", isolation]
     if ca is not None:

@@ -1,0 +1,116 @@
+"""Drop and report replies whose shop identity disagrees with the SuperNode's registration.
+
+In a deployment the node key is the merchant's identity: the SuperLink authenticates the key, and a
+reply names its shop by the allow-listed ``shop-index``. `fedshop coordinator register --shop-index N`
+binds the node ID of a key to N, and `fedshop coordinator run` writes those bindings into the run dir
+(``node-bindings.json``). A reply from a bound node that claims another shop-index (another merchant
+starting with this key while its owner is offline, or a misconfigured SuperNode) is dropped before the
+strategy sees it, so the round treats that node as silent, and a warning naming both is logged to the
+run's output. A thief who also copies the victim's shop-index is not caught here: the key is the identity.
+Without a bindings file (simulation, `flwr run` by hand) the Grid is returned unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+BINDINGS_FILE = "node-bindings.json"  # {"<node id>": <shop index>} in the run dir
+log = logging.getLogger("flwr")
+
+
+def load_bindings(run_dir: str | Path) -> dict[int, int]:
+    """Node ID -> registered shop-index from ``run_dir/node-bindings.json`` (empty when there is none)."""
+    path = Path(run_dir) / BINDINGS_FILE
+    if not path.exists():
+        return {}
+    try:
+        return {int(node): int(index) for node, index in json.loads(path.read_text()).items()}
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: unreadable node bindings ({err}). Fix: delete it and submit the run again with "
+                         "`fedshop coordinator run`") from None
+
+
+def claimed_shop_index(msg: Message) -> int | None:
+    """The ``shop-index`` a reply names (None for error replies and replies without one)."""
+    if msg.has_error():
+        return None
+    for record in msg.content.metric_records.values():
+        if "shop-index" in record:
+            return int(record["shop-index"])
+    return None
+
+
+def mismatch(msg: Message, bindings: dict[int, int]) -> tuple[int, int] | None:
+    """(registered, claimed) shop-index when the reply's node is bound to another shop, else None."""
+    node = msg.metadata.src_node_id
+    claimed = claimed_shop_index(msg)
+    if node not in bindings or claimed is None or claimed == bindings[node]:
+        return None
+    return bindings[node], claimed
+
+
+class IdentityCheckedGrid(Grid):
+    """Delegates to ``inner``; `send_and_receive` drops replies whose shop-index disagrees with the binding."""
+
+    def __init__(self, inner: Grid, bindings: dict[int, int]) -> None:
+        self._inner = inner
+        self.bindings = bindings
+        self.dropped: list[tuple[int, int, int]] = []  # (node, registered, claimed)
+
+    def set_run(self, run: Any) -> None:
+        """Flower's Grid API, delegated."""
+        self._inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        """Flower's Grid API, delegated."""
+        return self._inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        """Flower's Grid API, delegated."""
+        return self._inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Flower's Grid API, delegated."""
+        return self._inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Flower's Grid API, delegated."""
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Flower's Grid API, delegated."""
+        return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """The inner Grid's replies minus those from a node that claims another shop than it registered as."""
+        kept = []
+        for msg in self._inner.send_and_receive(messages, timeout=timeout):
+            wrong = mismatch(msg, self.bindings)
+            if wrong is None:
+                kept.append(msg)
+                continue
+            node = msg.metadata.src_node_id
+            self.dropped.append((node, *wrong))
+            log.warning("fedshop: reply dropped: SuperNode %s is registered as shop-index %s but replied as "
+                        "shop-index %s (its key is used by another shop, or its --shop-index is wrong). Fix: "
+                        "check that merchant; if its key leaked, `fedshop coordinator unregister %s` and rotate it",
+                        node, wrong[0], wrong[1], node)
+        return kept
+
+    def __getattr__(self, name: str) -> Any:
+        """Anything else comes from the wrapped Grid."""
+        return getattr(self._inner, name)
+
+
+def check_identities(grid: Grid, run_dir: str | Path) -> Grid:
+    """Wrap ``grid`` when the run dir holds node bindings (a `fedshop coordinator run`); else return it."""
+    bindings = load_bindings(run_dir) if run_dir else {}
+    return IdentityCheckedGrid(grid, bindings) if bindings else grid
