@@ -165,7 +165,8 @@ def test_write_run_report_writes_summary_and_plots(tmp_path):
     summary = json.loads(json.dumps(summarize(final, small_shops=["a"])))
     written = write_run_report(tmp_path, small_shops=["a"], summary=summary)
     names = {p.name for p in written}
-    assert names == {"summary.md", "rounds_ctr.png", "rounds_sales.png", "final_ctr.png", "final_sales.png"}
+    assert names == {"summary.md", "report.html", "rounds_ctr.png", "rounds_sales.png", "final_ctr.png",
+                     "final_sales.png"}
     for png in (p for p in written if p.suffix == ".png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     text = (tmp_path / "summary.md").read_text()

@@ -1,0 +1,162 @@
+"""What a `fedshop` command shows: library logs only with `-v`, live progress, and a closing verdict.
+
+Progress is a Rich bar with an ETA in a terminal; through a pipe or into a file (CI, `make demo | tee`)
+it is one plain line per step, so a log shows the run advancing instead of staying silent for minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+FLOWER_LOGGER = "flwr"  # Flower logs through this logger (flwr.supercore.logger), with its own console handler
+_state = {"verbose": False}
+
+
+class _QuietFlower(logging.Filter):
+    """Keeps Flower's warnings and errors; drops its INFO/DEBUG chatter and its deprecation notices.
+
+    The notices (e.g. that `run_simulation` is deprecated) address fedshop's developers, not its users.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "DEPRECATED FEATURE" not in str(record.msg)
+
+
+_QUIET = _QuietFlower()
+
+
+def configure_logging(verbose: bool) -> None:
+    """Quiet Flower's and Ray's logs unless ``verbose``; never let a root handler print Flower's lines twice.
+
+    Flower's logger has its own console handler; a library that calls `logging.basicConfig` on import
+    (Opacus does) adds a root handler, and propagation would then print every Flower line a second time.
+    FLWR_LOG_LEVEL is read by Flower at import, also in the processes a run starts (Ray actors, SuperLink).
+    """
+    _state["verbose"] = verbose
+    flwr_logger = logging.getLogger(FLOWER_LOGGER)
+    flwr_logger.propagate = False
+    flwr_logger.removeFilter(_QUIET)
+    if verbose:
+        return
+    if "FLWR_LOG_LEVEL" in os.environ:  # the user chose Flower's level: respect it
+        return
+    os.environ["FLWR_LOG_LEVEL"] = "WARNING"
+    flwr_logger.addFilter(_QUIET)  # Flower may already be imported in this process: the variable is read once
+
+
+def is_verbose() -> bool:
+    """True when the command runs with `fedshop -v`."""
+    return bool(_state["verbose"])
+
+
+def duration(seconds: float) -> str:
+    """'1:05' for 65 s, '1:02:03' past an hour."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+@dataclass
+class _Line:
+    """Per-label state of the plain-line progress."""
+
+    start: float
+    done: int = 0
+    total: int = 0
+    status: str = ""
+
+
+@dataclass
+class StepProgress:
+    """Progress of labelled tasks (a run's rounds, a shop's epochs): a Rich bar or one line per step.
+
+    ``every`` throttles the plain lines: a label prints when it finishes and otherwise at most once every
+    ``every`` seconds (0 = every step: a line per federated round).
+    """
+
+    console: Console
+    unit: str = "step"
+    every: float = 0.0
+    transient: bool = False
+    _bar: Progress | None = None
+    _tasks: dict[str, TaskID] = field(default_factory=dict)
+    _lines: dict[str, _Line] = field(default_factory=dict)
+    _last_print: float = 0.0
+    _start: float = field(default_factory=time.monotonic)
+
+    @property
+    def live(self) -> bool:
+        """True when a Rich bar is drawn (a terminal), False for plain lines."""
+        return self._bar is not None
+
+    def start(self, label: str, total: int, status: str = "") -> None:
+        """Show ``label`` at 0/``total`` before its first step ends (e.g. while Ray starts)."""
+        if self._bar is not None:
+            if label not in self._tasks:
+                self._tasks[label] = self._bar.add_task(label, total=total, status=status)
+            return
+        self._lines.setdefault(label, _Line(start=time.monotonic(), total=total, status=status))
+        self._print(f"{label}: {status}" if status else f"{label}: started")
+
+    def update(self, label: str, done: int, total: int, status: str = "") -> None:
+        """``label`` has finished ``done`` of ``total`` steps; ``status`` is a short note (metrics, shops)."""
+        if self._bar is not None:
+            if label not in self._tasks:
+                self._tasks[label] = self._bar.add_task(label, total=total, status=status)
+            self._bar.update(self._tasks[label], completed=done, total=total, status=status)
+            return
+        now = time.monotonic()
+        line = self._lines.get(label)
+        if line is None or done < line.done:  # a new label, or the same label started again (next seed)
+            line = self._lines[label] = _Line(start=now)
+        line.done, line.total, line.status = done, total, status
+        if done < total and now - self._last_print < self.every:
+            return
+        elapsed = now - line.start
+        eta = f", ETA {duration(elapsed / done * (total - done))}" if 0 < done < total else ""
+        note = f"  {status}" if status else ""
+        self._print(f"{label}: {self.unit} {done}/{total} (elapsed {duration(elapsed)}{eta}){note}")
+
+    def note(self, text: str) -> None:
+        """A line that stays (e.g. 'local (seed 0) finished in 12 s'), above the bar in a terminal."""
+        self.console.print(text, highlight=False, soft_wrap=True)
+
+    def _print(self, text: str) -> None:
+        self._last_print = time.monotonic()
+        self.console.print(text, highlight=False, soft_wrap=True, markup=False)
+
+    def __enter__(self) -> StepProgress:
+        if self.console.is_terminal:
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 TextColumn(f"{self.unit} {{task.completed}}/{{task.total}}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[status]}"), console=self.console, transient=self.transient)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+@contextmanager
+def step_progress(console: Console, *, unit: str = "step", every: float = 0.0, transient: bool = False
+                  ) -> Iterator[StepProgress]:
+    """`StepProgress` as a context manager."""
+    with StepProgress(console, unit=unit, every=every, transient=transient) as bar:
+        yield bar
+
+
+def print_verdict(console: Console, lines: Sequence[str]) -> None:
+    """The run's closing lines (`summary.verdict_lines`), set off by a rule."""
+    console.rule("verdict", style="dim")
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
