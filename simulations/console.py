@@ -72,6 +72,18 @@ class _Line:
     done: int = 0
     total: int = 0
     status: str = ""
+    first_done: int | None = None  # the first step seen and when: the rate between steps leaves out start-up
+    first_time: float = 0.0
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left at the pace so far (from the second step on, the pace since the first)."""
+        if not 0 < self.done < self.total:
+            return None
+        if self.first_done is not None and self.done > self.first_done:
+            pace = (now - self.first_time) / (self.done - self.first_done)
+        else:
+            pace = (now - self.start) / self.done
+        return pace * (self.total - self.done)
 
 
 @dataclass
@@ -97,33 +109,36 @@ class StepProgress:
         """True when a Rich bar is drawn (a terminal), False for plain lines."""
         return self._bar is not None
 
-    def start(self, label: str, total: int, status: str = "") -> None:
+    def start(self, label: str, total: int, status: str = "", unit: str | None = None) -> None:
         """Show ``label`` at 0/``total`` before its first step ends (e.g. while Ray starts)."""
         if self._bar is not None:
             if label not in self._tasks:
-                self._tasks[label] = self._bar.add_task(label, total=total, status=status)
+                self._tasks[label] = self._bar.add_task(label, total=total, status=status, unit=unit or self.unit)
             return
         self._lines.setdefault(label, _Line(start=time.monotonic(), total=total, status=status))
         self._print(f"{label}: {status}" if status else f"{label}: started")
 
-    def update(self, label: str, done: int, total: int, status: str = "") -> None:
-        """``label`` has finished ``done`` of ``total`` steps; ``status`` is a short note (metrics, shops)."""
+    def update(self, label: str, done: int, total: int, status: str = "", unit: str | None = None) -> None:
+        """``label`` has finished ``done`` of ``total`` steps (``unit``s); ``status`` is a short note (metrics)."""
+        unit = unit or self.unit
         if self._bar is not None:
             if label not in self._tasks:
-                self._tasks[label] = self._bar.add_task(label, total=total, status=status)
-            self._bar.update(self._tasks[label], completed=done, total=total, status=status)
+                self._tasks[label] = self._bar.add_task(label, total=total, status=status, unit=unit)
+            self._bar.update(self._tasks[label], completed=done, total=total, status=status, unit=unit)
             return
         now = time.monotonic()
         line = self._lines.get(label)
         if line is None or done < line.done:  # a new label, or the same label started again (next seed)
             line = self._lines[label] = _Line(start=now)
         line.done, line.total, line.status = done, total, status
+        if line.first_done is None and done > 0:
+            line.first_done, line.first_time = done, now
         if done < total and now - self._last_print < self.every:
             return
-        elapsed = now - line.start
-        eta = f", ETA {duration(elapsed / done * (total - done))}" if 0 < done < total else ""
+        left = line.eta(now)
+        eta = f", ETA {duration(left)}" if left is not None else ""
         note = f"  {status}" if status else ""
-        self._print(f"{label}: {self.unit} {done}/{total} (elapsed {duration(elapsed)}{eta}){note}")
+        self._print(f"{label}: {unit}s done {done}/{total} (elapsed {duration(now - line.start)}{eta}){note}")
 
     def note(self, text: str) -> None:
         """A line that stays (e.g. 'local (seed 0) finished in 12 s'), above the bar in a terminal."""
@@ -136,7 +151,7 @@ class StepProgress:
     def __enter__(self) -> StepProgress:
         if self.console.is_terminal:
             self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                 TextColumn(f"{self.unit} {{task.completed}}/{{task.total}}"),
+                                 TextColumn("{task.fields[unit]}s done {task.completed}/{task.total}"),
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                  TextColumn("{task.fields[status]}"), console=self.console, transient=self.transient)
             self._bar.__enter__()

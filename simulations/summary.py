@@ -222,7 +222,7 @@ def verdict_lines(run_dir: Path, rows: pd.DataFrame, final: pd.DataFrame, *, sum
     note = (f"test split, mean over {over}, each shop at its best-validation round"
             + (f"; lower {', '.join(lower)} is better" if lower else ""))
     n_shops, rounds = final["shop"].nunique(), int(rows["round"].max()) if len(rows) else 0
-    where = f"report: {Path(run_dir) / 'report.html'} (also summary.md, metrics.csv, plots/)"
+    where = f"report: {Path(run_dir) / 'report.html'} (run directory {run_dir}: summary.md, metrics.csv, plots/)"
     if not tasks:
         return [f"{scenario}: no test metrics were recorded (see metrics.csv)", where]
     if len(methods) == 1:
