@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 FLOWER_LOGGER = "flwr"  # Flower logs through this logger (flwr.supercore.logger), with its own console handler
-_state = {"verbose": False}
+_state = {"verbose": False, "set_env": False}
 
 
 class _QuietFlower(logging.Filter):
@@ -34,22 +34,31 @@ _QUIET = _QuietFlower()
 
 
 def configure_logging(verbose: bool) -> None:
-    """Quiet Flower's and Ray's logs unless ``verbose``; never let a root handler print Flower's lines twice.
+    """Quiet Flower's logs unless ``verbose``; never let a root handler print Flower's lines twice.
 
     Flower's logger has its own console handler; a library that calls `logging.basicConfig` on import
     (Opacus does) adds a root handler, and propagation would then print every Flower line a second time.
-    FLWR_LOG_LEVEL is read by Flower at import, also in the processes a run starts (Ray actors, SuperLink).
+    Quiet: this process keeps Flower's warnings and errors (its deprecation notices aside); the processes a
+    run starts (Ray's ClientApp actors, a SuperLink) read FLWR_LOG_LEVEL=ERROR when they import Flower, which
+    drops their teardown warnings ("Manually terminating ClientAppActor") but keeps a shop's errors.
     """
     _state["verbose"] = verbose
     flwr_logger = logging.getLogger(FLOWER_LOGGER)
     flwr_logger.propagate = False
     flwr_logger.removeFilter(_QUIET)
+    if _state.get("set_env") and os.environ.get("FLWR_LOG_LEVEL") == "ERROR":  # ours, from an earlier call
+        del os.environ["FLWR_LOG_LEVEL"]
+    _state["set_env"] = False
+    from flwr.supercore.logger import update_console_handler  # noqa: PLC0415 - reads FLWR_LOG_LEVEL at import
+
+    if "FLWR_LOG_LEVEL" in os.environ:  # the user chose Flower's level: leave it
+        return
+    update_console_handler(level=logging.INFO if verbose else logging.WARNING)
     if verbose:
         return
-    if "FLWR_LOG_LEVEL" in os.environ:  # the user chose Flower's level: respect it
-        return
-    os.environ["FLWR_LOG_LEVEL"] = "WARNING"
-    flwr_logger.addFilter(_QUIET)  # Flower may already be imported in this process: the variable is read once
+    flwr_logger.addFilter(_QUIET)
+    os.environ["FLWR_LOG_LEVEL"] = "ERROR"  # for child processes only: this one has read it already
+    _state["set_env"] = True
 
 
 def is_verbose() -> bool:

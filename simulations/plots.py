@@ -74,7 +74,8 @@ def plot_rounds(rows: pd.DataFrame, out_dir: Path, *, split: str = "val", small_
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(shops):]:
             ax.set_visible(False)
-        axes[0][0].legend(fontsize=7)
+        handles, labels = axes[0][0].get_legend_handles_labels()  # outside the panels: it hid curves
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
         better = "higher" if higher else "lower"
         fig.suptitle(f"{task}: {split} {metric} by round ({better} is better)", fontsize=11)
         fig.supxlabel("round (epoch for local/central)", fontsize=9)
@@ -128,7 +129,7 @@ def plot_final_bars(final: pd.DataFrame, out_dir: Path, *, small_shops: Sequence
             ax.set_ylim(0.0, hi * 1.15 if hi > 0 else 1.0)
             ax.set_ylabel(f"test {metric} (bars start at 0)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, ncols=len(methods))
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: it hid bars
         better = "higher" if higher else "lower"
         ax.set_title(f"{task}: test {metric} at best-validation round ({better} is better)", fontsize=10)
         paths.append(_save(fig, Path(out_dir) / f"final_{task}.png"))

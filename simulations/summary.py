@@ -228,13 +228,14 @@ def verdict_lines(run_dir: Path, rows: pd.DataFrame, final: pd.DataFrame, *, sum
     if len(methods) == 1:
         method = methods[0]
         parts = " · ".join(f"{_label(t)} {means[(t, method)]:.3f}" for t in tasks)
-        lines = [f"{METHOD_NAMES.get(method, method)} on {scenario} ({n_shops} shops, {rounds} rounds, seed "
-                 f"{', '.join(map(str, seeds))}): {parts}", f"({note})"]
+        steps = "epochs" if method in ("local", "central") else "rounds"
+        lines = [f"{METHOD_NAMES.get(method, method)} on {scenario} ({n_shops} shops, {rounds} {steps}, "
+                 f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}): {parts}", f"({note})"]
         if method == "central":
-            lines.append("gap closed: n/a (this run is the oracle itself: `fedshop compare` measures "
+            lines.append("gap closed: n/a (this run is the oracle itself: 'fedshop compare' measures "
                          "the federation against it)")
         else:
-            lines.append("gap closed: n/a (no oracle in this run: `fedshop compare` runs local-only and the "
+            lines.append("gap closed: n/a (no oracle in this run: 'fedshop compare' runs local-only and the "
                          "oracle beside it)")
         return [*lines, where]
     task = "ctr" if "ctr" in tasks else tasks[0]
@@ -344,10 +345,11 @@ def write_run_report(run_dir: str | Path, *, small_shops: Sequence[str] = (), su
              + plot_final_bars(final, plot_dir, small_shops=small_shops))
     verdict = verdict_lines(run_dir, rows, final, summary=summary,
                             scenario=config.get("scenario", {}).get("name", "?"))
+    shown = verdict[:-1]  # the last line says where the report is: for the console, not the report itself
     text = render_summary(run_dir, rows, final, summary=summary, small_shops=small_shops, plots=plots,
-                          verdict=verdict)
+                          verdict=shown)
     md = atomic_write_text(run_dir / "summary.md", text)
     html = write_html_report(run_dir / "report.html", html_context(run_dir, rows, final, summary=summary,
                                                                    small_shops=small_shops, plots=plots,
-                                                                   verdict=verdict))
+                                                                   verdict=shown))
     return [md, html, *plots]

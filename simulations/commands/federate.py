@@ -32,13 +32,17 @@ HEADLINE = ("ctr.auc", "cvr.auc", "ranking.ndcg@10", "sales.wape")  # shown live
 
 
 def _headline(report: RoundReport) -> str:
-    """Mean over shops of a few headline metrics, e.g. 'ctr.auc 0.712  ranking.ndcg@10 0.301'."""
+    """Mean over shops of a few validation metrics, e.g. 'val ctr.auc 0.712  ranking.ndcg@10 0.301'.
+
+    Shops report 'val/<task>.<metric>' when a round evaluates several splits, '<task>.<metric>' otherwise.
+    """
     parts = []
     for key in HEADLINE:
-        values = [m[key] for m in report.evaluate.values() if key in m and m[key] == m[key]]
+        values = [m.get(f"val/{key}", m.get(key)) for m in report.evaluate.values()]
+        values = [v for v in values if v is not None and v == v]
         if values:
             parts.append(f"{key} {sum(values) / len(values):.3f}")
-    return "  ".join(parts)
+    return ("val " + "  ".join(parts)) if parts else ""
 
 
 REPO = Path(__file__).resolve().parents[2]
