@@ -110,7 +110,7 @@ class StepProgress:
     _bar: Progress | None = None
     _tasks: dict[str, TaskID] = field(default_factory=dict)
     _lines: dict[str, _Line] = field(default_factory=dict)
-    _last_print: float = 0.0
+    _last_print: float = float("-inf")
     _start: float = field(default_factory=time.monotonic)
 
     @property

@@ -228,7 +228,7 @@ def verdict_lines(run_dir: Path, rows: pd.DataFrame, final: pd.DataFrame, *, sum
     if len(methods) == 1:
         method = methods[0]
         parts = " · ".join(f"{_label(t)} {means[(t, method)]:.3f}" for t in tasks)
-        steps = "epochs" if method in ("local", "central") else "rounds"
+        steps = ("epoch" if method in ("local", "central") else "round") + ("s" if rounds != 1 else "")
         lines = [f"{METHOD_NAMES.get(method, method)} on {scenario} ({n_shops} shops, {rounds} {steps}, "
                  f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}): {parts}", f"({note})"]
         if method == "central":
@@ -240,7 +240,8 @@ def verdict_lines(run_dir: Path, rows: pd.DataFrame, final: pd.DataFrame, *, sum
         return [*lines, where]
     task = "ctr" if "ctr" in tasks else tasks[0]
     parts = " · ".join(f"{METHOD_NAMES.get(m, m)} {means[(task, m)]:.3f}" for m in methods if (task, m) in means)
-    lines = [f"{scenario} ({n_shops} shops, {rounds} rounds): {_label(task)} {parts}", f"({note})"]
+    lines = [f"{scenario} ({n_shops} shops, {rounds} round{'s' if rounds != 1 else ''}): {_label(task)} {parts}",
+             f"({note})"]
     entry = (summary or {}).get("tasks", {}).get(task)
     if entry is not None:
         method = summary.get("method", "fedshop")
