@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Column
 
 FLOWER_LOGGER = "flwr"  # Flower logs through this logger (flwr.supercore.logger), with its own console handler
 _state = {"verbose": False, "set_env": False}
@@ -120,21 +121,17 @@ class StepProgress:
 
     def start(self, label: str, total: int, status: str = "", unit: str | None = None) -> None:
         """Show ``label`` at 0/``total`` before its first step ends (e.g. while Ray starts)."""
+        self._lines.setdefault(label, _Line(start=time.monotonic(), total=total, status=status))
         if self._bar is not None:
             if label not in self._tasks:
-                self._tasks[label] = self._bar.add_task(label, total=total, status=status, unit=unit or self.unit)
+                self._tasks[label] = self._bar.add_task(label, total=total, status=status, unit=unit or self.unit,
+                                                        eta="")
             return
-        self._lines.setdefault(label, _Line(start=time.monotonic(), total=total, status=status))
         self._print(f"{label}: {status}" if status else f"{label}: started")
 
     def update(self, label: str, done: int, total: int, status: str = "", unit: str | None = None) -> None:
         """``label`` has finished ``done`` of ``total`` steps (``unit``s); ``status`` is a short note (metrics)."""
         unit = unit or self.unit
-        if self._bar is not None:
-            if label not in self._tasks:
-                self._tasks[label] = self._bar.add_task(label, total=total, status=status, unit=unit)
-            self._bar.update(self._tasks[label], completed=done, total=total, status=status, unit=unit)
-            return
         now = time.monotonic()
         line = self._lines.get(label)
         if line is None or done < line.done:  # a new label, or the same label started again (next seed)
@@ -142,9 +139,15 @@ class StepProgress:
         line.done, line.total, line.status = done, total, status
         if line.first_done is None and done > 0:
             line.first_done, line.first_time = done, now
+        left = line.eta(now)
+        if self._bar is not None:  # our ETA, not Rich's: Rich's needs several steps within 30 s
+            fields = {"status": status, "unit": unit, "eta": f"ETA {duration(left)}" if left is not None else ""}
+            if label not in self._tasks:
+                self._tasks[label] = self._bar.add_task(label, total=total, **fields)
+            self._bar.update(self._tasks[label], completed=done, total=total, **fields)
+            return
         if done < total and now - self._last_print < self.every:
             return
-        left = line.eta(now)
         eta = f", ETA {duration(left)}" if left is not None else ""
         note = f"  {status}" if status else ""
         self._print(f"{label}: {unit}s done {done}/{total} (elapsed {duration(now - line.start)}{eta}){note}")
@@ -159,10 +162,17 @@ class StepProgress:
 
     def __enter__(self) -> StepProgress:
         if self.console.is_terminal:
-            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                 TextColumn("{task.fields[unit]}s done {task.completed}/{task.total}"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[status]}"), console=self.console, transient=self.transient)
+            # The status (live metrics) gets what is left of the line and is cut first, never the counts.
+            fixed = [Column(no_wrap=True) for _ in range(5)]
+            status = Column(no_wrap=True, overflow="ellipsis", max_width=max(12, self.console.width - 90))
+            self._bar = Progress(TextColumn("[bold]{task.description}", table_column=fixed[0]),
+                                 BarColumn(bar_width=20, table_column=fixed[1]),
+                                 TextColumn("{task.fields[unit]}s done {task.completed}/{task.total}",
+                                            table_column=fixed[2]),
+                                 TimeElapsedColumn(table_column=fixed[3]),
+                                 TextColumn("{task.fields[eta]}", table_column=fixed[4]),
+                                 TextColumn("{task.fields[status]}", table_column=status),
+                                 console=self.console, transient=self.transient)
             self._bar.__enter__()
         return self
 
