@@ -119,7 +119,8 @@ def headline_table(summary: dict[str, Any]) -> Table:
                           + (f" ± {w['margin_se']:.3f}" if w.get("margin_se") else "")
                           + (f"; ± {w['margin_se_seeds']:.3f} over {w['n_seeds']} seeds" if w.get("margin_se_seeds")
                              else "") + ")"
-                          for w in t.get("worse_shops", [])) or "none"
+                          for w in t.get("worse_shops", [])) or ("none" if {"local", method} <= set(t["mean"])
+                                                                  else "n/a")
         gain = (t.get("small_shop_gain") or {}).get(method)
         rows.append([task, t["metric"], *[_fmt(t["mean"].get(m)) for m in methods], gap, worse, _fmt(gain)])
     return header, rows
@@ -218,9 +219,12 @@ def verdict_lines(run_dir: Path, rows: pd.DataFrame, final: pd.DataFrame, *, sum
     tasks = [t for t in PRIMARY if t in set(picked["task"])]
     methods = _methods(list(picked["method"].unique()))
     over = "shops" + (f" and {len(seeds)} seeds" if len(seeds) > 1 else "")
-    lower = [_label(t) for t in tasks if not PRIMARY[t][1]]
-    note = (f"test split, mean over {over}, each shop at its best-validation round"
-            + (f"; lower {', '.join(lower)} is better" if lower else ""))
+
+    def note(shown: list[str]) -> str:
+        lower = [_label(t) for t in shown if not PRIMARY[t][1]]
+        return (f"test split, mean over {over}, each shop at its best-validation round"
+                + (f"; lower {', '.join(lower)} is better" if lower else ""))
+
     n_shops, rounds = final["shop"].nunique(), int(rows["round"].max()) if len(rows) else 0
     where = f"report: {Path(run_dir) / 'report.html'} (run directory {run_dir}: summary.md, metrics.csv, plots/)"
     if not tasks:
@@ -230,7 +234,7 @@ def verdict_lines(run_dir: Path, rows: pd.DataFrame, final: pd.DataFrame, *, sum
         parts = " · ".join(f"{_label(t)} {means[(t, method)]:.3f}" for t in tasks)
         steps = ("epoch" if method in ("local", "central") else "round") + ("s" if rounds != 1 else "")
         lines = [f"{METHOD_NAMES.get(method, method)} on {scenario} ({n_shops} shops, {rounds} {steps}, "
-                 f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}): {parts}", f"({note})"]
+                 f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}): {parts}", f"({note(tasks)})"]
         if method == "central":
             lines.append("gap closed: n/a (this run is the oracle itself: 'fedshop compare' measures "
                          "the federation against it)")
@@ -241,7 +245,7 @@ def verdict_lines(run_dir: Path, rows: pd.DataFrame, final: pd.DataFrame, *, sum
     task = "ctr" if "ctr" in tasks else tasks[0]
     parts = " · ".join(f"{METHOD_NAMES.get(m, m)} {means[(task, m)]:.3f}" for m in methods if (task, m) in means)
     lines = [f"{scenario} ({n_shops} shops, {rounds} round{'s' if rounds != 1 else ''}): {_label(task)} {parts}",
-             f"({note})"]
+             f"({note([task])})"]
     entry = (summary or {}).get("tasks", {}).get(task)
     if entry is not None:
         method = summary.get("method", "fedshop")
@@ -260,8 +264,11 @@ def verdict_lines(run_dir: Path, rows: pd.DataFrame, final: pd.DataFrame, *, sum
             status = {name: target_status(name, t, summary) for name, t in targets.items()}
             met = sum(s == "met" for s in status.values())
             measured = sum(not s.startswith("n/a") for s in status.values())
-            lines.append(f"targets: {met} of {measured} measured met (" + "; ".join(
-                f"{name} {s}" for name, s in status.items()) + ")")
+            if not measured and len(set(status.values())) == 1:
+                lines.append(f"targets ({', '.join(status)}): {next(iter(status.values()))}")
+            else:
+                lines.append(f"targets: {met} of {measured} measured met (" + "; ".join(
+                    f"{name} {s}" for name, s in status.items()) + ")")
     return [*lines, where]
 
 

@@ -38,7 +38,8 @@ def print_headline(comparison: Comparison) -> None:
     for col in ["task", *methods, "gap closed", "worse (max)", "small gain"]:
         table.add_column(col, justify="left" if col == "task" else "right")
     for task, t in tasks.items():
-        gap = f"{t['gap_closed']:.1%}" if t["gap_closed"] is not None else t["gap_status"]
+        gap = (f"{t['gap_closed']:.1%}" if t["gap_closed"] is not None
+               else "n/a" if t["gap_status"] == "missing-method" else t["gap_status"])  # the verdict says why
         worse = t.get("worse_shops", [])
         gain = (t.get("small_shop_gain") or {}).get(summary["method"])
         means = [f"{t['mean'][m]:.4f}" if m in t["mean"] else "-" for m in methods]
