@@ -112,7 +112,6 @@ class StepProgress:
     _tasks: dict[str, TaskID] = field(default_factory=dict)
     _lines: dict[str, _Line] = field(default_factory=dict)
     _last_print: float = float("-inf")
-    _start: float = field(default_factory=time.monotonic)
 
     @property
     def live(self) -> bool:
