@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import (
@@ -31,7 +31,8 @@ from flwr.serverapp import (
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
-from shared.privacy.accounting import PrivacyReport
+if TYPE_CHECKING:  # the module imports Opacus, whose import calls logging.basicConfig: load it only when DP runs
+    from shared.privacy.accounting import PrivacyReport
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def split_config(config: dict[str, Any]) -> tuple[CentralDPSettings, dict[str, A
     return settings, rest
 
 
-ReleaseHook = Callable[[int, PrivacyReport], None]  # (server round, privacy spent after it)
+ReleaseHook = Callable[[int, "PrivacyReport"], None]  # (server round, privacy spent after it)
 
 
 class CentralDP(DifferentialPrivacyClientSideFixedClipping):
@@ -105,6 +106,8 @@ class CentralDP(DifferentialPrivacyClientSideFixedClipping):
 
     def report(self) -> PrivacyReport:
         """(epsilon, delta, unit=shop, q=1, z, S, rounds) spent so far."""
+        from shared.privacy.accounting import PrivacyReport  # noqa: PLC0415 - Opacus; see the import above
+
         spent = self.accountant.get_privacy_spent()
         return PrivacyReport(epsilon=spent.epsilon, delta=spent.delta, unit="shop", sample_rate=1.0,
                              noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm,

@@ -6,6 +6,7 @@ Matplotlib runs on the Agg backend (no display), and every figure is written ato
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,11 @@ from shared.atomic import atomic_write_bytes  # noqa: E402
 from simulations.report import PRIMARY  # noqa: E402
 
 METHOD_ORDER = ("local", "central", "fedavg-all", "fedshop")
+CHANCE_AUC = 0.5  # a random ranking's AUC: drawn on every AUC plot, and where AUC bars start
+
+
+def _shop_label(shop: str, small: set[str]) -> str:
+    return f"{shop} (small)" if shop in small else shop
 
 
 def _ordered(methods: list[str]) -> list[str]:
@@ -34,13 +40,15 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_rounds(rows: pd.DataFrame, out_dir: Path, *, split: str = "val") -> list[Path]:
+def plot_rounds(rows: pd.DataFrame, out_dir: Path, *, split: str = "val", small_shops: Sequence[str] = ()
+                ) -> list[Path]:
     """One PNG per task: the primary metric on ``split`` by round, a panel per shop, a line per method.
 
     Non-federated methods log one point per epoch; with one local epoch per round, epoch and round
-    are the same compute. Several seeds are averaged.
+    are the same compute. Several seeds are averaged. Small shops' panels say so; AUC panels show chance.
     """
     paths = []
+    small = set(small_shops)
     for task, (metric, higher) in PRIMARY.items():
         sel = rows[(rows["task"] == task) & (rows["metric"] == metric) & (rows["split"] == split)]
         sel = sel.dropna(subset=["value"])
@@ -58,27 +66,33 @@ def plot_rounds(rows: pd.DataFrame, out_dir: Path, *, split: str = "val") -> lis
                 if (shop, method) in curves.index.droplevel("round"):
                     line = curves.loc[(shop, method)]
                     ax.plot(line.index, line.values, marker="o", markersize=3, label=method)
-            ax.set_title(shop, fontsize=9)
+            if metric == "auc":
+                ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
+            ax.set_title(_shop_label(shop, small), fontsize=9, fontweight="bold" if shop in small else "normal")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(shops):]:
             ax.set_visible(False)
-        axes[0][0].legend(fontsize=7)
+        handles, labels = axes[0][0].get_legend_handles_labels()  # outside the panels: it hid curves
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
         better = "higher" if higher else "lower"
         fig.suptitle(f"{task}: {split} {metric} by round ({better} is better)", fontsize=11)
         fig.supxlabel("round (epoch for local/central)", fontsize=9)
+        fig.supylabel(f"{split} {metric}", fontsize=9)
         paths.append(_save(fig, Path(out_dir) / f"rounds_{task}.png"))
     return paths
 
 
-def plot_final_bars(final: pd.DataFrame, out_dir: Path) -> list[Path]:
+def plot_final_bars(final: pd.DataFrame, out_dir: Path, *, small_shops: Sequence[str] = ()) -> list[Path]:
     """One PNG per task: test primary metric at each shop's best-validation round, grouped bars per method.
 
     The last group is the mean over shops; with several seeds, bars are seed means and whiskers one
-    standard deviation across seeds.
+    standard deviation across seeds. Bars start at 0, AUC bars at chance (0.5), as the axis label says:
+    a baseline fitted to the data would make small differences look large.
     """
     paths = []
+    small = set(small_shops)
     for task, (metric, higher) in PRIMARY.items():
         sel = final[(final["task"] == task) & (final["metric"] == metric)].dropna(subset=["value"])
         if sel.empty:
@@ -96,16 +110,26 @@ def plot_final_bars(final: pd.DataFrame, out_dir: Path) -> list[Path]:
         x = np.arange(len(mean.index))
         width = 0.8 / len(methods)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(x) + 2), 3.6))
+        bottom = CHANCE_AUC if metric == "auc" else 0.0  # bars grow from the axis start
         for i, method in enumerate(methods):
-            ax.bar(x + (i - (len(methods) - 1) / 2) * width, mean[method], width, yerr=std[method], label=method,
-                   capsize=2 if std[method].any() else 0)
-        ax.set_xticks(x, list(mean.index), rotation=30, ha="right", fontsize=8)
-        lo, hi = np.nanmin(mean.values), np.nanmax(mean.values)
-        pad = max(0.02, (hi - lo) * 0.3)
-        ax.set_ylim(max(0.0, lo - pad), hi + pad)
-        ax.set_ylabel(f"test {metric}")
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, mean[method] - bottom, width, bottom=bottom,
+                   yerr=std[method], label=method, capsize=2 if std[method].any() else 0)
+        labels = [_shop_label(str(s), small) for s in mean.index[:-1]] + ["mean over shops"]
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+        for tick, shop in zip(ax.get_xticklabels(), mean.index, strict=False):
+            if shop in small:
+                tick.set_fontweight("bold")
+        hi = float(np.nanmax((mean + std).values))
+        if metric == "auc":  # below chance (a broken model) the axis extends down, so no bar is hidden
+            lo = float(np.nanmin((mean - std).values))
+            ax.set_ylim(min(CHANCE_AUC, lo - 0.02), max(hi, CHANCE_AUC + 0.05) + 0.05)
+            ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
+            ax.set_ylabel(f"test {metric} (bars start at chance, 0.5)")
+        else:
+            ax.set_ylim(0.0, hi * 1.15 if hi > 0 else 1.0)
+            ax.set_ylabel(f"test {metric} (bars start at 0)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, ncols=len(methods))
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: it hid bars
         better = "higher" if higher else "lower"
         ax.set_title(f"{task}: test {metric} at best-validation round ({better} is better)", fontsize=10)
         paths.append(_save(fig, Path(out_dir) / f"final_{task}.png"))

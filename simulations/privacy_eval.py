@@ -798,6 +798,7 @@ def plot_utility(rows: list[dict[str, object]], path: Path) -> Path:
     ax.set_xlabel("epsilon (shop level, delta fixed)")
     ax.set_ylabel(str(rows[0]["metric"]) if rows else "")
     ax.legend(fontsize=8)
+    ax.set_title("Privacy-utility: test metric against the privacy spent (epsilon)", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -165,7 +165,8 @@ def test_write_run_report_writes_summary_and_plots(tmp_path):
     summary = json.loads(json.dumps(summarize(final, small_shops=["a"])))
     written = write_run_report(tmp_path, small_shops=["a"], summary=summary)
     names = {p.name for p in written}
-    assert names == {"summary.md", "rounds_ctr.png", "rounds_sales.png", "final_ctr.png", "final_sales.png"}
+    assert names == {"summary.md", "report.html", "rounds_ctr.png", "rounds_sales.png", "final_ctr.png",
+                     "final_sales.png"}
     for png in (p for p in written if p.suffix == ".png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     text = (tmp_path / "summary.md").read_text()
@@ -218,3 +219,18 @@ def test_a_one_seed_run_report_names_the_seed_its_config_records(tmp_path):
     (tmp_path / "config.toml").write_text('command = "compare"\nseeds = [5]\n\n[scenario]\nseed = 5\n')
     write_run_report(tmp_path)
     assert "- seeds: 5;" in (tmp_path / "summary.md").read_text()
+
+
+def test_targets_a_run_cannot_measure_are_na_with_the_reason_not_missed():
+    from simulations.summary import headline_table, target_status
+
+    no_fedshop = summarize(pd.DataFrame(_final({m: CTR[m] for m in ("local", "central")}, "ctr", "auc")))
+    assert {name: target_status(name, t, no_fedshop) for name, t in no_fedshop["targets"].items()} == {
+        "gap_closed": "n/a (no fedshop run in this run)", "max_loss": "n/a (no fedshop run in this run)",
+        "small_shop_gain": "n/a (the scenario has no small shops)"}
+    assert headline_table(no_fedshop)[1][0][-2:] == ["n/a", "-"]  # not "none": fedshop did not run
+    flat = {"local": {"a": 0.70}, "central": {"a": 0.70}, "fedshop": {"a": 0.71}}
+    no_gap = summarize(pd.DataFrame(_final(flat, "ctr", "auc")), small_shops=["a"])
+    assert target_status("gap_closed", no_gap["targets"]["gap_closed"], no_gap) == (
+        "n/a (the oracle beats local-only by less than 0.002: no gap to close)")
+    assert target_status("small_shop_gain", no_gap["targets"]["small_shop_gain"], no_gap) == "not met"

@@ -1,21 +1,32 @@
-"""`fedshop compare`: every method on the same splits, seeds and compute budget, with reports and plots."""
+"""`fedshop compare`: every method on the same splits, seeds and compute budget, with reports, plots and a verdict."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from simulations.compare import METHODS, Comparison, parse_methods, parse_seeds, run_comparison
+from simulations.compare import FEDERATED, METHODS, Comparison, parse_methods, parse_seeds, run_comparison
+from simulations.console import duration, is_verbose, print_verdict, step_progress
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.report import print_final_table
 from simulations.rundir import new_run_dir
-from simulations.summary import target_detail
+from simulations.summary import run_verdict, target_detail, target_status
 
 console = Console()
+PLAIN_EVERY = 10.0  # seconds between plain progress lines (not a terminal); a finished label always prints
+
+
+def progress_label(label: str) -> tuple[str, str]:
+    """(what to show, unit) for a runner's progress label: a federated method, 'pooled' or a shop's name."""
+    if label in FEDERATED:
+        return label, "round"
+    if label == "pooled":
+        return "central (pooled data)", "epoch"
+    return f"local-only {label}", "epoch"
 
 
 def print_headline(comparison: Comparison) -> None:
@@ -27,7 +38,8 @@ def print_headline(comparison: Comparison) -> None:
     for col in ["task", *methods, "gap closed", "worse (max)", "small gain"]:
         table.add_column(col, justify="left" if col == "task" else "right")
     for task, t in tasks.items():
-        gap = f"{t['gap_closed']:.1%}" if t["gap_closed"] is not None else t["gap_status"]
+        gap = (f"{t['gap_closed']:.1%}" if t["gap_closed"] is not None
+               else "n/a" if t["gap_status"] == "missing-method" else t["gap_status"])  # the verdict says why
         worse = t.get("worse_shops", [])
         gain = (t.get("small_shop_gain") or {}).get(summary["method"])
         means = [f"{t['mean'][m]:.4f}" if m in t["mean"] else "-" for m in methods]
@@ -41,9 +53,10 @@ def print_headline(comparison: Comparison) -> None:
             console.print(f"{task}: {summary['method']} below local-only at {shops}")
     for name, target in (summary.get("targets") or {}).items():
         value = ("-" if target["value"] is None else f"{target['value']:.4f}") + target_detail(target)
-        mark = ("[dim]n/a[/dim]" if target["met"] is None else
-                "[green]met[/green]" if target["met"] else "[red]not met[/red]")
-        if target.get("within_noise"):
+        status = target_status(name, target, summary)
+        mark = (f"[dim]{status}[/dim]" if status.startswith("n/a") else "[green]met[/green]" if status == "met"
+                else "[red]not met[/red]")
+        if target.get("within_noise") and status.startswith("not met"):
             mark += " [yellow](by less than 2 standard errors: more seeds can tell)[/yellow]"
         console.print(f"target {name} {target['target']}: {value} {mark}")
 
@@ -76,17 +89,18 @@ def register(app: typer.Typer) -> None:
         scenarios = [base] if seed_list is None else [scenario_or_exit(scenario, {**overrides, "seed": s})
                                                       for s in seed_list]
         out = run_dir or new_run_dir(runs, f"{base.name}-compare")
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
-            bars: dict[str, int] = {}
+        runs_total, started = len(chosen) * len(scenarios), time.monotonic()
+        finished: list[str] = []
+        with step_progress(console, every=PLAIN_EVERY, transient=True) as bar:
 
             def progress(label: str, done: int, total: int) -> None:
-                if label not in bars:
-                    bars[label] = bar.add_task(label, total=total)
-                bar.update(bars[label], completed=done)
+                name, unit = progress_label(label)
+                bar.update(name, done, total, unit=unit)
 
             def done(method: str, seed: int, seconds: float) -> None:
-                console.print(f"{method} (seed {seed}) finished in {seconds:.0f} s")
+                finished.append(method)
+                bar.note(f"{method} (seed {seed}) finished in {duration(seconds)}; {len(finished)}/{runs_total} "
+                         f"method runs done, elapsed {duration(time.monotonic() - started)}")
 
             try:
                 result = run_comparison(scenarios, out, methods=chosen, progress=progress, on_method_done=done,
@@ -94,10 +108,11 @@ def register(app: typer.Typer) -> None:
             except (RuntimeError, ValueError) as exc:
                 console.print(f"[red]error:[/red] {exc}\nrows of the methods that finished are in {out}/metrics.csv")
                 raise typer.Exit(1) from exc
-        mean_final = result.final.groupby(["method", "shop", "task", "metric"], as_index=False)["value"].mean()
-        print_final_table(console, mean_final, title="test metrics at each shop's best validation round")
+        if is_verbose():
+            mean_final = result.final.groupby(["method", "shop", "task", "metric"], as_index=False)["value"].mean()
+            print_final_table(console, mean_final, title="test metrics at each shop's best validation round")
         print_headline(result)
-        console.print(f"run directory: [bold]{out}[/bold] (summary.md, summary.json, comparison.csv, plots/)")
+        print_verdict(console, run_verdict(out, summary=result.summary))
 
     @app.command("pool")
     def pool(
@@ -116,5 +131,4 @@ def register(app: typer.Typer) -> None:
         result = write_pool(plan, run_dir or new_run_dir(runs, f"{plan.name}-pool"))
         console.print(f"pooled seeds {', '.join(str(s) for s in plan.seeds)} from {len(plan.run_dirs)} runs")
         print_headline(result)
-        console.print(f"run directory: [bold]{result.run_dir}[/bold] "
-                      "(summary.md, summary.json, comparison.csv, plots/)")
+        print_verdict(console, run_verdict(result.run_dir, summary=result.summary))

@@ -1,4 +1,4 @@
-"""`fedshop simulate`: a federated run of a scenario on Flower's simulation engine, with live progress."""
+"""`fedshop simulate`: a federated run of a scenario on Flower's simulation engine, with live progress and a verdict."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shared.scenario import scenario_from_dict
 from simulations.compare import small_shops_of
+from simulations.console import print_verdict, step_progress
 from simulations.federated import METHODS, SCENARIO_FILE, RunStopped, run_federated
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.ray_auth import require_ray_token
 from simulations.rundir import new_run_dir
-from simulations.summary import write_run_report
+from simulations.summary import run_verdict, write_run_report
 
 if TYPE_CHECKING:  # importing Flower costs a second at every `fedshop` start
     from server.strategies import RoundReport
@@ -32,13 +32,17 @@ HEADLINE = ("ctr.auc", "cvr.auc", "ranking.ndcg@10", "sales.wape")  # shown live
 
 
 def _headline(report: RoundReport) -> str:
-    """Mean over shops of a few headline metrics, e.g. 'ctr.auc 0.712  ranking.ndcg@10 0.301'."""
+    """Mean over shops of a few validation metrics, e.g. 'val ctr.auc 0.712  ranking.ndcg@10 0.301'.
+
+    Shops report 'val/<task>.<metric>' when a round evaluates several splits, '<task>.<metric>' otherwise.
+    """
     parts = []
     for key in HEADLINE:
-        values = [m[key] for m in report.evaluate.values() if key in m and m[key] == m[key]]
+        values = [m.get(f"val/{key}", m.get(key)) for m in report.evaluate.values()]
+        values = [v for v in values if v is not None and v == v]
         if values:
             parts.append(f"{key} {sum(values) / len(values):.3f}")
-    return "  ".join(parts)
+    return ("val " + "  ".join(parts)) if parts else ""
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,15 +145,15 @@ def register(app: typer.Typer) -> None:
             out = run_dir or new_run_dir(runs, f"{scen.name}-{method}")
         total = rounds or int(scen.federation["rounds"])
         n_shops = len(scen.training_shops())
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                      TextColumn("round {task.completed}/{task.total}"), TextColumn("{task.fields[status]}"),
-                      TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task(f"{scen.name} ({method}, {n_shops} shops)", total=total, status="starting Ray...")
+        label = f"{scen.name} ({method}, {n_shops} shops)"
+        with step_progress(console, unit="round") as bar:
+            first = "round 1 running (includes starting Ray)" if resume is None else "resuming from the last checkpoint"
+            bar.start(label, total, status=first)
 
             def progress(report: RoundReport, _total: int) -> None:
                 left = f", left out {sorted(report.left_out)}" if report.left_out else ""
                 status = f"shops done {len(report.train)}/{n_shops}{left}  {_headline(report)}"
-                bar.update(task, completed=report.server_round, status=status)
+                bar.update(label, report.server_round, total, status=status)
 
             try:
                 run_federated(scen, out, method=method, rounds=total, resume=resume is not None, progress=progress)
@@ -157,4 +161,4 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[yellow]run stopped:[/yellow] {exc}")
                 raise typer.Exit(3) from exc
         write_run_report(out, small_shops=small_shops_of(scen))
-        console.print(f"run directory: [bold]{out}[/bold] (summary.md, plots/, metrics.csv, checkpoints/)")
+        print_verdict(console, run_verdict(out))

@@ -1,4 +1,4 @@
-"""`fedshop train-local` and `fedshop train-central`: the two non-federated reference runs."""
+"""`fedshop train-local` and `fedshop train-central`: the two non-federated reference runs, with report and verdict."""
 
 from __future__ import annotations
 
@@ -6,14 +6,17 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from simulations.baselines import run_central, run_local_only
+from simulations.compare import small_shops_of
+from simulations.console import is_verbose, print_verdict, step_progress
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.report import final_table, print_final_table
 from simulations.rundir import new_run_dir, write_metrics, write_run_info
+from simulations.summary import run_verdict, write_run_report
 
 console = Console()
+PLAIN_EVERY = 10.0  # seconds between plain progress lines (not a terminal); a shop's last epoch always prints
 
 
 def _run(kind: str, scenario_name: str, epochs: int | None, run_dir: Path | None, runs: Path, seed: int | None,
@@ -26,21 +29,18 @@ def _run(kind: str, scenario_name: str, epochs: int | None, run_dir: Path | None
     out.mkdir(parents=True, exist_ok=True)
     write_run_info(out, {"command": f"train-{kind}", "epochs": epochs or 0, "scenario": scenario.raw})
     runner = run_local_only if kind == "local" else run_central
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
-               TextColumn("epoch {task.completed}/{task.total}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
+    with step_progress(console, unit="epoch", every=PLAIN_EVERY, transient=True) as bar:
 
         def progress(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
-            bar.update(tasks[label], completed=done)
+            bar.update(label if kind == "local" else "all shops pooled", done, total)
 
         rows = runner(scenario, epochs=epochs, progress=progress)
     write_metrics(out, rows)
-    print_final_table(console, final_table(rows),
-                      title=f"train-{kind}: test metrics at each shop's best validation epoch")
-    console.print(f"run directory: [bold]{out}[/bold]")
+    if is_verbose():
+        print_final_table(console, final_table(rows),
+                          title=f"train-{kind}: test metrics at each shop's best validation epoch")
+    write_run_report(out, small_shops=small_shops_of(scenario))
+    print_verdict(console, run_verdict(out))
     return out
 
 
