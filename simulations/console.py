@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Column
 
 FLOWER_LOGGER = "flwr"  # Flower logs through this logger (flwr.supercore.logger), with its own console handler
-_state = {"verbose": False, "set_env": False}
+_state = {"verbose": False}
 
 
 class _QuietFlower(logging.Filter):
@@ -39,27 +39,38 @@ def configure_logging(verbose: bool) -> None:
 
     Flower's logger has its own console handler; a library that calls `logging.basicConfig` on import
     (Opacus does) adds a root handler, and propagation would then print every Flower line a second time.
-    Quiet: this process keeps Flower's warnings and errors (its deprecation notices aside); the processes a
-    run starts (Ray's ClientApp actors, a SuperLink) read FLWR_LOG_LEVEL=ERROR when they import Flower, which
-    drops their teardown warnings ("Manually terminating ClientAppActor") but keeps a shop's errors.
+    Quiet: this process keeps Flower's warnings and errors (its deprecation notices aside). The processes
+    a simulation starts are quieted by `quiet_simulation_workers`; a SuperLink or SuperNode started by
+    `fedshop coordinator`/`merchant` keeps Flower's INFO log: its log file is what an operator reads.
     """
     _state["verbose"] = verbose
     flwr_logger = logging.getLogger(FLOWER_LOGGER)
     flwr_logger.propagate = False
     flwr_logger.removeFilter(_QUIET)
-    if _state.get("set_env") and os.environ.get("FLWR_LOG_LEVEL") == "ERROR":  # ours, from an earlier call
-        del os.environ["FLWR_LOG_LEVEL"]
-    _state["set_env"] = False
     from flwr.supercore.logger import update_console_handler  # noqa: PLC0415 - reads FLWR_LOG_LEVEL at import
 
     if "FLWR_LOG_LEVEL" in os.environ:  # the user chose Flower's level: leave it
         return
     update_console_handler(level=logging.INFO if verbose else logging.WARNING)
-    if verbose:
+    if not verbose:
+        flwr_logger.addFilter(_QUIET)
+
+
+@contextmanager
+def quiet_simulation_workers() -> Iterator[None]:
+    """While a simulation runs, its Ray actors read FLWR_LOG_LEVEL=ERROR (unless -v or the user set a level).
+
+    That drops their teardown warnings ("Manually terminating ClientAppActor") but keeps a shop's errors.
+    The variable is restored afterwards, so processes started later in this process are not affected.
+    """
+    if _state.get("verbose") or "FLWR_LOG_LEVEL" in os.environ:
+        yield
         return
-    flwr_logger.addFilter(_QUIET)
-    os.environ["FLWR_LOG_LEVEL"] = "ERROR"  # for child processes only: this one has read it already
-    _state["set_env"] = True
+    os.environ["FLWR_LOG_LEVEL"] = "ERROR"
+    try:
+        yield
+    finally:
+        os.environ.pop("FLWR_LOG_LEVEL", None)
 
 
 def is_verbose() -> bool:

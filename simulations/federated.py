@@ -18,6 +18,7 @@ import tomli_w
 
 from shared.atomic import atomic_write_text
 from shared.scenario import Scenario
+from simulations.console import quiet_simulation_workers
 from simulations.ray_auth import require_ray_token
 from simulations.rundir import write_run_info
 
@@ -111,8 +112,9 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     if n_shops < int(config["min-shops"]):
         raise ValueError(f"scenario '{scenario.name}' has {n_shops} training shops but min-shops is "
                          f"{config['min-shops']}. Fix: lower federation.min_shops or add shops")
-    run_simulation(server_app=make_server_app(config, progress), client_app=client_app, num_supernodes=n_shops,
-                   backend_config=backend_config())
+    with quiet_simulation_workers():
+        run_simulation(server_app=make_server_app(config, progress), client_app=client_app,
+                       num_supernodes=n_shops, backend_config=backend_config())
     reason = stop_reason(run_dir)
     if reason is not None:  # e.g. the privacy budget: the last checkpoint is the final model
         raise RunStopped(f"{reason}\nrun directory: {run_dir}")

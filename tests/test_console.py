@@ -56,16 +56,20 @@ def test_verbose_shows_flowers_info_once() -> None:
     assert err.count("probe-info") == 1 and err.count("probe-warning") == 1 and "probe-deprecated" in err
 
 
-def test_quiet_mode_tells_the_processes_a_run_starts_to_log_errors_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quiet_mode_tells_only_a_simulations_workers_to_log_errors_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLWR_LOG_LEVEL", raising=False)
-    monkeypatch.setitem(console_mod._state, "set_env", False)
     console_mod.configure_logging(False)
-    assert os.environ["FLWR_LOG_LEVEL"] == "ERROR"  # Ray actors inherit it: no teardown warnings
+    assert "FLWR_LOG_LEVEL" not in os.environ  # a SuperLink/SuperNode started now keeps Flower's INFO log
+    with console_mod.quiet_simulation_workers():
+        assert os.environ["FLWR_LOG_LEVEL"] == "ERROR"  # Ray actors inherit it: no teardown warnings
+    assert "FLWR_LOG_LEVEL" not in os.environ  # restored for whatever this process starts later
     console_mod.configure_logging(True)
-    assert "FLWR_LOG_LEVEL" not in os.environ  # -v after a quiet call in one process: ours is removed
+    with console_mod.quiet_simulation_workers():
+        assert "FLWR_LOG_LEVEL" not in os.environ  # -v: the workers log as Flower does
     monkeypatch.setenv("FLWR_LOG_LEVEL", "DEBUG")
     console_mod.configure_logging(False)
-    assert os.environ["FLWR_LOG_LEVEL"] == "DEBUG"  # a level the user chose is left alone
+    with console_mod.quiet_simulation_workers():
+        assert os.environ["FLWR_LOG_LEVEL"] == "DEBUG"  # a level the user chose is left alone
 
 
 def test_the_server_and_client_apps_do_not_import_opacus_without_dp() -> None:
