@@ -14,6 +14,7 @@ from shared.schema import ShopData, write_shop_dir
 from simulations.commands import validate
 
 runner = CliRunner()
+T0 = 1_704_067_200  # 2024-01-01T00:00:00Z
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def app() -> typer.Typer:
 def good(tmp_path: Path) -> Path:
     """A valid shop with clicks, non-clicks and purchases."""
     inter = pd.DataFrame({"user_id": ["u1", "u2", "u1", "u3"], "item_id": ["007", "8", "8", "007"],
-                          "timestamp": [100, 200, 90_000, 90_100], "clicked": [1, 0, 1, 1],
+                          "timestamp": [T0 + 100, T0 + 200, T0 + 90_000, T0 + 90_100], "clicked": [1, 0, 1, 1],
                           "carted": [0, 0, 1, 0], "purchased": [0, 0, 1, 0], "quantity": [0.0, 0.0, 2.0, 0.0]})
     return write_shop_dir(ShopData("Good shop", inter), tmp_path / "good")
 
@@ -39,7 +40,7 @@ def bad(tmp_path: Path) -> Path:
     """A shop whose log holds an unknown event on row 3."""
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "interactions.csv").write_text(
-        "user_id,item_id,timestamp,event\nu,i,1,click\nu,i,2,view\n", encoding="utf-8")
+        f"user_id,item_id,timestamp,event\nu,i,{T0},click\nu,i,{T0 + 1},view\n", encoding="utf-8")
     return tmp_path / "bad"
 
 
