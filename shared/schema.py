@@ -261,6 +261,9 @@ def _is_text(series: pd.Series) -> bool:
     return str(series.dtype) in _STRING_DTYPES or isinstance(series.dtype, pd.StringDtype)
 
 
+_TOP_LEVEL = frozenset({"name", "currency", "timestamp_format", "columns", "events", "meta"})
+
+
 def _check_mapping(mapping: dict, path: Path, table: str) -> None:
     """Each `[columns]` entry maps one of our field names to a column name of the merchant's."""
     for ours, theirs in mapping.items():
@@ -269,6 +272,8 @@ def _check_mapping(mapping: dict, path: Path, table: str) -> None:
                                 f'write {ours} = "<your column name>"', column=ours)
         if ours not in _FIELDS and not ours.startswith(_EXTRA_PREFIXES):
             hint = f" (did you mean {theirs} = \"{ours}\"?)" if theirs in _FIELDS else ""
+            if ours in _TOP_LEVEL:
+                hint = f" ('{ours}' is a top-level key: move it above the first [table] line)"
             raise ShopDataError(str(path), f"[{table}] maps unknown field '{ours}'{hint}",
                                 f"keys are our field names ({', '.join(sorted(_FIELDS))}), "
                                 "values are your column names", column=ours)
@@ -311,7 +316,7 @@ def _read_toml(root: Path) -> dict:
     except tomllib.TOMLDecodeError as exc:
         raise ShopDataError(str(path), f"not valid TOML ({exc})",
                             'write it as TOML, e.g. name = "My shop"') from None
-    allowed = {"name", "currency", "timestamp_format", "columns", "events", "meta"}
+    allowed = _TOP_LEVEL
     for key in info:
         if key not in allowed:
             raise ShopDataError(str(path), f"unknown key '{key}'", f"use only {sorted(allowed)}",
@@ -458,6 +463,11 @@ def _read_table(path: Path, mapping: dict[str, str]) -> pd.DataFrame:
     """Read one table, strip header whitespace and rename merchant columns to ours."""
     frame = _read_csv(path) if path.suffix.lower() == ".csv" else _read_parquet(path)
     frame.columns = [str(c).strip() for c in frame.columns]
+    for ours, theirs in mapping.items():
+        if theirs not in frame.columns and ours in frame.columns:  # which one did the merchant mean?
+            raise ShopDataError(str(path), f"shop.toml maps {ours} = \"{theirs}\", which is not in the file, "
+                                f"but the file has a column '{ours}'", f"fix the [columns] line or the header, "
+                                f"or delete the line to use '{ours}'", column=theirs, field=ours)
     rename = {theirs: ours for ours, theirs in mapping.items() if theirs in frame.columns}
     frame = frame.rename(columns=rename).reset_index(drop=True)
     dupes = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
