@@ -591,8 +591,9 @@ def _plausible_seconds(values: pd.Series, path: Path, col: str, raw: pd.Series, 
     latest = time.time() + FUTURE_SLACK_S
     _fail_where(values.abs() > 1e11, str(path), col, f"{unit} too large (milliseconds?)",
                 "give unix time in seconds (divide milliseconds by 1000)", raw)
+    serial_days = " (an Excel serial date, counted from 1899-12-30?)" if unit == "day" else ""
     _fail_where(values > latest, str(path), col, f"{unit} in the future "
-                f"(after {pd.Timestamp(latest, unit='s'):%Y-%m-%d})",
+                f"(after {pd.Timestamp(latest, unit='s'):%Y-%m-%d}){serial_days}",
                 "correct the clock or the year of these rows, or remove them", raw)
     serial = (values >= 20_000) & (values <= 80_000)
     _fail_where(serial & (values < EARLIEST.timestamp()), str(path), col,

@@ -64,6 +64,9 @@ def test_json_output(app: typer.Typer, good: Path, bad: Path) -> None:
     assert result.exit_code == 1
     reports = json.loads(result.output)
     assert [r["ok"] for r in reports] == [True, False]
+    splits, warnings = reports[0].pop("splits"), reports[0].pop("warnings")
+    assert splits == {"train": 2, "validation": 0, "test": 2}  # 4 rows over a day: the span's last 20% holds 2
+    assert [w.split(" has")[0] for w in warnings] == ["task ctr", "task cvr", "task ranking", "task sales"]
     assert reports[0] | {"path": ""} == {"path": "", "ok": True, "name": "Good shop", "rows": 4, "users": 3,
                                          "items": 2, "tasks": ["ctr", "cvr", "ranking", "sales"],
                                          "sales_derived": True, "ignored_columns": {}}
