@@ -21,13 +21,17 @@ Canonical tables (pandas, one row per record):
 
 Merchant shop directory (`load_shop_dir` reads it, `write_shop_dir` writes the canonical label form):
 ``interactions.csv|.parquet`` (required), ``items.*``, ``users.*``, ``sales.*`` and ``shop.toml``
-(``name``, ``currency``, ``[columns]`` mapping our field names to the merchant's, ``[meta]``).
+(``name``, ``currency``, ``timestamp_format``, ``[columns]`` mapping our field names to the merchant's,
+``[events]`` mapping the merchant's event values to ours, ``[meta]``).
 Interactions are an event log (``event`` in EVENTS; collapsed to one exposure per user, item and UTC
 day, a later stage implying the earlier ones) or label columns (``clicked``, optional ``carted``,
 ``purchased``, ``quantity``; purchased implies carted implies clicked). Timestamps are unix seconds
 or ISO-8601 (naive = UTC); sales days are days since epoch or ISO dates. CSV files must be UTF-8 and
 every cell is read as text, so IDs keep leading zeros. Error rows count the header as row 1; columns
-the canonical form does not keep are listed in ``ShopData.meta["ignored_columns"]``.
+the canonical form does not keep are listed in ``ShopData.meta["ignored_columns"]``. Refused (see
+docs/bad-input.md): timestamps before 1990 or in the future, outliers that empty a temporal split,
+Excel-rounded values, IDs with outer spaces or float IDs above 2^53, repeated headers, header-only
+files, unsafe shop names, non-regular files and files above ``$FEDSHOP_MAX_FILE_MB`` (512).
 """
 
 from __future__ import annotations
@@ -250,7 +254,8 @@ def _fail_where(mask: pd.Series | np.ndarray, file: str, column: str, problem: s
         return
     first = int(bad[0])
     if values is not None:
-        problem = f"{problem} (found {values.iloc[first]!r})"
+        found = values.iloc[first]
+        problem = f"{problem} (found {found.item() if isinstance(found, np.generic) else found!r})"
     if len(bad) > 1:
         problem += f"; {len(bad) - 1} more row(s) have the same problem"
     raise ShopDataError(file, problem, fix, row=_row(first), column=column)
