@@ -79,7 +79,10 @@ class ShopDataError(ValueError):
             where += f", column '{column}'"
             if field is not None and field != column:
                 where += f" (field {field})"
-        super().__init__(f"{where}: {problem}. Fix: {fix}")
+        # Control and bidi characters from a header or a shop.toml key are shown escaped, so the
+        # message cannot rewrite the merchant's terminal or hide part of itself.
+        text = f"{where}: {problem}. Fix: {fix}"
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in text))
 
     def in_merchant_terms(self, mapping: dict[str, str]) -> ShopDataError:
         """The same error with the column named as the merchant's file names it (shop.toml ``[columns]``)."""

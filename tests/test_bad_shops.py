@@ -227,6 +227,9 @@ CASES = [
          "event", 1),
     Case("duplicate-header-after-trim", header_edit("hour", " event "), "names column 'event' twice",
          "interactions.csv", "event", 1),
+    Case("terminal-escape-in-header", raw("interactions.csv", f"customer,item_id,timestamp,x\x1b[2J\u202e,"
+                                          f"x\x1b[2J\u202e\nc00,A0,{T0},1,2\n".encode()),
+         "names column 'x\\x1b[2J\\u202e' twice", "interactions.csv", None, 1),
     Case("missing-column", header_edit("item_id", "product"), "missing column 'item_id'", "interactions.csv",
          "item_id"),
     Case("mapping-to-missing-column", toml(BASE_TOML + 'event = "action"\n'), "which is not in the file",
@@ -349,7 +352,7 @@ def test_validate_cli_refuses(tmp_path: Path, case: Case, app: typer.Typer) -> N
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     report = json.loads(result.output)[0]
     assert report["ok"] is False and case.fragment in report["error"]["message"]
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and "\x1b" not in result.output  # no raw terminal escapes
     text = CliRunner().invoke(app, ["validate", str(root)])
     assert text.exit_code == 1 and case.fragment in " ".join(text.output.split())
     assert _tree(tmp_path) == before
