@@ -413,6 +413,21 @@ def test_small_logs_skip_the_split_check_but_validate_warns(tmp_path: Path, app:
     assert "warning tiny: task ctr" in text and "rows per split: train 3, validation 0, test 1" in text
 
 
+def test_validate_counts_splits_with_a_scenarios_split_rule(tmp_path: Path, app: typer.Typer) -> None:
+    root = write_base(tmp_path / "shop")
+    default = json.loads(CliRunner().invoke(app, ["validate", "--json", str(root)]).output)[0]
+    assert default["splits"] == temporal_split_counts([T0 + i * DAY // 2 for i in range(N_ROWS)])
+    scenario = tmp_path / "loo.toml"
+    scenario.write_text('[features]\nsplit = "leave-last-out"\n', encoding="utf-8")
+    result = CliRunner().invoke(app, ["validate", "--json", "--scenario", str(scenario), str(root)])
+    loo = json.loads(result.output)[0]
+    assert result.exit_code == 0 and loo["splits"] != default["splits"]
+    from shared.features import SPLITS, assign_splits
+
+    splits, _ = assign_splits(load_shop_dir(root), FeatureConfig(split="leave-last-out"))
+    assert list(loo["splits"].values()) == [int((splits == code).sum()) for code in SPLITS.values()]
+
+
 def test_errors_name_the_merchants_column(tmp_path: Path) -> None:
     root = make_case(tmp_path, next(c for c in CASES if c.id == "id-trailing-space"))
     err = pytest.raises(ShopDataError, load_shop_dir, root).value

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from shared.features import SPLITS, FeatureConfig, assign_splits
+from shared.scenario import load_scenario
 from shared.schema import ShopData, ShopDataError, load_shop_dir
 
 SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
@@ -91,9 +92,13 @@ def _print_table(reports: list[dict], console: Console) -> None:
 def validate(
     shop_dirs: list[Path] = typer.Argument(..., help="Shop directories (interactions.csv|.parquet, ...)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of reports instead of a table."),
+    scenario: str | None = typer.Option(None, "--scenario",
+                                        help="Count rows per split with this scenario's [features] split "
+                                             "(default: the temporal 80/10/10 split)."),
 ) -> None:
     """Check shop directories: per shop rows/users/items/tasks, or the error with file, row, column and fix."""
-    reports = [shop_report(path) for path in shop_dirs]
+    features = load_scenario(scenario).features if scenario else FeatureConfig()
+    reports = [shop_report(path, features) for path in shop_dirs]
     _refuse_shared_names(reports)
     if as_json:
         typer.echo(json.dumps(reports, indent=2))
