@@ -519,6 +519,16 @@ def _require(frame: pd.DataFrame, columns: tuple[str, ...], path: Path, mapping:
         raise ShopDataError(str(path), problem, fix, column=col)
 
 
+def _excel_scientific(text: pd.Series) -> np.ndarray:
+    """Which cells look like Excel's rounded scientific notation (``1.70407E+09``)."""
+    if not _is_text(text):
+        return np.zeros(len(text), dtype=bool)
+    mask = text.str.contains("E", regex=False).fillna(False).to_numpy(dtype=bool)  # cheap filter first
+    if mask.any():
+        mask[mask] = text[mask].str.fullmatch(_EXCEL_SCIENTIFIC).fillna(False).to_numpy(dtype=bool)
+    return mask
+
+
 def _ids(frame: pd.DataFrame, col: str, path: Path) -> pd.Series:
     """An ID column as text. Empty IDs, IDs with outer spaces and IDs whose digits a float or Excel lost
     are errors: each would silently merge or split users/items."""
@@ -532,12 +542,13 @@ def _ids(frame: pd.DataFrame, col: str, path: Path) -> pd.Series:
         if (whole == np.floor(whole)).all():
             series = series.astype("Int64")
     text = series.astype(str)
-    empty = missing | (text.str.strip() == "").to_numpy()
+    stripped = text.str.strip()
+    empty = missing | (stripped == "").to_numpy()
     _fail_where(empty, str(path), col, "empty ID", f"give every row a {col}, or drop the rows without one")
-    _fail_where(text.str.fullmatch(_EXCEL_SCIENTIFIC).to_numpy(), str(path), col,
+    _fail_where(_excel_scientific(text), str(path), col,
                 "ID in scientific notation: a spreadsheet rounded it, so different IDs became one",
                 f"re-export with {col} formatted as text (Excel: Format Cells > Text before pasting)", text)
-    _fail_where((text != text.str.strip()).to_numpy(), str(path), col,
+    _fail_where((text != stripped).to_numpy(), str(path), col,
                 "ID with leading or trailing spaces (' a1' and 'a1' would be two different IDs)",
                 f"trim the spaces in {col} in every file (spreadsheet: =TRIM(...)); fedshop does not guess", text)
     return text
@@ -615,8 +626,8 @@ def _timestamps(series: pd.Series, path: Path, col: str = "timestamp", fmt: str 
     """A timestamp column as int64 unix seconds; unparseable, Excel-rounded, millisecond, pre-1990 and
     future values are errors."""
     if _is_text(series):
-        _fail_where(series.str.fullmatch(_EXCEL_SCIENTIFIC).fillna(False), str(path), col,
-                    "timestamp in scientific notation: a spreadsheet rounded it to the nearest 10,000 s",
+        _fail_where(_excel_scientific(series), str(path), col,
+                    "timestamp in scientific notation: a spreadsheet rounded away its last digits",
                     "re-export with the column formatted as a whole number or as text", series)
     values = _seconds(series, fmt)
     fix = (f"write every timestamp as timestamp_format = {fmt!r} says (shop.toml), or unix seconds" if fmt else
@@ -836,7 +847,7 @@ def _load_sales(path: Path, mapping: dict[str, str]) -> tuple[pd.DataFrame, list
     days = days.where(is_number, np.floor(days / SECONDS_PER_DAY))
     fix = "give day as days since 1970-01-01 (e.g. 19753) or an ISO date (e.g. 2024-01-31)"
     if _is_text(raw_day):
-        _fail_where(raw_day.str.fullmatch(_EXCEL_SCIENTIFIC).fillna(False), str(path), "day",
+        _fail_where(_excel_scientific(raw_day), str(path), "day",
                     "day in scientific notation: a spreadsheet rounded it", fix, raw_day)
     _fail_where(days.isna() | (days != np.floor(days)) | (days.abs() > 1e6), str(path), "day",
                 "unparseable day", fix, raw_day)
