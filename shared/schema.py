@@ -523,9 +523,9 @@ def _excel_scientific(text: pd.Series) -> np.ndarray:
     """Which cells look like Excel's rounded scientific notation (``1.70407E+09``)."""
     if not _is_text(text):
         return np.zeros(len(text), dtype=bool)
-    mask = text.str.contains("E", regex=False).fillna(False).to_numpy(dtype=bool)  # cheap filter first
+    mask = np.array(text.str.contains("E", regex=False, na=False), dtype=bool)  # cheap filter first
     if mask.any():
-        mask[mask] = text[mask].str.fullmatch(_EXCEL_SCIENTIFIC).fillna(False).to_numpy(dtype=bool)
+        mask[mask] = np.array(text[mask].str.fullmatch(_EXCEL_SCIENTIFIC, na=False), dtype=bool)
     return mask
 
 
