@@ -477,3 +477,22 @@ def test_two_shops_with_one_name(tmp_path: Path, app: typer.Typer) -> None:
         scenario.shops()
     assert str(first) in str(info.value) and str(second) in str(info.value)
     assert not issubclass(ShopDataError, ScenarioError)  # callers catch ValueError, the common base
+
+
+def test_client_refuses_to_turn_an_unsafe_shop_name_into_a_state_path(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adapters and generators name shops without shop.toml: the client checks the name before using it."""
+    from flwr.app import Context, RecordDict
+
+    import client.local_state as local_state
+    import shared.scenario as scenario_module
+
+    shop = load_shop_dir(write_base(tmp_path / "shop"))
+    shop.name = "../../escaped"
+    monkeypatch.setattr(scenario_module, "_load_shops", lambda data_json, seed: (shop,))
+    monkeypatch.setattr(local_state, "_SHOPS", {})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    run_dir = tmp_path / "run"
+    with pytest.raises(ShopDataError, match="not a safe name"):
+        local_state.resolve_shop(context, {"scenario": "default", "run-dir": str(run_dir), "seed": 0})
+    assert not run_dir.exists() and not (tmp_path / "escaped").exists()
