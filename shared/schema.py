@@ -474,8 +474,9 @@ def _read_table(path: Path, mapping: dict[str, str]) -> pd.DataFrame:
     for ours, theirs in mapping.items():
         if theirs not in frame.columns and ours in frame.columns:  # which one did the merchant mean?
             raise ShopDataError(str(path), f"shop.toml maps {ours} = \"{theirs}\", which is not in the file, "
-                                f"but the file has a column '{ours}'", f"fix the [columns] line or the header, "
-                                f"or delete the line to use '{ours}'", column=theirs, field=ours)
+                                f"but the file has a column '{ours}'", f"fix the [columns] line or the header; "
+                                f"if this file alone uses '{ours}', add [columns.{path.stem}] {ours} = \"{ours}\"",
+                                column=theirs, field=ours)
     rename = {theirs: ours for ours, theirs in mapping.items() if theirs in frame.columns}
     frame = frame.rename(columns=rename).reset_index(drop=True)
     dupes = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})

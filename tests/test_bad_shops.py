@@ -496,3 +496,13 @@ def test_client_refuses_to_turn_an_unsafe_shop_name_into_a_state_path(tmp_path: 
     with pytest.raises(ShopDataError, match="not a safe name"):
         local_state.resolve_shop(context, {"scenario": "default", "run-dir": str(run_dir), "seed": 0})
     assert not run_dir.exists() and not (tmp_path / "escaped").exists()
+
+
+def test_a_file_may_keep_our_column_name_through_its_own_mapping(tmp_path: Path) -> None:
+    root = write_base(tmp_path / "shop")
+    users = pd.read_csv(root / "users.csv", dtype=str).rename(columns={"customer": "user_id"})
+    users.to_csv(root / "users.csv", index=False)
+    err = pytest.raises(ShopDataError, load_shop_dir, root).value
+    assert Path(err.file).name == "users.csv" and '[columns.users] user_id = "user_id"' in err.fix
+    (root / "shop.toml").write_text(BASE_TOML + '[columns.users]\nuser_id = "user_id"\n', encoding="utf-8")
+    assert load_shop_dir(root).users["user_id"].tolist()[:2] == ["c00", "c01"]
