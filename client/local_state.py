@@ -45,7 +45,7 @@ from shared.atomic import atomic_write_bytes, remove_stale_temps
 from shared.features import FeatureConfig, ShopTensors, build_shop_tensors
 from shared.model import ShopModel, build_model
 from shared.scenario import Scenario, load_scenario
-from shared.schema import ShopData, load_shop_dir
+from shared.schema import ShopData, check_shop_name, load_shop_dir
 
 LOCAL_RECORD = "fedshop.local-part"  # name of the ArrayRecord in context.state
 OWN_ENCODER_RECORD = "fedshop.own-encoder"  # the shop's encoder after its last local training (personal mix)
@@ -114,7 +114,7 @@ def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
         data = load_shop_dir(source) if isinstance(source, Path) else source
         tensors = build_shop_tensors(data, scenario.features)
     if state_dir is None and run_dir:
-        state_dir = Path(run_dir) / "shop-state" / tensors.name
+        state_dir = Path(run_dir) / "shop-state" / check_shop_name(tensors.name, "shop name")  # no path escape
     if state_dir is not None:  # once per process: what a killed writer left half-written
         for folder in (state_dir, state_dir / CACHE_DIR):
             for path in remove_stale_temps(folder):

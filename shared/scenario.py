@@ -156,9 +156,11 @@ def _load_shops(data_json: str, seed: int) -> tuple[ShopData, ...]:
         path = _data_path(data, "amazon")
         return tuple(load_amazon_ratings(path, seed=seed, n_shops=int(data.get("n_shops", 1))))
     if source == "shop-dirs":
-        from shared.schema import load_shop_dir
+        from shared.schema import check_unique_names, load_shop_dir
 
-        return tuple(load_shop_dir(p) for p in data.get("paths", []))
+        shops = tuple(load_shop_dir(p) for p in data.get("paths", []))
+        check_unique_names(shops)  # one name twice would merge two shops' metrics and state
+        return shops
     raise ScenarioError(f"[data] source = {source!r} is unknown. Fix: use synthetic, movielens, amazon or shop-dirs")
 
 

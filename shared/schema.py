@@ -21,13 +21,17 @@ Canonical tables (pandas, one row per record):
 
 Merchant shop directory (`load_shop_dir` reads it, `write_shop_dir` writes the canonical label form):
 ``interactions.csv|.parquet`` (required), ``items.*``, ``users.*``, ``sales.*`` and ``shop.toml``
-(``name``, ``currency``, ``[columns]`` mapping our field names to the merchant's, ``[meta]``).
+(``name``, ``currency``, ``timestamp_format``, ``[columns]`` mapping our field names to the merchant's,
+``[events]`` mapping the merchant's event values to ours, ``[meta]``).
 Interactions are an event log (``event`` in EVENTS; collapsed to one exposure per user, item and UTC
 day, a later stage implying the earlier ones) or label columns (``clicked``, optional ``carted``,
 ``purchased``, ``quantity``; purchased implies carted implies clicked). Timestamps are unix seconds
 or ISO-8601 (naive = UTC); sales days are days since epoch or ISO dates. CSV files must be UTF-8 and
 every cell is read as text, so IDs keep leading zeros. Error rows count the header as row 1; columns
-the canonical form does not keep are listed in ``ShopData.meta["ignored_columns"]``.
+the canonical form does not keep are listed in ``ShopData.meta["ignored_columns"]``. Refused (see
+docs/bad-input.md): timestamps before 1990 or in the future, outliers that empty a temporal split,
+Excel-rounded values, IDs with outer spaces or float IDs above 2^53, repeated headers, header-only
+files, unsafe shop names, non-regular files and files above ``$FEDSHOP_MAX_FILE_MB`` (512).
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ import csv
 import difflib
 import io
 import os
+import re
 import shutil
 import tempfile
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,14 +69,27 @@ class ShopDataError(ValueError):
     """Bad shop data: the message names the file, row, column and the fix."""
 
     def __init__(self, file: str, problem: str, fix: str, *, row: int | None = None,
-                 column: str | None = None) -> None:
+                 column: str | None = None, field: str | None = None) -> None:
         self.file, self.problem, self.fix, self.row, self.column = file, problem, fix, row, column
+        self.field = field  # our field name when the merchant's column (``column``) is named otherwise
         where = file
         if row is not None:
             where += f", row {row}"
         if column is not None:
             where += f", column '{column}'"
-        super().__init__(f"{where}: {problem}. Fix: {fix}")
+            if field is not None and field != column:
+                where += f" (field {field})"
+        # Control and bidi characters from a header or a shop.toml key are shown escaped, so the
+        # message cannot rewrite the merchant's terminal or hide part of itself.
+        text = f"{where}: {problem}. Fix: {fix}"
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in text))
+
+    def in_merchant_terms(self, mapping: dict[str, str]) -> ShopDataError:
+        """The same error with the column named as the merchant's file names it (shop.toml ``[columns]``)."""
+        if self.column is None or self.column not in mapping or self.field is not None:
+            return self
+        return ShopDataError(self.file, self.problem, self.fix, row=self.row, column=mapping[self.column],
+                             field=self.column)
 
 
 @dataclass
@@ -210,6 +229,19 @@ _SYNONYMS = {
     "units": ("quantity", "qty", "sold", "sales"),
 }
 _STRING_DTYPES = ("object", "str", "string")
+SHOP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+SHOP_NAME_RULE = ("1-64 characters: ASCII letters, digits, space, '.', '_' or '-', starting with a letter or digit, "
+                  "no '..', no trailing space")
+CURRENCY_RE = re.compile(r"[A-Z]{3}")
+MAX_TOML_BYTES = 64 * 1024
+MAX_FILE_MB_ENV = "FEDSHOP_MAX_FILE_MB"
+MAX_FILE_MB = 512  # default cap per data file: pandas holds a CSV as Python strings, ~5-10x its size
+# Excel's "General" format shows long numbers as 1.70407E+09: the digits after the 6th are gone.
+_EXCEL_SCIENTIFIC = re.compile(r"\s*[+-]?\d\.\d+E[+-]\d{2,}\s*")
+EARLIEST = pd.Timestamp("1990-01-01", tz="UTC")  # before this, a timestamp is an Excel serial or days
+FUTURE_SLACK_S = 2 * 86_400  # clocks and time zones: up to 2 days "in the future" is allowed
+SPLIT_FRACTIONS = (0.1, 0.1)  # validation and test shares of the time span: FeatureConfig's defaults
+SPLIT_CHECK_MIN_ROWS = 50  # smaller logs are too small to split either way; `fedshop validate` shows counts
 
 
 def _row(position: int) -> int:
@@ -225,7 +257,8 @@ def _fail_where(mask: pd.Series | np.ndarray, file: str, column: str, problem: s
         return
     first = int(bad[0])
     if values is not None:
-        problem = f"{problem} (found {values.iloc[first]!r})"
+        found = values.iloc[first]
+        problem = f"{problem} (found {found.item() if isinstance(found, np.generic) else found!r})"
     if len(bad) > 1:
         problem += f"; {len(bad) - 1} more row(s) have the same problem"
     raise ShopDataError(file, problem, fix, row=_row(first), column=column)
@@ -236,6 +269,9 @@ def _is_text(series: pd.Series) -> bool:
     return str(series.dtype) in _STRING_DTYPES or isinstance(series.dtype, pd.StringDtype)
 
 
+_TOP_LEVEL = frozenset({"name", "currency", "timestamp_format", "columns", "events", "meta"})
+
+
 def _check_mapping(mapping: dict, path: Path, table: str) -> None:
     """Each `[columns]` entry maps one of our field names to a column name of the merchant's."""
     for ours, theirs in mapping.items():
@@ -244,6 +280,8 @@ def _check_mapping(mapping: dict, path: Path, table: str) -> None:
                                 f'write {ours} = "<your column name>"', column=ours)
         if ours not in _FIELDS and not ours.startswith(_EXTRA_PREFIXES):
             hint = f" (did you mean {theirs} = \"{ours}\"?)" if theirs in _FIELDS else ""
+            if ours in _TOP_LEVEL:
+                hint = f" ('{ours}' is a top-level key: move it above the first [table] line)"
             raise ShopDataError(str(path), f"[{table}] maps unknown field '{ours}'{hint}",
                                 f"keys are our field names ({', '.join(sorted(_FIELDS))}), "
                                 "values are your column names", column=ours)
@@ -256,28 +294,54 @@ def _mapping_for(info: dict, stem: str) -> dict[str, str]:
     return mapping | columns.get(stem, {})
 
 
+def check_shop_name(name: str, where: str = SHOP_TOML) -> str:
+    """Return ``name`` if it is a safe shop name; it becomes a folder name (``shop-state/<name>``), so a
+    path, ``..``, control characters or an empty name would put state outside the run directory."""
+    if not isinstance(name, str) or not SHOP_NAME_RE.fullmatch(name) or ".." in name or name != name.strip():
+        raise ShopDataError(where, f"shop name {name!r} is not a safe name (it becomes a folder name)",
+                            f"use {SHOP_NAME_RULE}, e.g. name = \"corner-shop\"", column="name")
+    return name
+
+
 def _read_toml(root: Path) -> dict:
-    """Read and check the optional shop.toml (name, currency, [columns], [meta])."""
+    """Read and check the optional shop.toml (name, currency, timestamp_format, [columns], [events], [meta])."""
     path = root / SHOP_TOML
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {}
+    if not path.is_file():
+        raise ShopDataError(str(path), "not a regular file", "make shop.toml a plain text file")
+    if path.stat().st_size > MAX_TOML_BYTES:
+        raise ShopDataError(str(path), f"{path.stat().st_size:,} bytes, more than a shop.toml needs "
+                            f"(limit {MAX_TOML_BYTES:,})", "keep only name, currency, [columns], [events] and [meta]")
     try:
-        info = tomllib.loads(path.read_bytes().decode("utf-8"))
+        info = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except OSError as exc:
+        raise ShopDataError(str(path), f"cannot read the file ({exc.strerror})",
+                            "make shop.toml readable by this user") from None
     except UnicodeDecodeError as exc:
         raise ShopDataError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})",
                             "save shop.toml as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ShopDataError(str(path), f"not valid TOML ({exc})",
                             'write it as TOML, e.g. name = "My shop"') from None
-    allowed = {"name", "currency", "columns", "meta"}
+    allowed = _TOP_LEVEL
     for key in info:
         if key not in allowed:
             raise ShopDataError(str(path), f"unknown key '{key}'", f"use only {sorted(allowed)}",
                                 column=key)
-    for key in ("name", "currency"):
+    for key in ("name", "currency", "timestamp_format"):
         if key in info and (not isinstance(info[key], str) or not info[key].strip()):
             raise ShopDataError(str(path), f"'{key}' must be a non-empty string", f'write {key} = "..."',
                                 column=key)
+    if "name" in info:
+        check_shop_name(info["name"], str(path))
+    if "currency" in info and not CURRENCY_RE.fullmatch(info["currency"]):
+        raise ShopDataError(str(path), f"currency {info['currency']!r} is not an ISO 4217 code",
+                            'write three capital letters, e.g. currency = "EUR"', column="currency")
+    if "timestamp_format" in info and "%" not in info["timestamp_format"]:
+        raise ShopDataError(str(path), f"timestamp_format {info['timestamp_format']!r} has no % directive",
+                            'write a strftime format, e.g. timestamp_format = "%Y-%m-%d %H:%M:%S"',
+                            column="timestamp_format")
     columns = info.get("columns", {})
     if not isinstance(columns, dict):
         raise ShopDataError(str(path), "'columns' must be a table", 'write [columns] then lines like '
@@ -287,6 +351,21 @@ def _read_toml(root: Path) -> dict:
             _check_mapping(theirs, path, f"columns.{ours}")
         else:
             _check_mapping({ours: theirs}, path, "columns")
+    for stem in TABLES:
+        taken: dict[str, str] = {}
+        for ours, theirs in _mapping_for(info, stem).items():
+            if theirs in taken:
+                raise ShopDataError(str(path), f"[columns] maps both {taken[theirs]} and {ours} to column "
+                                    f"'{theirs}'", "map each field to its own column", column=ours)
+            taken[theirs] = ours
+    events = info.get("events", {})
+    if not isinstance(events, dict):
+        raise ShopDataError(str(path), "'events' must be a table", 'write [events] then lines like '
+                            'view = "impression"', column="events")
+    for theirs, ours in events.items():
+        if ours not in EVENTS:
+            raise ShopDataError(str(path), f"[events] maps '{theirs}' to {ours!r}, not one of our events",
+                                f'write <your event value> = "<one of {", ".join(EVENTS)}>"', column=theirs)
     if "meta" in info and not isinstance(info["meta"], dict):
         raise ShopDataError(str(path), "'meta' must be a table", "write [meta] then key = value lines",
                             column="meta")
@@ -296,6 +375,10 @@ def _read_toml(root: Path) -> dict:
 def _find_file(root: Path, stem: str) -> Path | None:
     """The one file named ``stem.<ext>`` in the shop directory, or None if there is none."""
     found = sorted(p for p in root.iterdir() if p.name.startswith(f"{stem}.") and not p.is_dir())
+    for path in found:
+        if not path.is_file():  # a FIFO or device would block or stream forever; a dangling link is empty
+            raise ShopDataError(str(path), "not a regular file (a pipe, device or broken link)",
+                                f"replace it with the exported {stem}.csv or {stem}.parquet file")
     if not found:
         return None
     for path in found:
@@ -308,13 +391,38 @@ def _find_file(root: Path, stem: str) -> Path | None:
     return found[0]
 
 
+def max_file_bytes() -> int:
+    """The size cap per data file: ``$FEDSHOP_MAX_FILE_MB`` megabytes, else MAX_FILE_MB."""
+    raw = os.environ.get(MAX_FILE_MB_ENV, "")
+    try:
+        mb = float(raw) if raw.strip() else MAX_FILE_MB
+    except ValueError:
+        raise ShopDataError(f"${MAX_FILE_MB_ENV}", f"{raw!r} is not a number of megabytes",
+                            f"export {MAX_FILE_MB_ENV}=1024 (or unset it for {MAX_FILE_MB})") from None
+    return int(mb * 1024 * 1024)
+
+
+def _check_size(path: Path) -> None:
+    """Refuse a file above the size cap before reading a byte of it."""
+    size, cap = path.stat().st_size, max_file_bytes()
+    if size > cap:
+        raise ShopDataError(str(path), f"the file is {size / 2**20:,.0f} MB, above the {cap / 2**20:,.0f} MB "
+                            "limit (loading it whole could exhaust memory)",
+                            f"export a shorter period or a sample, or raise the limit with "
+                            f"{MAX_FILE_MB_ENV}={int(size / 2**20) + 1} if this machine has the memory")
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     """Read a UTF-8 CSV with every cell as text, so IDs like "007" stay as written."""
+    _check_size(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ShopDataError(str(path), f"cannot read the file ({exc.strerror})",
                             "check that the file exists and is readable") from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ShopDataError(str(path), "the file is UTF-16 text (it starts with a UTF-16 byte-order mark)",
+                            "re-export the file as UTF-8 (e.g. in a spreadsheet: Save As > CSV UTF-8)")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -329,6 +437,18 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise ShopDataError(str(path), "the file holds NUL bytes, so it is not a text CSV",
                             "export it again as a comma-separated UTF-8 text file", row=row)
     try:
+        header = next(csv.reader(io.StringIO(text)), [])
+    except csv.Error:
+        header = []  # pandas reports the malformed CSV below
+    seen: dict[str, int] = {}
+    for number, name in enumerate(header, start=1):
+        name = name.strip()
+        if name in seen:  # pandas would silently rename the second one to "name.1"
+            raise ShopDataError(str(path), f"the header names column '{name}' twice (columns {seen[name]} "
+                                f"and {number})", "rename or delete one of the two columns", row=1, column=name,
+                                field=name)
+        seen[name] = number
+    try:
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
     except Exception as exc:  # the C parser raises several types; all mean "not a well-formed CSV"
         raise ShopDataError(str(path), f"not a well-formed CSV ({str(exc).strip()})",
@@ -339,6 +459,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 def _read_parquet(path: Path) -> pd.DataFrame:
     """Read a Parquet file, wrapping pyarrow's errors."""
+    _check_size(path)
     try:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...; all mean "unreadable"
@@ -350,12 +471,22 @@ def _read_table(path: Path, mapping: dict[str, str]) -> pd.DataFrame:
     """Read one table, strip header whitespace and rename merchant columns to ours."""
     frame = _read_csv(path) if path.suffix.lower() == ".csv" else _read_parquet(path)
     frame.columns = [str(c).strip() for c in frame.columns]
+    for ours, theirs in mapping.items():
+        if theirs not in frame.columns and ours in frame.columns:  # which one did the merchant mean?
+            raise ShopDataError(str(path), f"shop.toml maps {ours} = \"{theirs}\", which is not in the file, "
+                                f"but the file has a column '{ours}'", f"fix the [columns] line or the header; "
+                                f"if this file alone uses '{ours}', add [columns.{path.stem}] {ours} = \"{ours}\"",
+                                column=theirs, field=ours)
     rename = {theirs: ours for ours, theirs in mapping.items() if theirs in frame.columns}
     frame = frame.rename(columns=rename).reset_index(drop=True)
     dupes = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
     if dupes:
         raise ShopDataError(str(path), f"column '{dupes[0]}' appears more than once after the "
-                            "shop.toml [columns] mapping", "keep one column per field", column=dupes[0])
+                            "shop.toml [columns] mapping (or after trimming spaces from the header)",
+                            "keep one column per field", column=dupes[0])
+    if len(frame.columns) and not len(frame):
+        raise ShopDataError(str(path), "no data rows under the header (the table is empty)",
+                            f"export the rows too, or delete {path.name} if you have none")
     return frame
 
 
@@ -389,17 +520,38 @@ def _require(frame: pd.DataFrame, columns: tuple[str, ...], path: Path, mapping:
         raise ShopDataError(str(path), problem, fix, column=col)
 
 
+def _excel_scientific(text: pd.Series) -> np.ndarray:
+    """Which cells look like Excel's rounded scientific notation (``1.70407E+09``)."""
+    if not _is_text(text):
+        return np.zeros(len(text), dtype=bool)
+    mask = np.array(text.str.contains("E", regex=False, na=False), dtype=bool)  # cheap filter first
+    if mask.any():
+        mask[mask] = np.array(text[mask].str.fullmatch(_EXCEL_SCIENTIFIC, na=False), dtype=bool)
+    return mask
+
+
 def _ids(frame: pd.DataFrame, col: str, path: Path) -> pd.Series:
-    """An ID column as text; empty IDs are an error."""
+    """An ID column as text. Empty IDs, IDs with outer spaces and IDs whose digits a float or Excel lost
+    are errors: each would silently merge or split users/items."""
     series = frame[col]
     missing = series.isna().to_numpy()
     if pd.api.types.is_float_dtype(series) and not missing.all():
         whole = series[~missing]
-        if ((whole == np.floor(whole)) & (whole.abs() < 2**53)).all():
+        _fail_where(series.abs().to_numpy() >= 2**53, str(path), col,
+                    "ID stored as a float above 2^53, so its last digits are rounded away",
+                    f"store {col} as text or as a 64-bit integer column", series)
+        if (whole == np.floor(whole)).all():
             series = series.astype("Int64")
     text = series.astype(str)
-    empty = missing | (text.str.strip() == "").to_numpy()
+    stripped = text.str.strip()
+    empty = missing | (stripped == "").to_numpy()
     _fail_where(empty, str(path), col, "empty ID", f"give every row a {col}, or drop the rows without one")
+    _fail_where(_excel_scientific(text), str(path), col,
+                "ID in scientific notation: a spreadsheet rounded it, so different IDs became one",
+                f"re-export with {col} formatted as text (Excel: Format Cells > Text before pasting)", text)
+    _fail_where((text != stripped).to_numpy(), str(path), col,
+                "ID with leading or trailing spaces (' a1' and 'a1' would be two different IDs)",
+                f"trim the spaces in {col} in every file (spreadsheet: =TRIM(...)); fedshop does not guess", text)
     return text
 
 
@@ -436,8 +588,9 @@ def _labels(series: pd.Series, path: Path, col: str) -> pd.Series:
     return values.astype("int8")
 
 
-def _seconds(series: pd.Series) -> pd.Series:
-    """Timestamps (unix seconds or ISO-8601 text, naive = UTC) as float unix seconds, NaN if unparsed."""
+def _seconds(series: pd.Series, fmt: str | None = None) -> pd.Series:
+    """Timestamps (unix seconds, or text in ``fmt`` or else ISO-8601; naive = UTC) as float unix seconds,
+    NaN if unparsed."""
     if isinstance(series.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(series):
         stamps = series if isinstance(series.dtype, pd.DatetimeTZDtype) else series.dt.tz_localize("UTC")
         return ((stamps - _EPOCH) // pd.Timedelta(seconds=1)).astype("float64")
@@ -447,19 +600,77 @@ def _seconds(series: pd.Series) -> pd.Series:
     values[np.isinf(values)] = np.nan
     text = values.isna() & series.notna()
     if text.any() and _is_text(series):
-        stamps = pd.to_datetime(series[text], format="ISO8601", utc=True, errors="coerce")
+        stamps = pd.to_datetime(series[text], format=fmt or "ISO8601", utc=True, errors="coerce")
         values[text] = ((stamps - _EPOCH) // pd.Timedelta(seconds=1)).astype("float64")
     return values
 
 
-def _timestamps(series: pd.Series, path: Path, col: str = "timestamp") -> pd.Series:
-    """A timestamp column as int64 unix seconds; unparseable or millisecond values are errors."""
-    values = _seconds(series)
-    fix = "use unix seconds (e.g. 1706700000) or ISO-8601 (e.g. 2024-01-31T12:00:00Z)"
+def _plausible_seconds(values: pd.Series, path: Path, col: str, raw: pd.Series, unit: str = "timestamp") -> None:
+    """Refuse times before EARLIEST (Excel serial dates, days, row numbers) or in the future: either
+    stretches the time span, so the temporal split leaves validation or test without rows."""
+    latest = time.time() + FUTURE_SLACK_S
+    _fail_where(values.abs() > 1e11, str(path), col, f"{unit} too large (milliseconds?)",
+                "give unix time in seconds (divide milliseconds by 1000)", raw)
+    serial_days = " (an Excel serial date, counted from 1899-12-30?)" if unit == "day" else ""
+    _fail_where(values > latest, str(path), col, f"{unit} in the future "
+                f"(after {pd.Timestamp(latest, unit='s'):%Y-%m-%d}){serial_days}",
+                "correct the clock or the year of these rows, or remove them", raw)
+    serial = (values >= 20_000) & (values <= 80_000)
+    _fail_where(serial & (values < EARLIEST.timestamp()), str(path), col,
+                f"{unit} before {EARLIEST:%Y-%m-%d}: it looks like an Excel serial date (days since 1899-12-30)",
+                "export dates as ISO-8601 text (e.g. 2024-01-31T12:00:00Z) or unix seconds", raw)
+    _fail_where(values < EARLIEST.timestamp(), str(path), col, f"{unit} before {EARLIEST:%Y-%m-%d}",
+                "give unix seconds (e.g. 1706700000) or ISO-8601; remove rows from before 1990", raw)
+
+
+def _timestamps(series: pd.Series, path: Path, col: str = "timestamp", fmt: str | None = None) -> pd.Series:
+    """A timestamp column as int64 unix seconds; unparseable, Excel-rounded, millisecond, pre-1990 and
+    future values are errors."""
+    if _is_text(series):
+        _fail_where(_excel_scientific(series), str(path), col,
+                    "timestamp in scientific notation: a spreadsheet rounded away its last digits",
+                    "re-export with the column formatted as a whole number or as text", series)
+    values = _seconds(series, fmt)
+    fix = (f"write every timestamp as timestamp_format = {fmt!r} says (shop.toml), or unix seconds" if fmt else
+           "use unix seconds (e.g. 1706700000) or ISO-8601 (e.g. 2024-01-31T12:00:00Z), or give "
+           "timestamp_format = \"%d/%m/%Y %H:%M\" (your format) in shop.toml")
     _fail_where(values.isna(), str(path), col, "unparseable timestamp", fix, series)
-    _fail_where(values.abs() > 1e11, str(path), col, "timestamp too large (milliseconds?)",
-                "give unix time in seconds (divide milliseconds by 1000)", series)
+    _plausible_seconds(values, path, col, series)
     return np.floor(values).astype("int64")
+
+
+def temporal_split_counts(timestamps: np.ndarray, val_fraction: float = SPLIT_FRACTIONS[0],
+                          test_fraction: float = SPLIT_FRACTIONS[1]) -> dict[str, int]:
+    """Rows per split of the temporal split (the rule of `shared.features.assign_splits`: cuts at shares
+    of the time span, not of the rows)."""
+    ts = np.asarray(timestamps, dtype=np.int64)
+    if not len(ts):
+        return {"train": 0, "validation": 0, "test": 0}
+    t0, span = ts.min(), max(int(ts.max() - ts.min()), 1)
+    val_start = t0 + span * (1 - val_fraction - test_fraction)
+    test_start = t0 + span * (1 - test_fraction)
+    test = int((ts >= test_start).sum())
+    val = int((ts >= val_start).sum()) - test
+    return {"train": len(ts) - val - test, "validation": val, "test": test}
+
+
+def _check_split(ts: pd.Series, path: Path, col: str) -> None:
+    """Refuse a log whose temporal split leaves a split without rows (an outlying timestamp stretches
+    the span): every task would then vanish from that split's report."""
+    counts = temporal_split_counts(ts.to_numpy())
+    if len(ts) < SPLIT_CHECK_MIN_ROWS or all(counts.values()):
+        return
+    empty = [name for name, n in counts.items() if n == 0]
+    median = float(np.median(ts))
+    far = int(np.argmax(np.abs(ts.to_numpy() - median)))
+    shown = ", ".join(f"{name} {n:,}" for name, n in counts.items())
+    raise ShopDataError(str(path), f"the temporal split (validation and test = the last "
+                        f"{SPLIT_FRACTIONS[0]:.0%} and {SPLIT_FRACTIONS[1]:.0%} of the time span) leaves "
+                        f"{' and '.join(empty)} without rows ({shown} rows); the most outlying timestamp, "
+                        f"{pd.Timestamp(int(ts.iloc[far]), unit='s'):%Y-%m-%d %H:%M}, is "
+                        f"{abs(ts.iloc[far] - median) / 86400:,.0f} days from the median",
+                        "correct or remove the outlying rows (a wrong year or clock), or export one continuous "
+                        "period", row=_row(far), column=col)
 
 
 def _text(series: pd.Series) -> pd.Series:
@@ -493,8 +704,8 @@ def _ignored(frame: pd.DataFrame, kept: set[str], prefixes: tuple[str, ...] = ()
     return [c for c in frame.columns if c not in kept and not c.startswith(prefixes)]
 
 
-def _load_interactions(path: Path, mapping: dict[str, str],
-                       items: tuple[pd.Series, Path] | None) -> tuple[pd.DataFrame, list[str]]:
+def _load_interactions(path: Path, mapping: dict[str, str], items: tuple[pd.Series, Path] | None,
+                       info: dict | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Read and validate interactions (event log or label form) into the canonical exposure rows.
 
     ``items`` (the catalog's IDs and file) is checked against before events collapse, so an error
@@ -510,11 +721,14 @@ def _load_interactions(path: Path, mapping: dict[str, str],
     if not len(frame):
         raise ShopDataError(str(path), "empty shop: no interaction rows",
                             "export at least one interaction row under the header")
+    info = info or {}
     out = pd.DataFrame({"user_id": _ids(frame, "user_id", path), "item_id": _ids(frame, "item_id", path),
-                        "timestamp": _timestamps(frame["timestamp"], path)})
+                        "timestamp": _timestamps(frame["timestamp"], path, fmt=info.get("timestamp_format"))})
+    _check_split(out["timestamp"], path, "timestamp")
     if items is not None:
         _check_known(out["item_id"], items[0], path, "item_id", items[1])
-    labels = _event_stages(frame, path) if "event" in frame.columns else _label_columns(frame, path)
+    labels = (_event_stages(frame, path, info.get("events", {})) if "event" in frame.columns
+              else _label_columns(frame, path))
     out = pd.concat([out, labels], axis=1)
     if "device" in frame.columns:
         out["device"] = _text(frame["device"])
@@ -543,11 +757,17 @@ def _quantity(frame: pd.DataFrame, path: Path, bought: pd.Series) -> pd.Series:
     return qty.fillna(0.0).where(bought, 0.0)
 
 
-def _event_stages(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Event-log rows as ``_stage`` (index into EVENTS) and ``_bought`` (units), collapsed later."""
-    stage = frame["event"].astype(str).str.strip().str.lower().map(_STAGE)
+def _event_stages(frame: pd.DataFrame, path: Path, events: dict[str, str] | None = None) -> pd.DataFrame:
+    """Event-log rows as ``_stage`` (index into EVENTS) and ``_bought`` (units), collapsed later.
+
+    ``events`` maps the merchant's event values to ours (shop.toml ``[events]``, case-insensitive)."""
+    theirs = {str(k).strip().lower(): _STAGE[v] for k, v in (events or {}).items()}
+    stage = frame["event"].astype(str).str.strip().str.lower().map(theirs | _STAGE)
+    hint = " or map yours in shop.toml, e.g. [events] view = \"impression\""
     _fail_where(stage.isna() | frame["event"].isna(), str(path), "event", "unknown event",
-                f"use one of {list(EVENTS)}", frame["event"])
+                f"use one of {list(EVENTS)}{'' if events else hint}"
+                + (f" or one of the [events] values {sorted(events)} from shop.toml" if events else ""),
+                frame["event"])
     purchase = stage == _STAGE["purchase"]
     bought = _quantity(frame, path, purchase) if "quantity" in frame.columns else purchase.astype("float64")
     return pd.DataFrame({"_stage": stage.astype("int8"), "_bought": bought})
@@ -627,8 +847,12 @@ def _load_sales(path: Path, mapping: dict[str, str]) -> tuple[pd.DataFrame, list
     # numbers are already days since epoch; ISO dates and datetimes came back as seconds
     days = days.where(is_number, np.floor(days / SECONDS_PER_DAY))
     fix = "give day as days since 1970-01-01 (e.g. 19753) or an ISO date (e.g. 2024-01-31)"
+    if _is_text(raw_day):
+        _fail_where(_excel_scientific(raw_day), str(path), "day",
+                    "day in scientific notation: a spreadsheet rounded it", fix, raw_day)
     _fail_where(days.isna() | (days != np.floor(days)) | (days.abs() > 1e6), str(path), "day",
                 "unparseable day", fix, raw_day)
+    _plausible_seconds(days * SECONDS_PER_DAY, path, "day", raw_day, unit="day")
     units = _numbers(frame["units"], path, "units", fix="give units sold as a number >= 0")
     promo = (_labels(frame["promo"], path, "promo") if "promo" in frame.columns
              else pd.Series(0, index=frame.index, dtype="int8"))
@@ -683,7 +907,8 @@ def _check_known(ids: pd.Series, known: pd.Series, path: Path, col: str, other: 
 def load_shop_dir(path: str | Path) -> ShopData:
     """Read and validate a merchant's shop directory (see module docstring); raises ShopDataError.
 
-    Nothing is written; all checks run before a ShopData is returned.
+    Nothing is written; all checks run before a ShopData is returned. Errors name columns as the
+    merchant's files do (through shop.toml ``[columns]``).
     """
     root = Path(path)
     if not root.is_dir():
@@ -695,13 +920,32 @@ def load_shop_dir(path: str | Path) -> ShopData:
         found = sorted(p.name for p in root.iterdir())
         raise ShopDataError(str(root), f"missing interactions file; found {found}",
                             "add interactions.csv or interactions.parquet")
+    name = info.get("name")
+    if name is None:  # the folder name becomes the shop name, so it must be as safe as a shop.toml name
+        try:
+            name = check_shop_name(root.resolve().name, str(root))
+        except ShopDataError as exc:
+            raise ShopDataError(str(root), f"{exc.problem}; shop.toml gives no name, so the folder name is used",
+                                f'add name = "corner-shop" to {SHOP_TOML} ({SHOP_NAME_RULE})') from None
+    try:
+        return _load_tables(root, files, info, name)
+    except ShopDataError as exc:
+        stem = Path(exc.file).stem
+        raise exc.in_merchant_terms(_mapping_for(info, stem) if stem in TABLES else {}) from None
+
+
+def _load_tables(root: Path, files: dict[str, Path | None], info: dict, name: str) -> ShopData:
+    """Read every table of a shop directory whose shop.toml and file set were checked."""
+    inter_path = files["interactions"]
+    assert inter_path is not None
     tables: dict[str, pd.DataFrame | None] = {"items": None, "users": None, "sales": None}
     ignored: dict[str, list[str]] = {}
     if files["items"] is not None:
         tables["items"], ignored["items"] = _load_items(files["items"], _mapping_for(info, "items"))
     items = tables["items"]
     known = None if items is None else (items["item_id"], files["items"])
-    interactions, ignored["interactions"] = _load_interactions(inter_path, _mapping_for(info, "interactions"), known)
+    interactions, ignored["interactions"] = _load_interactions(
+        inter_path, _mapping_for(info, "interactions"), known, info)
     if files["users"] is not None:
         tables["users"], ignored["users"] = _load_users(files["users"], _mapping_for(info, "users"))
     sales = None
@@ -715,5 +959,18 @@ def load_shop_dir(path: str | Path) -> ShopData:
     meta = {**info.get("meta", {}), "source": "shop_dir", "path": str(root),
             "sales_derived": files["sales"] is None,
             "ignored_columns": {k: v for k, v in ignored.items() if v}}
-    return ShopData(name=info.get("name", root.name), interactions=interactions, items=items,
+    return ShopData(name=name, interactions=interactions, items=items,
                     users=tables["users"], sales=sales, currency=info.get("currency", "EUR"), meta=meta)
+
+
+def check_unique_names(shops: list[ShopData] | tuple[ShopData, ...]) -> None:
+    """Refuse two shops with one name: their metrics and state folders would merge."""
+    seen: dict[str, ShopData] = {}
+    for shop in shops:
+        if shop.name in seen:
+            first = seen[shop.name].meta.get("path", "(generated)")
+            second = shop.meta.get("path", "(generated)")
+            raise ShopDataError(str(second), f"shop name {shop.name!r} is also the name of {first}; their "
+                                "metrics and state would merge", f"give each shop its own name = \"...\" in "
+                                f"{SHOP_TOML}", column="name")
+        seen[shop.name] = shop

@@ -96,14 +96,15 @@ def test_event_log_collapses_to_one_exposure_row_per_user_item_day(tmp_path: Pat
 
 
 def test_event_log_quantity_column_sums_purchase_rows_only(tmp_path: Path) -> None:
-    log = "user_id,item_id,timestamp,event,quantity\nu,i,10,click,\nu,i,20,purchase,3\nu,i,30,purchase,2\n"
+    log = f"user_id,item_id,timestamp,event,quantity\nu,i,{T0 + 10},click,\nu,i,{T0 + 20},purchase,3\n" \
+          f"u,i,{T0 + 30},purchase,2\n"
     shop = load_shop_dir(make_dir(tmp_path / "s", interactions__csv=log))
     assert shop.interactions["quantity"].tolist() == [5.0]
-    assert shop.interactions["timestamp"].tolist() == [10]
+    assert shop.interactions["timestamp"].tolist() == [T0 + 10]
 
 
 def test_label_form_purchase_implies_cart_and_click(tmp_path: Path) -> None:
-    labels = "user_id,item_id,timestamp,clicked,purchased\nu1,i1,5,0,1\nu1,i2,6,1,0\nu2,i1,7,0,0\n"
+    labels = f"user_id,item_id,timestamp,clicked,purchased\nu1,i1,{T0 + 5},0,1\nu1,i2,{T0 + 6},1,0\nu2,i1,{T0},0,0\n"
     shop = load_shop_dir(make_dir(tmp_path / "s", interactions__csv=labels))
     inter = shop.interactions
     assert inter["clicked"].tolist() == [1, 1, 0]
@@ -229,7 +230,8 @@ def test_missing_column_suggests_columns_mapping(tmp_path: Path) -> None:
 def test_mapping_to_a_column_not_in_the_file_says_so(tmp_path: Path) -> None:
     err = error_of(make_dir(tmp_path / "s", interactions__csv="user_id,item_id,timestamp,what\nc,i,1,click\n",
                             shop__toml='[columns]\nevent = "action"\n'))
-    assert err.column == "event" and 'maps event = "action"' in err.problem
+    assert (err.column, err.field) == ("action", "event") and 'maps event = "action"' in err.problem
+    assert "column 'action' (field event)" in str(err)
 
 
 def test_reversed_mapping_in_shop_toml(tmp_path: Path) -> None:
@@ -271,14 +273,15 @@ def test_bad_price(tmp_path: Path, price: str, problem: str) -> None:
 
 
 def test_unknown_event_lists_allowed_ones(tmp_path: Path) -> None:
-    log = "user_id,item_id,timestamp,event\nu,i,1,click\nu,i,2,click\nu,i,3,view\nu,i,4,wish\n"
+    log = f"user_id,item_id,timestamp,event\nu,i,{T0},click\nu,i,{T0},click\nu,i,{T0},view\nu,i,{T0},wish\n"
     err = error_of(make_dir(tmp_path / "s", interactions__csv=log))
     assert (err.row, err.column) == (4, "event") and "'view'" in err.problem and "1 more row" in err.problem
     assert all(e in err.fix for e in ("impression", "click", "cart", "purchase"))
 
 
 def test_non_binary_label(tmp_path: Path) -> None:
-    err = error_of(make_dir(tmp_path / "s", interactions__csv="user_id,item_id,timestamp,clicked\nu,i,1,1\nu,i,2,2\n"))
+    log = f"user_id,item_id,timestamp,clicked\nu,i,{T0},1\nu,i,{T0},2\n"
+    err = error_of(make_dir(tmp_path / "s", interactions__csv=log))
     assert (err.row, err.column) == (3, "clicked") and "0 or 1" in err.fix
 
 
@@ -288,7 +291,7 @@ def test_label_form_needs_clicked(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("file", "content", "column"), [
-    ("interactions__csv", "user_id,item_id,timestamp,clicked,purchased,quantity\nu,A1,1,1,1,-1\n", "quantity"),
+    ("interactions__csv", f"user_id,item_id,timestamp,clicked,purchased,quantity\nu,A1,{T0},1,1,-1\n", "quantity"),
     ("sales__csv", "item_id,day,units\nA1,19723,-3\n", "units"),
 ])
 def test_negative_quantity_or_units(tmp_path: Path, file: str, content: str, column: str) -> None:
@@ -381,10 +384,10 @@ def test_amazon_ratings_as_a_merchant_export(tmp_path: Path) -> None:
 
 
 def test_per_file_mapping_leaves_other_files_alone(tmp_path: Path) -> None:
-    inter = "user_id,item_id,timestamp,clicked,purchased,quantity\nu,A1,1,1,1,2\n"
+    inter = f"user_id,item_id,timestamp,clicked,purchased,quantity\nu,A1,{T0},1,1,2\n"
     toml = '[columns.sales]\nunits = "quantity"\n'
     shop = load_shop_dir(make_dir(tmp_path / "s", interactions__csv=inter, shop__toml=toml,
-                                  sales__csv="item_id,day,quantity\nA1,0,2\n"))
+                                  sales__csv="item_id,day,quantity\nA1,19723,2\n"))
     assert shop.interactions["quantity"].tolist() == [2.0] and shop.sales["units"].tolist() == [2.0]
 
 

@@ -1,8 +1,14 @@
-"""Property tests: any damage to a valid shop directory gives a ShopData or a ShopDataError, nothing else."""
+"""Property tests: any damage to a valid shop directory gives a ShopData or a ShopDataError, nothing else.
+
+Damage covers cells (spreadsheet-mangled values included), headers, rows, bytes, whole files and
+shop.toml. Examples are bounded (40-60 per test, no deadline) so the file runs in well under 30 s.
+"""
 
 from __future__ import annotations
 
+import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +16,16 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.schema import INTERACTION_COLUMNS, ShopData, ShopDataError, load_shop_dir, write_shop_dir
+from shared.schema import (
+    EARLIEST,
+    FUTURE_SLACK_S,
+    INTERACTION_COLUMNS,
+    ShopData,
+    ShopDataError,
+    check_shop_name,
+    load_shop_dir,
+    write_shop_dir,
+)
 
 FILES = ("interactions", "items", "users", "sales")
 BASE = {
@@ -27,7 +42,10 @@ BASE = {
                            "promo": ["0", "1"]}),
 }
 BAD_VALUES = ["", " ", "NaN", "nan", "-1", "-0.5", "inf", "1e400", "1.5", "2", "true", "view", "purchase",
-              "yesterday", "2024-13-45", "1700000000000", "0", "007", "A9", "\u00fc", "a,b", '"', "\r"]
+              "yesterday", "2024-13-45", "1700000000000", "0", "007", "A9", "\u00fc", "a,b", '"', "\r",
+              # spreadsheet and clock damage
+              "1.70407E+09", "1.00000E+19", "45292", "45292.5", "4102444800", "86400", "2099-01-01", " 8", "A1 ",
+              "1,5", "\ufeff", "\x00", "1e19"]
 cell_value = st.one_of(st.sampled_from(BAD_VALUES), st.text(max_size=6), st.integers(-10**12, 10**12),
                        st.floats(allow_nan=True, allow_infinity=True))
 mutation = st.one_of(
@@ -38,6 +56,8 @@ mutation = st.one_of(
     st.tuples(st.just("dup_row"), st.sampled_from(FILES), st.integers(0, 10)),
     st.tuples(st.just("unknown_item"), st.text(min_size=1, max_size=4)),
     st.tuples(st.just("remove_file"), st.sampled_from(FILES)),
+    st.tuples(st.just("dup_header"), st.sampled_from(FILES), st.integers(0, 10), st.integers(0, 10)),
+    st.tuples(st.just("drop_row"), st.sampled_from(FILES), st.integers(0, 10)),
 )
 byte_damage = st.one_of(
     st.tuples(st.just("empty_file"), st.sampled_from(FILES)),
@@ -70,11 +90,17 @@ def mutate(frames: dict[str, pd.DataFrame | None], change: tuple) -> None:
         cols[args[1] % len(cols)] = args[2]
         frame.columns = cols
     elif kind == "cell" and len(frame) and len(frame.columns):
-        col = frame.columns[args[2] % len(frame.columns)]
-        frame[col] = frame[col].astype(object)
-        frame.iloc[args[1] % len(frame), frame.columns.get_loc(col)] = args[3]
+        pos = args[2] % len(frame.columns)  # by position: a damaged header may repeat a name
+        frame.isetitem(pos, frame.iloc[:, pos].astype(object))
+        frame.iloc[args[1] % len(frame), pos] = args[3]
     elif kind == "empty_rows":
         frames[args[0]] = frame.iloc[0:0]
+    elif kind == "dup_header" and len(frame.columns) > 1:
+        cols = list(frame.columns)
+        cols[args[1] % len(cols)] = cols[args[2] % len(cols)]
+        frame.columns = cols
+    elif kind == "drop_row" and len(frame):
+        frames[args[0]] = frame.drop(index=frame.index[args[1] % len(frame)]).reset_index(drop=True)
     elif kind == "dup_row" and len(frame):
         frames[args[0]] = pd.concat([frame, frame.iloc[[args[1] % len(frame)]]], ignore_index=True)
 
@@ -90,11 +116,12 @@ def write_frames(root: Path, frames: dict[str, pd.DataFrame | None], fmt: str) -
             continue
         typed = frame.copy()
         typed.columns = [str(c) for c in typed.columns]
+        if len(set(typed.columns)) < len(typed.columns):
+            continue  # Parquet cannot hold two columns of one name
         for col in typed.columns:  # numeric where possible, so Parquet holds typed columns too
             as_num = pd.to_numeric(typed[col], errors="coerce") if typed[col].dtype == object else typed[col]
             typed[col] = as_num if len(typed) and as_num.notna().all() else typed[col].astype(str)
-        if len(set(typed.columns)) == len(typed.columns):
-            typed.to_parquet(root / f"{stem}.parquet", index=False)
+        typed.to_parquet(root / f"{stem}.parquet", index=False)
 
 
 def damage_bytes(root: Path, change: tuple) -> None:
@@ -117,6 +144,39 @@ def damage_bytes(root: Path, change: tuple) -> None:
     path.write_bytes(data)
 
 
+TOMLS = ['name = "/tmp/x"\n', 'name = "../../"\n', 'name = ""\n', 'name = "a\\u0000b"\n', "name = 3\n",
+         'currency = "euro"\n', "columns = 1\n", '[columns]\nuser_id = "item_id"\n', '[columns]\nevent = "nope"\n',
+         '[events]\nimpression = "click"\n', '[events]\nview = "look"\n', 'timestamp_format = "%d/%m/%Y"\n',
+         "[meta]\nx = 1\n", 'name = "ok shop"\ncurrency = "USD"\n', "unknown = 1\n", "= broken\n"]
+file_damage = st.one_of(
+    st.tuples(st.just("toml"), st.one_of(st.sampled_from(TOMLS), st.text(max_size=40))),
+    st.tuples(st.just("toml_bytes"), st.binary(max_size=40)),
+    st.tuples(st.just("twin"), st.sampled_from(FILES)),  # the same table as .csv and .parquet
+    st.tuples(st.just("stray"), st.sampled_from(["items.xlsx", "sales.CSV", "users.parquet.bak", "notes.txt"])),
+    st.tuples(st.just("folder"), st.sampled_from(FILES)),  # a folder named like a table file
+)
+
+
+def damage_files(root: Path, change: tuple) -> None:
+    """Add, replace or shadow whole files of a shop directory."""
+    kind, arg = change
+    if kind == "toml":
+        (root / "shop.toml").write_text(arg, encoding="utf-8", errors="surrogatepass")
+    elif kind == "toml_bytes":
+        (root / "shop.toml").write_bytes(arg)
+    elif kind == "twin":
+        for path in root.glob(f"{arg}.*"):
+            frame = pd.read_csv(path, dtype=str) if path.suffix == ".csv" else pd.read_parquet(path)
+            twin = path.with_suffix(".parquet" if path.suffix == ".csv" else ".csv")
+            frame.to_parquet(twin) if twin.suffix == ".parquet" else frame.to_csv(twin, index=False)
+    elif kind == "stray":
+        (root / arg).write_bytes(b"x")
+    elif kind == "folder":
+        for path in root.glob(f"{arg}.*"):
+            path.unlink()
+        (root / f"{arg}.csv").mkdir()
+
+
 def check_loads_or_explains(root: Path) -> None:
     """The property: a ShopData that meets the canonical contract, or a ShopDataError with a fix."""
     try:
@@ -131,13 +191,20 @@ def check_loads_or_explains(root: Path) -> None:
     assert (inter["clicked"] >= inter["carted"]).all() and (inter["carted"] >= inter["purchased"]).all()
     assert inter[["clicked", "carted", "purchased"]].isin([0, 1]).all().all()
     assert (inter["quantity"] >= 0).all() and (inter["user_id"].str.strip() != "").all()
+    for ids in (inter["user_id"], inter["item_id"]):  # no ID a spreadsheet or stray space damaged
+        assert (ids == ids.str.strip()).all() and not ids.str.contains("E+", regex=False).any()
+    assert inter["timestamp"].min() >= EARLIEST.timestamp()
+    assert inter["timestamp"].max() <= time.time() + FUTURE_SLACK_S
+    assert check_shop_name(shop.name) == shop.name
     if shop.items is not None:
         assert shop.items["item_id"].is_unique and inter["item_id"].isin(shop.items["item_id"]).all()
         assert "price" not in shop.items or (shop.items["price"] >= 0).all()
     shop.available_tasks()
 
 
-PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# FEDSHOP_FUZZ_EXAMPLES=2000 fuzzes deeper by hand; the default keeps the file fast.
+PROPERTY = settings(max_examples=int(os.environ.get("FEDSHOP_FUZZ_EXAMPLES", "40")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY
@@ -160,8 +227,17 @@ def test_byte_damage_loads_or_raises_shop_data_error(change: tuple, fmt: str) ->
         check_loads_or_explains(Path(tmp) / "shop")
 
 
+@PROPERTY
+@given(change=file_damage, fmt=st.sampled_from(["csv", "parquet"]))
+def test_file_damage_loads_or_raises_shop_data_error(change: tuple, fmt: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_frames(Path(tmp) / "shop", {stem: frame.copy() for stem, frame in BASE.items()}, fmt)
+        damage_files(Path(tmp) / "shop", change)
+        check_loads_or_explains(Path(tmp) / "shop")
+
+
 id_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1,
-                  max_size=5).filter(lambda s: s.strip() != "")
+                  max_size=5).filter(lambda s: s.strip() == s != "")  # outer spaces are refused on load
 
 
 @settings(max_examples=20, deadline=None)
@@ -172,7 +248,7 @@ def test_any_canonical_shop_round_trips(ids: list[str], n: int, seed: int, fmt: 
     purchased = rng.integers(0, 2, n).astype("int8")
     inter = pd.DataFrame({
         "user_id": pd.Series(rng.choice(ids, n), dtype=str), "item_id": pd.Series(rng.choice(ids, n), dtype=str),
-        "timestamp": rng.integers(-10**9, 4 * 10**9, n).astype("int64"),
+        "timestamp": rng.integers(int(EARLIEST.timestamp()), int(time.time()), n).astype("int64"),
         "clicked": np.maximum(purchased, rng.integers(0, 2, n)).astype("int8"), "carted": purchased,
         "purchased": purchased, "quantity": (purchased * rng.integers(1, 5, n)).astype("float32"),
     })

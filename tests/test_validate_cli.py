@@ -14,6 +14,7 @@ from shared.schema import ShopData, write_shop_dir
 from simulations.commands import validate
 
 runner = CliRunner()
+T0 = 1_704_067_200  # 2024-01-01T00:00:00Z
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def app() -> typer.Typer:
 def good(tmp_path: Path) -> Path:
     """A valid shop with clicks, non-clicks and purchases."""
     inter = pd.DataFrame({"user_id": ["u1", "u2", "u1", "u3"], "item_id": ["007", "8", "8", "007"],
-                          "timestamp": [100, 200, 90_000, 90_100], "clicked": [1, 0, 1, 1],
+                          "timestamp": [T0 + 100, T0 + 200, T0 + 90_000, T0 + 90_100], "clicked": [1, 0, 1, 1],
                           "carted": [0, 0, 1, 0], "purchased": [0, 0, 1, 0], "quantity": [0.0, 0.0, 2.0, 0.0]})
     return write_shop_dir(ShopData("Good shop", inter), tmp_path / "good")
 
@@ -39,7 +40,7 @@ def bad(tmp_path: Path) -> Path:
     """A shop whose log holds an unknown event on row 3."""
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "interactions.csv").write_text(
-        "user_id,item_id,timestamp,event\nu,i,1,click\nu,i,2,view\n", encoding="utf-8")
+        f"user_id,item_id,timestamp,event\nu,i,{T0},click\nu,i,{T0 + 1},view\n", encoding="utf-8")
     return tmp_path / "bad"
 
 
@@ -63,6 +64,9 @@ def test_json_output(app: typer.Typer, good: Path, bad: Path) -> None:
     assert result.exit_code == 1
     reports = json.loads(result.output)
     assert [r["ok"] for r in reports] == [True, False]
+    splits, warnings = reports[0].pop("splits"), reports[0].pop("warnings")
+    assert splits == {"train": 2, "validation": 0, "test": 2}  # 4 rows over a day: the span's last 20% holds 2
+    assert [w.split(" has")[0] for w in warnings] == ["task ctr", "task cvr", "task ranking", "task sales"]
     assert reports[0] | {"path": ""} == {"path": "", "ok": True, "name": "Good shop", "rows": 4, "users": 3,
                                          "items": 2, "tasks": ["ctr", "cvr", "ranking", "sales"],
                                          "sales_derived": True, "ignored_columns": {}}
