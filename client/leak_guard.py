@@ -158,7 +158,9 @@ def leak_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return error_reply(msg, FAILED_TEXT)
     try:
         return clean_reply(msg, reply, context, started)
-    except Exception as exc:  # LeakBlocked, or a check that could not even run on what the handler built
+    except LeakBlocked as exc:
         logger.error("leak guard blocked a %s reply: %s", msg.metadata.message_type, exc)
-        return error_reply(msg, BLOCKED_TEXT)
+    except Exception:  # a check could not even run on what the handler built: block it all the same
+        logger.exception("leak guard could not check a %s reply; blocked it", msg.metadata.message_type)
+    return error_reply(msg, BLOCKED_TEXT)
 

@@ -257,9 +257,11 @@ def audit_mod_for(vocabulary: VocabularyFn) -> Callable[[Message, Context, Clien
             check_reply_metadata(msg, reply, started)
             vocab = vocabulary(context, req.config) if req.stage in (None, "collect_masked_vectors") else None
             return Message(clean_legacy_reply(req, reply, vocab or MetricVocabulary()), reply_to=msg)
-        except Exception as exc:  # LeakBlocked, or a check that could not even run on what the handler built
+        except LeakBlocked as exc:
             logger.error("SecAgg+ audit blocked a %s reply: %s", msg.metadata.message_type, exc)
-            return error_reply(msg, BLOCKED_TEXT)
+        except Exception:  # a check could not even run on what the handler built: block it all the same
+            logger.exception("SecAgg+ audit could not check a %s reply; blocked it", msg.metadata.message_type)
+        return error_reply(msg, BLOCKED_TEXT)
 
     return audit_mod
 
