@@ -20,6 +20,8 @@ import torch
 from flower_harness import LocalGrid, tiny_scenario, write_scenario
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.app import Context as FlowerContext
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from client import client_app
 from client.leak_guard import BLOCKED_TEXT, ERROR_CODE_BLOCKED, FAILED_TEXT, leak_guard
@@ -402,3 +404,28 @@ def test_the_cap_holds_even_for_allowed_keys():
 def test_only_plain_int_or_float_values_pass(value):
     with pytest.raises(LeakBlocked):
         clean_metrics({"loss": value}, frozenset({"loss"}))
+
+
+_VOCAB = MetricVocabulary(tasks=TASKS, sampled_negatives=99, shop_index=3)
+_ALLOWED = _VOCAB.eval_keys(("val", "test"))
+_values = st.one_of(st.integers(), st.floats(allow_nan=True), st.booleans(), st.text(max_size=8),
+                    st.binary(max_size=8), st.lists(st.floats(), max_size=3), st.none())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.one_of(st.sampled_from(sorted(_ALLOWED)), st.text(max_size=12).map("u-4711:".__add__)),
+                       _values, max_size=80))
+def test_whatever_a_handler_reports_only_vocabulary_scalars_come_out(metrics):
+    """Property: clean_metrics refuses, or returns at most MAX_METRICS vocabulary keys with plain scalars."""
+    try:
+        out = clean_metrics(metrics, _ALLOWED, _VOCAB.shop_index)
+    except LeakBlocked as exc:
+        assert "u-4711" not in str(exc)  # a made-up key may be private: never echoed
+        return
+    assert set(out) <= _ALLOWED and len(out) <= MAX_METRICS and list(out) == sorted(out)
+    for key, value in out.items():
+        assert type(value) is (int if key == "shop-index" else float)
+        assert not (isinstance(value, float) and math.isinf(value))
+        if isinstance(value, float) and math.isnan(value):
+            assert struct.pack("<d", value) == struct.pack("<d", CANONICAL_NAN)
+    assert out.get("shop-index", 3) == 3
