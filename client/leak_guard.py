@@ -35,6 +35,7 @@ ARRAYS_RECORD = "arrays"  # the only record names a main-path reply has
 METRICS_RECORD = "metrics"
 NUMPY_STYPE = "numpy.ndarray"
 TTL_TOLERANCE = 1e-6  # seconds: a reply's ttl is the request's remaining time at the reply's created_at
+CLOCK_SLACK = 1e-3  # seconds: Flower stamps created_at from datetime (microseconds), the guard from time.time()
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def check_reply_metadata(request: Message, reply: Message, started: float) -> No
         if key not in ("_created_at", "_ttl") and got[key] != value:
             raise LeakBlocked(f"reply metadata field '{key.lstrip('_')}' differs from the request's reply metadata")
     created, ttl = got["_created_at"], got["_ttl"]
-    if type(created) is not float or not started <= created <= time.time():
+    if type(created) is not float or not started - CLOCK_SLACK <= created <= time.time() + CLOCK_SLACK:
         raise LeakBlocked("reply metadata created_at is outside the handler's run")
     remaining = request.metadata.created_at + request.metadata.ttl - created
     if type(ttl) is not float or abs(ttl - remaining) > TTL_TOLERANCE:
