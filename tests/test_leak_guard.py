@@ -37,7 +37,6 @@ from shared.schema import TASKS
 
 # Four shops whose data supports the four task sets the synthetic world makes (task dropout of CTR/sales).
 MIXED = {"data.synthetic.n_shops": 4, "data.synthetic.task_dropout": 0.5, "seed": 6}
-LOG: pytest.LogCaptureFixture
 SECRETS = ("4711", "user", "u-", "towers", "ids", "loss", "auc", "metrics", "arrays")
 
 
@@ -92,22 +91,30 @@ def _guard(world: World, mutate, node: int = 0, kind: str = MessageType.TRAIN, s
         reply = Message(copy.deepcopy(honest.content), reply_to=request)
         return mutate(reply, context) or reply
 
+    REFUSALS.lines.clear()
     return msg, leak_guard(msg, world.context(node), handler)
 
 
-@pytest.fixture(autouse=True)
-def _log(caplog):
-    global LOG
-    LOG = caplog
-    caplog.set_level(logging.ERROR, logger="client.leak_guard")
-    yield
+class _Refusals(logging.Handler):
+    """The leak guard's log lines, to tell a deliberate refusal from a check that crashed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+REFUSALS = _Refusals()
+logging.getLogger("client.leak_guard").addHandler(REFUSALS)
 
 
 def _assert_blocked(msg: Message, reply: Message, text: str = BLOCKED_TEXT) -> None:
     """The generic error reply, and (for a refusal) the shop's log says which check refused it."""
     if text == BLOCKED_TEXT:  # a deliberate refusal, not a check that crashed on the tampered reply
-        assert any(r.getMessage().startswith("leak guard blocked") for r in LOG.records), LOG.text
-        LOG.clear()
+        assert any(line.startswith("leak guard blocked") for line in REFUSALS.lines), REFUSALS.lines
+        REFUSALS.lines.clear()
     assert reply.has_error() and not reply.has_content()
     assert reply.error.reason == text and reply.error.code == ERROR_CODE_BLOCKED
     assert not any(s in reply.error.reason for s in SECRETS)
