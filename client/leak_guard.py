@@ -1,109 +1,167 @@
-"""The leak guard: an app-wide client mod that audits every reply before it leaves the shop.
+"""The leak guard: an app-wide client mod that rebuilds every reply from what may leave the shop.
 
-Allowed out: the encoder arrays the coordinator sent (same keys, shapes and dtypes; with
-`share = "all-shareable"` also the shop's vocabulary-independent local arrays under `local.`), one
-MetricRecord whose keys are on the allow-list and whose values are finite-or-NaN scalars, one
-ConfigRecord at most with allow-listed keys, and error replies carrying only a generic text.
-Anything else - an extra array or record, an ID embedding, a user id smuggled in as a metric, an
-exception text - is replaced by an error reply whose text names no key and no value. Details go
-only to the shop's own log.
+A reply to `train` is exactly the encoder the coordinator sent (same keys, order, shapes, dtypes;
+with `share = "all-shareable"` also the model's vocabulary-independent local arrays under `local.`)
+in an ArrayRecord named `arrays`, plus a MetricRecord named `metrics`; a reply to `evaluate` is the
+MetricRecord only. Metric keys come from the shop's vocabulary (`shared.privacy.audit`: its tasks and
+the protocol), each value one finite int/float, at most `MAX_METRICS`. No ConfigRecord, no other
+record, no other message type. The metadata must be what `Message(..., reply_to=request)` makes.
+
+The guard does not forward the handler's reply: it builds a fresh one from the checked values
+(arrays re-serialised from their parsed contents, metrics key-sorted with canonical types, metadata
+derived from the request), so bytes the checks do not look at never leave. A reply that fails a
+check, a handler error and a handler exception all become one generic error reply (fixed code and
+text); the reason goes only to the shop's own log.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import time
+from typing import Any
 
-from flwr.app import ArrayRecord, Context, Error, Message, MessageType
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.local_state import LOCAL_RECORD
-from shared.model import VOCAB_BOUND_LOCAL
-from shared.privacy.audit import allowed_metric
+from client.local_state import Shop, resolve_shop
+from shared.privacy.audit import LeakBlocked, MetricVocabulary, clean_metrics, parse_splits
 
 LOCAL_PREFIX = "local."  # same wire prefix as server.strategies.LOCAL_PREFIX (client must not import server)
 ERROR_CODE_BLOCKED = 6  # flwr ErrorCode.MOD_FAILED_PRECONDITION
 BLOCKED_TEXT = "reply blocked by the shop's leak guard"
 FAILED_TEXT = "shop failed to process the message"
-
-CONFIG_KEYS: set[str] = set()  # replies carry no ConfigRecord today
+ARRAYS_RECORD = "arrays"  # the only record names a main-path reply has
+METRICS_RECORD = "metrics"
+NUMPY_STYPE = "numpy.ndarray"
+TTL_TOLERANCE = 1e-6  # seconds: a reply's ttl is the request's remaining time at the reply's created_at
+CLOCK_SLACK = 1e-3  # seconds: Flower stamps created_at from datetime (microseconds), the guard from time.time()
 
 logger = logging.getLogger(__name__)
 
-
-def _shareable_local(context: Context) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Wire names -> (shape, dtype) of this shop's local arrays that may be shared (never ID embeddings)."""
-    if LOCAL_RECORD not in context.state.array_records:
-        return {}
-    record = context.state.array_records[LOCAL_RECORD]
-    return {LOCAL_PREFIX + k: (tuple(a.shape), a.dtype) for k, a in record.items()
-            if not k.startswith(VOCAB_BOUND_LOCAL)}
+Spec = tuple[tuple[int, ...], str]
+_SHAREABLE: dict[int, tuple[Shop, dict[str, Spec]]] = {}  # id(shop) -> (shop, wire name -> spec), per process
 
 
-def _audit_arrays(request: Message, reply_arrays: ArrayRecord, context: Context) -> str | None:
-    sent = next(iter(request.content.array_records.values()), None) if request.has_content() else None
-    if sent is None:
-        return "arrays in a reply to a message that carried none"
-    encoder = {k: (tuple(a.shape), a.dtype) for k, a in sent.items() if not k.startswith(LOCAL_PREFIX)}
-    config = next(iter(request.content.config_records.values()), {})
-    share = str(config.get("share", "encoder"))
-    allowed = dict(encoder)
-    if share == "all-shareable":
-        allowed.update(_shareable_local(context))
-    got = {k: (tuple(a.shape), a.dtype) for k, a in reply_arrays.items()}
-    if set(encoder) - set(got):
-        return f"encoder arrays missing: {sorted(set(encoder) - set(got))[:3]}"
-    for key, spec in got.items():
-        if key not in allowed:
-            return f"array '{key}' is not allowed out"
-        if spec != allowed[key]:
-            return f"array '{key}' has shape/dtype {spec}, expected {allowed[key]}"
-    return None
+def request_config(msg: Message, context: Context) -> dict[str, Any]:
+    """Run config overridden by the request's first ConfigRecord, as the handlers merge it."""
+    sent = next(iter(msg.content.config_records.values()), {}) if msg.has_content() else {}
+    return {**dict(context.run_config), **dict(sent)}
 
 
-def audit_reply(request: Message, reply: Message, context: Context) -> str | None:
-    """None if ``reply`` may leave the shop, else why not (for the shop's own log only)."""
+def shop_vocabulary(context: Context, config: dict[str, Any]) -> MetricVocabulary:
+    """The metric vocabulary of the shop this node serves: its tasks, its ranking negatives, its index."""
+    shop = resolve_shop(context, config)  # cached per process: the handler resolved it already
+    return MetricVocabulary(tasks=tuple(shop.tensors.tasks),
+                            sampled_negatives=int(shop.scenario.features.sampled_negatives), shop_index=shop.index)
+
+
+def _shareable_local(context: Context, config: dict[str, Any]) -> dict[str, Spec]:
+    """Wire names -> (shape, dtype) of the local arrays the FedAvg-all baseline shares (never ID embeddings).
+
+    Taken from a fresh model of the shop (not from the handler's state), so a handler cannot widen it.
+    """
+    shop = resolve_shop(context, config)
+    if id(shop) not in _SHAREABLE:
+        model = shop.model()
+        local = model.local.state_dict()
+        _SHAREABLE[id(shop)] = (shop, {LOCAL_PREFIX + k: (tuple(local[k].shape), str(local[k].numpy().dtype))
+                                       for k in model.shareable_local_keys()})
+    return _SHAREABLE[id(shop)][1]
+
+
+def check_reply_metadata(request: Message, reply: Message, started: float) -> None:
+    """LeakBlocked unless ``reply``'s metadata is what `Message(..., reply_to=request)` gives after ``started``."""
+    expected = Message(RecordDict(), reply_to=request).metadata.__dict__
+    got = reply.metadata.__dict__
+    if set(got) != set(expected):
+        raise LeakBlocked("reply metadata has other fields than Flower's reply metadata")
+    for key, value in expected.items():
+        if key not in ("_created_at", "_ttl") and got[key] != value:
+            raise LeakBlocked(f"reply metadata field '{key.lstrip('_')}' differs from the request's reply metadata")
+    created, ttl = got["_created_at"], got["_ttl"]
+    if type(created) is not float or not started - CLOCK_SLACK <= created <= time.time() + CLOCK_SLACK:
+        raise LeakBlocked("reply metadata created_at is outside the handler's run")
+    remaining = request.metadata.created_at + request.metadata.ttl - created
+    if type(ttl) is not float or abs(ttl - remaining) > TTL_TOLERANCE:
+        raise LeakBlocked("reply metadata ttl is not the request's remaining time")
+
+
+def _clean_array(array: Array, spec: Spec) -> Array:
+    """The array re-serialised from its parsed contents, if its shape, dtype and storage type match ``spec``."""
+    if not isinstance(array, Array) or array.stype != NUMPY_STYPE or (tuple(array.shape), array.dtype) != spec:
+        raise LeakBlocked("an array's shape, dtype or storage type differs from the allowed one")
+    try:
+        parsed = array.numpy()
+    except Exception:  # malformed bytes: whatever they are, they do not leave
+        raise LeakBlocked("an array's bytes do not parse") from None
+    if (tuple(parsed.shape), str(parsed.dtype)) != spec:
+        raise LeakBlocked("an array's bytes hold another shape or dtype than its header says")
+    return Array(np.ascontiguousarray(parsed))
+
+
+def _clean_arrays(request: Message, reply_arrays: ArrayRecord, context: Context,
+                  config: dict[str, Any]) -> ArrayRecord:
+    """The encoder arrays (and baseline-shareable local arrays), in the request's order, re-serialised."""
+    sent = list(request.content.array_records.values())
+    if len(sent) != 1:
+        raise LeakBlocked("a train request without exactly one array record")
+    allowed = {k: (tuple(a.shape), a.dtype) for k, a in sent[0].items() if not k.startswith(LOCAL_PREFIX)}
+    if config.get("share") == "all-shareable":
+        allowed.update(_shareable_local(context, config))
+    if set(reply_arrays) != set(allowed):
+        raise LeakBlocked("reply arrays are not exactly the encoder (and shareable local) arrays")
+    return ArrayRecord({k: _clean_array(reply_arrays[k], spec) for k, spec in allowed.items()})
+
+
+def clean_reply(request: Message, reply: Message, context: Context, started: float) -> Message:
+    """The reply to send, rebuilt from the handler's ``reply``; LeakBlocked (reason for the log) if not allowed."""
+    kind = request.metadata.message_type
+    if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
+        raise LeakBlocked("replies to this message type are not allowed out")
+    check_reply_metadata(request, reply, started)
     content = reply.content
-    kind = request.metadata.message_type.split(".")[0]
-    arrays, metrics, configs = content.array_records, content.metric_records, content.config_records
-    if len(metrics) != 1:
-        return f"expected one MetricRecord, found {len(metrics)}"
-    if len(configs) > 1 or any(k not in CONFIG_KEYS for c in configs.values() for k in c):
-        return "config records are not allowed out"
+    if content.config_records:
+        raise LeakBlocked("config records are not allowed out")
+    array_names = {ARRAYS_RECORD} if kind == MessageType.TRAIN else set()
+    if set(content.array_records) != array_names or set(content.metric_records) != {METRICS_RECORD}:
+        raise LeakBlocked("reply records are not exactly the protocol's records (names included)")
+    config = request_config(request, context)
+    vocabulary = shop_vocabulary(context, config)
     if kind == MessageType.TRAIN:
-        if len(arrays) != 1:
-            return f"expected one ArrayRecord, found {len(arrays)}"
-        problem = _audit_arrays(request, next(iter(arrays.values())), context)
-        if problem:
-            return problem
-    elif arrays:
-        return f"arrays are not allowed in a {kind} reply"
-    for key, value in next(iter(metrics.values())).items():
-        if not allowed_metric(key, kind):
-            return f"metric '{key}' is not on the allow-list"
-        if isinstance(value, list) or not isinstance(value, (int, float)):
-            return f"metric '{key}' is not a scalar"
-        if isinstance(value, float) and math.isinf(value):
-            return f"metric '{key}' is infinite"
-    return None
+        allowed = vocabulary.train_keys()
+    else:
+        allowed = vocabulary.eval_keys(parse_splits(config.get("eval-split", "val")))
+    metrics = clean_metrics(dict(content.metric_records[METRICS_RECORD]), allowed, vocabulary.shop_index)
+    out = RecordDict()
+    if kind == MessageType.TRAIN:
+        out[ARRAYS_RECORD] = _clean_arrays(request, content.array_records[ARRAYS_RECORD], context, config)
+    out[METRICS_RECORD] = MetricRecord(metrics)
+    return Message(out, reply_to=request)
 
 
-def _error_reply(request: Message, text: str) -> Message:
+def error_reply(request: Message, text: str) -> Message:
+    """A fresh error reply with the fixed code and a fixed ``text`` (never the handler's words)."""
     return Message(Error(code=ERROR_CODE_BLOCKED, reason=text), reply_to=request)
 
 
 def leak_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Client mod: run the handler, then let its reply out only if it passes `audit_reply`."""
+    """Client mod: run the handler, then send a reply rebuilt by `clean_reply`, or a generic error."""
+    started = time.time()
     try:
         reply = call_next(msg, context)
     except Exception:  # the text of any exception may quote private data: log it here, send none
         logger.exception("shop handler raised; sending a generic error reply")
-        return _error_reply(msg, FAILED_TEXT)
+        return error_reply(msg, FAILED_TEXT)
     if reply.has_error():
-        logger.warning("shop handler returned an error (%s); sending a generic error reply", reply.error.reason)
-        return _error_reply(msg, FAILED_TEXT)
-    problem = audit_reply(msg, reply, context)
-    if problem is not None:
-        logger.error("leak guard blocked a %s reply: %s", msg.metadata.message_type, problem)
-        return _error_reply(msg, BLOCKED_TEXT)
-    return reply
+        logger.warning("shop handler returned an error (code %s: %s); sending a generic error reply",
+                       reply.error.code, reply.error.reason)
+        return error_reply(msg, FAILED_TEXT)
+    try:
+        return clean_reply(msg, reply, context, started)
+    except LeakBlocked as exc:
+        logger.error("leak guard blocked a %s reply: %s", msg.metadata.message_type, exc)
+    except Exception:  # a check could not even run on what the handler built: block it all the same
+        logger.exception("leak guard could not check a %s reply; blocked it", msg.metadata.message_type)
+    return error_reply(msg, BLOCKED_TEXT)
+
