@@ -224,6 +224,7 @@ def refused_runs(federation) -> dict:
         run_dir.mkdir(parents=True)
         scenario = str(federation.root / "tiny.toml")
         config = deployment_run_config(load_scenario(scenario), scenario, run_dir)
+        config["max-short-rounds"] = 0  # a round every merchant refused ends the run at once, not after retries
         results[name] = submit_run(federation.coordinator.home, config, out=io.StringIO(), timeout=300, **options)
 
     threads = [threading.Thread(target=submit, args=(name, dict(opts))) for name, opts in cases.items()]
