@@ -256,10 +256,35 @@ class ShopModel(nn.Module):
 
 
 def build_model(tensors: ShopTensors, cfg: ModelConfig | None = None, feature_cfg: FeatureConfig | None = None,
-                seed: int = 0) -> ShopModel:
-    """A fresh model for one shop. The encoder's initial weights depend only on ``seed``."""
+                seed: int = 0, *, encoder_state: Mapping[str, torch.Tensor] | None = None,
+                local_state: Mapping[str, torch.Tensor] | None = None) -> ShopModel:
+    """A model for one shop. A fresh model's encoder weights depend only on ``seed``.
+
+    Given both ``encoder_state`` (received) and ``local_state`` (saved), the model is built without
+    random initialisation and holds copies of them: the same model as building fresh and loading both,
+    minus the wasted initialisation of ~1.6M parameters. Given only one, the model is built fresh and
+    that part loaded, since skipping the encoder's initialisation would shift the local part's (one
+    random stream), and a fresh local part must stay the same for a given seed.
+    """
     cfg = cfg or ModelConfig()
     fcfg = feature_cfg or tensors.cfg or FeatureConfig()
     torch.manual_seed(seed)
-    model = ShopModel(cfg, fcfg, tensors)
+    if encoder_state is None or local_state is None:
+        model = ShopModel(cfg, fcfg, tensors)
+        if encoder_state is not None:
+            model.load_encoder_state(encoder_state)
+        if local_state is not None:
+            model.load_local_state(local_state)
+        return model
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = ShopModel(cfg, fcfg, tensors)
+    for part, state in ((model.encoder, encoder_state), (model.local, local_state)):
+        expected = part.state_dict()
+        # Copies in the parameters' dtypes: assigned tensors become the parameters, and training must not
+        # write into the caller's arrays (the received encoder is also FedProx's anchor).
+        part.load_state_dict({k: torch.as_tensor(v).to(dtype=expected[k].dtype, copy=True) if k in expected
+                              else torch.as_tensor(v) for k, v in state.items()}, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"build_model: {left[:3]} were not in the given states; load both parts in full")
     return model

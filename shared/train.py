@@ -112,7 +112,8 @@ def _lazy_regularise(params: list[nn.Parameter], weight_decay: float, prox_mu: f
             values = values + weight_decay * w
         if p in anchors:
             values = values + prox_mu * (w - anchors[p][rows])
-        p.grad = torch.sparse_coo_tensor(g.indices(), values, p.shape, is_coalesced=True)
+        # Indices come from a coalesced gradient of this parameter: valid by construction.
+        p.grad = torch.sparse_coo_tensor(g.indices(), values, p.shape, is_coalesced=True, check_invariants=False)
 
 
 def train_shop(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, *,
