@@ -58,6 +58,11 @@ def _mean_bag(table: torch.Tensor, idx: torch.Tensor, sparse: bool = False) -> t
     return flat.reshape(*idx.shape[:-1], table.shape[-1])
 
 
+def _masked_mean(masked: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-padding fields of already masked embeddings: (B, F, d), (B, F) -> (B, d)."""
+    return masked.sum(1) / (idx > 0).sum(1, keepdim=True).clamp(min=1).to(masked.dtype)
+
+
 def _pool(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     """Mean of the embeddings of the non-padding fields: (..., F) -> (..., d)."""
     return _mean_bag(emb.weight, idx, emb.sparse)
@@ -99,19 +104,29 @@ class SharedEncoder(nn.Module):
         """User vectors (B, d) from side fields + local ID embedding and the behaviour sequence."""
         return self.user_tower(torch.cat([user_side + user_id_emb, hist_vec], -1))
 
-    def context(self, ctx_cat: torch.Tensor, ctx_num_vec: torch.Tensor) -> torch.Tensor:
-        """Context vectors (B, d) from hashed context fields and the locally projected numeric ones."""
-        return self.ctx_tower(_pool(self.fields, ctx_cat) + ctx_num_vec)
+    def context(self, ctx_cat: torch.Tensor, ctx_num_vec: torch.Tensor,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Context vectors (B, d) from hashed context fields and the locally projected numeric ones.
+
+        ``pooled``: the mean of the context fields' embeddings when the caller already has it.
+        """
+        return self.ctx_tower((_pool(self.fields, ctx_cat) if pooled is None else pooled) + ctx_num_vec)
+
+    def field_terms(self, field_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masked embeddings (B, F, d) of a row's shared fields, their bi-interaction pooling (NFM, (B, d))
+        and their wide terms ((B, n_gated_tasks) first-order logits), from one lookup of each table."""
+        mask = (field_idx > 0).unsqueeze(-1).float()
+        e = self.fields(field_idx) * mask  # (B, F, d)
+        bi = 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1))
+        return e, bi, (self.wide(field_idx) * mask).sum(1)
 
     def crosses(self, field_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bi-interaction pooling (NFM) of all shared fields of a row, and their wide terms.
 
         (B, F) hashed indices -> ((B, d) pairwise crosses, (B, n_gated_tasks) first-order logits).
         """
-        mask = (field_idx > 0).unsqueeze(-1).float()
-        e = self.fields(field_idx) * mask  # (B, F, d)
-        bi = 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1))
-        return bi, (self.wide(field_idx) * mask).sum(1)
+        _, bi, wide = self.field_terms(field_idx)
+        return bi, wide
 
     def mixture(self, x: torch.Tensor) -> torch.Tensor:
         """Expert outputs (B, K, E) over the joint input (B, 5d)."""
@@ -212,23 +227,32 @@ class ShopModel(nn.Module):
         return self.encoder.items(self.item_cat[items], self.item_key[items], self.item_num[items], emb,
                                   self._id_keep(len(emb), emb))
 
-    def user_vectors(self, user: torch.Tensor, hist: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
-        """User vectors (B, d): side fields, ID embedding, and the mean of the history's item vectors."""
+    def user_vectors(self, user: torch.Tensor, hist: torch.Tensor, item_table: torch.Tensor,
+                     side: torch.Tensor | None = None) -> torch.Tensor:
+        """User vectors (B, d): side fields, ID embedding, and the mean of the history's item vectors.
+
+        ``side``: the mean of the user's side-field embeddings when the caller already has it.
+        """
         hist_vec = _mean_bag(item_table, hist)  # mean over the clicked items (index 0 = padding)
-        side = _pool(self.encoder.fields, self.user_cat[user])
+        if side is None:
+            side = _pool(self.encoder.fields, self.user_cat[user])
         ids = self.local.user_ids(user)
         keep = self._id_keep(len(ids), ids)
         return self.encoder.users(side, ids if keep is None else ids * keep, hist_vec)
 
     def impression_logits(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-task logits on impression rows: {'ctr': (B,), 'cvr': (B,)} for the tasks the shop has."""
-        u = self.user_vectors(batch["user"], batch["hist"], item_table)
+        user_cat, ctx_cat = self.user_cat[batch["user"]], batch["ctx_cat"]
+        fields = torch.cat([user_cat, self.item_cat[batch["item"]], ctx_cat], 1)
+        # One lookup of the field table serves the crosses, the user's side fields and the context: each
+        # extra lookup costs a forward, a backward and (in row-sparse training) a sparse gradient merge.
+        e, bi, wide = self.encoder.field_terms(fields)
+        n_user, n_ctx = user_cat.shape[1], ctx_cat.shape[1]
+        u = self.user_vectors(batch["user"], batch["hist"], item_table, side=_masked_mean(e[:, :n_user], user_cat))
         v = item_table[batch["item"]]
         num = batch["ctx_num"]
         num_vec = self.local.ctx_num(num) if self.local.ctx_num is not None else torch.zeros_like(u)
-        c = self.encoder.context(batch["ctx_cat"], num_vec)
-        fields = torch.cat([self.user_cat[batch["user"]], self.item_cat[batch["item"]], batch["ctx_cat"]], 1)
-        bi, wide = self.encoder.crosses(fields)
+        c = self.encoder.context(ctx_cat, num_vec, pooled=_masked_mean(e[:, e.shape[1] - n_ctx:], ctx_cat))
         x = torch.cat([u, v, c, u * v, bi], -1)  # (B, 5d)
         experts = self.encoder.mixture(x)  # (B, K, E)
         return {t: self.local.towers[t](self.local.gate(t, x, experts)).squeeze(-1) + wide[:, GATED_TASKS.index(t)]
