@@ -159,7 +159,7 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     if cfg.prox_mu > 0 and global_encoder is not None and not cfg.freeze_encoder:
         named = {k: (p, torch.as_tensor(global_encoder[k]).detach()) for k, p in model.encoder.named_parameters()}
         prox = [pg for pg in named.values() if id(pg[0]) not in is_sparse]
-        anchors = {p: g for p, g in named.values() if id(p) in is_sparse}
+        anchors = {p: g.to(p.dtype) for p, g in named.values() if id(p) in is_sparse}  # e.g. float64 replies
     sizes = {s: next(iter(r.values())).shape[0] for s, r in sources.items()}
     cyclers = {s: _Cycler(n, cfg.batch_size, gen) for s, n in sizes.items()}
     steps = cfg.epochs * max(math.ceil(n / cfg.batch_size) for n in sizes.values())

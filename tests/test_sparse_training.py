@@ -169,3 +169,15 @@ def test_frozen_encoder_and_dense_path_still_work(largest_shop: ShopTensors, tin
         assert math.isfinite(out["loss"])
         moved = any(not torch.equal(v, enc[k]) for k, v in model.encoder_state().items())
         assert moved != cfg.freeze_encoder, cfg
+
+
+def test_fedprox_anchor_given_as_float64_arrays(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                tiny_features: FeatureConfig) -> None:
+    """A received encoder may arrive as float64 NumPy arrays; the sparse tables' pull must still apply."""
+    model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    anchor = {k: (v + 0.05).double().numpy() for k, v in model.encoder_state().items()}
+    before = model.encoder.products.weight.detach().clone()
+    out = train_shop(model, largest_shop, replace(STEP, max_steps=2, prox_mu=1.0), global_encoder=anchor)
+    assert math.isfinite(out["loss"])
+    assert model.encoder.products.weight.dtype == torch.float32
+    assert not torch.equal(model.encoder.products.weight, before)
