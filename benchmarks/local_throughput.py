@@ -3,10 +3,13 @@
 Runs the production trainer (`shared.train.train_shop`) for a fixed number of optimiser steps per task
 mix (ctr; ctr+cvr; ctr+cvr+ranking; all four) and torch thread count, after a short warm-up. The
 machine is shared, so the 1/5/15-minute load averages are recorded before and after every measurement,
-and CPU time is reported beside wall time (examples per CPU-second is the less load-sensitive figure).
+and CPU time (`time.process_time`) is reported beside wall time (examples per CPU-second is the less
+load-sensitive figure). With ``--dense`` every measurement is paired with one of the dense path
+(`TrainConfig.sparse_embeddings = False`: dense gradients and dense Adam over the whole embedding tables)
+taken right before it, and the table gives the sparse/dense ratio from the same run.
 Prints a Rich table and writes benchmarks/results/local_throughput.json atomically.
 
-    .venv/bin/python benchmarks/local_throughput.py [--steps 300] [--warmup 10] [--threads 1 2]
+    .venv/bin/python benchmarks/local_throughput.py [--steps 300] [--warmup 10] [--threads 1 2] [--dense]
 """
 
 from __future__ import annotations
@@ -64,8 +67,11 @@ def largest_shop(scenario: Scenario) -> tuple[str, ShopTensors]:
 
 
 def measure(scenario: Scenario, tensors: ShopTensors, tasks: list[str], threads: int, steps: int,
-            warmup: int) -> dict[str, Any]:
-    """Time ``steps`` optimiser steps of one task mix at one thread count (after ``warmup`` steps)."""
+            warmup: int, sparse: bool = True) -> dict[str, Any]:
+    """Time ``steps`` optimiser steps of one task mix at one thread count (after ``warmup`` steps).
+
+    ``sparse`` picks the trainer's path: row-sparse lazy Adam on the hashed tables, or dense Adam.
+    """
     missing = sorted(set(tasks) - set(tensors.tasks))
     if missing:
         raise ValueError(f"the shop {tensors.name!r} lacks task(s) {missing}; pick a scenario whose largest "
@@ -74,7 +80,7 @@ def measure(scenario: Scenario, tensors: ShopTensors, tasks: list[str], threads:
     shop = replace(tensors, tasks=list(tasks))
     model = build_model(shop, scenario.model, scenario.features, seed=scenario.seed)
     # Many epochs so that max_steps, not the epoch length, ends each call.
-    cfg = replace(scenario.train, epochs=10_000, seed=scenario.seed)
+    cfg = replace(scenario.train, epochs=10_000, seed=scenario.seed, sparse_embeddings=sparse)
     train_shop(model, shop, replace(cfg, max_steps=warmup))
     load_before = os.getloadavg()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -83,11 +89,19 @@ def measure(scenario: Scenario, tensors: ShopTensors, tasks: list[str], threads:
     load_after = os.getloadavg()
     examples = steps * rows_per_step(shop, tasks, cfg.batch_size)
     return {
-        "tasks": list(tasks), "threads": threads, "steps": steps, "examples": examples,
+        "tasks": list(tasks), "path": "sparse" if sparse else "dense", "threads": threads, "steps": steps,
+        "examples": examples,
         "wall_s": wall, "cpu_s": cpu, "examples_per_s": examples / wall, "steps_per_s": steps / wall,
         "examples_per_cpu_s": examples / cpu, "loadavg_before": list(load_before),
         "loadavg_after": list(load_after),
     }
+
+
+def speedups(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Sparse over dense examples per CPU-second for every (mix, threads) measured both ways: "mix|threads"."""
+    by = {(r["mix"], r["threads"], r["path"]): r["examples_per_cpu_s"] for r in results}
+    return {f"{m}|{t}": v / by[(m, t, "dense")] for (m, t, path), v in by.items()
+            if path == "sparse" and (m, t, "dense") in by}
 
 
 def main() -> None:
@@ -97,6 +111,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="timed optimiser steps per measurement")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each measurement")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts")
+    parser.add_argument("--dense", action="store_true",
+                        help="also time the dense path before each measurement and report the sparse/dense ratio")
+    parser.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES), metavar="MIX",
+                        help=f"task mixes to time (default: all of {list(MIXES)})")
     parser.add_argument("--out", type=Path, default=RESULT, help="JSON result path")
     args = parser.parse_args()
 
@@ -118,23 +136,31 @@ def main() -> None:
                 "shared, so compare examples_per_cpu_s across runs and read wall-clock figures with the load",
         "results": [],
     }
+    paths = [False, True] if args.dense else [True]
     for threads in args.threads:
-        for label, tasks in MIXES.items():
-            console.print(f"[dim]{label}, {threads} thread(s): {args.steps} steps ...[/dim]")
-            result = measure(scenario, tensors, tasks, threads, args.steps, args.warmup)
-            report["results"].append({"mix": label, **result})
-            report["machine"]["loadavg_at_end"] = list(os.getloadavg())
-            # Rewritten after every measurement: an interrupted run on a busy machine keeps its numbers.
-            atomic_write_text(args.out, json.dumps(report, indent=2))
+        for label in args.mixes:
+            for sparse in paths:  # dense right before sparse: the pair sees nearly the same load
+                path = "sparse" if sparse else "dense"
+                console.print(f"[dim]{label}, {threads} thread(s), {path}: {args.steps} steps ...[/dim]")
+                result = measure(scenario, tensors, MIXES[label], threads, args.steps, args.warmup, sparse)
+                report["results"].append({"mix": label, **result})
+                report["machine"]["loadavg_at_end"] = list(os.getloadavg())
+                # Rewritten after every measurement: an interrupted run on a busy machine keeps its numbers.
+                atomic_write_text(args.out, json.dumps(report, indent=2))
+    report["speedup_cpu"] = speedups(report["results"])
+    atomic_write_text(args.out, json.dumps(report, indent=2))
 
     table = Table(title=f"Local training throughput: {scenario.name} / {name} "
                         f"({report['train_impressions']} training impressions)")
-    for col in ("tasks", "threads", "rows/step", "steps/s", "examples/s", "examples/CPU-s", "load (1 min)"):
-        table.add_column(col, justify="left" if col == "tasks" else "right")
+    for col in ("tasks", "threads", "path", "rows/step", "steps/s", "examples/s", "examples/CPU-s",
+                "x dense (CPU)", "load (1 min)"):
+        table.add_column(col, justify="left" if col in ("tasks", "path") else "right")
     for r in report["results"]:
-        table.add_row(r["mix"], str(r["threads"]), str(r["examples"] // r["steps"]),
+        ratio = report["speedup_cpu"].get(f"{r['mix']}|{r['threads']}") if r["path"] == "sparse" else None
+        table.add_row(r["mix"], str(r["threads"]), r["path"], str(r["examples"] // r["steps"]),
                       f"{r['steps_per_s']:.1f}", f"{r['examples_per_s']:,.0f}",
-                      f"{r['examples_per_cpu_s']:,.0f}", f"{r['loadavg_before'][0]:.1f}")
+                      f"{r['examples_per_cpu_s']:,.0f}", f"{ratio:.2f}" if ratio else "",
+                      f"{r['loadavg_before'][0]:.1f}")
     console.print(table)
     console.print(f"wrote {args.out}")
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shared.features import FeatureConfig, ShopTensors
@@ -47,10 +48,24 @@ def _mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _mean_bag(table: torch.Tensor, idx: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    """Mean of the rows of ``table`` at the non-zero indices, zero when a row has none: (..., F) -> (..., d).
+
+    One fused lookup-and-reduce (F.embedding_bag) instead of gathering (..., F, d) and masking it,
+    which costs several times more in the backward pass.
+    """
+    flat = F.embedding_bag(idx.reshape(-1, idx.shape[-1]), table, mode="mean", padding_idx=0, sparse=sparse)
+    return flat.reshape(*idx.shape[:-1], table.shape[-1])
+
+
+def _masked_mean(masked: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-padding fields of already masked embeddings: (B, F, d), (B, F) -> (B, d)."""
+    return masked.sum(1) / (idx > 0).sum(1, keepdim=True).clamp(min=1).to(masked.dtype)
+
+
 def _pool(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     """Mean of the embeddings of the non-padding fields: (..., F) -> (..., d)."""
-    mask = (idx > 0).unsqueeze(-1).float()
-    return (emb(idx) * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
+    return _mean_bag(emb.weight, idx, emb.sparse)
 
 
 class SharedEncoder(nn.Module):
@@ -89,19 +104,29 @@ class SharedEncoder(nn.Module):
         """User vectors (B, d) from side fields + local ID embedding and the behaviour sequence."""
         return self.user_tower(torch.cat([user_side + user_id_emb, hist_vec], -1))
 
-    def context(self, ctx_cat: torch.Tensor, ctx_num_vec: torch.Tensor) -> torch.Tensor:
-        """Context vectors (B, d) from hashed context fields and the locally projected numeric ones."""
-        return self.ctx_tower(_pool(self.fields, ctx_cat) + ctx_num_vec)
+    def context(self, ctx_cat: torch.Tensor, ctx_num_vec: torch.Tensor,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Context vectors (B, d) from hashed context fields and the locally projected numeric ones.
+
+        ``pooled``: the mean of the context fields' embeddings when the caller already has it.
+        """
+        return self.ctx_tower((_pool(self.fields, ctx_cat) if pooled is None else pooled) + ctx_num_vec)
+
+    def field_terms(self, field_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masked embeddings (B, F, d) of a row's shared fields, their bi-interaction pooling (NFM, (B, d))
+        and their wide terms ((B, n_gated_tasks) first-order logits), from one lookup of each table."""
+        mask = (field_idx > 0).unsqueeze(-1).float()
+        e = self.fields(field_idx) * mask  # (B, F, d)
+        bi = 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1))
+        return e, bi, (self.wide(field_idx) * mask).sum(1)
 
     def crosses(self, field_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bi-interaction pooling (NFM) of all shared fields of a row, and their wide terms.
 
         (B, F) hashed indices -> ((B, d) pairwise crosses, (B, n_gated_tasks) first-order logits).
         """
-        mask = (field_idx > 0).unsqueeze(-1).float()
-        e = self.fields(field_idx) * mask  # (B, F, d)
-        bi = 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1))
-        return bi, (self.wide(field_idx) * mask).sum(1)
+        _, bi, wide = self.field_terms(field_idx)
+        return bi, wide
 
     def mixture(self, x: torch.Tensor) -> torch.Tensor:
         """Expert outputs (B, K, E) over the joint input (B, 5d)."""
@@ -179,6 +204,14 @@ class ShopModel(nn.Module):
         """Local keys with vocabulary-independent shapes (averaged only by the FedAvg-all baseline)."""
         return [k for k in self.local.state_dict() if not k.startswith(VOCAB_BOUND_LOCAL)]
 
+    def row_sparse_tables(self) -> list[nn.Embedding]:
+        """The large hashed tables a batch touches only a few rows of (trained with row-sparse updates).
+
+        Only tables read through their module call qualify (a sparse gradient needs the lookup):
+        ``local.item_ids`` is read whole by `all_items`, and the local tables are small.
+        """
+        return [self.encoder.fields, self.encoder.products, self.encoder.wide]
+
     # ---- forward pieces ----------------------------------------------------------------------
     def _id_keep(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
         if not self.training or self.cfg.id_dropout <= 0:
@@ -194,24 +227,32 @@ class ShopModel(nn.Module):
         return self.encoder.items(self.item_cat[items], self.item_key[items], self.item_num[items], emb,
                                   self._id_keep(len(emb), emb))
 
-    def user_vectors(self, user: torch.Tensor, hist: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
-        """User vectors (B, d): side fields, ID embedding, and the mean of the history's item vectors."""
-        mask = (hist > 0).unsqueeze(-1).float()  # (B, L, 1)
-        hist_vec = (item_table[hist] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        side = _pool(self.encoder.fields, self.user_cat[user])
+    def user_vectors(self, user: torch.Tensor, hist: torch.Tensor, item_table: torch.Tensor,
+                     side: torch.Tensor | None = None) -> torch.Tensor:
+        """User vectors (B, d): side fields, ID embedding, and the mean of the history's item vectors.
+
+        ``side``: the mean of the user's side-field embeddings when the caller already has it.
+        """
+        hist_vec = _mean_bag(item_table, hist)  # mean over the clicked items (index 0 = padding)
+        if side is None:
+            side = _pool(self.encoder.fields, self.user_cat[user])
         ids = self.local.user_ids(user)
         keep = self._id_keep(len(ids), ids)
         return self.encoder.users(side, ids if keep is None else ids * keep, hist_vec)
 
     def impression_logits(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-task logits on impression rows: {'ctr': (B,), 'cvr': (B,)} for the tasks the shop has."""
-        u = self.user_vectors(batch["user"], batch["hist"], item_table)
+        user_cat, ctx_cat = self.user_cat[batch["user"]], batch["ctx_cat"]
+        fields = torch.cat([user_cat, self.item_cat[batch["item"]], ctx_cat], 1)
+        # One lookup of the field table serves the crosses, the user's side fields and the context: each
+        # extra lookup costs a forward, a backward and (in row-sparse training) a sparse gradient merge.
+        e, bi, wide = self.encoder.field_terms(fields)
+        n_user, n_ctx = user_cat.shape[1], ctx_cat.shape[1]
+        u = self.user_vectors(batch["user"], batch["hist"], item_table, side=_masked_mean(e[:, :n_user], user_cat))
         v = item_table[batch["item"]]
         num = batch["ctx_num"]
         num_vec = self.local.ctx_num(num) if self.local.ctx_num is not None else torch.zeros_like(u)
-        c = self.encoder.context(batch["ctx_cat"], num_vec)
-        fields = torch.cat([self.user_cat[batch["user"]], self.item_cat[batch["item"]], batch["ctx_cat"]], 1)
-        bi, wide = self.encoder.crosses(fields)
+        c = self.encoder.context(ctx_cat, num_vec, pooled=_masked_mean(e[:, e.shape[1] - n_ctx:], ctx_cat))
         x = torch.cat([u, v, c, u * v, bi], -1)  # (B, 5d)
         experts = self.encoder.mixture(x)  # (B, K, E)
         return {t: self.local.towers[t](self.local.gate(t, x, experts)).squeeze(-1) + wide[:, GATED_TASKS.index(t)]
@@ -239,10 +280,35 @@ class ShopModel(nn.Module):
 
 
 def build_model(tensors: ShopTensors, cfg: ModelConfig | None = None, feature_cfg: FeatureConfig | None = None,
-                seed: int = 0) -> ShopModel:
-    """A fresh model for one shop. The encoder's initial weights depend only on ``seed``."""
+                seed: int = 0, *, encoder_state: Mapping[str, torch.Tensor] | None = None,
+                local_state: Mapping[str, torch.Tensor] | None = None) -> ShopModel:
+    """A model for one shop. A fresh model's encoder weights depend only on ``seed``.
+
+    Given both ``encoder_state`` (received) and ``local_state`` (saved), the model is built without
+    random initialisation and holds copies of them: the same model as building fresh and loading both,
+    minus the wasted initialisation of ~1.6M parameters. Given only one, the model is built fresh and
+    that part loaded, since skipping the encoder's initialisation would shift the local part's (one
+    random stream), and a fresh local part must stay the same for a given seed.
+    """
     cfg = cfg or ModelConfig()
     fcfg = feature_cfg or tensors.cfg or FeatureConfig()
     torch.manual_seed(seed)
-    model = ShopModel(cfg, fcfg, tensors)
+    if encoder_state is None or local_state is None:
+        model = ShopModel(cfg, fcfg, tensors)
+        if encoder_state is not None:
+            model.load_encoder_state(encoder_state)
+        if local_state is not None:
+            model.load_local_state(local_state)
+        return model
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = ShopModel(cfg, fcfg, tensors)
+    for part, state in ((model.encoder, encoder_state), (model.local, local_state)):
+        expected = part.state_dict()
+        # Copies in the parameters' dtypes: assigned tensors become the parameters, and training must not
+        # write into the caller's arrays (the received encoder is also FedProx's anchor).
+        part.load_state_dict({k: torch.as_tensor(v).to(dtype=expected[k].dtype, copy=True) if k in expected
+                              else torch.as_tensor(v) for k, v in state.items()}, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"build_model: {left[:3]} were not in the given states; load both parts in full")
     return model

@@ -38,6 +38,17 @@ def _impression_logits(model: ShopModel, rows: Batch, item_table: torch.Tensor) 
     return {t: torch.cat(v) for t, v in out.items()}
 
 
+def _cached_impression_logits(model: ShopModel, batch: Batch, item_table: torch.Tensor,
+                              cache: dict) -> dict[str, torch.Tensor]:
+    """One impression forward pass per training step, shared by CTR and CVR through the step's cache.
+
+    (Not ``cache.setdefault(key, model.impression_logits(...))``: its argument runs the forward every time.)
+    """
+    if "impressions" not in cache:
+        cache["impressions"] = model.impression_logits(batch, item_table)
+    return cache["impressions"]
+
+
 class TaskHead:
     """One task: ``source`` names its training rows ('impressions', 'positives' or 'sales')."""
 
@@ -60,7 +71,7 @@ class CTRTask(TaskHead):
     name = "ctr"
 
     def loss(self, model, batch, item_table, cache):
-        logits = cache.setdefault("impressions", model.impression_logits(batch, item_table))
+        logits = _cached_impression_logits(model, batch, item_table, cache)
         return F.binary_cross_entropy_with_logits(logits["ctr"], batch["clicked"])
 
     def evaluate(self, model, tensors, split, item_table):
@@ -82,7 +93,7 @@ class CVRTask(TaskHead):
     name = "cvr"
 
     def loss(self, model, batch, item_table, cache):
-        logits = cache.setdefault("impressions", model.impression_logits(batch, item_table))
+        logits = _cached_impression_logits(model, batch, item_table, cache)
         if "ctr" in logits:
             log_p = F.logsigmoid(logits["ctr"]) + F.logsigmoid(logits["cvr"])  # log pCTCVR
             log_not_p = torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))

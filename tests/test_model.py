@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from shared.features import FeatureConfig, ShopTensors
@@ -125,3 +126,46 @@ def test_forward_shapes(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
     assert scores.shape == (7, 5)
     sales = {k: v[:4] for k, v in largest_shop.sales["train"].items()}
     assert model.sales_log_rate(sales, items).shape == (4,)
+
+
+def test_build_with_both_states_equals_build_then_load(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                       tiny_features: FeatureConfig) -> None:
+    """A received encoder and a saved local part give the same model without random initialisation,
+    and training it never writes into the caller's arrays (the received encoder doubles as FedProx's anchor)."""
+    donor = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=5)
+    encoder = {k: v.double().numpy() for k, v in donor.encoder_state().items()}  # as a reply might hold it
+    local = donor.local_state()
+    reference = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    reference.load_encoder_state(encoder)
+    reference.load_local_state(local)
+    built = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0, encoder_state=encoder, local_state=local)
+    ref_state, got = reference.state_dict(), built.state_dict()
+    assert ref_state.keys() == got.keys()
+    assert all(torch.equal(ref_state[k], got[k]) and ref_state[k].dtype == got[k].dtype for k in ref_state)
+    assert all(p.requires_grad and not p.is_meta for p in built.parameters())
+    kept_encoder = {k: v.copy() for k, v in encoder.items()}
+    kept_local = {k: v.clone() for k, v in local.items()}
+    with torch.no_grad():
+        for p in built.parameters():
+            p.add_(1.0)
+    assert all((encoder[k] == kept_encoder[k]).all() for k in kept_encoder), "encoder arrays shared with the model"
+    assert all(torch.equal(local[k], kept_local[k]) for k in kept_local), "local tensors shared with the model"
+
+
+def test_build_with_one_state_keeps_the_fresh_local_init(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                          tiny_features: FeatureConfig) -> None:
+    """With only the encoder given, the local part is what a fresh build for the seed has (first round)."""
+    fresh = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=3)
+    encoder = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=9).encoder_state()
+    built = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=3, encoder_state=encoder)
+    assert all(torch.equal(v, fresh.local_state()[k]) for k, v in built.local_state().items())
+    assert all(torch.equal(v, encoder[k]) for k, v in built.encoder_state().items())
+
+
+def test_build_with_states_is_strict(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                     tiny_features: FeatureConfig) -> None:
+    donor = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    encoder, local = donor.encoder_state(), donor.local_state()
+    encoder.pop("wide.weight")
+    with pytest.raises(RuntimeError, match="wide.weight"):
+        build_model(largest_shop, tiny_model_cfg, tiny_features, encoder_state=encoder, local_state=local)

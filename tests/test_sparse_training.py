@@ -1,0 +1,183 @@
+"""Row-sparse local training: same model outputs and gradients as the dense path, updates confined to
+the rows a batch touched (lazy Adam, weight decay and FedProx included), one impression forward per
+step, every task set still learning, and the dense embeddings DP-SGD needs restored afterwards."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from shared.features import FeatureConfig, ShopTensors
+from shared.model import ModelConfig, ShopModel, build_model
+from shared.tasks import heads_for
+from shared.train import TrainConfig, row_sparse_gradients, train_shop
+
+STEP = TrainConfig(epochs=1, batch_size=256, lr=0.01, max_steps=1, seed=3)
+TASK_SETS = [["ctr"], ["ctr", "cvr"], ["ranking"], ["sales"], ["ctr", "cvr", "ranking", "sales"]]
+
+
+def _batch_loss(model: ShopModel, tensors: ShopTensors, seed: int = 0) -> torch.Tensor:
+    """Sum of the task losses on a fixed batch of each source (fixed negatives), no dropout."""
+    rows = tensors.rows["train"]
+    batches = {"impressions": {k: v[:512] for k, v in rows.items()},
+               "positives": {k: v[rows["clicked"] == 1][:512] for k, v in rows.items()}}
+    if tensors.sales is not None:
+        batches["sales"] = {k: v[:512] for k, v in tensors.sales["train"].items()}
+    cache: dict = {"catalog": tensors.catalog, "generator": torch.Generator().manual_seed(seed)}
+    item_table = model.all_items()
+    heads = heads_for([t for t in tensors.tasks if t in model.local.tasks])
+    return sum(h.loss(model, batches[h.source], item_table, cache) for h in heads)
+
+
+def _table_params(model: ShopModel) -> dict[str, torch.Tensor]:
+    return {name: t.weight for name, t in zip(("fields", "products", "wide"), model.row_sparse_tables(),
+                                               strict=True)}
+
+
+def test_sparse_and_dense_paths_give_the_same_outputs_and_gradients(
+        largest_shop: ShopTensors, tiny_model_cfg: ModelConfig, tiny_features: FeatureConfig) -> None:
+    model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    model.eval()  # no ID dropout: both passes see the same function
+    results = {}
+    for sparse in (False, True):
+        model.zero_grad(set_to_none=True)
+        with row_sparse_gradients(model.row_sparse_tables() if sparse else []):
+            loss = _batch_loss(model, largest_shop)
+            loss.backward()
+            results[sparse] = (loss.detach(), {k: p.grad for k, p in _table_params(model).items()},
+                               model.encoder.experts[0][0].weight.grad.clone())
+    (loss_d, grads_d, expert_d), (loss_s, grads_s, expert_s) = results[False], results[True]
+    assert torch.equal(loss_d, loss_s)
+    assert torch.allclose(expert_d, expert_s, atol=1e-7)
+    for name in grads_d:
+        assert not grads_d[name].is_sparse and grads_s[name].is_sparse, name
+        assert torch.allclose(grads_s[name].to_dense(), grads_d[name], atol=1e-7), name
+        # The point of the sparse path: the gradient names only the few rows the batch used.
+        assert grads_s[name].coalesce().indices().shape[1] < 0.5 * grads_d[name].shape[0], name
+
+
+def test_sparse_step_touches_only_batch_rows_with_the_dense_gradient_there(
+        largest_shop: ShopTensors, tiny_model_cfg: ModelConfig, tiny_features: FeatureConfig) -> None:
+    """One step with weight decay and FedProx: lazy Adam gets, on the rows the batch touched, the full
+    gradient dense Adam uses there (loss + L2 + proximal pull) and moves only those rows; dense Adam
+    also decays and pulls every other row."""
+    start = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    anchor = {k: v + 0.01 * torch.randn_like(v) for k, v in start.encoder_state().items()}
+    cfg = replace(STEP, weight_decay=0.05, prox_mu=2.0)
+    before = {k: p.detach().clone() for k, p in _table_params(start).items()}
+    after, grads = {}, {}
+    for sparse in (False, True):
+        model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+        names = {id(p): k for k, p in _table_params(model).items()}
+        seen: dict[str, torch.Tensor] = {}
+
+        def record(opt, args, kwargs, names=names, seen=seen):  # what each optimiser is handed
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) in names and p.grad is not None:
+                        seen[names[id(p)]] = p.grad.coalesce() if p.grad.is_sparse else p.grad.clone()
+
+        handle = register_optimizer_step_pre_hook(record)
+        try:
+            train_shop(model, largest_shop, replace(cfg, sparse_embeddings=sparse), global_encoder=anchor)
+        finally:
+            handle.remove()
+        after[sparse] = {k: p.detach().clone() for k, p in _table_params(model).items()}
+        grads[sparse] = seen
+    for name, w0 in before.items():
+        sparse_grad, dense_grad = grads[True][name], grads[False][name]
+        assert sparse_grad.is_sparse and not dense_grad.is_sparse, name
+        rows = torch.zeros(len(w0), dtype=torch.bool)
+        rows[sparse_grad.indices()[0]] = True
+        assert 0 < rows.sum() < 0.5 * len(w0), name
+        # Dense Adam adds weight decay inside its step; lazy Adam is handed it in the gradient.
+        expected = dense_grad + cfg.weight_decay * w0
+        assert torch.allclose(sparse_grad.to_dense()[rows], expected[rows], atol=1e-6), name
+        sparse_w, dense_w = after[True][name], after[False][name]
+        assert torch.equal(sparse_w[~rows], w0[~rows]), f"{name}: lazy Adam moved untouched rows"
+        assert not torch.equal(dense_w[~rows], w0[~rows]), f"{name}: dense Adam should decay/pull every row"
+        moved = sparse_w[rows] - w0[rows]
+        assert (torch.sign(moved) == -torch.sign(expected[rows]))[expected[rows].abs() > 1e-4].all(), name
+
+
+@pytest.mark.parametrize("tasks", TASK_SETS, ids=["+".join(t) for t in TASK_SETS])
+def test_sparse_training_lowers_the_loss_of_every_task_set(
+        tasks: list[str], largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+        tiny_features: FeatureConfig) -> None:
+    shop = replace(largest_shop, tasks=tasks)
+    model = build_model(shop, tiny_model_cfg, tiny_features, seed=0)
+    model.eval()
+    with torch.no_grad():
+        loss_before = float(_batch_loss(model, shop))
+    out = train_shop(model, shop, replace(STEP, max_steps=15))
+    model.eval()
+    with torch.no_grad():
+        loss_after = float(_batch_loss(model, shop))
+    assert math.isfinite(out["loss"])
+    assert loss_after < loss_before, (tasks, loss_before, loss_after)
+
+
+def test_one_impression_forward_per_step(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                         tiny_features: FeatureConfig) -> None:
+    """CTR and CVR share the step's impression logits (a cache.setdefault(..., forward()) ran it twice)."""
+    shop = replace(largest_shop, tasks=["ctr", "cvr"])
+    model = build_model(shop, tiny_model_cfg, tiny_features, seed=0)
+    calls = []
+    forward = model.impression_logits
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    model.impression_logits = counted  # instance attribute shadows the method
+    out = train_shop(model, shop, replace(STEP, max_steps=4))
+    assert {"loss-ctr", "loss-cvr"} <= set(out)
+    assert len(calls) == 4
+
+
+def test_tables_are_dense_again_after_training_even_on_error(
+        largest_shop: ShopTensors, tiny_model_cfg: ModelConfig, tiny_features: FeatureConfig) -> None:
+    """DP-SGD (Opacus) and GradNorm need ordinary dense embeddings: the sparse switch lives in train_shop."""
+    model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    train_shop(model, largest_shop, replace(STEP, max_steps=2))
+    assert not any(t.sparse for t in model.row_sparse_tables())
+    assert all(t.weight.grad is None for t in model.row_sparse_tables())
+    _batch_loss(model, largest_shop).backward()
+    assert all(not t.weight.grad.is_sparse for t in model.row_sparse_tables())
+
+    def broken(*args, **kwargs):
+        assert all(t.sparse for t in model.row_sparse_tables())  # inside the step the tables are sparse
+        raise RuntimeError("boom")
+
+    model.impression_logits = broken
+    with pytest.raises(RuntimeError, match="boom"):
+        train_shop(model, largest_shop, STEP)
+    assert not any(t.sparse for t in model.row_sparse_tables())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_frozen_encoder_and_dense_path_still_work(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                  tiny_features: FeatureConfig) -> None:
+    for cfg in (replace(STEP, max_steps=3, freeze_encoder=True), replace(STEP, max_steps=3, sparse_embeddings=False)):
+        model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+        enc = model.encoder_state()
+        out = train_shop(model, largest_shop, cfg)
+        assert math.isfinite(out["loss"])
+        moved = any(not torch.equal(v, enc[k]) for k, v in model.encoder_state().items())
+        assert moved != cfg.freeze_encoder, cfg
+
+
+def test_fedprox_anchor_given_as_float64_arrays(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                tiny_features: FeatureConfig) -> None:
+    """A received encoder may arrive as float64 NumPy arrays; the sparse tables' pull must still apply."""
+    model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    anchor = {k: (v + 0.05).double().numpy() for k, v in model.encoder_state().items()}
+    before = model.encoder.products.weight.detach().clone()
+    out = train_shop(model, largest_shop, replace(STEP, max_steps=2, prox_mu=1.0), global_encoder=anchor)
+    assert math.isfinite(out["loss"])
+    assert model.encoder.products.weight.dtype == torch.float32
+    assert not torch.equal(model.encoder.products.weight, before)
