@@ -34,6 +34,7 @@ from client.local_state import (
     rounds_trained,
     save_local_part,
 )
+from client.merchant_log import log_round, note_training
 from client.timing import timing_mod
 from shared.atomic import atomic_write_text
 from shared.meta import meta_train_shop
@@ -189,6 +190,7 @@ def train(msg: Message, context: Context) -> Message:
         losses = train_shop(model, shop.tensors, cfg, global_encoder=received if cfg.prox_mu > 0 else None)
     save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round,
                     keep_own_encoder=bool(n0), run=run_key(config))
+    note_training(context, server_round, losses.get("num-examples", 0.0), stage)
     arrays = model.encoder_state()
     if config.get("share") == "all-shareable":
         local = model.local_state()
@@ -289,4 +291,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     split = splits[-1]
     metrics["num-examples"] = float(max(1, shop.tensors.rows[split]["user"].shape[0]))
     metrics["shop-index"] = shop.index
+    log_round(shop.name, context, int(config.get("server-round", 0)), metrics, requested)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

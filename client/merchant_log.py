@@ -1,0 +1,48 @@
+"""The merchant's own log: one line per round in the SuperNode's log (rows trained, own validation metrics).
+
+Without it a merchant's operator sees only Flower's message IDs. The line is written when the round's
+evaluation ends (after its training), through a child of Flower's logger: it lands wherever Flower's
+console handler writes (the SuperNode's log file under `fedshop merchant start`) and follows
+FLWR_LOG_LEVEL, so a simulation (whose workers run at ERROR unless `-v`) stays quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from flwr.app import ConfigRecord, Context
+
+from client.local_state import rounds_trained
+
+logger = logging.getLogger("flwr.fedshop.merchant")
+TRAINED_RECORD = "fedshop.last-training"  # ConfigRecord in context.state: {"round", "rows", "stage"}
+
+
+def note_training(context: Context, server_round: int, rows: float, stage: str) -> None:
+    """Remember what this round's training did, for the round's log line (written at evaluation)."""
+    context.state[TRAINED_RECORD] = ConfigRecord({"round": int(server_round), "rows": int(rows), "stage": stage})
+
+
+def round_line(shop: str, context: Context, server_round: int, metrics: Mapping[str, float]) -> str:
+    """The log line of one round: round, rows trained, `rounds_trained` and the shop's validation metrics."""
+    trained = dict(context.state.config_records.get(TRAINED_RECORD, {}))
+    if int(trained.get("round", -1)) == server_round:
+        rows = f"trained {int(trained['rows']):,} rows"
+        if trained.get("stage") == "warm-up":
+            rows += " (warm-up: local part only)"
+    else:
+        rows = "not trained this round"
+    # With "val+test" the keys are `val/<task>.<metric>`; with one split they carry no prefix.
+    shown = {k.removeprefix("val/"): v for k, v in metrics.items()
+             if k.startswith("val/") or ("/" not in k and "." in k)}
+    text = " ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())) or "none"
+    return (f"fedshop {shop} round {server_round}: {rows}, rounds_trained {rounds_trained(context)}; "
+            f"validation {text}")
+
+
+def log_round(shop: str, context: Context, server_round: int, metrics: Mapping[str, float], split: str) -> None:
+    """Write the round's line to the merchant's log (INFO on Flower's handler)."""
+    if "val" not in split.split("+"):
+        metrics = {}  # a test-only evaluation is the coordinator's business, not a validation result
+    logger.info(round_line(shop, context, server_round, metrics))
