@@ -1,9 +1,11 @@
-"""Commands for a real deployment: `certs`, `coordinator {start,register,unregister,run,stop}`,
-`merchant {start,stop}`."""
+"""Commands for a real deployment: `certs`, `coordinator {start,register,unregister,run,stop,status}`,
+`merchant {start,stop,status}`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -200,22 +202,35 @@ def merchant_start(
                                              help="Seconds between this SuperNode's heartbeats (Flower: 30). "
                                              "The SuperLink notices a crash after two; 10 = back in 20 s."),
 ) -> None:
-    """Validate the shop, then start `flower-supernode` with TLS, key authentication and signed-app checks."""
-    from shared.schema import ShopDataError
-    from simulations.deploy.merchant import start_merchant
+    """Validate the shop, check the coordinator answers, then start `flower-supernode` (TLS, key, signed apps)."""
+    from simulations.commands.validate import shop_report
+    from simulations.deploy.merchant import start_merchant  # CoordinatorUnreachable is a RuntimeError
     from simulations.deploy.processes import ProcessStartError
 
+    report = shop_report(shop_dir)
+    if not report["ok"]:
+        typer.secho(f"Shop data rejected, nothing started: {report['error']['message']}", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(code=2)
+    _echo_validation(report)
     try:
         merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, trusted_entities=trusted_entities,
-                                  port=port or None,
+                                  port=port or None, validate=False,
                                   shop_index=shop_index, retry_for=retry_for,
                                   heartbeat_interval=heartbeat_interval)
-    except ShopDataError as err:
-        typer.secho(f"Shop data rejected, nothing started: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
     except (FileNotFoundError, ValueError, RuntimeError, ProcessStartError) as err:
         raise _fail(err) from None
     typer.echo(f"SuperNode {merchant.node_id} connected (PID {merchant.pid}); log {merchant.log}")
+    typer.echo(f"Check it any time with `fedshop merchant status --state-dir {state_dir}`")
+
+
+def _echo_validation(report: dict[str, Any]) -> None:
+    """The shop's validation result in a few lines (what `fedshop validate` shows for it)."""
+    splits = ", ".join(f"{name} {n:,}" for name, n in report["splits"].items())
+    typer.echo(f"Shop {report['name']} validated: {report['rows']:,} rows, {report['users']:,} users, "
+               f"{report['items']:,} items; tasks {', '.join(report['tasks']) or '-'}; rows per split: {splits}")
+    for warning in report["warnings"]:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW)
 
 
 @merchant_app.command("stop")
@@ -228,6 +243,96 @@ def merchant_stop(state_dir: Path = typer.Option(..., "--state-dir")) -> None:
     except (FileNotFoundError, ValueError) as err:
         raise _fail(err) from None
     typer.echo("SuperNode stopped" if stopped else "SuperNode was not running")
+
+
+@merchant_app.command("status")
+def merchant_status(
+    state_dir: Path = typer.Option(..., "--state-dir", help="The --state-dir given to `merchant start`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """This merchant: shop, key fingerprint, coordinator, whether its SuperNode runs, its last trained round."""
+    from simulations.deploy.status import merchant_status as read_status
+
+    try:
+        status = read_status(state_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(err) from None
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    node, local = status["supernode"], status["local-part"]
+    index = "" if status["shop-index"] is None else f", shop-index {status['shop-index']}"
+    typer.echo(f"merchant     {status['shop'] or '(unknown: never started)'}{index}  (shop dir "
+               f"{status['shop-dir'] or '-'})")
+    typer.echo(f"key          {status['key-fingerprint'] or '-'}  {status['key'] or ''}")
+    if status["coordinator"]:
+        reach = {True: "answers", False: "does not answer", None: "not probed"}[status.get("coordinator-reachable")]
+        typer.echo(f"coordinator  {status['coordinator']} ({reach})")
+    else:
+        typer.echo("coordinator  - (never started here)")
+    if node["running"]:
+        typer.secho(f"SuperNode    running, PID {node['pid']}, node {status['node-id']}, since {status['started-at']}",
+                    fg=typer.colors.GREEN)
+    else:
+        typer.secho("SuperNode    not running" + (f" (stale PID record {node['pid']})" if node["pid"] else ""),
+                    fg=typer.colors.YELLOW)
+    if local is None:
+        typer.echo("local part   none yet (no training round finished here)")
+    elif "error" in local:
+        typer.secho(f"local part   {local['file']}: {local['error']}", fg=typer.colors.YELLOW)
+    else:
+        typer.echo(f"local part   round {local['round']} of run {local['run'] or '-'}, rounds_trained "
+                   f"{local['rounds_trained']}, saved {local['saved-at']}")
+    typer.echo(f"log          {status['log']}")
+    if status.get("coordinator-problem"):
+        typer.secho(status["coordinator-problem"], fg=typer.colors.YELLOW)
+
+
+@coordinator_app.command("status")
+def coordinator_status(
+    home: Path = typer.Option(..., "--home"),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """Registered merchants (name, shop-index, key), which are online, and the runs (`flwr supernode ls`, `flwr ls`)."""
+    from simulations.deploy.status import coordinator_status as read_status
+
+    try:
+        status = read_status(home)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise _fail(err) from None
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    link = status["superlink"]
+    if link["running"]:
+        console.print(f"SuperLink [green]running[/] (PID {link['pid']}) at {escape(status['address'])}; "
+                      f"log {escape(status['log'])}", highlight=False)
+    else:
+        console.print(f"SuperLink [yellow]not running[/] (address was {escape(status['address'])}); nodes and runs "
+                      f"unknown. Fix: `fedshop coordinator start --home {escape(status['home'])}`", highlight=False)
+    merchants = Table(title=f"Registered merchants ({len(status['merchants'])})")
+    for header in ("node", "name", "shop-index", "state", "online since", "key"):
+        merchants.add_column(header)
+    for entry in status["merchants"]:
+        merchants.add_row(entry["node-id"], escape(entry["name"] or "-"),
+                          "-" if entry["shop-index"] is None else str(entry["shop-index"]), escape(entry["state"]),
+                          entry["online-at"] or "-", entry["key-fingerprint"] or "-")
+    console.print(merchants)
+    if status["runs"] is not None:
+        runs = Table(title=f"Runs ({len(status['runs'])})")
+        for header in ("run", "status", "submitted", "finished", "elapsed"):
+            runs.add_column(header)
+        for run in status["runs"]:
+            runs.add_row(str(run["run-id"]), escape(str(run["status"])), str(run["pending-at"] or "-"),
+                         str(run["finished-at"] or "-"), str(run["elapsed"] or "-"))
+        console.print(runs)
+    console.print("Flower's own view: FLWR_HOME=" + escape(str(Path(status["home"]) / "flwr")) +
+                  " flwr ls fedshop (runs), flwr log RUN_ID fedshop (a run's log)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,13 +15,16 @@ OpenSSH format (read by ``flwr supernode register`` with ``load_ssh_public_key``
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -143,6 +146,31 @@ def make_supernode_keypair(comment: str = "") -> tuple[bytes, bytes]:
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return private, public + (f" {comment}".encode() if comment else b"") + b"\n"
+
+
+def key_fingerprint(path: str | Path) -> str:
+    """``SHA256:...`` of a SuperNode key (OpenSSH private ``.key`` or public ``.pub``), as `ssh-keygen -l` prints it.
+
+    The merchant's status shows it for its private key and the coordinator's for the registered public
+    key, so an operator can tell whether the two belong together without moving any key.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise FileNotFoundError(f"{path}: cannot read the key ({err.strerror}). Fix: pass the merchant's .key/.pub "
+                                "from `fedshop certs`") from None
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            public = serialization.load_ssh_private_key(data, password=None).public_key()
+        else:
+            public = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ValueError(f"{path}: not an OpenSSH key ({err}). Fix: pass the merchant's .key/.pub from "
+                         "`fedshop certs`") from None
+    line = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    digest = hashlib.sha256(base64.b64decode(line.split()[1])).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 def _refuse_overwrite(paths: list[Path], force: bool) -> None:

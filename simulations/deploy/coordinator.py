@@ -6,7 +6,7 @@ Everything lives under one home folder::
     <home>/superlink.json     PID record; <home>/superlink.log its output
     <home>/superlink.db       SuperLink state, so registered SuperNodes survive a restart
     <home>/flwr/              FLWR_HOME: config.toml with the `fedshop` connection, installed FABs
-    <home>/merchants.json     node ID -> name and shop-index of each registered key (`register --shop-index`)
+    <home>/merchants.json     node ID -> name, shop-index and key fingerprint of each registered key
 
 The SuperLink runs through `simulations.deploy.superlink_launcher`, which serves other hosts only its
 Fleet API; the operator's `flwr` calls (runs, registrations) go over loopback. Every submitted FAB is
@@ -30,6 +30,7 @@ import tomli_w
 from shared.atomic import atomic_write_text
 from shared.scenario import Scenario
 from simulations.deploy.app_signing import SIGNATURE_KEY, SIGNING_KEY_FILE, build_fab, load_signing_key, sign_fab
+from simulations.deploy.certs import key_fingerprint
 from simulations.deploy.flwr_config import CONNECTION, flwr_bin, flwr_env, write_connection
 from simulations.deploy.processes import (
     ProcessStartError,
@@ -196,6 +197,7 @@ def register_merchant(home: str | Path, public_key: str | Path, *, name: str | N
         raise FileNotFoundError(f"{key}: no such public key. Fix: pass the merchant's .pub file from `fedshop certs`")
     if shop_index is not None and shop_index < 0:
         raise ValueError(f"--shop-index {shop_index}: must be 0 or more. Fix: number merchants 0, 1, 2, ...")
+    fingerprint = key_fingerprint(key)  # a file that is no OpenSSH key fails here, before Flower sees it
     merchants = registered_merchants(home)
     taken = [node for node, entry in merchants.items() if shop_index is not None
              and entry.get("shop-index") == shop_index]
@@ -207,9 +209,10 @@ def register_merchant(home: str | Path, public_key: str | Path, *, name: str | N
     if name:
         args += ["--name", name]
     node_id = int(_flwr(load_coordinator(home), *args)["node-id"])
-    if shop_index is not None:
-        merchants[str(node_id)] = {"name": name or "", "shop-index": shop_index}
-        atomic_write_text(Path(home) / "merchants.json", json.dumps(merchants, indent=2))
+    # Flower keeps the name but `flwr supernode ls` does not show it: `coordinator status` reads it here.
+    merchants[str(node_id)] = {"name": name or "", "shop-index": shop_index, "key": str(key.resolve()),
+                               "key-fingerprint": fingerprint}
+    atomic_write_text(Path(home) / "merchants.json", json.dumps(merchants, indent=2))
     return node_id
 
 
@@ -224,6 +227,11 @@ def unregister_merchant(home: str | Path, node_id: int) -> None:
 def list_merchants(home: str | Path) -> list[dict]:
     """The registered SuperNodes as `flwr supernode ls` reports them."""
     return list(_flwr(load_coordinator(home), "supernode", "ls", CONNECTION).get("nodes", []))
+
+
+def list_runs(home: str | Path) -> list[dict]:
+    """The SuperLink's runs as `flwr ls` reports them (run-id, status, pending-at, finished-at, ...)."""
+    return list(_flwr(load_coordinator(home), "ls", CONNECTION).get("runs", []))
 
 
 def run_status(home: str | Path, run_id: int) -> str:

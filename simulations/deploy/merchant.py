@@ -13,13 +13,18 @@ The SuperNode runs only apps signed by a key in the merchant's trusted-entities 
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.atomic import atomic_write_text
 from simulations.deploy.app_signing import read_trusted
+from simulations.deploy.certs import key_fingerprint
 from simulations.deploy.flwr_config import flwr_env
 from simulations.deploy.processes import (
     ProcessStartError,
@@ -35,6 +40,12 @@ from simulations.deploy.supernode_launcher import DEFAULT_INTERVAL, check_heartb
 _NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
 _REFUSED = "Failed to activate SuperNode"
 _RETRY_PAUSES = (2.0, 3.0, 5.0)  # then 5 s: each retry starts a fresh flower-supernode (~1.5 CPU-s)
+MERCHANT_FILE = "merchant.json"  # in supernode/: what `merchant status` reports (written once the node is in)
+PROBE_TIMEOUT = 3.0  # seconds for the TCP probe of the coordinator before anything starts
+
+
+class CoordinatorUnreachable(RuntimeError):
+    """Nothing accepts TCP connections at the coordinator address; the message names it and the fix."""
 
 
 @dataclass
@@ -58,6 +69,38 @@ def validate_shop(shop_dir: str | Path) -> str:
     from shared.schema import load_shop_dir  # imports pandas; only needed here
 
     return load_shop_dir(shop_dir).name
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """(host, port) of a ``HOST:PORT`` or ``[IPv6]:PORT`` address; ValueError naming the fix otherwise."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--superlink {address!r}: expected HOST:PORT, e.g. coord.example.com:9092. Fix: pass "
+                         "the address `fedshop coordinator start` printed")
+    return host, int(port)
+
+
+def probe_coordinator(address: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Raise CoordinatorUnreachable within ``timeout`` seconds unless ``address`` accepts TCP connections.
+
+    Flower's SuperNode would otherwise retry silently for minutes; a refused or timed-out connect
+    here names the address tried and what to check.
+    """
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except TimeoutError:
+        why = f"no answer within {timeout:g} s"
+    except ConnectionRefusedError:
+        why = "connection refused"
+    except OSError as err:  # DNS failure, no route, ...
+        why = err.strerror or str(err)
+    raise CoordinatorUnreachable(
+        f"cannot reach the coordinator at {host}:{port} ({why}); nothing started. Fix: check the address and "
+        f"port (`fedshop coordinator start` prints them), that the coordinator is running there "
+        f"(`fedshop coordinator status` on its host), and that no firewall blocks TCP port {port} from this host")
 
 
 def node_config(shop_dir: Path, state_dir: Path, shop_index: int | None = None) -> str:
@@ -98,6 +141,10 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
     if heartbeat_interval != DEFAULT_INTERVAL:
         check_heartbeat_interval(heartbeat_interval)  # before anything starts
     read_trusted(trusted_entities)  # a missing or malformed file fails here, naming the fix
+    if validate:  # bad data is reported before the network is tried
+        validate_shop(shop_dir)
+        validate = False
+    probe_coordinator(superlink)
     deadline = time.monotonic() + retry_for
     attempt = 0
     while True:
@@ -160,7 +207,19 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
     except ProcessStartError:
         stop_recorded(record)
         raise
-    return Merchant(proc.pid, int(_activated_node_id(log) or 0), port, state_dir, log)
+    merchant = Merchant(proc.pid, int(_activated_node_id(log) or 0), port, state_dir, log)
+    write_merchant_record(merchant, shop_dir=shop_dir, superlink=superlink, key=key, shop_index=shop_index)
+    return merchant
+
+
+def write_merchant_record(merchant: Merchant, *, shop_dir: Path, superlink: str, key: Path,
+                          shop_index: int | None) -> Path:
+    """Record what this SuperNode was started with (`merchant status` reads it; it outlives `stop`)."""
+    record = {"shop-dir": str(shop_dir), "state-dir": str(merchant.state_dir), "superlink": superlink,
+              "key": str(key), "key-fingerprint": key_fingerprint(key), "shop-index": shop_index,
+              "node-id": merchant.node_id, "pid": merchant.pid, "log": str(merchant.log),
+              "started-at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    return atomic_write_text(supernode_dir(merchant.state_dir) / MERCHANT_FILE, json.dumps(record, indent=2))
 
 
 def stop_merchant(state_dir: str | Path, timeout: float = 10.0) -> bool:
