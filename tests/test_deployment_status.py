@@ -210,3 +210,16 @@ def test_coordinator_status_without_a_running_superlink_shows_the_registrations(
     assert "shop-a" in result.output and calls == []  # Flower is not asked when its SuperLink is down
     result = CliRunner().invoke(_cli(), ["coordinator", "status", "--home", str(tmp_path / "none")])
     assert result.exit_code == 1 and "no coordinator here" in result.output
+
+
+def test_the_deployment_scenario_the_docs_run_is_shipped_and_builds_a_run_config(tmp_path: Path) -> None:
+    from shared.scenario import load_scenario
+    from simulations.deploy.coordinator import deployment_run_config
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    assert "fedshop coordinator run shops --home coord" in docs
+    scenario = load_scenario("shops")  # built in: it travels inside the FAB to every merchant
+    assert scenario.data == {"source": "shop-dirs", "paths": []} and scenario.late_joiners == []
+    assert scenario.model == load_scenario("default").model
+    config = deployment_run_config(scenario, "shops", tmp_path, rounds=5, extra={"round-timeout": 300.0})
+    assert config["scenario"] == "shops" and config["num-server-rounds"] == 5 and config["round-timeout"] == 300.0

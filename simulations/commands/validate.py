@@ -125,5 +125,8 @@ def _refuse_shared_names(reports: list[dict]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `validate` to the root app."""
+    """Add `validate` and `init-scenario` (a scenario over validated shop directories) to the root app."""
+    from simulations.commands import init_scenario  # noqa: PLC0415 - it imports this module
+
     app.command("validate")(validate)
+    init_scenario.register(app)
