@@ -14,7 +14,11 @@ Every process is started in its own session and stopped by PID in teardown.
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -30,6 +34,7 @@ from shared.scenario import load_scenario
 from simulations.commands import deploy
 from simulations.deploy.certs import write_certs
 from simulations.deploy.coordinator import RunOutcome, deployment_run_config, register_merchant, submit_run
+from simulations.deploy.flwr_config import flwr_bin
 from simulations.deploy.loopback import LoopbackFederation, loopback_federation, tiny_scenario, write_tiny_shops
 from simulations.deploy.merchant import supernode_dir
 from simulations.deploy.processes import ProcessStartError, pid_alive, read_record, stop_pid
@@ -180,6 +185,47 @@ def test_corrupt_local_part_warns_and_starts_fresh(federation: LoopbackFederatio
     log = (supernode_dir(federation.state_dir(name)) / "supernode.log").read_text(errors="replace")
     assert f"{STATE_FILE} is unreadable" in log and "starting a fresh local part" in log
     assert lineage(federation, name) == {"round": 3, "rounds_trained": 3}  # fresh, then three rounds; no crash loop
+
+
+@pytest.mark.slow
+def test_status_commands_and_the_merchants_round_lines(federation: LoopbackFederation, crash_run: dict) -> None:
+    """`coordinator status` (names from registration, Flower's node states and runs), `merchant status`, and
+    the one line per round each merchant's SuperNode log gets from its ClientApp."""
+    app = typer.Typer()
+    deploy.register(app)
+    result = CliRunner().invoke(app, ["coordinator", "status", "--home", federation.coordinator.home, "--json"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    merchants = {entry["name"]: entry for entry in status["merchants"]}
+    shops = list(federation.merchants)
+    for index, name in enumerate(shops):
+        assert merchants[name]["shop-index"] == index and merchants[name]["state"] == "online", merchants[name]
+    runs = {int(run["run-id"]): run["status"] for run in status["runs"]}
+    assert runs[crash_run["outcome"].run_id] == "finished:completed"
+    assert "finished:failed" in runs.values()  # the failing run submitted beside it
+
+    name = shops[1]
+    result = CliRunner().invoke(app, ["merchant", "status", "--state-dir", str(federation.state_dir(name)), "--json"])
+    assert result.exit_code == 0, result.output
+    mine = json.loads(result.output)
+    assert mine["supernode"]["running"] and mine["supernode"]["pid"] == federation.merchants[name].pid
+    assert mine["key-fingerprint"] == merchants[name]["key-fingerprint"]  # the key the coordinator registered
+    assert mine["coordinator"] == federation.coordinator.address and mine["coordinator-reachable"]
+    assert mine["shop"] == name and mine["local-part"]["rounds_trained"] >= 3
+
+    # Flower's own CLI as docs/deployment.md shows it: FLWR_HOME=<home>/flwr, connection `fedshop`.
+    env = {**os.environ, "FLWR_HOME": str(Path(federation.coordinator.home) / "flwr")}
+    run_id = str(crash_run["outcome"].run_id)
+    listed = subprocess.run([flwr_bin("flwr"), "ls", "fedshop"], env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and run_id in listed.stdout, listed.stdout + listed.stderr
+    shown = subprocess.run([flwr_bin("flwr"), "log", run_id, "fedshop", "--show"], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0 and "round 3" in shown.stdout.lower(), shown.stdout[-2000:] + shown.stderr
+
+    log = (supernode_dir(federation.state_dir(name)) / "supernode.log").read_text(errors="replace")
+    for server_round in (1, 3):
+        assert re.search(rf"fedshop {name} round {server_round}: trained [\d,]+ rows, rounds_trained "
+                         rf"{server_round}; validation .*ctr\.auc=0\.\d{{4}}", log), log[-3000:]
 
 
 @pytest.mark.slow

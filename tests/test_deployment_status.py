@@ -223,3 +223,28 @@ def test_the_deployment_scenario_the_docs_run_is_shipped_and_builds_a_run_config
     assert scenario.model == load_scenario("default").model
     config = deployment_run_config(scenario, "shops", tmp_path, rounds=5, extra={"round-timeout": 300.0})
     assert config["scenario"] == "shops" and config["num-server-rounds"] == 5 and config["round-timeout"] == 300.0
+
+
+def test_foreground_mode_stops_the_process_on_sigterm_and_fails_when_it_dies(tmp_path: Path) -> None:
+    """`--foreground` (systemd Type=simple, containers): the supervisor's SIGTERM stops the Flower process group."""
+    import signal
+    import threading
+
+    from simulations.commands.deploy import stay_in_foreground
+    from simulations.deploy.processes import pid_alive, start_process, stop_recorded
+
+    record = tmp_path / "p.json"
+    proc = start_process("sleep", [sys.executable, "-c", "import time; time.sleep(60)"], log_path=tmp_path / "log",
+                         record_path=record)
+    stopped: list[bool] = []
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # what `systemctl stop` sends
+    before = signal.getsignal(signal.SIGTERM)
+    stay_in_foreground(proc.pid, "test process", lambda: stopped.append(stop_recorded(record)), poll=0.05)
+    assert stopped == [True] and not pid_alive(proc.pid) and not record.exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+    short = start_process("short", [sys.executable, "-c", "pass"], log_path=tmp_path / "log2",
+                          record_path=tmp_path / "q.json")
+    with pytest.raises(typer.Exit) as exit_info:
+        stay_in_foreground(short.pid, "test process", lambda: pytest.fail("nothing to stop"), poll=0.05)
+    assert exit_info.value.exit_code == 1  # Restart=on-failure restarts a merchant whose SuperNode died

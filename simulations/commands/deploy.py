@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,38 @@ import typer
 coordinator_app = typer.Typer(help="Run the coordinator: a TLS SuperLink with authenticated SuperNodes.",
                               no_args_is_help=True)
 merchant_app = typer.Typer(help="Run one merchant's SuperNode over its own shop data.", no_args_is_help=True)
+
+
+FOREGROUND_HELP = ("Stay in the foreground while the Flower process runs (systemd Type=simple, a container's main "
+                   "process): SIGTERM/SIGINT stop it; exit 1 if it dies on its own, so a supervisor restarts it.")
+
+
+def stay_in_foreground(pid: int, what: str, stop: Callable[[], object], poll: float = 1.0) -> None:
+    """Block while ``pid`` runs; on SIGTERM/SIGINT call ``stop`` and return; if it exits by itself, exit 1.
+
+    The Flower process runs in its own session (so `stop` can end its whole group); this keeps a
+    supervisor's main process alive beside it and turns the supervisor's stop signal into `stop`.
+    """
+    import signal
+    import time
+
+    from simulations.deploy.processes import pid_alive
+
+    asked: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: asked.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while pid_alive(pid) and not asked:
+            time.sleep(poll)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if asked:
+        stop()
+        typer.echo(f"{what} stopped ({signal.Signals(asked[0]).name})")
+        return
+    typer.secho(f"Error: the {what} (PID {pid}) exited on its own; see its log", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -57,6 +90,7 @@ def coordinator_start(
                                   "it in flwr 1.42); 0 picks a free port."),
     bind: str = typer.Option("127.0.0.1", "--bind", help="Interface to listen on; 0.0.0.0 for other hosts."),
     public_host: str = typer.Option(None, "--public-host", help="Name merchants dial (must be in the cert)."),
+    foreground: bool = typer.Option(False, "--foreground", help=FOREGROUND_HELP),
 ) -> None:
     """Start `flower-superlink` with TLS and --enable-supernode-auth, record its PID, wait until ready."""
     from simulations.deploy.coordinator import start_coordinator
@@ -71,6 +105,11 @@ def coordinator_start(
                f"{info.control_address}); log {home / 'superlink.log'}")
     trusted = Path(info.app_key).with_name("trusted-entities.yaml")
     typer.echo(f"Merchants connect with --superlink {info.address} --ca {info.ca_cert} --trusted-entities {trusted}")
+    if foreground:
+        from simulations.deploy.coordinator import stop_coordinator
+        from simulations.deploy.processes import read_record
+
+        stay_in_foreground(read_record(home / "superlink.json").pid, "SuperLink", lambda: stop_coordinator(home))
 
 
 @coordinator_app.command("register")
@@ -201,6 +240,7 @@ def merchant_start(
     heartbeat_interval: float = typer.Option(30.0, "--heartbeat-interval", min=10.0, max=1800.0,
                                              help="Seconds between this SuperNode's heartbeats (Flower: 30). "
                                              "The SuperLink notices a crash after two; 10 = back in 20 s."),
+    foreground: bool = typer.Option(False, "--foreground", help=FOREGROUND_HELP),
 ) -> None:
     """Validate the shop, check the coordinator answers, then start `flower-supernode` (TLS, key, signed apps)."""
     from simulations.commands.validate import shop_report
@@ -222,6 +262,10 @@ def merchant_start(
         raise _fail(err) from None
     typer.echo(f"SuperNode {merchant.node_id} connected (PID {merchant.pid}); log {merchant.log}")
     typer.echo(f"Check it any time with `fedshop merchant status --state-dir {state_dir}`")
+    if foreground:
+        from simulations.deploy.merchant import stop_merchant
+
+        stay_in_foreground(merchant.pid, "SuperNode", lambda: stop_merchant(state_dir))
 
 
 def _echo_validation(report: dict[str, Any]) -> None:
