@@ -7,10 +7,16 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from shared.scenario import load_scenario
-from simulations.cli import app
+from simulations.commands import generate, validate
+
+# The commands alone, without the root app's callback (it reconfigures Flower's logger for the whole process).
+app = typer.Typer()
+generate.register(app)
+validate.register(app)  # registers init-scenario too
 
 
 @pytest.fixture(scope="module")

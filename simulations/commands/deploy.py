@@ -352,6 +352,8 @@ def coordinator_status(
     from rich.table import Table
 
     console = Console(soft_wrap=True)
+    if not console.is_terminal:  # a pipe or the journal: full node IDs and fingerprints, no 80-column cut
+        console = Console(soft_wrap=True, width=200)
     link = status["superlink"]
     if link["running"]:
         console.print(f"SuperLink [green]running[/] (PID {link['pid']}) at {escape(status['address'])}; "
@@ -361,7 +363,7 @@ def coordinator_status(
                       f"unknown. Fix: `fedshop coordinator start --home {escape(status['home'])}`", highlight=False)
     merchants = Table(title=f"Registered merchants ({len(status['merchants'])})")
     for header in ("node", "name", "shop-index", "state", "online since", "key"):
-        merchants.add_column(header)
+        merchants.add_column(header, overflow="fold")  # an ID cut short is useless: fold, never "…"
     for entry in status["merchants"]:
         merchants.add_row(entry["node-id"], escape(entry["name"] or "-"),
                           "-" if entry["shop-index"] is None else str(entry["shop-index"]), escape(entry["state"]),
