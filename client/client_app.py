@@ -190,7 +190,7 @@ def train(msg: Message, context: Context) -> Message:
         losses = train_shop(model, shop.tensors, cfg, global_encoder=received if cfg.prox_mu > 0 else None)
     save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round,
                     keep_own_encoder=bool(n0), run=run_key(config))
-    note_training(context, server_round, losses.get("num-examples", 0.0), stage)
+    note_training(context, server_round, int(shop.tensors.rows["train"]["user"].shape[0]), stage)
     arrays = model.encoder_state()
     if config.get("share") == "all-shareable":
         local = model.local_state()

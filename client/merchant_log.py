@@ -17,10 +17,12 @@ from client.local_state import rounds_trained
 
 logger = logging.getLogger("flwr.fedshop.merchant")
 TRAINED_RECORD = "fedshop.last-training"  # ConfigRecord in context.state: {"round", "rows", "stage"}
+# The metrics a line shows when the shop has them (evaluate_shop reports ~18; the rest stay in metrics.csv).
+HEADLINE = ("ctr.auc", "ctr.logloss", "cvr.auc", "cvr.ctcvr_auc", "ranking.hr@10", "ranking.ndcg@10", "sales.wape")
 
 
-def note_training(context: Context, server_round: int, rows: float, stage: str) -> None:
-    """Remember what this round's training did, for the round's log line (written at evaluation)."""
+def note_training(context: Context, server_round: int, rows: int, stage: str) -> None:
+    """Remember this round's training (``rows``: the shop's training rows), for the round's log line."""
     context.state[TRAINED_RECORD] = ConfigRecord({"round": int(server_round), "rows": int(rows), "stage": stage})
 
 
@@ -34,9 +36,10 @@ def round_line(shop: str, context: Context, server_round: int, metrics: Mapping[
     else:
         rows = "not trained this round"
     # With "val+test" the keys are `val/<task>.<metric>`; with one split they carry no prefix.
-    shown = {k.removeprefix("val/"): v for k, v in metrics.items()
-             if k.startswith("val/") or ("/" not in k and "." in k)}
-    text = " ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())) or "none"
+    own = {k.removeprefix("val/"): v for k, v in metrics.items()
+           if k.startswith("val/") or ("/" not in k and "." in k)}
+    shown = {k: own[k] for k in HEADLINE if k in own} or own
+    text = " ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "none"
     return (f"fedshop {shop} round {server_round}: {rows}, rounds_trained {rounds_trained(context)}; "
             f"validation {text}")
 
