@@ -95,7 +95,8 @@ def _state_dir(tmp_path: Path, *, pid: int, superlink: str) -> tuple[Path, Path]
     private, public = keys.merchant_keys["shop-a"]
     state = tmp_path / "state"
     merchant = Merchant(pid, 42, 0, state, supernode_dir(state) / "supernode.log")
-    write_merchant_record(merchant, shop_dir=tmp_path / "shop-a", superlink=superlink, key=private, shop_index=3)
+    write_merchant_record(merchant, shop_dir=tmp_path / "export", superlink=superlink, key=private, shop_index=3,
+                          shop_name="shop-a")
     (supernode_dir(state) / "supernode.json").write_text(json.dumps(asdict(
         ProcessRecord(pid, "flower-supernode", ["python"], str(merchant.log)))))
     torch.save({"format": FORMAT_VERSION, "shop": "shop-a", "round": 4, "rounds_trained": 7, "run": "/runs/r1",

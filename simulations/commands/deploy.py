@@ -255,7 +255,7 @@ def merchant_start(
     _echo_validation(report)
     try:
         merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, trusted_entities=trusted_entities,
-                                  port=port or None, validate=False,
+                                  port=port or None, validate=False, shop_name=report["name"],
                                   shop_index=shop_index, retry_for=retry_for,
                                   heartbeat_interval=heartbeat_interval)
     except (FileNotFoundError, ValueError, RuntimeError, ProcessStartError) as err:

@@ -129,8 +129,11 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
                    shop_index: int | None = None,
                    isolation: str = "subprocess", env: dict[str, str] | None = None, validate: bool = True,
                    timeout: float = 60.0, retry_for: float = 0.0,
-                   heartbeat_interval: float = DEFAULT_INTERVAL) -> Merchant:
+                   heartbeat_interval: float = DEFAULT_INTERVAL, shop_name: str | None = None) -> Merchant:
     """Validate ``shop_dir``, start the SuperNode and wait until the SuperLink has accepted it.
+
+    ``shop_name`` (the validated shop's name, for `merchant status`) is taken from the validation, or
+    given by a caller that validated the shop itself (``validate=False``).
 
     Raises ShopDataError before anything starts when the data is bad, and ProcessStartError (with the
     SuperNode's log) when the SuperLink refuses it: unregistered key, untrusted certificate. After a
@@ -142,7 +145,7 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
         check_heartbeat_interval(heartbeat_interval)  # before anything starts
     read_trusted(trusted_entities)  # a missing or malformed file fails here, naming the fix
     if validate:  # bad data is reported before the network is tried
-        validate_shop(shop_dir)
+        shop_name = validate_shop(shop_dir)
         validate = False
     probe_coordinator(superlink)
     deadline = time.monotonic() + retry_for
@@ -152,7 +155,7 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
             return _start_once(shop_dir, state_dir, superlink, ca=ca, key=key, trusted_entities=trusted_entities,
                                port=port, shop_index=shop_index,
                                isolation=isolation, env=env, validate=validate, timeout=timeout,
-                               heartbeat_interval=heartbeat_interval)
+                               heartbeat_interval=heartbeat_interval, shop_name=shop_name)
         except ProcessStartError as err:
             if _REFUSED not in str(err):
                 raise
@@ -171,11 +174,11 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
 def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
                 key: str | Path, trusted_entities: str | Path, port: int | None, shop_index: int | None, isolation: str,
                 env: dict[str, str] | None, validate: bool, timeout: float,
-                heartbeat_interval: float) -> Merchant:
+                heartbeat_interval: float, shop_name: str | None = None) -> Merchant:
     """One attempt of `start_merchant`."""
     shop_dir, state_dir = Path(shop_dir).resolve(), Path(state_dir).resolve()
     if validate:
-        validate_shop(shop_dir)
+        shop_name = validate_shop(shop_dir)
     key = Path(key).resolve()
     if not key.is_file():
         raise FileNotFoundError(f"{key}: no such SuperNode private key. Fix: pass the merchant's .key from "
@@ -208,16 +211,17 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
         stop_recorded(record)
         raise
     merchant = Merchant(proc.pid, int(_activated_node_id(log) or 0), port, state_dir, log)
-    write_merchant_record(merchant, shop_dir=shop_dir, superlink=superlink, key=key, shop_index=shop_index)
+    write_merchant_record(merchant, shop_dir=shop_dir, superlink=superlink, key=key, shop_index=shop_index,
+                          shop_name=shop_name)
     return merchant
 
 
 def write_merchant_record(merchant: Merchant, *, shop_dir: Path, superlink: str, key: Path,
-                          shop_index: int | None) -> Path:
+                          shop_index: int | None, shop_name: str | None = None) -> Path:
     """Record what this SuperNode was started with (`merchant status` reads it; it outlives `stop`)."""
-    record = {"shop-dir": str(shop_dir), "state-dir": str(merchant.state_dir), "superlink": superlink,
-              "key": str(key), "key-fingerprint": key_fingerprint(key), "shop-index": shop_index,
-              "node-id": merchant.node_id, "pid": merchant.pid, "log": str(merchant.log),
+    record = {"shop": shop_name, "shop-dir": str(shop_dir), "state-dir": str(merchant.state_dir),
+              "superlink": superlink, "key": str(key), "key-fingerprint": key_fingerprint(key),
+              "shop-index": shop_index, "node-id": merchant.node_id, "pid": merchant.pid, "log": str(merchant.log),
               "started-at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     return atomic_write_text(supernode_dir(merchant.state_dir) / MERCHANT_FILE, json.dumps(record, indent=2))
 

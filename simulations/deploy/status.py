@@ -77,7 +77,8 @@ def merchant_status(state_dir: str | Path, *, probe: bool = True) -> dict[str, A
     local = local_part_header(state_dir)
     status: dict[str, Any] = {
         "state-dir": str(state_dir),
-        "shop": (local or {}).get("shop") or (Path(started["shop-dir"]).name if started.get("shop-dir") else None),
+        "shop": started.get("shop") or (local or {}).get("shop")
+        or (Path(started["shop-dir"]).name if started.get("shop-dir") else None),
         "shop-dir": started.get("shop-dir"), "shop-index": started.get("shop-index"),
         "key": started.get("key"), "key-fingerprint": started.get("key-fingerprint"),
         "coordinator": started.get("superlink"), "node-id": started.get("node-id"),
