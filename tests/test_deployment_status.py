@@ -112,7 +112,7 @@ def test_merchant_status_shows_name_key_coordinator_supernode_and_rounds_trained
     out = result.output
     assert "merchant     shop-a, shop-index 3" in out
     assert key_fingerprint(public) in out  # the fingerprint the coordinator shows for the registered .pub
-    assert f"coordinator  127.0.0.1:{port} (does not answer)" in out and "connection refused" in out
+    assert f"coordinator  127.0.0.1:{port} (does not answer)" in out and "(connection refused). Fix" in out
     assert f"SuperNode    running, PID {os.getpid()}, node 42" in out
     assert "round 4 of run /runs/r1, rounds_trained 7" in out
 

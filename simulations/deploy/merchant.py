@@ -81,7 +81,7 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def probe_coordinator(address: str, timeout: float = PROBE_TIMEOUT) -> None:
+def probe_coordinator(address: str, timeout: float = PROBE_TIMEOUT, consequence: str = "; nothing started") -> None:
     """Raise CoordinatorUnreachable within ``timeout`` seconds unless ``address`` accepts TCP connections.
 
     Flower's SuperNode would otherwise retry silently for minutes; a refused or timed-out connect
@@ -98,7 +98,7 @@ def probe_coordinator(address: str, timeout: float = PROBE_TIMEOUT) -> None:
     except OSError as err:  # DNS failure, no route, ...
         why = err.strerror or str(err)
     raise CoordinatorUnreachable(
-        f"cannot reach the coordinator at {host}:{port} ({why}); nothing started. Fix: check the address and "
+        f"cannot reach the coordinator at {host}:{port} ({why}){consequence}. Fix: check the address and "
         f"port (`fedshop coordinator start` prints them), that the coordinator is running there "
         f"(`fedshop coordinator status` on its host), and that no firewall blocks TCP port {port} from this host")
 

@@ -87,7 +87,7 @@ def merchant_status(state_dir: str | Path, *, probe: bool = True) -> dict[str, A
     }
     if probe and status["coordinator"]:
         try:
-            probe_coordinator(status["coordinator"], timeout=2.0)
+            probe_coordinator(status["coordinator"], timeout=2.0, consequence="")
             status["coordinator-reachable"] = True
         except (CoordinatorUnreachable, ValueError) as err:
             status["coordinator-reachable"] = False
