@@ -199,6 +199,9 @@ def merchant_start(
     heartbeat_interval: float = typer.Option(30.0, "--heartbeat-interval", min=10.0, max=1800.0,
                                              help="Seconds between this SuperNode's heartbeats (Flower: 30). "
                                              "The SuperLink notices a crash after two; 10 = back in 20 s."),
+    isolation: str = typer.Option("process", "--isolation",
+                                  help="process: one long-lived ClientApp process serves every message (imports "
+                                  "once); subprocess: Flower's default, a fresh process per message."),
 ) -> None:
     """Validate the shop, then start `flower-supernode` with TLS, key authentication and signed-app checks."""
     from shared.schema import ShopDataError
@@ -209,13 +212,15 @@ def merchant_start(
         merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, trusted_entities=trusted_entities,
                                   port=port or None,
                                   shop_index=shop_index, retry_for=retry_for,
-                                  heartbeat_interval=heartbeat_interval)
+                                  heartbeat_interval=heartbeat_interval, isolation=isolation)
     except ShopDataError as err:
         typer.secho(f"Shop data rejected, nothing started: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
     except (FileNotFoundError, ValueError, RuntimeError, ProcessStartError) as err:
         raise _fail(err) from None
     typer.echo(f"SuperNode {merchant.node_id} connected (PID {merchant.pid}); log {merchant.log}")
+    if merchant.clientapp_pid is not None:
+        typer.echo(f"long-lived ClientApp PID {merchant.clientapp_pid}; log {merchant.log.with_name('clientapp.log')}")
 
 
 @merchant_app.command("stop")

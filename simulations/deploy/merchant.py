@@ -9,16 +9,23 @@ metrics.csv by it; without it the rows say ``node-<SuperNode ID>``).
 
 The SuperNode runs only apps signed by a key in the merchant's trusted-entities file (the coordinator's
 ``trusted-entities.yaml``): Flower's ``--trusted-entities`` check, fed by `supernode_launcher`.
+
+Isolation ``process`` (the default): the SuperNode starts no ClientApp itself; one long-lived
+`client.long_lived` process serves all its messages (imports torch once), acquiring tasks with a
+SuperExec secret only it and the SuperNode know. ``subprocess``: Flower's default, a fresh
+`flwr-clientapp` per message. Both processes are recorded and stopped by PID.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.atomic import atomic_write_bytes
 from simulations.deploy.app_signing import read_trusted
 from simulations.deploy.flwr_config import flwr_env
 from simulations.deploy.processes import (
@@ -35,6 +42,8 @@ from simulations.deploy.supernode_launcher import DEFAULT_INTERVAL, check_heartb
 _NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
 _REFUSED = "Failed to activate SuperNode"
 _RETRY_PAUSES = (2.0, 3.0, 5.0)  # then 5 s: each retry starts a fresh flower-supernode (~1.5 CPU-s)
+ISOLATIONS = ("process", "subprocess")  # long-lived ClientApp process (default) or Flower's process per message
+_CLIENT_READY = "long-lived ClientApp ready"
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Merchant:
     port: int
     state_dir: Path
     log: Path
+    clientapp_pid: int | None = None  # the long-lived ClientApp process (isolation "process")
 
 
 def supernode_dir(state_dir: str | Path) -> Path:
@@ -84,7 +94,7 @@ def _activated_node_id(log: Path) -> int | None:
 def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
                    key: str | Path, trusted_entities: str | Path, port: int | None = None,
                    shop_index: int | None = None,
-                   isolation: str = "subprocess", env: dict[str, str] | None = None, validate: bool = True,
+                   isolation: str = "process", env: dict[str, str] | None = None, validate: bool = True,
                    timeout: float = 60.0, retry_for: float = 0.0,
                    heartbeat_interval: float = DEFAULT_INTERVAL) -> Merchant:
     """Validate ``shop_dir``, start the SuperNode and wait until the SuperLink has accepted it.
@@ -94,7 +104,11 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
     crash the SuperLink keeps the node "online" until two missed heartbeats (2 x ``heartbeat_interval``,
     Flower's default 30 s) and refuses to activate it again meanwhile; ``retry_for`` seconds of retries
     cover that window. A shorter interval (down to 10 s) lets a crashed merchant back in sooner.
+    ``isolation`` "process" serves every message from one long-lived ClientApp process; "subprocess"
+    is Flower's default (a fresh process per message).
     """
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"--isolation {isolation}: must be one of {', '.join(ISOLATIONS)}")
     if heartbeat_interval != DEFAULT_INTERVAL:
         check_heartbeat_interval(heartbeat_interval)  # before anything starts
     read_trusted(trusted_entities)  # a missing or malformed file fails here, naming the fix
@@ -141,6 +155,8 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
     if record.exists() and pid_alive(read_record(record).pid):
         raise RuntimeError(f"a SuperNode for {state_dir} already runs (PID {read_record(record).pid}). Fix: "
                            f"`fedshop merchant stop --state-dir {state_dir}` first")
+    if (own / "clientapp.json").exists():  # left by a crashed SuperNode (it exits with its parent anyway)
+        stop_recorded(own / "clientapp.json")
     port = port or free_port()
     # Flower's own entry point, started by the launcher so that it checks app signatures (and beats at
     # the chosen interval).
@@ -149,6 +165,11 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
                "--trusted-entities", str(Path(trusted_entities).resolve()),
                "--node-config", node_config(shop_dir, state_dir, shop_index), "--port", str(port),
                "--isolation", isolation]
+    if isolation == "process":
+        # Only holders of this secret may acquire the SuperNode's tasks (Flower's SuperExec auth, offered
+        # in process isolation only): other local users cannot take a message meant for the ClientApp.
+        secret = atomic_write_bytes(own / "superexec.secret", secrets.token_bytes(32), mode=0o600)
+        command += ["--superexec-auth-secret-file", str(secret)]
     if ca is not None:
         command += ["--root-certificates", str(Path(ca).resolve())]
     log.unlink(missing_ok=True)  # the node ID is read from this run's log only
@@ -160,9 +181,46 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
     except ProcessStartError:
         stop_recorded(record)
         raise
-    return Merchant(proc.pid, int(_activated_node_id(log) or 0), port, state_dir, log)
+    clientapp_pid = None
+    if isolation == "process":
+        try:
+            clientapp_pid = _start_clientapp(own, proc.pid, port, env, timeout)
+        except ProcessStartError:
+            stop_recorded(record)
+            raise
+    return Merchant(proc.pid, int(_activated_node_id(log) or 0), port, state_dir, log, clientapp_pid)
+
+
+def _start_clientapp(own: Path, supernode_pid: int, port: int, env: dict[str, str] | None, timeout: float) -> int:
+    """Start the long-lived ClientApp process for the SuperNode on ``port`` and wait until it imported the app."""
+    record, log = own / "clientapp.json", own / "clientapp.log"
+    log.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "client.long_lived", "--runtime-api-address", f"127.0.0.1:{port}",
+               "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(own / "superexec.secret")]
+    proc = start_process("fedshop-clientapp", command, log_path=log, record_path=record,
+                         env=flwr_env(own / "flwr", env))
+    try:
+        wait_ready(proc, lambda: _CLIENT_READY in _read(log), timeout=max(timeout, 60.0), log_path=log,
+                   what="the long-lived ClientApp process")
+    except ProcessStartError:
+        stop_recorded(record)
+        raise
+    return proc.pid
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def stop_merchant(state_dir: str | Path, timeout: float = 10.0) -> bool:
-    """Stop the SuperNode started for ``state_dir`` by its recorded PID; False when it was not running."""
-    return stop_recorded(supernode_dir(state_dir) / "supernode.json", timeout=timeout)
+    """Stop the SuperNode started for ``state_dir`` and its long-lived ClientApp by recorded PID.
+
+    False when the SuperNode was not running.
+    """
+    own = supernode_dir(state_dir)
+    if (own / "clientapp.json").exists():
+        stop_recorded(own / "clientapp.json", timeout=timeout)
+    return stop_recorded(own / "supernode.json", timeout=timeout)
