@@ -248,8 +248,11 @@ class LongLivedClient:
         sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         try:
             message, context, run, fab = pull_task_input(client)
-            if fab.hash_str != self._fab_hash:  # the token's task must be the one acquired
-                raise RuntimeError(f"task FAB {fab.hash_str[:12]} is not this checkout's {self._fab_hash}")
+            # The bytes the SuperNode verified must be this checkout's FAB (hash of the content itself, not
+            # the hash the SuperLink announced).
+            if (content_hash := hashlib.sha256(fab.content).hexdigest()) != self._fab_hash:
+                raise RuntimeError(f"the task's FAB {content_hash[:12]} is not this checkout's app "
+                                   f"{(self._fab_hash or '')[:12]}; refusing to run local code for it")
             reply = self._app(message=message, context=context)
             sub_status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # noqa: BLE001 - reported to the ServerApp as Flower does, then the next task
@@ -288,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FlowerInterfaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    loop.run_forever()
+    try:
+        loop.run_forever()
+    except KeyboardInterrupt:  # SIGINT, also raised by Flower's parent monitor when the SuperNode exits
+        logger.info("fedshop: long-lived ClientApp stopped (%s)", loop.served)
     return 0
 
 

@@ -112,11 +112,79 @@ def test_one_long_lived_process_serves_every_message_of_two_runs(tmp_path: Path)
     served = [e for e in events if e["where"] == "clientapp"]
     assert {e["pid"] for e in served} == set(pids.values())  # no other process served a message
     for pid in pids.values():
-        mine = [(e["type"], str(e["round"])) for e in served if e["pid"] == pid]
-        # two messages of one round (train, evaluate), two rounds, and the second run: one PID
-        assert {("train", "1"), ("evaluate", "1"), ("train", "2"), ("evaluate", "2")} <= set(mine), mine
-        assert len(mine) >= 6, mine
+        mine = sorted((e["msg_created"], e["type"]) for e in served if e["pid"] == pid)
+        # both messages of each round (train, evaluate), 2 rounds of run 1 and 1 of run 2, from one PID
+        assert [kind for _, kind in mine] == ["train", "evaluate"] * 3, mine
     for name, log in logs.items():
         for outcome in outcomes:  # each run's FAB recognised as this checkout's signed app, state reset per run
             assert f"fedshop: run {outcome.run_id}: FAB" in log and "served in-process" in log, (name, log)
         assert "fresh flwr-clientapp" not in log
+
+
+def test_pull_backoff_is_bound_into_the_supernodes_pull_and_still_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+    from flwr.supernode import start_client_internal
+
+    from simulations.deploy.supernode_launcher import apply_pull_backoff
+
+    monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
+    apply_pull_backoff(0.01)
+    apply_pull_backoff(0.02)  # applying twice rebinds Flower's function, not the wrapper
+    bound = start_client_internal.pull_objects
+    assert bound.keywords == {"initial_backoff": 0.02, "backoff_cap": 2.0}
+    assert not hasattr(bound.func, "func")
+    tries: list[str] = []
+
+    def pull(object_id: str) -> bytes:
+        tries.append(object_id)
+        if len(tries) == 1:
+            raise ObjectUnavailableError(object_id)  # not pushed yet: retried after the back-off
+        return b"content"
+
+    assert bound(["abc"], pull_object_fn=pull) == {"abc": b"content"}
+    assert tries == ["abc", "abc"]
+
+
+@pytest.mark.parametrize("raw", ["fast", "0", "-1"])
+def test_a_bad_pull_backoff_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    from simulations.deploy.supernode_launcher import PULL_BACKOFF_ENV, apply_pull_backoff, pull_backoff_from_env
+
+    monkeypatch.setenv(PULL_BACKOFF_ENV, raw)
+    with pytest.raises(ValueError, match=PULL_BACKOFF_ENV):
+        apply_pull_backoff(pull_backoff_from_env())
+
+
+def test_merchant_start_refuses_an_unknown_isolation(tmp_path: Path) -> None:
+    from simulations.deploy.merchant import start_merchant
+
+    with pytest.raises(ValueError, match="--isolation thread: must be one of process, subprocess"):
+        start_merchant(tmp_path, tmp_path, "127.0.0.1:1", ca=None, key=tmp_path / "k", trusted_entities=tmp_path,
+                       isolation="thread")
+
+
+def test_active_polling_retries_quickly_only_while_a_run_is_active() -> None:
+    from simulations.deploy.supernode_launcher import active_polling
+
+    now = [0.0]
+    answers: list[int | None] = []
+    calls: list[float] = []
+
+    def pull(**kwargs: object) -> int | None:
+        calls.append(now[0])
+        return answers.pop(0) if answers else None
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    wrapped = active_polling(pull, poll=0.2, window=60.0, clock=lambda: now[0], sleep=sleep)
+    assert wrapped() is None and len(calls) == 1  # no message yet: idle, Flower's 3 s sleep follows
+    answers[:] = [7]
+    assert wrapped() == 7  # a message: the run is active from now
+    calls.clear()
+    answers[:] = [None, None, 9]
+    assert wrapped() == 9 and len(calls) == 3  # the next one is found 0.2 s steps later, not after 3 s
+    calls.clear()
+    assert wrapped() is None and 14 <= len(calls) <= 17  # nothing for 3 s: back to Flower's loop
+    now[0] += 120.0  # a minute without messages: idle again
+    calls.clear()
+    assert wrapped() is None and len(calls) == 1
