@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--superexec-auth-secret-file", default=None,
                         help="the secret file the SuperNode was given (signs AcquireTask)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [clientapp] %(message)s")
     logging.getLogger().handlers[0].setStream(sys.stdout)
     try:
         from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret

@@ -104,7 +104,7 @@ def test_one_long_lived_process_serves_every_message_of_two_runs(tmp_path: Path)
             config = deployment_run_config(load_scenario(str(scenario)), str(scenario), run_dir, rounds=rounds)
             outcomes.append(submit_run(fed.coordinator.home, config, out=io.StringIO(), timeout=600))
         assert all(pid_alive(pid) for pid in pids.values())
-        logs = {name: (m.log.with_name("clientapp.log")).read_text(errors="replace")
+        logs = {name: m.log.read_text(errors="replace")  # the SuperNode's log, shared with its ClientApp
                 for name, m in fed.merchants.items()}
     assert all(o.ok for o in outcomes), outcomes
     assert not any(pid_alive(pid) for pid in pids.values())  # stopped with the SuperNodes, by PID

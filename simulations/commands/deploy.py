@@ -220,7 +220,7 @@ def merchant_start(
         raise _fail(err) from None
     typer.echo(f"SuperNode {merchant.node_id} connected (PID {merchant.pid}); log {merchant.log}")
     if merchant.clientapp_pid is not None:
-        typer.echo(f"long-lived ClientApp PID {merchant.clientapp_pid}; log {merchant.log.with_name('clientapp.log')}")
+        typer.echo(f"long-lived ClientApp PID {merchant.clientapp_pid} (same log)")
 
 
 @merchant_app.command("stop")

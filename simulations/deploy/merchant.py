@@ -193,8 +193,9 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
 
 def _start_clientapp(own: Path, supernode_pid: int, port: int, env: dict[str, str] | None, timeout: float) -> int:
     """Start the long-lived ClientApp process for the SuperNode on ``port`` and wait until it imported the app."""
-    record, log = own / "clientapp.json", own / "clientapp.log"
-    log.unlink(missing_ok=True)
+    # Same log as the SuperNode's (appended to), as with Flower's per-message processes: the ClientApp's
+    # warnings (e.g. an unreadable local part) land where the operator already looks.
+    record, log = own / "clientapp.json", own / "supernode.log"
     command = [sys.executable, "-m", "client.long_lived", "--runtime-api-address", f"127.0.0.1:{port}",
                "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(own / "superexec.secret")]
     proc = start_process("fedshop-clientapp", command, log_path=log, record_path=record,
