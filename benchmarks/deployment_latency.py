@@ -3,15 +3,20 @@
 Same three tiny synthetic shops, same scenario (`simulations.deploy.loopback.tiny_scenario`), same
 rounds, in one run so the comparison is a ratio taken under the same machine load:
   * simulation: `simulations.federated.run_federated` (Ray; one long-lived actor per shop);
-  * deployment with Flower's defaults: ServerApp pulls replies every 3 s (`HttpGrid`), each SuperExec
-    polls for tasks every 1 s, every message parses and tensorises the shop again;
-  * deployment with fedshop's settings: ServerApp pulls every 0.1 s (`server.polling_grid`),
-    SuperExec polls every 0.2 s, tensors come from the merchant's on-disk cache.
+  * deployment, a process per message (before): `merchant start --isolation subprocess`, Flower's
+    way: a fresh `flwr-clientapp` per message; the SuperNode's 1 s object-pull back-off and 3 s idle
+    poll as in Flower (`FEDSHOP_PULL_BACKOFF=1`, `FEDSHOP_ACTIVE_POLL_WINDOW=0`);
+  * deployment, long-lived ClientApp, Flower's SuperNode polling: `--isolation process` (the default),
+    one `client.long_lived` process per merchant serves every message;
+  * deployment, long-lived ClientApp + fedshop's SuperNode polling (after): `merchant start`'s
+    defaults (0.1 s pull back-off, 0.2 s polls while a run is active).
+All three use fedshop's polling settings (ServerApp 0.1 s, task poll 0.2 s) and the tensor cache.
 Round time = gap between consecutive round checkpoints (`<run-dir>/checkpoints/round-NNNN.pt` mtimes),
 so start-up is excluded. Each deployment run also writes a timing log (`FEDSHOP_TIMING_LOG`) from
 which the per-message phases are taken (push -> clientapp process start -> handler start -> end ->
 reply at the ServerApp). The fixed cost of one fresh `flwr-clientapp` process (flwr 1.42 starts one
-per message) is measured step by step, in wall and CPU seconds; the load average is recorded.
+per message) is measured step by step, in wall and CPU seconds; for the long-lived process the CPU it
+spends per message (from /proc, start-up excluded) is measured too; the load average is recorded.
 Prints a table and writes benchmarks/results/deployment_latency.json.
 
     .venv/bin/python benchmarks/deployment_latency.py [--rounds 3] [--repeats 3]
@@ -38,9 +43,13 @@ from simulations.deploy.loopback import loopback_federation, tiny_scenario, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = "flwr.supernode.runtime.run_clientapp"  # what every flwr-clientapp process imports first
-FLOWER_DEFAULTS = {"FEDSHOP_GRID_POLL_INTERVAL": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
-                   "FEDSHOP_TENSOR_CACHE": "0"}
-FEDSHOP_SETTINGS: dict[str, str] = {}  # the defaults of `fedshop coordinator/merchant start`
+# The SuperNode's object-pull back-off (1 s) and idle poll (3 s) as Flower has them
+FLOWER_SUPERNODE = {"FEDSHOP_PULL_BACKOFF": "1", "FEDSHOP_ACTIVE_POLL_WINDOW": "0"}
+BEFORE = "deployment, process per message (before)"
+LONG_LIVED = "deployment, long-lived ClientApp, Flower's SuperNode polling"
+AFTER = "deployment, long-lived ClientApp + fedshop's SuperNode polling (after)"
+SETUPS = (("before", BEFORE, "subprocess", FLOWER_SUPERNODE), ("long-lived", LONG_LIVED, "process", FLOWER_SUPERNODE),
+          ("after", AFTER, "process", {}))  # {} = the defaults of `fedshop coordinator/merchant start`
 
 
 def fresh_process_cost(code: str, repeats: int) -> dict[str, float]:
@@ -100,17 +109,25 @@ def simulation_rounds(scenario_path: Path, root: Path, rounds: int) -> list[floa
 
 
 def message_phases(timing_log: Path) -> dict[str, float]:
-    """Median seconds of each phase of one message, from the timing log of a deployment run."""
+    """Median seconds of each phase of one message, from the timing log of a deployment run.
+
+    The process-start phases only count processes that served a single message (a fresh process each).
+    """
     events = [json.loads(line) for line in timing_log.read_text().splitlines() if line.strip()]
     pushes = sorted(e["start"] for e in events if e["where"] == "serverapp" and e["event"] == "push")
     replies = sorted(e["at"] for e in events if e["where"] == "serverapp" and e["event"] == "reply")
-    phases: dict[str, list[float]] = {"push -> clientapp process start": [], "process start -> handler start": [],
+    phases: dict[str, list[float]] = {"push -> handler start": [], "push -> clientapp process start": [],
+                                      "process start -> handler start": [],
                                       "handler (train)": [], "handler (evaluate)": [],
                                       "handler end -> reply at ServerApp": []}
-    for e in (e for e in events if e["where"] == "clientapp" and e["proc_start"]):
+    served = [e for e in events if e["where"] == "clientapp"]
+    messages_per_pid = {pid: sum(e["pid"] == pid for e in served) for pid in {e["pid"] for e in served}}
+    for e in served:
         pushed = max((p for p in pushes if p <= e["msg_created"] + 0.5), default=e["msg_created"])
-        phases["push -> clientapp process start"].append(e["proc_start"] - pushed)
-        phases["process start -> handler start"].append(e["handler_start"] - e["proc_start"])
+        phases["push -> handler start"].append(e["handler_start"] - pushed)
+        if e["proc_start"] and messages_per_pid[e["pid"]] == 1:
+            phases["push -> clientapp process start"].append(e["proc_start"] - pushed)
+            phases["process start -> handler start"].append(e["handler_start"] - e["proc_start"])
         phases["handler (train)" if e["type"] == "train" else "handler (evaluate)"].append(
             e["handler_end"] - e["handler_start"])
         later = [r for r in replies if r >= e["handler_end"]]
@@ -119,9 +136,18 @@ def message_phases(timing_log: Path) -> dict[str, float]:
     return {name: round(statistics.median(v), 2) for name, v in phases.items() if v}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds: int, label: str,
-                      env: dict[str, str]) -> tuple[list[float], dict[str, float]]:
-    """Round times and per-message phases of a loopback deployment (TLS, SuperNode auth), same shops."""
+                      isolation: str, env: dict[str, str]) -> tuple[list[float], dict[str, float]]:
+    """Round times and per-message phases of a loopback deployment (TLS, SuperNode auth), same shops.
+
+    With a long-lived ClientApp the phases also hold its CPU seconds per message (start-up excluded).
+    """
     fed_root = root / f"fed-{label}"
     for name in shops:
         (fed_root / name).mkdir(parents=True)
@@ -131,11 +157,20 @@ def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds:
     timing = fed_root / "timing.jsonl"
     config = deployment_run_config(load_scenario(scenario_path), str(scenario_path), run_dir, rounds=rounds,
                                    extra={"keep-checkpoints": rounds})
-    with loopback_federation(fed_root, shops, env={**env, "FEDSHOP_TIMING_LOG": str(timing)}) as fed:
+    with loopback_federation(fed_root, shops, env={**env, "FEDSHOP_TIMING_LOG": str(timing)},
+                             isolation=isolation) as fed:
+        pids = [m.clientapp_pid for m in fed.merchants.values() if m.clientapp_pid]
+        cpu_at_start = {pid: cpu_seconds(pid) for pid in pids}
         outcome = submit_run(fed.coordinator.home, config, out=io.StringIO(), timeout=3600)
+        cpu_used = sum(cpu_seconds(pid) - cpu_at_start[pid] for pid in pids)
     if not outcome.ok:
         raise RuntimeError(f"benchmark run {label} failed: {outcome}")
-    return round_gaps(run_dir), message_phases(timing)
+    phases = message_phases(timing)
+    if pids:
+        served = sum(json.loads(line)["pid"] in pids for line in timing.read_text().splitlines()
+                     if line.strip() and json.loads(line)["where"] == "clientapp")
+        phases["long-lived ClientApp CPU s per message"] = round(cpu_used / max(served, 1), 3)
+    return round_gaps(run_dir), phases
 
 
 def main() -> None:
@@ -153,9 +188,8 @@ def main() -> None:
     costs = message_costs(root / shops[0] / "shop", root / "cost-state", scenario, args.repeats)
     rounds = {"simulation (Ray, run_federated)": simulation_rounds(scenario, root, args.rounds)}
     phases = {}
-    for label, name, env in (("before", "deployment, Flower defaults (before)", FLOWER_DEFAULTS),
-                             ("after", "deployment, fedshop settings (after)", FEDSHOP_SETTINGS)):
-        rounds[name], phases[name] = deployment_rounds(scenario, root, shops, args.rounds, label, env)
+    for label, name, isolation, env in SETUPS:
+        rounds[name], phases[name] = deployment_rounds(scenario, root, shops, args.rounds, label, isolation, env)
     load_end = os.getloadavg()
     print(f"load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end, on {os.cpu_count()} CPUs")
     print(f"{'fixed cost per message: fresh process that':<52} {'wall s':>7} {'cpu s':>7}")
@@ -165,16 +199,18 @@ def main() -> None:
     medians = {name: statistics.median(times) if times else float("nan") for name, times in rounds.items()}
     for name, times in rounds.items():
         print(f"  {name:<50} {medians[name]:7.2f}  {times}")
-    before, after = medians["deployment, Flower defaults (before)"], medians["deployment, fedshop settings (after)"]
+    before, after = medians[BEFORE], medians[AFTER]
     sim = medians["simulation (Ray, run_federated)"]
     print(f"  after/before {after / before:.2f}; before/simulation {before / sim:.1f}; after/simulation "
-          f"{after / sim:.1f}")
+          f"{after / sim:.1f}; long-lived with Flower's back-off/simulation {medians[LONG_LIVED] / sim:.1f}")
     print("per-message phases, median s (3 SuperNodes in parallel on this machine)")
     for name, values in phases.items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
     result = {"fixed_cost_per_message": costs, "round_times_s": rounds, "median_round_s": medians,
-              "ratio_after_before": round(after / before, 3), "message_phases_s": phases,
-              "settings": {"before": FLOWER_DEFAULTS, "after": FEDSHOP_SETTINGS or "fedshop defaults"},
+              "ratio_after_before": round(after / before, 3), "ratio_after_simulation": round(after / sim, 3),
+              "message_phases_s": phases,
+              "settings": {name: {"isolation": isolation, "env": env or "fedshop defaults"}
+                           for _, name, isolation, env in SETUPS},
               "rounds": args.rounds, "shops": shops, "loadavg_start": list(load_start),
               "loadavg_end": list(load_end), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out = ROOT / "benchmarks" / "results" / "deployment_latency.json"

@@ -84,6 +84,11 @@ class Shop:
 _SHOPS: dict[tuple, Shop] = {}  # per process: tensors are built once and reused every round
 
 
+def forget_shops() -> None:
+    """Drop the per-process shops, so a long-lived ClientApp process reloads them for a new run."""
+    _SHOPS.clear()
+
+
 def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
     """The shop this node serves, from node_config (`partition-id` or `shop-dir`) and the run's scenario."""
     node = dict(context.node_config)

@@ -310,6 +310,9 @@ def test_refused_apps_never_ran_on_a_merchant(federation, refused_runs: dict) ->
     for outcome in refused_runs.values():
         for log in _merchant_logs(federation):
             assert f"fedshop: run {outcome.run_id}: app FAB" not in log  # never accepted
+        for merchant in federation.merchants.values():  # no task reached the long-lived ClientApp either
+            log = merchant.log.read_text(errors="replace")  # the SuperNode's and the ClientApp's
+            assert "long-lived ClientApp ready" in log and f"fedshop: run {outcome.run_id}: FAB" not in log
     for merchant in federation.merchants.values():
         assert not (merchant.state_dir / "local_part.pt").exists()  # no ClientApp trained anything
 

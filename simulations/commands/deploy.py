@@ -241,6 +241,9 @@ def merchant_start(
                                              help="Seconds between this SuperNode's heartbeats (Flower: 30). "
                                              "The SuperLink notices a crash after two; 10 = back in 20 s."),
     foreground: bool = typer.Option(False, "--foreground", help=FOREGROUND_HELP),
+    isolation: str = typer.Option("process", "--isolation",
+                                  help="process: one long-lived ClientApp process serves every message (imports "
+                                  "once); subprocess: Flower's default, a fresh process per message."),
 ) -> None:
     """Validate the shop, check the coordinator answers, then start `flower-supernode` (TLS, key, signed apps)."""
     from simulations.commands.validate import shop_report
@@ -257,10 +260,12 @@ def merchant_start(
         merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, trusted_entities=trusted_entities,
                                   port=port or None, validate=False, shop_name=report["name"],
                                   shop_index=shop_index, retry_for=retry_for,
-                                  heartbeat_interval=heartbeat_interval)
+                                  heartbeat_interval=heartbeat_interval, isolation=isolation)
     except (FileNotFoundError, ValueError, RuntimeError, ProcessStartError) as err:
         raise _fail(err) from None
     typer.echo(f"SuperNode {merchant.node_id} connected (PID {merchant.pid}); log {merchant.log}")
+    if merchant.clientapp_pid is not None:
+        typer.echo(f"long-lived ClientApp PID {merchant.clientapp_pid} (same log)")
     typer.echo(f"Check it any time with `fedshop merchant status --state-dir {state_dir}`")
     if foreground:
         from simulations.deploy.merchant import stop_merchant

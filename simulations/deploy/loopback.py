@@ -81,6 +81,7 @@ class LoopbackFederation:
     env: dict[str, str] | None = None
     merchants: dict[str, Merchant] = field(default_factory=dict)
     heartbeat_interval: float = 10.0  # Flower's minimum: a killed merchant is let back in within 20 s
+    isolation: str = "process"  # merchant start's default (long-lived ClientApp); "subprocess" = Flower's
 
     def shop_dir(self, name: str) -> Path:
         """The merchant's data folder."""
@@ -102,7 +103,8 @@ class LoopbackFederation:
                                   ca=self.certs.ca_cert if ca else None, key=self.certs.merchant_keys[key or name][0],
                                   trusted_entities=self.certs.trusted_entities,
                                   shop_index=shop_index, env=self.env, validate=validate, timeout=30,
-                                  retry_for=retry_for, heartbeat_interval=self.heartbeat_interval)
+                                  retry_for=retry_for, heartbeat_interval=self.heartbeat_interval,
+                                  isolation=self.isolation)
         self.merchants[name] = merchant
         return merchant
 
@@ -117,7 +119,7 @@ class LoopbackFederation:
 @contextlib.contextmanager
 def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple[str, ...] = (),
                         env: dict[str, str] | None = None, validate: bool = True,
-                        heartbeat_interval: float = 10.0) -> Iterator[LoopbackFederation]:
+                        heartbeat_interval: float = 10.0, isolation: str = "process") -> Iterator[LoopbackFederation]:
     """Certificates, a TLS SuperLink, and one registered, started SuperNode per shop in ``shops``.
 
     Shop folders ``root/<shop>/shop`` must exist. ``extra_keys`` get key pairs but are neither registered
@@ -126,7 +128,8 @@ def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple
     root = Path(root)
     certs = write_certs(root / "certs", list(shops) + list(extra_keys), force=True)
     coordinator = start_coordinator(root / "coordinator", root / "certs", env=env)
-    fed = LoopbackFederation(root, coordinator, certs, env, heartbeat_interval=heartbeat_interval)
+    fed = LoopbackFederation(root, coordinator, certs, env, heartbeat_interval=heartbeat_interval,
+                             isolation=isolation)
     try:
         for name in shops:
             register_merchant(coordinator.home, certs.merchant_keys[name][1], name=name,

@@ -9,6 +9,11 @@ metrics.csv by it; without it the rows say ``node-<SuperNode ID>``).
 
 The SuperNode runs only apps signed by a key in the merchant's trusted-entities file (the coordinator's
 ``trusted-entities.yaml``): Flower's ``--trusted-entities`` check, fed by `supernode_launcher`.
+
+Isolation ``process`` (the default): the SuperNode starts no ClientApp itself; one long-lived
+`client.long_lived` process serves all its messages (imports torch once), acquiring tasks with a
+SuperExec secret only it and the SuperNode know. ``subprocess``: Flower's default, a fresh
+`flwr-clientapp` per message. Both processes are recorded and stopped by PID.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import secrets
 import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.atomic import atomic_write_text
+from shared.atomic import atomic_write_bytes, atomic_write_text
 from simulations.deploy.app_signing import read_trusted
 from simulations.deploy.certs import key_fingerprint
 from simulations.deploy.flwr_config import flwr_env
@@ -40,6 +46,8 @@ from simulations.deploy.supernode_launcher import DEFAULT_INTERVAL, check_heartb
 _NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
 _REFUSED = "Failed to activate SuperNode"
 _RETRY_PAUSES = (2.0, 3.0, 5.0)  # then 5 s: each retry starts a fresh flower-supernode (~1.5 CPU-s)
+ISOLATIONS = ("process", "subprocess")  # long-lived ClientApp process (default) or Flower's process per message
+_CLIENT_READY = "long-lived ClientApp ready"
 MERCHANT_FILE = "merchant.json"  # in supernode/: what `merchant status` reports (written once the node is in)
 PROBE_TIMEOUT = 3.0  # seconds for the TCP probe of the coordinator before anything starts
 
@@ -57,6 +65,7 @@ class Merchant:
     port: int
     state_dir: Path
     log: Path
+    clientapp_pid: int | None = None  # the long-lived ClientApp process (isolation "process")
 
 
 def supernode_dir(state_dir: str | Path) -> Path:
@@ -127,7 +136,7 @@ def _activated_node_id(log: Path) -> int | None:
 def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
                    key: str | Path, trusted_entities: str | Path, port: int | None = None,
                    shop_index: int | None = None,
-                   isolation: str = "subprocess", env: dict[str, str] | None = None, validate: bool = True,
+                   isolation: str = "process", env: dict[str, str] | None = None, validate: bool = True,
                    timeout: float = 60.0, retry_for: float = 0.0,
                    heartbeat_interval: float = DEFAULT_INTERVAL, shop_name: str | None = None) -> Merchant:
     """Validate ``shop_dir``, start the SuperNode and wait until the SuperLink has accepted it.
@@ -140,7 +149,11 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
     crash the SuperLink keeps the node "online" until two missed heartbeats (2 x ``heartbeat_interval``,
     Flower's default 30 s) and refuses to activate it again meanwhile; ``retry_for`` seconds of retries
     cover that window. A shorter interval (down to 10 s) lets a crashed merchant back in sooner.
+    ``isolation`` "process" serves every message from one long-lived ClientApp process; "subprocess"
+    is Flower's default (a fresh process per message).
     """
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"--isolation {isolation}: must be one of {', '.join(ISOLATIONS)}")
     if heartbeat_interval != DEFAULT_INTERVAL:
         check_heartbeat_interval(heartbeat_interval)  # before anything starts
     read_trusted(trusted_entities)  # a missing or malformed file fails here, naming the fix
@@ -191,6 +204,8 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
     if record.exists() and pid_alive(read_record(record).pid):
         raise RuntimeError(f"a SuperNode for {state_dir} already runs (PID {read_record(record).pid}). Fix: "
                            f"`fedshop merchant stop --state-dir {state_dir}` first")
+    if (own / "clientapp.json").exists():  # left by a crashed SuperNode (it exits with its parent anyway)
+        stop_recorded(own / "clientapp.json")
     port = port or free_port()
     # Flower's own entry point, started by the launcher so that it checks app signatures (and beats at
     # the chosen interval).
@@ -199,6 +214,11 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
                "--trusted-entities", str(Path(trusted_entities).resolve()),
                "--node-config", node_config(shop_dir, state_dir, shop_index), "--port", str(port),
                "--isolation", isolation]
+    if isolation == "process":
+        # Only holders of this secret may acquire the SuperNode's tasks (Flower's SuperExec auth, offered
+        # in process isolation only): other local users cannot take a message meant for the ClientApp.
+        secret = atomic_write_bytes(own / "superexec.secret", secrets.token_bytes(32), mode=0o600)
+        command += ["--superexec-auth-secret-file", str(secret)]
     if ca is not None:
         command += ["--root-certificates", str(Path(ca).resolve())]
     log.unlink(missing_ok=True)  # the node ID is read from this run's log only
@@ -210,10 +230,42 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
     except ProcessStartError:
         stop_recorded(record)
         raise
-    merchant = Merchant(proc.pid, int(_activated_node_id(log) or 0), port, state_dir, log)
+    clientapp_pid = None
+    if isolation == "process":
+        try:
+            clientapp_pid = _start_clientapp(own, proc.pid, port, env, timeout)
+        except ProcessStartError:
+            stop_recorded(record)
+            raise
+    merchant = Merchant(proc.pid, int(_activated_node_id(log) or 0), port, state_dir, log, clientapp_pid)
     write_merchant_record(merchant, shop_dir=shop_dir, superlink=superlink, key=key, shop_index=shop_index,
                           shop_name=shop_name)
     return merchant
+
+
+def _start_clientapp(own: Path, supernode_pid: int, port: int, env: dict[str, str] | None, timeout: float) -> int:
+    """Start the long-lived ClientApp process for the SuperNode on ``port`` and wait until it imported the app."""
+    # Same log as the SuperNode's (appended to), as with Flower's per-message processes: the ClientApp's
+    # warnings (e.g. an unreadable local part) land where the operator already looks.
+    record, log = own / "clientapp.json", own / "supernode.log"
+    command = [sys.executable, "-m", "client.long_lived", "--runtime-api-address", f"127.0.0.1:{port}",
+               "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(own / "superexec.secret")]
+    proc = start_process("fedshop-clientapp", command, log_path=log, record_path=record,
+                         env=flwr_env(own / "flwr", env))
+    try:
+        wait_ready(proc, lambda: _CLIENT_READY in _read(log), timeout=max(timeout, 60.0), log_path=log,
+                   what="the long-lived ClientApp process")
+    except ProcessStartError:
+        stop_recorded(record)
+        raise
+    return proc.pid
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def write_merchant_record(merchant: Merchant, *, shop_dir: Path, superlink: str, key: Path,
@@ -221,11 +273,18 @@ def write_merchant_record(merchant: Merchant, *, shop_dir: Path, superlink: str,
     """Record what this SuperNode was started with (`merchant status` reads it; it outlives `stop`)."""
     record = {"shop": shop_name, "shop-dir": str(shop_dir), "state-dir": str(merchant.state_dir),
               "superlink": superlink, "key": str(key), "key-fingerprint": key_fingerprint(key),
-              "shop-index": shop_index, "node-id": merchant.node_id, "pid": merchant.pid, "log": str(merchant.log),
+              "shop-index": shop_index, "node-id": merchant.node_id, "pid": merchant.pid,
+              "clientapp-pid": merchant.clientapp_pid, "log": str(merchant.log),
               "started-at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     return atomic_write_text(supernode_dir(merchant.state_dir) / MERCHANT_FILE, json.dumps(record, indent=2))
 
 
 def stop_merchant(state_dir: str | Path, timeout: float = 10.0) -> bool:
-    """Stop the SuperNode started for ``state_dir`` by its recorded PID; False when it was not running."""
-    return stop_recorded(supernode_dir(state_dir) / "supernode.json", timeout=timeout)
+    """Stop the SuperNode started for ``state_dir`` and its long-lived ClientApp by recorded PID.
+
+    False when the SuperNode was not running.
+    """
+    own = supernode_dir(state_dir)
+    if (own / "clientapp.json").exists():
+        stop_recorded(own / "clientapp.json", timeout=timeout)
+    return stop_recorded(own / "supernode.json", timeout=timeout)

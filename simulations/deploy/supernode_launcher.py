@@ -12,12 +12,28 @@ With ``--trusted-entities`` among the SuperNode's arguments, the launcher also h
 as the FAB's verification record, which flwr 1.42's SuperLink leaves empty for apps not from Flower Hub.
 Flower's own check (`_verify_fab`) then verifies it against the trusted keys and answers an unsigned or
 wrongly signed app with an error reply instead of running it; this launcher adds one log line saying why.
+
+The SuperNode pulls a message's objects (arrays) from the SuperLink with an exponential back-off that
+starts at 1 s (Flower's ``PULL_INITIAL_BACKOFF``, a default argument of ``pull_objects``, no flag or env
+var): the ServerApp pushes the objects just after the message, so the first pull often finds one missing
+and the node then sleeps 1-2 s. The launcher binds a shorter start (``FEDSHOP_PULL_BACKOFF``, default
+0.1 s, cap 2 s) into the function the SuperNode calls; Flower's 500 tries per object still apply.
+
+When no message is waiting the SuperNode sleeps 3 s before asking the SuperLink again (hard-coded in its
+loop). While a run is active, i.e. within ``FEDSHOP_ACTIVE_POLL_WINDOW`` seconds (default 60) of its last
+message, the launcher asks again every ``FEDSHOP_ACTIVE_POLL`` seconds (default 0.2) before handing
+"nothing" back to that loop, so the next message of a round is picked up within 0.2 s instead of up to
+3 s; an idle merchant keeps Flower's 3 s polling (load on the SuperLink only while runs are active).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import os
 import sys
+import time
 from collections.abc import Callable
 from logging import ERROR, INFO
 from typing import Any
@@ -25,6 +41,87 @@ from typing import Any
 DEFAULT_INTERVAL = 30.0  # flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL in flwr 1.42
 # Every module of the SuperNode process that reads the interval at import time.
 _READERS = ("flwr.supercore.heartbeat", "flwr.supernode.fleet_http_connection")
+PULL_BACKOFF_ENV = "FEDSHOP_PULL_BACKOFF"  # first wait (s) after a missing object; Flower's is 1 s
+DEFAULT_PULL_BACKOFF = 0.1
+PULL_BACKOFF_CAP = 2.0  # Flower's cap is 10 s
+
+
+def apply_pull_backoff(initial: float, cap: float = PULL_BACKOFF_CAP) -> None:
+    """Make this process's SuperNode retry a missing object after ``initial`` s (doubling up to ``cap``)."""
+    if not 0 < initial <= cap:
+        raise ValueError(f"{PULL_BACKOFF_ENV}={initial:g}: must be above 0 and at most {cap:g} seconds. "
+                         f"Fix: unset it ({DEFAULT_PULL_BACKOFF:g} s) or give e.g. 0.1")
+    from flwr.supernode import start_client_internal
+
+    original = getattr(start_client_internal, "pull_objects", None)
+    original = getattr(original, "func", original)  # already applied: rebind the original
+    if original is None or not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(original).parameters):
+        raise RuntimeError("flwr.supernode.start_client_internal.pull_objects changed: this flwr version is not "
+                           f"the one fedshop was built on. Fix: install flwr==1.42.0 or set {PULL_BACKOFF_ENV}=1")
+    start_client_internal.pull_objects = functools.partial(original, initial_backoff=initial, backoff_cap=cap)
+
+
+ACTIVE_POLL_ENV, ACTIVE_WINDOW_ENV = "FEDSHOP_ACTIVE_POLL", "FEDSHOP_ACTIVE_POLL_WINDOW"
+FLOWER_IDLE_SLEEP = 3.0  # the SuperNode loop's sleep after an empty pull (start_client_internal, flwr 1.42)
+
+
+def active_polling(pull: Callable[..., int | None], poll: float, window: float,
+                   clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep) -> Callable[..., int | None]:
+    """Wrap the SuperNode's pull: within ``window`` s of the last message, retry every ``poll`` s while empty.
+
+    Returns to Flower's loop (and its 3 s sleep) once ``FLOWER_IDLE_SLEEP`` s of retries found nothing,
+    so its exit handling still runs at least that often.
+    """
+    last_message = [-float("inf")]
+
+    def pull_and_store_message(**kwargs: Any) -> int | None:
+        give_up = clock() + FLOWER_IDLE_SLEEP
+        while True:
+            run_id = pull(**kwargs)
+            now = clock()
+            if run_id is not None:
+                last_message[0] = now
+                return run_id
+            if now - last_message[0] > window or now >= give_up:
+                return None
+            sleep(poll)
+
+    return pull_and_store_message
+
+
+def _seconds_from_env(name: str, default: float, low: float, high: float) -> float:
+    raw = os.environ.get(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise ValueError(f"{name}={raw!r}: must be {low:g}-{high:g} seconds. Fix: unset it ({default:g} s)")
+    return value
+
+
+def install_active_polling() -> None:
+    """Make this process's SuperNode poll every FEDSHOP_ACTIVE_POLL s while a run is active (see module doc)."""
+    from flwr.supernode import start_client_internal
+
+    poll = _seconds_from_env(ACTIVE_POLL_ENV, 0.2, 0.05, FLOWER_IDLE_SLEEP)
+    window = _seconds_from_env(ACTIVE_WINDOW_ENV, 60.0, 0.0, 3600.0)
+    original = getattr(start_client_internal, "_pull_and_store_message", None)
+    if original is None:
+        raise RuntimeError("flwr.supernode.start_client_internal changed: this flwr version is not the one fedshop "
+                           f"was built on. Fix: install flwr==1.42.0 or set {ACTIVE_WINDOW_ENV}=0")
+    if window > 0:
+        start_client_internal._pull_and_store_message = active_polling(original, poll, window)
+
+
+def pull_backoff_from_env() -> float:
+    """``FEDSHOP_PULL_BACKOFF`` as seconds (default 0.1); ValueError naming the variable when unreadable."""
+    raw = os.environ.get(PULL_BACKOFF_ENV, str(DEFAULT_PULL_BACKOFF))
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{PULL_BACKOFF_ENV}={raw!r}: not a number of seconds. Fix: e.g. 0.1") from None
 
 
 def check_heartbeat_interval(seconds: float) -> None:
@@ -122,8 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         apply_heartbeat_interval(float(args[0]))
+        backoff = pull_backoff_from_env()
+        if backoff != 1.0:  # 1 = Flower's own behaviour, left untouched
+            apply_pull_backoff(backoff, max(PULL_BACKOFF_CAP, backoff))
         if (trusted := _trusted_entities_path(args[2:])) is not None:
             install_signature_check(trusted)
+        install_active_polling()
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
