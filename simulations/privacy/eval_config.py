@@ -68,7 +68,6 @@ def property_world_overrides(n_shops: int, seed: int | None = None) -> dict:
             "data.synthetic.days": 30, "data.synthetic.eval_impressions": 0, "federation.personal_mix": 0.0}
 
 
-
 def write_eval_scenario(name: str, overrides: dict, path: Path) -> Path:
     """Resolve a scenario with overrides and save it as TOML, so Flower clients load the same shops by path."""
     scenario = load_scenario(name, overrides)

@@ -19,6 +19,7 @@ from simulations.privacy.updates import clip_update, flat, shop_updates, unflatt
 
 SHADOW_SEED_OFFSET = 1000  # the shadow world: same public generator and taxonomy, independently drawn shops
 
+
 def dominant_category(shop: ShopData) -> str:
     """The top-level category with most impressions in a shop (the property a curious coordinator guesses)."""
     if shop.items is None or "category" not in shop.items:
@@ -32,7 +33,6 @@ def sold_product_rows(tensors: ShopTensors) -> set[int]:
     items = torch.unique(tensors.rows["train"]["item"])
     keys = tensors.item_key[items]
     return {int(k) for k in keys[keys > 0]}
-
 
 
 def category_layout(shops: list[ShopData], buckets: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
