@@ -1,6 +1,6 @@
 """SecAgg+ round-time overhead against plain FedAvg, and the rounding error it adds, for 8 and 32 shops.
 
-Shops replay a fixed encoder update (no training), in one process over `LoopbackGrid`, so the
+Shops replay a fixed encoder update (no training), in one process over `InProcessGrid`, so the
 numbers are the protocol's own cost: key agreement, secret sharing, masking, unmasking. Prints a
 table and writes benchmarks/results/secagg_overhead.json.
 
@@ -25,7 +25,9 @@ from server.secure import SecAggSettings
 from server.server_app import initial_encoder
 from shared.atomic import atomic_write_text
 from shared.scenario import load_scenario
-from simulations.privacy_eval import LoopbackGrid, eval_overrides, nodes, secagg_view
+from simulations.privacy.eval_config import eval_overrides
+from simulations.privacy.in_process_grid import InProcessGrid, nodes
+from simulations.privacy.secagg_view import secagg_view
 
 
 def _updates(initial: dict[str, np.ndarray], n: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -43,7 +45,7 @@ def _fedavg_seconds(initial: dict[str, np.ndarray], updates: list[dict[str, np.n
         out = ArrayRecord({k: Array((rec[k].numpy() + u[k]).astype(np.float32)) for k in rec.keys()})
         return Message(RecordDict({"arrays": out, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
 
-    grid = LoopbackGrid(app, nodes(len(updates)))
+    grid = InProcessGrid(app, nodes(len(updates)))
     strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(updates), min_train_nodes=len(updates))
     start = time.perf_counter()
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v.astype(np.float32))

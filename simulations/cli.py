@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from simulations.commands import compare, deploy, federate, generate, privacy, train, transfer, validate
+from simulations.commands import compare, deploy, generate, privacy, simulate, train, transfer, validate
 from simulations.console import configure_logging
 
 app = typer.Typer(
@@ -36,7 +36,7 @@ def _setup(
     torch.set_num_threads(threads)
 
 
-for module in (generate, validate, train, federate, compare, transfer, privacy, deploy):
+for module in (generate, validate, train, simulate, compare, transfer, privacy, deploy):
     module.register(app)
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ from shared.features import build_shop_tensors
 from shared.metrics import auc_standard_error
 from shared.scenario import Scenario
 from simulations.baselines import compute_epochs, run_central, run_local_only
-from simulations.report import PRIMARY
+from simulations.best_rounds import PRIMARY
+from simulations.run_report import seeded_final_table, write_run_report
 from simulations.rundir import METRIC_COLUMNS, write_run_info
-from simulations.summary import seeded_final_table, write_run_report
 
 METHODS = ("local", "central", "fedavg-all", "fedshop")
 FEDERATED = ("fedavg-all", "fedshop")

@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from shared.atomic import atomic_write_bytes  # noqa: E402
-from simulations.report import PRIMARY  # noqa: E402
+from simulations.best_rounds import PRIMARY  # noqa: E402
 
 METHOD_ORDER = ("local", "central", "fedavg-all", "fedshop")
 CHANCE_AUC = 0.5  # a random ranking's AUC: drawn on every AUC plot, and where AUC bars start

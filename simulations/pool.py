@@ -20,8 +20,8 @@ import pandas as pd
 from shared.atomic import atomic_write_csv
 from shared.scenario import scenario_from_dict
 from simulations.compare import Comparison, report_comparison
+from simulations.run_report import read_metrics, recorded_seed
 from simulations.rundir import METRIC_COLUMNS, write_run_info
-from simulations.summary import read_metrics, recorded_seed
 
 
 class PoolError(ValueError):

@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 from markupsafe import escape
 
+from simulations.best_rounds import PRIMARY
 from simulations.compare import summarize
 from simulations.html_report import render_html
-from simulations.report import PRIMARY
-from simulations.summary import read_metrics, run_verdict, seeded_final_table, write_run_report
+from simulations.run_report import read_metrics, run_verdict, seeded_final_table, write_run_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 EVIL = '<img src=x onerror="document.title=1">'  # a merchant's shop name that is also markup

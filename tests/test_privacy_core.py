@@ -225,7 +225,7 @@ def test_dpsgd_on_a_shop_model_keeps_accounting_across_rounds() -> None:
     from shared.model import build_model
     from shared.privacy.dpsgd import train_dpsgd_shop
     from shared.scenario import load_scenario
-    from simulations.privacy_eval import property_world_overrides
+    from simulations.privacy.eval_config import property_world_overrides
 
     scenario = load_scenario("default", property_world_overrides(2))
     tensors = build_shop_tensors(scenario.training_shops()[0], scenario.features)

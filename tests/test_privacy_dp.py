@@ -11,7 +11,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
 
 from server.dp import CentralDP, CentralDPSettings, split_config, wrap
-from simulations.privacy_eval import LoopbackGrid, nodes
+from simulations.privacy.in_process_grid import InProcessGrid, nodes
 
 N_SHOPS = 4
 
@@ -40,7 +40,7 @@ def _start(settings: CentralDPSettings, rounds: int, releases: list):
     inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=N_SHOPS, min_train_nodes=N_SHOPS)
     strategy = wrap(inner, settings, num_shops=N_SHOPS, on_release=lambda r, rep: releases.append((r, rep)))
     assert isinstance(strategy, CentralDP)
-    grid = LoopbackGrid(_toy_app(), nodes(N_SHOPS))
+    grid = InProcessGrid(_toy_app(), nodes(N_SHOPS))
     initial = ArrayRecord({"w": Array(np.zeros((4, 4), np.float32)), "b": Array(np.zeros(4, np.float32))})
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=ConfigRecord({}))
     return strategy, result

@@ -7,13 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from simulations.privacy_eval import (
-    PrivacyEvalConfig,
-    property_and_product_leakage,
-    property_world_overrides,
-    user_id_scan,
-    write_eval_scenario,
-)
+from simulations.privacy.eval_config import PrivacyEvalConfig, property_world_overrides, write_eval_scenario
+from simulations.privacy.id_leakage import user_id_scan
+from simulations.privacy.property_leakage import property_and_product_leakage
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,7 +71,7 @@ def test_privacy_command_registers() -> None:
 
 def test_report_writes_property_and_utility_tables_and_plot(tmp_path: Path) -> None:
     from shared.privacy.attacks import AttackResult
-    from simulations.privacy_eval import write_report
+    from simulations.privacy.report import write_report
 
     attack = {"auc": 0.9, "auc_ci": (0.85, 0.95), "pooled_auc": 0.88, "pooled_auc_ci": (0.8, 0.93), "top1": 0.5,
               "top1_chance": 0.3}
@@ -98,7 +94,7 @@ def test_report_writes_property_and_utility_tables_and_plot(tmp_path: Path) -> N
 
 def test_secagg_with_central_dp_rows_compose_a_real_secagg_round(tmp_path: Path) -> None:
     from shared.scenario import load_scenario
-    from simulations.privacy_eval import secagg_dp_rows
+    from simulations.privacy.utility import secagg_dp_rows
 
     scenario = load_scenario("default", property_world_overrides(3))
     cfg = PrivacyEvalConfig(central_noise=(0.0, 0.5), rounds=2, utility_steps=3)
@@ -113,7 +109,8 @@ def test_secagg_with_central_dp_rows_compose_a_real_secagg_round(tmp_path: Path)
 def test_secagg_view_is_the_masked_encoder_without_the_weight_factor(tmp_path: Path) -> None:
     import numpy as np
 
-    from simulations.privacy_eval import flat, secagg_view
+    from simulations.privacy.secagg_view import secagg_view
+    from simulations.privacy.updates import flat
 
     rng = np.random.default_rng(0)
     initial = {"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.float32)}
@@ -129,7 +126,7 @@ def test_membership_inference_catches_the_positive_control_and_not_normal_traini
     from dataclasses import replace
 
     from shared.scenario import load_scenario
-    from simulations.privacy_eval import membership_inference
+    from simulations.privacy.membership import membership_inference
 
     scenario = load_scenario("default")
     shop = next(s for s in scenario.training_shops() if s.name == "shop_03")  # ~300 users

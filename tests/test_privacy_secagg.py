@@ -18,7 +18,7 @@ from client.secure_client import audit_mod_for, make_secure_app
 from server.secure import SecAggSettings, run_secure_federation, split_config
 from server.server_app import FederationSettings
 from shared.privacy.audit import MetricVocabulary
-from simulations.privacy_eval import LoopbackGrid, nodes
+from simulations.privacy.in_process_grid import InProcessGrid, nodes
 
 SHAPES = {"emb.weight": (64, 8), "tower.weight": (8, 16), "tower.bias": (8,)}
 
@@ -41,7 +41,7 @@ class ToyShop(NumPyClient):
 
 
 def _run(tmp_path: Path, n: int, *, drop=None, rounds: int = 1, secagg: SecAggSettings | None = None):
-    grid = LoopbackGrid(make_secure_app(lambda ctx: ToyShop(ctx).to_client()), nodes(n), drop=drop)
+    grid = InProcessGrid(make_secure_app(lambda ctx: ToyShop(ctx).to_client()), nodes(n), drop=drop)
     settings = FederationSettings(num_server_rounds=rounds, run_dir=str(tmp_path), min_shops=2)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=__import__("flwr.app").app.RecordDict(), run_config={})
     initial = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
@@ -158,7 +158,7 @@ def legacy_exchange(tmp_path_factory) -> dict:
         return reply
 
     app = ClientApp(client_fn=lambda ctx: MetricShop(ctx).to_client(), mods=[record, secaggplus_mod])
-    grid = LoopbackGrid(app, nodes(4))
+    grid = InProcessGrid(app, nodes(4))
     settings = FederationSettings(num_server_rounds=1, run_dir=str(tmp_path_factory.mktemp("legacy")), min_shops=2)
     run_secure_federation(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                           settings, SecAggSettings(),
@@ -348,7 +348,7 @@ class SmugglingShop(MetricShop):
 
 def test_a_smuggling_shop_is_refused_end_to_end_and_the_round_survives(tmp_path: Path) -> None:
     n = 5
-    grid = LoopbackGrid(make_secure_app(lambda ctx: SmugglingShop(ctx).to_client(), vocabulary=_vocabulary), nodes(n))
+    grid = InProcessGrid(make_secure_app(lambda ctx: SmugglingShop(ctx).to_client(), vocabulary=_vocabulary), nodes(n))
     settings = FederationSettings(num_server_rounds=1, run_dir=str(tmp_path), min_shops=2)
     run_dir = run_secure_federation(grid, Context(run_id=1, node_id=0, node_config={},
                                                   state=RecordDict(), run_config={}),
@@ -379,7 +379,7 @@ def test_every_task_set_passes_the_secagg_audit_with_real_shops(tmp_path: Path) 
     scenario = tiny_scenario(**{"data.synthetic.n_shops": 4, "data.synthetic.task_dropout": 0.5, "seed": 6})
     assert len({tuple(s.available_tasks()) for s in scenario.federation_shops()}) == 4
     path = write_scenario(scenario, tmp_path / "scenario.toml")
-    grid = LoopbackGrid(client_app.app, nodes(4))
+    grid = InProcessGrid(client_app.app, nodes(4))
     server = make_server_app({"scenario": str(path), "num-server-rounds": 1, "run-dir": str(tmp_path / "run"),
                               "min-shops": 2, "eval-split": "val", "final-split": "val+test",
                               "secure-aggregation": True})

@@ -14,7 +14,7 @@ from client import client_app
 from server.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from server.secure import SecAggSettings
 from server.server_app import STOP_FILE, make_server_app, split_privacy
-from simulations.privacy_eval import LoopbackGrid, nodes
+from simulations.privacy.in_process_grid import InProcessGrid, nodes
 
 N_SHOPS = 3
 MAX_WEIGHT = 1e4  # secagg-weighting = examples: at least the largest shop's training rows
@@ -25,9 +25,9 @@ def scenario_file(tmp_path_factory) -> Path:
     return write_scenario(tiny_scenario(), tmp_path_factory.mktemp("privacy-wiring") / "scenario.toml")
 
 
-def _run(scenario_file: Path, run_dir: Path, rounds: int, **config: object) -> tuple[LoopbackGrid, list]:
+def _run(scenario_file: Path, run_dir: Path, rounds: int, **config: object) -> tuple[InProcessGrid, list]:
     """One federation through `server.server_app`'s main and `client.client_app.app`, in process."""
-    grid = LoopbackGrid(client_app.app, nodes(N_SHOPS))
+    grid = InProcessGrid(client_app.app, nodes(N_SHOPS))
     reports: list = []
     server = make_server_app({"scenario": str(scenario_file), "num-server-rounds": rounds, "run-dir": str(run_dir),
                               "min-shops": 2, "eval-split": "val", "final-split": "val", **config},

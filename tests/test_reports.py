@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
+from simulations.best_rounds import PRIMARY, final_table
 from simulations.compare import check_targets, comparison_csv, parse_methods, parse_seeds, summarize
-from simulations.report import PRIMARY, final_table
-from simulations.summary import read_metrics, seeded_final_table, write_run_report
+from simulations.run_report import read_metrics, seeded_final_table, write_run_report
 
 # Test CTR AUC per shop: local means 0.70, central 0.80, fedshop 0.77 -> fedshop closes exactly 70%.
 CTR = {"local": {"a": 0.60, "b": 0.70, "c": 0.80},
@@ -222,7 +222,7 @@ def test_a_one_seed_run_report_names_the_seed_its_config_records(tmp_path):
 
 
 def test_targets_a_run_cannot_measure_are_na_with_the_reason_not_missed():
-    from simulations.summary import headline_table, target_status
+    from simulations.run_report import headline_table, target_status
 
     no_fedshop = summarize(pd.DataFrame(_final({m: CTR[m] for m in ("local", "central")}, "ctr", "auc")))
     assert {name: target_status(name, t, no_fedshop) for name, t in no_fedshop["targets"].items()} == {

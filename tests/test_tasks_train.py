@@ -16,7 +16,7 @@ from shared.model import ModelConfig, ShopModel, build_model
 from shared.tasks import TASK_HEADS, heads_for
 from shared.train import TrainConfig, evaluate_shop, measure_task_conflict, train_shop
 from shared.weighting import WEIGHTINGS
-from simulations.report import HEADLINE, PRIMARY
+from simulations.best_rounds import HEADLINE, PRIMARY
 
 SMOKE_EPOCHS = 4
 SMOKE_TRAIN = TrainConfig(epochs=1, batch_size=256, lr=0.01)

@@ -1,7 +1,7 @@
 """Privacy attacks used as evaluations: user-level membership inference, shadow-model property inference, ID leakage.
 
 Everything here works on numbers an attacker could hold (per-user losses, encoder updates, outgoing
-messages); training the models attacked is the caller's job (simulations/privacy_eval.py).
+messages); training the models attacked is the caller's job (simulations/privacy/).
 """
 
 from __future__ import annotations

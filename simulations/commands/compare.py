@@ -9,12 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from simulations.best_rounds import print_final_table
 from simulations.compare import FEDERATED, METHODS, Comparison, parse_methods, parse_seeds, run_comparison
 from simulations.console import duration, is_verbose, print_verdict, step_progress
 from simulations.options import parse_overrides, scenario_or_exit
-from simulations.report import print_final_table
+from simulations.run_report import run_verdict, target_detail, target_status
 from simulations.rundir import new_run_dir
-from simulations.summary import run_verdict, target_detail, target_status
 
 console = Console()
 PLAIN_EVERY = 10.0  # seconds between plain progress lines (not a terminal); a finished label always prints

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed of user splits, training and bootstraps."),
     ) -> None:
         """Attack a scenario's shops and report what leaks, with and without SecAgg+ and DP."""
-        from simulations.privacy_eval import PrivacyEvalConfig, run_privacy_eval
+        from simulations.privacy.eval_config import PrivacyEvalConfig
+        from simulations.privacy.run import run_privacy_eval
         from simulations.rundir import new_run_dir, write_run_info
 
         cfg = PrivacyEvalConfig.small() if small else PrivacyEvalConfig()

@@ -8,12 +8,12 @@ import typer
 from rich.console import Console
 
 from simulations.baselines import run_central, run_local_only
+from simulations.best_rounds import final_table, print_final_table
 from simulations.compare import small_shops_of
 from simulations.console import is_verbose, print_verdict, step_progress
 from simulations.options import parse_overrides, scenario_or_exit
-from simulations.report import final_table, print_final_table
+from simulations.run_report import run_verdict, write_run_report
 from simulations.rundir import new_run_dir, write_metrics, write_run_info
-from simulations.summary import run_verdict, write_run_report
 
 console = Console()
 PLAIN_EVERY = 10.0  # seconds between plain progress lines (not a terminal); a shop's last epoch always prints

@@ -14,9 +14,9 @@ from typing import Any
 import pandas as pd
 
 from shared.atomic import atomic_write_text
+from simulations.best_rounds import PRIMARY, final_table
 from simulations.html_report import write_html_report
 from simulations.plots import METHOD_ORDER, plot_final_bars, plot_rounds
-from simulations.report import PRIMARY, final_table
 from simulations.rundir import METRIC_COLUMNS
 
 

@@ -21,8 +21,8 @@ from simulations.console import print_verdict, step_progress
 from simulations.federated import METHODS, SCENARIO_FILE, RunStopped, run_federated
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.ray_auth import require_ray_token
+from simulations.run_report import run_verdict, write_run_report
 from simulations.rundir import new_run_dir
-from simulations.summary import run_verdict, write_run_report
 
 if TYPE_CHECKING:  # importing Flower costs a second at every `fedshop` start
     from server.strategies import RoundReport
