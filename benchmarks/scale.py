@@ -59,6 +59,18 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of ``root`` and its live descendants (/proc/<pid>/stat)."""
+    ticks = 0
+    for pid in tree_pids(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def memory_kib(pid: int) -> tuple[int, int]:
     """(RSS, PSS) of one process in KiB from /proc/<pid>/smaps_rollup; (0, 0) once it has exited."""
     rss = pss = 0
@@ -120,20 +132,23 @@ def _one(n_shops: int, engine: str, rounds: int, workers: int, world: str, queue
     scenario = load_scenario("default", world_overrides(n_shops, world))
     impressions = sum(len(s.interactions) for s in scenario.federation_shops())
     ends: list[float] = []
+    cpu: list[float] = []
     rows: list[dict[str, Any]] = []
 
     def progress(report: Any, _total: int) -> None:
         ends.append(time.perf_counter())
+        cpu.append(tree_cpu_seconds(os.getpid()))
         rows.append({"round": report.server_round, "trained": len(report.train),
                      "evaluated": len(report.evaluate), "left_out": len(report.left_out),
                      "skipped": bool(report.skipped)})
 
     with tempfile.TemporaryDirectory(prefix="fedshop-scale-") as tmp:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), tree_cpu_seconds(os.getpid())
         run_federated(scenario, Path(tmp) / "run", rounds=rounds, engine=engine, workers=workers,
                       progress=progress)
     for i, row in enumerate(rows):
         row["seconds"] = ends[i] - (ends[i - 1] if i else start)
+        row["cpu_seconds"] = cpu[i] - (cpu[i - 1] if i else cpu_start)  # the tree's, while it was alive
     queue.put({"impressions": impressions, "rounds": rows})
 
 
@@ -170,20 +185,27 @@ def measure(n_shops: int, engine: str, rounds: int, workers: int, world: str, li
     row["round1_seconds"] = row["rounds"][0]["seconds"] if row.get("rounds") else None
     row["steady_round_seconds"] = sum(later) / len(later) if later else None
     row["per_shop_steady_ms"] = 1000 * row["steady_round_seconds"] / n_shops if later else None
+    later_cpu = [r["cpu_seconds"] for r in row.get("rounds", [])[1:]]
+    row["per_shop_steady_cpu_ms"] = 1000 * sum(later_cpu) / len(later_cpu) / n_shops if later_cpu else None
     row["all_aggregated_every_round"] = bool(row.get("rounds")) and all(
         r["trained"] == n_shops and not r["skipped"] for r in row["rounds"])
     return row
 
 
+def fmt(value: float | None, spec: str) -> str:
+    """``value`` formatted, or "-" when it was not measured."""
+    return format(value, spec) if value is not None else "-"
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """One line per run."""
     print(f"{'engine':6} {'shops':>5} {'impr.':>8} {'round1 s':>9} {'steady s':>9} {'ms/shop':>8} "
-          f"{'aggregated/round':>18} {'RSS GiB':>8} {'PSS GiB':>8}")
+          f"{'cpu ms/shop':>11} {'aggregated/round':>18} {'RSS GiB':>8} {'PSS GiB':>8}")
     for r in rows:
         agg = ",".join(str(x["trained"]) for x in r.get("rounds", [])) or r.get("error", "?")
-        fmt = (lambda v, f: format(v, f) if v is not None else "-")
         print(f"{r['engine']:6} {r['shops']:>5} {r.get('impressions', 0):>8} {fmt(r['round1_seconds'], '9.1f')} "
-              f"{fmt(r['steady_round_seconds'], '9.1f')} {fmt(r['per_shop_steady_ms'], '8.1f')} {agg:>18} "
+              f"{fmt(r['steady_round_seconds'], '9.1f')} {fmt(r['per_shop_steady_ms'], '8.1f')} "
+              f"{fmt(r.get('per_shop_steady_cpu_ms'), '11.1f')} {agg:>18} "
               f"{r['peak_rss_gib']:8.2f} {r['peak_pss_gib']:8.2f}")
 
 
@@ -214,7 +236,8 @@ def main() -> None:
         small, big = by.get((engine, 32)), by.get((engine, 1000))
         if small and big and small["per_shop_steady_ms"] and big["per_shop_steady_ms"]:
             print(f"{engine}: per-shop steady round cost 1000 vs 32 = "
-                  f"{big['per_shop_steady_ms'] / small['per_shop_steady_ms']:.2f} (target <= 1.5)")
+                  f"{big['per_shop_steady_ms'] / small['per_shop_steady_ms']:.2f} wall, "
+                  f"{big['per_shop_steady_cpu_ms'] / small['per_shop_steady_cpu_ms']:.2f} CPU (target <= 1.5)")
     print(f"wrote {args.out}; {uptime()}")
 
 
