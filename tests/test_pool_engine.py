@@ -166,3 +166,13 @@ def test_the_scale_scenario_is_the_scaled_thousand_shop_world_on_the_pool():
     assert scenario.federation["engine"] == "pool"
     knobs = scenario.data["synthetic"]
     assert all(knobs[k.rsplit(".", 1)[1]] == v for k, v in scaled_world(1000).items())
+
+
+@pytest.mark.slow
+def test_secure_aggregation_runs_on_the_pool(tmp_path):
+    reports = []
+    run_federated(tiny_scenario(**{"federation.secure_aggregation": True, "federation.personal_mix": 0.0}),
+                  tmp_path / "run", rounds=1, engine="pool", workers=2,
+                  progress=lambda report, total: reports.append(report))
+    (report,) = reports
+    assert sorted(report.train) == ["shop_00", "shop_01", "shop_02"] and not report.skipped
