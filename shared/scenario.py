@@ -41,6 +41,8 @@ FEDERATION_DEFAULTS: dict[str, Any] = {
     "meta_inner_steps": 20,  # inner steps per round with objective = meta
     "meta_outer_step": 1.0,  # Reptile outer step size applied by each shop to its reply
     "round_timeout": 600.0,  # seconds before a shop's reply counts as missing
+    "engine": "ray",  # simulation engine: ray (Flower's) | pool (simulations/pool_engine.py, many shops)
+    "workers": 0,  # pool engine: worker processes (0 = one per CPU)
     # privacy (docs/privacy.md): SecAgg+, central DP over shops, DP-SGD inside each shop
     "secure_aggregation": False,  # Flower's SecAgg+: the coordinator sees only the sum of the encoders
     "secagg_num_shares": 1.0,  # <= 1: share of shops each key is shared with; > 1: a count

@@ -24,23 +24,45 @@ from simulations.rundir import write_run_info
 
 METHODS = {"fedshop": "encoder", "fedavg-all": "all-shareable"}  # method -> what shops send
 SCENARIO_FILE = "scenario.toml"
+ENGINES = ("ray", "pool")  # Flower's simulation engine | simulations.pool_engine
 
 logger = logging.getLogger(__name__)
+
+
+def check_engine(engine: str) -> str:
+    """``engine`` if known, else a clear error naming the choices."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine '{engine}' is unknown. Fix: use one of {ENGINES} (federation.engine or --engine)")
+    return engine
 
 
 class RunStopped(RuntimeError):
     """The federation ended before its last round by design (e.g. the privacy budget); the message says why."""
 
 
-def backend_config(cpus: int | None = None) -> dict[str, Any]:
-    """Ray settings: no dashboard, one CPU per simulated shop.
+def backend_config(cpus: int | None = None, ray_address: str | None = None) -> dict[str, Any]:
+    """Ray settings: no dashboard, one CPU per simulated shop; ``ray_address`` joins an existing cluster.
 
     No `_node_ip_address`: Ray 2.55 replaces 127.0.0.1 by the machine's address anyway, so its ports
-    are guarded by token authentication instead (`simulations.ray_auth`).
+    are guarded by token authentication instead (`simulations.ray_auth`). A cluster brings its own
+    CPUs, so `num_cpus` is only set for the local one Ray starts itself.
     """
+    if ray_address:
+        return {"init_args": {"include_dashboard": False, "address": ray_address},
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     cpus = cpus or os.cpu_count() or 1
     return {"init_args": {"include_dashboard": False, "num_cpus": cpus},
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+
+
+def check_ray_address(ray_address: str, environ: dict[str, str] | None = None) -> None:
+    """Refuse to join a Ray cluster with a token fedshop would make up (it could never authenticate)."""
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_MODE", "token") == "token" and not (env.get("RAY_AUTH_TOKEN")
+                                                             or env.get("RAY_AUTH_TOKEN_PATH")):
+        raise ValueError(f"--ray-address {ray_address}: the cluster's token is not set. Fix: export "
+                         "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) with the token its `ray start` used, "
+                         "as docs/federation.md (Engines and scale) shows")
 
 
 def run_config(scenario: Scenario, run_dir: Path, *, method: str, rounds: int | None,
@@ -85,20 +107,23 @@ def privacy_config(fed: dict[str, Any]) -> dict[str, Any]:
 
 def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop", rounds: int | None = None,
                   resume: bool = False, progress: Callable | None = None,
-                  extra_config: dict[str, Any] | None = None) -> Path:
+                  extra_config: dict[str, Any] | None = None, engine: str | None = None,
+                  workers: int | None = None, ray_address: str | None = None) -> Path:
     """Run (or resume) a federation of the scenario's training shops; returns the run directory.
 
     ``progress(report, total_rounds)`` is called after every round with a `server.strategies.RoundReport`.
-    ``extra_config`` adds run-config keys (e.g. test-only `fault-inject`). Raises `RunStopped` when
+    ``extra_config`` adds run-config keys (e.g. test-only `fault-inject`). ``engine`` (default: the
+    scenario's `federation.engine`) is "ray" (Flower's simulation engine; ``ray_address`` joins a Ray
+    cluster) or "pool" (`simulations.pool_engine`, ``workers`` processes). Raises `RunStopped` when
     the run ended early by design (central DP's budget); its checkpoints and metrics stay valid.
     """
+    engine = check_engine(str(engine or scenario.federation.get("engine", "ray")))
+    if ray_address and engine != "ray":
+        raise ValueError(f"--ray-address is for the ray engine, not '{engine}'. Fix: drop it or use --engine ray")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # CPU-only: opt in to Ray's future default (leave device env vars alone), which also silences
     # the FutureWarning Ray raises on every start.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    require_ray_token()  # Ray listens on every interface: only holders of this token get an answer
-    from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
-
     from client.client_app import app as client_app
     from server.server_app import make_server_app, stop_reason
 
@@ -112,9 +137,20 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     if n_shops < int(config["min-shops"]):
         raise ValueError(f"scenario '{scenario.name}' has {n_shops} training shops but min-shops is "
                          f"{config['min-shops']}. Fix: lower federation.min_shops or add shops")
-    with quiet_simulation_workers():
-        run_simulation(server_app=make_server_app(config, progress), client_app=client_app,
-                       num_supernodes=n_shops, backend_config=backend_config())
+    if engine == "pool":
+        from simulations.pool_engine import run_pool
+
+        run_pool(make_server_app(config, progress), client_app, config, n_shops,
+                 workers=workers or int(scenario.federation.get("workers", 0)) or None)
+    else:
+        if ray_address:
+            check_ray_address(ray_address)
+        require_ray_token()  # Ray listens on every interface: only holders of this token get an answer
+        from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
+
+        with quiet_simulation_workers():
+            run_simulation(server_app=make_server_app(config, progress), client_app=client_app,
+                           num_supernodes=n_shops, backend_config=backend_config(ray_address=ray_address))
     reason = stop_reason(run_dir)
     if reason is not None:  # e.g. the privacy budget: the last checkpoint is the final model
         raise RunStopped(f"{reason}\nrun directory: {run_dir}")

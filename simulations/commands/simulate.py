@@ -18,7 +18,7 @@ from rich.console import Console
 from shared.scenario import scenario_from_dict
 from simulations.compare import small_shops_of
 from simulations.console import print_verdict, step_progress
-from simulations.federated import METHODS, SCENARIO_FILE, RunStopped, run_federated
+from simulations.federated import ENGINES, METHODS, SCENARIO_FILE, RunStopped, run_federated
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.ray_auth import require_ray_token
 from simulations.run_report import run_verdict, write_run_report
@@ -125,10 +125,17 @@ def register(app: typer.Typer) -> None:
         seed: int | None = typer.Option(None, help="override the scenario's seed"),
         method: str = typer.Option("fedshop", help=f"one of {sorted(METHODS)}"),
         set_: list[str] = typer.Option([], "--set", help="override a scenario key, e.g. --set federation.rounds=3"),
+        engine: str | None = typer.Option(None, help="ray (Flower's simulation engine) or pool (worker processes, "
+                                                     "for hundreds of shops); default: federation.engine"),
+        workers: int | None = typer.Option(None, min=1, help="pool engine: worker processes (default: one per CPU)"),
+        ray_address: str | None = typer.Option(None, help="ray engine: join this Ray cluster (host:port) instead "
+                                                          "of starting one; needs RAY_AUTH_TOKEN and a shared disk"),
     ) -> None:
         """Federate the scenario's shops: the encoder is shared, each shop's local part stays home."""
         if method not in METHODS:
             raise typer.BadParameter(f"--method must be one of {sorted(METHODS)}")
+        if engine is not None and engine not in ENGINES:
+            raise typer.BadParameter(f"--engine must be one of {list(ENGINES)}")
         if resume is not None:
             saved = resume / SCENARIO_FILE
             if not saved.exists():
@@ -147,7 +154,8 @@ def register(app: typer.Typer) -> None:
         n_shops = len(scen.training_shops())
         label = f"{scen.name} ({method}, {n_shops} shops)"
         with step_progress(console, unit="round") as bar:
-            first = "round 1 running (includes starting Ray)" if resume is None else "resuming from the last checkpoint"
+            starting = "starting Ray" if (engine or scen.federation["engine"]) == "ray" else "starting workers"
+            first = f"round 1 running (includes {starting})" if resume is None else "resuming from the last checkpoint"
             bar.start(label, total, status=first)
 
             def progress(report: RoundReport, _total: int) -> None:
@@ -156,7 +164,11 @@ def register(app: typer.Typer) -> None:
                 bar.update(label, report.server_round, total, status=status)
 
             try:
-                run_federated(scen, out, method=method, rounds=total, resume=resume is not None, progress=progress)
+                run_federated(scen, out, method=method, rounds=total, resume=resume is not None, progress=progress,
+                              engine=engine, workers=workers, ray_address=ray_address)
+            except ValueError as exc:  # e.g. --ray-address without the cluster's token
+                console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from exc
             except RunStopped as exc:  # e.g. the privacy budget: the last checkpoint is the final model
                 console.print(f"[yellow]run stopped:[/yellow] {exc}")
                 raise typer.Exit(3) from exc
