@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results" / "scale.json"
-# The small encoder of the privacy evaluations (simulations.privacy_eval.EVAL_OVERRIDES).
+# The small encoder of the privacy evaluations (simulations.privacy.eval_config).
 SMALL_ENCODER = {"features.hash_buckets": 2048, "features.product_buckets": 4096, "model.embed_dim": 8,
                  "model.expert_dim": 16, "model.tower_dim": 8, "model.n_experts": 2}
 PER_SHOP_IMPRESSIONS = 1_000
