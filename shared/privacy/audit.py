@@ -20,6 +20,7 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
+from shared.protocol import DP_EPSILON, LOSS, NUM_EXAMPLES, SHOP_INDEX, task_loss_key
 from shared.schema import TASKS
 from shared.tasks import TOP_K
 
@@ -39,9 +40,9 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 SAMPLED_RANK_METRICS = (f"hr@{TOP_K}", f"ndcg@{TOP_K}")
 SPLITS = ("train", "val", "test")
-TRAIN_PROTOCOL_KEYS = ("num-examples", "shop-index", "loss", "dp-epsilon")
-EVAL_PROTOCOL_KEYS = ("num-examples", "shop-index")
-INT_KEYS = frozenset({"shop-index", "num_examples"})  # sent as int; every other metric is sent as float
+TRAIN_PROTOCOL_KEYS = (NUM_EXAMPLES, SHOP_INDEX, LOSS, DP_EPSILON)
+EVAL_PROTOCOL_KEYS = (NUM_EXAMPLES, SHOP_INDEX)
+INT_KEYS = frozenset({SHOP_INDEX, "num_examples"})  # sent as int; every other metric is sent as float
 MAX_METRICS = 64  # hard cap per reply, above the largest vocabulary (2 + 3 splits x 18 task metrics = 56)
 CANONICAL_NAN = float("nan")
 # Keys Flower's SecAgg+ mod and legacy replies put on the wire: public keys, encrypted key shares,
@@ -135,7 +136,7 @@ class MetricVocabulary:
 
     def train_keys(self) -> frozenset[str]:
         """Keys of a train reply: counts, the shop index, the total and per-task losses, the DP-SGD epsilon."""
-        return frozenset(TRAIN_PROTOCOL_KEYS) | {f"loss-{t}" for t in self.tasks}
+        return frozenset(TRAIN_PROTOCOL_KEYS) | {task_loss_key(t) for t in self.tasks}
 
     def eval_keys(self, splits: tuple[str, ...]) -> frozenset[str]:
         """Keys of an evaluate reply: counts, the shop index, task metrics (split-prefixed when several)."""
@@ -174,6 +175,6 @@ def clean_metrics(values: Mapping[str, object], allowed: frozenset[str],
     if any(not isinstance(k, str) or k not in allowed for k in values):
         raise LeakBlocked("a metric key is not in the shop's vocabulary")
     out = {k: clean_scalar(k, values[k]) for k in sorted(values)}
-    if shop_index is not None and "shop-index" in out and out["shop-index"] != shop_index:
+    if shop_index is not None and SHOP_INDEX in out and out[SHOP_INDEX] != shop_index:
         raise LeakBlocked("shop-index is not this shop's index")
     return out
