@@ -20,7 +20,15 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
-from shared.protocol import DP_EPSILON, LOSS, NUM_EXAMPLES, SHOP_INDEX, task_loss_key
+from shared.protocol import (
+    DP_EPSILON,
+    LOSS,
+    NUM_EXAMPLES,
+    SHOP_INDEX,
+    SPLIT_SEPARATOR,
+    eval_splits,
+    task_loss_key,
+)
 from shared.schema import TASKS
 from shared.tasks import TOP_K
 
@@ -77,7 +85,7 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 def is_task_metric(key: str) -> bool:
     """Whether ``key`` names a metric of a known task, e.g. ``val/ctr.auc`` or ``ranking.hr@10_s99``."""
-    split, sep, rest = key.partition("/")
+    split, sep, rest = key.partition(SPLIT_SEPARATOR)
     if sep and split in ("val", "test"):
         key = rest
     task, _, metric = key.partition(".")
@@ -140,13 +148,13 @@ class MetricVocabulary:
 
     def eval_keys(self, splits: tuple[str, ...]) -> frozenset[str]:
         """Keys of an evaluate reply: counts, the shop index, task metrics (split-prefixed when several)."""
-        prefixes = [f"{s}/" for s in splits] if len(splits) > 1 else [""]
+        prefixes = [f"{s}{SPLIT_SEPARATOR}" for s in splits] if len(splits) > 1 else [""]
         return frozenset(EVAL_PROTOCOL_KEYS) | {p + k for p in prefixes for k in self.task_metrics()}
 
 
 def parse_splits(eval_split: object) -> tuple[str, ...]:
     """The splits an evaluate request asks for ('val', 'test', 'val+test', ...); LeakBlocked if malformed."""
-    splits = tuple(str(eval_split).split("+"))
+    splits = tuple(eval_splits(str(eval_split)))
     if not splits or any(s not in SPLITS for s in splits) or len(set(splits)) != len(splits):
         raise LeakBlocked("the request's eval-split is not a '+'-list of distinct train/val/test")
     return splits
