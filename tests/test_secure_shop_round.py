@@ -213,3 +213,21 @@ def test_secure_fedprox_with_a_waiting_joiner_matches_the_plain_run(world, tmp_p
     print(f"secure vs plain fedprox: {err:.2e} (bound {bound:.2e}); fedprox vs fedavg: {prox_effect:.2e}")
     assert err < bound  # the joiner's weight 0 kept it out of the mean, and mu reached the shops
     assert prox_effect > 10 * bound
+
+
+def test_a_secure_round_in_which_no_shop_counts_keeps_the_global_encoder(tmp_path: Path) -> None:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from server.secure import SecureFedAvg
+
+    strategy = SecureFedAvg(keys=["w"], run_dir=tmp_path, method="m", shop_name=lambda i: f"s{i}",
+                            eval_split=lambda r: "val")
+    unmasked = ndarrays_to_parameters([np.full(2, np.nan, np.float32)])  # what unmasking a zero total gives
+    waiting = [(None, FitRes(Status(Code.OK, "Success"), unmasked, 0, {SHOP_INDEX: i})) for i in range(3)]
+    params, _ = strategy.aggregate_fit(1, waiting, [])
+    assert params is None and not checkpoint_path(tmp_path, 1).exists()
+    counted = [(None, FitRes(Status(Code.OK, "Success"), ndarrays_to_parameters([np.ones(2, np.float32)]), 1,
+                             {SHOP_INDEX: 0}))]
+    params, _ = strategy.aggregate_fit(2, counted + waiting[1:], [])
+    assert params is not None and checkpoint_path(tmp_path, 2).exists()
+    np.testing.assert_array_equal(load_checkpoint(checkpoint_path(tmp_path, 2)).arrays["w"], np.ones(2))
