@@ -26,13 +26,16 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.local_state import Shop, resolve_shop
 from shared.privacy.audit import LeakBlocked, MetricVocabulary, clean_metrics, parse_splits
+from shared.protocol import (
+    ARRAYS_RECORD,
+    BLOCKED_TEXT,
+    ERROR_CODE_BLOCKED,
+    EVAL_SPLIT,
+    FAILED_TEXT,
+    LOCAL_PREFIX,
+    METRICS_RECORD,
+)
 
-LOCAL_PREFIX = "local."  # same wire prefix as server.strategies.LOCAL_PREFIX (client must not import server)
-ERROR_CODE_BLOCKED = 6  # flwr ErrorCode.MOD_FAILED_PRECONDITION
-BLOCKED_TEXT = "reply blocked by the shop's leak guard"
-FAILED_TEXT = "shop failed to process the message"
-ARRAYS_RECORD = "arrays"  # the only record names a main-path reply has
-METRICS_RECORD = "metrics"
 NUMPY_STYPE = "numpy.ndarray"
 TTL_TOLERANCE = 1e-6  # seconds: a reply's ttl is the request's remaining time at the reply's created_at
 CLOCK_SLACK = 1e-3  # seconds: Flower stamps created_at from datetime (microseconds), the guard from time.time()
@@ -131,7 +134,7 @@ def clean_reply(request: Message, reply: Message, context: Context, started: flo
     if kind == MessageType.TRAIN:
         allowed = vocabulary.train_keys()
     else:
-        allowed = vocabulary.eval_keys(parse_splits(config.get("eval-split", "val")))
+        allowed = vocabulary.eval_keys(parse_splits(config.get(EVAL_SPLIT, "val")))
     metrics = clean_metrics(dict(content.metric_records[METRICS_RECORD]), allowed, vocabulary.shop_index)
     out = RecordDict()
     if kind == MessageType.TRAIN:

@@ -259,12 +259,6 @@ def _read_payload(path: Path, *, fallback: str = "starting a fresh local part") 
     return payload
 
 
-def read_state_file(state_dir: Path) -> dict[str, torch.Tensor] | None:
-    """The local part saved in ``state_dir``; None (with a warning) when absent, corrupt or foreign."""
-    payload = _read_payload(Path(state_dir) / STATE_FILE)
-    return None if payload is None else dict(payload["local"])
-
-
 def rounds_trained(context: Context) -> int:
     """Training rounds the local part now in ``context`` has been through (0 for a fresh one)."""
     if LINEAGE_RECORD not in context.state.config_records:

@@ -1,11 +1,11 @@
 """Shop clients for the privacy paths: SecAgg+ (legacy NumPyClient adapter) and central DP (fixed clipping).
 
 * `secure_app`: Flower's SecAgg+ runs only on the legacy path in flwr 1.42, so the shop is wrapped
-  as a NumPyClient over the same Flower-free training code (`shared.train`), with
+  as a NumPyClient over the same shop round as the main handlers (`client.shop_round`), with
   `secaggplus_mod`. The shop's reply leaves only as a masked integer vector; its arrays record is
   emptied by the mod. Metrics (losses, num-examples, shop-index) still leave in plaintext.
-* `dp_app`: the main ClientApp (`client.client_app.app`), which puts Flower's `fixedclipping_mod`
-  on its train handler whenever the coordinator sends a clipping norm.
+Central DP needs no client of its own: the main ClientApp (`client.client_app.app`) puts Flower's
+`fixedclipping_mod` on its train handler whenever the coordinator sends a clipping norm.
 The main ClientApp hands legacy (SecAgg+) messages to `secure_app`; every outgoing message of
 `secure_app` is rebuilt by its outermost `audit_mod` (`clean_legacy_reply`): exactly the records and
 keys of the SecAgg+ stage or legacy evaluate reply it answers, protocol byte strings of bounded length,
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,73 +29,77 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client import client_app as main_client
-from client.leak_guard import BLOCKED_TEXT, FAILED_TEXT, check_reply_metadata, error_reply, shop_vocabulary
-from client.local_state import resolve_shop, restore_local_part, save_local_part
+from client.leak_guard import check_reply_metadata, error_reply, shop_vocabulary
+from client.local_state import Shop
+from client.shop_round import evaluate_round, load_round_start, merged_config, shop_and_model, train_round
+from shared.model import ShopModel
 from shared.privacy.audit import LeakBlocked, MetricVocabulary, clean_metrics, clean_scalar, parse_splits
-from shared.train import evaluate_shop, train_shop
+from shared.protocol import (
+    BLOCKED_TEXT,
+    EVAL_SPLIT,
+    FAILED_TEXT,
+    NUM_EXAMPLES,
+    SECAGG_WEIGHTING,
+    eval_metric_key,
+    eval_splits,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class ShopNumPyClient(NumPyClient):
-    """A shop as a NumPyClient: encoder arrays in `SharedEncoder.state_dict()` order, local part kept home."""
+    """A shop as a NumPyClient over `client.shop_round`: encoder arrays in `SharedEncoder.state_dict()` order.
+
+    The round is the main path's (`train_round`/`evaluate_round`), so stage, personal mix, objective,
+    FedProx pull and DP-SGD behave alike; only the reply differs: the encoder leaves as a masked vector.
+    """
 
     def __init__(self, context: Context) -> None:
         self.context = context
 
-    def _setup(self, parameters: list[np.ndarray], config: dict[str, Any]):
-        torch.set_num_threads(1)
-        merged = {**dict(self.context.run_config), **dict(config)}
-        shop = resolve_shop(self.context, merged)
-        model = shop.model()
+    def _round_start(self, parameters: list[np.ndarray], config: dict[str, Any], *, training: bool
+                     ) -> tuple[Shop, ShopModel, dict[str, Any], dict[str, torch.Tensor], list[str]]:
+        merged = merged_config(self.context.run_config, config)
+        shop, model = shop_and_model(self.context, merged)
         keys = list(model.encoder.state_dict())
         if len(keys) != len(parameters):
             raise ValueError(f"coordinator sent {len(parameters)} arrays, the encoder has {len(keys)}. "
                              "Fix: coordinator and shops must run the same scenario model/features")
-        model.load_encoder_state({k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, parameters, strict=True)})
-        restore_local_part(model, self.context, shop.state_dir)
-        return shop, model, merged
+        received = {k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, parameters, strict=True)}
+        load_round_start(shop, model, self.context, merged, received, training=training)
+        return shop, model, merged, received, keys
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         """The shop's initial encoder (only used when the coordinator has none)."""
-        shop = resolve_shop(self.context, {**dict(self.context.run_config), **dict(config)})
-        return [v.numpy() for v in shop.model().encoder_state().values()]
+        _, model = shop_and_model(self.context, merged_config(self.context.run_config, config))
+        return [v.numpy() for v in model.encoder_state().values()]
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
-        """Train locally; return the encoder arrays, the SecAgg weight and plaintext metrics."""
-        shop, model, merged = self._setup(parameters, config)
-        server_round = int(merged.get("server-round", 0))
-        base = shop.scenario.train
-        cfg = replace(base, epochs=int(merged.get("local-epochs", base.epochs)),
-                      max_steps=int(merged.get("max-steps", base.max_steps)),
-                      seed=main_client.round_seed(int(merged.get("seed", shop.scenario.seed)), server_round,
-                                                  shop.index))
-        losses = train_shop(model, shop.tensors, cfg)
-        save_local_part(model, self.context, shop.state_dir, shop=shop.name, server_round=server_round)
+        """Train locally; return the encoder arrays, the SecAgg+ weight and plaintext metrics."""
+        shop, model, merged, received, keys = self._round_start(parameters, config, training=True)
+        result = train_round(shop, model, merged, self.context, received)
+        counted = float(result.metrics[NUM_EXAMPLES])
         # SecAgg+ weights each masked vector by num_examples / max-weight before quantising; "uniform"
-        # (weight 1) keeps the full quantisation range for the weights themselves.
-        weight = 1 if merged.get("secagg-weighting", "uniform") == "uniform" else int(losses["num-examples"])
-        metrics = {k: float(v) for k, v in losses.items() if k != "num-examples"}
-        metrics["shop-index"] = shop.index
-        return [v.numpy() for v in model.encoder_state().values()], weight, metrics
+        # (weight 1) keeps the full quantisation range for the weights themselves. Weight 0 (a waiting
+        # or warming-up shop) leaves the shop out of the mean, as num-examples = 0 does on the main path.
+        uniform = merged.get(SECAGG_WEIGHTING, "uniform") == "uniform"
+        weight = (1 if counted > 0 else 0) if uniform else int(counted)
+        metrics = {k: v for k, v in result.metrics.items() if k != NUM_EXAMPLES}
+        return [result.arrays[k].numpy() for k in keys], weight, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]):
-        """Per-task metrics of the global encoder with this shop's local part."""
-        shop, model, merged = self._setup(parameters, config)
-        splits = str(merged.get("eval-split", "val")).split("+")
-        metrics: dict[str, Any] = {}
-        for split in splits:  # "val+test": both, keys prefixed with their split as the main ClientApp does
-            prefix = f"{split}/" if len(splits) > 1 else ""
-            results = evaluate_shop(model, shop.tensors, split)
-            metrics.update({f"{prefix}{t}.{m}": float(v) for t, vals in results.items() for m, v in vals.items()})
-        metrics["shop-index"] = shop.index
-        loss = float(results.get("ctr", {}).get("logloss", 0.0))
-        return loss, max(1, int(shop.tensors.rows[splits[-1]]["user"].shape[0])), metrics
+        """Per-task metrics of the global encoder (the shop's own with the personal mix) and its local part."""
+        shop, model, merged, _, _ = self._round_start(parameters, config, training=False)
+        metrics = evaluate_round(shop, model, merged, self.context)
+        count = int(metrics.pop(NUM_EXAMPLES))
+        splits = eval_splits(merged.get(EVAL_SPLIT, "val"))
+        loss = metrics.get(eval_metric_key(splits[-1], "ctr", "logloss", len(splits) > 1), 0.0)
+        return float(loss), count, metrics
 
 
-SECAGG_RECORD = "secaggplus_configs"  # Flower's SecAgg+ protocol record, both ways
+SECAGG_RECORD = RECORD_KEY_CONFIGS  # Flower's SecAgg+ protocol record (`secaggplus_configs`), both ways
 # Longest protocol byte strings a shop sends (measured: public keys 215 B, encrypted key shares 612 B,
 # Shamir shares of a mask seed 52 B, of a dropped node's private key 324 B); the bounds leave room for
 # other key sizes but not for rows of data.
@@ -193,7 +197,7 @@ def clean_legacy_reply(req: LegacyRequest, reply: Message, vocabulary: MetricVoc
                  {"evaluateres.metrics", "evaluateres.status"})
         loss = _exact_keys(content.metric_records["evaluateres.loss"], {"loss"})["loss"]
         n = _exact_keys(content.metric_records["evaluateres.num_examples"], {"num_examples"})["num_examples"]
-        allowed = vocabulary.eval_keys(parse_splits(req.config.get("eval-split", "val"))) - {"num-examples"}
+        allowed = vocabulary.eval_keys(parse_splits(req.config.get(EVAL_SPLIT, "val"))) - {NUM_EXAMPLES}
         metrics = clean_metrics(dict(content.config_records["evaluateres.metrics"]), allowed, vocabulary.shop_index)
         return RecordDict({"evaluateres.loss": MetricRecord({"loss": clean_scalar("loss", loss)}),
                            "evaluateres.num_examples": MetricRecord({"num_examples": clean_scalar("num_examples", n)}),
@@ -220,7 +224,7 @@ def clean_legacy_reply(req: LegacyRequest, reply: Message, vocabulary: MetricVoc
         if len(content.array_records["fitres.parameters"]):
             raise LeakBlocked("plain arrays left in a SecAgg+ reply")
         n = _exact_keys(content.metric_records["fitres.num_examples"], {"num_examples"})["num_examples"]
-        allowed = vocabulary.train_keys() - {"num-examples"}
+        allowed = vocabulary.train_keys() - {NUM_EXAMPLES}
         metrics = clean_metrics(dict(content.config_records["fitres.metrics"]), allowed, vocabulary.shop_index)
         masked = _exact_keys(content.config_records[SECAGG_RECORD], {"masked_params"})["masked_params"]
         return RecordDict({"fitres.metrics": ConfigRecord(metrics),
@@ -288,6 +292,3 @@ def make_secure_app(client_fn: Callable[[Context], Any] | None = None,
 
 
 secure_app = make_secure_app()
-
-# Central DP: the main ClientApp clips on its train handler when the DP strategy sends a clipping norm.
-dp_app = main_client.app

@@ -1,8 +1,8 @@
 """Central DP over shops: Flower's `DifferentialPrivacyClientSideFixedClipping` and its RDP accountant.
 
-Each shop's encoder update is clipped to L2 norm S on the shop (`fixedclipping_mod`, see
-client/secure_client.py `dp_app`); the coordinator averages the clipped models with equal weights
-and adds N(0, (zS/n)^2) noise. The unit of privacy is a whole shop. Every round samples all
+Each shop's encoder update is clipped to L2 norm S on the shop (`fixedclipping_mod` on the main
+ClientApp's train handler, `client.client_app.clip_when_dp`); the coordinator averages the clipped
+models with equal weights and adds N(0, (zS/n)^2) noise. The unit of privacy is a whole shop. Every round samples all
 configured shops, so there is no sampling amplification (Flower's accountant requires that for
 fixed clipping). Before a round whose release would push epsilon past `dp-max-epsilon`, the run
 stops with `PrivacyBudgetExhausted`; nothing of that round is sent, and the previous round's

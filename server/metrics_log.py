@@ -14,12 +14,14 @@ from pathlib import Path
 import pandas as pd
 
 from shared.atomic import atomic_write_csv
+from shared.protocol import DP_EPSILON, LOSS, SPLIT_SEPARATOR, TASK_LOSS_PREFIX
 
 METRIC_COLUMNS = ["method", "round", "shop", "task", "split", "metric", "value"]
 ALL_TASKS = "all"  # task label of a shop's total training loss
+PRIVACY_TASK = "privacy"  # task label of privacy rows (a shop's DP-SGD epsilon, the coordinator's central DP)
 
 
-SPLIT_SEP = "/"  # evaluation keys may carry their split: 'test/ctr.auc'
+SPLIT_SEP = SPLIT_SEPARATOR  # evaluation keys may carry their split: 'test/ctr.auc'
 SPLITS = ("train", "val", "test")
 
 
@@ -39,23 +41,15 @@ def key_split(key: str, default: str) -> str:
 
 
 def train_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, float]]:
-    """(task, metric, value) rows from a training reply: `loss` and `loss-<task>`."""
+    """(task, metric, value) rows from a training reply: `loss`, `loss-<task>` and the shop's DP-SGD epsilon."""
     rows = []
     for key, value in metrics.items():
-        if key == "loss":
+        if key == LOSS:
             rows.append((ALL_TASKS, "loss", float(value)))
-        elif key.startswith("loss-"):
-            rows.append((key[len("loss-"):], "loss", float(value)))
-    return rows
-
-
-def eval_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, float]]:
-    """(task, metric, value) rows from an evaluation reply's `<task>.<metric>` keys."""
-    rows = []
-    for key, value in metrics.items():
-        parts = split_metric_key(key)
-        if parts is not None:
-            rows.append((parts[0], parts[1], float(value)))
+        elif key.startswith(TASK_LOSS_PREFIX):
+            rows.append((key[len(TASK_LOSS_PREFIX):], "loss", float(value)))
+        elif key == DP_EPSILON:  # the shop's own DP-SGD spend so far
+            rows.append((PRIVACY_TASK, "epsilon", float(value)))
     return rows
 
 

@@ -16,10 +16,12 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from server.delegating_grid import DelegatingGrid
+from shared.protocol import SHOP_INDEX
 
 BINDINGS_FILE = "node-bindings.json"  # {"<node id>": <shop index>} in the run dir
 log = logging.getLogger("flwr")
@@ -42,8 +44,8 @@ def claimed_shop_index(msg: Message) -> int | None:
     if msg.has_error():
         return None
     for record in msg.content.metric_records.values():
-        if "shop-index" in record:
-            return int(record["shop-index"])
+        if SHOP_INDEX in record:
+            return int(record[SHOP_INDEX])
     return None
 
 
@@ -56,38 +58,13 @@ def mismatch(msg: Message, bindings: dict[int, int]) -> tuple[int, int] | None:
     return bindings[node], claimed
 
 
-class IdentityCheckedGrid(Grid):
+class IdentityCheckedGrid(DelegatingGrid):
     """Delegates to ``inner``; `send_and_receive` drops replies whose shop-index disagrees with the binding."""
 
     def __init__(self, inner: Grid, bindings: dict[int, int]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.bindings = bindings
         self.dropped: list[tuple[int, int, int]] = []  # (node, registered, claimed)
-
-    def set_run(self, run: Any) -> None:
-        """Flower's Grid API, delegated."""
-        self._inner.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        """Flower's Grid API, delegated."""
-        return self._inner.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        """Flower's Grid API, delegated."""
-        return self._inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Flower's Grid API, delegated."""
-        return self._inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Flower's Grid API, delegated."""
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Flower's Grid API, delegated."""
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """The inner Grid's replies minus those from a node that claims another shop than it registered as."""
@@ -104,10 +81,6 @@ class IdentityCheckedGrid(Grid):
                         "check that merchant; if its key leaked, `fedshop coordinator unregister %s` and rotate it",
                         node, wrong[0], wrong[1], node)
         return kept
-
-    def __getattr__(self, name: str) -> Any:
-        """Anything else comes from the wrapped Grid."""
-        return getattr(self._inner, name)
 
 
 def check_identities(grid: Grid, run_dir: str | Path) -> Grid:

@@ -13,11 +13,11 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from server.delegating_grid import DelegatingGrid
 from shared.timing_log import record
 
 POLL_ENV = "FEDSHOP_GRID_POLL_INTERVAL"
@@ -43,41 +43,12 @@ def _timing(event: dict) -> None:
     record({"where": "serverapp", **event})
 
 
-class PollingGrid(Grid):
+class PollingGrid(DelegatingGrid):
     """Delegates everything to ``inner``; `send_and_receive` pulls every ``interval`` seconds."""
 
     def __init__(self, inner: Grid, interval: float) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.interval = interval
-
-    def set_run(self, run: Any) -> None:
-        """Flower's Grid API, delegated."""
-        self._inner.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        """Flower's Grid API, delegated."""
-        return self._inner.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        """Flower's Grid API, delegated."""
-        return self._inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Flower's Grid API, delegated."""
-        return self._inner.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        """Flower's Grid API, delegated."""
-        return self._inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Flower's Grid API, delegated."""
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Flower's Grid API, delegated."""
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull replies until all arrived or ``timeout`` seconds passed."""
@@ -97,10 +68,6 @@ class PollingGrid(Grid):
                 break
             time.sleep(self.interval)
         return replies
-
-    def __getattr__(self, name: str) -> Any:
-        """Anything else (e.g. the HttpGrid's node) comes from the wrapped Grid."""
-        return getattr(self._inner, name)
 
 
 def faster_polling(grid: Grid, environ: dict[str, str] | None = None) -> Grid:

@@ -34,13 +34,11 @@ from flwr.serverapp.strategy import (
 )
 
 from server.metrics_log import mean_by_key
+from shared.protocol import EVAL_SPLIT, LOCAL_PREFIX, NUM_EXAMPLES, SHOP_INDEX
 
 STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
                                        "fedyogi": FedYogi, "fedmedian": FedMedian,
                                        "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
-LOCAL_PREFIX = "local."  # wire name prefix of local-part arrays shared by the FedAvg-all baseline
-SHOP_INDEX = "shop-index"
-NUM_EXAMPLES = "num-examples"
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +250,7 @@ class ShopStrategy(Strategy):
         rnd = server_round + self.round_offset
         cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "evaluate")})
         if self._report is not None:
-            self._report.eval_split = str(cfg.get("eval-split", "val"))
+            self._report.eval_split = str(cfg.get(EVAL_SPLIT, "val"))
         self._sent = list(self.inner.configure_evaluate(rnd, arrays, cfg, grid))
         return self._sent
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from shared.features import ShopTensors
 from shared.model import ShopModel
+from shared.protocol import LOSS, NUM_EXAMPLES, task_loss_key
 from shared.tasks import TaskHead, heads_for
 from shared.weighting import task_conflict
 
@@ -130,7 +131,7 @@ def train_shop(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, *,
     sources = _sources(tensors, heads)
     heads = [h for h in heads if h.source in sources]
     if not heads:
-        return {"num-examples": 0.0, "loss": 0.0}
+        return {NUM_EXAMPLES: 0.0, LOSS: 0.0}
     for p in model.encoder.parameters():
         p.requires_grad_(not cfg.freeze_encoder)
     tables = model.row_sparse_tables() if cfg.sparse_embeddings and not cfg.freeze_encoder else []
@@ -195,9 +196,9 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
         totals["_total"] = totals.get("_total", 0.0) + float(total.detach())
         if (step + 1) % steps_per_epoch == 0:
             model.local.weighting.end_epoch({k: v / (step + 1) for k, v in totals.items() if k != "_total"})
-    out = {f"loss-{k}": v / steps for k, v in totals.items() if k != "_total"}
-    out["loss"] = totals["_total"] / steps
-    out["num-examples"] = float(sum(sizes.values()))
+    out = {task_loss_key(k): v / steps for k, v in totals.items() if k != "_total"}
+    out[LOSS] = totals["_total"] / steps
+    out[NUM_EXAMPLES] = float(sum(sizes.values()))
     return out
 
 

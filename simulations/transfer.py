@@ -29,6 +29,7 @@ import torch
 from shared.atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from shared.features import build_shop_tensors
 from shared.model import SharedEncoder
+from shared.protocol import LOCAL_PREFIX
 from shared.scenario import Scenario, scenario_from_dict
 from shared.transfer import MODES, PRIMARY_METRIC, TransferConfig, adapt_frozen_then_finetune, adapt_shop
 from simulations.join_diagnostics import explain_miss, join_diagnostics
@@ -94,7 +95,7 @@ def load_encoder(path: Path) -> dict[str, torch.Tensor]:
     if ckpt is None:
         raise TransferError(f"{path} holds no checkpoints. Fix: pass the run directory of a finished federation")
     # A FedAvg-all checkpoint also holds averaged heads under "local."; a new shop takes only the encoder.
-    return {k: torch.from_numpy(v.copy()) for k, v in ckpt.arrays.items() if not k.startswith("local.")}
+    return {k: torch.from_numpy(v.copy()) for k, v in ckpt.arrays.items() if not k.startswith(LOCAL_PREFIX)}
 
 
 def check_encoder(scenario: Scenario, state: Mapping[str, torch.Tensor], label: str) -> None:

@@ -10,7 +10,6 @@ from flower_harness import LocalGrid, tiny_scenario, write_scenario
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import client_app
-from client.client_app import mixed_start, personal_mix, round_seed
 from client.local_state import (
     OWN_ENCODER_RECORD,
     STATE_FILE,
@@ -18,6 +17,7 @@ from client.local_state import (
     restore_own_encoder,
     save_local_part,
 )
+from client.shop_round import mixed_start, personal_mix, round_seed
 from server.server_app import initial_encoder
 from shared.features import build_shop_tensors
 from shared.model import build_model

@@ -10,6 +10,7 @@ import pytest
 from flower_harness import LocalGrid, tiny_scenario, write_scenario
 
 from client import client_app
+from client.shop_round import join_stage
 from server.server_app import FederationSettings, run_federation
 
 JOIN, ROUNDS = 2, 3
@@ -87,7 +88,7 @@ def test_a_node_arriving_mid_run_with_a_fresh_local_part_warms_up_first(tmp_path
 def test_join_stage_rule_for_nodes_that_are_not_scenario_late_joiners():
     shop = SimpleNamespace(late_joiner=False, scenario=SimpleNamespace(federation={"warmup_rounds": 2,
                                                                                     "join_round": 0}))
-    stage = client_app.join_stage
+    stage = join_stage
     assert stage(shop, {}, 1, trained=0) == "active"  # everyone starts fresh together
     assert stage(shop, {}, 5, trained=4) == "active"  # trained every round so far
     assert stage(shop, {}, 5, trained=0) == "warm-up"  # arrives at round 5

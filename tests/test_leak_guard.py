@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client import client_app
-from client.leak_guard import BLOCKED_TEXT, ERROR_CODE_BLOCKED, FAILED_TEXT, leak_guard
+from client.leak_guard import leak_guard
 from server.server_app import initial_encoder
 from shared.privacy.audit import (
     CANONICAL_NAN,
@@ -33,6 +33,7 @@ from shared.privacy.audit import (
     MetricVocabulary,
     clean_metrics,
 )
+from shared.protocol import BLOCKED_TEXT, ERROR_CODE_BLOCKED, FAILED_TEXT
 from shared.schema import TASKS
 
 # Four shops whose data supports the four task sets the synthetic world makes (task dropout of CTR/sales).

@@ -13,11 +13,12 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 
-from client.leak_guard import BLOCKED_TEXT, ERROR_CODE_BLOCKED, FAILED_TEXT
 from client.secure_client import audit_mod_for, make_secure_app
-from server.secure import SecAggSettings, run_secure_federation, split_config
-from server.server_app import FederationSettings
+from server.federation_settings import FederationSettings
+from server.secagg_settings import SecAggSettings, split_config
+from server.secure import run_secure_federation
 from shared.privacy.audit import MetricVocabulary
+from shared.protocol import BLOCKED_TEXT, ERROR_CODE_BLOCKED, FAILED_TEXT
 from simulations.privacy.in_process_grid import InProcessGrid, nodes
 
 SHAPES = {"emb.weight": (64, 8), "tower.weight": (8, 16), "tower.bias": (8,)}

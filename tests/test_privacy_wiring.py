@@ -12,7 +12,7 @@ from flwr.app import Context, RecordDict
 
 from client import client_app
 from server.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
-from server.secure import SecAggSettings
+from server.secagg_settings import SecAggSettings
 from server.server_app import STOP_FILE, make_server_app, split_privacy
 from simulations.privacy.in_process_grid import InProcessGrid, nodes
 

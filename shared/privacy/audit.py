@@ -20,6 +20,15 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
+from shared.protocol import (
+    DP_EPSILON,
+    LOSS,
+    NUM_EXAMPLES,
+    SHOP_INDEX,
+    SPLIT_SEPARATOR,
+    eval_splits,
+    task_loss_key,
+)
 from shared.schema import TASKS
 from shared.tasks import TOP_K
 
@@ -39,9 +48,9 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 SAMPLED_RANK_METRICS = (f"hr@{TOP_K}", f"ndcg@{TOP_K}")
 SPLITS = ("train", "val", "test")
-TRAIN_PROTOCOL_KEYS = ("num-examples", "shop-index", "loss", "dp-epsilon")
-EVAL_PROTOCOL_KEYS = ("num-examples", "shop-index")
-INT_KEYS = frozenset({"shop-index", "num_examples"})  # sent as int; every other metric is sent as float
+TRAIN_PROTOCOL_KEYS = (NUM_EXAMPLES, SHOP_INDEX, LOSS, DP_EPSILON)
+EVAL_PROTOCOL_KEYS = (NUM_EXAMPLES, SHOP_INDEX)
+INT_KEYS = frozenset({SHOP_INDEX, "num_examples"})  # sent as int; every other metric is sent as float
 MAX_METRICS = 64  # hard cap per reply, above the largest vocabulary (2 + 3 splits x 18 task metrics = 56)
 CANONICAL_NAN = float("nan")
 # Keys Flower's SecAgg+ mod and legacy replies put on the wire: public keys, encrypted key shares,
@@ -76,7 +85,7 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 def is_task_metric(key: str) -> bool:
     """Whether ``key`` names a metric of a known task, e.g. ``val/ctr.auc`` or ``ranking.hr@10_s99``."""
-    split, sep, rest = key.partition("/")
+    split, sep, rest = key.partition(SPLIT_SEPARATOR)
     if sep and split in ("val", "test"):
         key = rest
     task, _, metric = key.partition(".")
@@ -135,17 +144,17 @@ class MetricVocabulary:
 
     def train_keys(self) -> frozenset[str]:
         """Keys of a train reply: counts, the shop index, the total and per-task losses, the DP-SGD epsilon."""
-        return frozenset(TRAIN_PROTOCOL_KEYS) | {f"loss-{t}" for t in self.tasks}
+        return frozenset(TRAIN_PROTOCOL_KEYS) | {task_loss_key(t) for t in self.tasks}
 
     def eval_keys(self, splits: tuple[str, ...]) -> frozenset[str]:
         """Keys of an evaluate reply: counts, the shop index, task metrics (split-prefixed when several)."""
-        prefixes = [f"{s}/" for s in splits] if len(splits) > 1 else [""]
+        prefixes = [f"{s}{SPLIT_SEPARATOR}" for s in splits] if len(splits) > 1 else [""]
         return frozenset(EVAL_PROTOCOL_KEYS) | {p + k for p in prefixes for k in self.task_metrics()}
 
 
 def parse_splits(eval_split: object) -> tuple[str, ...]:
     """The splits an evaluate request asks for ('val', 'test', 'val+test', ...); LeakBlocked if malformed."""
-    splits = tuple(str(eval_split).split("+"))
+    splits = tuple(eval_splits(str(eval_split)))
     if not splits or any(s not in SPLITS for s in splits) or len(set(splits)) != len(splits):
         raise LeakBlocked("the request's eval-split is not a '+'-list of distinct train/val/test")
     return splits
@@ -174,6 +183,6 @@ def clean_metrics(values: Mapping[str, object], allowed: frozenset[str],
     if any(not isinstance(k, str) or k not in allowed for k in values):
         raise LeakBlocked("a metric key is not in the shop's vocabulary")
     out = {k: clean_scalar(k, values[k]) for k in sorted(values)}
-    if shop_index is not None and "shop-index" in out and out["shop-index"] != shop_index:
+    if shop_index is not None and SHOP_INDEX in out and out[SHOP_INDEX] != shop_index:
         raise LeakBlocked("shop-index is not this shop's index")
     return out

@@ -28,6 +28,7 @@ from torch import nn
 from shared.features import ShopTensors
 from shared.model import ShopModel
 from shared.privacy.accounting import PrivacyReport, ShopAccountant
+from shared.protocol import LOSS, NUM_EXAMPLES
 
 UnitLossFn = Callable[[nn.Module, np.ndarray], torch.Tensor]  # (model, one unit's row indices) -> scalar loss
 _CHUNK = 16  # units whose dense per-unit gradients are held at once (memory bound)
@@ -129,7 +130,7 @@ def train_dpsgd(model: nn.Module, *, unit_of_row: np.ndarray, unit_loss: UnitLos
     optimizer.zero_grad(set_to_none=True)
     accountant.step(noise_multiplier=cfg.noise_multiplier, sample_rate=cfg.sample_rate, steps=steps)
     report = privacy_report(accountant, cfg)
-    return {"loss": total / max(seen, 1), "num-examples": float(n_rows), "dp-units": float(n_units),
+    return {LOSS: total / max(seen, 1), NUM_EXAMPLES: float(n_rows), "dp-units": float(n_units),
             **{f"dp-{k}": v for k, v in report.as_dict().items() if isinstance(v, (int, float))}}
 
 

@@ -37,7 +37,7 @@ def privacy_utility(cfg: PrivacyEvalConfig, scenario_path: Path, run_dir: Path) 
     """
     n_shops, max_steps = cfg.utility_shops, cfg.utility_steps
     from client.client_app import app as main_app
-    from client.secure_client import dp_app, secure_app
+    from client.secure_client import secure_app
     from server.dp import CentralDP, CentralDPSettings, wrap
     from server.strategies import ShopStrategy
 
@@ -47,7 +47,7 @@ def privacy_utility(cfg: PrivacyEvalConfig, scenario_path: Path, run_dir: Path) 
     for z in cfg.central_noise:
         start = time.perf_counter()
         base = {"scenario": str(scenario_path), "max-steps": max_steps, "run-dir": str(run_dir / f"utility-z{z}")}
-        grid = InProcessGrid(dp_app if z > 0 else main_app, nodes(len(shops)), run_config=base)
+        grid = InProcessGrid(main_app, nodes(len(shops)), run_config=base)  # it clips when DP sends a norm
         inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(shops), min_train_nodes=len(shops))
         dp = wrap(inner, CentralDPSettings(noise_multiplier=z, clipping_norm=cfg.clipping_norm, delta=cfg.delta),
                   num_shops=len(shops))

@@ -1,0 +1,217 @@
+"""One shop round, the same whichever path asked for it: the main train/evaluate handlers or SecAgg+.
+
+Flower's message format differs between the paths (records on the main path, a legacy NumPyClient
+under SecAgg+), the round does not: load the received encoder, restore the shop's own local part,
+decide the shop's stage (late joiner waiting, warm-up, active), start from the personal mix if on,
+train (plain with FedProx's pull when `proximal-mu > 0`, Reptile with `objective = meta`, DP-SGD
+with `dpsgd-noise-multiplier > 0`), save the local part, and say what to send. Each path only
+converts the result into its own reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+
+from client.dpsgd_round import train_dpsgd_round
+from client.local_state import (
+    Shop,
+    resolve_shop,
+    restore_local_part,
+    restore_own_encoder,
+    rounds_trained,
+    save_local_part,
+)
+from client.merchant_log import log_round, note_training
+from shared.meta import meta_train_shop
+from shared.model import ShopModel
+from shared.protocol import (
+    EVAL_SPLIT,
+    LOCAL_PREFIX,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    SHOP_INDEX,
+    eval_metric_key,
+    eval_splits,
+)
+from shared.train import evaluate_shop, train_shop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a shop's round sends: arrays by wire name and metrics (``num-examples`` 0 = leave it out)."""
+
+    arrays: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+def merged_config(run_config: Mapping[str, Any], sent: Mapping[str, Any]) -> dict[str, Any]:
+    """Run config, overridden by what the coordinator sent with this message."""
+    return {**dict(run_config), **dict(sent)}
+
+
+def run_key(config: dict[str, Any]) -> str:
+    """Which run a local part belongs to: the coordinator's run directory (the same when a run resumes)."""
+    return str(config.get("run-dir") or "")
+
+
+def round_seed(seed: int, server_round: int, shop_index: int) -> int:
+    """Seed of one shop's local training in one round, so a resumed run retrains identically."""
+    return int(np.random.SeedSequence([seed, server_round, shop_index + 1]).generate_state(1)[0])
+
+
+def shop_and_model(context: Context, config: dict[str, Any]) -> tuple[Shop, ShopModel]:
+    """The shop this node serves and a fresh model of it (one core per simulated shop)."""
+    torch.set_num_threads(1)  # Ray gives each simulated client num_cpus=1
+    shop = resolve_shop(context, config)
+    return shop, shop.model()
+
+
+def load_round_start(shop: Shop, model: ShopModel, context: Context, config: dict[str, Any],
+                     received: Mapping[str, torch.Tensor], *, training: bool) -> None:
+    """Load the received encoder and the shop's own local part (plus averaged heads for FedAvg-all)."""
+    model.load_encoder_state({k: v for k, v in received.items() if not k.startswith(LOCAL_PREFIX)})
+    source = restore_local_part(model, context, shop.state_dir, server_round=int(config.get(SERVER_ROUND, 0)),
+                                run=run_key(config), training=training)
+    logger.debug("shop %s: local part restored from %s", shop.name, source)
+    if config.get("share") == "all-shareable":  # FedAvg-all baseline: averaged heads replace local ones
+        own = model.local.state_dict()
+        shared = {k[len(LOCAL_PREFIX):]: v for k, v in received.items() if k.startswith(LOCAL_PREFIX)}
+        fits = {k: v for k, v in shared.items() if k in own and own[k].shape == v.shape}
+        model.local.load_state_dict({**own, **fits})
+
+
+def personal_mix(config: dict[str, Any]) -> float:
+    """The personal mix's n0 (0 = off). Only fedshop's own objective uses it: the FedAvg-all baseline and
+    the Reptile objective define their starting point and reply themselves."""
+    if config.get("share") == "all-shareable" or str(config.get("objective", "fedavg")) != "fedavg":
+        return 0.0
+    return max(0.0, float(config.get("personal-mix", 0.0)))
+
+
+def mixed_start(received: dict[str, torch.Tensor], own: dict[str, torch.Tensor], n_rows: int,
+                n0: float) -> dict[str, torch.Tensor]:
+    """Start of a shop's round: (1 - b) x global + b x its own last encoder, with b = n / (n + n0).
+
+    A shop with n training rows keeps the share b of its own encoder: a large shop, whose data alone
+    already trains a good encoder, stays near it; a small one (n << n0) takes the federation's.
+    The idea is FedALA's (Zhang et al., AAAI 2023) adaptive local aggregation, with a fixed, size-based
+    weight instead of a learned one. The reply is the encoder trained from this start, as usual.
+    """
+    b = n_rows / (n_rows + n0)
+    return {k: (1 - b) * v + b * own[k] if v.is_floating_point() else v for k, v in received.items()}
+
+
+def join_stage(shop: Shop, config: dict[str, Any], server_round: int, trained: int = -1) -> str:
+    """'active', 'waiting' (a scenario late joiner before `join-round`) or 'warm-up'.
+
+    A joining shop first trains its local part against the frozen encoder for `warmup-rounds` rounds,
+    so its random heads never push gradients into the encoder the others rely on; only then do its
+    updates count. Scenario late joiners warm up from their join round. Any other node warms up when
+    it arrives mid-run with a fresh local part: ``trained`` (rounds its local part has trained, across
+    runs) is below both the warm-up and the rounds it missed. That is how a merchant who starts a
+    SuperNode while a deployment runs joins it.
+    """
+    warmup = int(config.get("warmup-rounds", shop.scenario.federation["warmup_rounds"]))
+    if not shop.late_joiner:
+        joined_late = 0 <= trained < min(warmup, server_round - 1)
+        return "warm-up" if joined_late else "active"
+    join = int(config.get("join-round", shop.scenario.federation["join_round"]))
+    if join <= 0 or server_round < join:
+        return "waiting"
+    return "warm-up" if server_round < join + warmup else "active"
+
+
+def inject_fault(config: dict[str, Any], shop: Shop, server_round: int) -> str | None:
+    """Test-only faults from `fault-inject = "kind:shop[@round],..."`; kinds: nan, error, sleep."""
+    for item in str(config.get("fault-inject") or "").split(","):
+        kind, _, target = item.strip().partition(":")
+        index, _, at_round = target.partition("@")
+        if kind and index and int(index) == shop.index and (not at_round or int(at_round) == server_round):
+            if kind == "error":
+                raise RuntimeError(f"injected fault in shop {shop.name}")
+            if kind == "sleep":
+                time.sleep(float(config.get("fault-sleep", 30.0)))
+            return kind
+    return None
+
+
+def reply_arrays(model: ShopModel, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The arrays a train reply carries: the encoder, plus the shareable local arrays for FedAvg-all."""
+    arrays = model.encoder_state()
+    if config.get("share") == "all-shareable":
+        local = model.local_state()
+        arrays.update({LOCAL_PREFIX + k: local[k] for k in model.shareable_local_keys()})
+    return arrays
+
+
+def train_round(shop: Shop, model: ShopModel, config: dict[str, Any], context: Context,
+                received: Mapping[str, torch.Tensor]) -> RoundResult:
+    """One round of local training from the state `load_round_start` set up; the same on every path."""
+    server_round = int(config.get(SERVER_ROUND, 0))
+    fault = inject_fault(config, shop, server_round)
+    stage = join_stage(shop, config, server_round, rounds_trained(context))
+    if stage == "waiting":  # a late joiner before its join round: nothing to train, nothing to count
+        return RoundResult(reply_arrays(model, config), {NUM_EXAMPLES: 0.0, SHOP_INDEX: shop.index})
+    n0 = personal_mix(config)
+    own = restore_own_encoder(model, context) if n0 and stage == "active" else None
+    if own is not None:  # the model holds the received global encoder (loaded by load_round_start)
+        model.load_encoder_state(mixed_start(model.encoder_state(), own,
+                                             int(shop.tensors.rows["train"]["user"].shape[0]), n0))
+    base = shop.scenario.train
+    cfg = replace(base, epochs=int(config.get("local-epochs", base.epochs)),
+                  prox_mu=float(config.get(PROXIMAL_MU, base.prox_mu)),
+                  freeze_encoder=bool(config.get("freeze-encoder", False)) or stage == "warm-up",
+                  max_steps=int(config.get("max-steps", base.max_steps)),
+                  seed=round_seed(int(config.get("seed", shop.scenario.seed)), server_round, shop.index))
+    if float(config.get("dpsgd-noise-multiplier", 0.0)) > 0:
+        losses = train_dpsgd_round(model, shop, config, context, cfg.seed)
+    elif str(config.get("objective", "fedavg")) == "meta":  # Reptile: short inner loop, partial step
+        losses = meta_train_shop(model, shop.tensors, cfg, inner_steps=int(config.get("meta-inner-steps", 20)),
+                                 outer_step=float(config.get("meta-outer-step", 1.0)))
+    else:
+        losses = train_shop(model, shop.tensors, cfg, global_encoder=dict(received) if cfg.prox_mu > 0 else None)
+    save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round,
+                    keep_own_encoder=bool(n0), run=run_key(config))
+    note_training(context, server_round, int(shop.tensors.rows["train"]["user"].shape[0]), stage)
+    arrays = reply_arrays(model, config)
+    if fault == "nan":
+        first = next(iter(arrays))
+        arrays[first] = torch.full_like(arrays[first], float("nan"))
+    metrics = {k: float(v) for k, v in losses.items()}
+    metrics[SHOP_INDEX] = shop.index
+    if stage == "warm-up":  # its encoder is unchanged anyway; weight 0 keeps it out of the aggregate
+        metrics[NUM_EXAMPLES] = 0.0
+    return RoundResult(arrays, metrics)
+
+
+def evaluate_round(shop: Shop, model: ShopModel, config: dict[str, Any], context: Context) -> dict[str, float]:
+    """Per-task metrics of the received encoder (the shop's own one with the personal mix) and its local part.
+
+    Keys are `<task>.<metric>` (`<split>/`-prefixed for several splits), plus `num-examples` (rows of the
+    last split, at least 1) and `shop-index`.
+    """
+    own = restore_own_encoder(model, context) if personal_mix(config) else None
+    if own is not None:
+        model.load_encoder_state(own)
+    requested = str(config.get(EVAL_SPLIT, "val"))
+    splits = eval_splits(requested)
+    metrics: dict[str, float] = {}
+    for split in splits:
+        for task, values in evaluate_shop(model, shop.tensors, split).items():
+            metrics.update({eval_metric_key(split, task, name, len(splits) > 1): float(value)
+                            for name, value in values.items()})
+    metrics[NUM_EXAMPLES] = float(max(1, shop.tensors.rows[splits[-1]]["user"].shape[0]))
+    metrics[SHOP_INDEX] = shop.index
+    log_round(shop.name, context, int(config.get(SERVER_ROUND, 0)), metrics, requested)
+    return metrics

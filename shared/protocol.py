@@ -1,0 +1,53 @@
+"""The wire protocol between the coordinator and the shops: record names, metric and config keys, error codes.
+
+Flower-free and dependency-free, so the client (`client/`), the server (`server/`) and the outgoing audit
+(`shared.privacy.audit`) name the same things with one spelling. Metric key conventions:
+train replies carry `num-examples`, `shop-index`, `loss`, `loss-<task>` and `dp-epsilon`; evaluate
+replies carry `num-examples`, `shop-index` and `<task>.<metric>`, prefixed `<split>/` when the request's
+`eval-split` names several splits joined by `+` (e.g. `val+test`).
+"""
+
+from __future__ import annotations
+
+# Records of a main-path reply (the only names the leak guard lets out).
+ARRAYS_RECORD = "arrays"
+METRICS_RECORD = "metrics"
+
+# Metric keys.
+NUM_EXAMPLES = "num-examples"  # a reply's aggregation weight (0 = leave this shop out of the mean)
+SHOP_INDEX = "shop-index"  # which federation shop replied (also a SuperNode's node-config key)
+LOSS = "loss"
+TASK_LOSS_PREFIX = "loss-"  # loss-<task>
+DP_EPSILON = "dp-epsilon"  # a shop's DP-SGD epsilon so far
+SPLIT_SEPARATOR = "/"  # <split>/<task>.<metric>
+SPLIT_JOIN = "+"  # eval-split = "val+test": both splits in one request
+
+# Array names: local-part arrays the FedAvg-all baseline shares travel under this prefix.
+LOCAL_PREFIX = "local."
+
+# Config keys the coordinator sends with a message (besides the run settings).
+SERVER_ROUND = "server-round"
+EVAL_SPLIT = "eval-split"
+PROXIMAL_MU = "proximal-mu"  # what Flower's FedProx puts in the train ConfigRecord
+SECAGG_WEIGHTING = "secagg-weighting"  # uniform | examples: a SecAgg+ shop's weight
+
+# Error replies a shop sends: one code and two fixed texts, never the handler's words.
+ERROR_CODE_BLOCKED = 6  # flwr ErrorCode.MOD_FAILED_PRECONDITION
+BLOCKED_TEXT = "reply blocked by the shop's leak guard"
+FAILED_TEXT = "shop failed to process the message"
+
+
+def task_loss_key(task: str) -> str:
+    """The train metric key of one task's loss."""
+    return f"{TASK_LOSS_PREFIX}{task}"
+
+
+def eval_splits(eval_split: str) -> list[str]:
+    """The splits one evaluate request names (`val`, or `val+test` for both)."""
+    return str(eval_split).split(SPLIT_JOIN)
+
+
+def eval_metric_key(split: str, task: str, metric: str, several_splits: bool) -> str:
+    """The evaluate metric key of one task metric: `<task>.<metric>`, prefixed `<split>/` if several splits."""
+    prefix = f"{split}{SPLIT_SEPARATOR}" if several_splits else ""
+    return f"{prefix}{task}.{metric}"
