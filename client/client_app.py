@@ -38,6 +38,7 @@ from client.timing import timing_mod
 from shared.atomic import atomic_write_text
 from shared.meta import meta_train_shop
 from shared.model import ShopModel
+from shared.settings import ShopRoundSettings
 from shared.train import evaluate_shop, train_shop
 
 logger = logging.getLogger(__name__)
@@ -90,15 +91,20 @@ def clip_when_dp(msg: Message, context: Context, call_next: ClientAppCallable) -
 app = ClientApp(mods=[timing_mod, legacy_dispatch, leak_guard])
 
 
-def _config(msg: Message, context: Context) -> dict[str, Any]:
-    """Run config, overridden by what the coordinator sent with this message."""
+def _config(msg: Message, context: Context) -> ShopRoundSettings:
+    """Run config overridden by what the coordinator sent with this message, parsed once by the schema."""
     sent = next(iter(msg.content.config_records.values()), {})
-    return {**dict(context.run_config), **dict(sent)}
+    return ShopRoundSettings.from_message(dict(context.run_config), dict(sent))
 
 
-def run_key(config: dict[str, Any]) -> str:
+def shop_ref(config: ShopRoundSettings) -> dict[str, Any]:
+    """What `resolve_shop` needs: scenario, run directory and seed (None = the scenario's own)."""
+    return {"scenario": config.scenario, "run-dir": config.run_dir, "seed": config.seed if config.seed >= 0 else None}
+
+
+def run_key(config: ShopRoundSettings) -> str:
     """Which run a local part belongs to: the coordinator's run directory (the same when a run resumes)."""
-    return str(config.get("run-dir") or "")
+    return config.run_dir
 
 
 def round_seed(seed: int, server_round: int, shop_index: int) -> int:
@@ -106,18 +112,18 @@ def round_seed(seed: int, server_round: int, shop_index: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, shop_index + 1]).generate_state(1)[0])
 
 
-def _prepare(msg: Message, context: Context) -> tuple[Shop, ShopModel, dict[str, Any], dict[str, torch.Tensor]]:
+def _prepare(msg: Message, context: Context) -> tuple[Shop, ShopModel, ShopRoundSettings, dict[str, torch.Tensor]]:
     """The shop, its model with the received encoder and its own local part, and the config."""
     torch.set_num_threads(1)  # one core per simulated shop; Ray gives each client num_cpus=1
     config = _config(msg, context)
-    shop = resolve_shop(context, config)
+    shop = resolve_shop(context, shop_ref(config))
     model = shop.model()
     received = dict(next(iter(msg.content.array_records.values())).to_torch_state_dict())
     model.load_encoder_state({k: v for k, v in received.items() if not k.startswith(LOCAL_PREFIX)})
-    source = restore_local_part(model, context, shop.state_dir, server_round=int(config.get("server-round", 0)),
+    source = restore_local_part(model, context, shop.state_dir, server_round=config.server_round,
                                 run=run_key(config), training=msg.metadata.message_type == MessageType.TRAIN)
     logger.debug("shop %s: local part restored from %s", shop.name, source)
-    if config.get("share") == "all-shareable":  # FedAvg-all baseline: averaged heads replace local ones
+    if config.share == "all-shareable":  # FedAvg-all baseline: averaged heads replace local ones
         own = model.local.state_dict()
         shared = {k[len(LOCAL_PREFIX):]: v for k, v in received.items() if k.startswith(LOCAL_PREFIX)}
         fits = {k: v for k, v in shared.items() if k in own and own[k].shape == v.shape}
@@ -125,12 +131,12 @@ def _prepare(msg: Message, context: Context) -> tuple[Shop, ShopModel, dict[str,
     return shop, model, config, received
 
 
-def personal_mix(config: dict[str, Any]) -> float:
+def personal_mix(config: ShopRoundSettings) -> float:
     """The personal mix's n0 (0 = off). Only fedshop's own objective uses it: the FedAvg-all baseline and
     the Reptile objective define their starting point and reply themselves."""
-    if config.get("share") == "all-shareable" or str(config.get("objective", "fedavg")) != "fedavg":
+    if config.share == "all-shareable" or config.objective != "fedavg":
         return 0.0
-    return max(0.0, float(config.get("personal-mix", 0.0)))
+    return config.personal_mix
 
 
 def mixed_start(received: dict[str, torch.Tensor], own: dict[str, torch.Tensor], n_rows: int,
@@ -146,16 +152,16 @@ def mixed_start(received: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
     return {k: (1 - b) * v + b * own[k] if v.is_floating_point() else v for k, v in received.items()}
 
 
-def _inject_fault(config: dict[str, Any], shop: Shop, server_round: int) -> str | None:
+def _inject_fault(config: ShopRoundSettings, shop: Shop, server_round: int) -> str | None:
     """Test-only faults from `fault-inject = "kind:shop[@round],..."`; kinds: nan, error, sleep."""
-    for item in str(config.get("fault-inject") or "").split(","):
+    for item in config.fault_inject.split(","):
         kind, _, target = item.strip().partition(":")
         index, _, at_round = target.partition("@")
         if kind and index and int(index) == shop.index and (not at_round or int(at_round) == server_round):
             if kind == "error":
                 raise RuntimeError(f"injected fault in shop {shop.name}")
             if kind == "sleep":
-                time.sleep(float(config.get("fault-sleep", 30.0)))
+                time.sleep(config.fault_sleep)
             return kind
     return None
 
@@ -164,7 +170,7 @@ def _inject_fault(config: dict[str, Any], shop: Shop, server_round: int) -> str 
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the encoder (and shareable heads if asked) only."""
     shop, model, config, received = _prepare(msg, context)
-    server_round = int(config.get("server-round", 0))
+    server_round = config.server_round
     fault = _inject_fault(config, shop, server_round)
     stage = join_stage(shop, config, server_round, rounds_trained(context))
     if stage == "waiting":  # a late joiner before its join round: nothing to train, nothing to count
@@ -175,22 +181,21 @@ def train(msg: Message, context: Context) -> Message:
         model.load_encoder_state(mixed_start(model.encoder_state(), own,
                                              int(shop.tensors.rows["train"]["user"].shape[0]), n0))
     base = shop.scenario.train
-    cfg = replace(base, epochs=int(config.get("local-epochs", base.epochs)),
-                  prox_mu=float(config.get("proximal-mu", base.prox_mu)),
-                  freeze_encoder=bool(config.get("freeze-encoder", False)) or stage == "warm-up",
-                  max_steps=int(config.get("max-steps", base.max_steps)),
-                  seed=round_seed(int(config.get("seed", shop.scenario.seed)), server_round, shop.index))
-    if float(config.get("dpsgd-noise-multiplier", 0.0)) > 0:
+    seed = config.seed if config.seed >= 0 else shop.scenario.seed
+    cfg = replace(base, epochs=config.local_epochs, prox_mu=config.prox_mu,
+                  freeze_encoder=config.freeze_encoder or stage == "warm-up", max_steps=config.max_steps,
+                  seed=round_seed(seed, server_round, shop.index))
+    if config.dpsgd_noise_multiplier > 0:
         losses = _train_dpsgd(model, shop, config, context, cfg.seed)
-    elif str(config.get("objective", "fedavg")) == "meta":  # Reptile: short inner loop, partial step
-        losses = meta_train_shop(model, shop.tensors, cfg, inner_steps=int(config.get("meta-inner-steps", 20)),
-                                 outer_step=float(config.get("meta-outer-step", 1.0)))
+    elif config.objective == "meta":  # Reptile: short inner loop, partial step
+        losses = meta_train_shop(model, shop.tensors, cfg, inner_steps=config.meta_inner_steps,
+                                 outer_step=config.meta_outer_step)
     else:
         losses = train_shop(model, shop.tensors, cfg, global_encoder=received if cfg.prox_mu > 0 else None)
     save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round,
                     keep_own_encoder=bool(n0), run=run_key(config))
     arrays = model.encoder_state()
-    if config.get("share") == "all-shareable":
+    if config.share == "all-shareable":
         local = model.local_state()
         arrays.update({LOCAL_PREFIX + k: local[k] for k in model.shareable_local_keys()})
     if fault == "nan":
@@ -203,18 +208,12 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(arrays, metrics, msg)
 
 
-def _train_dpsgd(model: ShopModel, shop: Shop, config: dict[str, Any], context: Context,
+def _train_dpsgd(model: ShopModel, shop: Shop, config: ShopRoundSettings, context: Context,
                  seed: int) -> dict[str, float]:
     """One round of DP-SGD; the shop's accountant carries on from its local state, so epsilon only grows."""
     from shared.privacy.dpsgd import DPSGDConfig, train_dpsgd_shop  # Opacus: imported only when used
 
-    dp = DPSGDConfig(noise_multiplier=float(config["dpsgd-noise-multiplier"]),
-                     max_grad_norm=float(config.get("dpsgd-clipping-norm", 1.0)),
-                     unit=str(config.get("dpsgd-unit", "user")),
-                     sample_rate=float(config.get("dpsgd-sample-rate", 0.05)),
-                     steps_per_round=int(config.get("dpsgd-steps", 0)), lr=float(config.get("dpsgd-lr", 1e-2)),
-                     delta=float(config.get("dpsgd-delta", 1e-5)),
-                     max_epsilon=float(config.get("dpsgd-max-epsilon", 0.0)) or None, seed=seed % (2**31))
+    dp = DPSGDConfig(**config.dpsgd_kwargs(), seed=seed % (2**31))
     acc = train_dpsgd_shop(model, shop.tensors, dp, accountant_state=load_accountant(context, shop.state_dir))
     save_accountant(context, shop.state_dir, acc.to_json())
     epsilon = acc.epsilon(dp.delta)
@@ -249,7 +248,7 @@ def _reply(arrays: dict[str, torch.Tensor], metrics: dict[str, float], msg: Mess
     return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def join_stage(shop: Shop, config: dict[str, Any], server_round: int, trained: int = -1) -> str:
+def join_stage(shop: Shop, config: ShopRoundSettings, server_round: int, trained: int = -1) -> str:
     """'active', 'waiting' (a scenario late joiner before `join-round`) or 'warm-up'.
 
     A joining shop first trains its local part against the frozen encoder for `warmup-rounds` rounds,
@@ -259,11 +258,11 @@ def join_stage(shop: Shop, config: dict[str, Any], server_round: int, trained: i
     runs) is below both the warm-up and the rounds it missed. That is how a merchant who starts a
     SuperNode while a deployment runs joins it.
     """
-    warmup = int(config.get("warmup-rounds", shop.scenario.federation["warmup_rounds"]))
+    warmup = config.warmup_rounds
     if not shop.late_joiner:
         joined_late = 0 <= trained < min(warmup, server_round - 1)
         return "warm-up" if joined_late else "active"
-    join = int(config.get("join-round", shop.scenario.federation["join_round"]))
+    join = config.join_round
     if join <= 0 or server_round < join:
         return "waiting"
     return "warm-up" if server_round < join + warmup else "active"
@@ -279,7 +278,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     own = restore_own_encoder(model, context) if personal_mix(config) else None
     if own is not None:
         model.load_encoder_state(own)
-    requested = str(config.get("eval-split", "val"))
+    requested = config.eval_split
     splits = requested.split("+")
     metrics: dict[str, float] = {}
     for split in splits:

@@ -11,6 +11,7 @@ from flower_harness import LocalGrid, tiny_scenario, write_scenario
 
 from client import client_app
 from server.server_app import FederationSettings, run_federation
+from shared.settings import ShopRoundSettings
 
 JOIN, ROUNDS = 2, 3
 
@@ -88,10 +89,11 @@ def test_join_stage_rule_for_nodes_that_are_not_scenario_late_joiners():
     shop = SimpleNamespace(late_joiner=False, scenario=SimpleNamespace(federation={"warmup_rounds": 2,
                                                                                     "join_round": 0}))
     stage = client_app.join_stage
-    assert stage(shop, {}, 1, trained=0) == "active"  # everyone starts fresh together
-    assert stage(shop, {}, 5, trained=4) == "active"  # trained every round so far
-    assert stage(shop, {}, 5, trained=0) == "warm-up"  # arrives at round 5
-    assert stage(shop, {}, 6, trained=1) == "warm-up"  # second of its two warm-up rounds
-    assert stage(shop, {}, 7, trained=2) == "active"
-    assert stage(shop, {}, 3, trained=10) == "active"  # a merchant whose heads trained in an earlier run
-    assert stage(shop, {"warmup-rounds": 0}, 5, trained=0) == "active"
+    two = ShopRoundSettings(warmup_rounds=2)  # the shop reads the message's settings, not its scenario
+    assert stage(shop, two, 1, trained=0) == "active"  # everyone starts fresh together
+    assert stage(shop, two, 5, trained=4) == "active"  # trained every round so far
+    assert stage(shop, two, 5, trained=0) == "warm-up"  # arrives at round 5
+    assert stage(shop, two, 6, trained=1) == "warm-up"  # second of its two warm-up rounds
+    assert stage(shop, two, 7, trained=2) == "active"
+    assert stage(shop, two, 3, trained=10) == "active"  # a merchant whose heads trained in an earlier run
+    assert stage(shop, ShopRoundSettings(warmup_rounds=0), 5, trained=0) == "active"
