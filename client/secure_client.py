@@ -34,6 +34,7 @@ from client import client_app as main_client
 from client.leak_guard import BLOCKED_TEXT, FAILED_TEXT, check_reply_metadata, error_reply, shop_vocabulary
 from client.local_state import resolve_shop, restore_local_part, save_local_part
 from shared.privacy.audit import LeakBlocked, MetricVocabulary, clean_metrics, clean_scalar, parse_splits
+from shared.settings import ShopRoundSettings
 from shared.train import evaluate_shop, train_shop
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,8 @@ class ShopNumPyClient(NumPyClient):
 
     def _setup(self, parameters: list[np.ndarray], config: dict[str, Any]):
         torch.set_num_threads(1)
-        merged = {**dict(self.context.run_config), **dict(config)}
-        shop = resolve_shop(self.context, merged)
+        merged = ShopRoundSettings.from_message(dict(self.context.run_config), dict(config))  # parsed once
+        shop = resolve_shop(self.context, main_client.shop_ref(merged))
         model = shop.model()
         keys = list(model.encoder.state_dict())
         if len(keys) != len(parameters):
@@ -60,23 +61,22 @@ class ShopNumPyClient(NumPyClient):
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         """The shop's initial encoder (only used when the coordinator has none)."""
-        shop = resolve_shop(self.context, {**dict(self.context.run_config), **dict(config)})
+        settings = ShopRoundSettings.from_message(dict(self.context.run_config), dict(config))
+        shop = resolve_shop(self.context, main_client.shop_ref(settings))
         return [v.numpy() for v in shop.model().encoder_state().values()]
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
         """Train locally; return the encoder arrays, the SecAgg weight and plaintext metrics."""
         shop, model, merged = self._setup(parameters, config)
-        server_round = int(merged.get("server-round", 0))
-        base = shop.scenario.train
-        cfg = replace(base, epochs=int(merged.get("local-epochs", base.epochs)),
-                      max_steps=int(merged.get("max-steps", base.max_steps)),
-                      seed=main_client.round_seed(int(merged.get("seed", shop.scenario.seed)), server_round,
-                                                  shop.index))
+        server_round = merged.server_round
+        seed = merged.seed if merged.seed >= 0 else shop.scenario.seed
+        cfg = replace(shop.scenario.train, epochs=merged.local_epochs, max_steps=merged.max_steps,
+                      seed=main_client.round_seed(seed, server_round, shop.index))
         losses = train_shop(model, shop.tensors, cfg)
         save_local_part(model, self.context, shop.state_dir, shop=shop.name, server_round=server_round)
         # SecAgg+ weights each masked vector by num_examples / max-weight before quantising; "uniform"
         # (weight 1) keeps the full quantisation range for the weights themselves.
-        weight = 1 if merged.get("secagg-weighting", "uniform") == "uniform" else int(losses["num-examples"])
+        weight = 1 if merged.secagg_weighting == "uniform" else int(losses["num-examples"])
         metrics = {k: float(v) for k, v in losses.items() if k != "num-examples"}
         metrics["shop-index"] = shop.index
         return [v.numpy() for v in model.encoder_state().values()], weight, metrics
@@ -84,7 +84,7 @@ class ShopNumPyClient(NumPyClient):
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]):
         """Per-task metrics of the global encoder with this shop's local part."""
         shop, model, merged = self._setup(parameters, config)
-        splits = str(merged.get("eval-split", "val")).split("+")
+        splits = merged.eval_split.split("+")
         metrics: dict[str, Any] = {}
         for split in splits:  # "val+test": both, keys prefixed with their split as the main ClientApp does
             prefix = f"{split}/" if len(splits) > 1 else ""

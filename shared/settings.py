@@ -243,8 +243,12 @@ TABLE_RANGES: dict[type, dict[str, Any]] = {
                   "heterogeneity": Field(gt=0), "overlap": Field(ge=0, le=1), "pool_size": Field(ge=1),
                   "max_impressions": Field(ge=1), "min_impressions": Field(ge=1), "n_small_shops": Field(ge=0),
                   "late_joiner_impressions": Field(ge=1), "days": Field(ge=1), "min_items": Field(ge=1),
-                  "impressions_per_user": Field(gt=0), "impressions_per_item": Field(gt=0)},
+                  "impressions_per_user": Field(gt=0), "impressions_per_item": Field(gt=0),
+                  "size_exponent": Field(gt=0), "n_brands_per_category": Field(ge=1), "n_regions": Field(ge=1),
+                  "base_ctr": Field(gt=0, lt=1), "cart_rate": Field(gt=0, lt=1), "base_cvr": Field(gt=0, lt=1),
+                  "promo_rate": Field(ge=0, le=1), "task_dropout": Field(ge=0, lt=1)},
 }
+NON_NEGATIVE_BY_DEFAULT = (WorldConfig,)  # every other number of these tables is a size, sd or rate: >= 0
 
 
 def _table_from(cls: type, name: str) -> type[_Table]:
@@ -255,6 +259,8 @@ def _table_from(cls: type, name: str) -> type[_Table]:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rule = ranges.get(f.name)
+        if rule is None and cls in NON_NEGATIVE_BY_DEFAULT and hints[f.name] in (int, float):
+            rule = Field(ge=0)
         if isinstance(rule, FieldInfo):
             spec[f.name] = (Annotated[hints[f.name], rule], default)
         elif rule is not None:  # a Literal of the allowed words
@@ -297,22 +303,26 @@ class FeaturesTableChecked(FeaturesTable):  # type: ignore[valid-type,misc]
 class DataTable(_Table):
     """The scenario's ``[data]`` table: where the shops come from."""
 
-    source: Literal["synthetic", "movielens", "amazon", "shop-dirs"] = "synthetic"
-    path: str | None = None  # movielens/amazon files (or $FEDSHOP_MOVIELENS / $FEDSHOP_AMAZON)
-    split_by: Literal["region", "genre"] = "region"  # movielens: how users/items become shops
-    negatives_per_positive: int = Field(1, ge=0)  # movielens: sampled non-clicks per rating
-    n_shops: int = Field(1, ge=1)  # amazon: shops to split the ratings into
-    paths: list[str] = Field(default_factory=list)  # shop-dirs: merchant shop directories
+    source: Literal["synthetic", "movielens", "amazon", "shop-dirs"] = Field("synthetic", description="where shops "
+                                                                              "come from")
+    path: str | None = Field(None, description="movielens/amazon files (or $FEDSHOP_MOVIELENS / $FEDSHOP_AMAZON)")
+    split_by: Literal["region", "genre"] = Field("region", description="movielens: how users/items become shops")
+    negatives_per_positive: int = Field(1, ge=0, description="movielens: sampled non-clicks per rating")
+    n_shops: int = Field(1, ge=1, description="amazon: shops to split the ratings into")
+    paths: list[str] = Field(default_factory=list, description="shop-dirs: merchant shop directories")
     synthetic: SyntheticTable = Field(default_factory=SyntheticTable)  # type: ignore[valid-type]
 
 
 class TransferTable(_Table):
     """The scenario's ``[transfer]`` table (`fedshop transfer`)."""
 
-    late_joiners: list[str] | None = None  # shops held out of training; default: the generator's choice
-    fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [0.01, 0.05, 0.10, 0.25, 1.0])
+    late_joiners: list[str] | None = Field(None, description="shops held out of training; default: the "
+                                           "generator's choice")
+    fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.01, 0.05, 0.10, 0.25, 1.0], description="data fractions; each > 0, <= 1")
     modes: list[Literal["scratch", "frozen", "finetune", "meta"]] = Field(
-        default_factory=lambda: ["scratch", "frozen", "finetune", "meta"])
+        default_factory=lambda: ["scratch", "frozen", "finetune", "meta"],
+        description="each one of scratch, frozen, finetune, meta")
 
 
 class ScenarioSettings(_Table):
@@ -437,6 +447,10 @@ def _range(info: FieldInfo) -> str:
     return ", ".join(parts) or {bool: "true \\| false", str: "text"}.get(info.annotation, "any")
 
 
+def _cell(text: str | None) -> str:
+    return (text or "").replace("|", "\\|")
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -449,16 +463,20 @@ def settings_reference() -> str:
     """Markdown tables of every scenario key and run-config key with default and range (docs/settings.md)."""
     out = ["# Settings reference", "",
            "Generated from `shared/settings.py` by `python -m shared.settings > docs/settings.md`; "
-           "`tests/test_settings.py` fails when this file and the schema differ.", ""]
+           "`tests/test_settings.py` fails when this file and the schema differ. Bad values are refused when the "
+           "scenario loads (docs/bad-input.md, \"Scenario settings\"). `seed` in [features], [train] and "
+           "[data.synthetic] defaults to the scenario's top-level `seed` (>= 0); [train] `epochs` is refused "
+           "(federation.local_epochs is what every runner trains).", ""]
     tables = [("[features]", FeaturesTableChecked), ("[model]", ModelTable), ("[train]", TrainTable),
               ("[data]", DataTable), ("[data.synthetic]", SyntheticTable), ("[transfer]", TransferTable)]
     for title, model in tables:
-        out += [f"## {title}", "", "| key | default | range |", "|---|---|---|"]
+        out += [f"## {title}", "", "| key | default | range | what |", "|---|---|---|---|"]
         for name, info in model.model_fields.items():
-            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            if (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)) or (
+                    model is TrainTable and name == "epochs"):  # refused: federation.local_epochs is read
                 continue
             default = info.get_default(call_default_factory=True)
-            out.append(f"| `{name}` | {_fmt(default)} | {_range(info)} |")
+            out.append(f"| `{name}` | {_fmt(default)} | {_range(info)} | {_cell(info.description)} |")
         out.append("")
     out += ["## [federation] and the run config", "",
             "Every `[federation]` key is also a Flower run-config key (`[tool.flwr.app.config]`, "
@@ -466,7 +484,8 @@ def settings_reference() -> str:
             "| scenario key | run-config key | default | range | what |", "|---|---|---|---|---|"]
     for name, info in RunSettings.model_fields.items():
         scen = f"`{name}`" if name in FederationTable.model_fields else "(run only)"
-        out.append(f"| {scen} | `{run_key(name)}` | {_fmt(info.default)} | {_range(info)} | {info.description} |")
+        out.append(f"| {scen} | `{run_key(name)}` | {_fmt(info.default)} | {_range(info)} | "
+                   f"{_cell(info.description)} |")
     return "\n".join(out) + "\n"
 
 
