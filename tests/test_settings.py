@@ -228,3 +228,9 @@ def test_any_edit_of_a_valid_scenario_loads_or_is_a_scenario_error(edits: list, 
     FederationTable(**sc.federation)  # what loaded is itself valid
     assert sc.federation["rounds"] >= 1 and 0 < sc.federation["fraction_train"] <= 1
     assert math.isfinite(sc.train.lr) and sc.train.lr > 0 and sc.train.batch_size >= 1
+
+
+def test_resume_with_a_bad_saved_scenario_prints_the_error(tmp_path: Path) -> None:
+    (tmp_path / "scenario.toml").write_text("[federation]\nrounds = 0\n", encoding="utf-8")
+    code, out = _cli("simulate", "--resume", str(tmp_path))
+    assert code == 2 and "scenario.toml: federation.rounds = 0" in out and "Traceback" not in out, out

@@ -25,10 +25,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Attack a scenario's shops and report what leaks, with and without SecAgg+ and DP."""
         from simulations.options import scenario_or_exit
-        from simulations.privacy_eval import PrivacyEvalConfig, run_privacy_eval
-        from simulations.rundir import new_run_dir, write_run_info
 
         scenario_or_exit(scenario, load_shops=False)  # a bad scenario: its error, before any run directory
+        from simulations.privacy_eval import PrivacyEvalConfig, run_privacy_eval
+        from simulations.rundir import new_run_dir, write_run_info
 
         cfg = PrivacyEvalConfig.small() if small else PrivacyEvalConfig()
         cfg = replace(cfg, seed=seed, n_property_shops=property_shops or cfg.n_property_shops,
