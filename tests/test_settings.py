@@ -234,3 +234,17 @@ def test_resume_with_a_bad_saved_scenario_prints_the_error(tmp_path: Path) -> No
     (tmp_path / "scenario.toml").write_text("[federation]\nrounds = 0\n", encoding="utf-8")
     code, out = _cli("simulate", "--resume", str(tmp_path))
     assert code == 2 and "scenario.toml: federation.rounds = 0" in out and "Traceback" not in out, out
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parts=st.lists(st.sampled_from([*TABLES, *KEYS, "synthetic"]) | st.text(min_size=1, max_size=6),
+                      min_size=1, max_size=3),
+       value=VALUES)
+def test_any_set_override_loads_or_is_a_scenario_error(parts: list[str], value: object) -> None:
+    """What `--set key=value` reaches: any dotted key with any value."""
+    try:
+        sc = load_scenario("default", {".".join(parts): value})
+    except ScenarioError as exc:
+        assert str(exc)
+        return
+    FederationTable(**sc.federation)
