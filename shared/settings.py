@@ -218,6 +218,8 @@ class ShopRoundSettings(RunSettings):
     model_config = ConfigDict(extra="ignore")
 
     server_round: int = Field(0, ge=0, description="set by Flower's strategies")
+    eval_split: str = Field("val", description="a message without eval-split evaluates val (as the leak guard "
+                            "assumes)")
     freeze_encoder: bool = Field(False, description="train the local part only")
 
     @classmethod
