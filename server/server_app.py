@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import random
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +95,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     settings.run_dir = str(run_dir)
     scenario = load_scenario(settings.scenario, {"seed": settings.seed} if settings.seed >= 0 else None)
     if not (run_dir / "config.toml").exists():
-        atomic_write_text(run_dir / "config.toml", tomli_w.dumps({"run": asdict(settings), "scenario": scenario.raw}))
+        record = {"run": settings.to_run_config(), "scenario": scenario.raw}
+        atomic_write_text(run_dir / "config.toml", tomli_w.dumps(record))
     base = build_strategy(settings.strategy, fraction_train=settings.fraction_train,
                           min_shops=settings.min_shops, proximal_mu=settings.proximal_mu,
                           server_lr=settings.server_lr, server_momentum=settings.server_momentum)

@@ -19,51 +19,15 @@ from typing import Any
 from shared.features import FeatureConfig
 from shared.model import ModelConfig
 from shared.schema import ShopData
+from shared.settings import FEDERATION_DEFAULTS, ScenarioError, validate_scenario
 from shared.train import TrainConfig
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
 DATA_ENV = {"movielens": "FEDSHOP_MOVIELENS", "amazon": "FEDSHOP_AMAZON"}
 
-FEDERATION_DEFAULTS: dict[str, Any] = {
-    "rounds": 10,  # server rounds
-    "strategy": "fedavg",  # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
-    "fraction_train": 1.0,  # share of shops sampled per round
-    "min_shops": 2,  # a round needs at least this many replies
-    "local_epochs": 1,  # local epochs per round
-    "personal_mix": 0.0,  # n0: a shop starts each round from (1-b) global + b own encoder, b = n/(n+n0),
-    # and serves its own encoder (docs/federation.md); 0 = off (plain FedAvg start, global encoder served)
-    "prox_mu": 0.0,  # FedProx proximal weight (strategy fedprox)
-    "server_lr": 0.0,  # FedAdam/FedYogi eta, FedAvgM server lr; 0 = its default (0.1, 0.1, 1.0)
-    "server_momentum": 0.0,  # FedAvgM server momentum
-    "join_round": 0,  # round at which late joiners join a running federation (0 = never)
-    "warmup_rounds": 1,  # rounds a joining shop trains its local part with the encoder frozen
-    "objective": "fedavg",  # fedavg | meta (Reptile-style: short inner loops, see docs)
-    "meta_inner_steps": 20,  # inner steps per round with objective = meta
-    "meta_outer_step": 1.0,  # Reptile outer step size applied by each shop to its reply
-    "round_timeout": 600.0,  # seconds before a shop's reply counts as missing
-    "engine": "ray",  # simulation engine: ray (Flower's) | pool (simulations/pool_engine.py, many shops)
-    "workers": 0,  # pool engine: worker processes (0 = one per CPU)
-    # privacy (docs/privacy.md): SecAgg+, central DP over shops, DP-SGD inside each shop
-    "secure_aggregation": False,  # Flower's SecAgg+: the coordinator sees only the sum of the encoders
-    "secagg_num_shares": 1.0,  # <= 1: share of shops each key is shared with; > 1: a count
-    "secagg_clipping_range": 8.0,  # encoder values are clipped to +-this before quantisation
-    "secagg_weighting": "uniform",  # uniform | examples (then raise secagg_max_weight to the largest shop)
-    "secagg_max_weight": 1.0,
-    "dp_noise_multiplier": 0.0,  # central DP noise z (> 0 turns it on); unit of privacy: a shop
-    "dp_clipping_norm": 1.0,  # S: bound on each shop's encoder update
-    "dp_delta": 1e-5,
-    "max_epsilon": 0.0,  # central DP budget: the run stops before exceeding it (0 = none)
-    "dpsgd_noise_multiplier": 0.0,  # DP-SGD in every shop (> 0 turns it on); unit: dpsgd_unit
-    "dpsgd_clipping_norm": 1.0,
-    "dpsgd_unit": "user",  # user | record
-    "dpsgd_sample_rate": 0.05,
-    "dpsgd_steps": 0,  # steps per round; 0 = one expected pass over the units
-    "dpsgd_max_epsilon": 0.0,  # a shop refuses a round past this (0 = none)
-}
-
-
-class ScenarioError(ValueError):
-    """A scenario file that cannot be used: names the file, the key and the fix."""
+# Every key, default and range lives in the schema (shared/settings.py); re-exported for old imports.
+__all__ = ["FEDERATION_DEFAULTS", "Scenario", "ScenarioError", "load_scenario", "resolve_scenario_path",
+           "scenario_from_dict"]
 
 
 def _dataclass_from(cls: type, table: dict, where: str) -> Any:
@@ -76,9 +40,14 @@ def _dataclass_from(cls: type, table: dict, where: str) -> Any:
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     parts = key.replace("-", "_").split(".")
+    if not all(parts):
+        raise ScenarioError(f"override {key!r} has an empty part. Fix: write table.key=value, e.g. federation.rounds=3")
     node = raw
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ScenarioError(f"override {key!r}: {'.'.join(parts[:i + 1])} is a value, not a table. Fix: set "
+                                f"{'.'.join(parts[:i + 1])}=... itself, or a key of a table such as federation.rounds")
     node[parts[-1]] = value
 
 
@@ -209,23 +178,19 @@ def scenario_from_dict(raw: dict, overrides: dict[str, Any] | None = None, *, pa
     raw = copy.deepcopy(raw)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
-    where = str(path or "scenario")
-    seed = int(raw.get("seed", 0))
-    feats = _dataclass_from(FeatureConfig, {"seed": seed, **raw.get("features", {})}, f"{where} [features]")
-    model = _dataclass_from(ModelConfig, raw.get("model", {}), f"{where} [model]")
-    if "epochs" in raw.get("train", {}):
-        raise ScenarioError(f"{where} [train]: `epochs` is not read (a federated round, local-only and the oracle "
-                            "all train [federation] local_epochs per round). Fix: remove it and set "
-                            "federation.local_epochs instead")
-    train = _dataclass_from(TrainConfig, {"seed": seed, **raw.get("train", {})}, f"{where} [train]")
-    fed_table = raw.get("federation", {})
-    unknown = sorted(set(fed_table) - set(FEDERATION_DEFAULTS))
-    if unknown:
-        raise ScenarioError(f"{where} [federation]: unknown key(s) {unknown}. Fix: use {sorted(FEDERATION_DEFAULTS)}")
-    federation = {**FEDERATION_DEFAULTS, **fed_table}
-    if float(federation["personal_mix"]) < 0:
-        raise ScenarioError(f"{where} [federation]: personal_mix = {federation['personal_mix']} is negative. Fix: "
-                            "give n0 >= 0 in training rows (0 turns the personal mix off; default.toml uses 20000)")
+    try:  # every table, key and range: a ScenarioError naming file, key, value and fix
+        settings = validate_scenario(raw, path)
+    except ScenarioError as exc:
+        if not overrides:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise ScenarioError(f"{exc}\n(with the overrides {given})") from None
+    seed = settings.seed
+    # The scenario's seed flows into [features] and [train] unless a table sets its own.
+    feats = FeatureConfig(**{**settings.features.model_dump(), "seed": raw.get("features", {}).get("seed", seed)})
+    model = ModelConfig(**settings.model.model_dump())
+    train = TrainConfig(**{**settings.train.model_dump(), "seed": raw.get("train", {}).get("seed", seed)})
+    federation = settings.federation.model_dump()
     return Scenario(name=str(raw.get("name", path.stem if path else "scenario")), seed=seed, raw=raw,
                     features=feats, model=model, train=train, federation=federation,
                     transfer=dict(raw.get("transfer", {})), path=path)

@@ -18,6 +18,7 @@ import tomli_w
 
 from shared.atomic import atomic_write_text
 from shared.scenario import Scenario
+from shared.settings import RunSettings
 from simulations.console import quiet_simulation_workers
 from simulations.ray_auth import require_ray_token
 from simulations.rundir import write_run_info
@@ -67,42 +68,14 @@ def check_ray_address(ray_address: str, environ: dict[str, str] | None = None) -
 
 def run_config(scenario: Scenario, run_dir: Path, *, method: str, rounds: int | None,
                resume: bool) -> dict[str, Any]:
-    """The Flower run config of a scenario: its [federation] table in the ServerApp's keys."""
+    """The Flower run config of a scenario, derived from the schema: its [federation] table plus the run's keys."""
     if method not in METHODS:
         raise ValueError(f"method '{method}' is unknown. Fix: use one of {sorted(METHODS)}")
-    fed = scenario.federation
-    return {"scenario": str(run_dir / SCENARIO_FILE), "num-server-rounds": int(rounds or fed["rounds"]),
-            "strategy": fed["strategy"], "fraction-train": float(fed["fraction_train"]),
-            "min-shops": int(fed["min_shops"]), "local-epochs": int(fed["local_epochs"]),
-            "personal-mix": float(fed["personal_mix"]),
-            "proximal-mu": float(fed["prox_mu"]), "server-lr": float(fed["server_lr"]),
-            "server-momentum": float(fed["server_momentum"]),
-            "warmup-rounds": int(fed["warmup_rounds"]), "round-timeout": float(fed["round_timeout"]),
-            "objective": str(fed["objective"]), "meta-inner-steps": int(fed["meta_inner_steps"]),
-            "meta-outer-step": float(fed["meta_outer_step"]),
-            "join-round": int(fed["join_round"]),
-            "seed": scenario.seed, "run-dir": str(run_dir), "method": method, "share": METHODS[method],
-            "resume": resume, **privacy_config(fed)}
-
-
-def privacy_config(fed: dict[str, Any]) -> dict[str, Any]:
-    """The run-config keys of the privacy options a scenario turns on (none when all are off)."""
-    out: dict[str, Any] = {}
-    if bool(fed["secure_aggregation"]):
-        out.update({"secure-aggregation": True, "secagg-num-shares": float(fed["secagg_num_shares"]),
-                    "secagg-clipping-range": float(fed["secagg_clipping_range"]),
-                    "secagg-weighting": str(fed["secagg_weighting"]),
-                    "secagg-max-weight": float(fed["secagg_max_weight"])})
-    if float(fed["dp_noise_multiplier"]) > 0:
-        out.update({"dp-noise-multiplier": float(fed["dp_noise_multiplier"]),
-                    "dp-clipping-norm": float(fed["dp_clipping_norm"]), "dp-delta": float(fed["dp_delta"]),
-                    "dp-max-epsilon": float(fed["max_epsilon"])})
-    if float(fed["dpsgd_noise_multiplier"]) > 0:
-        out.update({"dpsgd-noise-multiplier": float(fed["dpsgd_noise_multiplier"]),
-                    "dpsgd-clipping-norm": float(fed["dpsgd_clipping_norm"]), "dpsgd-unit": str(fed["dpsgd_unit"]),
-                    "dpsgd-sample-rate": float(fed["dpsgd_sample_rate"]), "dpsgd-steps": int(fed["dpsgd_steps"]),
-                    "dpsgd-max-epsilon": float(fed["dpsgd_max_epsilon"])})
-    return out
+    settings = RunSettings(**scenario.federation, scenario=str(run_dir / SCENARIO_FILE), seed=scenario.seed,
+                           run_dir=str(run_dir), method=method, share=METHODS[method], resume=resume)
+    if rounds:
+        settings.rounds = rounds  # validated on assignment: rounds >= 1
+    return settings.to_run_config()
 
 
 def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop", rounds: int | None = None,

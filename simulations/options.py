@@ -27,11 +27,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def scenario_or_exit(name: str, overrides: dict[str, Any] | None = None) -> Scenario:
-    """Load a scenario and its shops, or print the precise problem and exit 2."""
+def scenario_or_exit(name: str, overrides: dict[str, Any] | None = None, *, load_shops: bool = True) -> Scenario:
+    """Load a scenario (settings checked by the schema, shared/settings.py) and, unless ``load_shops`` is
+    False, its shops; or print the precise problem (file, key, value, fix) and exit 2."""
     try:
         scenario = load_scenario(name, overrides)
-        scenario.shops()
+        if load_shops:
+            scenario.shops()
         return scenario
     except (ScenarioError, ShopDataError) as exc:
         # Escaped: messages name TOML tables like "[model]", which Rich would otherwise eat as markup.

@@ -13,7 +13,7 @@ import torch
 from shared.features import build_shop_tensors
 from shared.meta import meta_train_shop, reptile_direction
 from shared.model import build_model
-from shared.scenario import load_scenario, scenario_from_dict
+from shared.scenario import ScenarioError, load_scenario, scenario_from_dict
 from shared.train import TrainConfig, train_shop
 from shared.transfer import TransferConfig, adapt_frozen_then_finetune, adapt_shop, validation_score
 from simulations.transfer import (
@@ -168,8 +168,8 @@ def test_meta_train_shop_gives_a_finite_reptile_update_and_scales_it(world):
 def test_plan_needs_late_joiners_and_known_modes():
     with pytest.raises(TransferError, match="no late joiners"):
         plan_transfer(load_scenario("default", {**TINY, "data.synthetic.n_late_joiners": 0}))
-    with pytest.raises(TransferError, match="modes"):
-        plan_transfer(load_scenario("default", {**TINY, "transfer.modes": ["scratch", "distill"]}))
+    with pytest.raises(ScenarioError, match=r"transfer\.modes = 'distill'"):  # refused when the scenario loads
+        load_scenario("default", {**TINY, "transfer.modes": ["scratch", "distill"]})
     plan = plan_transfer(load_scenario("default", {**TINY, "transfer.fractions": [0.1], "transfer.modes": ["frozen"]}))
     assert plan.fractions == [0.1, 1.0] and plan.modes == ["scratch", "frozen"]
 

@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed of user splits, training and bootstraps."),
     ) -> None:
         """Attack a scenario's shops and report what leaks, with and without SecAgg+ and DP."""
+        from simulations.options import scenario_or_exit
+
+        scenario_or_exit(scenario, load_shops=False)  # a bad scenario: its error, before any run directory
         from simulations.privacy.eval_config import PrivacyEvalConfig
         from simulations.privacy.run import run_privacy_eval
         from simulations.rundir import new_run_dir, write_run_info

@@ -8,14 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
-from shared.scenario import scenario_from_dict
 from simulations.compare import small_shops_of
 from simulations.console import print_verdict, step_progress
 from simulations.federated import ENGINES, METHODS, SCENARIO_FILE, RunStopped, run_federated
@@ -142,7 +140,7 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[red]error:[/red] {saved} not found: --resume needs a run directory written by "
                               "`fedshop simulate`")
                 raise typer.Exit(2)
-            scen = scenario_from_dict(tomllib.loads(saved.read_text(encoding="utf-8")), path=saved)
+            scen = scenario_or_exit(str(saved), load_shops=False)  # a bad saved scenario: its error, exit 2
             out = resume
         else:
             extra = parse_overrides(set_)

@@ -11,8 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from shared.features import SPLITS, FeatureConfig, assign_splits
-from shared.scenario import load_scenario
 from shared.schema import ShopData, ShopDataError, load_shop_dir
+from simulations.options import scenario_or_exit
 
 SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
 
@@ -97,7 +97,7 @@ def validate(
                                              "(default: the temporal 80/10/10 split)."),
 ) -> None:
     """Check shop directories: per shop rows/users/items/tasks, or the error with file, row, column and fix."""
-    features = load_scenario(scenario).features if scenario else FeatureConfig()
+    features = scenario_or_exit(scenario, load_shops=False).features if scenario else FeatureConfig()
     reports = [shop_report(path, features) for path in shop_dirs]
     _refuse_shared_names(reports)
     if as_json:
