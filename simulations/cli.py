@@ -6,7 +6,17 @@ import os
 
 import typer
 
-from simulations.commands import compare, deploy, generate, privacy, simulate, train, transfer, validate
+from simulations.commands import (
+    compare,
+    deploy,
+    generate,
+    init_scenario,
+    privacy,
+    simulate,
+    train,
+    transfer,
+    validate,
+)
 from simulations.console import configure_logging
 
 app = typer.Typer(
@@ -36,7 +46,7 @@ def _setup(
     torch.set_num_threads(threads)
 
 
-for module in (generate, validate, train, simulate, compare, transfer, privacy, deploy):
+for module in (generate, validate, init_scenario, train, simulate, compare, transfer, privacy, deploy):
     module.register(app)
 
 if __name__ == "__main__":

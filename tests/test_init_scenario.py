@@ -11,12 +11,13 @@ import typer
 from typer.testing import CliRunner
 
 from shared.scenario import load_scenario
-from simulations.commands import generate, validate
+from simulations.commands import generate, init_scenario, validate
 
 # The commands alone, without the root app's callback (it reconfigures Flower's logger for the whole process).
 app = typer.Typer()
 generate.register(app)
-validate.register(app)  # registers init-scenario too
+validate.register(app)
+init_scenario.register(app)
 
 
 @pytest.fixture(scope="module")

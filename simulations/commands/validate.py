@@ -125,8 +125,5 @@ def _refuse_shared_names(reports: list[dict]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `validate` and `init-scenario` (a scenario over validated shop directories) to the root app."""
-    from simulations.commands import init_scenario  # noqa: PLC0415 - it imports this module
-
+    """Add `validate` to the root app (`init-scenario`, built on it, registers itself)."""
     app.command("validate")(validate)
-    init_scenario.register(app)
