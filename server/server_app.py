@@ -45,7 +45,8 @@ from server.checkpoint import (
 from server.metrics_log import MetricsLog, eval_rows_by_split, train_rows
 from server.node_identity import check_identities
 from server.polling_grid import faster_polling
-from server.strategies import RoundReport, ShopStrategy, build_strategy
+from server.robust import RobustSettings
+from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
 from shared.atomic import atomic_write_text
 from shared.model import SharedEncoder
 from shared.scenario import Scenario, load_scenario
@@ -53,6 +54,7 @@ from shared.scenario import Scenario, load_scenario
 logger = logging.getLogger(__name__)
 SHARE_MODES = ("encoder", "all-shareable")
 STOP_FILE = "stopped.txt"  # why a run ended before its last round (e.g. the privacy budget), for the caller
+FAILED_FILE = "failed.txt"  # why a run failed (no usable round), for the caller
 DP_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")  # mean-based: noise zS/n is calibrated to these
 
 
@@ -62,7 +64,7 @@ class FederationSettings:
 
     scenario: str = "default"  # built-in scenario name or path to a scenario TOML
     num_server_rounds: int = 5
-    strategy: str = "fedavg"  # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
+    strategy: str = "fedavg"  # see server.strategies.STRATEGIES (incl. fedmedian, fedtrimmedavg, [multi]krum, bulyan)
     fraction_train: float = 1.0
     min_shops: int = 2  # a round with fewer usable updates is skipped (global model kept)
     max_short_rounds: int = 3  # the run fails when more rounds than this in a row are short of min-shops
@@ -97,6 +99,14 @@ class FederationSettings:
     dpsgd_lr: float = 0.01
     dpsgd_delta: float = 1e-5
     dpsgd_max_epsilon: float = 0.0  # a shop refuses a round that would exceed this (0 = no budget)
+    # screens against a malicious shop (server/robust.py, docs/robustness.md); 0 (min-cosine: -1) = off
+    robust_norm_factor: float = 4.0  # update norm above this x the round's median: left out (or clipped)
+    robust_norm_action: str = "leave-out"  # leave-out | clip
+    robust_min_cosine: float = 0.0  # leave out updates whose cosine with the median update is below this
+    robust_examples_cap: float = 10.0  # num-examples capped at this x the round's median and x the first claim
+    robust_weight_cap: float = 2.0  # no shop above this / n of the aggregation weight
+    robust_num_malicious: int = 1  # krum | multikrum | bulyan: assumed attackers
+    robust_trim_beta: float = 0.2  # fedtrimmedavg: share cut on each side
     app_signature: str = ""  # deployment: the coordinator's FAB signature, checked by each merchant's SuperNode
 
     @classmethod
@@ -118,6 +128,7 @@ class FederationSettings:
         if settings.max_short_rounds < 0:
             raise ValueError(f"run config max-short-rounds={settings.max_short_rounds} is negative. Fix: give 0 "
                              "(stop at the first round short of min-shops) or more")
+        settings.robust_settings()  # fail here on a bad robust-* value
         if settings.share not in SHARE_MODES:
             raise ValueError(f"run config share='{settings.share}' is unknown. Fix: use one of {SHARE_MODES}")
         if settings.dpsgd_noise_multiplier > 0:  # fail here, not on every shop, for a bad unit or rate
@@ -125,6 +136,12 @@ class FederationSettings:
 
             DPSGDConfig(**settings.dpsgd_kwargs())
         return settings
+
+    def robust_settings(self) -> RobustSettings:
+        """The screens' settings (`server.robust`)."""
+        return RobustSettings(norm_factor=self.robust_norm_factor, norm_action=self.robust_norm_action,
+                              min_cosine=self.robust_min_cosine, examples_cap=self.robust_examples_cap,
+                              weight_cap=self.robust_weight_cap)
 
     def dpsgd_kwargs(self) -> dict[str, Any]:
         """The shops' `DPSGDConfig` keyword arguments (without seed)."""
@@ -216,13 +233,15 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_orphans(run_dir)
     (run_dir / STOP_FILE).unlink(missing_ok=True)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
     settings.run_dir = str(run_dir)
     scenario = load_scenario(settings.scenario, {"seed": settings.seed} if settings.seed >= 0 else None)
     if not (run_dir / "config.toml").exists():
         atomic_write_text(run_dir / "config.toml", tomli_w.dumps({"run": asdict(settings), "scenario": scenario.raw}))
     base = build_strategy(settings.strategy, fraction_train=settings.fraction_train,
                           min_shops=settings.min_shops, proximal_mu=settings.proximal_mu,
-                          server_lr=settings.server_lr, server_momentum=settings.server_momentum)
+                          server_lr=settings.server_lr, server_momentum=settings.server_momentum,
+                          num_malicious=settings.robust_num_malicious, trim_beta=settings.robust_trim_beta)
     log = MetricsLog(run_dir / "metrics.csv", settings.method)
     fingerprint = _fingerprint(scenario, settings)
     if dp.enabled:  # the ledger replayed on resume is only right for the same z, S and shops
@@ -289,15 +308,29 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         return names[index] if index < len(names) else f"shop-{index}"
 
     strategy = ShopStrategy(inner, min_shops=settings.min_shops, shop_name=shop_name, on_round_end=on_round_end,
-                            round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds)
+                            round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds,
+                            robust=settings.robust_settings())
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),
                        evaluate_config=ConfigRecord(settings.client_config(scenario.seed)))
+        if strategy.aggregated_rounds == 0:  # the model never moved: not a completed run
+            raise RunFailed(f"every round ({done + 1}-{total}) was skipped, none updated the model; last: "
+                            f"{strategy.last_skip}. Fix: check the left-out shops' logs, then `--resume` the run")
     except PrivacyBudgetExhausted as exc:  # a planned end: the last checkpoint is the final model
         logger.error("run stopped: %s", exc)
         atomic_write_text(run_dir / STOP_FILE, f"{exc}\n")
+    except RunFailed as exc:
+        logger.error("run failed: %s", exc)
+        atomic_write_text(run_dir / FAILED_FILE, f"{exc}\n")
+        raise
     return run_dir
+
+
+def failure_reason(run_dir: Path) -> str | None:
+    """Why the run in ``run_dir`` failed (None if it did not)."""
+    path = Path(run_dir) / FAILED_FILE
+    return path.read_text(encoding="utf-8").strip() if path.exists() else None
 
 
 def stop_reason(run_dir: Path) -> str | None:

@@ -27,6 +27,7 @@ DATA_ENV = {"movielens": "FEDSHOP_MOVIELENS", "amazon": "FEDSHOP_AMAZON"}
 FEDERATION_DEFAULTS: dict[str, Any] = {
     "rounds": 10,  # server rounds
     "strategy": "fedavg",  # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
+    # | multikrum | bulyan (robust rules: docs/robustness.md)
     "fraction_train": 1.0,  # share of shops sampled per round
     "min_shops": 2,  # a round needs at least this many replies
     "local_epochs": 1,  # local epochs per round
@@ -41,6 +42,14 @@ FEDERATION_DEFAULTS: dict[str, Any] = {
     "meta_inner_steps": 20,  # inner steps per round with objective = meta
     "meta_outer_step": 1.0,  # Reptile outer step size applied by each shop to its reply
     "round_timeout": 600.0,  # seconds before a shop's reply counts as missing
+    # screens against a malicious shop (server/robust.py, docs/robustness.md); 0 (min_cosine: -1) turns one off
+    "robust_norm_factor": 4.0,  # update norm above this x the round's median norm: left out (or clipped)
+    "robust_norm_action": "leave-out",  # leave-out | clip
+    "robust_min_cosine": 0.0,  # leave out an update whose cosine with the round's median update is below this
+    "robust_examples_cap": 10.0,  # claimed num-examples capped at this x the round's median and x the first claim
+    "robust_weight_cap": 2.0,  # no shop gets more than this / n of the aggregation weight
+    "robust_num_malicious": 1,  # krum | multikrum | bulyan: assumed number of attackers
+    "robust_trim_beta": 0.2,  # fedtrimmedavg: share of updates cut on each side
     # privacy (docs/privacy.md): SecAgg+, central DP over shops, DP-SGD inside each shop
     "secure_aggregation": False,  # Flower's SecAgg+: the coordinator sees only the sum of the encoders
     "secagg_num_shares": 1.0,  # <= 1: share of shops each key is shared with; > 1: a count

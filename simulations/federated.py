@@ -32,6 +32,10 @@ class RunStopped(RuntimeError):
     """The federation ended before its last round by design (e.g. the privacy budget); the message says why."""
 
 
+class RunFailed(RuntimeError):
+    """The federation failed: no round (or too few in a row) had enough usable shops; the message says why."""
+
+
 def backend_config(cpus: int | None = None) -> dict[str, Any]:
     """Ray settings: no dashboard, one CPU per simulated shop.
 
@@ -60,7 +64,8 @@ def run_config(scenario: Scenario, run_dir: Path, *, method: str, rounds: int | 
             "meta-outer-step": float(fed["meta_outer_step"]),
             "join-round": int(fed["join_round"]),
             "seed": scenario.seed, "run-dir": str(run_dir), "method": method, "share": METHODS[method],
-            "resume": resume, **privacy_config(fed)}
+            "resume": resume, **privacy_config(fed),
+            **{k.replace("_", "-"): fed[k] for k in fed if k.startswith("robust_")}}  # server/robust.py
 
 
 def privacy_config(fed: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +95,8 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
 
     ``progress(report, total_rounds)`` is called after every round with a `server.strategies.RoundReport`.
     ``extra_config`` adds run-config keys (e.g. test-only `fault-inject`). Raises `RunStopped` when
-    the run ended early by design (central DP's budget); its checkpoints and metrics stay valid.
+    the run ended early by design (central DP's budget); its checkpoints and metrics stay valid, and
+    `RunFailed` when too many rounds, or all, lacked usable shops (the message says why).
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # CPU-only: opt in to Ray's future default (leave device env vars alone), which also silences
@@ -100,7 +106,7 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
 
     from client.client_app import app as client_app
-    from server.server_app import make_server_app, stop_reason
+    from server.server_app import failure_reason, make_server_app, stop_reason
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,9 +118,16 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     if n_shops < int(config["min-shops"]):
         raise ValueError(f"scenario '{scenario.name}' has {n_shops} training shops but min-shops is "
                          f"{config['min-shops']}. Fix: lower federation.min_shops or add shops")
-    with quiet_simulation_workers():
-        run_simulation(server_app=make_server_app(config, progress), client_app=client_app,
-                       num_supernodes=n_shops, backend_config=backend_config())
+    try:
+        with quiet_simulation_workers():
+            run_simulation(server_app=make_server_app(config, progress), client_app=client_app,
+                           num_supernodes=n_shops, backend_config=backend_config())
+    except Exception:
+        if failure_reason(run_dir) is None:
+            raise
+    failed = failure_reason(run_dir)  # Flower may swallow or wrap the ServerApp's exception: the file says
+    if failed is not None:
+        raise RunFailed(f"{failed}\nrun directory: {run_dir}")
     reason = stop_reason(run_dir)
     if reason is not None:  # e.g. the privacy budget: the last checkpoint is the final model
         raise RunStopped(f"{reason}\nrun directory: {run_dir}")
