@@ -13,7 +13,7 @@ Rules: ``fedavg`` (Flower's FedAvg, every screen off), ``fedshop`` (FedAvg behin
 test CTR AUC, (a) at each shop's best-validation round (the project's reporting rule) and (b) after the
 last round; "drop" is against clean FedAvg (attack none, rule fedavg).
 
-    .venv/bin/python benchmarks/byzantine.py [--rounds 4] [--attacks none,x100,...] [--rules fedavg,...]
+    .venv/bin/python benchmarks/byzantine.py [--rounds 3] [--attacks none,x100,...] [--rules fedavg,...]
 
 Prints the table and writes benchmarks/results/byzantine.json (atomically, after every run).
 """
@@ -76,7 +76,7 @@ class Attacker:
 
 
 def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: str, *, rounds: int,
-            attacker: int, sigma: float, work: Path) -> dict[str, Any]:
+            attacker: int, sigma: float, work: Path, screens: dict[str, Any] | None = None) -> dict[str, Any]:
     """One federation; returns honest shops' mean CTR AUC (best-val round and last round) and what was left out."""
     from client.client_app import app as client_app
     from server.server_app import FederationSettings, run_federation
@@ -90,6 +90,8 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
     config["strategy"] = "fedavg" if rule == "fedshop" else rule
     if rule != "fedshop":
         config.update(SCREENS_OFF)
+    else:
+        config.update(screens or {})
     shops = [s.name for s in scenario.federation_shops()]
     node_ids = nodes(len(shops))
     attacker_node = sorted(node_ids)[attacker]
@@ -106,7 +108,8 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
     best = final_table(rows[rows["shop"].isin(honest)])
     best = best[(best["task"] == "ctr") & (best["metric"] == "auc")]
     last = ctr[(ctr["split"] == "test") & (ctr["round"] == ctr["round"].max())]
-    return {"rule": rule, "attack": attack, "attacker": shops[attacker], "rounds": rounds,
+    screens_used = {k: v for k, v in config.items() if k.startswith("robust-")}
+    return {"rule": rule, "attack": attack, "screens": screens_used, "attacker": shops[attacker], "rounds": rounds,
             "honest_ctr_auc_best_val": float(best["value"].mean()), "honest_ctr_auc_last": float(last["value"].mean()),
             "per_shop_best_val": dict(zip(best["shop"], best["value"].round(4), strict=True)),
             "by_round": ctr[ctr["split"] == "test"].groupby("round")["value"].mean().round(4).tolist(),
@@ -119,20 +122,36 @@ def main() -> None:
     """Run the grid, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", default="default")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attacker", type=int, default=0, help="index of the attacking training shop")
     parser.add_argument("--sigma", type=float, default=5.0, help="noise attack's standard deviation")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--set", dest="sets", action="append", default=[], help="scenario override k=v")
+    parser.add_argument("--screens", action="append", default=[],
+                        help="fedshop rule only: a run-config key=value replacing a default screen setting, "
+                             "e.g. robust-weight-cap=4 (the JSON records every robust-* value used)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--combine", type=Path, nargs="+", default=[],
+                        help="only join these JSON files of partial runs (e.g. one process per rule) into --out")
     args = parser.parse_args()
+    console = Console()
+    if args.combine:
+        parts = [json.loads(p.read_text(encoding="utf-8")) for p in args.combine]
+        results = [r for part in parts for r in part["results"]]
+        meta = {**parts[0], "parts": [str(p) for p in args.combine],
+                "loadavg_start": [p.get("loadavg_start") for p in parts],
+                "loadavg_end": [p.get("loadavg_end") for p in parts]}
+        meta.pop("results", None)
+        write_table(console, meta, results, args.out)
+        return
     attacks, rules = args.attacks.split(","), args.rules.split(",")
     unknown = sorted(set(attacks) - set(ATTACKS)) + sorted(set(rules) - set(RULES))
     if unknown:
         parser.error(f"unknown attack/rule {unknown}; attacks: {ATTACKS}, rules: {RULES}")
     overrides = parse_overrides(args.sets)
-    console = Console()
+    screens = {k: float(v) if k != "robust-norm-action" else v
+               for k, _, v in (item.partition("=") for item in args.screens)}
     results: list[dict[str, Any]] = []
     meta = {"scenario": args.scenario, "overrides": overrides, "rounds": args.rounds, "sigma": args.sigma,
             "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
@@ -140,34 +159,43 @@ def main() -> None:
         for rule in rules:
             for attack in attacks:
                 res = run_one(args.scenario, overrides, rule, attack, rounds=args.rounds, attacker=args.attacker,
-                              sigma=args.sigma, work=Path(tmp))
+                              sigma=args.sigma, work=Path(tmp), screens=screens)
                 results.append(res)
                 console.print(f"{rule:>14} {attack:>8}: honest CTR AUC best-val {res['honest_ctr_auc_best_val']:.4f} "
                               f"last {res['honest_ctr_auc_last']:.4f}, attacker left out in "
                               f"{res['attacker_left_out_rounds']}/{args.rounds} rounds, honest left out "
                               f"{res['honest_left_out']} ({res['seconds']:.0f} s)")
                 atomic_write_text(args.out, json.dumps({**meta, "results": results}, indent=2) + "\n")
-    clean = {r["attack"]: r for r in results if r["rule"] == "fedavg"}.get("none")
+    meta["loadavg_end"] = os.getloadavg()
+    write_table(console, meta, results, args.out)
+
+
+def write_table(console: Console, meta: dict[str, Any], results: list[dict[str, Any]], out: Path) -> None:
+    """Add each run's drop against clean FedAvg, print the attack x rule table, write the JSON."""
+    clean = next((r for r in results if r["rule"] == "fedavg" and r["attack"] == "none"), None)
     for r in results:
         for which in ("best_val", "last"):
             r[f"drop_{which}"] = (clean[f"honest_ctr_auc_{which}"] - r[f"honest_ctr_auc_{which}"]) if clean else None
-    table = Table(title=f"honest shops' mean test CTR AUC (best-val round / last round), drop vs clean fedavg; "
-                        f"attacker {results[0]['attacker']}, {args.rounds} rounds")
+    attacks = [a for a in ATTACKS if any(r["attack"] == a for r in results)]
+    rules = [x for x in RULES if any(r["rule"] == x for r in results)]
+    table = Table(title=f"honest shops' mean test CTR AUC, best-val round / last round (drop vs clean fedavg); "
+                        f"attacker {results[0]['attacker']}, {meta['rounds']} rounds")
     table.add_column("rule")
     for attack in attacks:
         table.add_column(attack, justify="right")
     for rule in rules:
         cells = []
         for attack in attacks:
-            r = next(x for x in results if x["rule"] == rule and x["attack"] == attack)
+            r = next((x for x in results if x["rule"] == rule and x["attack"] == attack), None)
+            if r is None:
+                cells.append("not run")
+                continue
             drop = "" if r["drop_best_val"] is None else f" ({r['drop_best_val']:+.3f}/{r['drop_last']:+.3f})"
             cells.append(f"{r['honest_ctr_auc_best_val']:.3f}/{r['honest_ctr_auc_last']:.3f}{drop}")
         table.add_row(rule, *cells)
     console.print(table)
-    meta["loadavg_end"] = os.getloadavg()
-    atomic_write_text(args.out, json.dumps({**meta, "results": results}, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
-
+    atomic_write_text(out, json.dumps({**meta, "results": results}, indent=2) + "\n")
+    console.print(f"wrote {out}")
 
 if __name__ == "__main__":
     main()

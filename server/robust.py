@@ -5,8 +5,9 @@ Each update is ``delta = reply - global encoder``. In order:
    first claim (a shop suddenly claiming 1e9 cannot take the average);
 2. an update whose norm exceeds ``norm_factor`` x the round's median norm is left out (or, with
    ``norm_action = "clip"``, scaled down to that bound);
-3. an update whose cosine with the coordinate-wise median of the round's deltas is below ``min_cosine``
-   is left out (a sign flip or a negative scaling points away from the honest majority);
+3. an update whose direction score, the median over arrays of its cosine with the coordinate-wise median
+   of the round's deltas, is below ``min_cosine`` is left out (a sign flip or a negative scaling points
+   away from the honest majority);
 4. no shop keeps more than ``weight_cap / n`` of the aggregation weight (the excess goes to the others).
 
 Hand-written because Flower 1.42's robust rules (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) replace
@@ -29,9 +30,9 @@ class RobustSettings:
 
     norm_factor: float = 4.0
     norm_action: str = "leave-out"
-    min_cosine: float = 0.0
+    min_cosine: float = -0.1
     examples_cap: float = 10.0
-    weight_cap: float = 2.0
+    weight_cap: float = 4.0
 
     def __post_init__(self) -> None:
         if self.norm_action not in NORM_ACTIONS:
@@ -84,6 +85,8 @@ def cap_shares(weights: list[float], cap: float) -> list[float]:
     total = float(sum(weights))
     share = np.asarray(weights, dtype=float) / total
     limit = cap / n
+    if not (share > limit + 1e-12).any():  # unchanged, bit for bit: a clean round stays plain FedAvg
+        return list(weights)
     capped = np.zeros(n, dtype=bool)
     for _ in range(n):  # water-filling: at most n passes, each fixes at least one more shop at the limit
         over = (share > limit + 1e-12) & ~capped
@@ -98,9 +101,27 @@ def cap_shares(weights: list[float], cap: float) -> list[float]:
     return [float(s * total) for s in share]
 
 
+def _direction(delta: np.ndarray, median: np.ndarray, bounds: list[int]) -> float:
+    """Median over arrays of the cosine between an update and the median update (arrays of zero norm skipped).
+
+    Per array, not over the whole vector: a large shop's update is dominated by its own embedding rows,
+    nearly orthogonal to the others', while the shared dense layers show whether it points with them.
+    """
+    cos = []
+    for lo, hi in zip([0, *bounds[:-1]], bounds, strict=True):
+        a, m = delta[lo:hi], median[lo:hi]
+        na, nm = float(np.linalg.norm(a)), float(np.linalg.norm(m))
+        if na > 0 and nm > 0:
+            cos.append(float(a @ m) / (na * nm))
+    return float(np.median(cos)) if cos else 1.0
+
+
 def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[float | None],
-           settings: RobustSettings) -> Screened:
-    """Apply the screens to flat update vectors ``deltas`` with their claimed example counts."""
+           settings: RobustSettings, bounds: list[int] | None = None) -> Screened:
+    """Apply the screens to flat update vectors ``deltas`` with their claimed example counts.
+
+    ``bounds`` are the end offsets of the arrays inside each flat vector (one array if None).
+    """
     n = len(deltas)
     capped = cap_claims(claims, first_claims, settings.examples_cap)
     out = Screened(claims=capped, weights=list(capped), scale=[1.0] * n)
@@ -114,18 +135,15 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
                     out.scale[i] = bound / out.norms[i]
                 else:
                     out.left_out[i] = (f"update norm {out.norms[i]:.3g} above {settings.norm_factor:g} x the round's "
-                                       f"median norm ({bound:.3g})")
+                                       f"median norm {bound / settings.norm_factor:.3g}")
         kept = [i for i in kept if i not in out.left_out]
     if settings.min_cosine > -1 and len(kept) >= 3:
         median = np.median(np.stack([deltas[i] * out.scale[i] for i in kept]), axis=0)
-        m_norm = float(np.linalg.norm(median))
-        cos = [float(d @ median) / (float(np.linalg.norm(d)) * m_norm) if m_norm > 0 and np.linalg.norm(d) > 0
-               else 1.0 for d in deltas]
-        out.cosines = cos
+        out.cosines = [_direction(d, median, bounds or [len(d)]) for d in deltas]
         for i in kept:
-            if cos[i] < settings.min_cosine:
-                out.left_out[i] = (f"update direction against the round's median update (cosine {cos[i]:.3f} < "
-                                   f"{settings.min_cosine:g})")
+            if out.cosines[i] < settings.min_cosine:
+                out.left_out[i] = (f"update direction against the round's median update (median cosine over "
+                                   f"arrays {out.cosines[i]:.3f} < {settings.min_cosine:g})")
         kept = [i for i in kept if i not in out.left_out]
     shares = cap_shares([out.weights[i] for i in kept], settings.weight_cap)
     for i, w in zip(kept, shares, strict=True):

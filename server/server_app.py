@@ -102,9 +102,9 @@ class FederationSettings:
     # screens against a malicious shop (server/robust.py, docs/robustness.md); 0 (min-cosine: -1) = off
     robust_norm_factor: float = 4.0  # update norm above this x the round's median: left out (or clipped)
     robust_norm_action: str = "leave-out"  # leave-out | clip
-    robust_min_cosine: float = 0.0  # leave out updates whose cosine with the median update is below this
+    robust_min_cosine: float = -0.1  # leave out updates whose cosine with the median update is below this
     robust_examples_cap: float = 10.0  # num-examples capped at this x the round's median and x the first claim
-    robust_weight_cap: float = 2.0  # no shop above this / n of the aggregation weight
+    robust_weight_cap: float = 4.0  # no shop above this / n of the aggregation weight
     robust_num_malicious: int = 1  # krum | multikrum | bulyan: assumed attackers
     robust_trim_beta: float = 0.2  # fedtrimmedavg: share cut on each side
     app_signature: str = ""  # deployment: the coordinator's FAB signature, checked by each merchant's SuperNode

@@ -264,7 +264,8 @@ class ShopStrategy(Strategy):
             flat = np.concatenate([arrays[k].numpy().ravel() for k in keys]) if keys else np.zeros(0)
             deltas.append(flat.astype(np.float32) - flat_base)
             claims.append(float(next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES]))
-        result = screen(deltas, claims, [self._first_claim.get(s) for s in shops], self.robust)
+        bounds = np.cumsum([base[k].size for k in keys]).tolist()
+        result = screen(deltas, claims, [self._first_claim.get(s) for s in shops], self.robust, bounds)
         out = []
         for i, msg in enumerate(usable):
             self._first_claim.setdefault(shops[i], result.claims[i])

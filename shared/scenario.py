@@ -45,9 +45,9 @@ FEDERATION_DEFAULTS: dict[str, Any] = {
     # screens against a malicious shop (server/robust.py, docs/robustness.md); 0 (min_cosine: -1) turns one off
     "robust_norm_factor": 4.0,  # update norm above this x the round's median norm: left out (or clipped)
     "robust_norm_action": "leave-out",  # leave-out | clip
-    "robust_min_cosine": 0.0,  # leave out an update whose cosine with the round's median update is below this
+    "robust_min_cosine": -0.1,  # leave out an update whose cosine with the round's median update is below this
     "robust_examples_cap": 10.0,  # claimed num-examples capped at this x the round's median and x the first claim
-    "robust_weight_cap": 2.0,  # no shop gets more than this / n of the aggregation weight
+    "robust_weight_cap": 4.0,  # no shop gets more than this / n of the aggregation weight
     "robust_num_malicious": 1,  # krum | multikrum | bulyan: assumed number of attackers
     "robust_trim_beta": 0.2,  # fedtrimmedavg: share of updates cut on each side
     # privacy (docs/privacy.md): SecAgg+, central DP over shops, DP-SGD inside each shop
