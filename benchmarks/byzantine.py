@@ -5,7 +5,8 @@ in-process over `simulations.privacy_eval.LoopbackGrid`, whose nodes call the re
 (``--attacker``, default shop_00, the largest shop, so its examples weight is the biggest) trains
 honestly, then rewrites its reply's encoder as ``global + f(delta)``, ``delta = honest reply - global``:
 
-    none: f(d) = d;  x100: 100 d;  x-10: -10 d;  noise: d + N(0, sigma^2) per value (sigma 5);  signflip: -d
+    none: f(d) = d;  x100: 100 d;  x-10: -10 d;  noise: d + N(0, sigma^2) per value (sigma 5);  signflip: -d;
+    absent: no update at all (an error reply), the reference a perfect screen could reach
 
 Rules: ``fedavg`` (Flower's FedAvg, every screen off), ``fedshop`` (FedAvg behind the default screens of
 `server.robust`), and Flower's ``fedmedian``, ``fedtrimmedavg`` (beta 0.2), ``multikrum`` and ``bulyan``
@@ -43,7 +44,7 @@ from simulations.options import parse_overrides
 from simulations.report import final_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "byzantine.json"
-ATTACKS = ("none", "x100", "x-10", "noise", "signflip")
+ATTACKS = ("none", "x100", "x-10", "noise", "signflip", "absent")
 RULES = ("fedavg", "fedshop", "fedmedian", "fedtrimmedavg", "multikrum", "bulyan")
 SCREENS_OFF = {"robust-norm-factor": 0.0, "robust-min-cosine": -1.0, "robust-examples-cap": 0.0,
                "robust-weight-cap": 0.0}
@@ -52,16 +53,20 @@ SCREENS_OFF = {"robust-norm-factor": 0.0, "robust-min-cosine": -1.0, "robust-exa
 def attack_fn(name: str, sigma: float, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
     """The attacker's rewrite of its honest delta."""
     return {"none": lambda d: d, "x100": lambda d: 100.0 * d, "x-10": lambda d: -10.0 * d,
-            "noise": lambda d: d + rng.normal(0.0, sigma, d.shape), "signflip": lambda d: -d}[name]
+            "noise": lambda d: d + rng.normal(0.0, sigma, d.shape), "signflip": lambda d: -d,
+            "absent": lambda d: d}[name]
 
 
 class Attacker:
     """The real ClientApp for every node; the attacker node's training replies are rewritten."""
 
-    def __init__(self, app: Any, node_id: int, rewrite: Callable[[np.ndarray], np.ndarray]) -> None:
-        self.app, self.node_id, self.rewrite = app, node_id, rewrite
+    def __init__(self, app: Any, node_id: int, rewrite: Callable[[np.ndarray], np.ndarray],
+                 absent: bool = False) -> None:
+        self.app, self.node_id, self.rewrite, self.absent = app, node_id, rewrite, absent
 
     def __call__(self, msg: Message, context: Context) -> Message:
+        if self.absent and context.node_id == self.node_id and msg.metadata.message_type == MessageType.TRAIN:
+            raise RuntimeError("absent: this shop sends no update (the best any screen can do)")
         reply = self.app(msg, context)
         if context.node_id != self.node_id or msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
             return reply
@@ -96,7 +101,8 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
     node_ids = nodes(len(shops))
     attacker_node = sorted(node_ids)[attacker]
     rewrite = attack_fn(attack, sigma, np.random.default_rng(scenario.seed))
-    grid = LoopbackGrid(Attacker(client_app, attacker_node, rewrite), node_ids, run_config=config)
+    grid = LoopbackGrid(Attacker(client_app, attacker_node, rewrite, absent=attack == "absent"), node_ids,
+                        run_config=config)
     left_out: dict[int, dict[str, str]] = {}
     start = time.perf_counter()
     run_federation(grid, FederationSettings.from_config(config),
