@@ -251,3 +251,15 @@ def test_the_cli_exits_non_zero_and_says_why_when_the_run_fails(monkeypatch, tmp
     result = CliRunner().invoke(app, ["simulate", "default", "--run-dir", str(tmp_path / "run"), "--rounds", "2"])
     assert result.exit_code == 1
     assert "run failed" in result.output and "every round" in result.output
+
+
+@pytest.mark.slow
+def test_a_simulated_run_whose_every_round_is_skipped_raises_run_failed(tmp_path):
+    """Through Flower's simulation engine: the ServerApp's failure reaches the caller with its reason."""
+    from simulations.federated import RunFailed as SimRunFailed
+    from simulations.federated import run_federated
+
+    scenario = tiny_scenario(**{"federation.min_shops": 3})
+    with pytest.raises(SimRunFailed, match=r"every round \(1-1\) was skipped"):
+        run_federated(scenario, tmp_path / "run", rounds=1, extra_config={"fault-inject": "nan:0", "max-steps": 2})
+    assert "min-shops=3" in (failure_reason(tmp_path / "run") or "")
