@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from server import dp as central_dp
+from server.robust import RobustSettings
 from server.secagg_settings import SecAggSettings
 from server.secagg_settings import split_config as split_secagg_config
 from shared.settings import RunSettings, validate
 
 SECURE_STRATEGIES = ("fedavg", "fedprox")  # a weighted mean (FedProx: the same, plus the shops' proximal pull)
-ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")  # need each shop's update, SecAgg+ shows only the sum
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")  # need each shop's update, SecAgg+ shows only the sum
 
 
 class FederationSettings(RunSettings):
@@ -32,7 +33,14 @@ class FederationSettings(RunSettings):
             # calls logging.basicConfig)
 
             DPSGDConfig(**settings.dpsgd_kwargs())
+        settings.robust_settings()  # fail here on a bad robust-* value
         return settings
+
+    def robust_settings(self) -> RobustSettings:
+        """The screens' settings (`server.robust`)."""
+        return RobustSettings(norm_factor=self.robust_norm_factor, norm_action=self.robust_norm_action,
+                              min_cosine=self.robust_min_cosine, examples_cap=self.robust_examples_cap,
+                              weight_cap=self.robust_weight_cap)
 
 
 def split_privacy(config: dict[str, Any]) -> tuple[FederationSettings, bool, SecAggSettings,

@@ -45,13 +45,14 @@ from server.metrics_log import PRIVACY_TASK, MetricsLog, eval_rows_by_split, tra
 from server.node_identity import check_identities
 from server.polling_grid import faster_polling
 from server.secure import run_secure_federation
-from server.strategies import RoundReport, ShopStrategy, build_strategy
+from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
 from shared.atomic import atomic_write_text
 from shared.protocol import EVAL_SPLIT
 from shared.scenario import Scenario, load_scenario
 
 logger = logging.getLogger(__name__)
 STOP_FILE = "stopped.txt"  # why a run ended before its last round (e.g. the privacy budget), for the caller
+FAILED_FILE = "failed.txt"  # why a run failed (no usable round), for the caller
 DP_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")  # mean-based: noise zS/n is calibrated to these
 
 
@@ -92,6 +93,7 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_orphans(run_dir)
     (run_dir / STOP_FILE).unlink(missing_ok=True)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
     settings.run_dir = str(run_dir)
     scenario = load_scenario(settings.scenario, {"seed": settings.seed} if settings.seed >= 0 else None)
     if not (run_dir / "config.toml").exists():
@@ -99,7 +101,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         atomic_write_text(run_dir / "config.toml", tomli_w.dumps(record))
     base = build_strategy(settings.strategy, fraction_train=settings.fraction_train,
                           min_shops=settings.min_shops, proximal_mu=settings.proximal_mu,
-                          server_lr=settings.server_lr, server_momentum=settings.server_momentum)
+                          server_lr=settings.server_lr, server_momentum=settings.server_momentum,
+                          num_malicious=settings.robust_num_malicious, trim_beta=settings.robust_trim_beta)
     log = MetricsLog(run_dir / "metrics.csv", settings.method)
     fingerprint = _fingerprint(scenario, settings)
     if dp.enabled:  # the ledger replayed on resume is only right for the same z, S and shops
@@ -159,15 +162,29 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         return names[index] if index < len(names) else f"shop-{index}"
 
     strategy = ShopStrategy(inner, min_shops=settings.min_shops, shop_name=shop_name, on_round_end=on_round_end,
-                            round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds)
+                            round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds,
+                            robust=settings.robust_settings())
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),
                        evaluate_config=ConfigRecord(settings.client_config(scenario.seed)))
+        if strategy.aggregated_rounds == 0:  # the model never moved: not a completed run
+            raise RunFailed(f"every round ({done + 1}-{total}) was skipped, none updated the model; last: "
+                            f"{strategy.last_skip}. Fix: check the left-out shops' logs, then `--resume` the run")
     except PrivacyBudgetExhausted as exc:  # a planned end: the last checkpoint is the final model
         logger.error("run stopped: %s", exc)
         atomic_write_text(run_dir / STOP_FILE, f"{exc}\n")
+    except RunFailed as exc:
+        logger.error("run failed: %s", exc)
+        atomic_write_text(run_dir / FAILED_FILE, f"{exc}\n")
+        raise
     return run_dir
+
+
+def failure_reason(run_dir: Path) -> str | None:
+    """Why the run in ``run_dir`` failed (None if it did not)."""
+    path = Path(run_dir) / FAILED_FILE
+    return path.read_text(encoding="utf-8").strip() if path.exists() else None
 
 
 def stop_reason(run_dir: Path) -> str | None:

@@ -30,17 +30,26 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     FedYogi,
     Krum,
+    MultiKrum,
     Strategy,
 )
+from flwr.serverapp.strategy.bulyan import Bulyan
 
 from server.metrics_log import mean_by_key
+from server.robust import RobustSettings, screen
 from shared.protocol import EVAL_SPLIT, LOCAL_PREFIX, NUM_EXAMPLES, SHOP_INDEX
 
 STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
                                        "fedyogi": FedYogi, "fedmedian": FedMedian,
-                                       "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
+                                       "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum,
+                                       "bulyan": Bulyan}
+BYZANTINE_RULES = ("krum", "multikrum", "bulyan")  # take `num_malicious_nodes`
 
 logger = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """A federation that cannot produce a model: too many rounds in a row, or every round, skipped."""
 
 
 SERVER_LR_DEFAULTS = {"fedadam": 0.1, "fedyogi": 0.1, "fedavgm": 1.0}  # server_lr <= 0 means these
@@ -49,12 +58,15 @@ SERVER_LR_KWARG = {"fedadam": "eta", "fedyogi": "eta", "fedavgm": "server_learni
 
 def build_strategy(name: str, *, fraction_train: float = 1.0, min_shops: int = 2,
                    proximal_mu: float = 0.0, server_lr: float = 0.0,
-                   server_momentum: float = 0.0) -> FedAvg:
+                   server_momentum: float = 0.0, num_malicious: int = 1, trim_beta: float = 0.2,
+                   num_selected: int = 0) -> FedAvg:
     """One of Flower's strategies by name, sampling at least ``min_shops`` shops each round.
 
     ``server_lr`` is FedAdam/FedYogi's ``eta`` or FedAvgM's server learning rate; 0 picks the
     strategy's own default (`SERVER_LR_DEFAULTS`), so choosing FedAvgM alone never inherits FedAdam's
-    0.1. ``server_momentum`` is FedAvgM's.
+    0.1. ``server_momentum`` is FedAvgM's. ``num_malicious`` is Krum/MultiKrum/Bulyan's assumed number of
+    attackers, ``trim_beta`` FedTrimmedAvg's cut per side, ``num_selected`` MultiKrum's selection
+    (0 = all usable replies but ``num_malicious``, set each round by `ShopStrategy`).
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy '{name}' is unknown. Fix: use one of {sorted(STRATEGIES)}")
@@ -67,6 +79,12 @@ def build_strategy(name: str, *, fraction_train: float = 1.0, min_shops: int = 2
         kwargs["server_momentum"] = server_momentum
     if name in SERVER_LR_KWARG:
         kwargs[SERVER_LR_KWARG[name]] = server_lr if server_lr > 0 else SERVER_LR_DEFAULTS[name]
+    if name in BYZANTINE_RULES:
+        kwargs["num_malicious_nodes"] = num_malicious
+    if name == "multikrum":
+        kwargs["num_nodes_to_select"] = num_selected  # 0: ShopStrategy sets n - num_malicious each round
+    if name == "fedtrimmedavg":
+        kwargs["beta"] = trim_beta
     return STRATEGIES[name](**kwargs)
 
 
@@ -99,8 +117,13 @@ class ShopStrategy(Strategy):
     def __init__(self, inner: FedAvg, *, min_shops: int, shop_name: Callable[[int], str],
                  on_round_end: Callable[[RoundReport], None] | None = None,
                  round_config: RoundConfig | None = None, round_offset: int = 0,
-                 max_short_rounds: int = 3) -> None:
+                 max_short_rounds: int = 3, robust: RobustSettings | None = None) -> None:
         self.inner = inner
+        self.robust = robust or RobustSettings()
+        self._first_claim: dict[str, float] = {}  # shop -> its first accepted num-examples claim
+        self._auto_select = isinstance(inner, MultiKrum) and inner.num_nodes_to_select <= 0
+        self.aggregated_rounds = 0  # rounds whose update reached the global model
+        self.last_skip = ""  # why the last skipped round was skipped
         self.min_shops = min_shops
         self.max_short_rounds = max_short_rounds
         self._short_rounds = 0  # consecutive rounds skipped for want of min-shops usable updates
@@ -115,11 +138,12 @@ class ShopStrategy(Strategy):
         self._report: RoundReport | None = None
         self._global_local: dict[str, np.ndarray] = {}
         self._sampled: set[int] = set()
+        self._expected: dict[str, tuple[int, ...]] = {}  # the round's encoder: array name -> shape
 
     def summary(self) -> None:
         """Log the inner strategy's settings and the fault bound."""
-        logger.info("ShopStrategy over %s: min-shops %d, max-short-rounds %d, resuming after round %d",
-                    type(self.inner).__name__, self.min_shops, self.max_short_rounds, self.round_offset)
+        logger.info("ShopStrategy over %s: min-shops %d, max-short-rounds %d, resuming after round %d, screens %s",
+                    type(self.inner).__name__, self.min_shops, self.max_short_rounds, self.round_offset, self.robust)
         self.inner.summary()
 
     # ---- training ---------------------------------------------------------------------------
@@ -130,6 +154,7 @@ class ShopStrategy(Strategy):
         encoder, local = split_arrays(arrays)
         self._global_local = local
         self._global = arrays
+        self._expected = {k: tuple(a.shape) for k, a in encoder.items()}
         cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "train")})
         messages = list(self.inner.configure_train(rnd, encoder, cfg, grid))
         self._sampled = {m.metadata.dst_node_id for m in messages}
@@ -171,20 +196,27 @@ class ShopStrategy(Strategy):
                                    m.metadata.src_node_id))
         shared: list[tuple[float, dict[str, np.ndarray]]] = []
         dtypes: dict[str, np.dtype] = {}
-        for msg in usable:
+        screened = self._screen(rnd, usable)
+        usable = [msg for msg, _ in screened]
+        for msg, weight in screened:
             metrics = dict(next(iter(msg.content.metric_records.values())))
             shop = self._shop_of(msg, metrics)
             self._report.train[shop] = {k: float(v) for k, v in metrics.items() if k != SHOP_INDEX}
             encoder, local = split_arrays(next(iter(msg.content.array_records.values())))
             dtypes = dtypes or {k: a.numpy().dtype for k, a in encoder.items()}
-            weight = float(metrics[NUM_EXAMPLES])
             shared.append((weight, local))
             reduced = {NUM_EXAMPLES: weight}
             msg.content = RecordDict({self.key: encoder, "metrics": MetricRecord(reduced)})
         if len(usable) < self.min_shops:
             return self._skip(rnd, len(usable))
         self._short_rounds = 0
+        if self._auto_select:  # MultiKrum averages all but the assumed attackers of this round's replies
+            self.inner.num_nodes_to_select = max(1, len(usable) - self.inner.num_malicious_nodes)
         arrays, metrics = self.inner.aggregate_train(rnd, usable)
+        if arrays is None and isinstance(self.inner, Bulyan):  # too few replies for 4f + 3: Flower skips
+            return self._skip(rnd, len(usable), why=f"Bulyan needs at least 4 x num-malicious + 3 = "
+                              f"{4 * self.inner.num_malicious_nodes + 3} usable updates")
+        self.aggregated_rounds += 1
         if arrays is None:
             raise RuntimeError(f"round {rnd}: {type(self.inner).__name__} produced no aggregate")
         # Keep the model's dtype: FedAdam/FedYogi compute in float64, and shops reply in their own dtype.
@@ -194,15 +226,16 @@ class ShopStrategy(Strategy):
         self._report.arrays = merged
         return merged, metrics
 
-    def _skip(self, rnd: int, n_usable: int) -> tuple[None, None]:
+    def _skip(self, rnd: int, n_usable: int, why: str = "") -> tuple[None, None]:
         """Skip a round short of min-shops (the global model stays), or stop the run after too many in a row."""
         assert self._report is not None
         self._short_rounds += 1
         left_out = "; ".join(f"{shop}: {why}" for shop, why in sorted(self._report.left_out.items())) or "none"
-        reason = (f"only {n_usable} shop(s) sent a usable update, fewer than min-shops={self.min_shops} "
-                  f"(left out: {left_out})")
+        need = why or f"fewer than min-shops={self.min_shops}"
+        reason = f"only {n_usable} shop(s) sent a usable update, {need} (left out: {left_out})"
+        self.last_skip = f"round {rnd}: {reason}"
         if self._short_rounds > self.max_short_rounds:
-            raise RuntimeError(f"round {rnd}: {reason}; {self._short_rounds} short rounds in a row, more than "
+            raise RunFailed(f"round {rnd}: {reason}; {self._short_rounds} short rounds in a row, more than "
                                f"max-short-rounds={self.max_short_rounds}. Fix: check the left-out shops' logs and "
                                "restart them, then `--resume` the run; or lower min-shops")
         logger.warning("round %d skipped, global model kept (%d of at most %d short rounds in a row): %s", rnd,
@@ -210,6 +243,46 @@ class ShopStrategy(Strategy):
         self._report.skipped = reason
         self._report.arrays = self._global
         return None, None
+
+    def _screen(self, rnd: int, usable: list[Message]) -> list[tuple[Message, float]]:
+        """Usable replies that pass `server.robust`'s screens, each with its (capped) aggregation weight.
+
+        Clipped updates have their encoder arrays replaced by ``global + scale x delta``.
+        """
+        if not usable:
+            return []
+        global_encoder, _ = split_arrays(self._global)
+        base = {k: a.numpy() for k, a in global_encoder.items()}
+        keys = [k for k in sorted(base) if np.issubdtype(base[k].dtype, np.floating)]
+        flat_base = np.concatenate([base[k].ravel() for k in keys]).astype(np.float32) if keys else np.zeros(0)
+        shops, deltas, claims = [], [], []
+        for msg in usable:
+            shops.append(self._shop_of(msg, dict(next(iter(msg.content.metric_records.values())))))
+            arrays = next(iter(msg.content.array_records.values()))
+            flat = np.concatenate([arrays[k].numpy().ravel() for k in keys]) if keys else np.zeros(0)
+            deltas.append(flat.astype(np.float32) - flat_base)
+            claims.append(float(next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES]))
+        bounds = np.cumsum([base[k].size for k in keys]).tolist()
+        result = screen(deltas, claims, [self._first_claim.get(s) for s in shops], self.robust, bounds)
+        out = []
+        for i, msg in enumerate(usable):
+            self._first_claim.setdefault(shops[i], result.claims[i])
+            logger.debug("round %d: shop %s update norm %.4g, cosine to median %s, weight %.4g", rnd, shops[i],
+                         result.norms[i], f"{result.cosines[i]:.3f}" if result.cosines else "n/a", result.weights[i])
+            if i in result.left_out:
+                assert self._report is not None
+                self._report.left_out[shops[i]] = result.left_out[i]
+                logger.warning("round %d: left out shop %s: %s", rnd, shops[i], result.left_out[i])
+                continue
+            if result.scale[i] < 1.0:
+                arrays = next(iter(msg.content.array_records.values()))
+                for k in keys:
+                    a = arrays[k].numpy()
+                    arrays[k] = Array((base[k] + result.scale[i] * (a - base[k])).astype(a.dtype))
+                logger.warning("round %d: clipped shop %s's update to %.3g of its norm", rnd, shops[i],
+                               result.scale[i])
+            out.append((msg, result.weights[i]))
+        return out
 
     def _usable(self, msg: Message, report: RoundReport) -> bool:
         """True if a training reply may be aggregated; otherwise note why it was left out."""
@@ -228,12 +301,31 @@ class ShopStrategy(Strategy):
                 return False
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
                 report.left_out[shop] = f"'{NUM_EXAMPLES}' missing or not a positive number"
+            elif (bad := self._bad_arrays(arrays)) is not None:
+                report.left_out[shop] = bad
             elif not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
                 report.left_out[shop] = "update holds NaN/Inf values"
             else:
                 return True
         logger.warning("round %d: left out shop %s: %s", report.server_round, shop, report.left_out[shop])
         return False
+
+    def _bad_arrays(self, arrays: ArrayRecord) -> str | None:
+        """Why a reply's arrays cannot be aggregated (undecodable, not numeric, wrong names or shapes), or None."""
+        encoder, _ = split_arrays(arrays)
+        if self._expected and set(encoder) != set(self._expected):
+            diff = sorted(set(encoder) ^ set(self._expected))[:3]
+            return f"encoder arrays differ from the global encoder's (e.g. {diff})"
+        for key, array in arrays.items():
+            try:
+                value = array.numpy()
+            except Exception as exc:  # noqa: BLE001 - any garbage in the bytes is the sender's fault
+                return f"array '{key}' cannot be decoded ({type(exc).__name__})"
+            if value.dtype.kind not in "fiub" or tuple(value.shape) != tuple(array.shape):
+                return f"array '{key}' is not a numeric array of its stated shape {tuple(array.shape)}"
+            if key in self._expected and tuple(value.shape) != self._expected[key]:
+                return f"array '{key}' has shape {tuple(value.shape)}, the global encoder's is {self._expected[key]}"
+        return None
 
     def _shop_of(self, msg: Message, metrics: dict[str, Any]) -> str:
         """Shop name from the reply's allow-listed `shop-index` (remembered per node for error replies)."""

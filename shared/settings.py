@@ -42,7 +42,8 @@ from shared.model import ModelConfig
 from shared.train import TrainConfig
 
 # Names that the server maps to Flower's strategies (server.strategies.STRATEGIES; a test keeps both equal).
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
+              "bulyan")
 OBJECTIVES = ("fedavg", "meta")
 SHARE_MODES = ("encoder", "all-shareable")
 SPLITS = ("train", "val", "test")
@@ -98,6 +99,18 @@ class FederationTable(_Table):
     meta_inner_steps: int = Field(20, ge=1, description="inner steps per round with objective = meta")
     meta_outer_step: float = Field(1.0, gt=0, description="Reptile outer step applied by each shop to its reply")
     round_timeout: float = Field(600.0, gt=0, description="seconds before a shop's reply counts as missing")
+    # screens against a malicious shop (server/robust.py, docs/robustness.md); 0 (min-cosine: -1) turns one off
+    robust_norm_factor: float = Field(4.0, ge=0, description="update norm above this x the round's median update "
+                                      "norm: left out (or clipped); 0 = off, else >= 1")
+    robust_norm_action: Literal["leave-out", "clip"] = Field("leave-out", description="leave-out | clip")
+    robust_min_cosine: float = Field(-0.1, ge=-1, le=1, description="leave out updates whose cosine with the round's "
+                                     "median update is below this; -1 = off")
+    robust_examples_cap: float = Field(10.0, ge=0, description="num-examples capped at this x the round's median "
+                                       "claim and x the shop's first claim; 0 = off, else >= 1")
+    robust_weight_cap: float = Field(4.0, ge=0, description="no shop above this / n of the aggregation weight; "
+                                     "0 = off, else >= 1")
+    robust_num_malicious: int = Field(1, ge=0, description="krum | multikrum | bulyan: assumed attackers")
+    robust_trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fedtrimmedavg: share cut on each side")
     engine: Literal["ray", "pool"] = Field("ray", description="simulation engine: ray (Flower's) | pool "
                                            "(simulations/pool_engine.py, for many shops)")
     workers: int = Field(0, ge=0, description="pool engine: worker processes (0 = one per CPU)")
@@ -130,6 +143,10 @@ class FederationTable(_Table):
 
     @model_validator(mode="after")
     def _combinations(self) -> FederationTable:
+        for name in ("robust_norm_factor", "robust_examples_cap", "robust_weight_cap"):
+            if 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} is between 0 and 1: it would cap or leave out the "
+                                 "median (honest) shop itself. Fix: give a factor >= 1 (e.g. 4), or 0 to turn it off")
         if self.secure_aggregation and self.dp_noise_multiplier > 0:
             raise ValueError("secure_aggregation = true with dp_noise_multiplier > 0 is not supported: the SecAgg+ "
                              "path has no central-DP noise. Fix: choose one, or use dpsgd_* for DP with SecAgg+")

@@ -41,6 +41,10 @@ class RunStopped(RuntimeError):
     """The federation ended before its last round by design (e.g. the privacy budget); the message says why."""
 
 
+class RunFailed(RuntimeError):
+    """The federation failed: no round (or too few in a row) had enough usable shops; the message says why."""
+
+
 def backend_config(cpus: int | None = None, ray_address: str | None = None) -> dict[str, Any]:
     """Ray settings: no dashboard, one CPU per simulated shop; ``ray_address`` joins an existing cluster.
 
@@ -88,7 +92,8 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     ``extra_config`` adds run-config keys (e.g. test-only `fault-inject`). ``engine`` (default: the
     scenario's `federation.engine`) is "ray" (Flower's simulation engine; ``ray_address`` joins a Ray
     cluster) or "pool" (`simulations.pool_engine`, ``workers`` processes). Raises `RunStopped` when
-    the run ended early by design (central DP's budget); its checkpoints and metrics stay valid.
+    the run ended early by design (central DP's budget); its checkpoints and metrics stay valid, and
+    `RunFailed` when too many rounds, or all, lacked usable shops (the message says why).
     """
     engine = check_engine(str(engine or scenario.federation.get("engine", "ray")))
     if ray_address and engine != "ray":
@@ -98,7 +103,7 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     # the FutureWarning Ray raises on every start.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from client.client_app import app as client_app
-    from server.server_app import make_server_app, stop_reason
+    from server.server_app import failure_reason, make_server_app, stop_reason
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,20 +115,27 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     if n_shops < int(config["min-shops"]):
         raise ValueError(f"scenario '{scenario.name}' has {n_shops} training shops but min-shops is "
                          f"{config['min-shops']}. Fix: lower federation.min_shops or add shops")
-    if engine == "pool":
-        from simulations.pool_engine import run_pool
+    try:
+        if engine == "pool":
+            from simulations.pool_engine import run_pool
 
-        run_pool(make_server_app(config, progress), client_app, config, n_shops,
-                 workers=workers or int(scenario.federation.get("workers", 0)) or None)
-    else:
-        if ray_address:
-            check_ray_address(ray_address)
-        require_ray_token()  # Ray listens on every interface: only holders of this token get an answer
-        from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
+            run_pool(make_server_app(config, progress), client_app, config, n_shops,
+                     workers=workers or int(scenario.federation.get("workers", 0)) or None)
+        else:
+            if ray_address:
+                check_ray_address(ray_address)
+            require_ray_token()  # Ray listens on every interface: only holders of this token get an answer
+            from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
 
-        with quiet_simulation_workers():
-            run_simulation(server_app=make_server_app(config, progress), client_app=client_app,
-                           num_supernodes=n_shops, backend_config=backend_config(ray_address=ray_address))
+            with quiet_simulation_workers():
+                run_simulation(server_app=make_server_app(config, progress), client_app=client_app,
+                               num_supernodes=n_shops, backend_config=backend_config(ray_address=ray_address))
+    except Exception:
+        if failure_reason(run_dir) is None:
+            raise
+    failed = failure_reason(run_dir)  # Flower may swallow or wrap the ServerApp's exception: the file says
+    if failed is not None:
+        raise RunFailed(f"{failed}\nrun directory: {run_dir}")
     reason = stop_reason(run_dir)
     if reason is not None:  # e.g. the privacy budget: the last checkpoint is the final model
         raise RunStopped(f"{reason}\nrun directory: {run_dir}")

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from simulations.compare import small_shops_of
 from simulations.console import print_verdict, step_progress
-from simulations.federated import ENGINES, METHODS, SCENARIO_FILE, RunStopped, run_federated
+from simulations.federated import ENGINES, METHODS, SCENARIO_FILE, RunFailed, RunStopped, run_federated
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.ray_auth import require_ray_token
 from simulations.run_report import run_verdict, write_run_report
@@ -170,5 +170,8 @@ def register(app: typer.Typer) -> None:
             except RunStopped as exc:  # e.g. the privacy budget: the last checkpoint is the final model
                 console.print(f"[yellow]run stopped:[/yellow] {exc}")
                 raise typer.Exit(3) from exc
+            except RunFailed as exc:  # every round (or too many in a row) skipped for want of usable shops
+                console.print(f"[red]run failed:[/red] {exc}")
+                raise typer.Exit(1) from exc
         write_run_report(out, small_shops=small_shops_of(scen))
         print_verdict(console, run_verdict(out))
