@@ -1,7 +1,7 @@
 """One malicious shop of 8: what each attack costs the honest shops under each aggregation rule.
 
 Runs fedshop's real ServerApp loop (`server.server_app.run_federation`, screens and strategy included)
-in-process over `simulations.privacy_eval.LoopbackGrid`, whose nodes call the real ClientApp. The attacker
+in-process over `simulations.privacy.in_process_grid.InProcessGrid`, whose nodes call the real ClientApp. The attacker
 (``--attacker``, default shop_00, the largest shop, so its examples weight is the biggest) trains
 honestly, then rewrites its reply's encoder as ``global + f(delta)``, ``delta = honest reply - global``:
 
@@ -39,9 +39,9 @@ from rich.table import Table
 
 from shared.atomic import atomic_write_text
 from shared.scenario import load_scenario
+from simulations.best_rounds import final_table
 from simulations.federated import SCENARIO_FILE, run_config
 from simulations.options import parse_overrides
-from simulations.report import final_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "byzantine.json"
 ATTACKS = ("none", "x100", "x-10", "noise", "signflip", "absent")
@@ -85,7 +85,7 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
     """One federation; returns honest shops' mean CTR AUC (best-val round and last round) and what was left out."""
     from client.client_app import app as client_app
     from server.server_app import FederationSettings, run_federation
-    from simulations.privacy_eval import LoopbackGrid, nodes
+    from simulations.privacy.in_process_grid import InProcessGrid, nodes
 
     scenario = load_scenario(scenario_name, overrides)
     run_dir = work / f"{rule}-{attack}"
@@ -101,7 +101,7 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
     node_ids = nodes(len(shops))
     attacker_node = sorted(node_ids)[attacker]
     rewrite = attack_fn(attack, sigma, np.random.default_rng(scenario.seed))
-    grid = LoopbackGrid(Attacker(client_app, attacker_node, rewrite, absent=attack == "absent"), node_ids,
+    grid = InProcessGrid(Attacker(client_app, attacker_node, rewrite, absent=attack == "absent"), node_ids,
                         run_config=config)
     left_out: dict[int, dict[str, str]] = {}
     start = time.perf_counter()

@@ -15,7 +15,8 @@ from server.secagg_settings import split_config as split_secagg_config
 from shared.settings import RunSettings, validate
 
 SECURE_STRATEGIES = ("fedavg", "fedprox")  # a weighted mean (FedProx: the same, plus the shops' proximal pull)
-ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")  # need each shop's update, SecAgg+ shows only the sum
+# need each shop's update, SecAgg+ shows only the sum
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
 class FederationSettings(RunSettings):

@@ -240,7 +240,7 @@ def test_a_run_whose_every_round_is_skipped_fails_with_the_reason(tmp_path):
 def test_the_cli_exits_non_zero_and_says_why_when_the_run_fails(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    import simulations.commands.federate as federate
+    import simulations.commands.simulate as federate
     from simulations.cli import app
     from simulations.federated import RunFailed as CliRunFailed
 
