@@ -218,7 +218,7 @@ def test_bad_robust_settings_are_refused_with_the_key_and_a_fix(bad):
 
 
 def test_run_config_rejects_a_bad_robust_key_before_the_run():
-    with pytest.raises(ValueError, match="robust-weight-cap"):
+    with pytest.raises(ValueError, match="robust.weight.cap"):
         FederationSettings.from_config({"robust-weight-cap": 0.5})
 
 
