@@ -35,6 +35,7 @@ from client.local_state import (
     save_local_part,
 )
 from client.timing import timing_mod
+from client.wire_mod import wire_mod
 from shared.atomic import atomic_write_text
 from shared.meta import meta_train_shop
 from shared.model import ShopModel
@@ -87,7 +88,7 @@ def clip_when_dp(msg: Message, context: Context, call_next: ClientAppCallable) -
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[timing_mod, legacy_dispatch, leak_guard])
+app = ClientApp(mods=[timing_mod, legacy_dispatch, wire_mod, leak_guard])  # wire_mod: docs/federation.md
 
 
 def _config(msg: Message, context: Context) -> dict[str, Any]:
@@ -143,7 +144,10 @@ def mixed_start(received: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
     weight instead of a learned one. The reply is the encoder trained from this start, as usual.
     """
     b = n_rows / (n_rows + n0)
-    return {k: (1 - b) * v + b * own[k] if v.is_floating_point() else v for k, v in received.items()}
+    # Rows where own == global stay bit-exact (the float mix can move them by an ulp), so a compressed
+    # reply's delta stays row-sparse.
+    return {k: torch.where(own[k] == v, v, (1 - b) * v + b * own[k]) if v.is_floating_point() else v
+            for k, v in received.items()}
 
 
 def _inject_fault(config: dict[str, Any], shop: Shop, server_round: int) -> str | None:

@@ -46,7 +46,9 @@ from server.metrics_log import MetricsLog, eval_rows_by_split, train_rows
 from server.node_identity import check_identities
 from server.polling_grid import faster_polling
 from server.strategies import RoundReport, ShopStrategy, build_strategy
+from server.wire import Wire
 from shared.atomic import atomic_write_text
+from shared.compression import check_mode
 from shared.model import SharedEncoder
 from shared.scenario import Scenario, load_scenario
 
@@ -97,6 +99,7 @@ class FederationSettings:
     dpsgd_lr: float = 0.01
     dpsgd_delta: float = 1e-5
     dpsgd_max_epsilon: float = 0.0  # a shop refuses a round that would exceed this (0 = no budget)
+    compression: str = "none"  # none | fp16 | sparse-fp16 | sparse-int8: encoder messages (server/wire.py)
     app_signature: str = ""  # deployment: the coordinator's FAB signature, checked by each merchant's SuperNode
 
     @classmethod
@@ -118,6 +121,7 @@ class FederationSettings:
         if settings.max_short_rounds < 0:
             raise ValueError(f"run config max-short-rounds={settings.max_short_rounds} is negative. Fix: give 0 "
                              "(stop at the first round short of min-shops) or more")
+        check_mode(settings.compression)
         if settings.share not in SHARE_MODES:
             raise ValueError(f"run config share='{settings.share}' is unknown. Fix: use one of {SHARE_MODES}")
         if settings.dpsgd_noise_multiplier > 0:  # fail here, not on every shop, for a bad unit or rate
@@ -164,10 +168,25 @@ def split_privacy(config: dict[str, Any]) -> tuple[FederationSettings, bool, Any
         raise ValueError("dp-noise-multiplier > 0 with join-round > 0 is not supported: noise is calibrated to all "
                          "federation shops, but waiting joiners are not averaged. "
                          "Fix: set join-round = 0 under central DP")
+    check_compression(settings, secure=on, central_dp=dp.enabled)
     if on and dp.enabled:
         raise ValueError("secure-aggregation = true with dp-noise-multiplier > 0 is not supported: the SecAgg+ "
                          "path has no central-DP noise. Fix: choose one, or use dpsgd-* for DP with SecAgg+")
     return settings, on, secagg, dp
+
+
+def check_compression(settings: FederationSettings, *, secure: bool, central_dp: bool) -> None:
+    """Refuse compression where it would break a privacy path (ValueError naming the keys and the fix)."""
+    if settings.compression == "none":
+        return
+    if secure:
+        raise ValueError(f"compression='{settings.compression}' with secure-aggregation = true is refused: SecAgg+ "
+                         "masks dense, fixed-size vectors, and a row-sparse delta is neither. Fix: set "
+                         "compression = 'none'")
+    if central_dp:
+        raise ValueError(f"compression='{settings.compression}' with dp-noise-multiplier > 0 is refused: fp16/int8 "
+                         "rounding of a clipped update can exceed dp-clipping-norm, which the noise is calibrated to. "
+                         "Fix: set compression = 'none'")
 
 
 def initial_encoder(scenario: Scenario) -> ArrayRecord:
@@ -212,6 +231,7 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     dp = dp or central_dp.CentralDPSettings()
     if dp.enabled:
         _check_dp(settings)
+    check_compression(settings, secure=False, central_dp=dp.enabled)
     run_dir = Path(settings.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_orphans(run_dir)
@@ -289,7 +309,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         return names[index] if index < len(names) else f"shop-{index}"
 
     strategy = ShopStrategy(inner, min_shops=settings.min_shops, shop_name=shop_name, on_round_end=on_round_end,
-                            round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds)
+                            round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds,
+                            wire=Wire(settings.compression, omit_evaluate_encoder=serves_own_encoder(settings)))
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),
@@ -298,6 +319,11 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         logger.error("run stopped: %s", exc)
         atomic_write_text(run_dir / STOP_FILE, f"{exc}\n")
     return run_dir
+
+
+def serves_own_encoder(settings: FederationSettings) -> bool:
+    """Whether shops evaluate their own encoder (personal mix; as `client.client_app.personal_mix` decides)."""
+    return settings.personal_mix > 0 and settings.share == "encoder" and settings.objective == "fedavg"
 
 
 def stop_reason(run_dir: Path) -> str | None:

@@ -41,6 +41,7 @@ FEDERATION_DEFAULTS: dict[str, Any] = {
     "meta_inner_steps": 20,  # inner steps per round with objective = meta
     "meta_outer_step": 1.0,  # Reptile outer step size applied by each shop to its reply
     "round_timeout": 600.0,  # seconds before a shop's reply counts as missing
+    "compression": "none",  # none | fp16 | sparse-fp16 | sparse-int8: encoder messages (docs/federation.md)
     # privacy (docs/privacy.md): SecAgg+, central DP over shops, DP-SGD inside each shop
     "secure_aggregation": False,  # Flower's SecAgg+: the coordinator sees only the sum of the encoders
     "secagg_num_shares": 1.0,  # <= 1: share of shops each key is shared with; > 1: a count

@@ -53,6 +53,7 @@ def run_config(scenario: Scenario, run_dir: Path, *, method: str, rounds: int | 
             "strategy": fed["strategy"], "fraction-train": float(fed["fraction_train"]),
             "min-shops": int(fed["min_shops"]), "local-epochs": int(fed["local_epochs"]),
             "personal-mix": float(fed["personal_mix"]),
+            "compression": str(fed["compression"]),
             "proximal-mu": float(fed["prox_mu"]), "server-lr": float(fed["server_lr"]),
             "server-momentum": float(fed["server_momentum"]),
             "warmup-rounds": int(fed["warmup_rounds"]), "round-timeout": float(fed["round_timeout"]),
