@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=["none", "sparse-fp16", "sparse-int8"], choices=MODES)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="scenario override k=v")
+    parser.add_argument("--include", type=Path, action="append", default=[],
+                        help="earlier results JSON whose runs (same scenario and rounds) join the summary")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
@@ -110,6 +112,12 @@ def main() -> None:
             runs.append(run_one(args.scenario, overrides, mode, seed, args.rounds))
             Console(stderr=True).print(f"seed {seed} {mode}: {runs[-1]['wall_s']:.0f} s, "
                                        f"CTR AUC {runs[-1]['ctr_auc_mean']}")
+    for path in args.include:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        if (earlier["scenario"], earlier["rounds"], earlier["overrides"]) != (args.scenario, args.rounds, overrides):
+            raise SystemExit(f"{path}: other scenario, rounds or overrides; not mixed into this summary")
+        runs = [*earlier["runs"], *runs]
+    runs.sort(key=lambda r: (MODES.index(r["mode"]), r["seed"]))
     rows = summarise(runs)
     res = {"scenario": args.scenario, "rounds": args.rounds, "overrides": overrides, "summary": rows, "runs": runs,
            "cpus": os.cpu_count(), "load_avg_1m_start": load_start[0], "load_avg_1m_end": os.getloadavg()[0]}

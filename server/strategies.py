@@ -196,6 +196,8 @@ class ShopStrategy(Strategy):
             raise RuntimeError(f"round {rnd}: {type(self.inner).__name__} produced no aggregate")
         # Keep the model's dtype: FedAdam/FedYogi compute in float64, and shops reply in their own dtype.
         merged = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=dtypes.get(k))) for k, a in arrays.items()})
+        if type(self.inner) in (FedAvg, FedProx):  # exact means: untouched rows stay bit-identical (wire.py)
+            merged = self.wire.keep_untouched_rows(merged)
         for k, v in _mean_per_key(shared, self._global_local).items():
             merged[k] = Array(v)
         self._report.arrays = merged

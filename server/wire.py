@@ -50,6 +50,7 @@ class Wire:
         self._pending: dict[int, str] = {}  # node -> digest it holds if it answers this phase without error
         self._base: dict[str, np.ndarray] = {}  # this round's train global: what the replies are deltas of
         self.trained: set[int] = set()  # nodes whose train reply this round was aggregated
+        self._touched: dict[str, np.ndarray] = {}  # key -> rows some decoded reply changed this round
         self.bytes: dict[str, int] = {"down": 0, "up": 0, "messages-down": 0, "replies-up": 0}
 
     def take_bytes(self) -> dict[str, int]:
@@ -116,11 +117,32 @@ class Wire:
             self._held.pop(node, None)
         self._pending = {}
         if kind == "train":
+            self._touched = {k: np.zeros(b.shape[0] if b.ndim else 1, bool) for k, b in self._base.items()}
             replies = [self._decode(msg, sent) for msg in replies]
             self.trained = set()
         live = set(self._held.values())
         self._versions = {d: v for d, v in self._versions.items() if d in live}
         return replies
+
+    def keep_untouched_rows(self, merged: ArrayRecord) -> ArrayRecord:
+        """The aggregate with rows no aggregated reply changed reset to this round's global, bit for bit.
+
+        A weighted mean of equal rows is that row, but float rounding moves it by an ulp, which would
+        make every row "changed" and the next patches and deltas dense. Only for mean strategies
+        without server state (FedAvg, FedProx): momentum or adaptive steps legitimately move such rows.
+        """
+        if self.mode == "none":
+            return merged
+        for key, touched in self._touched.items():
+            if key in merged and not touched.all():
+                a = merged[key].numpy().copy()
+                base = self._base[key]
+                if a.shape != base.shape:
+                    continue
+                keep = ~touched if a.ndim else np.ones((), bool)
+                a[keep] = base[keep]
+                merged[key] = Array(a)
+        return merged
 
     def _decode(self, msg: Message, sent: list[Message]) -> Message:
         """A train reply with its delta decoded to the dense encoder, or an error reply saying why not."""
@@ -132,6 +154,12 @@ class Wire:
         try:
             delta = {k: a.numpy() for k, a in record.items() if not k.startswith(LOCAL_PREFIX)}
             dense = decode_delta(delta, self._base)
+            for name_, a in delta.items():  # the rows this reply changed (only valid replies get here)
+                key, _, part = name_.rpartition("@")
+                if part == "rows":
+                    self._touched[key][a] = True
+                elif part in ("dense", "full"):
+                    self._touched[key][:] = True
         except Exception as exc:  # malformed bytes too: the shop is left out with the reason, the round goes on
             reason = exc if isinstance(exc, CompressionError) else f"arrays do not parse ({type(exc).__name__})"
             ins = next((m for m in sent if m.metadata.message_id == msg.metadata.reply_to_message_id), None)
