@@ -90,6 +90,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     none = next((r for r in rows if r["mode"] == "none"), None)
     for r in rows:
         r["ratio_vs_none"] = none["total_per_shop_round"] / r["total_per_shop_round"] if none else None
+        r["steady_ratio_vs_none"] = (none["steady_total_per_shop_round"] / r["steady_total_per_shop_round"]
+                                     if none else None)
     return rows
 
 
@@ -131,7 +133,7 @@ def main() -> None:
         delta = r["ctr_auc_delta_vs_none"]
         table.add_row(r["mode"], f"{r['down_per_shop_round'] / 1e6:.3f}", f"{r['up_per_shop_round'] / 1e6:.3f}",
                       f"{r['total_per_shop_round'] / 1e6:.3f}", f"{r['steady_total_per_shop_round'] / 1e6:.3f}",
-                      f"{r['ratio_vs_none']:.1f}", f"{r['ctr_auc_mean']:.4f}",
+                      "-" if r["ratio_vs_none"] is None else f"{r['ratio_vs_none']:.1f}", f"{r['ctr_auc_mean']:.4f}",
                       "-" if delta is None else f"{delta:+.4f}")
     Console().print(table)
     Console().print(f"wrote {args.out}")
