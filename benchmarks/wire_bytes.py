@@ -8,7 +8,10 @@ train + evaluate messages down and train replies up, divided by the shops messag
 last round's test CTR AUC, mean over shops, against mode "none" with the same seed.
 
     .venv/bin/python benchmarks/wire_bytes.py [--scenario default] [--rounds 3] [--seeds 0 1 2] \
-        [--modes none sparse-fp16 sparse-int8] [--set k=v ...]
+        [--modes none sparse-fp16 sparse-int8] [--set k=v ...] [--include earlier.json ...]
+
+Runs are slow (minutes each on 2 busy cores): `--include` merges runs of earlier invocations (same
+scenario, rounds and overrides) into one summary; `--seeds` with no value runs nothing new.
 
 Prints a table and writes benchmarks/results/wire_bytes.json.
 """
@@ -99,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", default="default")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=["none", "sparse-fp16", "sparse-int8"], choices=MODES)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="scenario override k=v")
     parser.add_argument("--include", type=Path, action="append", default=[],
@@ -114,15 +117,19 @@ def main() -> None:
             runs.append(run_one(args.scenario, overrides, mode, seed, args.rounds))
             Console(stderr=True).print(f"seed {seed} {mode}: {runs[-1]['wall_s']:.0f} s, "
                                        f"CTR AUC {runs[-1]['ctr_auc_mean']}")
+    included = []
     for path in args.include:
         earlier = json.loads(path.read_text(encoding="utf-8"))
+        included.append({"file": str(path), "load_avg_1m_start": earlier["load_avg_1m_start"],
+                         "load_avg_1m_end": earlier["load_avg_1m_end"]})
         if (earlier["scenario"], earlier["rounds"], earlier["overrides"]) != (args.scenario, args.rounds, overrides):
             raise SystemExit(f"{path}: other scenario, rounds or overrides; not mixed into this summary")
         runs = [*earlier["runs"], *runs]
     runs.sort(key=lambda r: (MODES.index(r["mode"]), r["seed"]))
     rows = summarise(runs)
     res = {"scenario": args.scenario, "rounds": args.rounds, "overrides": overrides, "summary": rows, "runs": runs,
-           "cpus": os.cpu_count(), "load_avg_1m_start": load_start[0], "load_avg_1m_end": os.getloadavg()[0]}
+           "cpus": os.cpu_count(), "load_avg_1m_start": load_start[0], "load_avg_1m_end": os.getloadavg()[0],
+           "included": included}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(res, indent=2))
     table = Table(title=f"wire bytes per shop per round, {args.scenario}, {args.rounds} rounds, seeds {args.seeds} "
