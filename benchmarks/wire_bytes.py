@@ -132,7 +132,8 @@ def main() -> None:
            "included": included}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(res, indent=2))
-    table = Table(title=f"wire bytes per shop per round, {args.scenario}, {args.rounds} rounds, seeds {args.seeds} "
+    seeds = sorted({r["seed"] for r in runs})
+    table = Table(title=f"wire bytes per shop per round, {args.scenario}, {args.rounds} rounds, seeds {seeds} "
                         f"(load {load_start[0]:.1f} -> {res['load_avg_1m_end']:.1f} on {res['cpus']} CPUs)")
     for col in ("mode", "down MB", "up MB", "total MB", "steady MB", "x smaller", "CTR AUC", "vs none"):
         table.add_column(col, justify="left" if col == "mode" else "right")
