@@ -26,6 +26,7 @@ from client.local_state import Shop
 from client.secure_client import SECAGG_RECORD, secure_app
 from client.shop_round import evaluate_round, load_round_start, merged_config, shop_and_model, train_round
 from client.timing import timing_mod
+from client.wire_mod import wire_mod
 from shared.model import ShopModel
 from shared.protocol import ARRAYS_RECORD, FAILED_TEXT, METRICS_RECORD
 
@@ -72,7 +73,7 @@ def clip_when_dp(msg: Message, context: Context, call_next: ClientAppCallable) -
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[timing_mod, legacy_dispatch, leak_guard])
+app = ClientApp(mods=[timing_mod, legacy_dispatch, wire_mod, leak_guard])  # wire_mod: docs/federation.md
 
 
 def _round_start(msg: Message, context: Context) -> tuple[Shop, ShopModel, dict[str, Any], dict[str, torch.Tensor]]:

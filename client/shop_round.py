@@ -109,7 +109,10 @@ def mixed_start(received: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
     weight instead of a learned one. The reply is the encoder trained from this start, as usual.
     """
     b = n_rows / (n_rows + n0)
-    return {k: (1 - b) * v + b * own[k] if v.is_floating_point() else v for k, v in received.items()}
+    # Rows where own == global stay bit-exact (the float mix can move them by an ulp), so a compressed
+    # reply's delta stays row-sparse.
+    return {k: torch.where(own[k] == v, v, (1 - b) * v + b * own[k]) if v.is_floating_point() else v
+            for k, v in received.items()}
 
 
 def join_stage(shop: Shop, config: dict[str, Any], server_round: int, trained: int = -1) -> str:

@@ -55,9 +55,24 @@ def split_privacy(config: dict[str, Any]) -> tuple[FederationSettings, bool, Sec
     settings = FederationSettings.from_config(config)  # the schema also refuses unsupported combinations
     on, secagg, _ = split_secagg_config(config)
     dp, _ = central_dp.split_config(config)
+    check_compression(settings, secure=on, central_dp=dp.enabled)
     if on:
         check_secure_supported(settings)
     return settings, on, secagg, dp
+
+
+def check_compression(settings: FederationSettings, *, secure: bool, central_dp: bool) -> None:
+    """Refuse compression where it would break a privacy path (ValueError naming the keys and the fix)."""
+    if settings.compression == "none":
+        return
+    if secure:
+        raise ValueError(f"compression='{settings.compression}' with secure-aggregation = true is refused: SecAgg+ "
+                         "masks dense, fixed-size vectors, and a row-sparse delta is neither. Fix: set "
+                         "compression = 'none'")
+    if central_dp:
+        raise ValueError(f"compression='{settings.compression}' with dp-noise-multiplier > 0 is refused: fp16/int8 "
+                         "rounding of a clipped update can exceed dp-clipping-norm, which the noise is calibrated to. "
+                         "Fix: set compression = 'none'")
 
 
 def check_secure_supported(settings: FederationSettings) -> None:

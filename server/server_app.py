@@ -40,12 +40,13 @@ from server.checkpoint import (
     strategy_state,
 )
 from server.federation_common import Progress, eval_split_for_round, initial_encoder, scenario_shop_names
-from server.federation_settings import FederationSettings, split_privacy
+from server.federation_settings import FederationSettings, check_compression, split_privacy
 from server.metrics_log import PRIVACY_TASK, MetricsLog, eval_rows_by_split, train_rows
 from server.node_identity import check_identities
 from server.polling_grid import faster_polling
 from server.secure import run_secure_federation
 from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
+from server.wire import Wire
 from shared.atomic import atomic_write_text
 from shared.protocol import EVAL_SPLIT
 from shared.scenario import Scenario, load_scenario
@@ -89,6 +90,7 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     dp = dp or central_dp.CentralDPSettings()
     if dp.enabled:
         _check_dp(settings)
+    check_compression(settings, secure=False, central_dp=dp.enabled)
     run_dir = Path(settings.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_orphans(run_dir)
@@ -163,7 +165,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
 
     strategy = ShopStrategy(inner, min_shops=settings.min_shops, shop_name=shop_name, on_round_end=on_round_end,
                             round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds,
-                            robust=settings.robust_settings())
+                            robust=settings.robust_settings(),
+                            wire=Wire(settings.compression, omit_evaluate_encoder=serves_own_encoder(settings)))
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),
@@ -179,6 +182,11 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         atomic_write_text(run_dir / FAILED_FILE, f"{exc}\n")
         raise
     return run_dir
+
+
+def serves_own_encoder(settings: FederationSettings) -> bool:
+    """Whether shops evaluate their own encoder (personal mix; as `client.shop_round.personal_mix` decides)."""
+    return settings.personal_mix > 0 and settings.share == "encoder" and settings.objective == "fedavg"
 
 
 def failure_reason(run_dir: Path) -> str | None:

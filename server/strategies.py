@@ -37,6 +37,7 @@ from flwr.serverapp.strategy.bulyan import Bulyan
 
 from server.metrics_log import mean_by_key
 from server.robust import RobustSettings, screen
+from server.wire import Wire
 from shared.protocol import EVAL_SPLIT, LOCAL_PREFIX, NUM_EXAMPLES, SHOP_INDEX
 
 STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
@@ -106,6 +107,7 @@ class RoundReport:
     left_out: dict[str, str] = field(default_factory=dict)  # shop -> why it was left out
     eval_split: str = "val"
     skipped: str = ""  # why the round was skipped (fewer than min-shops usable updates); "" if it was not
+    wire_bytes: dict[str, int] = field(default_factory=dict)  # array payload bytes down/up (server.wire.Wire)
 
 
 RoundConfig = Callable[[int, str], dict[str, Any]]  # (round, "train" | "evaluate") -> extra config
@@ -117,9 +119,11 @@ class ShopStrategy(Strategy):
     def __init__(self, inner: FedAvg, *, min_shops: int, shop_name: Callable[[int], str],
                  on_round_end: Callable[[RoundReport], None] | None = None,
                  round_config: RoundConfig | None = None, round_offset: int = 0,
-                 max_short_rounds: int = 3, robust: RobustSettings | None = None) -> None:
+                 max_short_rounds: int = 3, robust: RobustSettings | None = None,
+                 wire: Wire | None = None) -> None:
         self.inner = inner
         self.robust = robust or RobustSettings()
+        self.wire = wire or Wire()  # message compression; "none" only counts bytes
         self._first_claim: dict[str, float] = {}  # shop -> its first accepted num-examples claim
         self._auto_select = isinstance(inner, MultiKrum) and inner.num_nodes_to_select <= 0
         self.aggregated_rounds = 0  # rounds whose update reached the global model
@@ -162,6 +166,7 @@ class ShopStrategy(Strategy):
             record = msg.content[self.key]
             for k, v in local.items():
                 record[k] = Array(v)
+        messages = self.wire.prepare(messages, self.key, "train")
         self._sent = messages  # the Grid sets their message IDs when it pushes them
         return messages
 
@@ -184,9 +189,10 @@ class ShopStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the usable replies' encoders with the inner strategy; average shared local arrays."""
         rnd = server_round + self.round_offset
-        replies = self._readdress(list(replies))
+        replies = self.wire.receive(self._readdress(list(replies)), self._sent, "train")  # deltas -> dense
         self._report = RoundReport(server_round=rnd, arrays=ArrayRecord())
         usable = [m for m in replies if self._usable(m, self._report)]
+        self.wire.trained = {m.metadata.src_node_id for m in usable}
         for node in sorted(self._sampled - {m.metadata.src_node_id for m in replies}):
             shop = self._node_shop.get(node, f"node-{node}")
             self._report.left_out[shop] = "no reply within the round timeout"
@@ -221,6 +227,8 @@ class ShopStrategy(Strategy):
             raise RuntimeError(f"round {rnd}: {type(self.inner).__name__} produced no aggregate")
         # Keep the model's dtype: FedAdam/FedYogi compute in float64, and shops reply in their own dtype.
         merged = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=dtypes.get(k))) for k, a in arrays.items()})
+        if type(self.inner) in (FedAvg, FedProx):  # exact means: untouched rows stay bit-identical (wire.py)
+            merged = self.wire.keep_untouched_rows(merged)
         for k, v in _mean_per_key(shared, self._global_local).items():
             merged[k] = Array(v)
         self._report.arrays = merged
@@ -343,14 +351,14 @@ class ShopStrategy(Strategy):
         cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "evaluate")})
         if self._report is not None:
             self._report.eval_split = str(cfg.get(EVAL_SPLIT, "val"))
-        self._sent = list(self.inner.configure_evaluate(rnd, arrays, cfg, grid))
+        self._sent = self.wire.prepare(self.inner.configure_evaluate(rnd, arrays, cfg, grid), self.key, "evaluate")
         return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Collect every shop's metrics, average them per key, and close the round."""
         rnd = server_round + self.round_offset
         report = self._report or RoundReport(server_round=rnd, arrays=ArrayRecord())
-        for msg in self._readdress(list(replies)):
+        for msg in self.wire.receive(self._readdress(list(replies)), self._sent, "evaluate"):
             if msg.has_error() or len(msg.content.metric_records) != 1:
                 shop = self._node_shop.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
                 reason = msg.error.reason if msg.has_error() else "malformed evaluation reply"
@@ -364,6 +372,7 @@ class ShopStrategy(Strategy):
         for node, shop in self._node_shop.items():
             if f"node-{node}" in report.left_out:
                 report.left_out[shop] = report.left_out.pop(f"node-{node}")
+        report.wire_bytes = self.wire.take_bytes()
         if self.on_round_end is not None:
             self.on_round_end(report)
         self._report = None

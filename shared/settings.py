@@ -111,6 +111,8 @@ class FederationTable(_Table):
                                      "0 = off, else >= 1")
     robust_num_malicious: int = Field(1, ge=0, description="krum | multikrum | bulyan: assumed attackers")
     robust_trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fedtrimmedavg: share cut on each side")
+    compression: Literal["none", "fp16", "sparse-fp16", "sparse-int8"] = Field(
+        "none", description="encoder messages: none | fp16 | sparse-fp16 | sparse-int8 (docs/federation.md)")
     engine: Literal["ray", "pool"] = Field("ray", description="simulation engine: ray (Flower's) | pool "
                                            "(simulations/pool_engine.py, for many shops)")
     workers: int = Field(0, ge=0, description="pool engine: worker processes (0 = one per CPU)")
