@@ -123,7 +123,9 @@ def _side_checks(federation: LoopbackFederation, result: dict) -> None:
     deploy.register(app)
     result["failing-run"] = CliRunner().invoke(app, [
         "coordinator", "run", str(federation.root / "tiny.toml"), "--home", federation.coordinator.home,
-        "--runs-dir", str(federation.root / "runs" / "failing"), "--rounds", "1", "-c", "strategy=no-such-strategy"])
+        "--runs-dir", str(federation.root / "runs" / "failing"), "--rounds", "1",
+        # every shop raises in round 1 (a bad strategy name is now refused before submitting: settings schema)
+        "-c", "fault-inject=error:0,error:1", "-c", "max-short-rounds=0"])
 
 
 @pytest.mark.slow
