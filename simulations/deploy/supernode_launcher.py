@@ -107,12 +107,13 @@ def install_active_polling() -> None:
 
     poll = _seconds_from_env(ACTIVE_POLL_ENV, 0.2, 0.05, FLOWER_IDLE_SLEEP)
     window = _seconds_from_env(ACTIVE_WINDOW_ENV, 60.0, 0.0, 3600.0)
+    if window == 0:  # Flower's own polling: nothing to patch, so no check of its internals either
+        return
     original = getattr(start_client_internal, "_pull_and_store_message", None)
     if original is None:
         raise RuntimeError("flwr.supernode.start_client_internal changed: this flwr version is not the one fedshop "
                            f"was built on. Fix: install flwr==1.42.0 or set {ACTIVE_WINDOW_ENV}=0")
-    if window > 0:
-        start_client_internal._pull_and_store_message = active_polling(original, poll, window)
+    start_client_internal._pull_and_store_message = active_polling(original, poll, window)
 
 
 def pull_backoff_from_env() -> float:
