@@ -27,6 +27,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from rich.console import Console
 from rich.table import Table
 
+from server.robust import RobustSettings
 from shared.atomic import atomic_write_text
 from shared.scenario import load_scenario
 from simulations.best_rounds import final_table
@@ -46,8 +48,8 @@ from simulations.options import parse_overrides
 RESULTS = Path(__file__).resolve().parent / "results" / "byzantine.json"
 ATTACKS = ("none", "x100", "x-10", "noise", "signflip", "absent")
 RULES = ("fedavg", "fedshop", "fedmedian", "fedtrimmedavg", "multikrum", "bulyan")
-SCREENS_OFF = {"robust-norm-factor": 0.0, "robust-min-cosine": -1.0, "robust-examples-cap": 0.0,
-               "robust-weight-cap": 0.0}
+SCREENS_OFF = {f"robust-{k.replace('_', '-')}": v for k, v in asdict(RobustSettings.off()).items()
+               if k != "norm_action"}
 
 
 def attack_fn(name: str, sigma: float, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:

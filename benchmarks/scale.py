@@ -38,25 +38,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from simulations.deploy.processes import descendants  # noqa: E402 - after the path insert
+from simulations.pool_grid import default_workers  # noqa: E402
+from simulations.privacy.eval_config import EVAL_OVERRIDES  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results" / "scale.json"
-# The small encoder of the privacy evaluations (simulations.privacy.eval_config).
-SMALL_ENCODER = {"features.hash_buckets": 2048, "features.product_buckets": 4096, "model.embed_dim": 8,
-                 "model.expert_dim": 16, "model.tower_dim": 8, "model.n_experts": 2}
+SMALL_ENCODER = EVAL_OVERRIDES  # the small encoder of the privacy evaluations
 PER_SHOP_IMPRESSIONS = 1_000
 
 
 def tree_pids(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc/<pid>/task/*/children."""
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        for task in Path(f"/proc/{pid}/task").glob("*") if Path(f"/proc/{pid}/task").exists() else []:
-            try:
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                continue
-    return out
+    """``root`` and all its descendants."""
+    return [root, *descendants(root)]
 
 
 def tree_cpu_seconds(root: int) -> float:
@@ -215,7 +208,7 @@ def main() -> None:
     parser.add_argument("--shops", default="8,32,128,512,1000", help="comma-separated shop counts")
     parser.add_argument("--engine", default="pool", help="comma-separated: pool, ray")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per run (>= 2 for a steady figure)")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="pool workers")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="pool workers")
     parser.add_argument("--world", choices=("per-shop", "fixed-total"), default="per-shop")
     parser.add_argument("--limit", type=float, default=3600.0, help="seconds allowed per run")
     parser.add_argument("--out", type=Path, default=RESULTS)

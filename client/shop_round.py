@@ -39,6 +39,7 @@ from shared.protocol import (
     PROXIMAL_MU,
     SERVER_ROUND,
     SHOP_INDEX,
+    effective_personal_mix,
     eval_metric_key,
     eval_splits,
 )
@@ -92,11 +93,9 @@ def load_round_start(shop: Shop, model: ShopModel, context: Context, config: dic
 
 
 def personal_mix(config: dict[str, Any]) -> float:
-    """The personal mix's n0 (0 = off). Only fedshop's own objective uses it: the FedAvg-all baseline and
-    the Reptile objective define their starting point and reply themselves."""
-    if config.get("share") == "all-shareable" or str(config.get("objective", "fedavg")) != "fedavg":
-        return 0.0
-    return max(0.0, float(config.get("personal-mix", 0.0)))
+    """The personal mix's n0 in force for this message (0 = off; `shared.protocol.effective_personal_mix`)."""
+    return effective_personal_mix(float(config.get("personal-mix", 0.0)), str(config.get("share", "encoder")),
+                                  str(config.get("objective", "fedavg")))
 
 
 def mixed_start(received: dict[str, torch.Tensor], own: dict[str, torch.Tensor], n_rows: int,

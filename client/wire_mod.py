@@ -20,13 +20,20 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.leak_guard import ARRAYS_RECORD, ERROR_CODE_BLOCKED, LOCAL_PREFIX
 from shared.compression import CompressionError, decode_patch, digest, encode_delta
+from shared.protocol import (
+    ARRAYS_RECORD,
+    ERROR_CODE_BLOCKED,
+    LOCAL_PREFIX,
+    WIRE_FULL,
+    WIRE_OMITTED,
+    WIRE_PATCH,
+    WIRE_RECORD,
+)
 
-WIRE_RECORD = "fedshop.wire"  # ConfigRecord of a compressed request: mode, encoder, base, target
 HELD_RECORD = "fedshop.held-global"  # ArrayRecord in context.state: the last global this shop decoded
 HELD_META = "fedshop.held-global-meta"  # ConfigRecord in context.state: {"digest": ...}
-FULL, PATCH, OMITTED = "full", "patch", "omitted"  # how a request carries the encoder
+FULL, PATCH, OMITTED = WIRE_FULL, WIRE_PATCH, WIRE_OMITTED
 UNDECODABLE = "shop could not decode the compressed encoder"
 
 logger = logging.getLogger(__name__)

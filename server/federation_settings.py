@@ -12,7 +12,7 @@ from server import dp as central_dp
 from server.robust import RobustSettings
 from server.secagg_settings import SecAggSettings
 from server.secagg_settings import split_config as split_secagg_config
-from shared.settings import RunSettings, validate
+from shared.settings import RunSettings
 
 SECURE_STRATEGIES = ("fedavg", "fedprox")  # a weighted mean (FedProx: the same, plus the shops' proximal pull)
 # need each shop's update, SecAgg+ shows only the sum
@@ -28,13 +28,12 @@ class FederationSettings(RunSettings):
     @classmethod
     def from_config(cls, config: dict[str, Any], where: str = "run config") -> FederationSettings:
         """Parse a run config; an unknown key or a bad value is a `ScenarioError` (a ValueError) naming it."""
-        settings = validate(cls, dict(config), where, style="run")
+        settings = super().from_config(config, where)
         if settings.dpsgd_noise_multiplier > 0:  # fail here, not on every shop, for a bad unit or rate
             from shared.privacy.dpsgd import DPSGDConfig  # Opacus: imported only when DP-SGD is on (its import
             # calls logging.basicConfig)
 
             DPSGDConfig(**settings.dpsgd_kwargs())
-        settings.robust_settings()  # fail here on a bad robust-* value
         return settings
 
     def robust_settings(self) -> RobustSettings:

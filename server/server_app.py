@@ -48,7 +48,7 @@ from server.secure import run_secure_federation
 from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
 from server.wire import Wire
 from shared.atomic import atomic_write_text
-from shared.protocol import EVAL_SPLIT
+from shared.protocol import EVAL_SPLIT, effective_personal_mix
 from shared.scenario import Scenario, load_scenario
 
 logger = logging.getLogger(__name__)
@@ -185,8 +185,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
 
 
 def serves_own_encoder(settings: FederationSettings) -> bool:
-    """Whether shops evaluate their own encoder (personal mix; as `client.shop_round.personal_mix` decides)."""
-    return settings.personal_mix > 0 and settings.share == "encoder" and settings.objective == "fedavg"
+    """Whether shops evaluate their own encoder (the personal mix is in force: the shops' own rule)."""
+    return effective_personal_mix(settings.personal_mix, settings.share, settings.objective) > 0
 
 
 def failure_reason(run_dir: Path) -> str | None:

@@ -59,15 +59,14 @@ SERVER_LR_KWARG = {"fedadam": "eta", "fedyogi": "eta", "fedavgm": "server_learni
 
 def build_strategy(name: str, *, fraction_train: float = 1.0, min_shops: int = 2,
                    proximal_mu: float = 0.0, server_lr: float = 0.0,
-                   server_momentum: float = 0.0, num_malicious: int = 1, trim_beta: float = 0.2,
-                   num_selected: int = 0) -> FedAvg:
+                   server_momentum: float = 0.0, num_malicious: int = 1, trim_beta: float = 0.2) -> FedAvg:
     """One of Flower's strategies by name, sampling at least ``min_shops`` shops each round.
 
     ``server_lr`` is FedAdam/FedYogi's ``eta`` or FedAvgM's server learning rate; 0 picks the
     strategy's own default (`SERVER_LR_DEFAULTS`), so choosing FedAvgM alone never inherits FedAdam's
     0.1. ``server_momentum`` is FedAvgM's. ``num_malicious`` is Krum/MultiKrum/Bulyan's assumed number of
-    attackers, ``trim_beta`` FedTrimmedAvg's cut per side, ``num_selected`` MultiKrum's selection
-    (0 = all usable replies but ``num_malicious``, set each round by `ShopStrategy`).
+    attackers, ``trim_beta`` FedTrimmedAvg's cut per side. MultiKrum selects all usable replies but
+    ``num_malicious``, set each round by `ShopStrategy`.
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy '{name}' is unknown. Fix: use one of {sorted(STRATEGIES)}")
@@ -83,7 +82,7 @@ def build_strategy(name: str, *, fraction_train: float = 1.0, min_shops: int = 2
     if name in BYZANTINE_RULES:
         kwargs["num_malicious_nodes"] = num_malicious
     if name == "multikrum":
-        kwargs["num_nodes_to_select"] = num_selected  # 0: ShopStrategy sets n - num_malicious each round
+        kwargs["num_nodes_to_select"] = 0  # ShopStrategy sets n - num_malicious each round
     if name == "fedtrimmedavg":
         kwargs["beta"] = trim_beta
     return STRATEGIES[name](**kwargs)

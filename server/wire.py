@@ -21,11 +21,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
 from shared.compression import CompressionError, check_mode, decode_delta, digest, encode_patch
+from shared.protocol import ERROR_CODE_UNDECODABLE, LOCAL_PREFIX, WIRE_FULL, WIRE_OMITTED, WIRE_PATCH, WIRE_RECORD
 
-WIRE_RECORD = "fedshop.wire"  # same name as client.wire_mod.WIRE_RECORD (server code does not import client)
-LOCAL_PREFIX = "local."
-FULL, PATCH, OMITTED = "full", "patch", "omitted"
-ERROR_CODE_UNDECODABLE = 0  # flwr ErrorCode.UNKNOWN: the coordinator rejected what the shop sent
+FULL, PATCH, OMITTED = WIRE_FULL, WIRE_PATCH, WIRE_OMITTED
 
 logger = logging.getLogger(__name__)
 

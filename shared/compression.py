@@ -223,7 +223,3 @@ def decode_patch(arrays: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray
                                    f"'@{ROWS}'+'@{VALUES}')")
     return out
 
-
-def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
-    """Payload bytes of named arrays (what the values take on the wire, without framing)."""
-    return int(sum(np.asarray(a).nbytes for a in arrays.values()))

@@ -33,6 +33,11 @@ SECAGG_WEIGHTING = "secagg-weighting"  # uniform | examples: a SecAgg+ shop's we
 
 # Error replies a shop sends: one code and two fixed texts, never the handler's words.
 ERROR_CODE_BLOCKED = 6  # flwr ErrorCode.MOD_FAILED_PRECONDITION
+ERROR_CODE_UNDECODABLE = 0  # flwr ErrorCode.UNKNOWN: the coordinator rejected what the shop sent
+
+# Compressed encoder messages (shared/compression.py; server/wire.py and client/wire_mod.py)
+WIRE_RECORD = "fedshop.wire"  # ConfigRecord of a compressed request: mode, encoder, base, target
+WIRE_FULL, WIRE_PATCH, WIRE_OMITTED = "full", "patch", "omitted"  # how a request carries the encoder
 BLOCKED_TEXT = "reply blocked by the shop's leak guard"
 FAILED_TEXT = "shop failed to process the message"
 
@@ -51,3 +56,12 @@ def eval_metric_key(split: str, task: str, metric: str, several_splits: bool) ->
     """The evaluate metric key of one task metric: `<task>.<metric>`, prefixed `<split>/` if several splits."""
     prefix = f"{split}{SPLIT_SEPARATOR}" if several_splits else ""
     return f"{prefix}{task}.{metric}"
+
+
+def effective_personal_mix(n0: float, share: str, objective: str) -> float:
+    """The personal mix's n0 in force (0 = off): only fedshop's own objective uses it, since the FedAvg-all
+    baseline and the Reptile objective define their starting point and reply themselves. Shops (to mix)
+    and the coordinator (to leave the encoder out of evaluate messages) both decide by this rule."""
+    if share == "all-shareable" or objective != "fedavg":
+        return 0.0
+    return max(0.0, float(n0))

@@ -52,12 +52,11 @@ def scaled_world(n_shops: int, total: int = TOTAL_IMPRESSIONS, size_exponent: fl
 
 
 def run_pool(server_app: Callable[[Any, Context], None], client_app: Any, config: dict[str, Any], n_shops: int,
-             *, workers: int | None = None, on_grid: Callable[[PoolGrid], None] | None = None) -> PoolGrid:
+             *, workers: int | None = None) -> PoolGrid:
     """Run ``server_app`` against ``n_shops`` nodes served by ``workers`` forked processes; returns the grid.
 
     The world the shops load (`config["scenario"]` at `config["seed"]`) is generated here first, so
-    the workers inherit it instead of each regenerating it. ``on_grid`` sees the started grid (the
-    benchmark samples its workers' memory).
+    the workers inherit it instead of each regenerating it.
     """
     seed = config.get("seed")
     scenario = load_scenario(str(config["scenario"]), {"seed": int(seed)} if seed is not None else None)
@@ -70,8 +69,6 @@ def run_pool(server_app: Callable[[Any, Context], None], client_app: Any, config
     context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=dict(config))
     with grid:
-        if on_grid is not None:
-            on_grid(grid)
         server_app(grid, context)
     for failure in grid.failures:
         logger.warning("pool engine: %s", failure)

@@ -102,7 +102,6 @@ class _Worker:
     proc: Any = None
     tasks: Any = None
     results: Connection | None = None
-    restarts: int = 0
 
 
 @dataclass
@@ -181,10 +180,6 @@ class PoolGrid(Grid):
         for worker in self._pool:
             self._stop(worker, kill=False)
 
-    def pids(self) -> list[int]:
-        """Process IDs of the live workers (for memory measurements)."""
-        return [w.proc.pid for w in self._pool if w.proc is not None and w.proc.pid is not None]
-
     def _restart(self, worker: _Worker, reason: str) -> None:
         """Fail the shop that was running, restart the worker and resend its queued messages."""
         self.failures.append(reason)
@@ -195,7 +190,6 @@ class PoolGrid(Grid):
                 code = ErrorCode.CLIENT_APP_CRASHED
                 self._replies[mid] = _error_reply(pend.msg, code, reason)
                 del self._pending[mid]
-        worker.restarts += 1
         self._spawn(worker)
         for pend in self._pending.values():
             if pend.worker == worker.index:
@@ -313,11 +307,6 @@ class PoolGrid(Grid):
         for index in sorted(late):
             self._restart(self._pool[index], f"round deadline passed with pool worker {index} still busy; "
                                              "its remaining shops are left out of the round")
-
-    @property
-    def worker_count(self) -> int:
-        """Workers in the pool."""
-        return len(self._pool)
 
 
 def default_workers() -> int:
