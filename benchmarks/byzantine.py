@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from rich.table import Table
 
 from server.robust import RobustSettings
 from shared.atomic import atomic_write_text
+from shared.protocol import NUM_EXAMPLES
 from shared.scenario import load_scenario
 from simulations.best_rounds import final_table
 from simulations.federated import SCENARIO_FILE, run_config
@@ -106,104 +109,204 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
     grid = InProcessGrid(Attacker(client_app, attacker_node, rewrite, absent=attack == "absent"), node_ids,
                         run_config=config)
     left_out: dict[int, dict[str, str]] = {}
+    claims: dict[str, float] = {}
+
+    def on_round(report: Any, _total: int) -> None:
+        left_out[report.server_round] = dict(report.left_out)
+        for shop, metrics in report.train.items():
+            claims.setdefault(shop, metrics.get(NUM_EXAMPLES, 0.0))
+
     start = time.perf_counter()
-    run_federation(grid, FederationSettings.from_config(config),
-                   lambda report, _total: left_out.__setitem__(report.server_round, dict(report.left_out)))
+    run_federation(grid, FederationSettings.from_config(config), on_round)
     seconds = time.perf_counter() - start
     rows = pd.read_csv(run_dir / "metrics.csv")
     honest = [s for i, s in enumerate(shops) if i != attacker]
-    ctr = rows[(rows["task"] == "ctr") & (rows["metric"] == "auc") & rows["shop"].isin(honest)]
+    all_ctr = rows[(rows["task"] == "ctr") & (rows["metric"] == "auc")]
+    ctr = all_ctr[all_ctr["shop"].isin(honest)]
     best = final_table(rows[rows["shop"].isin(honest)])
     best = best[(best["task"] == "ctr") & (best["metric"] == "auc")]
     last = ctr[(ctr["split"] == "test") & (ctr["round"] == ctr["round"].max())]
     screens_used = {k: v for k, v in config.items() if k.startswith("robust-")}
-    return {"rule": rule, "attack": attack, "screens": screens_used, "attacker": shops[attacker], "rounds": rounds,
+    return {"rule": rule, "attack": attack, "screens": screens_used, "attacker": shops[attacker],
+            "attacker_index": attacker, "rounds": rounds, "seed": scenario.seed, "overrides": overrides,
+            "shops": shops, "claims": claims,
             "honest_ctr_auc_best_val": float(best["value"].mean()), "honest_ctr_auc_last": float(last["value"].mean()),
             "per_shop_best_val": dict(zip(best["shop"], best["value"].round(4), strict=True)),
             "by_round": ctr[ctr["split"] == "test"].groupby("round")["value"].mean().round(4).tolist(),
+            "ctr_auc": {split: {shop: grp.sort_values("round")["value"].round(5).tolist()
+                                for shop, grp in all_ctr[all_ctr["split"] == split].groupby("shop")}
+                        for split in ("val", "test")},
+            "left_out": {str(r): lo for r, lo in sorted(left_out.items())},
             "attacker_left_out_rounds": sum(shops[attacker] in lo for lo in left_out.values()),
             "honest_left_out": sorted({s for lo in left_out.values() for s in lo if s != shops[attacker]}),
             "seconds": round(seconds, 1), "loadavg": os.getloadavg()}
 
 
+def _honest_auc(run: dict[str, Any], attacker: str, upto: int) -> float:
+    """Honest shops' mean test CTR AUC at each one's best-validation round among rounds 1..``upto``."""
+    values = []
+    for shop, val in run["ctr_auc"]["val"].items():
+        if shop == attacker:
+            continue
+        best = int(np.argmax(val[:upto]))  # first best, as `simulations.best_rounds.final_table` picks
+        values.append(run["ctr_auc"]["test"][shop][best])
+    return float(np.mean(values))
+
+
+def _false_positives(run: dict[str, Any], attacker: str | None, upto: int) -> tuple[int, int]:
+    """(honest shop-rounds left out by a screen, honest shop-rounds) within rounds 1..``upto``."""
+    honest = [s for s in run["shops"] if s != attacker]
+    out = sum(1 for r, lo in run["left_out"].items() if int(r) <= upto for s in lo if s in honest)
+    return out, len(honest) * min(upto, run["rounds"])
+
+
+def _spread(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    return f"{np.mean(xs):+.3f} ({min(xs):+.3f}..{max(xs):+.3f})"
+
+
+def summarise(runs: list[dict[str, Any]], report_rounds: list[int], defended: str = "fedshop"
+              ) -> list[dict[str, Any]]:
+    """Per report round, attacker and attack: the defended rule's honest AUC cost against clean FedAvg and
+    against the floor (FedAvg without the attacker), over seeds, with screened-out honest shop-rounds."""
+    by = {(r["rule"], r["attack"], "" if r["attack"] == "none" else r["attacker"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    attackers = sorted({r["attacker"] for r in runs if r["attack"] != "none"})
+    attacks = [a for a in ATTACKS if a not in ("none", "absent") and any(r["attack"] == a for r in runs)]
+    rows = []
+    for upto in report_rounds:
+        for attacker, attack in [(None, "none")] + [(a, x) for a in attackers for x in attacks]:
+            who = attacker or ""
+            cost_clean, cost_floor, floor_cost, aucs, fp, fp_total, caught, got = [], [], [], [], 0, 0, 0, []
+            shares = []
+            for seed in seeds:
+                run = by.get((defended, attack, "" if attack == "none" else who, seed))
+                clean, floor = by.get(("fedavg", "none", "", seed)), by.get(("fedavg", "absent", who, seed))
+                if run is None or clean is None or run["rounds"] < upto or (attacker and floor is None):
+                    continue
+                auc = _honest_auc(run, who, upto)
+                aucs.append(auc)
+                cost_clean.append(_honest_auc(clean, who, upto) - auc)
+                if floor is not None:
+                    cost_floor.append(_honest_auc(floor, who, upto) - auc)
+                    floor_cost.append(_honest_auc(clean, who, upto) - _honest_auc(floor, who, upto))
+                n_fp, n_all = _false_positives(run, attacker, upto)
+                fp, fp_total = fp + n_fp, fp_total + n_all
+                caught += sum(1 for r, lo in run["left_out"].items() if int(r) <= upto and who in lo)
+                if attacker and clean.get("claims"):
+                    shares.append(clean["claims"][attacker] / sum(clean["claims"].values()))
+                got.append(seed)
+            if not got:
+                continue
+            target = 0.005 if attack == "none" else 0.01
+            rows.append({"rounds": upto, "attacker": attacker, "attacker_share": float(np.mean(shares)) if shares
+                         else None, "attack": attack, "seeds": got, "auc": aucs, "cost_vs_clean": cost_clean,
+                         "cost_vs_floor": cost_floor, "floor_cost": floor_cost, "honest_left_out": fp,
+                         "honest_shop_rounds": fp_total, "attacker_left_out_rounds": caught if attacker else None,
+                         "target": target, "met": float(np.mean(cost_clean)) <= target})
+    return rows
+
+
+def print_summary(console: Console, rows: list[dict[str, Any]]) -> None:
+    """One table per report round: mean (min..max over seeds) of each cost, and the verdict."""
+    for upto in sorted({r["rounds"] for r in rows}):
+        table = Table(title=f"fedshop's default screens, one attacker of 8, after {upto} rounds: honest shops' mean "
+                            "test CTR AUC cost, mean (min..max) over seeds")
+        for col in ("attacker (share)", "attack", "seeds", "vs clean FedAvg", "vs floor (attacker absent)",
+                    "floor itself", "attacker out", "honest out", "target"):
+            table.add_column(col, justify="left" if col in ("attacker (share)", "attack", "target") else "right")
+        for r in (x for x in rows if x["rounds"] == upto):
+            share = f" ({r['attacker_share']:.0%})" if r["attacker_share"] is not None else ""
+            n = upto * len(r["seeds"])
+            out = "-" if r["attacker_left_out_rounds"] is None else f"{r['attacker_left_out_rounds']}/{n}"
+            table.add_row(f"{r['attacker'] or 'none (all 8 honest)'}{share}", r["attack"], str(len(r["seeds"])),
+                          _spread(r["cost_vs_clean"]), _spread(r["cost_vs_floor"]), _spread(r["floor_cost"]), out,
+                          f"{r['honest_left_out']}/{r['honest_shop_rounds']}",
+                          f"{'met' if r['met'] else 'NOT met'} (<= {r['target']})")
+        console.print(table)
+
+
 def main() -> None:
-    """Run the grid, print the table, write the JSON."""
+    """Run the planned cells (in parallel processes), print the summary tables, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", default="default")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--attacker", type=int, default=0, help="index of the attacking training shop")
+    parser.add_argument("--report-rounds", default="", help="also report as if the runs stopped after these rounds "
+                        "(each shop's best-validation round among them), e.g. 3,10; default: --rounds")
+    parser.add_argument("--attackers", default="0", help="indexes of the attacking training shop, one run each, "
+                        "e.g. 0,3,7 (largest, mid, smallest of the default world)")
+    parser.add_argument("--seeds", default="", help="scenario seeds, e.g. 0,1,2; default: the scenario's")
     parser.add_argument("--sigma", type=float, default=5.0, help="noise attack's standard deviation")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--cell", action="append", default=[], help="RULE:ATTACK,ATTACK,... (repeatable); replaces "
+                        "--rules x --attacks, e.g. --cell fedavg:none,absent --cell fedshop:none,x100,signflip")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="scenario override k=v")
     parser.add_argument("--screens", action="append", default=[],
                         help="fedshop rule only: a run-config key=value replacing a default screen setting, "
                              "e.g. robust-weight-cap=4 (the JSON records every robust-* value used)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
+    parser.add_argument("--include", type=Path, nargs="*", default=[],
+                        help="earlier output JSON files whose runs are reused (same settings) instead of rerun")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--combine", type=Path, nargs="+", default=[],
-                        help="only join these JSON files of partial runs (e.g. one process per rule) into --out")
     args = parser.parse_args()
     console = Console()
-    if args.combine:
-        parts = [json.loads(p.read_text(encoding="utf-8")) for p in args.combine]
-        results = [r for part in parts for r in part["results"]]
-        meta = {**parts[0], "parts": [str(p) for p in args.combine],
-                "loadavg_start": [p.get("loadavg_start") for p in parts],
-                "loadavg_end": [p.get("loadavg_end") for p in parts]}
-        meta.pop("results", None)
-        write_table(console, meta, results, args.out)
-        return
-    attacks, rules = args.attacks.split(","), args.rules.split(",")
-    unknown = sorted(set(attacks) - set(ATTACKS)) + sorted(set(rules) - set(RULES))
+    cells = [(c.partition(":")[0], c.partition(":")[2].split(",")) for c in args.cell] or \
+        [(rule, args.attacks.split(",")) for rule in args.rules.split(",")]
+    unknown = sorted({a for _, atk in cells for a in atk} - set(ATTACKS)) + sorted({r for r, _ in cells} - set(RULES))
     if unknown:
         parser.error(f"unknown attack/rule {unknown}; attacks: {ATTACKS}, rules: {RULES}")
     overrides = parse_overrides(args.sets)
     screens = {k: float(v) if k != "robust-norm-action" else v
                for k, _, v in (item.partition("=") for item in args.screens)}
-    results: list[dict[str, Any]] = []
-    meta = {"scenario": args.scenario, "overrides": overrides, "rounds": args.rounds, "sigma": args.sigma,
-            "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    with tempfile.TemporaryDirectory(prefix="byzantine-") as tmp:
-        for rule in rules:
+    seeds = [int(s) for s in args.seeds.split(",") if s] or [load_scenario(args.scenario, overrides).seed]
+    attackers = [int(a) for a in args.attackers.split(",")]
+    report_rounds = [int(r) for r in args.report_rounds.split(",") if r] or [args.rounds]
+    if max(report_rounds) > args.rounds:
+        parser.error(f"--report-rounds {report_rounds} goes beyond --rounds {args.rounds}")
+    plan = []
+    for seed in seeds:
+        for rule, attacks in cells:
             for attack in attacks:
-                res = run_one(args.scenario, overrides, rule, attack, rounds=args.rounds, attacker=args.attacker,
-                              sigma=args.sigma, work=Path(tmp), screens=screens)
-                results.append(res)
-                console.print(f"{rule:>14} {attack:>8}: honest CTR AUC best-val {res['honest_ctr_auc_best_val']:.4f} "
-                              f"last {res['honest_ctr_auc_last']:.4f}, attacker left out in "
-                              f"{res['attacker_left_out_rounds']}/{args.rounds} rounds, honest left out "
-                              f"{res['honest_left_out']} ({res['seconds']:.0f} s)")
-                atomic_write_text(args.out, json.dumps({**meta, "results": results}, indent=2) + "\n")
+                for attacker in attackers[:1] if attack == "none" else attackers:
+                    plan.append((rule, attack, attacker, seed))
+    previous = [r for path in args.include for r in json.loads(path.read_text(encoding="utf-8"))["runs"]]
+    meta = {"scenario": args.scenario, "overrides": overrides, "rounds": args.rounds, "report_rounds": report_rounds,
+            "sigma": args.sigma, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
+    runs: list[dict[str, Any]] = []
+    todo = []
+    for rule, attack, attacker, seed in plan:
+        screens_used = {**(SCREENS_OFF if rule != "fedshop" else {}), **(screens if rule == "fedshop" else {})}
+        old = [r for r in previous if r["rule"] == rule and r["attack"] == attack and r["seed"] == seed
+               and r["rounds"] == args.rounds and (attack == "none" or r["attacker_index"] == attacker)
+               and r["overrides"] == {**overrides, "seed": seed}
+               and all(r["screens"].get(k) == v for k, v in screens_used.items())]
+        if old:
+            runs.append(old[0])
+        else:
+            todo.append((rule, attack, attacker, seed))
+    console.print(f"{len(plan)} runs planned, {len(runs)} reused, {len(todo)} to run with {args.jobs} job(s)")
+    with tempfile.TemporaryDirectory(prefix="byzantine-") as tmp, \
+            ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, args.scenario, {**overrides, "seed": seed}, rule, attack, rounds=args.rounds,
+                               attacker=attacker, sigma=args.sigma, work=Path(tmp) / f"{seed}-{attacker}",
+                               screens=screens): (rule, attack, attacker, seed)
+                   for rule, attack, attacker, seed in todo}
+        for future in as_completed(futures):
+            res = future.result()
+            runs.append(res)
+            console.print(f"seed {res['seed']} {res['rule']:>8} {res['attack']:>8} attacker {res['attacker']}: "
+                          f"honest CTR AUC best-val {res['honest_ctr_auc_best_val']:.4f}, attacker left out in "
+                          f"{res['attacker_left_out_rounds']}/{args.rounds} rounds, honest left out "
+                          f"{res['honest_left_out']} ({res['seconds']:.0f} s, load {res['loadavg'][0]:.1f})")
+            atomic_write_text(args.out, json.dumps({**meta, "runs": runs}, indent=1) + "\n")
     meta["loadavg_end"] = os.getloadavg()
-    write_table(console, meta, results, args.out)
+    summary = summarise(runs, report_rounds)
+    print_summary(console, summary)
+    atomic_write_text(args.out, json.dumps({**meta, "summary": summary, "runs": runs}, indent=1) + "\n")
+    console.print(f"wrote {args.out}")
 
-
-def write_table(console: Console, meta: dict[str, Any], results: list[dict[str, Any]], out: Path) -> None:
-    """Add each run's drop against clean FedAvg, print the attack x rule table, write the JSON."""
-    clean = next((r for r in results if r["rule"] == "fedavg" and r["attack"] == "none"), None)
-    for r in results:
-        for which in ("best_val", "last"):
-            r[f"drop_{which}"] = (clean[f"honest_ctr_auc_{which}"] - r[f"honest_ctr_auc_{which}"]) if clean else None
-    attacks = [a for a in ATTACKS if any(r["attack"] == a for r in results)]
-    rules = [x for x in RULES if any(r["rule"] == x for r in results)]
-    table = Table(title=f"honest shops' mean test CTR AUC, best-val round / last round (drop vs clean fedavg); "
-                        f"attacker {results[0]['attacker']}, {meta['rounds']} rounds")
-    table.add_column("rule")
-    for attack in attacks:
-        table.add_column(attack, justify="right")
-    for rule in rules:
-        cells = []
-        for attack in attacks:
-            r = next((x for x in results if x["rule"] == rule and x["attack"] == attack), None)
-            if r is None:
-                cells.append("not run")
-                continue
-            drop = "" if r["drop_best_val"] is None else f" ({r['drop_best_val']:+.3f}/{r['drop_last']:+.3f})"
-            cells.append(f"{r['honest_ctr_auc_best_val']:.3f}/{r['honest_ctr_auc_last']:.3f}{drop}")
-        table.add_row(rule, *cells)
-    console.print(table)
-    atomic_write_text(out, json.dumps({**meta, "results": results}, indent=2) + "\n")
-    console.print(f"wrote {out}")
 
 if __name__ == "__main__":
     main()
