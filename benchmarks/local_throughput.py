@@ -31,7 +31,7 @@ from shared.atomic import atomic_write_text
 from shared.features import ShopTensors, build_shop_tensors
 from shared.model import build_model
 from shared.scenario import Scenario, load_scenario
-from shared.train import train_shop
+from shared.train import evaluate_shop, train_shop
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "local_throughput.json"
@@ -97,6 +97,28 @@ def measure(scenario: Scenario, tensors: ShopTensors, tasks: list[str], threads:
     }
 
 
+def ctr_auc(scenario_name: str, seed: int, sparse: bool, epochs: int) -> float:
+    """Test CTR AUC of the largest shop trained alone for ``epochs`` rounds of one local epoch, at its best
+    validation epoch (the reports' rule), on the world and model drawn from ``seed``."""
+    torch.set_num_threads(1)
+    scenario = load_scenario(scenario_name, {"seed": seed})
+    _, tensors = largest_shop(scenario)
+    model = build_model(tensors, scenario.model, scenario.features, seed=seed)
+    best_val, test_at_best = -1.0, float("nan")
+    for epoch in range(epochs):
+        train_shop(model, tensors, replace(scenario.train, epochs=1, seed=seed * 1000 + epoch,
+                                           sparse_embeddings=sparse))
+        val = evaluate_shop(model, tensors, "val").get("ctr", {}).get("auc", float("nan"))
+        if val > best_val:
+            best_val, test_at_best = val, evaluate_shop(model, tensors, "test")["ctr"]["auc"]
+    return test_at_best
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
 def speedups(results: list[dict[str, Any]]) -> dict[str, float]:
     """Sparse over dense examples per CPU-second for every (mix, threads) measured both ways: "mix|threads"."""
     by = {(r["mix"], r["threads"], r["path"]): r["examples_per_cpu_s"] for r in results}
@@ -115,6 +137,10 @@ def main() -> None:
                         help="also time the dense path before each measurement and report the sparse/dense ratio")
     parser.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES), metavar="MIX",
                         help=f"task mixes to time (default: all of {list(MIXES)})")
+    parser.add_argument("--auc-seeds", type=int, default=0,
+                        help="also train the largest shop alone on this many seeds, sparse and dense, and "
+                             "report test CTR AUC mean +- sd (0 = skip)")
+    parser.add_argument("--auc-epochs", type=int, default=6, help="local epochs per AUC run")
     parser.add_argument("--out", type=Path, default=RESULT, help="JSON result path")
     args = parser.parse_args()
 
@@ -149,6 +175,15 @@ def main() -> None:
                 atomic_write_text(args.out, json.dumps(report, indent=2))
     report["speedup_cpu"] = speedups(report["results"])
     atomic_write_text(args.out, json.dumps(report, indent=2))
+    if args.auc_seeds:
+        aucs: dict[str, list[float]] = {"dense": [], "sparse": []}
+        for seed in range(args.auc_seeds):
+            for path in ("dense", "sparse"):
+                console.print(f"[dim]CTR AUC, seed {seed}, {path}, {args.auc_epochs} epochs ...[/dim]")
+                aucs[path].append(ctr_auc(args.scenario, seed, path == "sparse", args.auc_epochs))
+        report["ctr_auc"] = {"epochs": args.auc_epochs, "seeds": list(range(args.auc_seeds)), **aucs,
+                             **{f"{p}_mean_sd": _mean_sd(v) for p, v in aucs.items()}}
+        atomic_write_text(args.out, json.dumps(report, indent=2))
 
     table = Table(title=f"Local training throughput: {scenario.name} / {name} "
                         f"({report['train_impressions']} training impressions)")
@@ -162,6 +197,11 @@ def main() -> None:
                       f"{r['examples_per_cpu_s']:,.0f}", f"{ratio:.2f}" if ratio else "",
                       f"{r['loadavg_before'][0]:.1f}")
     console.print(table)
+    if "ctr_auc" in report:
+        a = report["ctr_auc"]
+        console.print(f"test CTR AUC of {name} alone, {a['epochs']} epochs, seeds {a['seeds']}: dense (old path) "
+                      f"{a['dense_mean_sd'][0]:.4f} +- {a['dense_mean_sd'][1]:.4f}, sparse "
+                      f"{a['sparse_mean_sd'][0]:.4f} +- {a['sparse_mean_sd'][1]:.4f}")
     console.print(f"wrote {args.out}")
 
 

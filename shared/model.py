@@ -129,8 +129,23 @@ class SharedEncoder(nn.Module):
         return bi, wide
 
     def mixture(self, x: torch.Tensor) -> torch.Tensor:
-        """Expert outputs (B, K, E) over the joint input (B, 5d)."""
-        return torch.stack([e(x) for e in self.experts], 1)
+        """Expert outputs (B, K, E) over the joint input (B, 5d).
+
+        The K two-layer experts run as one matrix product for the first layers (their weights side by side)
+        and one batched product for the second: the same function and parameters as calling each expert,
+        in two large kernels instead of 2K small ones (forward and backward).
+        """
+        first = [e[0] for e in self.experts]
+        last = [e[-1] for e in self.experts]
+        k, width = len(last), last[0].in_features
+        h = F.relu(F.linear(x, torch.cat([f.weight for f in first]), torch.cat([f.bias for f in first])))
+        drop = next((m.p for m in self.experts[0] if isinstance(m, nn.Dropout)), 0.0)
+        if drop:
+            h = F.dropout(h, drop, self.training)
+        h = h.reshape(-1, k, width).transpose(0, 1)  # (K, B, E_in)
+        out = torch.baddbmm(torch.stack([m.bias for m in last]).unsqueeze(1), h,
+                            torch.stack([m.weight for m in last]).transpose(1, 2))  # (K, B, E)
+        return out.transpose(0, 1)
 
 
 class LocalPart(nn.Module):
@@ -249,7 +264,7 @@ class ShopModel(nn.Module):
         e, bi, wide = self.encoder.field_terms(fields)
         n_user, n_ctx = user_cat.shape[1], ctx_cat.shape[1]
         u = self.user_vectors(batch["user"], batch["hist"], item_table, side=_masked_mean(e[:, :n_user], user_cat))
-        v = item_table[batch["item"]]
+        v = item_table.index_select(0, batch["item"])  # backward is an index_add (advanced indexing sorts)
         num = batch["ctx_num"]
         num_vec = self.local.ctx_num(num) if self.local.ctx_num is not None else torch.zeros_like(u)
         c = self.encoder.context(ctx_cat, num_vec, pooled=_masked_mean(e[:, e.shape[1] - n_ctx:], ctx_cat))
@@ -261,16 +276,23 @@ class ShopModel(nn.Module):
     def ranking_scores(self, user: torch.Tensor, hist: torch.Tensor, items: torch.Tensor,
                        item_table: torch.Tensor) -> torch.Tensor:
         """Scores (B, C) of candidate items: (B, C) indices, or (C,) shared by the batch."""
-        u = self.local.rank_proj(self.user_vectors(user, hist, item_table))  # (B, d)
-        v = item_table[items]
+        return self.candidate_scores(self.ranking_users(user, hist, item_table), items, item_table)
+
+    def ranking_users(self, user: torch.Tensor, hist: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+        """The user vectors (B, d) ranking scores items against (compute once, score many candidate sets)."""
+        return self.local.rank_proj(self.user_vectors(user, hist, item_table))
+
+    def candidate_scores(self, users: torch.Tensor, items: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+        """Scores (B, C) of candidates for `ranking_users` vectors: (B, C) indices, or (C,) shared by the batch."""
+        v = item_table.index_select(0, items.reshape(-1)).reshape(*items.shape, -1)
         bias = self.local.item_bias(items).squeeze(-1)
         if items.dim() == 1:
-            return u @ v.T + bias
-        return torch.einsum("bd,bcd->bc", u, v) + bias
+            return users @ v.T + bias
+        return torch.einsum("bd,bcd->bc", users, v) + bias
 
     def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> torch.Tensor:
         """Log of expected next-period units per (item, period) row: (B,)."""
-        v = item_table[batch["item"]]
+        v = item_table.index_select(0, batch["item"])
         s = self.local.sales_in(batch["x"])  # (B, d)
         bi, wide = self.encoder.crosses(self.item_cat[batch["item"]])
         zero = torch.zeros_like(v)

@@ -131,8 +131,9 @@ class RankingTask(TaskHead):
     def loss(self, model, batch, item_table, cache):
         catalog = cache["catalog"]
         neg = catalog[torch.randint(len(catalog), (RANKING_NEGATIVES,), generator=cache.get("generator"))]
-        pos_scores = model.ranking_scores(batch["user"], batch["hist"], batch["item"][:, None], item_table)
-        neg_scores = model.ranking_scores(batch["user"], batch["hist"], neg, item_table)
+        users = model.ranking_users(batch["user"], batch["hist"], item_table)  # one user pass for both
+        pos_scores = model.candidate_scores(users, batch["item"][:, None], item_table)
+        neg_scores = model.candidate_scores(users, neg, item_table)
         neg_scores = neg_scores.masked_fill(neg[None, :] == batch["item"][:, None], float("-inf"))
         logits = torch.cat([pos_scores, neg_scores], 1)
         return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long))

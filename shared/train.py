@@ -5,7 +5,7 @@ rows), combines the task losses with the shop's loss weighting and takes one opt
 An epoch is as many steps as the largest source needs; smaller sources cycle.
 
 The large hashed embedding tables of the encoder (`ShopModel.row_sparse_tables`) are trained with
-row-sparse gradients and lazy Adam (`torch.optim.SparseAdam`) by default: a step reads and writes only
+row-sparse gradients and lazy Adam (`shared.lazy_adam.LazyAdam`) by default: a step reads and writes only
 the rows its batch touched, instead of a dense Adam pass over ~1.6M parameters of which an epoch uses
 about 1%. `TrainConfig.sparse_embeddings = False` restores dense Adam on every parameter.
 """
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from shared.features import ShopTensors
+from shared.lazy_adam import LazyAdam
 from shared.model import ShopModel
 from shared.protocol import LOSS, NUM_EXAMPLES, task_loss_key
 from shared.tasks import TaskHead, heads_for
@@ -56,19 +57,29 @@ def _sources(tensors: ShopTensors, heads: list[TaskHead]) -> dict[str, Mapping[s
     return {k: v for k, v in out.items() if next(iter(v.values())).shape[0] > 0}
 
 
-class _Cycler:
-    """Endless shuffled minibatch indices over n rows."""
+class _Batches:
+    """Endless shuffled minibatches of one source's rows.
 
-    def __init__(self, n: int, batch: int, gen: torch.Generator) -> None:
-        self.n, self.batch, self.gen = n, batch, gen
-        self.perm, self.pos = torch.randperm(n, generator=gen), 0
+    The rows are permuted once per pass and each batch is a contiguous slice (a view) of the permuted
+    copy: one gather per column and pass instead of one per column and step, the same batches as indexing
+    with the pass's permutation every step.
+    """
 
-    def next(self) -> torch.Tensor:
+    def __init__(self, rows: Mapping[str, torch.Tensor], batch: int, gen: torch.Generator) -> None:
+        self.rows, self.batch, self.gen = rows, batch, gen
+        self.n = next(iter(rows.values())).shape[0]
+        self._shuffle()
+
+    def _shuffle(self) -> None:
+        perm = torch.randperm(self.n, generator=self.gen)
+        self.shuffled, self.pos = {k: v[perm] for k, v in self.rows.items()}, 0
+
+    def next(self) -> dict[str, torch.Tensor]:
         if self.pos >= self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        idx = self.perm[self.pos: self.pos + self.batch]
+            self._shuffle()
+        out = {k: v[self.pos: self.pos + self.batch] for k, v in self.shuffled.items()}
         self.pos += self.batch
-        return idx
+        return out
 
 
 def shared_layer_params(model: ShopModel) -> list[torch.nn.Parameter]:
@@ -92,29 +103,6 @@ def row_sparse_gradients(tables: list[nn.Embedding]) -> Iterator[None]:
         for t, was in zip(tables, before, strict=True):
             t.sparse = was
             t.weight.grad = None  # a leftover sparse grad would surprise a later dense backward
-
-
-def _lazy_regularise(params: list[nn.Parameter], weight_decay: float, prox_mu: float,
-                     anchors: Mapping[nn.Parameter, torch.Tensor]) -> None:
-    """Add Adam's coupled L2 term and FedProx's pull to the sparse gradients, on the touched rows only.
-
-    torch.optim.SparseAdam has no weight decay and a dense proximal gradient would make the whole
-    table dense again; lazy Adam applies both where the batch touched, as it applies the moments.
-    """
-    if not weight_decay and not anchors:
-        return
-    for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad.coalesce()
-        rows, values = g.indices()[0], g.values()
-        w = p.detach()[rows]
-        if weight_decay:
-            values = values + weight_decay * w
-        if p in anchors:
-            values = values + prox_mu * (w - anchors[p][rows])
-        # Indices come from a coalesced gradient of this parameter: valid by construction.
-        p.grad = torch.sparse_coo_tensor(g.indices(), values, p.shape, is_coalesced=True, check_invariants=False)
 
 
 def train_shop(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, *,
@@ -154,15 +142,16 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     fused = {"fused": True} if cfg.sparse_embeddings else {}
     optimisers: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                                                 **fused)]
-    if sparse:
-        optimisers.append(torch.optim.SparseAdam(sparse, lr=cfg.lr))  # same betas and eps as Adam's defaults
     prox, anchors = None, {}
     if cfg.prox_mu > 0 and global_encoder is not None and not cfg.freeze_encoder:
         named = {k: (p, torch.as_tensor(global_encoder[k]).detach()) for k, p in model.encoder.named_parameters()}
         prox = [pg for pg in named.values() if id(pg[0]) not in is_sparse]
         anchors = {p: g.to(p.dtype) for p, g in named.values() if id(p) in is_sparse}  # e.g. float64 replies
+    if sparse:  # Adam's default betas and eps, as the dense optimiser
+        optimisers.append(LazyAdam(sparse, lr=cfg.lr, weight_decay=cfg.weight_decay, prox_mu=cfg.prox_mu,
+                                   anchors=anchors))
     sizes = {s: next(iter(r.values())).shape[0] for s, r in sources.items()}
-    cyclers = {s: _Cycler(n, cfg.batch_size, gen) for s, n in sizes.items()}
+    cyclers = {s: _Batches(r, cfg.batch_size, gen) for s, r in sources.items()}
     steps = cfg.epochs * max(math.ceil(n / cfg.batch_size) for n in sizes.values())
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
@@ -171,8 +160,7 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     model.train()
     steps_per_epoch = max(1, steps // max(cfg.epochs, 1))
     for step in range(steps):
-        picks = {s: c.next() for s, c in cyclers.items()}
-        batches = {s: {k: v[picks[s]] for k, v in r.items()} for s, r in sources.items()}
+        batches = {s: c.next() for s, c in cyclers.items()}
         item_table = model.all_items()
         for opt in optimisers:  # before the forward: weightings may attach gradients in combine()
             opt.zero_grad(set_to_none=True)
@@ -187,7 +175,6 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
         if anchors:  # the sparse tables' share of the proximal term: in the reported loss, its gradient below
             with torch.no_grad():
                 total = total + cfg.prox_mu / 2 * sum(((p - g) ** 2).sum() for p, g in anchors.items())
-        _lazy_regularise(sparse, cfg.weight_decay, cfg.prox_mu, anchors)
         for opt in optimisers:
             opt.step()
         model.local.weighting.after_step()

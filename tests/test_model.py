@@ -169,3 +169,20 @@ def test_build_with_states_is_strict(largest_shop: ShopTensors, tiny_model_cfg: 
     encoder.pop("wide.weight")
     with pytest.raises(RuntimeError, match="wide.weight"):
         build_model(largest_shop, tiny_model_cfg, tiny_features, encoder_state=encoder, local_state=local)
+
+
+def test_fused_mixture_equals_calling_each_expert(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                  tiny_features: FeatureConfig) -> None:
+    """`mixture` runs the experts as two fused products: same outputs and parameter gradients as each expert."""
+    model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    x = torch.randn(37, 5 * tiny_model_cfg.embed_dim)
+    fused = model.encoder.mixture(x)
+    fused.square().sum().backward()
+    grads = [p.grad.clone() for p in model.encoder.experts.parameters()]
+    model.zero_grad(set_to_none=True)
+    each = torch.stack([e(x) for e in model.encoder.experts], 1)
+    each.square().sum().backward()
+    assert fused.shape == (37, tiny_model_cfg.n_experts, tiny_model_cfg.expert_dim)
+    assert torch.allclose(fused, each, atol=1e-5)
+    for g, p in zip(grads, model.encoder.experts.parameters(), strict=True):
+        assert torch.allclose(g, p.grad, atol=1e-4)

@@ -60,16 +60,16 @@ def test_sparse_and_dense_paths_give_the_same_outputs_and_gradients(
         assert grads_s[name].coalesce().indices().shape[1] < 0.5 * grads_d[name].shape[0], name
 
 
-def test_sparse_step_touches_only_batch_rows_with_the_dense_gradient_there(
+def test_sparse_step_equals_the_dense_step_on_touched_rows_and_leaves_the_rest(
         largest_shop: ShopTensors, tiny_model_cfg: ModelConfig, tiny_features: FeatureConfig) -> None:
-    """One step with weight decay and FedProx: lazy Adam gets, on the rows the batch touched, the full
-    gradient dense Adam uses there (loss + L2 + proximal pull) and moves only those rows; dense Adam
-    also decays and pulls every other row."""
+    """One step with weight decay and FedProx from the same start: on the rows the batch touched, lazy Adam
+    lands where dense Adam does (same gradient, L2 and proximal pull, same update); every other row keeps
+    its value, where dense Adam decays and pulls it. Same loss on the step, same loss after it on a batch."""
     start = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
     anchor = {k: v + 0.01 * torch.randn_like(v) for k, v in start.encoder_state().items()}
     cfg = replace(STEP, weight_decay=0.05, prox_mu=2.0)
     before = {k: p.detach().clone() for k, p in _table_params(start).items()}
-    after, grads = {}, {}
+    after, grads, losses, models = {}, {}, {}, {}
     for sparse in (False, True):
         model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
         names = {id(p): k for k, p in _table_params(model).items()}
@@ -83,25 +83,32 @@ def test_sparse_step_touches_only_batch_rows_with_the_dense_gradient_there(
 
         handle = register_optimizer_step_pre_hook(record)
         try:
-            train_shop(model, largest_shop, replace(cfg, sparse_embeddings=sparse), global_encoder=anchor)
+            losses[sparse] = train_shop(model, largest_shop, replace(cfg, sparse_embeddings=sparse),
+                                        global_encoder=anchor)["loss"]
         finally:
             handle.remove()
         after[sparse] = {k: p.detach().clone() for k, p in _table_params(model).items()}
-        grads[sparse] = seen
+        grads[sparse], models[sparse] = seen, model
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
     for name, w0 in before.items():
         sparse_grad, dense_grad = grads[True][name], grads[False][name]
         assert sparse_grad.is_sparse and not dense_grad.is_sparse, name
         rows = torch.zeros(len(w0), dtype=torch.bool)
         rows[sparse_grad.indices()[0]] = True
         assert 0 < rows.sum() < 0.5 * len(w0), name
-        # Dense Adam adds weight decay inside its step; lazy Adam is handed it in the gradient.
-        expected = dense_grad + cfg.weight_decay * w0
-        assert torch.allclose(sparse_grad.to_dense()[rows], expected[rows], atol=1e-6), name
+        # The dense path's gradient holds the proximal pull (it is in its loss); lazy Adam adds it itself.
+        pull = cfg.prox_mu * (w0 - anchor[f"{name}.weight"])
+        assert torch.allclose(sparse_grad.to_dense()[rows] + pull[rows], dense_grad[rows], atol=1e-6), name
         sparse_w, dense_w = after[True][name], after[False][name]
+        assert torch.allclose(sparse_w[rows], dense_w[rows], atol=1e-6), f"{name}: not dense Adam's step there"
+        assert not torch.equal(sparse_w[rows], w0[rows]), name
         assert torch.equal(sparse_w[~rows], w0[~rows]), f"{name}: lazy Adam moved untouched rows"
         assert not torch.equal(dense_w[~rows], w0[~rows]), f"{name}: dense Adam should decay/pull every row"
-        moved = sparse_w[rows] - w0[rows]
-        assert (torch.sign(moved) == -torch.sign(expected[rows]))[expected[rows].abs() > 1e-4].all(), name
+    for m in models.values():
+        m.eval()
+    with torch.no_grad():
+        assert float(_batch_loss(models[True], largest_shop)) == pytest.approx(
+            float(_batch_loss(models[False], largest_shop)), rel=1e-3)
 
 
 @pytest.mark.parametrize("tasks", TASK_SETS, ids=["+".join(t) for t in TASK_SETS])
