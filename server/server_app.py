@@ -154,7 +154,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
                 log.add(report.server_round, shop, split, rows)
         log.write()
         save_checkpoint(run_dir, Checkpoint(report.server_round, {k: a.numpy() for k, a in report.arrays.items()},
-                                            strategy_state(base), capture_rng(), fingerprint),
+                                            strategy_state(base), capture_rng(), fingerprint,
+                                            first_claims=strategy.first_claims),
                         keep=settings.keep_checkpoints)
         if progress is not None:
             progress(report, total)
@@ -166,7 +167,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     strategy = ShopStrategy(inner, min_shops=settings.min_shops, shop_name=shop_name, on_round_end=on_round_end,
                             round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds,
                             robust=settings.robust_settings(),
-                            wire=Wire(settings.compression, omit_evaluate_encoder=serves_own_encoder(settings)))
+                            wire=Wire(settings.compression, omit_evaluate_encoder=serves_own_encoder(settings)),
+                            first_claims=ckpt.first_claims if ckpt is not None else None)
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),

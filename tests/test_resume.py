@@ -26,10 +26,19 @@ from client.local_state import (
     restore_local_part,
     save_local_part,
 )
-from server.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from server import strategies
+from server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from server.server_app import FederationSettings, run_federation
 from shared.features import build_shop_tensors
 from shared.model import build_model
+from shared.protocol import NUM_EXAMPLES
 
 
 class Killed(BaseException):
@@ -169,6 +178,55 @@ def test_orphaned_temp_files_are_removed_at_the_next_start(scenario_file, tmp_pa
     _run(scenario_file, tmp_path, 2, resume=True)
     assert [p for p in orphans if p.exists()] == []
     assert latest_checkpoint(tmp_path).server_round == 2
+
+
+def test_a_resumed_run_still_caps_an_inflated_claim_at_10x_the_shops_first_claim(scenario_file, tmp_path,
+                                                                                   monkeypatch):
+    """The first-claim memory is in the checkpoint: after `--resume` a shop cannot claim anew."""
+    _run(scenario_file, tmp_path, 1)
+    first = latest_checkpoint(tmp_path).first_claims
+    assert set(first) == {"shop_00", "shop_01", "shop_02"} and all(c > 0 for c in first.values())
+    small, middle, _ = sorted(first, key=first.get)
+    assert first[small] < first[middle]
+    inflated = 10 * first[middle]  # within 10 x the round's median claim: only the first-claim cap bites
+
+    def inflating_app(msg: Message, context: Context) -> Message:
+        reply = client_app.app(msg, context)
+        if msg.metadata.message_type == "train" and not reply.has_error():
+            metrics = next(iter(reply.content.metric_records.values()))
+            if first[small] == metrics[NUM_EXAMPLES]:  # the small shop claims as much as ten middle ones
+                metrics[NUM_EXAMPLES] = inflated
+        return reply
+
+    capped: list[tuple[list[float], list[float]]] = []
+    real_screen = strategies.screen
+
+    def spy(deltas, claims, *args, **kwargs):
+        result = real_screen(deltas, claims, *args, **kwargs)
+        capped.append((list(claims), list(result.claims)))
+        return result
+
+    monkeypatch.setattr(strategies, "screen", spy)
+    _run(scenario_file, tmp_path, 2, grid=LocalGrid(3, inflating_app), resume=True)
+    (claims, after), = capped
+    assert inflated in claims  # the inflated claim reached the screens in the resumed round
+    assert after[claims.index(inflated)] == pytest.approx(10 * first[small])
+    assert latest_checkpoint(tmp_path).first_claims == first  # still the first claims, not the inflated one
+
+
+def test_a_checkpoint_without_first_claims_still_loads(tmp_path):
+    """Checkpoints written before first claims were saved resume with none (each shop's next claim counts)."""
+    save_checkpoint(tmp_path, Checkpoint(1, {"w": np.zeros(2, dtype=np.float32)}, first_claims={"a": 5.0}))
+    path = list_checkpoints(tmp_path)[0]
+    payload = torch.load(path, weights_only=True)
+    assert payload["first_claims"] == {"a": 5.0}
+    del payload["first_claims"]
+    torch.save(payload, path)
+    assert latest_checkpoint(tmp_path).first_claims == {}
+    payload["first_claims"] = {"a": "lots"}
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="first_claims"):
+        load_checkpoint(path)
 
 
 class RestartingGrid(LocalGrid):
