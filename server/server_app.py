@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,8 +204,33 @@ def stop_reason(run_dir: Path) -> str | None:
     return path.read_text(encoding="utf-8").strip() if path.exists() else None
 
 
-def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress | None = None) -> ServerApp:
-    """A ServerApp whose settings are the run config updated with ``overrides``."""
+NODE_WAIT_SECONDS = 60.0  # how long a simulation's ServerApp waits for its virtual nodes before round 1
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float = NODE_WAIT_SECONDS) -> int:
+    """Wait until ``expected`` nodes are connected (or ``timeout`` passed); returns how many are.
+
+    Flower samples the nodes connected when a round starts (`fraction_train` of them, at least
+    `min-shops`), and its simulation engine registers the virtual nodes in a thread that runs beside the
+    ServerApp. Under load round 1 could start with two of three shops registered, which made a run (and a
+    resumed one) depend on thread timing: `test_resume_after_round_one_gives_the_same_encoder` flaked so.
+    """
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if connected < expected:
+        logger.warning("%d of the %d expected nodes connected within %.0f s; starting with those", connected,
+                       expected, timeout)
+    return connected
+
+
+def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress | None = None,
+                    expected_nodes: int = 0) -> ServerApp:
+    """A ServerApp whose settings are the run config updated with ``overrides``.
+
+    ``expected_nodes`` (a simulation, where every shop's node exists) makes it wait for them all before
+    round 1, so round 1 samples every shop whatever the threads' timing.
+    """
     server = ServerApp()
 
     @server.main()
@@ -215,6 +241,8 @@ def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress 
         settings, secure_on, secagg, dp = split_privacy(config)
         grid = faster_polling(grid)  # deployment: pull replies every 0.1 s, not flwr's 3 s
         grid = check_identities(grid, settings.run_dir)  # deployment: replies must match the node's registration
+        if expected_nodes:
+            wait_for_nodes(grid, expected_nodes)
         if secure_on:
             run_secure_federation(grid, context, settings, secagg, progress=progress)
         else:

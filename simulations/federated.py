@@ -128,8 +128,9 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
             from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
 
             with quiet_simulation_workers():
-                run_simulation(server_app=make_server_app(config, progress), client_app=client_app,
-                               num_supernodes=n_shops, backend_config=backend_config(ray_address=ray_address))
+                run_simulation(server_app=make_server_app(config, progress, expected_nodes=n_shops),
+                               client_app=client_app, num_supernodes=n_shops,
+                               backend_config=backend_config(ray_address=ray_address))
     except Exception:
         if failure_reason(run_dir) is None:
             raise
