@@ -379,7 +379,7 @@ def test_size_cap_is_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(MAX_FILE_MB_ENV, "lots")
     assert "not a number of megabytes" in str(pytest.raises(ShopDataError, load_shop_dir, root).value)
     monkeypatch.setenv(MAX_FILE_MB_ENV, "2048")
-    huge_sparse_file(root)  # 1 GiB under a 2 GiB cap is read: the sparse zeros are NUL bytes
+    huge_sparse_file(root)  # 1 GiB under a 2 GiB cap is scanned, not read whole: its zeros are NUL bytes
     assert "NUL bytes" in str(pytest.raises(ShopDataError, load_shop_dir, root).value)
 
 
