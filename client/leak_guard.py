@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -153,8 +155,12 @@ def leak_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     started = time.time()
     try:
         reply = call_next(msg, context)
-    except Exception:  # the text of any exception may quote private data: log it here, send none
-        logger.exception("shop handler raised; sending a generic error reply")
+    except Exception as exc:  # the text of any exception may quote private data: log it here, send none
+        # One line where a user watches a simulation (no traceback on their terminal); the traceback at DEBUG.
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        logger.error("shop handler raised %s%s: %s; sending a generic error reply", type(exc).__name__,
+                     f" at {Path(where.filename).name}:{where.lineno}" if where else "", exc)
+        logger.debug("the shop handler's traceback", exc_info=True)
         return error_reply(msg, FAILED_TEXT)
     if reply.has_error():
         logger.warning("shop handler returned an error (code %s: %s); sending a generic error reply",

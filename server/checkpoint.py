@@ -1,4 +1,5 @@
-"""Coordinator checkpoints: global arrays, round, strategy state and RNG state, written atomically.
+"""Coordinator checkpoints: global arrays, round, strategy state, RNG state and each shop's first
+`num-examples` claim (the base of its cap, `server.robust`), written atomically.
 
 One file per round in `<run-dir>/checkpoints/round-NNNN.pt` (older ones pruned); a run resumes
 from the newest readable one and refuses when none is readable. Temp files a killed write left are
@@ -44,6 +45,8 @@ class Checkpoint:
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # what must not change on resume
+    # shop -> its first accepted num-examples claim: without it a resumed run would let a shop claim anew
+    first_claims: dict[str, float] = field(default_factory=dict)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -112,7 +115,8 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 2) -> Path:
     """Write ``ckpt`` atomically and prune all but the newest ``keep`` checkpoints."""
     payload = {"format": FORMAT_VERSION, "round": ckpt.server_round, "arrays": _tensors(ckpt.arrays),
                "strategy": {n: _tensors(a) for n, a in ckpt.strategy_state.items()},
-               "rng": ckpt.rng, "settings": ckpt.settings}
+               "rng": ckpt.rng, "settings": ckpt.settings,
+               "first_claims": {str(k): float(v) for k, v in ckpt.first_claims.items()}}
     buf = io.BytesIO()
     torch.save(payload, buf)
     path = atomic_write_bytes(checkpoint_path(run_dir, ckpt.server_round), buf.getvalue())
@@ -144,7 +148,17 @@ def load_checkpoint(path: Path) -> Checkpoint:
                       arrays={k: v.numpy() for k, v in payload["arrays"].items()},
                       strategy_state={n: {k: v.numpy() for k, v in a.items()}
                                       for n, a in payload["strategy"].items()},
-                      rng=payload["rng"], settings=payload["settings"])
+                      rng=payload["rng"], settings=payload["settings"],
+                      first_claims=_first_claims(path, payload.get("first_claims", {})))
+
+
+def _first_claims(path: Path, raw: object) -> dict[str, float]:
+    """The checkpoint's first claims (absent in checkpoints written before they were saved: none)."""
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
+                                            for k, v in raw.items()):
+        raise CheckpointError(f"{path}: its first_claims are not a table of shop -> claim. Fix: delete it to "
+                              "resume from the previous round's checkpoint, or start a new run")
+    return {k: float(v) for k, v in raw.items()}
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
                 log.add(report.server_round, shop, split, rows)
         log.write()
         save_checkpoint(run_dir, Checkpoint(report.server_round, {k: a.numpy() for k, a in report.arrays.items()},
-                                            strategy_state(base), capture_rng(), fingerprint),
+                                            strategy_state(base), capture_rng(), fingerprint,
+                                            first_claims=strategy.first_claims),
                         keep=settings.keep_checkpoints)
         if progress is not None:
             progress(report, total)
@@ -166,7 +168,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     strategy = ShopStrategy(inner, min_shops=settings.min_shops, shop_name=shop_name, on_round_end=on_round_end,
                             round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds,
                             robust=settings.robust_settings(),
-                            wire=Wire(settings.compression, omit_evaluate_encoder=serves_own_encoder(settings)))
+                            wire=Wire(settings.compression, omit_evaluate_encoder=serves_own_encoder(settings)),
+                            first_claims=ckpt.first_claims if ckpt is not None else None)
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),
@@ -201,8 +204,33 @@ def stop_reason(run_dir: Path) -> str | None:
     return path.read_text(encoding="utf-8").strip() if path.exists() else None
 
 
-def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress | None = None) -> ServerApp:
-    """A ServerApp whose settings are the run config updated with ``overrides``."""
+NODE_WAIT_SECONDS = 60.0  # how long a simulation's ServerApp waits for its virtual nodes before round 1
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float = NODE_WAIT_SECONDS) -> int:
+    """Wait until ``expected`` nodes are connected (or ``timeout`` passed); returns how many are.
+
+    Flower samples the nodes connected when a round starts (`fraction_train` of them, at least
+    `min-shops`), and its simulation engine registers the virtual nodes in a thread that runs beside the
+    ServerApp. Under load round 1 could start with two of three shops registered, which made a run (and a
+    resumed one) depend on thread timing: `test_resume_after_round_one_gives_the_same_encoder` flaked so.
+    """
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if connected < expected:
+        logger.warning("%d of the %d expected nodes connected within %.0f s; starting with those", connected,
+                       expected, timeout)
+    return connected
+
+
+def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress | None = None,
+                    expected_nodes: int = 0) -> ServerApp:
+    """A ServerApp whose settings are the run config updated with ``overrides``.
+
+    ``expected_nodes`` (a simulation, where every shop's node exists) makes it wait for them all before
+    round 1, so round 1 samples every shop whatever the threads' timing.
+    """
     server = ServerApp()
 
     @server.main()
@@ -213,6 +241,8 @@ def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress 
         settings, secure_on, secagg, dp = split_privacy(config)
         grid = faster_polling(grid)  # deployment: pull replies every 0.1 s, not flwr's 3 s
         grid = check_identities(grid, settings.run_dir)  # deployment: replies must match the node's registration
+        if expected_nodes:
+            wait_for_nodes(grid, expected_nodes)
         if secure_on:
             run_secure_federation(grid, context, settings, secagg, progress=progress)
         else:

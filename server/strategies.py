@@ -119,11 +119,12 @@ class ShopStrategy(Strategy):
                  on_round_end: Callable[[RoundReport], None] | None = None,
                  round_config: RoundConfig | None = None, round_offset: int = 0,
                  max_short_rounds: int = 3, robust: RobustSettings | None = None,
-                 wire: Wire | None = None) -> None:
+                 wire: Wire | None = None, first_claims: dict[str, float] | None = None) -> None:
         self.inner = inner
         self.robust = robust or RobustSettings()
         self.wire = wire or Wire()  # message compression; "none" only counts bytes
-        self._first_claim: dict[str, float] = {}  # shop -> its first accepted num-examples claim
+        # shop -> its first accepted num-examples claim; checkpointed (`first_claims`), restored on resume
+        self._first_claim: dict[str, float] = dict(first_claims or {})
         self._auto_select = isinstance(inner, MultiKrum) and inner.num_nodes_to_select <= 0
         self.aggregated_rounds = 0  # rounds whose update reached the global model
         self.last_skip = ""  # why the last skipped round was skipped
@@ -142,6 +143,11 @@ class ShopStrategy(Strategy):
         self._global_local: dict[str, np.ndarray] = {}
         self._sampled: set[int] = set()
         self._expected: dict[str, tuple[int, ...]] = {}  # the round's encoder: array name -> shape
+
+    @property
+    def first_claims(self) -> dict[str, float]:
+        """Each shop's first accepted num-examples claim (a copy), the base of its cap: a checkpoint keeps it."""
+        return dict(self._first_claim)
 
     def summary(self) -> None:
         """Log the inner strategy's settings and the fault bound."""

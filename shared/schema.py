@@ -36,9 +36,9 @@ files, unsafe shop names, non-regular files and files above ``$FEDSHOP_MAX_FILE_
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
-import io
 import os
 import re
 import shutil
@@ -402,8 +402,8 @@ def max_file_bytes() -> int:
     return int(mb * 1024 * 1024)
 
 
-def _check_size(path: Path) -> None:
-    """Refuse a file above the size cap before reading a byte of it."""
+def check_file_size(path: Path) -> None:
+    """Refuse a file above the size cap (``$FEDSHOP_MAX_FILE_MB``) before reading a byte of it."""
     size, cap = path.stat().st_size, max_file_bytes()
     if size > cap:
         raise ShopDataError(str(path), f"the file is {size / 2**20:,.0f} MB, above the {cap / 2**20:,.0f} MB "
@@ -412,32 +412,64 @@ def _check_size(path: Path) -> None:
                             f"{MAX_FILE_MB_ENV}={int(size / 2**20) + 1} if this machine has the memory")
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    """Read a UTF-8 CSV with every cell as text, so IDs like "007" stay as written."""
-    _check_size(path)
+_check_size = check_file_size  # the name the readers below use
+SCAN_CHUNK = 1 << 20  # bytes per read while a CSV's encoding is checked: memory stays bounded at any file size
+
+
+def _scan_text(path: Path) -> None:
+    """Check, one chunk at a time, that a CSV is non-empty UTF-8 text without NUL bytes.
+
+    Streamed so that a file which is not text (a 1 GB file of zeros, say, under a raised size cap) is
+    refused at its first bad byte with bounded memory; the first problem in file order is reported.
+    """
     try:
-        data = path.read_bytes()
+        handle = path.open("rb")
     except OSError as exc:
         raise ShopDataError(str(path), f"cannot read the file ({exc.strerror})",
                             "check that the file exists and is readable") from None
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise ShopDataError(str(path), "the file is UTF-16 text (it starts with a UTF-16 byte-order mark)",
-                            "re-export the file as UTF-8 (e.g. in a spreadsheet: Save As > CSV UTF-8)")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        row = data.count(b"\n", 0, exc.start) + 1
-        raise ShopDataError(str(path), f"byte {exc.start} is not UTF-8 ({exc.reason})",
-                            "re-export the file as UTF-8 (e.g. in a spreadsheet: Save As > CSV UTF-8)",
-                            row=row) from None
-    if not text.strip():
+    with handle:
+        first = handle.read(SCAN_CHUNK)
+        if first[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise ShopDataError(str(path), "the file is UTF-16 text (it starts with a UTF-16 byte-order mark)",
+                                "re-export the file as UTF-8 (e.g. in a spreadsheet: Save As > CSV UTF-8)")
+        data = first[3:] if first.startswith(b"\xef\xbb\xbf") else first  # offsets count after a BOM
+        start, rows, text_seen = 0, 0, False  # offset of `data` in the file (after the BOM), newlines before it
+        while data:
+            chunk = handle.read(SCAN_CHUNK)
+            try:
+                decoded, used = codecs.utf_8_decode(data, "strict", not chunk)
+                bad = None
+            except UnicodeDecodeError as exc:
+                decoded, used, bad = data[:exc.start].decode("utf-8"), exc.start, exc
+            nul = decoded.find("\x00")
+            if nul >= 0:
+                offset = len(decoded[:nul].encode("utf-8"))
+                raise ShopDataError(str(path), "the file holds NUL bytes, so it is not a text CSV",
+                                    "export it again as a comma-separated UTF-8 text file",
+                                    row=rows + data.count(b"\n", 0, offset) + 1)
+            if bad is not None:
+                raise ShopDataError(str(path), f"byte {start + bad.start} is not UTF-8 ({bad.reason})",
+                                    "re-export the file as UTF-8 (e.g. in a spreadsheet: Save As > CSV UTF-8)",
+                                    row=rows + data.count(b"\n", 0, bad.start) + 1)
+            text_seen = text_seen or bool(decoded.strip())
+            rows += data.count(b"\n", 0, used)
+            start += used
+            data = data[used:] + chunk  # an undecoded tail (a character cut by the chunk) goes first
+    if not text_seen:
         raise ShopDataError(str(path), "the file is empty", "export a header row and at least one data row")
-    if "\x00" in text:
-        row = text.count("\n", 0, text.index("\x00")) + 1
-        raise ShopDataError(str(path), "the file holds NUL bytes, so it is not a text CSV",
-                            "export it again as a comma-separated UTF-8 text file", row=row)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Read a UTF-8 CSV with every cell as text, so IDs like "007" stay as written.
+
+    The encoding is checked first, streamed (`_scan_text`); pandas then parses the file itself, so no
+    copy of the whole file is held as bytes or as one Python string beside the parsed table.
+    """
+    _check_size(path)
+    _scan_text(path)
     try:
-        header = next(csv.reader(io.StringIO(text)), [])
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            header = next(csv.reader(handle), [])
     except csv.Error:
         header = []  # pandas reports the malformed CSV below
     seen: dict[str, int] = {}
@@ -449,7 +481,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
                                 field=name)
         seen[name] = number
     try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
     except Exception as exc:  # the C parser raises several types; all mean "not a well-formed CSV"
         raise ShopDataError(str(path), f"not a well-formed CSV ({str(exc).strip()})",
                             "use one header row, commas between fields and double quotes around "

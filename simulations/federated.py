@@ -17,7 +17,7 @@ from typing import Any
 import tomli_w
 
 from shared.atomic import atomic_write_text
-from shared.scenario import Scenario
+from shared.scenario import Scenario, ScenarioError
 from shared.settings import RunSettings
 from simulations.console import quiet_simulation_workers
 from simulations.ray_auth import require_ray_token
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 def check_engine(engine: str) -> str:
     """``engine`` if known, else a clear error naming the choices."""
     if engine not in ENGINES:
-        raise ValueError(f"engine '{engine}' is unknown. Fix: use one of {ENGINES} (federation.engine or --engine)")
+        raise ScenarioError(f"engine '{engine}' is unknown. Fix: use one of {ENGINES} (federation.engine or --engine)")
     return engine
 
 
@@ -65,7 +65,7 @@ def check_ray_address(ray_address: str, environ: dict[str, str] | None = None) -
     env = os.environ if environ is None else environ
     if env.get("RAY_AUTH_MODE", "token") == "token" and not (env.get("RAY_AUTH_TOKEN")
                                                              or env.get("RAY_AUTH_TOKEN_PATH")):
-        raise ValueError(f"--ray-address {ray_address}: the cluster's token is not set. Fix: export "
+        raise ScenarioError(f"--ray-address {ray_address}: the cluster's token is not set. Fix: export "
                          "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) with the token its `ray start` used, "
                          "as docs/federation.md (Engines and scale) shows")
 
@@ -74,7 +74,7 @@ def run_config(scenario: Scenario, run_dir: Path, *, method: str, rounds: int | 
                resume: bool) -> dict[str, Any]:
     """The Flower run config of a scenario, derived from the schema: its [federation] table plus the run's keys."""
     if method not in METHODS:
-        raise ValueError(f"method '{method}' is unknown. Fix: use one of {sorted(METHODS)}")
+        raise ScenarioError(f"method '{method}' is unknown. Fix: use one of {sorted(METHODS)}")
     settings = RunSettings(**scenario.federation, scenario=str(run_dir / SCENARIO_FILE), seed=scenario.seed,
                            run_dir=str(run_dir), method=method, share=METHODS[method], resume=resume)
     if rounds:
@@ -97,7 +97,7 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     """
     engine = check_engine(str(engine or scenario.federation.get("engine", "ray")))
     if ray_address and engine != "ray":
-        raise ValueError(f"--ray-address is for the ray engine, not '{engine}'. Fix: drop it or use --engine ray")
+        raise ScenarioError(f"--ray-address is for the ray engine, not '{engine}'. Fix: drop it or use --engine ray")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # CPU-only: opt in to Ray's future default (leave device env vars alone), which also silences
     # the FutureWarning Ray raises on every start.
@@ -128,8 +128,9 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
             from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
 
             with quiet_simulation_workers():
-                run_simulation(server_app=make_server_app(config, progress), client_app=client_app,
-                               num_supernodes=n_shops, backend_config=backend_config(ray_address=ray_address))
+                run_simulation(server_app=make_server_app(config, progress, expected_nodes=n_shops),
+                               client_app=client_app, num_supernodes=n_shops,
+                               backend_config=backend_config(ray_address=ray_address))
     except Exception:
         if failure_reason(run_dir) is None:
             raise

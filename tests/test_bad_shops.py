@@ -379,7 +379,7 @@ def test_size_cap_is_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(MAX_FILE_MB_ENV, "lots")
     assert "not a number of megabytes" in str(pytest.raises(ShopDataError, load_shop_dir, root).value)
     monkeypatch.setenv(MAX_FILE_MB_ENV, "2048")
-    huge_sparse_file(root)  # 1 GiB under a 2 GiB cap is read: the sparse zeros are NUL bytes
+    huge_sparse_file(root)  # 1 GiB under a 2 GiB cap is scanned, not read whole: its zeros are NUL bytes
     assert "NUL bytes" in str(pytest.raises(ShopDataError, load_shop_dir, root).value)
 
 
@@ -506,3 +506,31 @@ def test_a_file_may_keep_our_column_name_through_its_own_mapping(tmp_path: Path)
     assert Path(err.file).name == "users.csv" and '[columns.users] user_id = "user_id"' in err.fix
     (root / "shop.toml").write_text(BASE_TOML + '[columns.users]\nuser_id = "user_id"\n', encoding="utf-8")
     assert load_shop_dir(root).users["user_id"].tolist()[:2] == ["c00", "c01"]
+
+
+# Rows of the docs table whose message no case fragment spells out, and the test that backs each.
+ROWS_BACKED_ELSEWHERE = {
+    "UTF-8 BOM": "test_utf8_bom_is_accepted",
+    "control or bidi characters": "terminal-escape-in-header",
+    "two shops with one name": "test_two_shops_with_one_name",
+}
+
+
+def test_every_row_of_the_shop_table_is_a_tested_case() -> None:
+    """docs/bad-input.md's shop table and the catalogue agree: no row without a case, no case without a row."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "bad-input.md").read_text(encoding="utf-8")
+    table = doc.split("## Shop directories: bad input -> what fedshop says")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| bad input")]
+    assert len(rows) >= 45
+    covered: set[str] = set()
+    for bad_input, says, _where in rows:
+        hits = {c.id for c in CASES if c.fragment in says or c.fragment in bad_input}
+        backed = next((t for prefix, t in ROWS_BACKED_ELSEWHERE.items() if bad_input.startswith(prefix)), None)
+        if backed is not None:
+            assert backed in globals() or backed in {c.id for c in CASES}, backed
+            hits |= {backed} & {c.id for c in CASES}
+        else:
+            assert hits, f"no case asserts the message of the row '{bad_input}'"
+        covered |= hits
+    assert {c.id for c in CASES} - covered == set(), "cases without a row in docs/bad-input.md"

@@ -26,10 +26,19 @@ from client.local_state import (
     restore_local_part,
     save_local_part,
 )
-from server.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from server import strategies
+from server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from server.server_app import FederationSettings, run_federation
 from shared.features import build_shop_tensors
 from shared.model import build_model
+from shared.protocol import NUM_EXAMPLES
 
 
 class Killed(BaseException):
@@ -171,6 +180,55 @@ def test_orphaned_temp_files_are_removed_at_the_next_start(scenario_file, tmp_pa
     assert latest_checkpoint(tmp_path).server_round == 2
 
 
+def test_a_resumed_run_still_caps_an_inflated_claim_at_10x_the_shops_first_claim(scenario_file, tmp_path,
+                                                                                   monkeypatch):
+    """The first-claim memory is in the checkpoint: after `--resume` a shop cannot claim anew."""
+    _run(scenario_file, tmp_path, 1)
+    first = latest_checkpoint(tmp_path).first_claims
+    assert set(first) == {"shop_00", "shop_01", "shop_02"} and all(c > 0 for c in first.values())
+    small, middle, _ = sorted(first, key=first.get)
+    assert first[small] < first[middle]
+    inflated = 10 * first[middle]  # within 10 x the round's median claim: only the first-claim cap bites
+
+    def inflating_app(msg: Message, context: Context) -> Message:
+        reply = client_app.app(msg, context)
+        if msg.metadata.message_type == "train" and not reply.has_error():
+            metrics = next(iter(reply.content.metric_records.values()))
+            if first[small] == metrics[NUM_EXAMPLES]:  # the small shop claims as much as ten middle ones
+                metrics[NUM_EXAMPLES] = inflated
+        return reply
+
+    capped: list[tuple[list[float], list[float]]] = []
+    real_screen = strategies.screen
+
+    def spy(deltas, claims, *args, **kwargs):
+        result = real_screen(deltas, claims, *args, **kwargs)
+        capped.append((list(claims), list(result.claims)))
+        return result
+
+    monkeypatch.setattr(strategies, "screen", spy)
+    _run(scenario_file, tmp_path, 2, grid=LocalGrid(3, inflating_app), resume=True)
+    (claims, after), = capped
+    assert inflated in claims  # the inflated claim reached the screens in the resumed round
+    assert after[claims.index(inflated)] == pytest.approx(10 * first[small])
+    assert latest_checkpoint(tmp_path).first_claims == first  # still the first claims, not the inflated one
+
+
+def test_a_checkpoint_without_first_claims_still_loads(tmp_path):
+    """Checkpoints written before first claims were saved resume with none (each shop's next claim counts)."""
+    save_checkpoint(tmp_path, Checkpoint(1, {"w": np.zeros(2, dtype=np.float32)}, first_claims={"a": 5.0}))
+    path = list_checkpoints(tmp_path)[0]
+    payload = torch.load(path, weights_only=True)
+    assert payload["first_claims"] == {"a": 5.0}
+    del payload["first_claims"]
+    torch.save(payload, path)
+    assert latest_checkpoint(tmp_path).first_claims == {}
+    payload["first_claims"] = {"a": "lots"}
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="first_claims"):
+        load_checkpoint(path)
+
+
 class RestartingGrid(LocalGrid):
     """Node ``index`` is down in the given rounds: the SuperLink answers its train message for it."""
 
@@ -265,3 +323,31 @@ def test_coordinator_resume_refuses_what_it_cannot_continue(tmp_path):
     for args in ((), ("tiny", "--resume", str(moved))):  # neither, or both, of SCENARIO and --resume
         result = _cli(*args, "--home", str(tmp_path / "coord"))
         assert result.exit_code == 1 and "--resume" in result.output
+
+
+class LateRegisteringGrid(LocalGrid):
+    """Flower's simulation engine registers its virtual nodes beside the running ServerApp: the last node
+    shows up only after a few looks, as it did under load."""
+
+    def __init__(self, n_nodes: int, late_looks: int) -> None:
+        super().__init__(n_nodes, client_app.app)
+        self.looks, self.late_looks = 0, late_looks
+
+    def get_node_ids(self) -> list[int]:
+        self.looks += 1
+        return list(self.node_ids) if self.looks > self.late_looks else list(self.node_ids[:-1])
+
+
+@pytest.mark.parametrize("expected_nodes", [0, 3])
+def test_round_one_waits_for_every_simulated_shop(scenario_file, tmp_path, expected_nodes):
+    """The cause of the flaky resume test: round 1 sampled the 2 of 3 nodes registered so far."""
+    reports: list = []
+    local_state._SHOPS.clear()
+    server = server_app.make_server_app({"scenario": str(scenario_file), "num-server-rounds": 1,
+                                         "run-dir": str(tmp_path), "max-steps": 3},
+                                        progress=lambda report, _total: reports.append(report),
+                                        expected_nodes=expected_nodes)
+    server(LateRegisteringGrid(3, late_looks=3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                         run_config={}))
+    trained = set(reports[0].train)
+    assert trained == ({"shop_00", "shop_01", "shop_02"} if expected_nodes else {"shop_00", "shop_01"})

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.schema import ShopData, ShopDataError
+from shared.schema import ShopData, ShopDataError, check_file_size
 
 # GroupLens u.item genre flag order; a movie's primary genre is its first genre in this order.
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -66,6 +66,7 @@ def read_delimited(path: Path, *, sep: str, names: list[str] | None = None, head
     does not parse, the whole file is re-read as strings so `parse_numbers` can name the bad line.
     Other columns are strings.
     """
+    check_file_size(path)  # a file above $FEDSHOP_MAX_FILE_MB is refused before pandas reads it whole
     kwargs = dict(sep=sep, header=0 if header else None, names=names, keep_default_na=False,
                   encoding=encoding, quoting=csv.QUOTE_NONE)
     try:

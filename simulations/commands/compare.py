@@ -12,6 +12,7 @@ from rich.table import Table
 from simulations.best_rounds import print_final_table
 from simulations.compare import FEDERATED, METHODS, Comparison, parse_methods, parse_seeds, run_comparison
 from simulations.console import duration, is_verbose, print_verdict, step_progress
+from simulations.exits import failures_as_messages
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.run_report import run_verdict, target_detail, target_status
 from simulations.rundir import new_run_dir
@@ -102,12 +103,9 @@ def register(app: typer.Typer) -> None:
                 bar.note(f"{method} (seed {seed}) finished in {duration(seconds)}; {len(finished)}/{runs_total} "
                          f"method runs done, elapsed {duration(time.monotonic() - started)}")
 
-            try:
+            with failures_as_messages(console, partial=out):  # e.g. RunFailed: message, exit 1, no traceback
                 result = run_comparison(scenarios, out, methods=chosen, progress=progress, on_method_done=done,
                                         config={"overrides": {k: str(v) for k, v in overrides.items()}})
-            except (RuntimeError, ValueError) as exc:
-                console.print(f"[red]error:[/red] {exc}\nrows of the methods that finished are in {out}/metrics.csv")
-                raise typer.Exit(1) from exc
         if is_verbose():
             mean_final = result.final.groupby(["method", "shop", "task", "metric"], as_index=False)["value"].mean()
             print_final_table(console, mean_final, title="test metrics at each shop's best validation round")
@@ -128,7 +126,8 @@ def register(app: typer.Typer) -> None:
         except PoolError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
-        result = write_pool(plan, run_dir or new_run_dir(runs, f"{plan.name}-pool"))
+        with failures_as_messages(console):
+            result = write_pool(plan, run_dir or new_run_dir(runs, f"{plan.name}-pool"))
         console.print(f"pooled seeds {', '.join(str(s) for s in plan.seeds)} from {len(plan.run_dirs)} runs")
         print_headline(result)
         print_verdict(console, run_verdict(result.run_dir, summary=result.summary))

@@ -194,7 +194,17 @@ def coordinator_run(
     colour = typer.colors.GREEN if outcome.ok else typer.colors.RED
     typer.secho(f"run {outcome.run_id}: {outcome.status}; run dir {run_dir}", fg=colour)
     if not outcome.ok:
+        _say_why_failed(run_dir)
         raise typer.Exit(code=1)
+
+
+def _say_why_failed(run_dir: Path) -> None:
+    """The ServerApp's reason for a failed run (`failed.txt`: which rounds, which shops, the fix), if any."""
+    from server.server_app import failure_reason
+
+    reason = failure_reason(run_dir)
+    if reason:
+        typer.secho(f"run failed: {reason}", fg=typer.colors.RED, err=True)
 
 
 def _resume(home: Path, run_config: dict, run_dir: Path, app_dir: Path) -> None:
@@ -208,6 +218,7 @@ def _resume(home: Path, run_config: dict, run_dir: Path, app_dir: Path) -> None:
     colour = typer.colors.GREEN if outcome.ok else typer.colors.RED
     typer.secho(f"run {outcome.run_id} (resumed): {outcome.status}; run dir {run_dir}", fg=colour)
     if not outcome.ok:
+        _say_why_failed(run_dir)
         raise typer.Exit(code=1)
 
 

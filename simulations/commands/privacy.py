@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         from simulations.options import scenario_or_exit
 
         scenario_or_exit(scenario, load_shops=False)  # a bad scenario: its error, before any run directory
+        from simulations.exits import failures_as_messages
         from simulations.privacy.eval_config import PrivacyEvalConfig
         from simulations.privacy.run import run_privacy_eval
         from simulations.rundir import new_run_dir, write_run_info
@@ -37,6 +38,7 @@ def register(app: typer.Typer) -> None:
                       utility_steps=steps or cfg.utility_steps, dpsgd_noise=dpsgd_noise or cfg.dpsgd_noise)
         run_dir = new_run_dir(runs, f"privacy-{Path(scenario).stem}")
         write_run_info(run_dir, {"command": "privacy", "scenario": scenario, "eval": cfg.__dict__})
-        report = run_privacy_eval(scenario, run_dir, cfg)
+        with failures_as_messages(partial=run_dir):  # a failed federation or attack: a message and exit 1
+            report = run_privacy_eval(scenario, run_dir, cfg)
         typer.echo(report.read_text(encoding="utf-8"))
         typer.echo(f"written: {report}")

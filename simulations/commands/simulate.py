@@ -16,7 +16,8 @@ from rich.console import Console
 
 from simulations.compare import small_shops_of
 from simulations.console import print_verdict, step_progress
-from simulations.federated import ENGINES, METHODS, SCENARIO_FILE, RunFailed, RunStopped, run_federated
+from simulations.exits import failures_as_messages
+from simulations.federated import ENGINES, METHODS, SCENARIO_FILE, run_federated
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.ray_auth import require_ray_token
 from simulations.run_report import run_verdict, write_run_report
@@ -161,17 +162,8 @@ def register(app: typer.Typer) -> None:
                 status = f"shops done {len(report.train)}/{n_shops}{left}  {_headline(report)}"
                 bar.update(label, report.server_round, total, status=status)
 
-            try:
+            with failures_as_messages(console, partial=out):  # RunFailed, RunStopped, bad settings: a message
                 run_federated(scen, out, method=method, rounds=total, resume=resume is not None, progress=progress,
                               engine=engine, workers=workers, ray_address=ray_address)
-            except ValueError as exc:  # e.g. --ray-address without the cluster's token
-                console.print(f"[red]error:[/red] {exc}")
-                raise typer.Exit(2) from exc
-            except RunStopped as exc:  # e.g. the privacy budget: the last checkpoint is the final model
-                console.print(f"[yellow]run stopped:[/yellow] {exc}")
-                raise typer.Exit(3) from exc
-            except RunFailed as exc:  # every round (or too many in a row) skipped for want of usable shops
-                console.print(f"[red]run failed:[/red] {exc}")
-                raise typer.Exit(1) from exc
         write_run_report(out, small_shops=small_shops_of(scen))
         print_verdict(console, run_verdict(out))

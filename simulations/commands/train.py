@@ -11,6 +11,7 @@ from simulations.baselines import run_central, run_local_only
 from simulations.best_rounds import final_table, print_final_table
 from simulations.compare import small_shops_of
 from simulations.console import is_verbose, print_verdict, step_progress
+from simulations.exits import failures_as_messages
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.run_report import run_verdict, write_run_report
 from simulations.rundir import new_run_dir, write_metrics, write_run_info
@@ -34,7 +35,8 @@ def _run(kind: str, scenario_name: str, epochs: int | None, run_dir: Path | None
         def progress(label: str, done: int, total: int) -> None:
             bar.update(label if kind == "local" else "all shops pooled", done, total)
 
-        rows = runner(scenario, epochs=epochs, progress=progress)
+        with failures_as_messages(console, partial=out):  # e.g. a diverged model: message, exit 1
+            rows = runner(scenario, epochs=epochs, progress=progress)
     write_metrics(out, rows)
     if is_verbose():
         print_final_table(console, final_table(rows),

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from shared.transfer import TransferConfig
+from simulations.exits import failures_as_messages
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.rundir import new_run_dir, write_run_info
 from simulations.transfer import TransferError, run_transfer
@@ -55,10 +56,11 @@ def transfer(
                          "seeds": seeds, "transfer_config": tcfg.__dict__, "scenario": sc.raw})
     started = time.perf_counter()
     try:
-        run_transfer(sc, out, encoder=encoder, meta_encoder=meta_encoder, rounds=rounds, seeds=seeds or None,
-                     workers=workers, transfer_cfg=tcfg,
-                     progress=lambda msg: console.print(f"[dim]{time.perf_counter() - started:6.0f}s[/dim] {msg}"))
-    except TransferError as exc:
+        with failures_as_messages(partial=out):  # a federation that fails, a diverged model: message, exit 1
+            run_transfer(sc, out, encoder=encoder, meta_encoder=meta_encoder, rounds=rounds, seeds=seeds or None,
+                         workers=workers, transfer_cfg=tcfg,
+                         progress=lambda msg: console.print(f"[dim]{time.perf_counter() - started:6.0f}s[/dim] {msg}"))
+    except TransferError as exc:  # refused before anything ran: a bad encoder file or setting
         Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
