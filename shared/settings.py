@@ -364,7 +364,8 @@ class TransferTable(_Table):
     late_joiners: list[str] | None = Field(None, description="shops held out of training; default: the "
                                            "generator's choice")
     fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
-        default_factory=lambda: [0.01, 0.05, 0.10, 0.25, 1.0], description="data fractions; each > 0, <= 1")
+        default_factory=lambda: [0.01, 0.05, 0.10, 0.25, 1.0], min_length=1, description="data fractions; each > 0, "
+        "<= 1")
     modes: list[Literal["scratch", "frozen", "finetune", "meta"]] = Field(
         default_factory=lambda: ["scratch", "frozen", "finetune", "meta"],
         description="each one of scratch, frozen, finetune, meta")

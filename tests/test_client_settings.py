@@ -63,3 +63,16 @@ def test_the_leak_guard_logs_a_bad_message_config_by_key_without_a_traceback(cap
     assert reply.has_error() and reply.error.reason == FAILED_TEXT
     record = next(r for r in caplog.records if "message config" in r.getMessage())
     assert "local-epochs = 'two'" in record.getMessage() and record.exc_info is None
+
+
+def test_the_scenario_keeps_the_schema_values_of_transfer_and_data() -> None:
+    from shared.scenario import load_scenario
+
+    sc = load_scenario("default", {"seed": 7})
+    assert sc.transfer["late_joiners"] is None and sc.transfer["modes"] == ["scratch", "frozen", "finetune", "meta"]
+    assert sc.data["synthetic"]["seed"] == 7  # the scenario's seed flows into the world unless the table sets one
+    assert load_scenario("default", {"data.synthetic.seed": 3}).data["synthetic"]["seed"] == 3
+    with pytest.raises(ScenarioError, match="transfer.fractions"):
+        load_scenario("default", {"transfer.fractions": []})
+    with pytest.raises(ScenarioError, match="data.synthetic"):
+        load_scenario("default", {"data.synthetic.n_shopz": 3})
