@@ -13,7 +13,6 @@ leak guard (`client.leak_guard`), an app-wide mod. This one ClientApp serves eve
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -24,11 +23,12 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.leak_guard import error_reply, leak_guard
 from client.local_state import Shop
 from client.secure_client import SECAGG_RECORD, secure_app
-from client.shop_round import evaluate_round, load_round_start, merged_config, shop_and_model, train_round
+from client.shop_round import evaluate_round, load_round_start, message_settings, shop_and_model, train_round
 from client.timing import timing_mod
 from client.wire_mod import wire_mod
 from shared.model import ShopModel
 from shared.protocol import ARRAYS_RECORD, FAILED_TEXT, METRICS_RECORD
+from shared.settings import ShopRoundSettings
 
 logger = logging.getLogger(__name__)
 
@@ -76,20 +76,22 @@ def clip_when_dp(msg: Message, context: Context, call_next: ClientAppCallable) -
 app = ClientApp(mods=[timing_mod, legacy_dispatch, wire_mod, leak_guard])  # wire_mod: docs/federation.md
 
 
-def _round_start(msg: Message, context: Context) -> tuple[Shop, ShopModel, dict[str, Any], dict[str, torch.Tensor]]:
-    """The shop, its model with the received encoder and its own local part, the config and what was received."""
-    config = merged_config(context.run_config, next(iter(msg.content.config_records.values()), {}))
-    shop, model = shop_and_model(context, config)
+def _round_start(msg: Message, context: Context
+                 ) -> tuple[Shop, ShopModel, ShopRoundSettings, dict[str, torch.Tensor]]:
+    """The shop, its model with the received encoder and its own local part, the settings and what was received."""
+    settings = message_settings(context.run_config, next(iter(msg.content.config_records.values()), {}))
+    shop, model = shop_and_model(context, settings)
     received = dict(next(iter(msg.content.array_records.values())).to_torch_state_dict())
-    load_round_start(shop, model, context, config, received, training=msg.metadata.message_type == MessageType.TRAIN)
-    return shop, model, config, received
+    load_round_start(shop, model, context, settings, received,
+                     training=msg.metadata.message_type == MessageType.TRAIN)
+    return shop, model, settings, received
 
 
 @app.train(mods=[clip_when_dp])
 def train(msg: Message, context: Context) -> Message:
     """One round of local training (`client.shop_round`); replies with the encoder (and shareable heads if asked)."""
-    shop, model, config, received = _round_start(msg, context)
-    result = train_round(shop, model, config, context, received)
+    shop, model, settings, received = _round_start(msg, context)
+    result = train_round(shop, model, settings, context, received)
     content = RecordDict({ARRAYS_RECORD: ArrayRecord(result.arrays), METRICS_RECORD: MetricRecord(result.metrics)})
     return Message(content, reply_to=msg)
 
@@ -100,6 +102,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     With the personal mix on, the shop's own encoder (what it serves) replaces the global one.
     """
-    shop, model, config, _ = _round_start(msg, context)
-    metrics = evaluate_round(shop, model, config, context)
+    shop, model, settings, _ = _round_start(msg, context)
+    metrics = evaluate_round(shop, model, settings, context)
     return Message(RecordDict({METRICS_RECORD: MetricRecord(metrics)}), reply_to=msg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from flwr.app import ConfigRecord, Context
 
@@ -18,6 +17,7 @@ from client.local_state import Shop
 from shared.atomic import atomic_write_text
 from shared.model import ShopModel
 from shared.protocol import DP_EPSILON, NUM_EXAMPLES
+from shared.settings import ShopRoundSettings
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +25,12 @@ DPSGD_RECORD = "fedshop.dpsgd-accountant"  # ConfigRecord in context.state: {"st
 DPSGD_FILE = "dpsgd_accountant.json"
 
 
-def train_dpsgd_round(model: ShopModel, shop: Shop, config: dict[str, Any], context: Context,
+def train_dpsgd_round(model: ShopModel, shop: Shop, settings: ShopRoundSettings, context: Context,
                       seed: int) -> dict[str, float]:
     """One round of DP-SGD; the shop's accountant carries on from its local state, so epsilon only grows."""
     from shared.privacy.dpsgd import DPSGDConfig, train_dpsgd_shop  # Opacus: imported only when used
 
-    dp = DPSGDConfig(noise_multiplier=float(config["dpsgd-noise-multiplier"]),
-                     max_grad_norm=float(config.get("dpsgd-clipping-norm", 1.0)),
-                     unit=str(config.get("dpsgd-unit", "user")),
-                     sample_rate=float(config.get("dpsgd-sample-rate", 0.05)),
-                     steps_per_round=int(config.get("dpsgd-steps", 0)), lr=float(config.get("dpsgd-lr", 1e-2)),
-                     delta=float(config.get("dpsgd-delta", 1e-5)),
-                     max_epsilon=float(config.get("dpsgd-max-epsilon", 0.0)) or None, seed=seed % (2**31))
+    dp = DPSGDConfig(**settings.dpsgd_kwargs(), seed=seed % (2**31))
     acc = train_dpsgd_shop(model, shop.tensors, dp, accountant_state=load_accountant(context, shop.state_dir))
     save_accountant(context, shop.state_dir, acc.to_json())
     epsilon = acc.epsilon(dp.delta)

@@ -20,7 +20,6 @@ import logging
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
@@ -32,11 +31,11 @@ from shared.protocol import (
     ARRAYS_RECORD,
     BLOCKED_TEXT,
     ERROR_CODE_BLOCKED,
-    EVAL_SPLIT,
     FAILED_TEXT,
     LOCAL_PREFIX,
     METRICS_RECORD,
 )
+from shared.settings import ScenarioError, ShopRoundSettings
 
 NUMPY_STYPE = "numpy.ndarray"
 TTL_TOLERANCE = 1e-6  # seconds: a reply's ttl is the request's remaining time at the reply's created_at
@@ -48,25 +47,28 @@ Spec = tuple[tuple[int, ...], str]
 _SHAREABLE: dict[int, tuple[Shop, dict[str, Spec]]] = {}  # id(shop) -> (shop, wire name -> spec), per process
 
 
-def request_config(msg: Message, context: Context) -> dict[str, Any]:
-    """Run config overridden by the request's first ConfigRecord, as the handlers merge it."""
+def request_settings(msg: Message, context: Context) -> ShopRoundSettings:
+    """Run config overridden by the request's first ConfigRecord, parsed by the schema as the handlers parse it.
+
+    The guard parses the request itself rather than trusting anything the handler kept.
+    """
     sent = next(iter(msg.content.config_records.values()), {}) if msg.has_content() else {}
-    return {**dict(context.run_config), **dict(sent)}
+    return ShopRoundSettings.from_message(dict(context.run_config), dict(sent))
 
 
-def shop_vocabulary(context: Context, config: dict[str, Any]) -> MetricVocabulary:
+def shop_vocabulary(context: Context, settings: ShopRoundSettings) -> MetricVocabulary:
     """The metric vocabulary of the shop this node serves: its tasks, its ranking negatives, its index."""
-    shop = resolve_shop(context, config)  # cached per process: the handler resolved it already
+    shop = resolve_shop(context, settings)  # cached per process: the handler resolved it already
     return MetricVocabulary(tasks=tuple(shop.tensors.tasks),
                             sampled_negatives=int(shop.scenario.features.sampled_negatives), shop_index=shop.index)
 
 
-def _shareable_local(context: Context, config: dict[str, Any]) -> dict[str, Spec]:
+def _shareable_local(context: Context, settings: ShopRoundSettings) -> dict[str, Spec]:
     """Wire names -> (shape, dtype) of the local arrays the FedAvg-all baseline shares (never ID embeddings).
 
     Taken from a fresh model of the shop (not from the handler's state), so a handler cannot widen it.
     """
-    shop = resolve_shop(context, config)
+    shop = resolve_shop(context, settings)
     if id(shop) not in _SHAREABLE:
         model = shop.model()
         local = model.local.state_dict()
@@ -106,14 +108,14 @@ def _clean_array(array: Array, spec: Spec) -> Array:
 
 
 def _clean_arrays(request: Message, reply_arrays: ArrayRecord, context: Context,
-                  config: dict[str, Any]) -> ArrayRecord:
+                  settings: ShopRoundSettings) -> ArrayRecord:
     """The encoder arrays (and baseline-shareable local arrays), in the request's order, re-serialised."""
     sent = list(request.content.array_records.values())
     if len(sent) != 1:
         raise LeakBlocked("a train request without exactly one array record")
     allowed = {k: (tuple(a.shape), a.dtype) for k, a in sent[0].items() if not k.startswith(LOCAL_PREFIX)}
-    if config.get("share") == "all-shareable":
-        allowed.update(_shareable_local(context, config))
+    if settings.share == "all-shareable":
+        allowed.update(_shareable_local(context, settings))
     if set(reply_arrays) != set(allowed):
         raise LeakBlocked("reply arrays are not exactly the encoder (and shareable local) arrays")
     return ArrayRecord({k: _clean_array(reply_arrays[k], spec) for k, spec in allowed.items()})
@@ -131,16 +133,16 @@ def clean_reply(request: Message, reply: Message, context: Context, started: flo
     array_names = {ARRAYS_RECORD} if kind == MessageType.TRAIN else set()
     if set(content.array_records) != array_names or set(content.metric_records) != {METRICS_RECORD}:
         raise LeakBlocked("reply records are not exactly the protocol's records (names included)")
-    config = request_config(request, context)
-    vocabulary = shop_vocabulary(context, config)
+    settings = request_settings(request, context)
+    vocabulary = shop_vocabulary(context, settings)
     if kind == MessageType.TRAIN:
         allowed = vocabulary.train_keys()
     else:
-        allowed = vocabulary.eval_keys(parse_splits(config.get(EVAL_SPLIT, "val")))
+        allowed = vocabulary.eval_keys(parse_splits(settings.eval_split))
     metrics = clean_metrics(dict(content.metric_records[METRICS_RECORD]), allowed, vocabulary.shop_index)
     out = RecordDict()
     if kind == MessageType.TRAIN:
-        out[ARRAYS_RECORD] = _clean_arrays(request, content.array_records[ARRAYS_RECORD], context, config)
+        out[ARRAYS_RECORD] = _clean_arrays(request, content.array_records[ARRAYS_RECORD], context, settings)
     out[METRICS_RECORD] = MetricRecord(metrics)
     return Message(out, reply_to=request)
 
@@ -155,6 +157,9 @@ def leak_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     started = time.time()
     try:
         reply = call_next(msg, context)
+    except ScenarioError as exc:  # a bad message config: the key and the fix, no traceback (logged, never sent)
+        logger.error("shop refused the message config: %s", exc)
+        return error_reply(msg, FAILED_TEXT)
     except Exception as exc:  # the text of any exception may quote private data: log it here, send none
         # One line where a user watches a simulation (no traceback on their terminal); the traceback at DEBUG.
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None

@@ -46,6 +46,7 @@ from shared.features import FeatureConfig, ShopTensors, build_shop_tensors
 from shared.model import ShopModel, build_model
 from shared.scenario import Scenario, load_scenario
 from shared.schema import ShopData, check_shop_name, load_shop_dir
+from shared.settings import ShopRoundSettings
 
 LOCAL_RECORD = "fedshop.local-part"  # name of the ArrayRecord in context.state
 OWN_ENCODER_RECORD = "fedshop.own-encoder"  # the shop's encoder after its last local training (personal mix)
@@ -89,16 +90,14 @@ def forget_shops() -> None:
     _SHOPS.clear()
 
 
-def resolve_shop(context: Context, config: dict[str, Any]) -> Shop:
+def resolve_shop(context: Context, settings: ShopRoundSettings) -> Shop:
     """The shop this node serves, from node_config (`partition-id` or `shop-dir`) and the run's scenario."""
     node = dict(context.node_config)
-    scenario_ref = str(config.get("scenario") or "default")
-    run_dir = str(config.get("run-dir") or "")
-    seed = config.get("seed")
+    scenario_ref, run_dir, seed = settings.scenario, settings.run_dir, settings.seed
     key = (scenario_ref, seed, node.get("partition-id"), node.get("shop-dir"), node.get("state-dir"), run_dir)
     if key in _SHOPS:
         return _SHOPS[key]
-    scenario = load_scenario(scenario_ref, {"seed": int(seed)} if seed is not None else None)
+    scenario = load_scenario(scenario_ref, {"seed": seed} if seed >= 0 else None)  # -1: the scenario's own seed
     source: Path | ShopData
     if node.get("shop-dir"):
         source, index = Path(str(node["shop-dir"])), int(node.get("shop-index", -1))

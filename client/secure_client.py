@@ -33,18 +33,17 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.leak_guard import check_reply_metadata, error_reply, shop_vocabulary
 from client.local_state import Shop
-from client.shop_round import evaluate_round, load_round_start, merged_config, shop_and_model, train_round
+from client.shop_round import evaluate_round, load_round_start, message_settings, shop_and_model, train_round
 from shared.model import ShopModel
 from shared.privacy.audit import LeakBlocked, MetricVocabulary, clean_metrics, clean_scalar, parse_splits
 from shared.protocol import (
     BLOCKED_TEXT,
-    EVAL_SPLIT,
     FAILED_TEXT,
     NUM_EXAMPLES,
-    SECAGG_WEIGHTING,
     eval_metric_key,
     eval_splits,
 )
+from shared.settings import ShopRoundSettings
 
 logger = logging.getLogger(__name__)
 
@@ -60,41 +59,41 @@ class ShopNumPyClient(NumPyClient):
         self.context = context
 
     def _round_start(self, parameters: list[np.ndarray], config: dict[str, Any], *, training: bool
-                     ) -> tuple[Shop, ShopModel, dict[str, Any], dict[str, torch.Tensor], list[str]]:
-        merged = merged_config(self.context.run_config, config)
-        shop, model = shop_and_model(self.context, merged)
+                     ) -> tuple[Shop, ShopModel, ShopRoundSettings, dict[str, torch.Tensor], list[str]]:
+        settings = message_settings(self.context.run_config, config)
+        shop, model = shop_and_model(self.context, settings)
         keys = list(model.encoder.state_dict())
         if len(keys) != len(parameters):
             raise ValueError(f"coordinator sent {len(parameters)} arrays, the encoder has {len(keys)}. "
                              "Fix: coordinator and shops must run the same scenario model/features")
         received = {k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, parameters, strict=True)}
-        load_round_start(shop, model, self.context, merged, received, training=training)
-        return shop, model, merged, received, keys
+        load_round_start(shop, model, self.context, settings, received, training=training)
+        return shop, model, settings, received, keys
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         """The shop's initial encoder (only used when the coordinator has none)."""
-        _, model = shop_and_model(self.context, merged_config(self.context.run_config, config))
+        _, model = shop_and_model(self.context, message_settings(self.context.run_config, config))
         return [v.numpy() for v in model.encoder_state().values()]
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
         """Train locally; return the encoder arrays, the SecAgg+ weight and plaintext metrics."""
-        shop, model, merged, received, keys = self._round_start(parameters, config, training=True)
-        result = train_round(shop, model, merged, self.context, received)
+        shop, model, settings, received, keys = self._round_start(parameters, config, training=True)
+        result = train_round(shop, model, settings, self.context, received)
         counted = float(result.metrics[NUM_EXAMPLES])
         # SecAgg+ weights each masked vector by num_examples / max-weight before quantising; "uniform"
         # (weight 1) keeps the full quantisation range for the weights themselves. Weight 0 (a waiting
         # or warming-up shop) leaves the shop out of the mean, as num-examples = 0 does on the main path.
-        uniform = merged.get(SECAGG_WEIGHTING, "uniform") == "uniform"
+        uniform = settings.secagg_weighting == "uniform"
         weight = (1 if counted > 0 else 0) if uniform else int(counted)
         metrics = {k: v for k, v in result.metrics.items() if k != NUM_EXAMPLES}
         return [result.arrays[k].numpy() for k in keys], weight, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]):
         """Per-task metrics of the global encoder (the shop's own with the personal mix) and its local part."""
-        shop, model, merged, _, _ = self._round_start(parameters, config, training=False)
-        metrics = evaluate_round(shop, model, merged, self.context)
+        shop, model, settings, _, _ = self._round_start(parameters, config, training=False)
+        metrics = evaluate_round(shop, model, settings, self.context)
         count = int(metrics.pop(NUM_EXAMPLES))
-        splits = eval_splits(merged.get(EVAL_SPLIT, "val"))
+        splits = eval_splits(settings.eval_split)
         loss = metrics.get(eval_metric_key(splits[-1], "ctr", "logloss", len(splits) > 1), 0.0)
         return float(loss), count, metrics
 
@@ -108,7 +107,7 @@ MAX_CIPHERTEXT_BYTES = 2048
 MAX_SHARE_BYTES = 512
 OK_STATUS = {"code": 0, "message": "Success"}  # what Flower's NumPyClient wrapper reports on success
 
-VocabularyFn = Callable[[Context, dict[str, Any]], MetricVocabulary]
+VocabularyFn = Callable[[Context, ShopRoundSettings], MetricVocabulary]
 
 
 def _legacy_shape(array: Any) -> tuple[int, ...]:
@@ -122,7 +121,7 @@ class LegacyRequest:
 
     kind: str
     stage: str | None
-    config: dict[str, Any]  # run config overridden by fitins/evaluateins.config
+    settings: ShopRoundSettings  # run config overridden by fitins/evaluateins.config, parsed
     shapes: tuple[tuple[int, ...], ...]  # of fitins/evaluateins.parameters, in order
     peers: frozenset[int]  # share_keys: nodes whose public keys were sent
     nids: tuple[int, ...]  # unmask: active_nids + dead_nids, in order
@@ -136,7 +135,7 @@ class LegacyRequest:
         params = content.array_records.get(f"{res}.parameters")
         sent = dict(content.config_records.get(f"{res}.config", {}))
         return cls(kind=msg.metadata.message_type, stage=secagg.get("stage") if secagg else None,
-                   config={**dict(context.run_config), **sent},
+                   settings=ShopRoundSettings.from_message(dict(context.run_config), sent),
                    shapes=tuple(_legacy_shape(a) for a in params.values()) if params is not None else (),
                    peers=frozenset(int(k) for k in secagg if k.isdigit()),
                    nids=tuple(int(n) for n in [*secagg.get("active_nids", []), *secagg.get("dead_nids", [])]))
@@ -197,7 +196,7 @@ def clean_legacy_reply(req: LegacyRequest, reply: Message, vocabulary: MetricVoc
                  {"evaluateres.metrics", "evaluateres.status"})
         loss = _exact_keys(content.metric_records["evaluateres.loss"], {"loss"})["loss"]
         n = _exact_keys(content.metric_records["evaluateres.num_examples"], {"num_examples"})["num_examples"]
-        allowed = vocabulary.eval_keys(parse_splits(req.config.get(EVAL_SPLIT, "val"))) - {NUM_EXAMPLES}
+        allowed = vocabulary.eval_keys(parse_splits(req.settings.eval_split)) - {NUM_EXAMPLES}
         metrics = clean_metrics(dict(content.config_records["evaluateres.metrics"]), allowed, vocabulary.shop_index)
         return RecordDict({"evaluateres.loss": MetricRecord({"loss": clean_scalar("loss", loss)}),
                            "evaluateres.num_examples": MetricRecord({"num_examples": clean_scalar("num_examples", n)}),
@@ -259,7 +258,7 @@ def audit_mod_for(vocabulary: VocabularyFn) -> Callable[[Message, Context, Clien
             return error_reply(msg, FAILED_TEXT)
         try:
             check_reply_metadata(msg, reply, started)
-            vocab = vocabulary(context, req.config) if req.stage in (None, "collect_masked_vectors") else None
+            vocab = vocabulary(context, req.settings) if req.stage in (None, "collect_masked_vectors") else None
             return Message(clean_legacy_reply(req, reply, vocab or MetricVocabulary()), reply_to=msg)
         except LeakBlocked as exc:
             logger.error("SecAgg+ audit blocked a %s reply: %s", msg.metadata.message_type, exc)
@@ -270,7 +269,7 @@ def audit_mod_for(vocabulary: VocabularyFn) -> Callable[[Message, Context, Clien
     return audit_mod
 
 
-def protocol_vocabulary(_: Context, __: dict[str, Any]) -> MetricVocabulary:
+def protocol_vocabulary(_: Context, __: ShopRoundSettings) -> MetricVocabulary:
     """The vocabulary of a custom client without a scenario shop: protocol keys only, no task metrics."""
     return MetricVocabulary()
 

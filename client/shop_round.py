@@ -33,16 +33,14 @@ from client.merchant_log import log_round, note_training
 from shared.meta import meta_train_shop
 from shared.model import ShopModel
 from shared.protocol import (
-    EVAL_SPLIT,
     LOCAL_PREFIX,
     NUM_EXAMPLES,
-    PROXIMAL_MU,
-    SERVER_ROUND,
     SHOP_INDEX,
     effective_personal_mix,
     eval_metric_key,
     eval_splits,
 )
+from shared.settings import ShopRoundSettings
 from shared.train import evaluate_shop, train_shop
 
 logger = logging.getLogger(__name__)
@@ -56,14 +54,13 @@ class RoundResult:
     metrics: dict[str, float]
 
 
-def merged_config(run_config: Mapping[str, Any], sent: Mapping[str, Any]) -> dict[str, Any]:
-    """Run config, overridden by what the coordinator sent with this message."""
-    return {**dict(run_config), **dict(sent)}
+def message_settings(run_config: Mapping[str, Any], sent: Mapping[str, Any]) -> ShopRoundSettings:
+    """The run config overridden by what the coordinator sent, parsed once per message by the schema.
 
-
-def run_key(config: dict[str, Any]) -> str:
-    """Which run a local part belongs to: the coordinator's run directory (the same when a run resumes)."""
-    return str(config.get("run-dir") or "")
+    Missing keys take the schema's defaults (shared/settings.py); a bad value is a `ScenarioError` naming
+    the key and the fix, raised here rather than deep in training.
+    """
+    return ShopRoundSettings.from_message(dict(run_config), dict(sent))
 
 
 def round_seed(seed: int, server_round: int, shop_index: int) -> int:
@@ -71,31 +68,30 @@ def round_seed(seed: int, server_round: int, shop_index: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, shop_index + 1]).generate_state(1)[0])
 
 
-def shop_and_model(context: Context, config: dict[str, Any]) -> tuple[Shop, ShopModel]:
+def shop_and_model(context: Context, settings: ShopRoundSettings) -> tuple[Shop, ShopModel]:
     """The shop this node serves and a fresh model of it (one core per simulated shop)."""
     torch.set_num_threads(1)  # Ray gives each simulated client num_cpus=1
-    shop = resolve_shop(context, config)
+    shop = resolve_shop(context, settings)
     return shop, shop.model()
 
 
-def load_round_start(shop: Shop, model: ShopModel, context: Context, config: dict[str, Any],
+def load_round_start(shop: Shop, model: ShopModel, context: Context, settings: ShopRoundSettings,
                      received: Mapping[str, torch.Tensor], *, training: bool) -> None:
     """Load the received encoder and the shop's own local part (plus averaged heads for FedAvg-all)."""
     model.load_encoder_state({k: v for k, v in received.items() if not k.startswith(LOCAL_PREFIX)})
-    source = restore_local_part(model, context, shop.state_dir, server_round=int(config.get(SERVER_ROUND, 0)),
-                                run=run_key(config), training=training)
+    source = restore_local_part(model, context, shop.state_dir, server_round=settings.server_round,
+                                run=settings.run_dir, training=training)
     logger.debug("shop %s: local part restored from %s", shop.name, source)
-    if config.get("share") == "all-shareable":  # FedAvg-all baseline: averaged heads replace local ones
+    if settings.share == "all-shareable":  # FedAvg-all baseline: averaged heads replace local ones
         own = model.local.state_dict()
         shared = {k[len(LOCAL_PREFIX):]: v for k, v in received.items() if k.startswith(LOCAL_PREFIX)}
         fits = {k: v for k, v in shared.items() if k in own and own[k].shape == v.shape}
         model.local.load_state_dict({**own, **fits})
 
 
-def personal_mix(config: dict[str, Any]) -> float:
+def personal_mix(settings: ShopRoundSettings) -> float:
     """The personal mix's n0 in force for this message (0 = off; `shared.protocol.effective_personal_mix`)."""
-    return effective_personal_mix(float(config.get("personal-mix", 0.0)), str(config.get("share", "encoder")),
-                                  str(config.get("objective", "fedavg")))
+    return effective_personal_mix(settings.personal_mix, settings.share, settings.objective)
 
 
 def mixed_start(received: dict[str, torch.Tensor], own: dict[str, torch.Tensor], n_rows: int,
@@ -114,7 +110,7 @@ def mixed_start(received: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
             for k, v in received.items()}
 
 
-def join_stage(shop: Shop, config: dict[str, Any], server_round: int, trained: int = -1) -> str:
+def join_stage(shop: Shop, settings: ShopRoundSettings, trained: int = -1) -> str:
     """'active', 'waiting' (a scenario late joiner before `join-round`) or 'warm-up'.
 
     A joining shop first trains its local part against the frozen encoder for `warmup-rounds` rounds,
@@ -124,69 +120,66 @@ def join_stage(shop: Shop, config: dict[str, Any], server_round: int, trained: i
     runs) is below both the warm-up and the rounds it missed. That is how a merchant who starts a
     SuperNode while a deployment runs joins it.
     """
-    warmup = int(config.get("warmup-rounds", shop.scenario.federation["warmup_rounds"]))
+    server_round, warmup = settings.server_round, settings.warmup_rounds
     if not shop.late_joiner:
         joined_late = 0 <= trained < min(warmup, server_round - 1)
         return "warm-up" if joined_late else "active"
-    join = int(config.get("join-round", shop.scenario.federation["join_round"]))
+    join = settings.join_round
     if join <= 0 or server_round < join:
         return "waiting"
     return "warm-up" if server_round < join + warmup else "active"
 
 
-def inject_fault(config: dict[str, Any], shop: Shop, server_round: int) -> str | None:
-    """Test-only faults from `fault-inject = "kind:shop[@round],..."`; kinds: nan, error, sleep."""
-    for item in str(config.get("fault-inject") or "").split(","):
-        kind, _, target = item.strip().partition(":")
-        index, _, at_round = target.partition("@")
-        if kind and index and int(index) == shop.index and (not at_round or int(at_round) == server_round):
+def inject_fault(settings: ShopRoundSettings, shop: Shop) -> str | None:
+    """Test-only faults from `fault-inject = "kind:shop[@round],..."` (schema-parsed); kinds: nan, error, sleep."""
+    for kind, index, at_round in settings.faults():
+        if index == shop.index and at_round in (None, settings.server_round):
             if kind == "error":
                 raise RuntimeError(f"injected fault in shop {shop.name}")
             if kind == "sleep":
-                time.sleep(float(config.get("fault-sleep", 30.0)))
+                time.sleep(settings.fault_sleep)
             return kind
     return None
 
 
-def reply_arrays(model: ShopModel, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def reply_arrays(model: ShopModel, settings: ShopRoundSettings) -> dict[str, torch.Tensor]:
     """The arrays a train reply carries: the encoder, plus the shareable local arrays for FedAvg-all."""
     arrays = model.encoder_state()
-    if config.get("share") == "all-shareable":
+    if settings.share == "all-shareable":
         local = model.local_state()
         arrays.update({LOCAL_PREFIX + k: local[k] for k in model.shareable_local_keys()})
     return arrays
 
 
-def train_round(shop: Shop, model: ShopModel, config: dict[str, Any], context: Context,
+def train_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, context: Context,
                 received: Mapping[str, torch.Tensor]) -> RoundResult:
     """One round of local training from the state `load_round_start` set up; the same on every path."""
-    server_round = int(config.get(SERVER_ROUND, 0))
-    fault = inject_fault(config, shop, server_round)
-    stage = join_stage(shop, config, server_round, rounds_trained(context))
+    server_round = settings.server_round
+    fault = inject_fault(settings, shop)
+    stage = join_stage(shop, settings, rounds_trained(context))
     if stage == "waiting":  # a late joiner before its join round: nothing to train, nothing to count
-        return RoundResult(reply_arrays(model, config), {NUM_EXAMPLES: 0.0, SHOP_INDEX: shop.index})
-    n0 = personal_mix(config)
+        return RoundResult(reply_arrays(model, settings), {NUM_EXAMPLES: 0.0, SHOP_INDEX: shop.index})
+    n0 = personal_mix(settings)
     own = restore_own_encoder(model, context) if n0 and stage == "active" else None
     if own is not None:  # the model holds the received global encoder (loaded by load_round_start)
         model.load_encoder_state(mixed_start(model.encoder_state(), own,
                                              int(shop.tensors.rows["train"]["user"].shape[0]), n0))
-    base = shop.scenario.train
-    cfg = replace(base, epochs=int(config.get("local-epochs", base.epochs)),
-                  prox_mu=float(config.get(PROXIMAL_MU, base.prox_mu)),
-                  freeze_encoder=bool(config.get("freeze-encoder", False)) or stage == "warm-up",
-                  max_steps=int(config.get("max-steps", base.max_steps)),
-                  seed=round_seed(int(config.get("seed", shop.scenario.seed)), server_round, shop.index))
-    if float(config.get("dpsgd-noise-multiplier", 0.0)) > 0:
-        losses = train_dpsgd_round(model, shop, config, context, cfg.seed)
-    elif str(config.get("objective", "fedavg")) == "meta":  # Reptile: short inner loop, partial step
-        losses = meta_train_shop(model, shop.tensors, cfg, inner_steps=int(config.get("meta-inner-steps", 20)),
-                                 outer_step=float(config.get("meta-outer-step", 1.0)))
+    # seed -1 means the scenario's own seed: resolve_shop then loaded the scenario without a seed override
+    seed = settings.seed if settings.seed >= 0 else shop.scenario.seed
+    cfg = replace(shop.scenario.train, epochs=settings.local_epochs, prox_mu=settings.prox_mu,
+                  freeze_encoder=settings.freeze_encoder or stage == "warm-up", max_steps=settings.max_steps,
+                  seed=round_seed(seed, server_round, shop.index))
+    if settings.dpsgd_noise_multiplier > 0:
+        losses = train_dpsgd_round(model, shop, settings, context, cfg.seed)
+    elif settings.objective == "meta":  # Reptile: short inner loop, partial step
+        losses = meta_train_shop(model, shop.tensors, cfg, inner_steps=settings.meta_inner_steps,
+                                 outer_step=settings.meta_outer_step)
     else:
         losses = train_shop(model, shop.tensors, cfg, global_encoder=dict(received) if cfg.prox_mu > 0 else None)
     save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round,
-                    keep_own_encoder=bool(n0), run=run_key(config))
+                    keep_own_encoder=bool(n0), run=settings.run_dir)
     note_training(context, server_round, int(shop.tensors.rows["train"]["user"].shape[0]), stage)
-    arrays = reply_arrays(model, config)
+    arrays = reply_arrays(model, settings)
     if fault == "nan":
         first = next(iter(arrays))
         arrays[first] = torch.full_like(arrays[first], float("nan"))
@@ -197,16 +190,17 @@ def train_round(shop: Shop, model: ShopModel, config: dict[str, Any], context: C
     return RoundResult(arrays, metrics)
 
 
-def evaluate_round(shop: Shop, model: ShopModel, config: dict[str, Any], context: Context) -> dict[str, float]:
+def evaluate_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, context: Context
+                   ) -> dict[str, float]:
     """Per-task metrics of the received encoder (the shop's own one with the personal mix) and its local part.
 
     Keys are `<task>.<metric>` (`<split>/`-prefixed for several splits), plus `num-examples` (rows of the
     last split, at least 1) and `shop-index`.
     """
-    own = restore_own_encoder(model, context) if personal_mix(config) else None
+    own = restore_own_encoder(model, context) if personal_mix(settings) else None
     if own is not None:
         model.load_encoder_state(own)
-    requested = str(config.get(EVAL_SPLIT, "val"))
+    requested = settings.eval_split
     splits = eval_splits(requested)
     metrics: dict[str, float] = {}
     for split in splits:
@@ -215,5 +209,5 @@ def evaluate_round(shop: Shop, model: ShopModel, config: dict[str, Any], context
                             for name, value in values.items()})
     metrics[NUM_EXAMPLES] = float(max(1, shop.tensors.rows[splits[-1]]["user"].shape[0]))
     metrics[SHOP_INDEX] = shop.index
-    log_round(shop.name, context, int(config.get(SERVER_ROUND, 0)), metrics, requested)
+    log_round(shop.name, context, settings.server_round, metrics, requested)
     return metrics

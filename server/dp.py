@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import (
@@ -31,50 +31,35 @@ from flwr.serverapp import (
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
+from shared.settings import FEDERATION_DEFAULTS, FederationTable
+
 if TYPE_CHECKING:  # the module imports Opacus, whose import calls logging.basicConfig: load it only when DP runs
     from shared.privacy.accounting import PrivacyReport
 
 logger = logging.getLogger(__name__)
 
-DP_PREFIX = "dp-"
 
 
 @dataclass
 class CentralDPSettings:
     """Central DP run options (`dp-*` in the run config)."""
 
-    noise_multiplier: float = 0.0  # z; 0 = central DP off
-    clipping_norm: float = 1.0  # S: bound on each shop's encoder update (L2 over all encoder arrays)
-    delta: float = 1e-5
-    max_epsilon: float = 0.0  # 0 = no budget
-    num_shops: int = 0  # shops sampled per round; 0 = every training shop
+    noise_multiplier: float = FEDERATION_DEFAULTS["dp_noise_multiplier"]  # z; 0 = central DP off
+    clipping_norm: float = FEDERATION_DEFAULTS["dp_clipping_norm"]  # S: bound on each shop's encoder update (L2)
+    delta: float = FEDERATION_DEFAULTS["dp_delta"]
+    max_epsilon: float = FEDERATION_DEFAULTS["max_epsilon"]  # 0 = no budget
+    num_shops: int = FEDERATION_DEFAULTS["dp_num_shops"]  # shops sampled per round; 0 = every training shop
+
+    @classmethod
+    def from_settings(cls, settings: FederationTable) -> CentralDPSettings:
+        """The central-DP options of a run config the schema has already validated (ranges included)."""
+        return cls(noise_multiplier=settings.dp_noise_multiplier, clipping_norm=settings.dp_clipping_norm,
+                   delta=settings.dp_delta, max_epsilon=settings.max_epsilon, num_shops=settings.dp_num_shops)
 
     @property
     def enabled(self) -> bool:
         """True when a noise multiplier is set."""
         return self.noise_multiplier > 0
-
-
-def split_config(config: dict[str, Any]) -> tuple[CentralDPSettings, dict[str, Any]]:
-    """(central DP settings, the rest of the run config); unknown `dp-*` keys are an error naming the known ones."""
-    known = {f.name: f for f in fields(CentralDPSettings)}
-    values: dict[str, Any] = {}
-    rest: dict[str, Any] = {}
-    for key, value in config.items():
-        if key.startswith(DP_PREFIX):
-            name = key[len(DP_PREFIX):].replace("-", "_")
-            if name not in known:
-                raise ValueError(f"run config key '{key}' is unknown. Fix: use one of "
-                                 f"{sorted(DP_PREFIX + k.replace('_', '-') for k in known)}")
-            values[name] = int(value) if name == "num_shops" else float(value)
-        else:
-            rest[key] = value
-    settings = CentralDPSettings(**values)
-    if settings.enabled and settings.clipping_norm <= 0:
-        raise ValueError("dp-clipping-norm must be > 0 when dp-noise-multiplier is set")
-    if not 0 < settings.delta < 1:
-        raise ValueError(f"dp-delta must be in (0, 1); got {settings.delta}")
-    return settings, rest
 
 
 ReleaseHook = Callable[[int, "PrivacyReport"], None]  # (server round, privacy spent after it)

@@ -11,7 +11,6 @@ from typing import Any
 from server import dp as central_dp
 from server.robust import RobustSettings
 from server.secagg_settings import SecAggSettings
-from server.secagg_settings import split_config as split_secagg_config
 from shared.settings import RunSettings
 
 SECURE_STRATEGIES = ("fedavg", "fedprox")  # a weighted mean (FedProx: the same, plus the shops' proximal pull)
@@ -48,12 +47,12 @@ def split_privacy(config: dict[str, Any]) -> tuple[FederationSettings, bool, Sec
     """(settings, secure aggregation on?, SecAgg+ settings, central DP settings) of a full run config.
 
     The whole config is validated by the schema first (unknown keys, ranges, unsupported combinations);
-    the `secagg-*`/`dp-*` keys then also become the SecAgg+ and central-DP settings objects. Settings the
+    its `secagg-*`/`dp-*` fields then become the SecAgg+ and central-DP settings objects. Settings the
     SecAgg+ path cannot honour are refused here, before round 1.
     """
     settings = FederationSettings.from_config(config)  # the schema also refuses unsupported combinations
-    on, secagg, _ = split_secagg_config(config)
-    dp, _ = central_dp.split_config(config)
+    on, secagg = settings.secure_aggregation, SecAggSettings.from_settings(settings)
+    dp = central_dp.CentralDPSettings.from_settings(settings)
     check_compression(settings, secure=on, central_dp=dp.enabled)
     if on:
         check_secure_supported(settings)

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,6 @@ DATA_ENV = {"movielens": "FEDSHOP_MOVIELENS", "amazon": "FEDSHOP_AMAZON"}
 # Every key, default and range lives in the schema (shared/settings.py); re-exported for old imports.
 __all__ = ["FEDERATION_DEFAULTS", "Scenario", "ScenarioError", "load_scenario", "resolve_scenario_path",
            "scenario_from_dict"]
-
-
-def _dataclass_from(cls: type, table: dict, where: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ScenarioError(f"{where}: unknown key(s) {unknown}. Fix: use one of {sorted(known)}")
-    return cls(**table)
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -61,14 +53,10 @@ class Scenario:
     features: FeatureConfig
     model: ModelConfig
     train: TrainConfig
-    federation: dict = field(default_factory=dict)
+    federation: dict = field(default_factory=dict)  # the schema's validated tables, every key present
     transfer: dict = field(default_factory=dict)
-    path: Path | None = None
-
-    @property
-    def data(self) -> dict:
-        """The ``[data]`` table."""
-        return self.raw.get("data", {})
+    data: dict = field(default_factory=dict)  # [data], [data.synthetic] seed resolved as in [features]
+    path: Path | None = None  # ``raw`` is the file as written (for copies); read settings from the tables
 
     def shops(self) -> list[ShopData]:
         """All shops of the scenario (late joiners included), deterministic; cached per process."""
@@ -92,7 +80,7 @@ class Scenario:
 
         A node's ``partition-id`` indexes this list, so training shops keep their index either way.
         """
-        joiners = self.joining_shops() if int(self.federation.get("join_round", 0)) > 0 else []
+        joiners = self.joining_shops() if self.federation["join_round"] > 0 else []
         return self.training_shops() + joiners
 
     def joining_shops(self) -> list[ShopData]:
@@ -103,13 +91,12 @@ class Scenario:
 
 @functools.lru_cache(maxsize=4)
 def _load_shops(data_json: str, seed: int) -> tuple[ShopData, ...]:
-    data = json.loads(data_json)
-    source = data.get("source", "synthetic")
+    data = json.loads(data_json)  # validated by the schema: every key present, ranges checked
+    source = data["source"]
     if source == "synthetic":
         from shared.datasets.synthetic import WorldConfig, generate_world
 
-        table = {"seed": seed, **data.get("synthetic", {})}
-        world = generate_world(_dataclass_from(WorldConfig, table, "[data.synthetic]"))
+        world = generate_world(WorldConfig(**data["synthetic"]))
         late = set(world.late_joiners)
         for shop in world.shops:
             shop.meta["late_joiner"] = shop.name in late
@@ -118,21 +105,19 @@ def _load_shops(data_json: str, seed: int) -> tuple[ShopData, ...]:
         from shared.datasets.movielens import load_movielens
 
         path = _data_path(data, "movielens")
-        shops = load_movielens(path, split_by=data.get("split_by", "region"), seed=seed,
-                               negatives_per_positive=int(data.get("negatives_per_positive", 1)))
+        shops = load_movielens(path, split_by=data["split_by"], seed=seed,
+                               negatives_per_positive=data["negatives_per_positive"])
         return tuple(shops)
     if source == "amazon":
         from shared.datasets.amazon import load_amazon_ratings
 
         path = _data_path(data, "amazon")
-        return tuple(load_amazon_ratings(path, seed=seed, n_shops=int(data.get("n_shops", 1))))
-    if source == "shop-dirs":
-        from shared.schema import check_unique_names, load_shop_dir
+        return tuple(load_amazon_ratings(path, seed=seed, n_shops=data["n_shops"]))
+    from shared.schema import check_unique_names, load_shop_dir  # source == "shop-dirs" (the schema's last word)
 
-        shops = tuple(load_shop_dir(p) for p in data.get("paths", []))
-        check_unique_names(shops)  # one name twice would merge two shops' metrics and state
-        return shops
-    raise ScenarioError(f"[data] source = {source!r} is unknown. Fix: use synthetic, movielens, amazon or shop-dirs")
+    shops = tuple(load_shop_dir(p) for p in data["paths"])
+    check_unique_names(shops)  # one name twice would merge two shops' metrics and state
+    return shops
 
 
 def _data_path(data: dict, source: str) -> Path:
@@ -190,7 +175,9 @@ def scenario_from_dict(raw: dict, overrides: dict[str, Any] | None = None, *, pa
     feats = FeatureConfig(**{**settings.features.model_dump(), "seed": raw.get("features", {}).get("seed", seed)})
     model = ModelConfig(**settings.model.model_dump())
     train = TrainConfig(**{**settings.train.model_dump(), "seed": raw.get("train", {}).get("seed", seed)})
-    federation = settings.federation.model_dump()
+    data = settings.data.model_dump()
+    if "seed" not in settings.data.synthetic.model_fields_set:  # the world's seed, unless [data.synthetic] sets one
+        data["synthetic"]["seed"] = seed
     return Scenario(name=str(raw.get("name", path.stem if path else "scenario")), seed=seed, raw=raw,
-                    features=feats, model=model, train=train, federation=federation,
-                    transfer=dict(raw.get("transfer", {})), path=path)
+                    features=feats, model=model, train=train, federation=settings.federation.model_dump(),
+                    transfer=settings.transfer.model_dump(), data=data, path=path)

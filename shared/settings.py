@@ -47,6 +47,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian",
 OBJECTIVES = ("fedavg", "meta")
 SHARE_MODES = ("encoder", "all-shareable")
 SPLITS = ("train", "val", "test")
+FAULT_KINDS = ("nan", "error", "sleep")  # test-only faults a shop injects (client/shop_round.py)
 # The three run-config keys that are not the kebab-case of their scenario name (kept for old run configs).
 RUN_KEY_NAMES = {"rounds": "num-server-rounds", "prox_mu": "proximal-mu", "max_epsilon": "dp-max-epsilon"}
 
@@ -166,7 +167,7 @@ FEDERATION_DEFAULTS: dict[str, Any] = FederationTable().model_dump()
 class RunSettings(FederationTable):
     """The Flower run config of a federated run: every federation setting plus the run's own keys."""
 
-    scenario: str = Field("default", description="built-in scenario name or path to a scenario TOML")
+    scenario: str = Field("default", min_length=1, description="built-in scenario name or path to a scenario TOML")
     seed: int = Field(-1, ge=-1, description="-1 = the scenario's seed")
     run_dir: str = Field("", description="where metrics, checkpoints and simulated shop state go")
     method: str = Field("fedshop", min_length=1, description="label in metrics.csv")
@@ -178,6 +179,26 @@ class RunSettings(FederationTable):
     fault_inject: str = Field("", description="test-only: nan:1, error:2, sleep:1@2 (kind:shop-index[@round])")
     fault_sleep: float = Field(30.0, ge=0, description="test-only: seconds of a sleep fault")
     app_signature: str = Field("", description="deployment: the coordinator's FAB signature")
+
+    @field_validator("fault_inject")
+    @classmethod
+    def _faults(cls, value: str) -> str:
+        for item in filter(None, (i.strip() for i in value.split(","))):
+            kind, _, target = item.partition(":")
+            index, _, at_round = target.partition("@")
+            if kind not in FAULT_KINDS or not index.isdigit() or (at_round and not at_round.isdigit()):
+                raise ValueError(f"{item!r} is not kind:shop-index[@round] with kind one of {list(FAULT_KINDS)}, "
+                                 "e.g. nan:1 or sleep:0@2")
+        return value
+
+    def faults(self) -> list[tuple[str, int, int | None]]:
+        """The test-only faults of `fault-inject` as (kind, shop index, round or None for every round)."""
+        out = []
+        for item in filter(None, (i.strip() for i in self.fault_inject.split(","))):
+            kind, _, target = item.partition(":")
+            index, _, at_round = target.partition("@")
+            out.append((kind, int(index), int(at_round) if at_round else None))
+        return out
 
     @field_validator("eval_split", "final_split")
     @classmethod
@@ -343,7 +364,8 @@ class TransferTable(_Table):
     late_joiners: list[str] | None = Field(None, description="shops held out of training; default: the "
                                            "generator's choice")
     fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
-        default_factory=lambda: [0.01, 0.05, 0.10, 0.25, 1.0], description="data fractions; each > 0, <= 1")
+        default_factory=lambda: [0.01, 0.05, 0.10, 0.25, 1.0], min_length=1, description="data fractions; each > 0, "
+        "<= 1")
     modes: list[Literal["scratch", "frozen", "finetune", "meta"]] = Field(
         default_factory=lambda: ["scratch", "frozen", "finetune", "meta"],
         description="each one of scratch, frozen, finetune, meta")

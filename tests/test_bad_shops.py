@@ -30,6 +30,7 @@ from shared.schema import (
     load_shop_dir,
     temporal_split_counts,
 )
+from shared.settings import ShopRoundSettings
 from simulations.commands import validate
 
 DAY = 86_400
@@ -494,7 +495,8 @@ def test_client_refuses_to_turn_an_unsafe_shop_name_into_a_state_path(tmp_path: 
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     run_dir = tmp_path / "run"
     with pytest.raises(ShopDataError, match="not a safe name"):
-        local_state.resolve_shop(context, {"scenario": "default", "run-dir": str(run_dir), "seed": 0})
+        local_state.resolve_shop(context, ShopRoundSettings.from_message(
+            {}, {"scenario": "default", "run-dir": str(run_dir), "seed": 0}))
     assert not run_dir.exists() and not (tmp_path / "escaped").exists()
 
 

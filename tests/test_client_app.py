@@ -21,6 +21,7 @@ from client.shop_round import mixed_start, personal_mix, round_seed
 from server.server_app import initial_encoder
 from shared.features import build_shop_tensors
 from shared.model import build_model
+from shared.settings import ShopRoundSettings
 from shared.train import evaluate_shop
 
 
@@ -80,10 +81,13 @@ def test_personal_mix_weights_own_encoder_by_shop_size_and_only_for_fedshop():
     received, own = {"w": torch.zeros(2), "steps": torch.tensor([3])}, {"w": torch.ones(2), "steps": torch.tensor([9])}
     mixed = mixed_start(received, own, n_rows=300, n0=100.0)
     assert torch.allclose(mixed["w"], torch.full((2,), 0.75)) and mixed["steps"].item() == 3  # b = 300 / 400
-    assert personal_mix({"personal-mix": 20000}) == 20000
-    assert personal_mix({"personal-mix": 20000, "share": "all-shareable"}) == 0  # FedAvg-all baseline
-    assert personal_mix({"personal-mix": 20000, "objective": "meta"}) == 0
-    assert personal_mix({}) == 0
+    def mix(**sent) -> float:
+        return personal_mix(ShopRoundSettings.from_message({}, {k.replace("_", "-"): v for k, v in sent.items()}))
+
+    assert mix(personal_mix=20000) == 20000
+    assert mix(personal_mix=20000, share="all-shareable") == 0  # FedAvg-all baseline
+    assert mix(personal_mix=20000, objective="meta") == 0
+    assert mix() == 0
 
 
 def test_own_encoder_is_kept_in_context_and_on_disk(shop, tmp_path):

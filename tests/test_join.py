@@ -12,6 +12,7 @@ from flower_harness import LocalGrid, tiny_scenario, write_scenario
 from client import client_app
 from client.shop_round import join_stage
 from server.server_app import FederationSettings, run_federation
+from shared.settings import ShopRoundSettings
 
 JOIN, ROUNDS = 2, 3
 
@@ -86,13 +87,16 @@ def test_a_node_arriving_mid_run_with_a_fresh_local_part_warms_up_first(tmp_path
 
 
 def test_join_stage_rule_for_nodes_that_are_not_scenario_late_joiners():
-    shop = SimpleNamespace(late_joiner=False, scenario=SimpleNamespace(federation={"warmup_rounds": 2,
-                                                                                    "join_round": 0}))
-    stage = join_stage
-    assert stage(shop, {}, 1, trained=0) == "active"  # everyone starts fresh together
-    assert stage(shop, {}, 5, trained=4) == "active"  # trained every round so far
-    assert stage(shop, {}, 5, trained=0) == "warm-up"  # arrives at round 5
-    assert stage(shop, {}, 6, trained=1) == "warm-up"  # second of its two warm-up rounds
-    assert stage(shop, {}, 7, trained=2) == "active"
-    assert stage(shop, {}, 3, trained=10) == "active"  # a merchant whose heads trained in an earlier run
-    assert stage(shop, {"warmup-rounds": 0}, 5, trained=0) == "active"
+    shop = SimpleNamespace(late_joiner=False)
+
+    def stage(server_round: int, trained: int, warmup: int = 2) -> str:
+        settings = ShopRoundSettings.from_message({"warmup-rounds": warmup}, {"server-round": server_round})
+        return join_stage(shop, settings, trained)
+
+    assert stage(1, trained=0) == "active"  # everyone starts fresh together
+    assert stage(5, trained=4) == "active"  # trained every round so far
+    assert stage(5, trained=0) == "warm-up"  # arrives at round 5
+    assert stage(6, trained=1) == "warm-up"  # second of its two warm-up rounds
+    assert stage(7, trained=2) == "active"
+    assert stage(3, trained=10) == "active"  # a merchant whose heads trained in an earlier run
+    assert stage(5, trained=0, warmup=0) == "active"

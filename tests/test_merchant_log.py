@@ -13,6 +13,7 @@ from client import client_app
 from client.local_state import resolve_shop
 from client.merchant_log import HEADLINE
 from server.server_app import initial_encoder
+from shared.settings import ShopRoundSettings
 
 
 class _Lines(logging.Handler):
@@ -53,7 +54,7 @@ def test_one_line_per_round_with_rows_validation_metrics_and_rounds_trained(tmp_
     metrics = client_app.evaluate(message(MessageType.EVALUATE, 1), ctx).content["metrics"]
     lines = [line for line in flower_log if line.startswith("fedshop ")]
     assert len(lines) == 1, flower_log
-    rows = int(resolve_shop(ctx, {"scenario": str(path), "seed": scenario.seed})
+    rows = int(resolve_shop(ctx, ShopRoundSettings.from_message({}, {"scenario": str(path), "seed": scenario.seed}))
                .tensors.rows["train"]["user"].shape[0])  # the shop's training rows, not the per-task sum
     assert 0 < rows < train_reply.content["metrics"]["num-examples"]
     assert lines[0].startswith(f"fedshop {shop_name} round 1: trained {rows:,} rows, rounds_trained 1; validation ")

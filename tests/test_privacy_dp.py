@@ -10,7 +10,9 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
 
-from server.dp import CentralDP, CentralDPSettings, split_config, wrap
+from server.dp import CentralDP, CentralDPSettings, wrap
+from server.federation_settings import split_privacy
+from shared.settings import FederationTable, ScenarioError
 from simulations.privacy.in_process_grid import InProcessGrid, nodes
 
 N_SHOPS = 4
@@ -83,8 +85,11 @@ def test_resume_replays_the_ledger_and_config_errors() -> None:
     settings = CentralDPSettings(noise_multiplier=1.0, clipping_norm=1.0)
     fresh = CentralDP(FedAvg(), settings, num_shops=N_SHOPS, completed_rounds=3)
     assert fresh.report().steps == 3 and fresh.report().epsilon > 0
-    dp, rest = split_config({"dp-noise-multiplier": 1.2, "dp-max-epsilon": 8, "scenario": "default"})
-    assert dp.enabled and dp.max_epsilon == 8.0 and rest == {"scenario": "default"}
+    *_, dp = split_privacy({"dp-noise-multiplier": 1.2, "dp-max-epsilon": 8, "scenario": "default"})
+    assert dp.enabled and dp.max_epsilon == 8.0 and dp.clipping_norm == 1.0
+    assert CentralDPSettings() == CentralDPSettings.from_settings(FederationTable())  # one set of defaults
     assert wrap(FedAvg(), CentralDPSettings(), num_shops=3).__class__ is FedAvg
-    with pytest.raises(ValueError, match="dp-clipping-norm"):
-        split_config({"dp-clip": 1.0})
+    with pytest.raises(ScenarioError, match="dp-clipping-norm"):
+        split_privacy({"dp-clip": 1.0})
+    with pytest.raises(ScenarioError, match="dp-delta"):
+        split_privacy({"dp-delta": 1.0})

@@ -14,11 +14,12 @@ from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 
 from client.secure_client import audit_mod_for, make_secure_app
-from server.federation_settings import FederationSettings
-from server.secagg_settings import SecAggSettings, split_config
+from server.federation_settings import FederationSettings, split_privacy
+from server.secagg_settings import SecAggSettings
 from server.secure import run_secure_federation
 from shared.privacy.audit import MetricVocabulary
 from shared.protocol import BLOCKED_TEXT, ERROR_CODE_BLOCKED, FAILED_TEXT
+from shared.settings import FederationTable, ScenarioError
 from simulations.privacy.in_process_grid import InProcessGrid, nodes
 
 SHAPES = {"emb.weight": (64, 8), "tower.weight": (8, 16), "tower.bias": (8,)}
@@ -107,11 +108,14 @@ def test_round_survives_a_dropout_above_threshold(tmp_path: Path) -> None:
     assert err < settings.quantisation_step()
 
 
-def test_split_config_rejects_unknown_keys() -> None:
-    on, settings, rest = split_config({"secure-aggregation": True, "secagg-clipping-range": 4, "scenario": "x"})
-    assert on and settings.clipping_range == 4.0 and rest == {"scenario": "x"}
-    with pytest.raises(ValueError, match="secagg-num-shares"):
-        split_config({"secagg-shares": 3})
+def test_secagg_settings_come_from_the_schema_which_rejects_unknown_keys() -> None:
+    _, on, settings, _ = split_privacy({"secure-aggregation": True, "secagg-clipping-range": 4, "scenario": "x"})
+    assert on and settings.clipping_range == 4.0 and settings.weighting == "uniform"
+    assert SecAggSettings() == SecAggSettings.from_settings(FederationTable())  # one set of defaults
+    with pytest.raises(ScenarioError, match="secagg-num-shares"):
+        split_privacy({"secagg-shares": 3})
+    with pytest.raises(ScenarioError, match="secagg-weighting"):
+        split_privacy({"secagg-weighting": "examplse"})
 
 
 # ---- the SecAgg+ audit: every legacy reply is rebuilt from the protocol, smuggling is refused ---------
