@@ -1,7 +1,7 @@
 """Bytes on the wire per shop per round for each `federation.compression` mode, and what they cost in accuracy.
 
 Runs the real ServerApp strategy (`run_federation`) against the real ClientApp (all its mods: the
-wire mod and the leak guard included) through the tests' in-process Grid (`tests/flower_harness.py`:
+wire mod and the leak guard included) through the in-process Grid (`simulations.privacy.in_process_grid`:
 no Ray, no protobuf), one federation per (mode, seed). Bytes are the array payloads the coordinator's
 `server.wire.Wire` counts (serialised npy arrays, framing included, config records excluded) for
 train + evaluate messages down and train replies up, divided by the shops messaged. Accuracy: the
@@ -22,27 +22,25 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from rich.console import Console
 from rich.table import Table
 
+from client import client_app
+from server.server_app import FederationSettings, run_federation
+from shared.atomic import atomic_write_text
+from shared.compression import MODES
+from shared.scenario import load_scenario
+from simulations.federated import run_config
+from simulations.options import parse_overrides
+from simulations.privacy.in_process_grid import InProcessGrid, nodes
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the in-process Grid lives with the tests
-
-from flower_harness import LocalGrid, write_scenario  # noqa: E402
-
-from client import client_app  # noqa: E402
-from server.server_app import FederationSettings, run_federation  # noqa: E402
-from shared.atomic import atomic_write_text  # noqa: E402
-from shared.compression import MODES  # noqa: E402
-from shared.scenario import load_scenario  # noqa: E402
-from simulations.federated import run_config  # noqa: E402
-from simulations.options import parse_overrides  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "wire_bytes.json"
 AUC_KEY = "test/ctr.auc"
@@ -55,10 +53,10 @@ def run_one(scenario_name: str, overrides: dict[str, Any], mode: str, seed: int,
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
         config = run_config(scenario, run_dir, method="fedshop", rounds=rounds, resume=False)
-        config["scenario"] = str(write_scenario(scenario, run_dir / "scenario.toml"))
+        config["scenario"] = str(atomic_write_text(run_dir / "scenario.toml", tomli_w.dumps(scenario.raw)))
         config["compression"] = mode
         n_shops = len(scenario.federation_shops())
-        grid = LocalGrid(n_shops, client_app.app)
+        grid = InProcessGrid(client_app.app, nodes(n_shops))
         reports: list[Any] = []
         start = time.perf_counter()
         run_federation(grid, FederationSettings.from_config(config), lambda report, _total: reports.append(report))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from shared.atomic import atomic_write_csv
-from shared.protocol import DP_EPSILON, LOSS, SPLIT_SEPARATOR, TASK_LOSS_PREFIX
+from shared.protocol import DP_EPSILON, LOSS, SPLIT_SEPARATOR, SPLITS, TASK_LOSS_PREFIX
 
 METRIC_COLUMNS = ["method", "round", "shop", "task", "split", "metric", "value"]
 ALL_TASKS = "all"  # task label of a shop's total training loss
@@ -22,7 +22,6 @@ PRIVACY_TASK = "privacy"  # task label of privacy rows (a shop's DP-SGD epsilon,
 
 
 SPLIT_SEP = SPLIT_SEPARATOR  # evaluation keys may carry their split: 'test/ctr.auc'
-SPLITS = ("train", "val", "test")
 
 
 def split_metric_key(key: str) -> tuple[str, str] | None:

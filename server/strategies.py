@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.bulyan import Bulyan
 
+from server.decoded_array import DecodedArray, array_record
 from server.metrics_log import mean_by_key
 from server.robust import RobustSettings, screen
 from server.wire import Wire
@@ -90,7 +91,7 @@ def build_strategy(name: str, *, fraction_train: float = 1.0, min_shops: int = 2
 
 def split_arrays(arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
     """Global record -> (encoder record, shared local arrays by wire name)."""
-    encoder = ArrayRecord({k: v for k, v in arrays.items() if not k.startswith(LOCAL_PREFIX)})
+    encoder = array_record({k: v for k, v in arrays.items() if not k.startswith(LOCAL_PREFIX)})
     local = {k: v.numpy() for k, v in arrays.items() if k.startswith(LOCAL_PREFIX)}
     return encoder, local
 
@@ -231,11 +232,11 @@ class ShopStrategy(Strategy):
         if arrays is None:
             raise RuntimeError(f"round {rnd}: {type(self.inner).__name__} produced no aggregate")
         # Keep the model's dtype: FedAdam/FedYogi compute in float64, and shops reply in their own dtype.
-        merged = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=dtypes.get(k))) for k, a in arrays.items()})
+        dense = {k: np.asarray(a.numpy(), dtype=dtypes.get(k)) for k, a in arrays.items()}
         if type(self.inner) in (FedAvg, FedProx):  # exact means: untouched rows stay bit-identical (wire.py)
-            merged = self.wire.keep_untouched_rows(merged)
-        for k, v in _mean_per_key(shared, self._global_local).items():
-            merged[k] = Array(v)
+            dense = self.wire.keep_untouched_rows(dense)
+        dense.update(_mean_per_key(shared, self._global_local))
+        merged = ArrayRecord({k: Array(v) for k, v in dense.items()})
         self._report.arrays = merged
         return merged, metrics
 
@@ -291,7 +292,7 @@ class ShopStrategy(Strategy):
                 arrays = next(iter(msg.content.array_records.values()))
                 for k in keys:
                     a = arrays[k].numpy()
-                    arrays[k] = Array((base[k] + result.scale[i] * (a - base[k])).astype(a.dtype))
+                    arrays[k] = DecodedArray((base[k] + result.scale[i] * (a - base[k])).astype(a.dtype))
                 logger.warning("round %d: clipped shop %s's update to %.3g of its norm", rnd, shops[i],
                                result.scale[i])
             out.append((msg, result.weights[i]))
@@ -314,21 +315,26 @@ class ShopStrategy(Strategy):
                 return False
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
                 report.left_out[shop] = f"'{NUM_EXAMPLES}' missing or not a positive number"
-            elif (bad := self._bad_arrays(arrays)) is not None:
-                report.left_out[shop] = bad
-            elif not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
+            elif isinstance(decoded := self._decode(arrays), str):
+                report.left_out[shop] = decoded
+            elif not all(np.isfinite(a).all() for a in decoded.values()):
                 report.left_out[shop] = "update holds NaN/Inf values"
-            else:
+            else:  # every later reader (screens, the Flower strategy) gets these ndarrays, not a new parse
+                for key, value in decoded.items():
+                    if not isinstance(arrays[key], DecodedArray):
+                        arrays[key] = DecodedArray(value, arrays[key])
                 return True
         logger.warning("round %d: left out shop %s: %s", report.server_round, shop, report.left_out[shop])
         return False
 
-    def _bad_arrays(self, arrays: ArrayRecord) -> str | None:
-        """Why a reply's arrays cannot be aggregated (undecodable, not numeric, wrong names or shapes), or None."""
-        encoder, _ = split_arrays(arrays)
-        if self._expected and set(encoder) != set(self._expected):
-            diff = sorted(set(encoder) ^ set(self._expected))[:3]
+    def _decode(self, arrays: ArrayRecord) -> dict[str, np.ndarray] | str:
+        """A reply's arrays, each decoded once; or why they cannot be aggregated (undecodable, not numeric,
+        wrong names or shapes)."""
+        encoder = {k for k in arrays if not k.startswith(LOCAL_PREFIX)}
+        if self._expected and encoder != set(self._expected):
+            diff = sorted(encoder ^ set(self._expected))[:3]
             return f"encoder arrays differ from the global encoder's (e.g. {diff})"
+        out: dict[str, np.ndarray] = {}
         for key, array in arrays.items():
             try:
                 value = array.numpy()
@@ -338,7 +344,8 @@ class ShopStrategy(Strategy):
                 return f"array '{key}' is not a numeric array of its stated shape {tuple(array.shape)}"
             if key in self._expected and tuple(value.shape) != self._expected[key]:
                 return f"array '{key}' has shape {tuple(value.shape)}, the global encoder's is {self._expected[key]}"
-        return None
+            out[key] = value
+        return out
 
     def _shop_of(self, msg: Message, metrics: dict[str, Any]) -> str:
         """Shop name from the reply's allow-listed `shop-index` (remembered per node for error replies)."""

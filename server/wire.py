@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
+from server.decoded_array import DecodedArray, array_record
 from shared.compression import CompressionError, check_mode, decode_delta, digest, encode_patch
 from shared.protocol import ERROR_CODE_UNDECODABLE, LOCAL_PREFIX, WIRE_FULL, WIRE_OMITTED, WIRE_PATCH, WIRE_RECORD
 
@@ -60,6 +61,7 @@ class Wire:
         """Give each message its own content: the encoder full, patched or omitted (``kind``: train|evaluate)."""
         messages = list(messages)
         digests: dict[int, tuple[str, dict[str, np.ndarray]]] = {}  # id(record) -> (digest, dense encoder)
+        patches: dict[tuple[str, str], dict[str, Array]] = {}  # (held, target digest) -> patch arrays
         for msg in messages:
             record = msg.content[key]
             if self.mode == "none":
@@ -78,8 +80,9 @@ class Wire:
             if kind == "evaluate" and self.omit_evaluate_encoder and held and node in self.trained:
                 form, arrays, self._pending[node] = OMITTED, ArrayRecord(local), held
             elif held in self._versions:
-                patch = encode_patch(enc, self._versions[held])
-                form, arrays = PATCH, ArrayRecord({**local, **{k: Array(v) for k, v in patch.items()}})
+                if (held, target) not in patches:  # nodes holding the same global get the same patch
+                    patches[held, target] = {k: Array(v) for k, v in encode_patch(enc, self._versions[held]).items()}
+                form, arrays = PATCH, ArrayRecord({**local, **patches[held, target]})
                 self._pending[node] = target
             else:
                 form, arrays, self._pending[node] = FULL, record, target
@@ -122,7 +125,7 @@ class Wire:
         self._versions = {d: v for d, v in self._versions.items() if d in live}
         return replies
 
-    def keep_untouched_rows(self, merged: ArrayRecord) -> ArrayRecord:
+    def keep_untouched_rows(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The aggregate with rows no aggregated reply changed reset to this round's global, bit for bit.
 
         A weighted mean of equal rows is that row, but float rounding moves it by an ulp, which would
@@ -133,13 +136,13 @@ class Wire:
             return merged
         for key, touched in self._touched.items():
             if key in merged and not touched.all():
-                a = merged[key].numpy().copy()
                 base = self._base[key]
-                if a.shape != base.shape:
+                if merged[key].shape != base.shape:
                     continue
+                a = np.array(merged[key], copy=True)
                 keep = ~touched if a.ndim else np.ones((), bool)
                 a[keep] = base[keep]
-                merged[key] = Array(a)
+                merged[key] = a
         return merged
 
     def _decode(self, msg: Message, sent: list[Message]) -> Message:
@@ -167,7 +170,7 @@ class Wire:
                 return msg
             return Message(Error(code=ERROR_CODE_UNDECODABLE, reason=f"compressed update rejected: {reason}"),
                            reply_to=ins)
-        out = ArrayRecord({k: Array(v) for k, v in dense.items()})
+        out = array_record({k: DecodedArray(v) for k, v in dense.items()})  # no npy bytes unless read
         for k, a in record.items():
             if k.startswith(LOCAL_PREFIX):
                 out[k] = a

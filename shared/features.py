@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from shared.protocol import SPLITS as SPLIT_NAMES
 from shared.schema import USER_SIDE_COLUMNS, ShopData
 
 TRAIN, VAL, TEST = 0, 1, 2
-SPLITS = {"train": TRAIN, "val": VAL, "test": TEST}
+SPLITS = dict(zip(SPLIT_NAMES, (TRAIN, VAL, TEST), strict=True))  # split name -> row code
 SECONDS_PER_DAY = 86_400
 
 

@@ -21,6 +21,7 @@ TASK_LOSS_PREFIX = "loss-"  # loss-<task>
 DP_EPSILON = "dp-epsilon"  # a shop's DP-SGD epsilon so far
 SPLIT_SEPARATOR = "/"  # <split>/<task>.<metric>
 SPLIT_JOIN = "+"  # eval-split = "val+test": both splits in one request
+SPLITS = ("train", "val", "test")  # a shop's row splits, as named in settings and metric keys
 
 # Array names: local-part arrays the FedAvg-all baseline shares travel under this prefix.
 LOCAL_PREFIX = "local."

@@ -36,9 +36,11 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from shared.compression import MODES as COMPRESSION_MODES
 from shared.datasets.synthetic import WorldConfig
 from shared.features import FeatureConfig
 from shared.model import ModelConfig
+from shared.protocol import SPLITS
 from shared.train import TrainConfig
 
 # Names that the server maps to Flower's strategies (server.strategies.STRATEGIES; a test keeps both equal).
@@ -46,8 +48,8 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian",
               "bulyan")
 OBJECTIVES = ("fedavg", "meta")
 SHARE_MODES = ("encoder", "all-shareable")
-SPLITS = ("train", "val", "test")
 FAULT_KINDS = ("nan", "error", "sleep")  # test-only faults a shop injects (client/shop_round.py)
+ENGINES = ("ray", "pool")  # Flower's simulation engine | simulations.pool_engine
 # The three run-config keys that are not the kebab-case of their scenario name (kept for old run configs).
 RUN_KEY_NAMES = {"rounds": "num-server-rounds", "prox_mu": "proximal-mu", "max_epsilon": "dp-max-epsilon"}
 
@@ -112,9 +114,9 @@ class FederationTable(_Table):
                                      "0 = off, else >= 1")
     robust_num_malicious: int = Field(1, ge=0, description="krum | multikrum | bulyan: assumed attackers")
     robust_trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fedtrimmedavg: share cut on each side")
-    compression: Literal["none", "fp16", "sparse-fp16", "sparse-int8"] = Field(
+    compression: Literal[COMPRESSION_MODES] = Field(
         "none", description="encoder messages: none | fp16 | sparse-fp16 | sparse-int8 (docs/federation.md)")
-    engine: Literal["ray", "pool"] = Field("ray", description="simulation engine: ray (Flower's) | pool "
+    engine: Literal[ENGINES] = Field("ray", description="simulation engine: ray (Flower's) | pool "
                                            "(simulations/pool_engine.py, for many shops)")
     workers: int = Field(0, ge=0, description="pool engine: worker processes (0 = one per CPU)")
     secure_aggregation: bool = Field(False, description="Flower's SecAgg+: the coordinator sees only the sum")

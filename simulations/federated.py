@@ -18,14 +18,13 @@ import tomli_w
 
 from shared.atomic import atomic_write_text
 from shared.scenario import Scenario, ScenarioError
-from shared.settings import RunSettings
+from shared.settings import ENGINES, RunSettings
 from simulations.console import quiet_simulation_workers
 from simulations.ray_auth import require_ray_token
 from simulations.rundir import write_run_info
 
 METHODS = {"fedshop": "encoder", "fedavg-all": "all-shareable"}  # method -> what shops send
 SCENARIO_FILE = "scenario.toml"
-ENGINES = ("ray", "pool")  # Flower's simulation engine | simulations.pool_engine
 
 logger = logging.getLogger(__name__)
 

@@ -18,18 +18,13 @@ from flwr.app import Context, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from shared.scenario import load_scenario
+from simulations.local_grid import node_configs
 from simulations.pool_grid import PoolGrid, default_workers
 
 logger = logging.getLogger(__name__)
 
 TOTAL_IMPRESSIONS = 1_000_000
 SIZE_RATIO = 10.0  # largest / smallest shop of a scaled world
-FIRST_NODE_ID = 101  # node IDs 101.. (1 is the SuperLink's)
-
-
-def node_configs(n_shops: int) -> dict[int, dict]:
-    """One node per federation shop; `partition-id` indexes `Scenario.federation_shops()`."""
-    return {FIRST_NODE_ID + i: {"partition-id": i, "num-partitions": n_shops} for i in range(n_shops)}
 
 
 def scaled_world(n_shops: int, total: int = TOTAL_IMPRESSIONS, size_exponent: float = 1.2,

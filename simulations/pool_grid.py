@@ -32,15 +32,14 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto, recorddict_to_proto
 from flwr.common.serde_utils import metadata_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.message_pb2 import Metadata as ProtoMetadata
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run, RunStatus
-from flwr.supercore.task_identity import TaskIdentity
+
+from simulations.local_grid import LocalGridBase, set_task_identity
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +49,6 @@ logger = logging.getLogger(__name__)
 ON_DISK_RECORDS = ("fedshop.local-part", "fedshop.own-encoder", "fedshop.local-lineage",
                    "fedshop.dpsgd-accountant")
 POLL_SECONDS = 0.5  # how often the parent checks for dead or late workers while it waits
-
-
-def _set_task_identity() -> None:
-    """Messages take their sender's identity from the process; outside a Flower runtime nobody set it."""
-    for attr, value in (("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID), ("_task_id", 0)):
-        if getattr(TaskIdentity, attr) is None:
-            setattr(TaskIdentity, attr, value)
 
 
 def _error_reply(msg: Message, code: int, reason: str) -> Message:
@@ -70,7 +62,7 @@ def _serve(app: Any, nodes: dict[int, dict], run_config: dict, tasks: Any, out: 
     import torch
 
     torch.set_num_threads(1)  # one core per worker
-    _set_task_identity()
+    set_task_identity()
     contexts = {nid: Context(run_id=1, node_id=nid, node_config=dict(cfg), state=RecordDict(),
                              run_config=dict(run_config)) for nid, cfg in nodes.items()}
     while True:
@@ -114,7 +106,7 @@ class _Pending:
 
 
 @dataclass
-class PoolGrid(Grid):
+class PoolGrid(LocalGridBase):
     """In-process coordinator side of a worker pool; use as a context manager (starts and stops the workers)."""
 
     app: Any  # the ClientApp (or any callable (Message, Context) -> Message)
@@ -127,7 +119,7 @@ class PoolGrid(Grid):
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers={self.workers}: the pool needs at least one worker. Fix: pass workers >= 1")
-        _set_task_identity()
+        self._open_run(self.run_config)
         self._mp = mp.get_context("fork")
         ids = sorted(self.node_configs)
         count = min(self.workers, len(ids)) or 1
@@ -135,10 +127,6 @@ class PoolGrid(Grid):
         self._owner = {nid: w.index for w in self._pool for nid in w.nodes}
         self._pending: dict[str, _Pending] = {}
         self._replies: dict[str, Message] = {}
-        self._run = Run(run_id=1, fab_id="", fab_version="", fab_hash="", override_config=dict(self.run_config),
-                        pending_at="", starting_at="", running_at="", finished_at="",
-                        status=RunStatus("running", "", ""), flwr_aid="", federation_id="", primary_task_id=None,
-                        bytes_sent=0, bytes_recv=0, clientapp_runtime=0.0)
 
     # ------------------------------------------------------------------ worker processes
     def __enter__(self) -> PoolGrid:
@@ -196,20 +184,6 @@ class PoolGrid(Grid):
                 worker.tasks.put((pend.content, [pend.meta]))
 
     # ------------------------------------------------------------------ Grid API
-    def set_run(self, run: Run) -> None:
-        """Use ``run`` as the current run."""
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        """The current run."""
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        """A message from the coordinator (Flower's deprecated helper, kept for the Grid API)."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
     def get_node_ids(self) -> Iterable[int]:
         """Every shop's node: all are registered before round 1."""
         return list(self._owner)

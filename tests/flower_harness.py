@@ -12,10 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from shared.scenario import Scenario, load_scenario
+from simulations.local_grid import LocalGridBase, node_configs
 
 TINY = {"data.synthetic.n_shops": 3, "data.synthetic.n_late_joiners": 0, "data.synthetic.max_impressions": 2500,
         "data.synthetic.min_impressions": 800, "data.synthetic.n_small_shops": 1,
@@ -37,33 +36,22 @@ def write_scenario(scenario: Scenario, path: Path) -> Path:
     return path
 
 
-class LocalGrid(Grid):
+class LocalGrid(LocalGridBase):
     """A Grid whose nodes are in-process ClientApp calls; ``silent`` nodes never reply (a timeout)."""
 
     def __init__(self, n_nodes: int, app: object, silent: Iterable[int] = (),
                  absent_until: dict[int, int] | None = None) -> None:
-        # Messages take their sender's identity from the process, as in a ServerApp process.
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self._open_run()
         self.app = app
-        self.node_ids = [1000 + i for i in range(n_nodes)]
-        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": n_nodes},
-                                      state=RecordDict(), run_config={}) for i, nid in enumerate(self.node_ids)}
+        configs = node_configs(n_nodes, first=1000)
+        self.node_ids = list(configs)
+        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config=cfg, state=RecordDict(), run_config={})
+                         for nid, cfg in configs.items()}
         self.silent = {self.node_ids[i] for i in silent}
         # node index -> first server round it answers (a SuperNode that connects mid-run)
         self.absent_until = {self.node_ids[i]: r for i, r in (absent_until or {}).items()}
         self.sent: list[Message] = []
         self.replies: list[Message] = []
-
-    def set_run(self, run_id: int) -> None:  # noqa: D102 - not used in-process
-        pass
-
-    @property
-    def run(self):  # noqa: D102 - not used in-process
-        return None
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)

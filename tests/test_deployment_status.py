@@ -158,7 +158,11 @@ def _home(tmp_path: Path, pid: int) -> Path:
     home.mkdir()
     info = Coordinator(str(home), "127.0.0.1", 9092, "coord.example.com:9092", "ca", "cert", "key")
     (home / "coordinator.json").write_text(json.dumps(asdict(info)))
-    (home / "superlink.json").write_text(json.dumps(asdict(ProcessRecord(pid, "flower-superlink", ["x"], "log"))))
+    # The record names the program that runs under ``pid`` (status checks it: a recycled PID is not the SuperLink).
+    command = [sys.executable]
+    if pid == os.getpid() and Path("/proc/self/cmdline").exists():
+        command = [Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()]
+    (home / "superlink.json").write_text(json.dumps(asdict(ProcessRecord(pid, "flower-superlink", command, "log"))))
     return home
 
 

@@ -65,3 +65,19 @@ def test_init_scenario_writes_nothing_when_a_shop_is_refused(world: Path, tmp_pa
     twice = CliRunner().invoke(app, ["init-scenario", str(world / "shop_00"), str(world / "shop_00"),
                                      "--out", str(out)])
     assert twice.exit_code == 1 and "also the name of" in twice.output and not out.exists()
+
+
+def test_init_scenario_loads_the_base_scenario_once(world: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded: list[str] = []
+    real = init_scenario.load_scenario
+
+    def counting(name, *args, **kwargs):
+        loaded.append(str(name))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(init_scenario, "load_scenario", counting)
+    out = tmp_path / "once.toml"
+    result = CliRunner().invoke(app, ["init-scenario", str(world / "shop_00"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert loaded == ["default", str(out)]  # the base once, then the written file as simulate will read it

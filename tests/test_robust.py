@@ -167,6 +167,13 @@ def test_each_robust_rule_resists_one_x100_attacker_without_any_screen(rule):
     assert np.linalg.norm(_delta(plain) - honest) > 5 * np.linalg.norm(honest)  # FedAvg alone does not
 
 
+def test_bulyan_short_of_4f_plus_3_updates_skips_the_round_and_says_why():
+    strategy = _strategy(build_strategy("bulyan", min_shops=2, num_malicious=2), robust=RobustSettings.off())
+    arrays, report = _round(strategy, _honest_replies())  # 8 updates, Bulyan with f = 2 needs 11
+    assert arrays is None and strategy.aggregated_rounds == 0
+    assert "Bulyan needs at least 4 x num-malicious + 3 = 11 usable updates" in report.skipped
+
+
 def test_multikrum_averages_all_but_the_assumed_attackers_each_round():
     strategy = _strategy(build_strategy("multikrum", min_shops=2, num_malicious=1), robust=RobustSettings.off())
     _round(strategy, _honest_replies())

@@ -26,6 +26,7 @@ from shared.protocol import (
     NUM_EXAMPLES,
     SHOP_INDEX,
     SPLIT_SEPARATOR,
+    SPLITS,
     eval_splits,
     task_loss_key,
 )
@@ -47,7 +48,6 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "sales": ("rmse", "mae", "wape", "poisson_deviance"),
 }
 SAMPLED_RANK_METRICS = (f"hr@{TOP_K}", f"ndcg@{TOP_K}")
-SPLITS = ("train", "val", "test")
 TRAIN_PROTOCOL_KEYS = (NUM_EXAMPLES, SHOP_INDEX, LOSS, DP_EPSILON)
 EVAL_PROTOCOL_KEYS = (NUM_EXAMPLES, SHOP_INDEX)
 INT_KEYS = frozenset({SHOP_INDEX, "num_examples"})  # sent as int; every other metric is sent as float

@@ -14,18 +14,18 @@ import tomli_w
 import typer
 
 from shared.atomic import atomic_write_text
-from shared.scenario import ScenarioError, load_scenario
+from shared.scenario import Scenario, ScenarioError, load_scenario
 from simulations.commands.validate import _print_table, _refuse_shared_names, shop_report
 
 # Tables of the base scenario that describe its own data, not settings: replaced or dropped.
 _DATA_ONLY = ("data", "description")
 
 
-def scenario_for_shops(shop_dirs: list[Path], *, name: str, base: str = "default") -> dict:
-    """The scenario dict: ``base``'s settings over ``shop_dirs`` (absolute), no late joiners."""
-    raw = {k: v for k, v in load_scenario(base).raw.items() if k not in _DATA_ONLY}
+def scenario_for_shops(shop_dirs: list[Path], *, name: str, base: Scenario, base_name: str = "default") -> dict:
+    """The scenario dict: the ``base`` scenario's settings over ``shop_dirs`` (absolute), no late joiners."""
+    raw = {k: v for k, v in base.raw.items() if k not in _DATA_ONLY}
     raw["name"] = name
-    raw["description"] = f"{len(shop_dirs)} shop directories; settings from the built-in '{base}' scenario"
+    raw["description"] = f"{len(shop_dirs)} shop directories; settings from the built-in '{base_name}' scenario"
     raw["data"] = {"source": "shop-dirs", "paths": [str(Path(p).resolve()) for p in shop_dirs]}
     # No shop is held out: all of them train from round 1 (list names here for `fedshop transfer`).
     raw["transfer"] = {**raw.get("transfer", {}), "late_joiners": []}
@@ -45,18 +45,18 @@ def init_scenario(
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)
     try:
-        features = load_scenario(base).features
+        base_scenario = load_scenario(base)
     except ScenarioError as err:
         typer.secho(f"Error: --from {base}: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None
-    reports = [shop_report(path, features) for path in shop_dirs]
+    reports = [shop_report(path, base_scenario.features) for path in shop_dirs]
     _refuse_shared_names(reports)
     _print_table(reports, _console())
     if not all(rep["ok"] for rep in reports):
         typer.secho(f"Nothing written: fix the shop director{'ies' if len(shop_dirs) > 1 else 'y'} above and run "
                     "init-scenario again", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)
-    raw = scenario_for_shops(shop_dirs, name=name or out.stem, base=base)
+    raw = scenario_for_shops(shop_dirs, name=name or out.stem, base=base_scenario, base_name=base)
     header = ("# Written by `fedshop init-scenario`: your shop directories with the settings of the built-in "
               f"'{base}' scenario.\n# Run it: fedshop simulate {out}  |  fedshop compare {out}   "
               "(any key: --set federation.rounds=3)\n")

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
+from shared.settings import ENGINES
 from simulations.compare import small_shops_of
 from simulations.console import print_verdict, step_progress
 from simulations.exits import failures_as_messages
-from simulations.federated import ENGINES, METHODS, SCENARIO_FILE, run_federated
+from simulations.federated import METHODS, SCENARIO_FILE, run_federated
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.ray_auth import require_ray_token
 from simulations.run_report import run_verdict, write_run_report

@@ -35,9 +35,9 @@ from simulations.deploy.flwr_config import CONNECTION, flwr_bin, flwr_env, write
 from simulations.deploy.processes import (
     ProcessStartError,
     free_port,
-    pid_alive,
     port_open,
     read_record,
+    recorded_running,
     start_process,
     stop_recorded,
     wait_ready,
@@ -126,8 +126,8 @@ def start_coordinator(home: str | Path, certs: str | Path, *, port: int | None =
     load_signing_key(certs / SIGNING_KEY_FILE)  # before anything starts: no key, no signed runs
     operator_host, allowed = _operator_host(host)
     record = home / "superlink.json"
-    if record.exists() and pid_alive(read_record(record).pid):
-        raise RuntimeError(f"a SuperLink from {home} already runs (PID {read_record(record).pid}). Fix: "
+    if record.exists() and recorded_running(running := read_record(record)):
+        raise RuntimeError(f"a SuperLink from {home} already runs (PID {running.pid}). Fix: "
                            f"`fedshop coordinator stop --home {home}` first")
     port = port or free_port(host)
     dial_host = public_host or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)

@@ -35,8 +35,8 @@ from simulations.deploy.flwr_config import flwr_env
 from simulations.deploy.processes import (
     ProcessStartError,
     free_port,
-    pid_alive,
     read_record,
+    recorded_running,
     start_process,
     stop_recorded,
     wait_ready,
@@ -201,8 +201,8 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
     own = supernode_dir(state_dir)
     own.mkdir(parents=True, exist_ok=True)
     record, log = own / "supernode.json", own / "supernode.log"
-    if record.exists() and pid_alive(read_record(record).pid):
-        raise RuntimeError(f"a SuperNode for {state_dir} already runs (PID {read_record(record).pid}). Fix: "
+    if record.exists() and recorded_running(running := read_record(record)):
+        raise RuntimeError(f"a SuperNode for {state_dir} already runs (PID {running.pid}). Fix: "
                            f"`fedshop merchant stop --state-dir {state_dir}` first")
     if (own / "clientapp.json").exists():  # left by a crashed SuperNode (it exits with its parent anyway)
         stop_recorded(own / "clientapp.json")

@@ -123,6 +123,11 @@ def _is_same_process(record: ProcessRecord) -> bool:
     return any(Path(part.decode(errors="replace")).name.encode() == exe for part in cmdline[:2])
 
 
+def recorded_running(record: ProcessRecord) -> bool:
+    """Whether the recorded process still runs: its PID is alive and not recycled by another program."""
+    return pid_alive(record.pid) and _is_same_process(record)
+
+
 def descendants(pid: int) -> list[int]:
     """PIDs of all processes below ``pid`` (from /proc; empty where there is none)."""
     children: dict[int, list[int]] = {}
@@ -199,7 +204,7 @@ def stop_recorded(record_path: str | Path, *, timeout: float = 10.0) -> bool:
     """Stop the process named in ``record_path`` (if it is still ours) and delete the record."""
     record = read_record(record_path)
     stopped = False
-    if pid_alive(record.pid) and _is_same_process(record):
+    if recorded_running(record):
         stopped = stop_pid(record.pid, timeout=timeout)
     Path(record_path).unlink(missing_ok=True)
     return stopped

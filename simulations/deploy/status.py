@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from simulations.deploy.processes import pid_alive, read_record
+from simulations.deploy.processes import read_record, recorded_running
 
 
 def _json_file(path: Path) -> dict | None:
@@ -35,7 +35,7 @@ def _process(record_path: Path) -> dict[str, Any]:
     if not record_path.exists():
         return {"running": False, "pid": None}
     record = read_record(record_path)
-    return {"running": pid_alive(record.pid), "pid": record.pid}
+    return {"running": recorded_running(record), "pid": record.pid}
 
 
 def local_part_header(state_dir: Path) -> dict[str, Any] | None:

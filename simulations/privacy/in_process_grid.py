@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run, RunStatus
-from flwr.supercore.task_identity import TaskIdentity
+
+from simulations.local_grid import LocalGridBase
+from simulations.local_grid import node_configs as numbered_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ class Received:
 
 
 @dataclass
-class InProcessGrid(Grid):
+class InProcessGrid(LocalGridBase):
     """In-process Grid: each node is a ClientApp call with its own persistent Context."""
 
     app: ClientApp
@@ -54,32 +53,11 @@ class InProcessGrid(Grid):
     seconds_in_clients: float = 0.0
 
     def __post_init__(self) -> None:
-        # Messages take their sender identity from the process; outside a Flower runtime nobody set it.
-        for attr, value in (("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID), ("_task_id", 0)):
-            if getattr(TaskIdentity, attr) is None:
-                setattr(TaskIdentity, attr, value)
+        self._open_run(self.run_config)
         self._contexts = {nid: Context(run_id=1, node_id=nid, node_config=dict(cfg), state=RecordDict(),
                                        run_config=dict(self.run_config)) for nid, cfg in self.node_configs.items()}
         self._offline: set[int] = set()
         self._replies: dict[str, Message] = {}
-        self._run = Run(run_id=1, fab_id="", fab_version="", fab_hash="", override_config=dict(self.run_config),
-                        pending_at="", starting_at="", running_at="", finished_at="",
-                        status=RunStatus("running", "", ""), flwr_aid="", federation_id="", primary_task_id=None,
-                        bytes_sent=0, bytes_recv=0, clientapp_runtime=0.0)
-
-    def set_run(self, run: Run) -> None:
-        """Use ``run`` as the current run."""
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        """The current run."""
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        """A message from the coordinator."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """Nodes still online."""
@@ -126,5 +104,5 @@ class InProcessGrid(Grid):
 
 
 def nodes(n: int) -> dict[int, dict]:
-    """Node configs for ``n`` simulated shops (node IDs 101.., `partition-id` 0..n-1; ID 1 is the SuperLink's)."""
-    return {101 + i: {"partition-id": i} for i in range(n)}
+    """Node configs for ``n`` simulated shops (`simulations.local_grid.node_configs`: IDs 101.., `partition-id` i)."""
+    return numbered_nodes(n)
