@@ -10,17 +10,24 @@ The shop keeps the last global it decoded (`fedshop.held-global` in `context.sta
 digest) so the next message can be a patch against it, or carry no encoder at all when the shop
 evaluates its own (personal mix). It is replaced only after the handler replied without error, so the
 coordinator, which counts a global as held only after a good reply, and the shop agree.
+A patch whose base is not the held global may be against the run's initial encoder, which the shop
+rebuilds from its scenario (`initial_global`): a shop that holds nothing yet (round 1, a new node)
+downloads only what changed since. Another base is refused (error reply; the next message is full).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.local_state import resolve_shop
 from shared.compression import CompressionError, decode_patch, digest, encode_delta
+from shared.model import initial_encoder_state
 from shared.protocol import (
     ARRAYS_RECORD,
     ERROR_CODE_BLOCKED,
@@ -38,6 +45,27 @@ UNDECODABLE = "shop could not decode the compressed encoder"
 
 logger = logging.getLogger(__name__)
 
+_INITIAL: dict[str, tuple[str, dict[str, np.ndarray]]] = {}  # configs + seed -> (digest, arrays), last one
+
+
+def initial_global(context: Context, config: dict[str, Any]) -> tuple[str, dict[str, np.ndarray]]:
+    """(digest, arrays) of the run's initial encoder, rebuilt from this shop's scenario and seed.
+
+    The same function the coordinator starts from (`shared.model.initial_encoder_state`); built under
+    `fork_rng` so the shop's torch RNG stream is the same as without compression, and kept per process.
+    """
+    scenario = resolve_shop(context, config).scenario
+    key = repr((scenario.model, scenario.features, scenario.seed))
+    if key not in _INITIAL:
+        with torch.random.fork_rng(devices=[]):
+            state = initial_encoder_state(scenario.model, scenario.features, scenario.seed)
+        arrays = {k: v.numpy() for k, v in state.items()}
+        for a in arrays.values():
+            a.flags.writeable = False  # shared by every message of this process: nothing may patch in place
+        _INITIAL.clear()
+        _INITIAL[key] = (digest(arrays), arrays)
+    return _INITIAL[key]
+
 
 def held_global(context: Context) -> tuple[str, dict[str, np.ndarray]] | None:
     """(digest, arrays) of the global this shop holds, or None."""
@@ -47,7 +75,7 @@ def held_global(context: Context) -> tuple[str, dict[str, np.ndarray]] | None:
     return str(context.state.config_records[HELD_META]["digest"]), arrays
 
 
-def _received(arrays: ArrayRecord, wire: dict, context: Context) -> dict[str, np.ndarray]:
+def _received(arrays: ArrayRecord, wire: dict, context: Context, config: dict[str, Any]) -> dict[str, np.ndarray]:
     """The dense global encoder a request stands for (CompressionError when it cannot be rebuilt)."""
     how = str(wire.get("encoder", FULL))
     encoder = {k: a.numpy() for k, a in arrays.items() if not k.startswith(LOCAL_PREFIX)}
@@ -55,14 +83,20 @@ def _received(arrays: ArrayRecord, wire: dict, context: Context) -> dict[str, np
         new = encoder
     else:
         held = held_global(context)
-        if held is None:
-            raise CompressionError(f"the request's encoder is '{how}' but this shop holds no global")
         if how == OMITTED:
+            if held is None:
+                raise CompressionError(f"the request's encoder is '{how}' but this shop holds no global")
             return held[1]
         if how != PATCH:
             raise CompressionError(f"unknown encoder form '{how}'")
-        if held[0] != str(wire.get("base", "")):
-            raise CompressionError(f"the patch is against global {wire.get('base')}, this shop holds {held[0]}")
+        base = str(wire.get("base", ""))
+        if held is None or held[0] != base:
+            start = initial_global(context, config)
+            if start[0] != base:
+                raise CompressionError(f"the patch is against global {base}; this shop holds "
+                                       f"{held[0] if held else 'none'} and its initial encoder is {start[0]} "
+                                       "(another scenario, seed or code version?)")
+            held = start
         new = decode_patch(encoder, held[1])
     if digest(new) != str(wire.get("target", "")):
         raise CompressionError("the decoded global's digest differs from the coordinator's")
@@ -75,8 +109,10 @@ def wire_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         return call_next(msg, context)
     wire = dict(msg.content.config_records[WIRE_RECORD])
     arrays = next(iter(msg.content.array_records.values()), ArrayRecord())
+    config = {**dict(context.run_config), **{k: v for name, record in msg.content.config_records.items()
+                                             if name != WIRE_RECORD for k, v in record.items()}}
     try:
-        encoder = _received(arrays, wire, context)
+        encoder = _received(arrays, wire, context, config)
     except Exception as exc:  # whatever the bytes are, the shop answers with an error, never a crash
         logger.error("cannot decode the coordinator's encoder: %s", exc)
         return Message(Error(code=ERROR_CODE_BLOCKED, reason=f"{UNDECODABLE}: {exc}"), reply_to=msg)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
 from server.strategies import RoundReport
-from shared.model import SharedEncoder
+from shared.model import initial_encoder_state
 from shared.protocol import SPLIT_JOIN
 from shared.scenario import Scenario
 
@@ -24,8 +25,14 @@ Progress = Callable[[RoundReport, int], None]  # (report, total rounds)
 
 def initial_encoder(scenario: Scenario) -> ArrayRecord:
     """The encoder every shop starts from: what `build_model(..., seed=scenario.seed)` builds first."""
-    torch.manual_seed(scenario.seed)
-    return ArrayRecord(SharedEncoder(scenario.model, scenario.features).state_dict())
+    return ArrayRecord(initial_encoder_state(scenario.model, scenario.features, scenario.seed))
+
+
+def initial_encoder_arrays(scenario: Scenario) -> dict[str, np.ndarray]:
+    """`initial_encoder` as numpy arrays, leaving torch's global RNG as it was (the wire's shared start)."""
+    with torch.random.fork_rng(devices=[]):
+        return {k: v.numpy() for k, v in initial_encoder_state(scenario.model, scenario.features,
+                                                                scenario.seed).items()}
 
 
 def scenario_shop_names(scenario: Scenario) -> list[str]:

@@ -40,7 +40,13 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from server.federation_common import Progress, eval_split_for_round, initial_encoder, scenario_shop_names
+from server.federation_common import (
+    Progress,
+    eval_split_for_round,
+    initial_encoder,
+    initial_encoder_arrays,
+    scenario_shop_names,
+)
 from server.federation_settings import FederationSettings, check_compression, split_privacy
 from server.metrics_log import PRIVACY_TASK, MetricsLog, eval_rows_by_split, train_rows
 from server.node_identity import check_identities
@@ -165,10 +171,13 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         names = shop_names()
         return names[index] if index < len(names) else f"shop-{index}"
 
+    # Shops rebuild the initial encoder from the scenario: compressed messages patch it instead of sending it.
+    shared_start = None if settings.compression == "none" else initial_encoder_arrays(scenario)
     strategy = ShopStrategy(inner, min_shops=settings.min_shops, shop_name=shop_name, on_round_end=on_round_end,
                             round_config=round_config, round_offset=done, max_short_rounds=settings.max_short_rounds,
                             robust=settings.robust_settings(),
-                            wire=Wire(settings.compression, omit_evaluate_encoder=serves_own_encoder(settings)),
+                            wire=Wire(settings.compression, omit_evaluate_encoder=serves_own_encoder(settings),
+                                      initial=shared_start),
                             first_claims=ckpt.first_claims if ckpt is not None else None)
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,

@@ -5,9 +5,12 @@ failed reply), as an exact patch of the global the node is known to hold, or, fo
 shop that serves its own encoder (personal mix) and trained this round, not at all. A node holds a
 global once it replied without error to a message that carried it; the client mod
 (`client.wire_mod`) checks the patched global's digest, so a node never evaluates or trains on
-anything but the coordinator's exact global. Up: train replies are deltas against the global sent in
-the round; `receive` decodes them to dense before screening and aggregation, and turns an undecodable
-one into an error reply naming the problem (a left-out shop, never a crash).
+anything but the coordinator's exact global. A node known to hold nothing gets a patch of the run's
+initial encoder (`initial`, which a shop rebuilds from the scenario and checks by digest; round 1's
+patch is empty), unless it failed a message sent so: then it gets the encoder in full. Up: train
+replies are deltas against the global sent in the round; `receive` decodes them to dense before
+screening and aggregation, and turns an undecodable one into an error reply naming the problem (a
+left-out shop, never a crash).
 
 It also counts the array payload bytes (npy framing included) each way, for mode "none" too.
 """
@@ -15,7 +18,7 @@ It also counts the array payload bytes (npy framing included) each way, for mode
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
@@ -41,10 +44,17 @@ def _encoder(record: ArrayRecord) -> dict[str, np.ndarray]:
 class Wire:
     """Which global each node holds, per-node message encoding, reply decoding and byte counts."""
 
-    def __init__(self, mode: str = "none", *, omit_evaluate_encoder: bool = False) -> None:
+    def __init__(self, mode: str = "none", *, omit_evaluate_encoder: bool = False,
+                 initial: Mapping[str, np.ndarray] | None = None) -> None:
         self.mode = check_mode(mode)
         self.omit_evaluate_encoder = omit_evaluate_encoder
         self._versions: dict[str, dict[str, np.ndarray]] = {}  # digest -> dense global some node holds
+        # The run's initial encoder, which shops rebuild themselves: the base for nodes that hold nothing.
+        self._initial = digest(initial) if initial is not None else ""
+        if initial is not None:
+            self._versions[self._initial] = dict(initial)
+        self._no_initial: set[int] = set()  # nodes that failed a message patched against the initial
+        self._pending_initial: set[int] = set()  # nodes sent such a patch this phase
         self._held: dict[int, str] = {}  # node -> digest of the global it holds (confirmed by a good reply)
         self._pending: dict[int, str] = {}  # node -> digest it holds if it answers this phase without error
         self._base: dict[str, np.ndarray] = {}  # this round's train global: what the replies are deltas of
@@ -76,14 +86,17 @@ class Wire:
                 self._base = enc
             node = msg.metadata.dst_node_id
             held = self._held.get(node)
+            base = held if held in self._versions else self._initial if node not in self._no_initial else ""
             local = {k: a for k, a in record.items() if k.startswith(LOCAL_PREFIX)}
             if kind == "evaluate" and self.omit_evaluate_encoder and held and node in self.trained:
                 form, arrays, self._pending[node] = OMITTED, ArrayRecord(local), held
-            elif held in self._versions:
-                if (held, target) not in patches:  # nodes holding the same global get the same patch
-                    patches[held, target] = {k: Array(v) for k, v in encode_patch(enc, self._versions[held]).items()}
-                form, arrays = PATCH, ArrayRecord({**local, **patches[held, target]})
-                self._pending[node] = target
+            elif base:
+                if (base, target) not in patches:  # nodes holding the same global get the same patch
+                    patches[base, target] = {k: Array(v) for k, v in encode_patch(enc, self._versions[base]).items()}
+                form, arrays = PATCH, ArrayRecord({**local, **patches[base, target]})
+                self._pending[node], held = target, base
+                if base != self._held.get(node):
+                    self._pending_initial.add(node)
             else:
                 form, arrays, self._pending[node] = FULL, record, target
             self._versions.setdefault(target, enc)
@@ -112,17 +125,19 @@ class Wire:
             answered.add(node)
             if msg.has_error() or node not in self._pending:
                 self._held.pop(node, None)
+                self._no_initial |= {node} & self._pending_initial  # e.g. its initial encoder differs
             else:
                 self._held[node] = self._pending[node]
         for node in set(self._pending) - answered:  # silent: it may or may not have decoded
             self._held.pop(node, None)
-        self._pending = {}
+            self._no_initial |= {node} & self._pending_initial
+        self._pending, self._pending_initial = {}, set()
         if kind == "train":
             self._touched = {k: np.zeros(b.shape[0] if b.ndim else 1, bool) for k, b in self._base.items()}
             replies = [self._decode(msg, sent) for msg in replies]
             self.trained = set()
         live = set(self._held.values())
-        self._versions = {d: v for d, v in self._versions.items() if d in live}
+        self._versions = {d: v for d, v in self._versions.items() if d in live or d == self._initial}
         return replies
 
     def keep_untouched_rows(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

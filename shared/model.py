@@ -301,6 +301,16 @@ class ShopModel(nn.Module):
         return self.local.towers["sales"](torch.cat([h, s], -1)).squeeze(-1) + wide[:, GATED_TASKS.index("sales")]
 
 
+def initial_encoder_state(cfg: ModelConfig, fcfg: FeatureConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The encoder a federation starts from: what `build_model(..., seed=seed)` initialises first.
+
+    Deterministic in (configs, seed), so a shop can rebuild it instead of downloading it (compression).
+    Seeds torch's global RNG like `build_model`; wrap in `torch.random.fork_rng` to keep the caller's.
+    """
+    torch.manual_seed(seed)
+    return SharedEncoder(cfg, fcfg).state_dict()
+
+
 def build_model(tensors: ShopTensors, cfg: ModelConfig | None = None, feature_cfg: FeatureConfig | None = None,
                 seed: int = 0, *, encoder_state: Mapping[str, torch.Tensor] | None = None,
                 local_state: Mapping[str, torch.Tensor] | None = None) -> ShopModel:

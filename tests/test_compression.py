@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from flower_harness import LocalGrid, tiny_scenario, write_scenario
-from flwr.app import Array, MessageType
+from flwr.app import Array, Context, MessageType, RecordDict
 
-from client import client_app
+from client import client_app, wire_mod
+from client.local_state import resolve_shop
 from client.wire_mod import HELD_RECORD
 from server.checkpoint import latest_checkpoint
+from server.federation_common import initial_encoder_arrays
 from server.server_app import FederationSettings, initial_encoder, run_federation, split_privacy
-from server.wire import WIRE_RECORD
+from server.wire import WIRE_RECORD, record_bytes
 from shared.compression import (
     CompressionError,
     decode_delta,
@@ -135,13 +138,16 @@ def test_patched_globals_equal_the_dense_globals_bit_for_bit(scenario_file, tmp_
     reports, grid = _run(scenario_file, tmp_path, rounds=2, compression="sparse-int8")
     assert all(not r.left_out for r in reports)
     forms = [(kind, form) for _, kind, form, _ in grid.wire_log]
-    assert forms == [(MessageType.TRAIN, "full")] * 3 + [(MessageType.EVALUATE, "patch")] * 3 \
+    assert forms == [(MessageType.TRAIN, "patch")] * 3 + [(MessageType.EVALUATE, "patch")] * 3 \
         + [(MessageType.TRAIN, "patch")] * 3 + [(MessageType.EVALUATE, "patch")] * 3
+    # Round 1 patches the initial encoder each shop rebuilt from the scenario: nothing changed, no arrays.
+    assert [n for _, _, _, n in grid.wire_log[:3]] == [0, 0, 0]
     final = latest_checkpoint(tmp_path).arrays
     for context in grid.contexts.values():  # each shop's last decoded global is the coordinator's final one
         held = {k: a.numpy() for k, a in context.state.array_records[HELD_RECORD].items()}
         assert digest(held) == digest({k: final[k] for k in held})
-    assert reports[-1].wire_bytes["down"] < reports[0].wire_bytes["down"]
+    full = record_bytes(initial_encoder(load_scenario(str(scenario_file))))
+    assert reports[0].wire_bytes["down"] < 3 * full  # round 1: only 3 evaluate patches (dense: 6 full encoders)
 
 
 def test_personal_mix_evaluations_carry_no_encoder_and_score_the_same(scenario_file, tmp_path):
@@ -177,7 +183,7 @@ def test_a_malformed_compressed_reply_leaves_the_shop_out_with_a_reason(scenario
     assert all(np.isfinite(a).all() for a in latest_checkpoint(tmp_path).arrays.values())
 
 
-def test_a_shop_that_lost_its_global_is_left_out_then_gets_it_in_full(scenario_file, tmp_path):
+def test_a_shop_that_lost_its_global_is_left_out_then_patched_from_the_initial(scenario_file, tmp_path):
     def forgetful(msg, context):  # node 0 loses its state (e.g. a restarted SuperNode) before round 2
         config = next(iter(msg.content.config_records.values()))
         if context.node_config["partition-id"] == 0 and int(config.get("server-round", 0)) == 2 \
@@ -187,9 +193,59 @@ def test_a_shop_that_lost_its_global_is_left_out_then_gets_it_in_full(scenario_f
 
     reports, grid = _run(scenario_file, tmp_path, app=forgetful, rounds=2, compression="sparse-fp16")
     assert "could not decode" in reports[1].left_out["shop_00"]
-    assert "shop_00" in reports[1].evaluate  # its round-2 evaluation got the global in full
+    assert "shop_00" in reports[1].evaluate  # its round-2 evaluation: a patch of the initial encoder
     to_shop0 = [form for node, _, form, _ in grid.wire_log if node == 1000]
-    assert to_shop0 == ["full", "patch", "patch", "full"]  # train, evaluate per round
+    assert to_shop0 == ["patch"] * 4  # train, evaluate per round
+
+
+def test_a_shop_rebuilds_the_coordinators_initial_encoder_without_touching_its_rng(scenario_file):
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    config = {"scenario": str(scenario_file)}
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    rebuilt, arrays = wire_mod.initial_global(context, config)
+    assert torch.equal(torch.get_rng_state(), before)  # the shop's training stream is as without compression
+    assert rebuilt == digest(arrays) == digest(initial_encoder_arrays(load_scenario(str(scenario_file))))
+    fresh = resolve_shop(context, config).model().encoder_state()  # what a shop's first model starts from
+    assert rebuilt == digest({k: v.numpy() for k, v in fresh.items()})
+
+
+def _initial_encoder_differs_on(node_index: int):
+    """`client.wire_mod.initial_global` as on a shop whose code builds another initial encoder."""
+    real = wire_mod.initial_global
+
+    def initial_global(context, config):
+        start = real(context, config)
+        if context.node_config["partition-id"] != node_index:
+            return start
+        arrays = {**start[1], "fields.weight": start[1]["fields.weight"] + np.float32(1e-3)}
+        return digest(arrays), arrays
+    return initial_global
+
+
+def test_a_shop_whose_initial_encoder_differs_gets_the_encoder_in_full(scenario_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(wire_mod, "initial_global", _initial_encoder_differs_on(1))
+    reports, grid = _run(scenario_file, tmp_path, rounds=3, compression="sparse-int8")
+    assert "initial encoder" in reports[0].left_out["shop_01"] and set(reports[0].train) == {"shop_00", "shop_02"}
+    assert set(reports[0].evaluate) == {"shop_00", "shop_01", "shop_02"}  # its evaluation got the full encoder
+    assert "warm-up" in reports[1].left_out["shop_01"]  # it missed round 1: it joins like a late shop
+    assert set(reports[2].train) == {"shop_00", "shop_01", "shop_02"}
+    to_shop1 = [form for node, _, form, _ in grid.wire_log if node == 1001]
+    assert to_shop1 == ["patch", "full"] + ["patch"] * 4  # refused, then full once, then patches again
+    final = latest_checkpoint(tmp_path).arrays
+    held = {k: a.numpy() for k, a in grid.contexts[1001].state.array_records[HELD_RECORD].items()}
+    assert digest(held) == digest({k: final[k] for k in held})
+
+
+def test_a_resumed_run_patches_the_initial_encoder_for_new_shop_processes(scenario_file, tmp_path):
+    _run(scenario_file, tmp_path, rounds=1, compression="sparse-int8")
+    reports, grid = _run(scenario_file, tmp_path, rounds=2, compression="sparse-int8", resume=True)
+    assert [r.server_round for r in reports] == [2] and not reports[0].left_out
+    assert [form for _, _, form, _ in grid.wire_log] == ["patch"] * 6  # fresh contexts: from the initial
+    final = latest_checkpoint(tmp_path).arrays
+    for context in grid.contexts.values():
+        held = {k: a.numpy() for k, a in context.state.array_records[HELD_RECORD].items()}
+        assert digest(held) == digest({k: final[k] for k in held})
 
 
 @pytest.mark.parametrize(("extra", "says"), [({"secure-aggregation": True}, "SecAgg+"),

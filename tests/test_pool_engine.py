@@ -179,3 +179,14 @@ def test_secure_aggregation_runs_on_the_pool(tmp_path):
                   progress=lambda report, total: reports.append(report))
     (report,) = reports
     assert sorted(report.train) == ["shop_00", "shop_01", "shop_02"] and not report.skipped
+
+
+@pytest.mark.slow
+def test_compression_on_the_pool_sends_no_encoder_in_round_1(tmp_path):
+    """Forked workers rebuild the initial encoder too: round 1's train patch is empty, no shop is left out."""
+    reports = []
+    run_federated(tiny_scenario(), tmp_path / "run", rounds=2, engine="pool", workers=2,
+                  extra_config={"compression": "sparse-int8"}, progress=lambda report, total: reports.append(report))
+    assert [sorted(r.train) for r in reports] == [["shop_00", "shop_01", "shop_02"]] * 2
+    assert not any(r.left_out for r in reports)
+    assert reports[0].wire_bytes["down"] == 0 < reports[1].wire_bytes["down"]  # round 2: patches of round 1's rows
