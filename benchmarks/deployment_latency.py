@@ -8,9 +8,15 @@ rounds, in one run so the comparison is a ratio taken under the same machine loa
     poll as in Flower (`FEDSHOP_PULL_BACKOFF=1`, `FEDSHOP_ACTIVE_POLL_WINDOW=0`);
   * deployment, long-lived ClientApp, Flower's SuperNode polling: `--isolation process` (the default),
     one `client.long_lived` process per merchant serves every message;
-  * deployment, long-lived ClientApp + fedshop's SuperNode polling (after): `merchant start`'s
-    defaults (0.1 s pull back-off, 0.2 s polls while a run is active).
-All three use fedshop's polling settings (ServerApp 0.1 s, task poll 0.2 s) and the tensor cache.
+  * deployment, long-lived ClientApp + fedshop's SuperNode polling, one object per Array: as
+    2026-12-05 morning (Flower moves every Array as its own object, one HTTPS request each per hop;
+    the ServerApp and the long-lived ClientApp pull objects with Flower's 1 s back-off);
+  * deployment, all of fedshop's settings (after): `merchant start`'s and `coordinator start`'s
+    defaults: also the message's Arrays packed into one blob (`shared.wire_pack`) and 0.1 s object-pull
+    back-offs in the ServerApp and the long-lived ClientApp.
+All use fedshop's polling settings (ServerApp 0.1 s, task poll 0.2 s) and the tensor cache. The
+simulation runs before and after the deployment rows (so it sees the load at both ends); its row is
+the median over both.
 Round time = gap between consecutive round checkpoints (`<run-dir>/checkpoints/round-NNNN.pt` mtimes),
 so start-up is excluded. Each deployment run also writes a timing log (`FEDSHOP_TIMING_LOG`) from
 which the per-message phases are taken (push -> clientapp process start -> handler start -> end ->
@@ -43,12 +49,18 @@ from simulations.deploy.loopback import loopback_federation, tiny_scenario, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = "flwr.supernode.runtime.run_clientapp"  # what every flwr-clientapp process imports first
+# One object per Array, Flower's 1 s back-off in the ServerApp's and the long-lived ClientApp's object pulls
+UNPACKED = {"FEDSHOP_PACK_ARRAYS": "0", "FEDSHOP_GRID_PULL_BACKOFF": "1", "FEDSHOP_CLIENTAPP_PULL_BACKOFF": "1"}
 # The SuperNode's object-pull back-off (1 s) and idle poll (3 s) as Flower has them
-FLOWER_SUPERNODE = {"FEDSHOP_PULL_BACKOFF": "1", "FEDSHOP_ACTIVE_POLL_WINDOW": "0"}
-BEFORE = "deployment, process per message (before)"
+FLOWER_SUPERNODE = {"FEDSHOP_PULL_BACKOFF": "1", "FEDSHOP_ACTIVE_POLL_WINDOW": "0", **UNPACKED}
+SIMULATION = "simulation (Ray, run_federated)"
+BEFORE = "deployment, process per message"
 LONG_LIVED = "deployment, long-lived ClientApp, Flower's SuperNode polling"
-AFTER = "deployment, long-lived ClientApp + fedshop's SuperNode polling (after)"
-SETUPS = (("before", BEFORE, "subprocess", FLOWER_SUPERNODE), ("long-lived", LONG_LIVED, "process", FLOWER_SUPERNODE),
+POLLING = "deployment, long-lived + fedshop's SuperNode polling, one object per Array (before)"
+AFTER = "deployment, all fedshop settings: + packed Arrays, 0.1 s object back-offs (after)"
+SETUPS = (("subprocess", BEFORE, "subprocess", FLOWER_SUPERNODE),
+          ("long-lived", LONG_LIVED, "process", FLOWER_SUPERNODE),
+          ("polling", POLLING, "process", UNPACKED),
           ("after", AFTER, "process", {}))  # {} = the defaults of `fedshop coordinator/merchant start`
 
 
@@ -99,11 +111,11 @@ def round_gaps(run_dir: Path) -> list[float]:
     return [round(b - a, 2) for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
-def simulation_rounds(scenario_path: Path, root: Path, rounds: int) -> list[float]:
+def simulation_rounds(scenario_path: Path, root: Path, rounds: int, label: str = "sim") -> list[float]:
     """Round times of the in-process simulation engine over the same shops."""
     from simulations.federated import run_federated
 
-    run_dir = root / "sim"
+    run_dir = root / label
     run_federated(load_scenario(scenario_path), run_dir, rounds=rounds, extra_config={"keep-checkpoints": rounds})
     return round_gaps(run_dir)
 
@@ -178,7 +190,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--setups", default=",".join(label for label, *_ in SETUPS),
+                        help="deployment rows to run, comma-separated (subprocess,long-lived,polling,after); "
+                             "the process-per-message row takes the longest")
     args = parser.parse_args()
+    chosen = [s for s in SETUPS if s[0] in args.setups.split(",")]
+    if not chosen or AFTER not in [name for _, name, *_ in chosen]:
+        parser.error(f"--setups {args.setups!r}: give some of {', '.join(s[0] for s in SETUPS)}, including after")
     load_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="fedshop-latency-"))
     shops = write_tiny_shops(root)
@@ -186,10 +204,13 @@ def main() -> None:
     scenario.write_text(tiny_scenario([root / n / "shop" for n in shops], name="latency-tiny",
                                       rounds=args.rounds, round_timeout=300.0))
     costs = message_costs(root / shops[0] / "shop", root / "cost-state", scenario, args.repeats)
-    rounds = {"simulation (Ray, run_federated)": simulation_rounds(scenario, root, args.rounds)}
+    sim_first = simulation_rounds(scenario, root, args.rounds, "sim-first")
     phases = {}
-    for label, name, isolation, env in SETUPS:
-        rounds[name], phases[name] = deployment_rounds(scenario, root, shops, args.rounds, label, isolation, env)
+    deployed = {}
+    for label, name, isolation, env in chosen:
+        deployed[name], phases[name] = deployment_rounds(scenario, root, shops, args.rounds, label, isolation, env)
+    sim_last = simulation_rounds(scenario, root, args.rounds, "sim-last")
+    rounds = {SIMULATION: sim_first + sim_last, **deployed}
     load_end = os.getloadavg()
     print(f"load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end, on {os.cpu_count()} CPUs")
     print(f"{'fixed cost per message: fresh process that':<52} {'wall s':>7} {'cpu s':>7}")
@@ -199,18 +220,22 @@ def main() -> None:
     medians = {name: statistics.median(times) if times else float("nan") for name, times in rounds.items()}
     for name, times in rounds.items():
         print(f"  {name:<50} {medians[name]:7.2f}  {times}")
-    before, after = medians[BEFORE], medians[AFTER]
-    sim = medians["simulation (Ray, run_federated)"]
-    print(f"  after/before {after / before:.2f}; before/simulation {before / sim:.1f}; after/simulation "
-          f"{after / sim:.1f}; long-lived with Flower's back-off/simulation {medians[LONG_LIVED] / sim:.1f}")
+    sim, after = medians[SIMULATION], medians[AFTER]
+    print(f"  simulation before the deployment rows {sim_first}, after them {sim_last}")
+    ratios = {name: round(medians[name] / sim, 3) for name in deployed}
+    print("  round / simulation: " + "; ".join(f"{name.split(',')[1].strip()} {r:.2f}" for name, r in ratios.items()))
+    if POLLING in medians:
+        print(f"  after / before (one object per Array) {after / medians[POLLING]:.2f}")
     print("per-message phases, median s (3 SuperNodes in parallel on this machine)")
     for name, values in phases.items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
     result = {"fixed_cost_per_message": costs, "round_times_s": rounds, "median_round_s": medians,
-              "ratio_after_before": round(after / before, 3), "ratio_after_simulation": round(after / sim, 3),
+              "ratio_to_simulation": ratios, "ratio_after_simulation": round(after / sim, 3),
+              "ratio_after_before": round(after / medians[POLLING], 3) if POLLING in medians else None,
+              "simulation_first_s": sim_first, "simulation_last_s": sim_last,
               "message_phases_s": phases,
               "settings": {name: {"isolation": isolation, "env": env or "fedshop defaults"}
-                           for _, name, isolation, env in SETUPS},
+                           for _, name, isolation, env in chosen},
               "rounds": args.rounds, "shops": shops, "loadavg_start": list(load_start),
               "loadavg_end": list(load_end), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out = ROOT / "benchmarks" / "results" / "deployment_latency.json"

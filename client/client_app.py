@@ -22,6 +22,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.leak_guard import error_reply, leak_guard
 from client.local_state import Shop
+from client.pack_mod import pack_mod
 from client.secure_client import SECAGG_RECORD, secure_app
 from client.shop_round import evaluate_round, load_round_start, message_settings, shop_and_model, train_round
 from client.timing import timing_mod
@@ -73,7 +74,8 @@ def clip_when_dp(msg: Message, context: Context, call_next: ClientAppCallable) -
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[timing_mod, legacy_dispatch, wire_mod, leak_guard])  # wire_mod: docs/federation.md
+# pack_mod: transport packing (docs/deployment.md, "Latency"); wire_mod: compression (docs/federation.md)
+app = ClientApp(mods=[pack_mod, timing_mod, legacy_dispatch, wire_mod, leak_guard])
 
 
 def _round_start(msg: Message, context: Context

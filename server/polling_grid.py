@@ -4,24 +4,76 @@
 message round trip ends up to 3 s after the last reply reached the SuperLink. This wrapper keeps
 Flower's push/pull calls and only changes the pause; `FEDSHOP_GRID_POLL_INTERVAL` (seconds,
 0.01-60; "3" restores Flower's behaviour) sets it in the ServerApp's environment.
+
+It also packs every message's Arrays into one blob on the way out and unpacks the replies
+(`shared.wire_pack`; the ClientApp's `client.pack_mod` does the same on its side): flwr moves each
+Array as its own object, one HTTPS request each per hop. `FEDSHOP_PACK_ARRAYS=0` sends them as Flower does.
+
+Replies: `HttpGrid.pull_messages` pulls a reply's objects with `pull_objects`, whose back-off starts at 1 s
+(a default argument, no flag or env var); a reply is visible before its SuperNode finished pushing its
+objects, so the ServerApp usually waits that 1 s per round trip. `shorter_pull_backoff` binds 0.1 s
+(cap 2 s) into the function `http_grid` calls, as `simulations/deploy/supernode_launcher.py` does on the
+SuperNode; it checks the signature first and refuses a changed flwr (`FEDSHOP_GRID_PULL_BACKOFF=1` keeps
+Flower's).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 import sys
 import time
 from collections.abc import Iterable
+from types import ModuleType
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from server.delegating_grid import DelegatingGrid
 from shared.timing_log import record
+from shared.wire_pack import PackError, pack, unpack
 
 POLL_ENV = "FEDSHOP_GRID_POLL_INTERVAL"
 DEFAULT_POLL_INTERVAL = 0.1  # what Flower's own InMemoryGrid (simulation) uses
+PACK_ENV = "FEDSHOP_PACK_ARRAYS"
+PULL_BACKOFF_ENV = "FEDSHOP_GRID_PULL_BACKOFF"  # first wait (s) for a reply object not pushed yet; Flower's 1 s
+DEFAULT_PULL_BACKOFF, PULL_BACKOFF_CAP = 0.1, 2.0
+
+
+def shorter_pull_backoff(module: ModuleType, initial: float, cap: float = PULL_BACKOFF_CAP) -> None:
+    """Make ``module``'s calls of ``pull_objects`` retry a missing object after ``initial`` s (doubling to ``cap``).
+
+    RuntimeError naming the fix when flwr's ``pull_objects`` no longer takes those arguments.
+    """
+    original = getattr(module, "pull_objects", None)
+    original = getattr(original, "func", original)  # already bound: rebind the original
+    if original is None or not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(original).parameters):
+        raise RuntimeError(f"{module.__name__}.pull_objects changed: this flwr version is not the one fedshop was "
+                           f"built on. Fix: install flwr==1.42.0 or set {PULL_BACKOFF_ENV}=1")
+    module.pull_objects = functools.partial(original, initial_backoff=initial, backoff_cap=max(cap, initial))
+
+
+def pull_backoff(environ: dict[str, str] | None = None) -> float:
+    """$FEDSHOP_GRID_PULL_BACKOFF in seconds (default 0.1; 1 = Flower's own), validated."""
+    raw = (os.environ if environ is None else environ).get(PULL_BACKOFF_ENV, "") or str(DEFAULT_PULL_BACKOFF)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0.01 <= value <= 10.0:
+        raise ValueError(f"{PULL_BACKOFF_ENV}={raw!r}: must be seconds between 0.01 and 10. Fix: unset it "
+                         f"(default {DEFAULT_PULL_BACKOFF}) or set 1 for Flower's back-off")
+    return value
+
+
+def packing_enabled(environ: dict[str, str] | None = None) -> bool:
+    """Whether to pack messages' Arrays ($FEDSHOP_PACK_ARRAYS: "1" default, "0" = Flower's one object each)."""
+    raw = (os.environ if environ is None else environ).get(PACK_ENV, "1").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"{PACK_ENV}={raw!r}: must be 1 (pack, the default) or 0. Fix: unset it or set 0 or 1")
+    return raw == "1"
 
 
 def poll_interval(environ: dict[str, str] | None = None) -> float:
@@ -46,19 +98,47 @@ def _timing(event: dict) -> None:
 class PollingGrid(DelegatingGrid):
     """Delegates everything to ``inner``; `send_and_receive` pulls every ``interval`` seconds."""
 
-    def __init__(self, inner: Grid, interval: float) -> None:
+    def __init__(self, inner: Grid, interval: float, packed: bool = False) -> None:
         super().__init__(inner)
         self.interval = interval
+        self.packed = packed
+
+    def _push(self, messages: Iterable[Message]) -> set[str]:
+        """Push, packing each message's content for the transport; the callers' messages are left as they were."""
+        if not self.packed:
+            return set(self.push_messages(messages))
+        messages = list(messages)
+        originals = [msg.content if msg.has_content() else None for msg in messages]
+        for msg, content in zip(messages, originals, strict=True):
+            if content is not None:
+                msg.content = pack(content)
+        try:
+            return set(self.push_messages(messages))
+        finally:
+            for msg, content in zip(messages, originals, strict=True):
+                if content is not None:
+                    msg.content = content
+
+    @staticmethod
+    def _unpacked(msg: Message) -> Message:
+        if msg.has_content():
+            try:
+                msg.content = unpack(msg.content)
+            except PackError as err:  # left packed: the strategy finds no encoder arrays and leaves the shop out
+                print(f"fedshop: reply from node {msg.metadata.src_node_id}: {err}", file=sys.stderr)
+        return msg
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull replies until all arrived or ``timeout`` seconds passed."""
         pushed = time.time()
-        pending = set(self.push_messages(messages))
+        pending = self._push(messages)
         _timing({"event": "push", "n": len(pending), "start": pushed, "end": time.time()})
         end = time.monotonic() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
         while timeout is None or time.monotonic() < end:
             got = list(self.pull_messages(pending))
+            if self.packed:
+                got = [self._unpacked(msg) for msg in got]
             for msg in got:
                 _timing({"event": "reply", "type": msg.metadata.message_type, "round": msg.metadata.group_id,
                          "at": time.time(), "error": msg.has_error()})
@@ -75,4 +155,7 @@ def faster_polling(grid: Grid, environ: dict[str, str] | None = None) -> Grid:
     http_grid = sys.modules.get("flwr.superlink.grid.http_grid")  # loaded by the deployment runtime only
     if http_grid is None or not isinstance(grid, http_grid.HttpGrid):
         return grid
-    return PollingGrid(grid, poll_interval(environ))
+    backoff = pull_backoff(environ)
+    if backoff != 1.0:  # 1 = Flower's own back-off, left untouched
+        shorter_pull_backoff(http_grid, backoff)
+    return PollingGrid(grid, poll_interval(environ), packing_enabled(environ))
