@@ -18,7 +18,6 @@ downloads only what changed since. Another base is refused (error reply; the nex
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ from shared.protocol import (
     WIRE_PATCH,
     WIRE_RECORD,
 )
+from shared.settings import ShopRoundSettings
 
 HELD_RECORD = "fedshop.held-global"  # ArrayRecord in context.state: the last global this shop decoded
 HELD_META = "fedshop.held-global-meta"  # ConfigRecord in context.state: {"digest": ...}
@@ -48,13 +48,13 @@ logger = logging.getLogger(__name__)
 _INITIAL: dict[str, tuple[str, dict[str, np.ndarray]]] = {}  # configs + seed -> (digest, arrays), last one
 
 
-def initial_global(context: Context, config: dict[str, Any]) -> tuple[str, dict[str, np.ndarray]]:
+def initial_global(context: Context, settings: ShopRoundSettings) -> tuple[str, dict[str, np.ndarray]]:
     """(digest, arrays) of the run's initial encoder, rebuilt from this shop's scenario and seed.
 
     The same function the coordinator starts from (`shared.model.initial_encoder_state`); built under
     `fork_rng` so the shop's torch RNG stream is the same as without compression, and kept per process.
     """
-    scenario = resolve_shop(context, config).scenario
+    scenario = resolve_shop(context, settings).scenario
     key = repr((scenario.model, scenario.features, scenario.seed))
     if key not in _INITIAL:
         with torch.random.fork_rng(devices=[]):
@@ -75,7 +75,7 @@ def held_global(context: Context) -> tuple[str, dict[str, np.ndarray]] | None:
     return str(context.state.config_records[HELD_META]["digest"]), arrays
 
 
-def _received(arrays: ArrayRecord, wire: dict, context: Context, config: dict[str, Any]) -> dict[str, np.ndarray]:
+def _received(arrays: ArrayRecord, wire: dict, context: Context, settings: ShopRoundSettings) -> dict[str, np.ndarray]:
     """The dense global encoder a request stands for (CompressionError when it cannot be rebuilt)."""
     how = str(wire.get("encoder", FULL))
     encoder = {k: a.numpy() for k, a in arrays.items() if not k.startswith(LOCAL_PREFIX)}
@@ -91,7 +91,7 @@ def _received(arrays: ArrayRecord, wire: dict, context: Context, config: dict[st
             raise CompressionError(f"unknown encoder form '{how}'")
         base = str(wire.get("base", ""))
         if held is None or held[0] != base:
-            start = initial_global(context, config)
+            start = initial_global(context, settings)
             if start[0] != base:
                 raise CompressionError(f"the patch is against global {base}; this shop holds "
                                        f"{held[0] if held else 'none'} and its initial encoder is {start[0]} "
@@ -109,10 +109,10 @@ def wire_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         return call_next(msg, context)
     wire = dict(msg.content.config_records[WIRE_RECORD])
     arrays = next(iter(msg.content.array_records.values()), ArrayRecord())
-    config = {**dict(context.run_config), **{k: v for name, record in msg.content.config_records.items()
-                                             if name != WIRE_RECORD for k, v in record.items()}}
+    sent = {k: v for name, record in msg.content.config_records.items() if name != WIRE_RECORD
+            for k, v in record.items()}
     try:
-        encoder = _received(arrays, wire, context, config)
+        encoder = _received(arrays, wire, context, ShopRoundSettings.from_message(dict(context.run_config), sent))
     except Exception as exc:  # whatever the bytes are, the shop answers with an error, never a crash
         logger.error("cannot decode the coordinator's encoder: %s", exc)
         return Message(Error(code=ERROR_CODE_BLOCKED, reason=f"{UNDECODABLE}: {exc}"), reply_to=msg)

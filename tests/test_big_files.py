@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from client import local_state
 from shared.datasets.movielens import read_delimited
 from shared.schema import MAX_FILE_MB_ENV, ShopDataError, load_shop_dir
+from shared.settings import ShopRoundSettings
 from simulations.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +82,8 @@ def test_a_shops_onboarding_in_the_clientapp_refuses_it_in_bounded_memory(big_sh
     local_state.forget_shops()
     context = Context(run_id=1, node_id=1, node_config={"shop-dir": str(big_shop), "state-dir": str(tmp_path / "st")},
                       state=RecordDict(), run_config={})
-    err, peak = _traced_peak(lambda: local_state.resolve_shop(context, {"scenario": "default"}))
+    settings = ShopRoundSettings.from_message({}, {"scenario": "default"})
+    err, peak = _traced_peak(lambda: local_state.resolve_shop(context, settings))
     assert err.file.endswith("interactions.csv") and "above the 512 MB limit" in err.problem
     assert peak < MAX_TRACED, f"{peak / 2**20:.0f} MB traced"
 

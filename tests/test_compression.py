@@ -24,6 +24,7 @@ from shared.compression import (
     encode_patch,
 )
 from shared.scenario import load_scenario
+from shared.settings import ShopRoundSettings
 
 FP16_REL = 2.0**-10  # float16 keeps 11 significant bits: rounding error <= 2^-11 of the value
 
@@ -200,7 +201,7 @@ def test_a_shop_that_lost_its_global_is_left_out_then_patched_from_the_initial(s
 
 def test_a_shop_rebuilds_the_coordinators_initial_encoder_without_touching_its_rng(scenario_file):
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    config = {"scenario": str(scenario_file)}
+    config = ShopRoundSettings.from_message({}, {"scenario": str(scenario_file)})
     torch.manual_seed(123)
     before = torch.get_rng_state()
     rebuilt, arrays = wire_mod.initial_global(context, config)

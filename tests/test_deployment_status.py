@@ -224,7 +224,7 @@ def test_the_deployment_scenario_the_docs_run_is_shipped_and_builds_a_run_config
     docs = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
     assert "fedshop coordinator run shops --home coord" in docs
     scenario = load_scenario("shops")  # built in: it travels inside the FAB to every merchant
-    assert scenario.data == {"source": "shop-dirs", "paths": []} and scenario.late_joiners == []
+    assert scenario.data["source"] == "shop-dirs" and scenario.data["paths"] == [] and scenario.late_joiners == []
     assert scenario.model == load_scenario("default").model
     config = deployment_run_config(scenario, "shops", tmp_path, rounds=5, extra={"round-timeout": 300.0})
     assert config["scenario"] == "shops" and config["num-server-rounds"] == 5 and config["round-timeout"] == 300.0
