@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,7 +162,12 @@ def test_simulate_through_a_pipe_prints_progress_lines_and_a_verdict_not_flowers
                          env={**env, "PYTHONPATH": str(REPO), "FLWR_TELEMETRY_ENABLED": "0"}, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout + out.stderr
-    lines = [line for line in text.splitlines() if line.strip()]
+    # Ray 2.55 workers sometimes abort in their own teardown under load (abseil "UnlockSlow is confused",
+    # SIGABRT, after the run's result is written; seen in CI 2026-12-05): that upstream dump is not
+    # fedshop's or Flower's log, so an aborted worker's lines are left out of the count (and only those).
+    aborted = set(re.findall(r"\(pid=(\d+)\)[^\n]*SIGABRT received", text))
+    lines = [line for line in text.splitlines()
+             if line.strip() and not any(f"(pid={pid})" in line for pid in aborted)]
     assert len(lines) < 20, text  # was ~250 lines for two rounds: Flower's log, every line twice
     assert "INFO" not in text and "DEPRECATED" not in text and "ClientAppActor" not in text, text
     assert "rounds done 1/2 (elapsed" in text and "ETA" in text and "rounds done 2/2" in text

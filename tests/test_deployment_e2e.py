@@ -125,7 +125,7 @@ def _side_checks(federation: LoopbackFederation, result: dict) -> None:
         "coordinator", "run", str(federation.root / "tiny.toml"), "--home", federation.coordinator.home,
         "--runs-dir", str(federation.root / "runs" / "failing"), "--rounds", "1",
         # every shop raises in round 1 (a bad strategy name is now refused before submitting: settings schema)
-        "-c", "fault-inject=error:0,error:1", "-c", "max-short-rounds=0"])
+        "-c", "fault-inject=error:0,error:1,error:2", "-c", "max-short-rounds=0"])
 
 
 @pytest.mark.slow
