@@ -9,16 +9,34 @@ load-sensitive figure). With ``--dense`` every measurement is paired with one of
 taken right before it, and the table gives the sparse/dense ratio from the same run.
 Prints a Rich table and writes benchmarks/results/local_throughput.json atomically.
 
+With ``--baseline-ref REF`` the comparison is against another commit's trainer instead: REF is exported
+(`git archive`) to a temporary directory and every measurement runs in a child process
+(benchmarks/throughput_child.py) with PYTHONPATH at that export (baseline arm) or at this tree (current
+arm), ``--repeats`` times in mirrored order (B C C B ...), so the current/baseline ratio of examples per
+CPU-second comes from one run; ``--auc-seeds`` then trains both arms for test CTR AUC. ``--profile``
+prints the current trainer's top cumulative functions (cProfile).
+
     .venv/bin/python benchmarks/local_throughput.py [--steps 300] [--warmup 10] [--threads 1 2] [--dense]
+    .venv/bin/python benchmarks/local_throughput.py --baseline-ref 9b60ed7 --repeats 4 --auc-seeds 3
+    .venv/bin/python benchmarks/local_throughput.py --profile --mixes ctr
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
 import platform
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -28,42 +46,25 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.atomic import atomic_write_text
-from shared.features import ShopTensors, build_shop_tensors
+from shared.features import ShopTensors
 from shared.model import build_model
 from shared.scenario import Scenario, load_scenario
 from shared.train import evaluate_shop, train_shop
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the child module, also when loaded by file path
+from throughput_child import largest_shop, rows_per_step  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "local_throughput.json"
+BASELINE_RESULT = ROOT / "benchmarks" / "results" / "local_throughput_vs_baseline.json"
+CHILD = Path(__file__).resolve().parent / "throughput_child.py"
+ARMS = ("baseline", "current")
 MIXES: dict[str, list[str]] = {
     "ctr": ["ctr"],
     "ctr+cvr": ["ctr", "cvr"],
     "ctr+cvr+ranking": ["ctr", "cvr", "ranking"],
     "all four": ["ctr", "cvr", "ranking", "sales"],
 }
-
-
-def rows_per_step(tensors: ShopTensors, tasks: list[str], batch_size: int) -> int:
-    """Training rows one optimiser step reads: a batch from each source the tasks draw on.
-
-    Impressions feed CTR and CVR together, clicked rows feed ranking, sales rows feed sales (see
-    shared/train.py); a source smaller than the batch contributes all its rows.
-    """
-    train = tensors.rows["train"]
-    sizes = {}
-    if {"ctr", "cvr"} & set(tasks):
-        sizes["impressions"] = int(train["user"].shape[0])
-    if "ranking" in tasks:
-        sizes["positives"] = int((train["clicked"] == 1).sum())
-    if "sales" in tasks and tensors.sales is not None:
-        sizes["sales"] = int(tensors.sales["train"]["item"].shape[0])
-    return sum(min(batch_size, n) for n in sizes.values())
-
-
-def largest_shop(scenario: Scenario) -> tuple[str, ShopTensors]:
-    """The training shop with the most interaction rows, as cached tensors."""
-    shop = max(scenario.training_shops(), key=lambda s: len(s.interactions))
-    return shop.name, build_shop_tensors(shop, scenario.features)
 
 
 def measure(scenario: Scenario, tensors: ShopTensors, tasks: list[str], threads: int, steps: int,
@@ -126,6 +127,156 @@ def speedups(results: list[dict[str, Any]]) -> dict[str, float]:
             if path == "sparse" and (m, t, "dense") in by}
 
 
+def mirrored_order(repeats: int) -> list[str]:
+    """Arm order for ``repeats`` pairs: baseline, current, then current, baseline, ... (B C C B B C ...).
+
+    Mirroring cancels a linear drift in machine load between the arms over every two pairs.
+    """
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1; got {repeats}")
+    return [arm for r in range(repeats) for arm in (ARMS if r % 2 == 0 else ARMS[::-1])]
+
+
+def arm_ratios(results: list[dict[str, Any]], key: str = "examples_per_cpu_s") -> dict[str, dict[str, Any]]:
+    """Per "mix|threads": mean ``key`` of each arm, current/baseline ratio of the means and the per-repeat ratios.
+
+    ``results`` entries carry ``mix``, ``threads``, ``arm`` (baseline | current), ``repeat`` and ``key``.
+    """
+    groups: dict[str, dict[str, dict[int, float]]] = {}
+    for r in results:
+        groups.setdefault(f"{r['mix']}|{r['threads']}", {}).setdefault(r["arm"], {})[r["repeat"]] = r[key]
+    out = {}
+    for label, arms in groups.items():
+        if not all(a in arms for a in ARMS):
+            continue
+        base, cur = arms["baseline"], arms["current"]
+        mean_b, mean_c = sum(base.values()) / len(base), sum(cur.values()) / len(cur)
+        paired = [cur[k] / base[k] for k in sorted(base) if k in cur]
+        out[label] = {"baseline_mean": mean_b, "current_mean": mean_c, "ratio": mean_c / mean_b,
+                      "ratio_min": min(paired), "ratio_max": max(paired), "pairs": paired}
+    return out
+
+
+def child_json(stdout: str) -> dict[str, Any]:
+    """The JSON object a child printed last on stdout (earlier lines may be library chatter)."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"throughput_child printed no JSON result; its stdout ended with: {stdout[-500:]!r}")
+
+
+@contextmanager
+def exported_tree(ref: str) -> Iterator[tuple[Path, str]]:
+    """A temporary export of ``ref`` (git archive) and its full commit hash; removed on exit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout.strip()
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"--baseline-ref {ref!r} is not a commit in {ROOT}: {exc.stderr.strip()}") from None
+    tmp = Path(tempfile.mkdtemp(prefix="fedshop-baseline-"))
+    try:
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        yield tmp, commit
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_child(tree: Path, args: list[str]) -> dict[str, Any]:
+    """Run benchmarks/throughput_child.py with ``tree`` first on PYTHONPATH (its `shared`), return its JSON."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, str(CHILD), *args], cwd=tree, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"throughput_child failed in {tree} (exit {proc.returncode}) for {args}:\n"
+                           f"{proc.stderr[-2000:]}")
+    return child_json(proc.stdout)
+
+
+def compare_to_baseline(args: argparse.Namespace, console: Console) -> None:
+    """Current vs ``args.baseline_ref`` trainer, each measurement in a child process, mirrored order."""
+    out = args.out if args.out != RESULT else BASELINE_RESULT
+    with exported_tree(args.baseline_ref) as (base_tree, commit):
+        trees = {"baseline": base_tree, "current": ROOT}
+        report: dict[str, Any] = {
+            "benchmark": "local_throughput_vs_baseline", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "scenario": args.scenario, "baseline_ref": args.baseline_ref, "baseline_commit": commit,
+            "current_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                             text=True).stdout.strip(),
+            "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+            "order": mirrored_order(args.repeats),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                        "loadavg_at_start": list(os.getloadavg())},
+            "note": "examples per CPU-second = steps x rows per step / process CPU seconds of the timed steps, "
+                    "each arm in its own process; ratio = current mean / baseline mean",
+            "results": [],
+        }
+        for threads in args.threads:
+            for label in args.mixes:
+                for rep, arm in enumerate(report["order"]):
+                    console.print(f"[dim]{label}, {threads} thread(s), {arm}, repeat {rep // 2}: "
+                                  f"{args.steps} steps ...[/dim]")
+                    res = run_child(trees[arm], ["throughput", "--scenario", args.scenario, "--tasks", *MIXES[label],
+                                                 "--threads", str(threads), "--steps", str(args.steps),
+                                                 "--warmup", str(args.warmup)])
+                    report["results"].append({"mix": label, "arm": arm, "repeat": rep // 2, **res})
+                    atomic_write_text(out, json.dumps(report, indent=2))
+        report["ratios_cpu"] = arm_ratios(report["results"])
+        report["ratios_wall"] = arm_ratios(report["results"], "examples_per_s")
+        if args.auc_seeds:
+            aucs: dict[str, dict[int, float]] = {arm: {} for arm in ARMS}
+            for seed in range(args.auc_seeds):
+                for arm in (ARMS if seed % 2 == 0 else ARMS[::-1]):
+                    console.print(f"[dim]CTR AUC, seed {seed}, {arm}, {args.auc_epochs} epochs ...[/dim]")
+                    res = run_child(trees[arm], ["auc", "--scenario", args.scenario, "--seed", str(seed),
+                                                 "--epochs", str(args.auc_epochs)])
+                    aucs[arm][seed] = res["test_auc"]
+            report["ctr_auc"] = {"epochs": args.auc_epochs, "seeds": list(range(args.auc_seeds)),
+                                 **{arm: [v[s] for s in sorted(v)] for arm, v in aucs.items()},
+                                 **{f"{arm}_mean_sd": _mean_sd(list(v.values())) for arm, v in aucs.items()},
+                                 "diff_per_seed": [aucs["current"][s] - aucs["baseline"][s]
+                                                   for s in sorted(aucs["current"])]}
+        report["machine"]["loadavg_at_end"] = list(os.getloadavg())
+        atomic_write_text(out, json.dumps(report, indent=2))
+
+    table = Table(title=f"Local training vs {args.baseline_ref} ({commit[:9]}), examples per CPU-second, "
+                        f"{args.repeats} repeat(s) per arm")
+    for col in ("tasks", "threads", "baseline ex/CPU-s", "current ex/CPU-s", "x baseline (CPU)", "per-repeat x",
+                "x baseline (wall)", "load (1 min)"):
+        table.add_column(col, justify="left" if col == "tasks" else "right")
+    for key, r in report["ratios_cpu"].items():
+        mix, threads = key.split("|")
+        loads = [x["loadavg_before"][0] for x in report["results"] if x["mix"] == mix and str(x["threads"]) == threads]
+        table.add_row(mix, threads, f"{r['baseline_mean']:,.0f}", f"{r['current_mean']:,.0f}", f"{r['ratio']:.2f}",
+                      f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", f"{report['ratios_wall'][key]['ratio']:.2f}",
+                      f"{min(loads):.1f}-{max(loads):.1f}")
+    console.print(table)
+    if "ctr_auc" in report:
+        a = report["ctr_auc"]
+        for arm in ARMS:
+            mean, sd = a[f"{arm}_mean_sd"]
+            console.print(f"test CTR AUC, {arm}, {a['epochs']} epochs, seeds {a['seeds']}: {mean:.4f} +- {sd:.4f} "
+                          f"{[round(x, 4) for x in a[arm]]}")
+    console.print(f"wrote {out}")
+
+
+def profile_current(scenario: Scenario, tensors: ShopTensors, tasks: list[str], steps: int, warmup: int,
+                    top: int = 25) -> str:
+    """cProfile of ``steps`` steps of the current trainer (one thread): the ``top`` functions by cumulative time."""
+    torch.set_num_threads(1)
+    shop = replace(tensors, tasks=list(tasks))
+    model = build_model(shop, scenario.model, scenario.features, seed=scenario.seed)
+    cfg = replace(scenario.train, epochs=10_000, seed=scenario.seed)
+    train_shop(model, shop, replace(cfg, max_steps=warmup))
+    prof = cProfile.Profile()
+    prof.enable()
+    train_shop(model, shop, replace(cfg, max_steps=steps))
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
+    return buf.getvalue()
+
+
 def main() -> None:
     """Run every task mix at every thread count, print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,10 +292,28 @@ def main() -> None:
                         help="also train the largest shop alone on this many seeds, sparse and dense, and "
                              "report test CTR AUC mean +- sd (0 = skip)")
     parser.add_argument("--auc-epochs", type=int, default=6, help="local epochs per AUC run")
+    parser.add_argument("--baseline-ref", metavar="REF",
+                        help="compare with this commit's trainer (each arm in a child process) instead of --dense")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="with --baseline-ref: measurements per arm, in mirrored order (default 2: B C C B)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the current trainer's top cumulative functions (cProfile) for each mix, then exit")
     parser.add_argument("--out", type=Path, default=RESULT, help="JSON result path")
     args = parser.parse_args()
 
     console = Console()
+    if args.baseline_ref:
+        if args.repeats < 1:
+            parser.error(f"--repeats must be at least 1; got {args.repeats}")
+        compare_to_baseline(args, console)
+        return
+    if args.profile:
+        scenario = load_scenario(args.scenario)
+        _, tensors = largest_shop(scenario)
+        for label in args.mixes:
+            console.print(f"[bold]{label}[/bold]: {args.steps} steps, 1 thread")
+            print(profile_current(scenario, tensors, MIXES[label], args.steps, args.warmup))
+        return
     scenario = load_scenario(args.scenario)
     start_load = os.getloadavg()
     name, tensors = largest_shop(scenario)
