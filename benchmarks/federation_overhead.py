@@ -256,11 +256,20 @@ def print_results(res: dict[str, Any]) -> None:
         table.add_row(str(i), a["arm"], f"{a['steady']['cpu_s']:.1f}", f"{a['steady']['wall_s']:.1f}",
                       f"{a['whole']['cpu_s']:.1f}", f"{a['whole']['wall_s']:.1f}", str(a["peak_processes"]),
                       f"{a['load_before']:.1f}")
-    ratios = res["summary"]["ratios"]
-    for key, value in ratios.items():
-        table.add_row("", f"ratio {key.removesuffix('_s')}", "" if value is None else f"{value:.2f}x",
-                      "", "", "", "", "")
     Console().print(table)
+    summary = res["summary"]
+    ratios = Table(title=f"{res['engine']} / central (target <= 1.1)")
+    for col in ("ratio", "mean of runs", *[f"pair {i}" for i in range(1, len(summary["pairs"]) + 1)]):
+        ratios.add_column(col, justify="left" if col == "ratio" else "right")
+    for key, pair_key in (("steady_cpu_s", "steady_cpu"), ("whole_cpu_s", "whole_cpu"),
+                          ("steady_wall_s", None), ("whole_wall_s", "whole_wall")):
+        cells = [_fmt(summary["ratios"][key])] + [_fmt(p[pair_key]) if pair_key else "" for p in summary["pairs"]]
+        ratios.add_row(key.removesuffix("_s").replace("_", " "), *cells)
+    Console().print(ratios)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
