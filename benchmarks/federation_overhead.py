@@ -237,7 +237,10 @@ def measure_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     out.unlink()
     rounds = round_deltas(tuple(child["start"]), [tuple(m) for m in child["marks"]])
     return {"arm": arm, "rounds": rounds, "steady": steady_state(rounds), "whole": {"wall_s": wall, "cpu_s": cpu},
-            "in_child": {"wall_s": child["end"][0], "tree_cpu_s": child["end"][1] - child["start"][1]},
+            # The child's own /proc view: wall to its end, tree CPU up to its last round end (Ray's processes are
+            # gone by the child's exit, so its end figure misses them; "whole" counts them via the subreaper).
+            "in_child": {"wall_s": child["end"][0],
+                         "tree_cpu_to_last_round_s": (child["marks"] or [child["end"]])[-1][1] - child["start"][1]},
             "peak_processes": child["peak_processes"], "omp_wait_policy": child["omp_wait_policy"],
             "load_before": load, "load_after": os.getloadavg()[0], "lingering_killed": lingering}
 
