@@ -53,21 +53,34 @@ def median_cpu(code: str, repeats: int, env: dict[str, str] | None = None) -> fl
 def ray_background(idle_s: float) -> dict[str, float]:
     """CPU of starting Ray the way `run_federated` does, of ``idle_s`` idle seconds, and of shutting it down."""
     sys.path.insert(0, str(ROOT))
+    from simulations.ray_auth import require_ray_token
+
+    require_ray_token()  # before Ray is imported: it reads its auth mode at import
     import ray
 
     from simulations.federated import backend_config
-    from simulations.ray_auth import require_ray_token
 
-    require_ray_token()
     own0, tree0 = time.process_time(), overhead.tree_cpu()[0]
     ray.init(**backend_config()["init_args"], logging_level="ERROR", log_to_driver=False)
     tree1, count = overhead.tree_cpu()
     time.sleep(idle_s)
     tree2, _ = overhead.tree_cpu()
+
+    @ray.remote(num_cpus=1)
+    class Shop:
+        def ready(self) -> bool:
+            import client.client_app  # noqa: F401 - what a simulated shop's actor imports first
+
+            return True
+
+    actors = [Shop.remote() for _ in range(int(backend_config()["init_args"]["num_cpus"]))]
+    ray.get([a.ready.remote() for a in actors])
+    tree3, _ = overhead.tree_cpu()
     ray.shutdown()
     time.sleep(2)
     return {"start_cpu_s": tree1 - tree0, "idle_cpu_s": tree2 - tree1, "idle_s": idle_s,
             "idle_cpu_per_s": (tree2 - tree1) / idle_s, "processes": count,
+            "actors": len(actors), "actors_start_and_import_cpu_s": tree3 - tree2,
             "driver_cpu_s": time.process_time() - own0}
 
 
@@ -79,18 +92,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--idle", type=float, default=20.0, help="seconds Ray runs idle")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as run_federated sets it
     load0 = os.getloadavg()[0]
     bare = median_cpu("pass", args.repeats)
     imports = median_cpu("import simulations, client.client_app", args.repeats)
+    driver_ray = median_cpu("import simulations, client.client_app, flwr.simulation", args.repeats)
     world = median_cpu(f"import simulations, client.client_app; from shared.scenario import load_scenario; "
                        f"load_scenario({args.scenario!r}).shops()", args.repeats, {"FEDSHOP_WORLD_CACHE": "0"})
     ray_bg = ray_background(args.idle)
     actors = os.cpu_count() or 1
     res: dict[str, Any] = {"scenario": args.scenario, "cpus": os.cpu_count(), "load_start": load0,
                            "interpreter_cpu_s": bare, "worker_imports_cpu_s": imports,
-                           "world_build_cpu_s": world - imports, "ray": ray_bg, "actors": actors}
+                           "world_build_cpu_s": world - imports,
+                           "driver_ray_flwr_sim_import_cpu_s": driver_ray - imports,
+                           "ray": ray_bg, "actors": actors}
     res["expected_extra_cpu_s"] = {
         "actor_imports": actors * (imports - bare),
+        "actors_start_and_imports_in_ray": ray_bg["actors_start_and_import_cpu_s"],
+        "driver_imports_ray_and_flwr_simulation": driver_ray - imports,
         "ray_start": ray_bg["start_cpu_s"],
         "world_per_actor_without_sharing": actors * (world - imports)}
     ray_json = RESULTS / "federation_overhead_ray.json"
@@ -110,7 +129,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table.add_column("CPU s", justify="right")
     rows = [("python start (`pass`)", bare), ("worker imports (simulations, client_app), per process", imports),
             ("building the world in one process (now shared)", world - imports),
+            ("driver: importing flwr.simulation (and Ray) on top", driver_ray - imports),
             ("ray.init (raylet, GCS, helpers)", ray_bg["start_cpu_s"]),
+            (f"{ray_bg['actors']} Ray actors started, each importing client_app",
+             ray_bg["actors_start_and_import_cpu_s"]),
             (f"Ray idle background per second ({ray_bg['processes']} processes)", ray_bg["idle_cpu_per_s"])]
     if "measured_ray_run" in res:
         m = res["measured_ray_run"]
