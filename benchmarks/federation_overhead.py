@@ -11,8 +11,10 @@ so a load that rises or falls during the benchmark hits both arms alike. CPU is 
 tree's: the child reports, at every round end, the CPU of itself and every live descendant from
 /proc (Ray's raylet, GCS and workers included); the whole-run CPU is what the parent collects from
 the child and every descendant (the parent is a child subreaper, so orphaned Ray processes are
-reaped and counted too). Reported: steady-state (per round, median of rounds 2..n) and whole-run
-CPU and wall, and the federated / centralised ratios (target: at most 1.1).
+reaped and counted too), or, if larger, the peak of its own /proc samples of its descendants every
+0.5 s (once a Ray run's rusage came out below its own round-end /proc figure: a process escaped).
+Reported: steady-state (per round, median of rounds 2..n) and whole-run CPU and wall, and the
+federated / centralised ratios (target: at most 1.1).
 
     .venv/bin/python benchmarks/federation_overhead.py [--engine ray|pool] [--rounds 3] [--repeats 1]
                                                         [--scenario default] [--set k=v ...]
@@ -200,6 +202,12 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _descendants_cpu() -> float:
+    """CPU of this process's live descendants plus the children it reaped (its tree minus itself)."""
+    own = os.times()
+    return tree_cpu()[0] - (own.user + own.system)
+
+
 def _reap_orphans(timeout: float = 30.0) -> list[int]:
     """Reap descendants re-parented to this subreaper; after ``timeout`` s terminate the rest by pid."""
     deadline, lingering = time.monotonic() + timeout, []
@@ -226,17 +234,27 @@ def measure_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
            "--scenario", args.scenario, "--central-threads", str(args.central_threads),
            *[f"--set={o}" for o in args.overrides]]
     load = os.getloadavg()[0]
-    cpu0, t0 = _children_cpu(), time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    lingering = _reap_orphans()
-    cpu = _children_cpu() - cpu0
+    cpu0, t0, sampled0 = _children_cpu(), time.perf_counter(), _descendants_cpu()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+        peak_sampled = 0.0
+        while proc.poll() is None:  # /proc view of every descendant, in case one escapes the subreaper
+            peak_sampled = max(peak_sampled, _descendants_cpu() - sampled0)
+            time.sleep(0.5)
+        wall = time.perf_counter() - t0
+        lingering = _reap_orphans()
+        err.seek(0)
+        stderr = err.read()
+    rusage_cpu = _children_cpu() - cpu0
+    cpu = max(rusage_cpu, peak_sampled)
     if proc.returncode != 0:
-        raise SystemExit(f"arm {arm} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"arm {arm} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     child = json.loads(out.read_text())
     out.unlink()
     rounds = round_deltas(tuple(child["start"]), [tuple(m) for m in child["marks"]])
-    return {"arm": arm, "rounds": rounds, "steady": steady_state(rounds), "whole": {"wall_s": wall, "cpu_s": cpu},
+    return {"arm": arm, "rounds": rounds, "steady": steady_state(rounds),
+            "whole": {"wall_s": wall, "cpu_s": cpu, "rusage_cpu_s": rusage_cpu, "peak_sampled_cpu_s": peak_sampled},
             # The child's own /proc view: wall to its end, tree CPU up to its last round end (Ray's processes are
             # gone by the child's exit, so its end figure misses them; "whole" counts them via the subreaper).
             "in_child": {"wall_s": child["end"][0],
