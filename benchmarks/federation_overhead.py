@@ -1,226 +1,335 @@
-"""What federating costs: fedshop on Flower's simulation engine vs centralized training in one process.
+"""What federating costs: the same training, centralised in one process vs federated (Ray or pool engine).
 
-Measures (1) wall time of a fedshop simulation against one process training a model on the same
-shops' pooled examples for the same epochs (rounds x local epochs), with the same per-epoch
-evaluation; (2) a per-round breakdown: local compute (each shop's training and evaluation, timed
-in-process the way the ClientApp runs them, one thread), serialisation (the wire encoding of the
-messages, Flower's own protobuf serde), aggregation (Flower's `aggregate_arrayrecords`) and
-engine (the rest of the measured round time: Ray scheduling, message passing, client set-up);
-(3) bytes sent per shop per round, encoder only vs the whole model vs FedAvg-all.
+Both arms do the same work on the same cores: the scenario's training shops for `rounds x local_epochs`
+epochs with an evaluation after every round. Centralised: one process trains the pooled examples
+with as many torch threads as the machine has cores (`--central-threads`). Federated:
+`run_federated` with `--engine ray` (one single-threaded Ray actor per core) or `--engine pool`
+(one forked worker per core), each shop trained and evaluated in its own round.
 
-    .venv/bin/python benchmarks/federation_overhead.py [--scenario default] [--rounds 3] [--set k=v ...]
+Each arm runs in its own child process, in mirrored order (central, federated, federated, central)
+so a load that rises or falls during the benchmark hits both arms alike. CPU is the whole process
+tree's: the child reports, at every round end, the CPU of itself and every live descendant from
+/proc (Ray's raylet, GCS and workers included); the whole-run CPU is what the parent collects from
+the child and every descendant (the parent is a child subreaper, so orphaned Ray processes are
+reaped and counted too), or, if larger, the peak of its own /proc samples of its descendants every
+0.5 s (once a Ray run's rusage came out below its own round-end /proc figure: a process escaped).
+Reported: steady-state (per round, median of rounds 2..n) and whole-run CPU and wall, and the
+federated / centralised ratios (target: at most 1.1).
 
-Prints a table and writes benchmarks/results/federation_overhead.json.
+    .venv/bin/python benchmarks/federation_overhead.py [--engine ray|pool] [--rounds 3] [--repeats 1]
+                                                        [--scenario default] [--set k=v ...]
+
+Prints a table and writes benchmarks/results/federation_overhead_<engine>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import resource
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from rich.console import Console
-from rich.table import Table
-
-from shared.atomic import atomic_write_text
-from shared.features import ShopTensors, build_shop_tensors, pool_shops
-from shared.model import ShopModel, build_model
-from shared.scenario import Scenario, load_scenario
-from shared.train import evaluate_shop, train_shop
-from simulations.options import parse_overrides
-
-RESULTS = Path(__file__).resolve().parent / "results" / "federation_overhead.json"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_CHILD_SUBREAPER = 36
+CENTRAL = "central"
 
 
-def state_bytes(state: dict[str, torch.Tensor]) -> int:
-    """Raw tensor bytes of a state dict (numel x element size)."""
-    return sum(t.numel() * t.element_size() for t in state.values())
+# ---------------------------------------------------------------- pure helpers (tests/test_overhead_summary.py)
+
+def mirrored_order(a: str, b: str, repeats: int = 1) -> list[str]:
+    """The arms' run order: A B B A, ``repeats`` times, so a drifting load hits both arms alike."""
+    return [a, b, b, a] * repeats
 
 
-def wire_bytes(state: dict[str, torch.Tensor]) -> tuple[int, float, float]:
-    """(serialised bytes, seconds to serialise, seconds to deserialise) of a message carrying ``state``.
-
-    Uses Flower's own protobuf serde for a RecordDict, which is what crosses the wire in deployment.
-    """
-    start = time.perf_counter()
-    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})})
-    blob = recorddict_to_proto(content).SerializeToString()
-    encoded = time.perf_counter() - start
-    start = time.perf_counter()
-    back = recorddict_from_proto(type(recorddict_to_proto(RecordDict())).FromString(blob))
-    back["arrays"].to_torch_state_dict()
-    return len(blob), encoded, time.perf_counter() - start
+def ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``, or None when either is missing or ``den`` is not positive."""
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
 
 
-def _model(tensors: ShopTensors, scenario: Scenario) -> ShopModel:
-    return build_model(tensors, scenario.model, scenario.features, seed=scenario.seed)
-
-
-def measure_shops(scenario: Scenario) -> list[dict[str, Any]]:
-    """Per shop: one round of local training + evaluation timed in-process, and its message sizes."""
-    torch.set_num_threads(1)  # the ClientApp trains on one thread per simulated shop
-    out = []
-    for shop in scenario.training_shops():
-        start = time.perf_counter()
-        tensors = build_shop_tensors(shop, scenario.features)
-        model = _model(tensors, scenario)
-        setup = time.perf_counter() - start
-        start = time.perf_counter()
-        losses = train_shop(model, tensors, replace(scenario.train, epochs=int(scenario.federation["local_epochs"])))
-        train_s = time.perf_counter() - start
-        start = time.perf_counter()
-        evaluate_shop(model, tensors, "val")
-        eval_s = time.perf_counter() - start
-        encoder, local = model.encoder_state(), model.local_state()
-        shareable = {k: local[k] for k in model.shareable_local_keys()}
-        enc_wire, enc_ser, enc_de = wire_bytes(encoder)
-        out.append({"shop": shop.name, "small": bool(shop.meta.get("small", False)),
-                    "train_examples": int(losses["num-examples"]), "setup_s": setup, "train_s": train_s,
-                    "eval_s": eval_s, "encoder_bytes": state_bytes(encoder), "local_bytes": state_bytes(local),
-                    "whole_model_bytes": state_bytes(encoder) + state_bytes(local),
-                    "fedavg_all_bytes": state_bytes(encoder) + state_bytes(shareable),
-                    "encoder_wire_bytes": enc_wire, "serialise_s": enc_ser, "deserialise_s": enc_de,
-                    "_encoder": encoder, "_weight": float(losses["num-examples"])})
+def round_deltas(start: tuple[float, float], marks: list[tuple[float, float]]) -> list[dict[str, float]]:
+    """Per round (wall s, CPU s) from cumulative (wall, cpu) marks at each round end, starting at ``start``."""
+    out, prev = [], start
+    for mark in marks:
+        out.append({"wall_s": mark[0] - prev[0], "cpu_s": mark[1] - prev[1]})
+        prev = mark
     return out
 
 
-def measure_aggregation(shops: list[dict[str, Any]], repeats: int = 3) -> float:
-    """Seconds Flower's FedAvg aggregation takes over every shop's encoder (median of ``repeats``)."""
-    replies = [RecordDict({"arrays": ArrayRecord(s["_encoder"]),
-                           "metrics": MetricRecord({"num-examples": s["_weight"]})}) for s in shops]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        aggregate_arrayrecords(replies, "num-examples")
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def steady_state(rounds: list[dict[str, float]]) -> dict[str, float | None]:
+    """Median per-round wall and CPU over rounds 2..n (round 1 holds start-up); None with fewer than 2 rounds."""
+    later = rounds[1:]
+    if not later:
+        return {"wall_s": None, "cpu_s": None}
+    return {"wall_s": statistics.median(r["wall_s"] for r in later),
+            "cpu_s": statistics.median(r["cpu_s"] for r in later)}
 
 
-def measure_central(scenario: Scenario, epochs: int) -> dict[str, float]:
-    """Pooled training of the same shops for ``epochs`` in this process; evaluation per epoch timed apart."""
-    torch.set_num_threads(int(os.environ.get("FEDSHOP_BENCH_THREADS", torch.get_num_threads())))
-    shops = scenario.training_shops()
-    pooled, views = pool_shops(shops, scenario.features)
-    model = _model(pooled, scenario)
-    train_s = eval_s = 0.0
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        train_shop(model, pooled, replace(scenario.train, epochs=1, seed=scenario.seed * 1000 + epoch))
-        train_s += time.perf_counter() - start
-        start = time.perf_counter()
-        for view in views:
-            evaluate_shop(model, view, "val")
-        eval_s += time.perf_counter() - start
-    return {"train_s": train_s, "eval_s": eval_s, "total_s": train_s + eval_s, "threads": torch.get_num_threads()}
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.mean(kept) if kept else None
 
 
-def measure_federation(scenario: Scenario, rounds: int) -> dict[str, Any]:
-    """Wall time of a fedshop simulation and the time between consecutive round ends."""
-    from simulations.federated import backend_config, run_federated
+def summarise(arms: list[dict[str, Any]], fed_arm: str) -> dict[str, Any]:
+    """Mean steady/whole CPU and wall per arm kind and the federated / centralised ratios.
 
-    ends: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="fedshop-bench-") as tmp:
-        start = time.perf_counter()
-        run_federated(scenario, Path(tmp) / "run", method="fedshop", rounds=rounds,
-                      progress=lambda _report, _total: ends.append(time.perf_counter()))
-        wall = time.perf_counter() - start
-    round_s = [b - a for a, b in zip([start, *ends[:-1]], ends, strict=True)]
-    return {"wall_s": wall, "round_s": round_s, "first_round_s": round_s[0] if round_s else None,
-            "steady_round_s": statistics.median(round_s[1:]) if len(round_s) > 1 else None,
-            "after_last_round_s": wall - (ends[-1] - start) if ends else None,
-            "ray_cpus": backend_config()["init_args"]["num_cpus"]}
-
-
-def breakdown(shops: list[dict[str, Any]], aggregation_s: float, fed: dict[str, Any]) -> dict[str, float | None]:
-    """Per steady round: local compute on the critical path, serialisation, aggregation, and the engine rest.
-
-    Shops run ``ray_cpus`` at a time, so the compute on the critical path is the shops' summed
-    train + evaluate time divided by that parallelism (a lower bound on what the round must wait for).
+    ``arms`` are the runs in order, each with ``arm``, ``steady`` {wall_s, cpu_s} and ``whole``
+    {wall_s, cpu_s}. Also gives the ratios of each mirrored pair (runs 1-2 and 4-3 of A B B A) to
+    show how much the load moved them.
     """
-    parallel = max(1, min(int(fed["ray_cpus"]), len(shops)))
-    compute = sum(s["train_s"] + s["eval_s"] for s in shops) / parallel
-    # Each round: encoder down + up for training, down again for evaluation (3 encodings + 3 decodings per shop).
-    serialise = 3 * sum(s["serialise_s"] + s["deserialise_s"] for s in shops)
-    steady = fed["steady_round_s"] or fed["first_round_s"]
-    engine = None if steady is None else steady - compute - serialise - aggregation_s
-    return {"round_s": steady, "local_compute_s": compute, "serialisation_s": serialise,
-            "aggregation_s": aggregation_s, "engine_s": engine}
+    by_kind: dict[str, dict[str, float | None]] = {}
+    for kind in (CENTRAL, fed_arm):
+        runs = [a for a in arms if a["arm"] == kind]
+        by_kind[kind] = {f"{part}_{what}": _mean([r[part][what] for r in runs])
+                         for part in ("steady", "whole") for what in ("cpu_s", "wall_s")}
+        by_kind[kind]["runs"] = len(runs)
+    c, f = by_kind[CENTRAL], by_kind[fed_arm]
+    ratios = {key: ratio(f[key], c[key]) for key in ("steady_cpu_s", "steady_wall_s", "whole_cpu_s", "whole_wall_s")}
+    pairs = []
+    for i in range(0, len(arms) - 1, 2):
+        one, two = arms[i], arms[i + 1]
+        fed, cen = (two, one) if one["arm"] == CENTRAL else (one, two)
+        if fed["arm"] == fed_arm and cen["arm"] == CENTRAL:
+            pairs.append({"steady_cpu": ratio(fed["steady"]["cpu_s"], cen["steady"]["cpu_s"]),
+                          "whole_cpu": ratio(fed["whole"]["cpu_s"], cen["whole"]["cpu_s"]),
+                          "whole_wall": ratio(fed["whole"]["wall_s"], cen["whole"]["wall_s"])})
+    return {"arms": by_kind, "ratios": ratios, "pairs": pairs,
+            "target_met": {k: (v is not None and v <= 1.1) for k, v in ratios.items() if "cpu" in k}}
 
 
-def run(scenario: Scenario, rounds: int) -> dict[str, Any]:
-    """Every measurement of the benchmark, as a JSON-ready dict."""
-    epochs = rounds * int(scenario.federation["local_epochs"])
-    shops = measure_shops(scenario)
-    aggregation_s = measure_aggregation(shops)
-    central = measure_central(scenario, epochs)
-    fed = measure_federation(scenario, rounds)
-    for s in shops:
-        s.pop("_encoder"), s.pop("_weight")
-    return {"scenario": scenario.name, "rounds": rounds, "local_epochs": int(scenario.federation["local_epochs"]),
-            "n_shops": len(shops), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-            "federation": fed, "central": central,
-            "ratio_fed_vs_central": fed["wall_s"] / central["total_s"],
-            "ratio_fed_vs_central_train_only": fed["wall_s"] / central["train_s"],
-            "per_round": breakdown(shops, aggregation_s, fed), "shops": shops,
-            "bytes_per_shop_per_round": {
-                "encoder_up": shops[0]["encoder_bytes"], "encoder_down": 2 * shops[0]["encoder_bytes"],
-                "note": "encoder raw bytes; down = train + evaluate messages; the encoder is the same for every shop",
-                "encoder_wire": shops[0]["encoder_wire_bytes"],
-                "whole_model_mean": statistics.mean(s["whole_model_bytes"] for s in shops),
-                "fedavg_all_mean": statistics.mean(s["fedavg_all_bytes"] for s in shops)}}
+# ---------------------------------------------------------------- /proc process-tree CPU
+
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, utime + stime + cutime + cstime in seconds) for every readable process."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+        ppid = int(fields[1])
+        ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        out[int(entry)] = (ppid, ticks / CLK_TCK)
+    return out
 
 
-def print_results(console: Console, res: dict[str, Any]) -> None:
-    """Rich tables of the headline, the per-round breakdown and per-shop bytes."""
-    fed, central, per = res["federation"], res["central"], res["per_round"]
-    head = Table(title=f"federation overhead: {res['scenario']}, {res['n_shops']} shops, {res['rounds']} rounds "
-                       f"(load {res['load_avg_1m']:.1f} on {res['cpus']} CPUs)")
-    head.add_column("measure")
-    head.add_column("value", justify="right")
-    head.add_row("fedshop simulation wall (s)", f"{fed['wall_s']:.1f}")
-    head.add_row("centralized train + per-epoch eval (s)", f"{central['total_s']:.1f}")
-    head.add_row("centralized train only (s)", f"{central['train_s']:.1f}")
-    head.add_row("ratio fedshop / centralized", f"{res['ratio_fed_vs_central']:.1f}x")
-    head.add_row("first round (s)", f"{fed['first_round_s']:.1f}")
-    for key in ("round_s", "local_compute_s", "serialisation_s", "aggregation_s", "engine_s"):
-        value = per[key]
-        head.add_row(f"steady round: {key.removesuffix('_s').replace('_', ' ')} (s)",
-                     "-" if value is None else f"{value:.3f}")
-    console.print(head)
-    shops = Table(title="per shop, per round")
-    for col in ("shop", "train ex", "train s", "eval s", "encoder KB", "wire KB", "model KB", "fedavg-all KB"):
-        shops.add_column(col, justify="left" if col == "shop" else "right", no_wrap=True)
-    for s in res["shops"]:
-        shops.add_row(s["shop"] + (" (small)" if s["small"] else ""), str(s["train_examples"]), f"{s['train_s']:.2f}",
-                      f"{s['eval_s']:.2f}", f"{s['encoder_bytes'] / 1024:.0f}", f"{s['encoder_wire_bytes'] / 1024:.0f}",
-                      f"{s['whole_model_bytes'] / 1024:.0f}", f"{s['fedavg_all_bytes'] / 1024:.0f}")
-    console.print(shops)
+def tree_cpu(root: int | None = None) -> tuple[float, int]:
+    """(CPU seconds, process count) of ``root`` and its live descendants, their reaped children included."""
+    root = os.getpid() if root is None else root
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, count, todo = 0.0, 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+            count += 1
+        todo.extend(children.get(pid, []))
+    return total, count
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse arguments, run the benchmark, print and write the results."""
+# ---------------------------------------------------------------- one arm, in a child process
+
+def run_arm(arm: str, scenario_name: str, overrides: list[str], rounds: int, central_threads: int) -> dict[str, Any]:
+    """Run one arm in this process and return its cumulative (wall, tree CPU) marks at every round end."""
+    t0 = time.perf_counter()
+    start = (0.0, tree_cpu()[0])
+    marks: list[tuple[float, float]] = []
+    peak = [1]
+
+    def mark(*_args: Any) -> None:
+        cpu, count = tree_cpu()
+        peak[0] = max(peak[0], count)
+        marks.append((time.perf_counter() - t0, cpu))
+
+    sys.path.insert(0, str(ROOT))
+    from shared.scenario import load_scenario
+    from simulations.options import parse_overrides
+
+    scenario = load_scenario(scenario_name, parse_overrides(overrides))
+    if arm == CENTRAL:
+        from dataclasses import replace
+
+        import torch
+
+        from shared.features import pool_shops
+        from shared.model import build_model
+        from shared.train import evaluate_shop, train_shop
+
+        torch.set_num_threads(central_threads)
+        pooled, views = pool_shops(scenario.training_shops(), scenario.features)
+        model = build_model(pooled, scenario.model, scenario.features, seed=scenario.seed)
+        epochs = int(scenario.federation["local_epochs"])
+        for r in range(1, rounds + 1):
+            for e in range(epochs):
+                train_shop(model, pooled, replace(scenario.train, epochs=1, seed=scenario.seed * 1000 + r * epochs + e))
+            for view in views:
+                evaluate_shop(model, view, "val")
+            mark()
+    else:
+        from simulations.federated import run_federated
+
+        with tempfile.TemporaryDirectory(prefix="fedshop-overhead-") as tmp:
+            run_federated(scenario, Path(tmp) / "run", method="fedshop", rounds=rounds, engine=arm, progress=mark)
+    end_cpu, _ = tree_cpu()
+    return {"arm": arm, "start": start, "marks": marks, "end": (time.perf_counter() - t0, end_cpu),
+            "peak_processes": peak[0], "threads": central_threads if arm == CENTRAL else 1,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+
+# ---------------------------------------------------------------- the parent: mirrored arms, whole-tree CPU
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _descendants_cpu() -> float:
+    """CPU of this process's live descendants plus the children it reaped (its tree minus itself)."""
+    own = os.times()
+    return tree_cpu()[0] - (own.user + own.system)
+
+
+def _reap_orphans(timeout: float = 30.0) -> list[int]:
+    """Reap descendants re-parented to this subreaper; after ``timeout`` s terminate the rest by pid."""
+    deadline, lingering = time.monotonic() + timeout, []
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return lingering
+        if pid:
+            continue
+        if time.monotonic() > deadline:
+            lingering = [p for p, (ppid, _) in _proc_stats().items() if ppid == os.getpid()]
+            for p in lingering:
+                os.kill(p, signal.SIGTERM)
+            deadline = time.monotonic() + 3600
+        time.sleep(0.2)
+
+
+def measure_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``arm`` in a child process; its round marks plus whole-run wall and whole-tree CPU."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        out = Path(fh.name)
+    cmd = [sys.executable, __file__, "--child", arm, "--child-out", str(out), "--rounds", str(args.rounds),
+           "--scenario", args.scenario, "--central-threads", str(args.central_threads),
+           *[f"--set={o}" for o in args.overrides]]
+    load = os.getloadavg()[0]
+    cpu0, t0, sampled0 = _children_cpu(), time.perf_counter(), _descendants_cpu()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+        peak_sampled = 0.0
+        while proc.poll() is None:  # /proc view of every descendant, in case one escapes the subreaper
+            peak_sampled = max(peak_sampled, _descendants_cpu() - sampled0)
+            time.sleep(0.5)
+        wall = time.perf_counter() - t0
+        lingering = _reap_orphans()
+        err.seek(0)
+        stderr = err.read()
+    rusage_cpu = _children_cpu() - cpu0
+    cpu = max(rusage_cpu, peak_sampled)
+    if proc.returncode != 0:
+        raise SystemExit(f"arm {arm} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
+    child = json.loads(out.read_text())
+    out.unlink()
+    rounds = round_deltas(tuple(child["start"]), [tuple(m) for m in child["marks"]])
+    return {"arm": arm, "rounds": rounds, "steady": steady_state(rounds),
+            "whole": {"wall_s": wall, "cpu_s": cpu, "rusage_cpu_s": rusage_cpu, "peak_sampled_cpu_s": peak_sampled},
+            # The child's own /proc view: wall to its end, tree CPU up to its last round end (Ray's processes are
+            # gone by the child's exit, so its end figure misses them; "whole" counts them via the subreaper).
+            "in_child": {"wall_s": child["end"][0],
+                         "tree_cpu_to_last_round_s": (child["marks"] or [child["end"]])[-1][1] - child["start"][1]},
+            "peak_processes": child["peak_processes"], "omp_wait_policy": child["omp_wait_policy"],
+            "load_before": load, "load_after": os.getloadavg()[0], "lingering_killed": lingering}
+
+
+def print_results(res: dict[str, Any]) -> None:
+    """A Rich table of every run and the ratios."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"federation overhead, engine {res['engine']}: {res['scenario']}, {res['rounds']} rounds "
+                        f"(load {res['load_start']:.1f} -> {res['load_end']:.1f} on {res['cpus']} CPUs)")
+    for col in ("run", "arm", "steady CPU s/round", "steady wall s/round", "whole CPU s", "whole wall s",
+                "procs", "load"):
+        table.add_column(col, justify="left" if col in ("run", "arm") else "right")
+    for i, a in enumerate(res["runs"], 1):
+        table.add_row(str(i), a["arm"], f"{a['steady']['cpu_s']:.1f}", f"{a['steady']['wall_s']:.1f}",
+                      f"{a['whole']['cpu_s']:.1f}", f"{a['whole']['wall_s']:.1f}", str(a["peak_processes"]),
+                      f"{a['load_before']:.1f}")
+    Console().print(table)
+    summary = res["summary"]
+    ratios = Table(title=f"{res['engine']} / central (target <= 1.1)")
+    for col in ("ratio", "mean of runs", *[f"pair {i}" for i in range(1, len(summary["pairs"]) + 1)]):
+        ratios.add_column(col, justify="left" if col == "ratio" else "right")
+    for key, pair_key in (("steady_cpu_s", "steady_cpu"), ("whole_cpu_s", "whole_cpu"),
+                          ("steady_wall_s", None), ("whole_wall_s", "whole_wall")):
+        cells = [_fmt(summary["ratios"][key])] + [_fmt(p[pair_key]) if pair_key else "" for p in summary["pairs"]]
+        ratios.add_row(key.removesuffix("_s").replace("_", " "), *cells)
+    Console().print(ratios)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Parse arguments; as parent run the mirrored arms, print and write results; as child run one arm."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=("ray", "pool"), default="ray", help="federated engine to compare")
     parser.add_argument("--scenario", default="default", help="scenario name or path to a .toml")
-    parser.add_argument("--rounds", type=int, default=3, help="federation rounds (centralized: rounds x local epochs)")
+    parser.add_argument("--rounds", type=int, default=3, help="federation rounds (centralised: rounds x local epochs)")
+    parser.add_argument("--repeats", type=int, default=1, help="how many A B B A blocks")
+    parser.add_argument("--central-threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads of the centralised arm (default: the cores the federation uses)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="scenario override key=value")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default results/federation_overhead_<engine>.json)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    scenario = load_scenario(args.scenario, parse_overrides(args.overrides))
-    res = run(scenario, args.rounds)
-    print_results(Console(), res)
-    atomic_write_text(args.out, json.dumps(res, indent=2))
-    Console().print(f"wrote {args.out}")
+    if args.child:
+        import simulations  # noqa: F401 - sets OMP_WAIT_POLICY before torch loads, as the CLI does
+
+        res = run_arm(args.child, args.scenario, args.overrides, args.rounds, args.central_threads)
+        args.child_out.write_text(json.dumps(res))
+        return None
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    load_start = os.getloadavg()
+    runs = [measure_arm(arm, args) for arm in mirrored_order(CENTRAL, args.engine, args.repeats)]
+    res = {"engine": args.engine, "scenario": args.scenario, "rounds": args.rounds, "cpus": os.cpu_count(),
+           "central_threads": args.central_threads, "overrides": args.overrides,
+           "load_start": load_start[0], "load_start_5m": load_start[1], "load_end": os.getloadavg()[0],
+           "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY"), "runs": runs,
+           "summary": summarise(runs, args.engine)}
+    print_results(res)
+    sys.path.insert(0, str(ROOT))
+    from shared.atomic import atomic_write_text
+
+    out = args.out or RESULTS / f"federation_overhead_{args.engine}.json"
+    atomic_write_text(out, json.dumps(res, indent=2))
+    print(f"wrote {out}")
     return res
 
 

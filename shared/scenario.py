@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import tomllib
@@ -21,13 +22,23 @@ from shared.model import ModelConfig
 from shared.schema import ShopData
 from shared.settings import FEDERATION_DEFAULTS, ScenarioError, validate_scenario
 from shared.train import TrainConfig
+from shared.world_share import read_shared_world, sharing_enabled, write_shared_world
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
 DATA_ENV = {"movielens": "FEDSHOP_MOVIELENS", "amazon": "FEDSHOP_AMAZON"}
 
 # Every key, default and range lives in the schema (shared/settings.py); re-exported for old imports.
 __all__ = ["FEDERATION_DEFAULTS", "Scenario", "ScenarioError", "load_scenario", "resolve_scenario_path",
-           "scenario_from_dict"]
+           "scenario_from_dict", "world_key"]
+
+
+def world_key(data: dict, seed: int) -> str:
+    """sha256 of the settings that define a scenario's shops ([data] with its resolved seed, and the seed).
+
+    Two scenarios with the same key load the same shops, so a world built for one serves the other.
+    """
+    text = json.dumps({"data": data, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -63,6 +74,22 @@ class Scenario:
         return list(_load_shops(json.dumps(self.data, sort_keys=True), self.seed))
 
     @property
+    def world_key(self) -> str:
+        """Hash of the world-defining settings (`world_key`): equal keys, equal shops."""
+        return world_key(self.data, self.seed)
+
+    def share_world(self, run_dir: str | Path) -> dict[str, str] | None:
+        """Write this scenario's synthetic world into ``run_dir`` for child processes; None when not shared.
+
+        Only synthetic worlds are shared (they are generated from settings; real data is read from
+        files that may differ per machine), and only while `FEDSHOP_WORLD_CACHE` is not "0".
+        Returns the `FEDSHOP_SHARED_WORLD` descriptor (`shared.world_share.shared_world_env` exports it).
+        """
+        if self.data.get("source") != "synthetic" or not sharing_enabled():
+            return None
+        return write_shared_world(tuple(self.shops()), run_dir, self.world_key)
+
+    @property
     def late_joiners(self) -> list[str]:
         """Shops held out of federated training (they join later: transfer)."""
         names = self.transfer.get("late_joiners")
@@ -94,6 +121,9 @@ def _load_shops(data_json: str, seed: int) -> tuple[ShopData, ...]:
     data = json.loads(data_json)  # validated by the schema: every key present, ranges checked
     source = data["source"]
     if source == "synthetic":
+        shared = read_shared_world(world_key(data, seed))  # built once by the driver (shared/world_share.py)
+        if shared is not None:
+            return tuple(shared)
         from shared.datasets.synthetic import WorldConfig, generate_world
 
         world = generate_world(WorldConfig(**data["synthetic"]))

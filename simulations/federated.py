@@ -19,6 +19,7 @@ import tomli_w
 from shared.atomic import atomic_write_text
 from shared.scenario import Scenario, ScenarioError
 from shared.settings import ENGINES, RunSettings
+from shared.world_share import shared_world_env
 from simulations.console import quiet_simulation_workers
 from simulations.ray_auth import require_ray_token
 from simulations.rundir import write_run_info
@@ -114,22 +115,13 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     if n_shops < int(config["min-shops"]):
         raise ValueError(f"scenario '{scenario.name}' has {n_shops} training shops but min-shops is "
                          f"{config['min-shops']}. Fix: lower federation.min_shops or add shops")
+    # The synthetic world is built once, here, and read by every shop's process (shared/world_share.py).
+    shared_world = scenario.share_world(run_dir)
     try:
-        if engine == "pool":
-            from simulations.pool_engine import run_pool
-
-            run_pool(make_server_app(config, progress), client_app, config, n_shops,
-                     workers=workers or int(scenario.federation.get("workers", 0)) or None)
-        else:
-            if ray_address:
-                check_ray_address(ray_address)
-            require_ray_token()  # Ray listens on every interface: only holders of this token get an answer
-            from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
-
-            with quiet_simulation_workers():
-                run_simulation(server_app=make_server_app(config, progress, expected_nodes=n_shops),
-                               client_app=client_app, num_supernodes=n_shops,
-                               backend_config=backend_config(ray_address=ray_address))
+        with shared_world_env(shared_world):
+            _run_engine(engine, config, progress, n_shops, client_app, make_server_app,
+                        workers=workers or int(scenario.federation.get("workers", 0)) or None,
+                        ray_address=ray_address)
     except Exception:
         if failure_reason(run_dir) is None:
             raise
@@ -140,3 +132,22 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     if reason is not None:  # e.g. the privacy budget: the last checkpoint is the final model
         raise RunStopped(f"{reason}\nrun directory: {run_dir}")
     return run_dir
+
+
+def _run_engine(engine: str, config: dict[str, Any], progress: Callable | None, n_shops: int, client_app: Any,
+                make_server_app: Callable, *, workers: int | None, ray_address: str | None) -> None:
+    """Run the ServerApp and ClientApp on the pool engine or Flower's simulation engine (Ray)."""
+    if engine == "pool":
+        from simulations.pool_engine import run_pool
+
+        run_pool(make_server_app(config, progress), client_app, config, n_shops, workers=workers)
+        return
+    if ray_address:
+        check_ray_address(ray_address)
+    require_ray_token()  # Ray listens on every interface: only holders of this token get an answer
+    from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
+
+    with quiet_simulation_workers():
+        run_simulation(server_app=make_server_app(config, progress, expected_nodes=n_shops),
+                       client_app=client_app, num_supernodes=n_shops,
+                       backend_config=backend_config(ray_address=ray_address))

@@ -54,3 +54,14 @@ def test_resume_after_round_one_gives_the_same_encoder(full_run, tmp_path):
         np.testing.assert_allclose(resumed.arrays[key], value, atol=1e-6, rtol=0)
     rounds = pd.read_csv(cut / "metrics.csv").groupby("round").size()
     assert list(rounds.index) == [1, 2]
+
+
+def test_shared_world_gives_the_same_run_as_building_it_per_process(full_run, tmp_path, monkeypatch):
+    run_dir, _ = full_run  # the world was shared: the driver wrote it into the run directory
+    assert len(list(run_dir.glob("world-*.pkl"))) == 1
+    monkeypatch.setenv("FEDSHOP_WORLD_CACHE", "0")
+    alone = run_federated(tiny_scenario(), tmp_path / "alone", rounds=2)
+    assert not list(alone.glob("world-*.pkl"))
+    shared, built = latest_checkpoint(run_dir), latest_checkpoint(alone)
+    for key, value in shared.arrays.items():
+        np.testing.assert_allclose(built.arrays[key], value, atol=1e-6, rtol=0)

@@ -1,0 +1,83 @@
+"""The federation-overhead benchmark's pure helpers: mirrored order, per-round deltas, steady state, ratios."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "federation_overhead", Path(__file__).parents[1] / "benchmarks" / "federation_overhead.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _arm(arm: str, steady_cpu: float, whole_cpu: float, whole_wall: float, steady_wall: float = 1.0) -> dict:
+    return {"arm": arm, "steady": {"cpu_s": steady_cpu, "wall_s": steady_wall},
+            "whole": {"cpu_s": whole_cpu, "wall_s": whole_wall}}
+
+
+def test_mirrored_order_is_abba():
+    assert bench.mirrored_order("central", "ray") == ["central", "ray", "ray", "central"]
+    assert bench.mirrored_order("a", "b", 2) == ["a", "b", "b", "a"] * 2
+
+
+def test_ratio_guards_missing_and_zero():
+    assert bench.ratio(3.0, 2.0) == 1.5
+    assert bench.ratio(None, 2.0) is None and bench.ratio(1.0, 0.0) is None and bench.ratio(1.0, None) is None
+
+
+def test_round_deltas_and_steady_state_skip_round_one():
+    rounds = bench.round_deltas((0.0, 1.0), [(10.0, 21.0), (13.0, 25.0), (17.0, 31.0), (20.0, 35.0)])
+    assert rounds == [{"wall_s": 10.0, "cpu_s": 20.0}, {"wall_s": 3.0, "cpu_s": 4.0},
+                      {"wall_s": 4.0, "cpu_s": 6.0}, {"wall_s": 3.0, "cpu_s": 4.0}]
+    assert bench.steady_state(rounds) == {"wall_s": 3.0, "cpu_s": 4.0}  # median of rounds 2..4
+    assert bench.steady_state(rounds[:1]) == {"wall_s": None, "cpu_s": None}
+
+
+def test_summarise_means_per_arm_and_ratios_per_mirrored_pair():
+    runs = [_arm("central", 10, 100, 60), _arm("ray", 8, 130, 90), _arm("ray", 6, 110, 70),
+            _arm("central", 10, 100, 40)]
+    s = bench.summarise(runs, "ray")
+    assert s["arms"]["central"]["whole_cpu_s"] == 100 and s["arms"]["ray"]["whole_cpu_s"] == 120
+    assert s["ratios"]["steady_cpu_s"] == pytest.approx(0.7)
+    assert s["ratios"]["whole_cpu_s"] == pytest.approx(1.2)
+    assert s["ratios"]["whole_wall_s"] == pytest.approx(80 / 50)
+    assert [p["whole_cpu"] for p in s["pairs"]] == [pytest.approx(1.3), pytest.approx(1.1)]
+    assert s["target_met"] == {"steady_cpu_s": True, "whole_cpu_s": False}
+
+
+def test_summarise_without_steady_rounds_gives_no_ratio():
+    runs = [{"arm": "central", "steady": {"cpu_s": None, "wall_s": None}, "whole": {"cpu_s": 1.0, "wall_s": 1.0}},
+            {"arm": "pool", "steady": {"cpu_s": None, "wall_s": None}, "whole": {"cpu_s": 2.0, "wall_s": 1.0}}]
+    s = bench.summarise(runs, "pool")
+    assert s["ratios"]["steady_cpu_s"] is None and s["target_met"]["steady_cpu_s"] is False
+    assert s["ratios"]["whole_cpu_s"] == 2.0
+
+
+BUSY = "import time\nt=time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(30)"
+
+
+def test_tree_cpu_counts_a_busy_grandchild():
+    # The child only waits; its own child burns ~0.6 CPU s. The tree rooted at the child must see it.
+    code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {BUSY!r}])"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline, cpu, count = time.monotonic() + 30, 0.0, 0
+        while time.monotonic() < deadline:
+            cpu, count = bench.tree_cpu(child.pid)
+            if count == 2 and cpu >= 0.55:
+                break
+            time.sleep(0.2)
+        assert count == 2 and cpu >= 0.55
+    finally:
+        for pid, (ppid, _) in bench._proc_stats().items():
+            if ppid == child.pid:
+                os.kill(pid, 9)
+        child.kill()
+        child.wait()
