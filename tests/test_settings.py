@@ -94,9 +94,11 @@ def test_defaults_are_the_schema_and_the_table_is_typed() -> None:
     sc = scenario_from_dict({})
     assert sc.federation == FEDERATION_DEFAULTS == FederationTable().model_dump()
     assert sc.federation["warmup_rounds"] == 1
-    typed = load_scenario("default", {"federation.rounds": 3.0, "train.lr": 1})
+    typed = load_scenario("default", {"federation.rounds": 3, "train.lr": 1})  # a TOML int is a number
     assert typed.federation["rounds"] == 3 and isinstance(typed.federation["rounds"], int)
     assert typed.train.lr == 1.0 and isinstance(typed.train.lr, float)
+    with pytest.raises(ScenarioError, match=r"federation.rounds = 3.0: input should be a valid integer"):
+        load_scenario("default", {"federation.rounds": 3.0})  # strict: refused, not converted
 
 
 # ------------------------------------------------------------------------------------------ the run config
