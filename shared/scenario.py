@@ -189,7 +189,10 @@ def scenario_from_dict(raw: dict, overrides: dict[str, Any] | None = None, *, pa
     """Resolve a scenario dict (as read from TOML) into typed settings."""
     raw = copy.deepcopy(raw)
     for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
+        try:
+            _set_dotted(raw, key, value)
+        except ScenarioError as exc:  # name the scenario the override was meant for
+            raise ScenarioError(f"{path or 'scenario'}: {exc}") from None
     try:  # every table, key and range: a ScenarioError naming file, key, value and fix
         settings = validate_scenario(raw, path)
     except ScenarioError as exc:
