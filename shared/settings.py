@@ -527,9 +527,10 @@ def settings_reference() -> str:
     out = ["# Settings reference", "",
            "Generated from `shared/settings.py` by `python -m shared.settings > docs/settings.md`; "
            "`tests/test_settings.py` fails when this file and the schema differ. Bad values are refused when the "
-           "scenario loads (docs/bad-input.md, \"Scenario settings\"). `seed` in [features], [train] and "
-           "[data.synthetic] defaults to the scenario's top-level `seed` (>= 0); [train] `epochs` is refused "
-           "(federation.local_epochs is what every runner trains).", ""]
+           "scenario loads (docs/bad-input.md, \"Scenario settings\"); types are strict (`3.0` or `\"3\"` for a whole "
+           "number and `\"true\"` for true/false are refused; a whole number is a number). `seed` in [features], "
+           "[train] and [data.synthetic] defaults to the scenario's top-level `seed` (>= 0); [train] `epochs` is "
+           "refused (federation.local_epochs is what every runner trains).", ""]
     tables = [("[features]", FeaturesTableChecked), ("[model]", ModelTable), ("[train]", TrainTable),
               ("[data]", DataTable), ("[data.synthetic]", SyntheticTable), ("[transfer]", TransferTable)]
     for title, model in tables:
