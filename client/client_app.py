@@ -22,9 +22,10 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.leak_guard import error_reply, leak_guard
 from client.local_state import Shop
+from client.message_settings import settings_for
 from client.pack_mod import pack_mod
 from client.secure_client import SECAGG_RECORD, secure_app
-from client.shop_round import evaluate_round, load_round_start, message_settings, shop_and_model, train_round
+from client.shop_round import evaluate_round, load_round_start, shop_and_model, train_round
 from client.timing import timing_mod
 from client.wire_mod import wire_mod
 from shared.model import ShopModel
@@ -81,7 +82,7 @@ app = ClientApp(mods=[pack_mod, timing_mod, legacy_dispatch, wire_mod, leak_guar
 def _round_start(msg: Message, context: Context
                  ) -> tuple[Shop, ShopModel, ShopRoundSettings, dict[str, torch.Tensor]]:
     """The shop, its model with the received encoder and its own local part, the settings and what was received."""
-    settings = message_settings(context.run_config, next(iter(msg.content.config_records.values()), {}))
+    settings = settings_for(msg, context)  # parsed once per message (the leak guard parsed it already)
     shop, model = shop_and_model(context, settings)
     received = dict(next(iter(msg.content.array_records.values())).to_torch_state_dict())
     load_round_start(shop, model, context, settings, received,

@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, M
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.local_state import Shop, resolve_shop
+from client.message_settings import settings_for
 from shared.privacy.audit import LeakBlocked, MetricVocabulary, clean_metrics, parse_splits
 from shared.protocol import (
     ARRAYS_RECORD,
@@ -48,12 +49,12 @@ _SHAREABLE: dict[int, tuple[Shop, dict[str, Spec]]] = {}  # id(shop) -> (shop, w
 
 
 def request_settings(msg: Message, context: Context) -> ShopRoundSettings:
-    """Run config overridden by the request's first ConfigRecord, parsed by the schema as the handlers parse it.
+    """Run config overridden by the request's ConfigRecords: the message's frozen settings (`settings_for`).
 
-    The guard parses the request itself rather than trusting anything the handler kept.
+    `leak_guard` asks for them before the handler runs, so they are parsed from the request as it arrived
+    and no handler can change what the reply is checked against.
     """
-    sent = next(iter(msg.content.config_records.values()), {}) if msg.has_content() else {}
-    return ShopRoundSettings.from_message(dict(context.run_config), dict(sent))
+    return settings_for(msg, context)
 
 
 def shop_vocabulary(context: Context, settings: ShopRoundSettings) -> MetricVocabulary:
@@ -156,6 +157,8 @@ def leak_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     """Client mod: run the handler, then send a reply rebuilt by `clean_reply`, or a generic error."""
     started = time.time()
     try:
+        if msg.metadata.message_type in (MessageType.TRAIN, MessageType.EVALUATE):
+            request_settings(msg, context)  # parsed (and frozen) before any handler code runs
         reply = call_next(msg, context)
     except ScenarioError as exc:  # a bad message config: the key and the fix, no traceback (logged, never sent)
         logger.error("shop refused the message config: %s", exc)

@@ -33,7 +33,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.leak_guard import check_reply_metadata, error_reply, shop_vocabulary
 from client.local_state import Shop
-from client.shop_round import evaluate_round, load_round_start, message_settings, shop_and_model, train_round
+from client.message_settings import settings_for, settings_for_config
+from client.shop_round import evaluate_round, load_round_start, shop_and_model, train_round
 from shared.model import ShopModel
 from shared.privacy.audit import LeakBlocked, MetricVocabulary, clean_metrics, clean_scalar, parse_splits
 from shared.protocol import (
@@ -60,7 +61,7 @@ class ShopNumPyClient(NumPyClient):
 
     def _round_start(self, parameters: list[np.ndarray], config: dict[str, Any], *, training: bool
                      ) -> tuple[Shop, ShopModel, ShopRoundSettings, dict[str, torch.Tensor], list[str]]:
-        settings = message_settings(self.context.run_config, config)
+        settings = settings_for_config(self.context, config)  # the audit mod parsed this message already
         shop, model = shop_and_model(self.context, settings)
         keys = list(model.encoder.state_dict())
         if len(keys) != len(parameters):
@@ -72,7 +73,7 @@ class ShopNumPyClient(NumPyClient):
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         """The shop's initial encoder (only used when the coordinator has none)."""
-        _, model = shop_and_model(self.context, message_settings(self.context.run_config, config))
+        _, model = shop_and_model(self.context, settings_for_config(self.context, config))
         return [v.numpy() for v in model.encoder_state().values()]
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
@@ -133,9 +134,8 @@ class LegacyRequest:
         secagg = dict(content.config_records.get(SECAGG_RECORD, {}))
         res = "fitins" if msg.metadata.message_type == MessageType.TRAIN else "evaluateins"
         params = content.array_records.get(f"{res}.parameters")
-        sent = dict(content.config_records.get(f"{res}.config", {}))
         return cls(kind=msg.metadata.message_type, stage=secagg.get("stage") if secagg else None,
-                   settings=ShopRoundSettings.from_message(dict(context.run_config), sent),
+                   settings=settings_for(msg, context),
                    shapes=tuple(_legacy_shape(a) for a in params.values()) if params is not None else (),
                    peers=frozenset(int(k) for k in secagg if k.isdigit()),
                    nids=tuple(int(n) for n in [*secagg.get("active_nids", []), *secagg.get("dead_nids", [])]))

@@ -30,6 +30,7 @@ from client.local_state import (
     save_local_part,
 )
 from client.merchant_log import log_round, note_training
+from client.message_settings import parse
 from shared.meta import meta_train_shop
 from shared.model import ShopModel
 from shared.protocol import (
@@ -55,12 +56,13 @@ class RoundResult:
 
 
 def message_settings(run_config: Mapping[str, Any], sent: Mapping[str, Any]) -> ShopRoundSettings:
-    """The run config overridden by what the coordinator sent, parsed once per message by the schema.
+    """The run config overridden by what the coordinator sent, parsed by the schema (`client.message_settings`).
 
     Missing keys take the schema's defaults (shared/settings.py); a bad value is a `ScenarioError` naming
-    the key and the fix, raised here rather than deep in training.
+    the key and the fix, raised here rather than deep in training. Handlers use `settings_for`, which
+    parses once per message.
     """
-    return ShopRoundSettings.from_message(dict(run_config), dict(sent))
+    return parse(run_config, sent)
 
 
 def round_seed(seed: int, server_round: int, shop_index: int) -> int:

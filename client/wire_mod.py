@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.local_state import resolve_shop
+from client.message_settings import settings_for
 from shared.compression import CompressionError, decode_patch, digest, encode_delta
 from shared.model import initial_encoder_state
 from shared.protocol import (
@@ -109,10 +110,8 @@ def wire_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         return call_next(msg, context)
     wire = dict(msg.content.config_records[WIRE_RECORD])
     arrays = next(iter(msg.content.array_records.values()), ArrayRecord())
-    sent = {k: v for name, record in msg.content.config_records.items() if name != WIRE_RECORD
-            for k, v in record.items()}
     try:
-        encoder = _received(arrays, wire, context, ShopRoundSettings.from_message(dict(context.run_config), sent))
+        encoder = _received(arrays, wire, context, settings_for(msg, context))
     except Exception as exc:  # whatever the bytes are, the shop answers with an error, never a crash
         logger.error("cannot decode the coordinator's encoder: %s", exc)
         return Message(Error(code=ERROR_CODE_BLOCKED, reason=f"{UNDECODABLE}: {exc}"), reply_to=msg)

@@ -115,6 +115,33 @@ class Scenario:
         late = set(self.late_joiners)
         return [s for s in self.shops() if s.name in late]
 
+    def check_federation(self, rounds: int | None = None) -> None:
+        """Refuse a federation that cannot run as configured, before anything starts (a `ScenarioError`).
+
+        The schema checks each key alone; this checks them against the shops: `min_shops` against the
+        shops in the federation and those that train from round 1, `join_round` against the rounds.
+        ``rounds`` is the run's round count when it differs from `federation.rounds` (`--rounds`).
+        """
+        where = str(self.path or self.name)
+        fed = self.federation
+        total = int(rounds if rounds is not None else fed["rounds"])
+        min_shops, join = int(fed["min_shops"]), int(fed["join_round"])
+        members, first = len(self.federation_shops()), len(self.training_shops())
+        if min_shops > members:
+            raise ScenarioError(f"{where}: federation.min_shops = {min_shops}, but the federation has only {members} "
+                                f"shop(s): no round could ever count. Fix: set federation.min_shops to at most "
+                                f"{members}, or add shops")
+        if join > total:
+            raise ScenarioError(f"{where}: federation.join_round = {join} is after the last round (rounds = {total}): "
+                                "the late joiners would never join. Fix: set federation.join_round between 1 and "
+                                f"{total}, or 0 to keep them out")
+        if min_shops > first:
+            late = members - first if join > 0 else len(self.late_joiners)
+            raise ScenarioError(f"{where}: federation.min_shops = {min_shops}, but only {first} shop(s) train from "
+                                f"round 1 ({late} late joiner(s) wait for federation.join_round): round 1 would be "
+                                f"short of shops. Fix: set federation.min_shops to at most {first}, or fewer late "
+                                "joiners (data.synthetic.n_late_joiners or transfer.late_joiners)")
+
 
 @functools.lru_cache(maxsize=4)
 def _load_shops(data_json: str, seed: int) -> tuple[ShopData, ...]:
@@ -192,7 +219,10 @@ def scenario_from_dict(raw: dict, overrides: dict[str, Any] | None = None, *, pa
     """Resolve a scenario dict (as read from TOML) into typed settings."""
     raw = copy.deepcopy(raw)
     for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
+        try:
+            _set_dotted(raw, key, value)
+        except ScenarioError as exc:  # name the scenario the override was meant for
+            raise ScenarioError(f"{path or 'scenario'}: {exc}") from None
     try:  # every table, key and range: a ScenarioError naming file, key, value and fix
         settings = validate_scenario(raw, path)
     except ScenarioError as exc:

@@ -70,9 +70,14 @@ def _aliases(name: str) -> AliasChoices:
 
 
 class _Table(BaseModel):
-    """Base of every table: unknown keys, NaN and infinity are errors; assignment is validated."""
+    """Base of every table: unknown keys, NaN, infinity and wrong types are errors; assignment is validated.
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+    Strict: a value of another type is refused, never converted ("3" or 3.0 for a whole number, "true"
+    for true/false, 1 for a string). The one conversion kept is a whole number for a number field (TOML
+    and Flower's run config write `1` for 1.0).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True, strict=True)
 
 
 # ----------------------------------------------------------------------------------------- [federation]
@@ -152,6 +157,14 @@ class FederationTable(_Table):
             if 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} is between 0 and 1: it would cap or leave out the "
                                  "median (honest) shop itself. Fix: give a factor >= 1 (e.g. 4), or 0 to turn it off")
+        if self.compression != "none" and self.secure_aggregation:
+            raise ValueError(f"compression = '{self.compression}' with secure_aggregation = true is refused: SecAgg+ "
+                             "masks dense, fixed-size vectors, and a compressed delta is neither. Fix: set "
+                             "compression = 'none', or secure_aggregation = false")
+        if self.compression != "none" and self.dp_noise_multiplier > 0:
+            raise ValueError(f"compression = '{self.compression}' with dp_noise_multiplier > 0 is refused: fp16/int8 "
+                             "rounding of a clipped update can exceed dp_clipping_norm, which the noise is calibrated "
+                             "to. Fix: set compression = 'none', or dp_noise_multiplier = 0")
         if self.secure_aggregation and self.dp_noise_multiplier > 0:
             raise ValueError("secure_aggregation = true with dp_noise_multiplier > 0 is not supported: the SecAgg+ "
                              "path has no central-DP noise. Fix: choose one, or use dpsgd_* for DP with SecAgg+")
@@ -260,7 +273,7 @@ class ShopRoundSettings(RunSettings):
     coordinator has already refused unknown run-config keys.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", frozen=True)  # one object per message, read by every mod
 
     server_round: int = Field(0, ge=0, description="set by Flower's strategies")
     eval_split: str = Field("val", description="a message without eval-split evaluates val (as the leak guard "
@@ -425,10 +438,12 @@ def _fix(err: dict[str, Any], dotted: str) -> str:
         close = difflib.get_close_matches(str(err.get("input")), allowed, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"{hint}use one of {allowed}"
+    quoted = " (without quotes)" if isinstance(err.get("input"), str) else ""
     if kind.startswith("int_"):
-        return f"set {dotted} to a whole number"
+        return f"set {dotted} to a whole number{quoted}, e.g. 3 rather than 3.0 or \"3\""
     if kind.startswith(("float_", "bool_", "string_", "list_")):
-        word = {"float": "a number", "bool": "true or false", "string": "a quoted string", "list": "a list [...]"}
+        word = {"float": f"a number{quoted}", "bool": f"true or false{quoted}", "string": "a quoted string",
+                "list": "a list [...]"}
         return f"set {dotted} to {word[kind.split('_')[0]]}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"make {dotted} a table ([{dotted}] with key = value lines)"
@@ -512,9 +527,10 @@ def settings_reference() -> str:
     out = ["# Settings reference", "",
            "Generated from `shared/settings.py` by `python -m shared.settings > docs/settings.md`; "
            "`tests/test_settings.py` fails when this file and the schema differ. Bad values are refused when the "
-           "scenario loads (docs/bad-input.md, \"Scenario settings\"). `seed` in [features], [train] and "
-           "[data.synthetic] defaults to the scenario's top-level `seed` (>= 0); [train] `epochs` is refused "
-           "(federation.local_epochs is what every runner trains).", ""]
+           "scenario loads (docs/bad-input.md, \"Scenario settings\"); types are strict (`3.0` or `\"3\"` for a whole "
+           "number and `\"true\"` for true/false are refused; a whole number is a number). `seed` in [features], "
+           "[train] and [data.synthetic] defaults to the scenario's top-level `seed` (>= 0); [train] `epochs` is "
+           "refused (federation.local_epochs is what every runner trains).", ""]
     tables = [("[features]", FeaturesTableChecked), ("[model]", ModelTable), ("[train]", TrainTable),
               ("[data]", DataTable), ("[data.synthetic]", SyntheticTable), ("[transfer]", TransferTable)]
     for title, model in tables:

@@ -27,15 +27,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def scenario_or_exit(name: str, overrides: dict[str, Any] | None = None, *, load_shops: bool = True) -> Scenario:
+def scenario_or_exit(name: str, overrides: dict[str, Any] | None = None, *, load_shops: bool = True,
+                     federation: bool = False, rounds: int | None = None) -> Scenario:
     """Load a scenario (settings checked by the schema, shared/settings.py) and, unless ``load_shops`` is
-    False, its shops; or print the precise problem (file, key, value, fix) and exit 2."""
+    False, its shops; with ``federation`` also check that the federation can run (`Scenario.check_federation`,
+    over ``rounds`` if given); or print the precise problem (file, key, value, fix) and exit 2."""
     try:
         scenario = load_scenario(name, overrides)
         if load_shops:
             scenario.shops()
+        if federation:
+            scenario.check_federation(rounds)
         return scenario
     except (ScenarioError, ShopDataError) as exc:
         # Escaped: messages name TOML tables like "[model]", which Rich would otherwise eat as markup.
-        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}")
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # one line per problem
         raise typer.Exit(2) from exc

@@ -250,7 +250,7 @@ def test_a_resumed_run_patches_the_initial_encoder_for_new_shop_processes(scenar
 
 
 @pytest.mark.parametrize(("extra", "says"), [({"secure-aggregation": True}, "SecAgg+"),
-                                            ({"dp-noise-multiplier": 0.5}, "dp-clipping-norm"),
+                                            ({"dp-noise-multiplier": 0.5}, "dp.clipping.norm"),
                                             ({"compression": "zip"}, "one of")])
 def test_compression_is_refused_where_it_breaks_privacy_or_unknown(extra, says):
     with pytest.raises(ValueError, match=says):

@@ -86,9 +86,9 @@ def register(app: typer.Typer) -> None:
         overrides = parse_overrides(set_)
         if rounds is not None:
             overrides["federation.rounds"] = rounds
-        base = scenario_or_exit(scenario, overrides)
-        scenarios = [base] if seed_list is None else [scenario_or_exit(scenario, {**overrides, "seed": s})
-                                                      for s in seed_list]
+        base = scenario_or_exit(scenario, overrides, federation=True)  # min_shops, join_round: before any run
+        scenarios = [base] if seed_list is None else [
+            scenario_or_exit(scenario, {**overrides, "seed": s}, federation=True) for s in seed_list]
         out = run_dir or new_run_dir(runs, f"{base.name}-compare")
         runs_total, started = len(chosen) * len(scenarios), time.monotonic()
         finished: list[str] = []

@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
             extra = parse_overrides(set_)
             if seed is not None:
                 extra["seed"] = seed
-            scen = scenario_or_exit(scenario, extra)
+            scen = scenario_or_exit(scenario, extra, federation=True, rounds=rounds)  # min_shops, join_round
             out = run_dir or new_run_dir(runs, f"{scen.name}-{method}")
         total = rounds or int(scen.federation["rounds"])
         n_shops = len(scen.training_shops())
