@@ -31,7 +31,7 @@ LOO_MIN_UPDATES = 5  # the leave-one-out check needs this many kept updates
 
 @dataclass
 class RobustSettings:
-    """The screens' settings (run-config keys `robust-*`); 0 (or -1 for `min_cosine`) turns one off."""
+    """The screens' settings (run-config keys `robust-*`); 0 (or -1 for the two cosines) turns one off."""
 
     norm_factor: float = 4.0
     norm_action: str = "leave-out"
