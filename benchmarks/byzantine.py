@@ -44,6 +44,7 @@ from server.robust import RobustSettings
 from shared.atomic import atomic_write_text
 from shared.protocol import NUM_EXAMPLES
 from shared.scenario import load_scenario
+from shared.settings import RunSettings, run_key
 from simulations.best_rounds import final_table
 from simulations.federated import SCENARIO_FILE, run_config
 from simulations.options import parse_overrides
@@ -53,6 +54,19 @@ ATTACKS = ("none", "x100", "x-10", "noise", "signflip", "absent")
 RULES = ("fedavg", "fedshop", "fedmedian", "fedtrimmedavg", "multikrum", "bulyan")
 SCREENS_OFF = {f"robust-{k.replace('_', '-')}": v for k, v in asdict(RobustSettings.off()).items()
                if k != "norm_action"}
+
+
+ROBUST_DEFAULTS = {run_key(n): f.default for n, f in RunSettings.model_fields.items() if n.startswith("robust_")}
+
+
+def screens_for(rule: str, screens: dict[str, Any]) -> dict[str, Any]:
+    """Every robust-* run-config value a run of ``rule`` uses (defaults, screens off, or --screens overrides)."""
+    return {**ROBUST_DEFAULTS, **(SCREENS_OFF if rule != "fedshop" else screens)}
+
+
+def same_screens(used: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """True if an earlier run used ``wanted``; a key it lacks is a screen added since, off in that run."""
+    return all(used.get(k, SCREENS_OFF.get(k)) == v for k, v in wanted.items())
 
 
 def attack_fn(name: str, sigma: float, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
@@ -277,11 +291,11 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     todo = []
     for rule, attack, attacker, seed in plan:
-        screens_used = {**(SCREENS_OFF if rule != "fedshop" else {}), **(screens if rule == "fedshop" else {})}
+        screens_used = screens_for(rule, screens)
         old = [r for r in previous if r["rule"] == rule and r["attack"] == attack and r["seed"] == seed
                and r["rounds"] == args.rounds and (attack == "none" or r["attacker_index"] == attacker)
                and r["overrides"] == {**overrides, "seed": seed}
-               and all(r["screens"].get(k) == v for k, v in screens_used.items())]
+               and same_screens(r["screens"], screens_used)]
         if old:
             runs.append(old[0])
         else:

@@ -1,5 +1,5 @@
 """Coordinator checkpoints: global arrays, round, strategy state, RNG state and each shop's first
-`num-examples` claim (the base of its cap, `server.robust`), written atomically.
+`num-examples` claim (the base of its cap, `server.robust`) and leave-one-out history, written atomically.
 
 One file per round in `<run-dir>/checkpoints/round-NNNN.pt` (older ones pruned); a run resumes
 from the newest readable one and refuses when none is readable. Temp files a killed write left are
@@ -47,6 +47,8 @@ class Checkpoint:
     settings: dict[str, Any] = field(default_factory=dict)  # what must not change on resume
     # shop -> its first accepted num-examples claim: without it a resumed run would let a shop claim anew
     first_claims: dict[str, float] = field(default_factory=dict)
+    # shop -> its leave-one-out cosine per screened round (`server.robust`), the reputation a resume continues
+    loo_history: dict[str, list[float]] = field(default_factory=dict)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -116,7 +118,8 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 2) -> Path:
     payload = {"format": FORMAT_VERSION, "round": ckpt.server_round, "arrays": _tensors(ckpt.arrays),
                "strategy": {n: _tensors(a) for n, a in ckpt.strategy_state.items()},
                "rng": ckpt.rng, "settings": ckpt.settings,
-               "first_claims": {str(k): float(v) for k, v in ckpt.first_claims.items()}}
+               "first_claims": {str(k): float(v) for k, v in ckpt.first_claims.items()},
+               "loo_history": {str(k): [float(x) for x in v] for k, v in ckpt.loo_history.items()}}
     buf = io.BytesIO()
     torch.save(payload, buf)
     path = atomic_write_bytes(checkpoint_path(run_dir, ckpt.server_round), buf.getvalue())
@@ -149,7 +152,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
                       strategy_state={n: {k: v.numpy() for k, v in a.items()}
                                       for n, a in payload["strategy"].items()},
                       rng=payload["rng"], settings=payload["settings"],
-                      first_claims=_first_claims(path, payload.get("first_claims", {})))
+                      first_claims=_first_claims(path, payload.get("first_claims", {})),
+                      loo_history=_loo_history(path, payload.get("loo_history", {})))
 
 
 def _first_claims(path: Path, raw: object) -> dict[str, float]:
@@ -159,6 +163,16 @@ def _first_claims(path: Path, raw: object) -> dict[str, float]:
         raise CheckpointError(f"{path}: its first_claims are not a table of shop -> claim. Fix: delete it to "
                               "resume from the previous round's checkpoint, or start a new run")
     return {k: float(v) for k, v in raw.items()}
+
+
+def _loo_history(path: Path, raw: object) -> dict[str, list[float]]:
+    """The checkpoint's leave-one-out history (absent in checkpoints written before it was saved: none)."""
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+            for k, v in raw.items()):
+        raise CheckpointError(f"{path}: its loo_history is not a table of shop -> list of cosines. Fix: delete it to "
+                              "resume from the previous round's checkpoint, or start a new run")
+    return {k: [float(x) for x in v] for k, v in raw.items()}
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:

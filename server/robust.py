@@ -8,7 +8,11 @@ Each update is ``delta = reply - global encoder``. In order:
 3. an update whose direction score, the median over arrays of its cosine with the coordinate-wise median
    of the round's deltas, is below ``min_cosine`` is left out (a sign flip or a negative scaling points
    away from the honest majority);
-4. no shop keeps more than ``weight_cap / n`` of the aggregation weight (the excess goes to the others).
+4. leave-one-out reputation: an update whose cosine with the mean of the *other* kept updates, or that
+   cosine's mean over the shop's rounds so far (its reputation), is below ``loo_min_cosine`` is left out
+   (with >= 5 kept updates, never more than (n - 1) // 2 of them, the lowest first); unlike the round's
+   median in 3., the others' mean cannot be dragged by the update being scored;
+5. no shop keeps more than ``weight_cap / n`` of the aggregation weight (the excess goes to the others).
 
 Hand-written because Flower 1.42's robust rules (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) replace
 the weighted mean instead of screening it, and fedshop's default keeps the weighted mean for honest shops.
@@ -22,17 +26,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 NORM_ACTIONS = ("leave-out", "clip")
+LOO_MIN_UPDATES = 5  # the leave-one-out check needs this many kept updates
 
 
 @dataclass
 class RobustSettings:
-    """The screens' settings (run-config keys `robust-*`); 0 (or -1 for `min_cosine`) turns one off."""
+    """The screens' settings (run-config keys `robust-*`); 0 (or -1 for the two cosines) turns one off."""
 
     norm_factor: float = 4.0
     norm_action: str = "leave-out"
     min_cosine: float = -0.1
     examples_cap: float = 10.0
     weight_cap: float = 4.0
+    loo_min_cosine: float = -0.08
 
     def __post_init__(self) -> None:
         if self.norm_action not in NORM_ACTIONS:
@@ -44,6 +50,10 @@ class RobustSettings:
         if not -1 <= self.min_cosine <= 1:
             raise ValueError(f"run config robust-min-cosine={self.min_cosine} is outside [-1, 1]. Fix: e.g. 0 "
                              "(leave out updates pointing away from the median), or -1 for no direction check")
+        if not -1 <= self.loo_min_cosine <= 1:
+            raise ValueError(f"run config robust-loo-min-cosine={self.loo_min_cosine} is outside [-1, 1]. Fix: e.g. "
+                             "-0.08 (leave out updates pointing away from the others' mean), or -1 for no "
+                             "leave-one-out check")
         if not (self.examples_cap == 0 or self.examples_cap >= 1):
             raise ValueError(f"run config robust-examples-cap={self.examples_cap} would cap honest shops below "
                              "their claim. Fix: give a factor >= 1 (e.g. 10), or 0 for no cap")
@@ -54,7 +64,7 @@ class RobustSettings:
     @classmethod
     def off(cls) -> RobustSettings:
         """No screening at all (plain FedAvg in the benchmark)."""
-        return cls(norm_factor=0.0, min_cosine=-1.0, examples_cap=0.0, weight_cap=0.0)
+        return cls(norm_factor=0.0, min_cosine=-1.0, examples_cap=0.0, weight_cap=0.0, loo_min_cosine=-1.0)
 
 
 @dataclass
@@ -67,6 +77,7 @@ class Screened:
     scale: list[float] = field(default_factory=list)  # factor applied to each delta (< 1 when clipped)
     norms: list[float] = field(default_factory=list)
     cosines: list[float] = field(default_factory=list)
+    loo: dict[int, float] = field(default_factory=dict)  # index -> cosine with the other kept updates' mean
 
 
 def cap_claims(claims: list[float], first: list[float | None], factor: float) -> list[float]:
@@ -116,11 +127,44 @@ def _direction(delta: np.ndarray, median: np.ndarray, bounds: list[int]) -> floa
     return float(np.median(cos)) if cos else 1.0
 
 
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of two vectors, 0 when either is zero."""
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def leave_one_out(deltas: list[np.ndarray], kept: list[int]) -> dict[int, float]:
+    """Per update, its whole-vector cosine with the mean of the *kept* updates other than itself.
+
+    The update cannot pull that mean towards itself (as it pulls the round's median), so a sign flip scores the
+    negative of its honest score. Whole vector, not per array: against the others' mean the largest shop's
+    honest per-array score fell below 0 by round 2, its whole-vector score stayed >= 0.04 (docs/robustness.md).
+    """
+    total = np.sum(np.stack([deltas[i] for i in kept]), axis=0, dtype=np.float64)
+    out = {}
+    for i, d in enumerate(deltas):
+        others = (total - d) / (len(kept) - 1) if i in kept else total / len(kept)
+        out[i] = _cosine(d.astype(np.float64), others)
+    return out
+
+
+def reputation(history: list[float], current: float) -> float:
+    """A shop's leave-one-out score for this round: the lower of this round's cosine and its mean over its rounds.
+
+    The mean keeps a shop that pointed away in earlier rounds out when its later flipped updates score near 0
+    (the largest shop's honest score falls towards 0 as training converges, and so does its flip).
+    """
+    return min(current, float(np.mean([*history, current])))
+
+
 def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[float | None],
-           settings: RobustSettings, bounds: list[int] | None = None) -> Screened:
+           settings: RobustSettings, bounds: list[int] | None = None,
+           loo_history: list[list[float]] | None = None) -> Screened:
     """Apply the screens to flat update vectors ``deltas`` with their claimed example counts.
 
-    ``bounds`` are the end offsets of the arrays inside each flat vector (one array if None).
+    ``bounds`` are the end offsets of the arrays inside each flat vector (one array if None); ``loo_history``
+    each update's shop's earlier leave-one-out cosines (none if None). ``Screened.loo`` holds this round's
+    cosine of every update, left out or not, for the caller to append to that history.
     """
     n = len(deltas)
     capped = cap_claims(claims, first_claims, settings.examples_cap)
@@ -144,6 +188,16 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
             if out.cosines[i] < settings.min_cosine:
                 out.left_out[i] = (f"update direction against the round's median update (median cosine over "
                                    f"arrays {out.cosines[i]:.3f} < {settings.min_cosine:g})")
+        kept = [i for i in kept if i not in out.left_out]
+    if settings.loo_min_cosine > -1 and len(kept) >= LOO_MIN_UPDATES:
+        out.loo = leave_one_out([d * s for d, s in zip(deltas, out.scale, strict=True)], kept)
+        history = loo_history or [[] for _ in deltas]
+        scores = {i: reputation(history[i], out.loo[i]) for i in kept}
+        below = sorted((c, i) for i, c in scores.items() if c < settings.loo_min_cosine)
+        for _, i in below[:(len(kept) - 1) // 2]:  # majority guard: the lowest scores first, never a majority
+            out.left_out[i] = (f"update direction against the other shops' mean update (leave-one-out cosine "
+                               f"{out.loo[i]:.3f}, mean over its rounds {np.mean([*history[i], out.loo[i]]):.3f}; "
+                               f"the lower is < {settings.loo_min_cosine:g})")
         kept = [i for i in kept if i not in out.left_out]
     shares = cap_shares([out.weights[i] for i in kept], settings.weight_cap)
     for i, w in zip(kept, shares, strict=True):

@@ -120,12 +120,15 @@ class ShopStrategy(Strategy):
                  on_round_end: Callable[[RoundReport], None] | None = None,
                  round_config: RoundConfig | None = None, round_offset: int = 0,
                  max_short_rounds: int = 3, robust: RobustSettings | None = None,
-                 wire: Wire | None = None, first_claims: dict[str, float] | None = None) -> None:
+                 wire: Wire | None = None, first_claims: dict[str, float] | None = None,
+                 loo_history: dict[str, list[float]] | None = None) -> None:
         self.inner = inner
         self.robust = robust or RobustSettings()
         self.wire = wire or Wire()  # message compression; "none" only counts bytes
         # shop -> its first accepted num-examples claim; checkpointed (`first_claims`), restored on resume
         self._first_claim: dict[str, float] = dict(first_claims or {})
+        # shop -> its leave-one-out cosine in every screened round (its reputation); checkpointed like first claims
+        self._loo_history: dict[str, list[float]] = {k: list(v) for k, v in (loo_history or {}).items()}
         self._auto_select = isinstance(inner, MultiKrum) and inner.num_nodes_to_select <= 0
         self.aggregated_rounds = 0  # rounds whose update reached the global model
         self.last_skip = ""  # why the last skipped round was skipped
@@ -149,6 +152,11 @@ class ShopStrategy(Strategy):
     def first_claims(self) -> dict[str, float]:
         """Each shop's first accepted num-examples claim (a copy), the base of its cap: a checkpoint keeps it."""
         return dict(self._first_claim)
+
+    @property
+    def loo_history(self) -> dict[str, list[float]]:
+        """Each shop's leave-one-out cosines so far (a copy), oldest first: a checkpoint keeps them."""
+        return {k: list(v) for k, v in self._loo_history.items()}
 
     def summary(self) -> None:
         """Log the inner strategy's settings and the fault bound."""
@@ -277,12 +285,16 @@ class ShopStrategy(Strategy):
             deltas.append(flat.astype(np.float32) - flat_base)
             claims.append(float(next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES]))
         bounds = np.cumsum([base[k].size for k in keys]).tolist()
-        result = screen(deltas, claims, [self._first_claim.get(s) for s in shops], self.robust, bounds)
+        result = screen(deltas, claims, [self._first_claim.get(s) for s in shops], self.robust, bounds,
+                        [self._loo_history.get(s, []) for s in shops])
         out = []
         for i, msg in enumerate(usable):
             self._first_claim.setdefault(shops[i], result.claims[i])
-            logger.debug("round %d: shop %s update norm %.4g, cosine to median %s, weight %.4g", rnd, shops[i],
-                         result.norms[i], f"{result.cosines[i]:.3f}" if result.cosines else "n/a", result.weights[i])
+            if i in result.loo:
+                self._loo_history.setdefault(shops[i], []).append(round(result.loo[i], 6))
+            logger.debug("round %d: shop %s update norm %.4g, cosine to median %s, leave-one-out %s, weight %.4g", rnd,
+                         shops[i], result.norms[i], f"{result.cosines[i]:.3f}" if result.cosines else "n/a",
+                         f"{result.loo[i]:.3f}" if i in result.loo else "n/a", result.weights[i])
             if i in result.left_out:
                 assert self._report is not None
                 self._report.left_out[shops[i]] = result.left_out[i]

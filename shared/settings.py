@@ -117,6 +117,9 @@ class FederationTable(_Table):
                                        "claim and x the shop's first claim; 0 = off, else >= 1")
     robust_weight_cap: float = Field(4.0, ge=0, description="no shop above this / n of the aggregation weight; "
                                      "0 = off, else >= 1")
+    robust_loo_min_cosine: float = Field(-0.08, ge=-1, le=1, description="leave out updates whose cosine with the "
+                                         "mean of the other kept updates is below this (>= 5 updates, never a "
+                                         "majority); -1 = off")
     robust_num_malicious: int = Field(1, ge=0, description="krum | multikrum | bulyan: assumed attackers")
     robust_trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fedtrimmedavg: share cut on each side")
     compression: Literal[COMPRESSION_MODES] = Field(

@@ -36,3 +36,12 @@ def test_cost_is_read_at_the_best_validation_round_within_the_horizon_and_exclud
     assert at3["attacker_share"] == pytest.approx(0.5) and not at3["met"]
     at1 = next(r for r in rows if r["rounds"] == 1 and r["attack"] == "signflip")
     assert at1["cost_vs_clean"] == [pytest.approx(0.0)] and at1["attacker_left_out_rounds"] == 0
+
+
+def test_a_run_from_before_a_screen_existed_is_reused_only_where_that_screen_is_off():
+    older = {k: v for k, v in byzantine.screens_for("fedshop", {}).items() if k != "robust-loo-min-cosine"}
+    assert not byzantine.same_screens(older, byzantine.screens_for("fedshop", {}))  # default on: rerun
+    assert byzantine.same_screens(older, byzantine.screens_for("fedshop", {"robust-loo-min-cosine": -1.0}))
+    plain = {k: v for k, v in byzantine.screens_for("fedavg", {}).items() if k != "robust-loo-min-cosine"}
+    assert byzantine.same_screens(plain, byzantine.screens_for("fedavg", {}))  # screens off: the same run
+    assert not byzantine.same_screens({**plain, "robust-norm-factor": 4.0}, byzantine.screens_for("fedavg", {}))

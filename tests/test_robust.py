@@ -131,7 +131,9 @@ def test_a_sign_flipped_update_is_left_out_by_the_direction_check():
     arrays, report = _round(_strategy(), replies)
     assert "direction" in report.left_out["shop_00"] and "cosine" in report.left_out["shop_00"]
     np.testing.assert_allclose(_delta(arrays), _honest_mean(), atol=1e-6)
-    _, off = _round(_strategy(robust=RobustSettings(min_cosine=-1.0)), replies)  # -1: check off
+    _, loo = _round(_strategy(robust=RobustSettings(min_cosine=-1.0)), replies)  # -1: median check off
+    assert "leave-one-out" in loo.left_out["shop_00"]  # the leave-one-out screen still catches it
+    _, off = _round(_strategy(robust=RobustSettings(min_cosine=-1.0, loo_min_cosine=-1.0)), replies)  # both off
     assert "shop_00" in off.train
 
 

@@ -1,0 +1,189 @@
+"""The leave-one-out reputation screen (server/robust.py): each update against the mean of the others."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flower_harness import LocalGrid
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from server.federation_settings import FederationSettings
+from server.robust import LOO_MIN_UPDATES, RobustSettings, leave_one_out, reputation, screen
+from server.strategies import RoundReport, ShopStrategy
+
+N = 8
+LOO_ONLY = RobustSettings(norm_factor=0.0, min_cosine=-1.0, examples_cap=0.0, weight_cap=0.0)  # only this screen
+
+
+def _barely_aligned(deltas: list[np.ndarray], i: int, cosine: float = 0.05) -> list[np.ndarray]:
+    """``deltas`` with update i replaced by one of the same norm whose cosine with the others' mean is ``cosine``."""
+    mean = np.mean([d for j, d in enumerate(deltas) if j != i], axis=0)
+    unit = mean / np.linalg.norm(mean)
+    ortho = np.random.default_rng(7).normal(size=mean.size)
+    ortho -= (ortho @ unit) * unit
+    ortho /= np.linalg.norm(ortho)
+    out = list(deltas)
+    out[i] = np.linalg.norm(deltas[i]) * (cosine * unit + np.sqrt(1 - cosine ** 2) * ortho)
+    return out
+
+
+def _heterogeneous(n: int, seed: int = 0, size: int = 400) -> list[np.ndarray]:
+    """Honest updates that agree only weakly: a small common step under large shop-specific noise."""
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=size)
+    return [0.4 * common + rng.normal(size=size) for _ in range(n)]
+
+
+def test_a_sign_flipped_update_is_left_out_with_the_reason():
+    deltas = _heterogeneous(N)
+    deltas[2] = -deltas[2]
+    out = screen(deltas, [1.0] * N, [None] * N, LOO_ONLY)
+    assert set(out.left_out) == {2}
+    assert "leave-one-out cosine" in out.left_out[2] and out.loo[2] < -0.08
+    assert all(out.loo[i] > 0 for i in range(N) if i != 2)
+
+
+def test_honest_heterogeneous_updates_are_all_kept():
+    for seed in range(20):
+        deltas = _heterogeneous(N, seed=seed)
+        deltas[0] = 3.0 * deltas[0]  # one much larger shop
+        out = screen(deltas, [1.0] * N, [None] * N, RobustSettings())
+        assert not out.left_out, (seed, out.left_out)
+        assert len(out.loo) == N
+
+
+def test_fewer_than_five_updates_turn_the_screen_off():
+    five = _heterogeneous(LOO_MIN_UPDATES)
+    five[0] = -five[0]
+    assert set(screen(five, [1.0] * 5, [None] * 5, LOO_ONLY).left_out) == {0}
+    four = five[:LOO_MIN_UPDATES - 1]
+    out = screen(four, [1.0] * 4, [None] * 4, LOO_ONLY)
+    assert not out.left_out and not out.loo
+
+
+def test_the_majority_guard_never_leaves_out_more_than_n_minus_1_over_2():
+    rng = np.random.default_rng(4)
+    deltas = [rng.normal(size=500) for _ in range(7)]  # nearly orthogonal: every score is ~0, below 0.5
+    strict = RobustSettings(norm_factor=0.0, min_cosine=-1.0, examples_cap=0.0, weight_cap=0.0, loo_min_cosine=0.5)
+    out = screen(deltas, [1.0] * 7, [None] * 7, strict)
+    assert len(out.left_out) == (7 - 1) // 2
+    lowest = sorted(out.loo, key=out.loo.get)[:3]
+    assert set(out.left_out) == set(lowest)  # the lowest scores go first
+
+
+def test_the_others_are_only_the_updates_kept_by_earlier_screens():
+    deltas = _heterogeneous(N)
+    deltas[1] = -1000.0 * deltas[1]  # left out by the norm bound: it must not drag the others' mean
+    out = screen(deltas, [1.0] * N, [None] * N, RobustSettings(min_cosine=-1.0))
+    assert set(out.left_out) == {1} and "norm" in out.left_out[1]
+    assert out.loo[1] < 0 and all(out.loo[i] > 0 for i in range(N) if i != 1)
+    kept = [i for i in range(N) if i != 1]
+    mean_of_others = np.mean([deltas[j] for j in kept if j != 0], axis=0)
+    expected = float(deltas[0] @ mean_of_others / np.linalg.norm(deltas[0]) / np.linalg.norm(mean_of_others))
+    assert leave_one_out(deltas, kept)[0] == pytest.approx(expected)
+
+
+def test_a_bad_reputation_keeps_a_shop_out_when_this_round_looks_harmless():
+    assert reputation([], 0.05) == 0.05
+    assert reputation([-0.3, -0.2], 0.05) == pytest.approx(-0.15)
+    assert reputation([0.4, 0.4], -0.2) == -0.2  # this round alone is enough
+    deltas = _barely_aligned(_heterogeneous(N), 5)  # cosine 0.05 this round: alone, it passes
+    history = [[0.3]] * N
+    history[5] = [-0.4, -0.3]
+    out = screen(deltas, [1.0] * N, [None] * N, LOO_ONLY, loo_history=history)
+    assert set(out.left_out) == {5} and "mean over its rounds" in out.left_out[5]
+    assert not screen(deltas, [1.0] * N, [None] * N, LOO_ONLY).left_out  # without that history it stays in
+
+
+# ---- through ShopStrategy: the left-out report and the history ----------------------------------------------
+
+SHAPES = {"a": (20, 3), "b": (15,)}
+GLOBAL = {k: np.zeros(s, dtype=np.float32) for k, s in SHAPES.items()}
+
+
+def _round(strategy: ShopStrategy, deltas: list[np.ndarray], rnd: int = 1) -> RoundReport:
+    """One round of N shops replying ``global + delta`` (flat deltas in sorted key order)."""
+    reports: list[RoundReport] = []
+    strategy.on_round_end = reports.append
+    sent = strategy.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), ConfigRecord(),
+                                    LocalGrid(N, None))
+    out = []
+    for msg in sent:
+        i = msg.metadata.dst_node_id - 1000
+        a, b = deltas[i][:60].reshape(20, 3), deltas[i][60:]
+        record = ArrayRecord({"a": Array(a.astype(np.float32)), "b": Array(b.astype(np.float32))})
+        out.append(Message(RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 100.0,
+                                                                                  "shop-index": i})}),
+                           reply_to=msg))
+    strategy.aggregate_train(rnd, out)
+    strategy.aggregate_evaluate(rnd, [])
+    return reports[0]
+
+
+def _strategy(history: dict[str, list[float]] | None = None) -> ShopStrategy:
+    inner = FedAvg(min_train_nodes=N, min_available_nodes=N, fraction_evaluate=0.0)
+    return ShopStrategy(inner, min_shops=2, shop_name=lambda i: f"shop_{i:02d}",
+                        robust=RobustSettings(min_cosine=-1.0), loo_history=history)
+
+
+def test_the_strategy_reports_the_flipped_shop_and_keeps_every_shops_history():
+    deltas = _heterogeneous(N, size=75)
+    strategy = _strategy()
+    report = _round(strategy, [-deltas[0], *deltas[1:]])
+    assert set(report.left_out) == {"shop_00"} and "leave-one-out" in report.left_out["shop_00"]
+    assert "shop_00" not in report.train
+    report = _round(strategy, deltas, rnd=2)  # shop_00 honest again: its flagged round 1 still counts
+    history = strategy.loo_history
+    assert set(history) == {f"shop_{i:02d}" for i in range(N)} and all(len(v) == 2 for v in history.values())
+    assert history["shop_00"][0] < -0.08 < history["shop_00"][1]
+    assert ("shop_00" in report.left_out) == (np.mean(history["shop_00"]) < -0.08)
+    history["shop_00"].append(9.0)  # a copy: the strategy's own history is untouched
+    assert len(strategy.loo_history["shop_00"]) == 2
+
+
+def test_a_restored_history_is_used_in_the_next_round():
+    deltas = _barely_aligned(_heterogeneous(N, size=75), 3)
+    assert "shop_03" not in _round(_strategy(), deltas).left_out
+    report = _round(_strategy({"shop_03": [-0.5, -0.4]}), deltas)
+    assert "shop_03" in report.left_out
+
+
+# ---- checkpoint and settings ------------------------------------------------------------------------------------
+
+def test_the_history_survives_a_checkpoint_and_old_checkpoints_still_load(tmp_path):
+    history = {"shop_00": [0.17, -0.05], "shop_01": [0.2]}
+    save_checkpoint(tmp_path, Checkpoint(1, {"w": np.zeros(2, dtype=np.float32)}, loo_history=history))
+    assert latest_checkpoint(tmp_path).loo_history == history
+    path = list_checkpoints(tmp_path)[0]
+    payload = torch.load(path, weights_only=True)
+    del payload["loo_history"]  # written before the screen existed
+    torch.save(payload, path)
+    assert latest_checkpoint(tmp_path).loo_history == {}
+    payload["loo_history"] = {"shop_00": "bad"}
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="loo_history"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("bad", [1.5, -1.01])
+def test_a_loo_threshold_outside_minus_1_1_is_refused(bad):
+    with pytest.raises(ValueError, match=r"robust-loo-min-cosine.*Fix"):
+        RobustSettings(loo_min_cosine=bad)
+    with pytest.raises(ValueError, match="robust.loo.min.cosine"):
+        FederationSettings.from_config({"robust-loo-min-cosine": bad})
+
+
+def test_the_run_config_key_reaches_the_screen_and_is_on_by_default():
+    assert FederationSettings.from_config({}).robust_settings().loo_min_cosine == -0.08
+    assert FederationSettings.from_config({"robust-loo-min-cosine": -1.0}).robust_settings().loo_min_cosine == -1.0
+    assert RobustSettings.off().loo_min_cosine == -1.0
