@@ -110,12 +110,13 @@ class PollingGrid(DelegatingGrid):
                 got = [self._unpacked(msg) for msg in got]
             for msg in got:
                 _timing({"event": "reply", "type": msg.metadata.message_type, "round": msg.metadata.group_id,
-                         "at": time.time(), "error": msg.has_error()})
+                         "reply_to": msg.metadata.reply_to_message_id, "at": time.time(), "error": msg.has_error()})
             replies.extend(got)
             pending.difference_update(msg.metadata.reply_to_message_id for msg in got)
             if not pending:
                 break
             time.sleep(self.interval)
+        _timing({"event": "received", "at": time.time()})  # the strategy's own work starts here
         return replies
 
 
