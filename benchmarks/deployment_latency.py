@@ -1,31 +1,28 @@
 """Round time in deployment (TLS SuperLink + one SuperNode per merchant on loopback) vs simulation.
 
 Same three tiny synthetic shops, same scenario (`simulations.deploy.loopback.tiny_scenario`), same
-rounds, in one run so the comparison is a ratio taken under the same machine load:
-  * simulation: `simulations.federated.run_federated` (Ray; one long-lived actor per shop);
-  * deployment, a process per message (before): `merchant start --isolation subprocess`, Flower's
-    way: a fresh `flwr-clientapp` per message; the SuperNode's 1 s object-pull back-off and 3 s idle
-    poll as in Flower (`FEDSHOP_PULL_BACKOFF=1`, `FEDSHOP_ACTIVE_POLL_WINDOW=0`);
-  * deployment, long-lived ClientApp, Flower's SuperNode polling: `--isolation process` (the default),
-    one `client.long_lived` process per merchant serves every message;
-  * deployment, long-lived ClientApp + fedshop's SuperNode polling, one object per Array: as
-    2026-12-05 morning (Flower moves every Array as its own object, one HTTPS request each per hop;
-    the ServerApp and the long-lived ClientApp pull objects with Flower's 1 s back-off);
-  * deployment, all of fedshop's settings (after): `merchant start`'s and `coordinator start`'s
-    defaults: also the message's Arrays packed into one blob (`shared.wire_pack`) and 0.1 s object-pull
-    back-offs in the ServerApp and the long-lived ClientApp.
-All use fedshop's polling settings (ServerApp 0.1 s, task poll 0.2 s) and the tensor cache. The
-simulation runs before and after the deployment rows (so it sees the load at both ends); its row is
-the median over both.
+rounds, in one run so the comparisons are ratios taken under the same machine load. Rows (``--setups``):
+  * simulation: `simulations.federated.run_federated` (Ray; one long-lived actor per shop), always;
+  * flower-waits (before, default): fedshop's defaults except the waits `shared.pull_backoff` sets,
+    which get Flower's values: object-pull back-offs 1 s doubling to 10 s in SuperNode, ServerApp and
+    long-lived ClientApp, and the SuperNode's 0.5 s reply wait (`pull_backoff.FLOWERS_OWN`);
+  * after (default): `merchant start`'s and `coordinator start`'s defaults (0.02 -> 0.25 s,
+    ClientApp 0.01 -> 0.05 s, reply wait 0.01 s);
+  * older comparisons, on request: subprocess (a fresh `flwr-clientapp` per message and all of Flower's
+    waits), long-lived (long-lived ClientApp, Flower's SuperNode polling), polling (2026-12-05 morning:
+    one object per Array, Flower's back-offs).
+One cycle runs simulation, the rows, then the rows in reverse and the simulation again (mirrored order,
+so a load trend hits before and after alike); ``--cycles N`` repeats it.
 Round time = gap between consecutive round checkpoints (`<run-dir>/checkpoints/round-NNNN.pt` mtimes),
-so start-up is excluded. Each deployment run also writes a timing log (`FEDSHOP_TIMING_LOG`) from
-which the per-message phases are taken (push -> clientapp process start -> handler start -> end ->
-reply at the ServerApp). The fixed cost of one fresh `flwr-clientapp` process (flwr 1.42 starts one
-per message) is measured step by step, in wall and CPU seconds; for the long-lived process the CPU it
-spends per message (from /proc, start-up excluded) is measured too; the load average is recorded.
+so start-up is excluded. Each deployment run also writes a timing log (`shared.timing_log`) from which
+each message's stages are taken: pull (the ServerApp starts pushing -> the long-lived ClientApp has the
+message's inputs; i.e. ServerApp push, SuperNode pull, ClientApp pull), run (the ClientApp's handler),
+push (handler end -> the reply unpacked at the ServerApp; ClientApp push, SuperNode reply wait and push,
+ServerApp pull) and aggregate (the ServerApp's own work between one set of replies and its next push).
+``--process-costs`` also measures the fixed cost of one fresh `flwr-clientapp` process step by step.
 Prints a table and writes benchmarks/results/deployment_latency.json.
 
-    .venv/bin/python benchmarks/deployment_latency.py [--rounds 3] [--repeats 3]
+    .venv/bin/python benchmarks/deployment_latency.py [--rounds 4] [--cycles 1] [--setups flower-waits,after]
 """
 
 from __future__ import annotations
@@ -43,6 +40,7 @@ import time
 from pathlib import Path
 
 from shared.atomic import atomic_write_text
+from shared.pull_backoff import FLOWERS_OWN
 from shared.scenario import load_scenario
 from simulations.deploy.coordinator import deployment_run_config, submit_run
 from simulations.deploy.loopback import loopback_federation, tiny_scenario, write_tiny_shops
@@ -50,18 +48,22 @@ from simulations.deploy.loopback import loopback_federation, tiny_scenario, writ
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = "flwr.supernode.runtime.run_clientapp"  # what every flwr-clientapp process imports first
 # One object per Array, Flower's 1 s back-off in the ServerApp's and the long-lived ClientApp's object pulls
-UNPACKED = {"FEDSHOP_PACK_ARRAYS": "0", "FEDSHOP_GRID_PULL_BACKOFF": "1", "FEDSHOP_CLIENTAPP_PULL_BACKOFF": "1"}
+UNPACKED = {"FEDSHOP_PACK_ARRAYS": "0", "FEDSHOP_GRID_PULL_BACKOFF": "1", "FEDSHOP_CLIENTAPP_PULL_BACKOFF": "1",
+            "FEDSHOP_REPLY_POLL": "0.5"}
 # The SuperNode's object-pull back-off (1 s) and idle poll (3 s) as Flower has them
 FLOWER_SUPERNODE = {"FEDSHOP_PULL_BACKOFF": "1", "FEDSHOP_ACTIVE_POLL_WINDOW": "0", **UNPACKED}
 SIMULATION = "simulation (Ray, run_federated)"
 BEFORE = "deployment, process per message"
 LONG_LIVED = "deployment, long-lived ClientApp, Flower's SuperNode polling"
-POLLING = "deployment, long-lived + fedshop's SuperNode polling, one object per Array (before)"
-AFTER = "deployment, all fedshop settings: + packed Arrays, 0.1 s object back-offs (after)"
+POLLING = "deployment, long-lived + fedshop's SuperNode polling, one object per Array"
+FLOWER_WAITS = "deployment, fedshop defaults but Flower's back-offs and reply wait (before)"
+AFTER = "deployment, all fedshop defaults: 0.02-0.25 s back-offs, 0.01 s reply wait (after)"
 SETUPS = (("subprocess", BEFORE, "subprocess", FLOWER_SUPERNODE),
           ("long-lived", LONG_LIVED, "process", FLOWER_SUPERNODE),
           ("polling", POLLING, "process", UNPACKED),
+          ("flower-waits", FLOWER_WAITS, "process", dict(FLOWERS_OWN)),
           ("after", AFTER, "process", {}))  # {} = the defaults of `fedshop coordinator/merchant start`
+STAGES = ("pull", "run", "push", "aggregate")
 
 
 def fresh_process_cost(code: str, repeats: int) -> dict[str, float]:
@@ -148,6 +150,39 @@ def message_phases(timing_log: Path) -> dict[str, float]:
     return {name: round(statistics.median(v), 2) for name, v in phases.items() if v}
 
 
+def message_stages(timing_log: Path) -> dict[str, list[float]]:
+    """Seconds of each stage (pull, run, push, aggregate) of every message of a deployment run's timing log.
+
+    A message is matched to its reply by message ID and to the long-lived ClientApp's "inputs pulled" line
+    by process and time; aggregate is the ServerApp's time from "all replies received" to its next push.
+    """
+    events = [json.loads(line) for line in timing_log.read_text().splitlines() if line.strip()]
+    server = [e for e in events if e["where"] == "serverapp"]
+    pushes = sorted(e["start"] for e in server if e["event"] == "push")
+    reply_at = {e["reply_to"]: e["at"] for e in server if e["event"] == "reply" and "reply_to" in e}
+    received = sorted(e["at"] for e in server if e["event"] == "received")
+    inputs = [e for e in events if e["where"] == "long_lived" and e["event"] == "inputs pulled"]
+    stages: dict[str, list[float]] = {name: [] for name in STAGES}
+    for e in (e for e in events if e["where"] == "clientapp"):
+        pushed = max((p for p in pushes if p <= e["msg_created"] + 0.5), default=None)
+        pulled = max((i["at"] for i in inputs if i["pid"] == e["pid"] and i["at"] <= e["handler_start"]),
+                     default=None)
+        if pushed is not None and pulled is not None and pulled >= pushed:
+            stages["pull"].append(pulled - pushed)
+        stages["run"].append(e["handler_end"] - e["handler_start"])
+        if e.get("msg_id") in reply_at:
+            stages["push"].append(reply_at[e["msg_id"]] - e["handler_end"])
+    for done in received:
+        following = [p for p in pushes if p >= done]
+        if following:
+            stages["aggregate"].append(following[0] - done)
+    return {name: [round(v, 4) for v in values] for name, values in stages.items()}
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3) if values else float("nan")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds ``pid`` has used so far (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -155,12 +190,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds: int, label: str,
-                      isolation: str, env: dict[str, str]) -> tuple[list[float], dict[str, float]]:
+                      isolation: str, env: dict[str, str]) -> tuple[list[float], dict[str, float],
+                                                                    dict[str, list[float]]]:
     """Round times and per-message phases of a loopback deployment (TLS, SuperNode auth), same shops.
 
     With a long-lived ClientApp the phases also hold its CPU seconds per message (start-up excluded).
     """
     fed_root = root / f"fed-{label}"
+    if fed_root.exists():
+        raise RuntimeError(f"{fed_root} exists already: give each run its own label")
     for name in shops:
         (fed_root / name).mkdir(parents=True)
         (fed_root / name / "shop").symlink_to(root / name / "shop")
@@ -182,60 +220,92 @@ def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds:
         served = sum(json.loads(line)["pid"] in pids for line in timing.read_text().splitlines()
                      if line.strip() and json.loads(line)["where"] == "clientapp")
         phases["long-lived ClientApp CPU s per message"] = round(cpu_used / max(served, 1), 3)
-    return round_gaps(run_dir), phases
+    return round_gaps(run_dir), phases, message_stages(timing)
 
 
 def main() -> None:
-    """Run the measurements, print a table, write JSON."""
+    """Run the measurements in mirrored order, print a table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--setups", default=",".join(label for label, *_ in SETUPS),
-                        help="deployment rows to run, comma-separated (subprocess,long-lived,polling,after); "
-                             "the process-per-message row takes the longest")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--cycles", type=int, default=1,
+                        help="times to run simulation, the rows, the rows reversed and the simulation again")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each --process-costs step")
+    parser.add_argument("--process-costs", action="store_true",
+                        help="also measure the fixed cost of a fresh flwr-clientapp process, step by step")
+    parser.add_argument("--setups", default="flower-waits,after",
+                        help="deployment rows, comma-separated, in the order of the first half of a cycle "
+                             f"(some of {', '.join(s[0] for s in SETUPS)}; must include after)")
     args = parser.parse_args()
-    chosen = [s for s in SETUPS if s[0] in args.setups.split(",")]
-    if not chosen or AFTER not in [name for _, name, *_ in chosen]:
-        parser.error(f"--setups {args.setups!r}: give some of {', '.join(s[0] for s in SETUPS)}, including after")
+    by_label = {label: rest for label, *rest in SETUPS}
+    labels = [label for label in args.setups.split(",") if label]
+    if not labels or "after" not in labels or any(label not in by_label for label in labels):
+        parser.error(f"--setups {args.setups!r}: give some of {', '.join(by_label)}, including after")
+    if args.cycles < 1 or args.rounds < 3:
+        parser.error("--cycles must be at least 1 and --rounds at least 3 (round times are taken from round 2)")
+    before_label = next((label for label in ("flower-waits", "polling", "long-lived", "subprocess")
+                         if label in labels), None)
     load_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="fedshop-latency-"))
     shops = write_tiny_shops(root)
     scenario = root / "latency.toml"
     scenario.write_text(tiny_scenario([root / n / "shop" for n in shops], name="latency-tiny",
                                       rounds=args.rounds, round_timeout=300.0))
-    costs = message_costs(root / shops[0] / "shop", root / "cost-state", scenario, args.repeats)
-    sim_first = simulation_rounds(scenario, root, args.rounds, "sim-first")
-    phases = {}
-    deployed = {}
-    for label, name, isolation, env in chosen:
-        deployed[name], phases[name] = deployment_rounds(scenario, root, shops, args.rounds, label, isolation, env)
-    sim_last = simulation_rounds(scenario, root, args.rounds, "sim-last")
-    rounds = {SIMULATION: sim_first + sim_last, **deployed}
+    costs = (message_costs(root / shops[0] / "shop", root / "cost-state", scenario, args.repeats)
+             if args.process_costs else {})
+    names = {label: by_label[label][0] for label in labels}
+    rounds: dict[str, list[float]] = {SIMULATION: [], **{names[label]: [] for label in labels}}
+    run_medians: dict[str, list[float]] = {name: [] for name in rounds}
+    stages: dict[str, dict[str, list[float]]] = {names[label]: {st: [] for st in STAGES} for label in labels}
+    phases: dict[str, list[dict[str, float]]] = {names[label]: [] for label in labels}
+    order: list[str] = []
+    for cycle in range(args.cycles):
+        half = ["simulation", *labels]
+        for step, label in enumerate(half + half[::-1]):
+            tag = f"{label}-c{cycle}-{step}"
+            order.append(label)
+            if label == "simulation":
+                times = simulation_rounds(scenario, root, args.rounds, tag)
+                name = SIMULATION
+            else:
+                name, isolation, env = by_label[label]
+                times, run_phases, run_stages = deployment_rounds(scenario, root, shops, args.rounds, tag,
+                                                                  isolation, env)
+                phases[name].append(run_phases)
+                for st in STAGES:
+                    stages[name][st] += run_stages[st]
+            rounds[name] += times
+            run_medians[name].append(_median(times))
+            print(f"[{time.strftime('%H:%M:%S')}] {tag}: rounds {times}, load {os.getloadavg()[0]:.1f}", flush=True)
     load_end = os.getloadavg()
-    print(f"load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end, on {os.cpu_count()} CPUs")
-    print(f"{'fixed cost per message: fresh process that':<52} {'wall s':>7} {'cpu s':>7}")
-    for name, cost in costs.items():
-        print(f"  {name:<50} {cost['wall_s']:7.2f} {cost['cpu_s']:7.2f}")
-    print(f"{'3 shops, round time (from round 2)':<52} {'median':>7}  all")
-    medians = {name: statistics.median(times) if times else float("nan") for name, times in rounds.items()}
-    for name, times in rounds.items():
-        print(f"  {name:<50} {medians[name]:7.2f}  {times}")
+    medians = {name: _median(times) for name, times in rounds.items()}
     sim, after = medians[SIMULATION], medians[AFTER]
-    print(f"  simulation before the deployment rows {sim_first}, after them {sim_last}")
-    ratios = {name: round(medians[name] / sim, 3) for name in deployed}
-    print("  round / simulation: " + "; ".join(f"{name.split(',')[1].strip()} {r:.2f}" for name, r in ratios.items()))
-    if POLLING in medians:
-        print(f"  after / before (one object per Array) {after / medians[POLLING]:.2f}")
-    print("per-message phases, median s (3 SuperNodes in parallel on this machine)")
-    for name, values in phases.items():
-        print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
-    result = {"fixed_cost_per_message": costs, "round_times_s": rounds, "median_round_s": medians,
+    before = medians[by_label[before_label][0]] if before_label else None
+    stage_medians = {name: {st: _median(v) for st, v in per.items()} for name, per in stages.items()}
+    print(f"load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end, on {os.cpu_count()} CPUs; "
+          f"order {' '.join(order)}")
+    if costs:
+        print(f"{'fixed cost per message: fresh process that':<52} {'wall s':>7} {'cpu s':>7}")
+        for name, cost in costs.items():
+            print(f"  {name:<50} {cost['wall_s']:7.2f} {cost['cpu_s']:7.2f}")
+    header = f"{'3 shops, round time s (from round 2)':<84} {'median':>7} {'x sim':>6}  " + \
+        "  ".join(f"{st:>9}" for st in STAGES) + "  per-run medians"
+    print(header)
+    print(f"{'':<84} {'':>7} {'':>6}  " + "  ".join(f"{'msg med':>9}" for _ in STAGES))
+    for name in rounds:
+        cells = "  ".join(f"{stage_medians[name][st]:9.3f}" for st in STAGES) if name in stage_medians \
+            else "  ".join(f"{'':>9}" for _ in STAGES)
+        print(f"  {name:<82} {medians[name]:7.2f} {medians[name] / sim:6.2f}  {cells}  {run_medians[name]}")
+    ratios = {name: round(medians[name] / sim, 3) for name in rounds if name != SIMULATION}
+    if before is not None and before_label != "after":
+        print(f"  after / before ({before_label}) {after / before:.2f}; after / simulation {after / sim:.2f} "
+              f"(target <= 2)")
+    result = {"round_times_s": rounds, "median_round_s": medians, "per_run_median_s": run_medians,
               "ratio_to_simulation": ratios, "ratio_after_simulation": round(after / sim, 3),
-              "ratio_after_before": round(after / medians[POLLING], 3) if POLLING in medians else None,
-              "simulation_first_s": sim_first, "simulation_last_s": sim_last,
-              "message_phases_s": phases,
-              "settings": {name: {"isolation": isolation, "env": env or "fedshop defaults"}
-                           for _, name, isolation, env in chosen},
+              "ratio_after_before": round(after / before, 3) if before else None, "before_setup": before_label,
+              "stage_medians_s": stage_medians, "stages_s": stages, "message_phases_s": phases,
+              "fixed_cost_per_message": costs, "order": order, "cycles": args.cycles,
+              "settings": {by_label[label][0]: {"isolation": by_label[label][1],
+                                                "env": by_label[label][2] or "fedshop defaults"} for label in labels},
               "rounds": args.rounds, "shops": shops, "loadavg_start": list(load_start),
               "loadavg_end": list(load_end), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out = ROOT / "benchmarks" / "results" / "deployment_latency.json"

@@ -43,9 +43,8 @@ ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the Runtime method Flower 
 IDLE_POLL_SECONDS = 0.1  # between AcquireTask calls when no task is waiting (a local loopback request)
 # The SuperNode hands out a task before it has pulled the message's objects from the SuperLink, so
 # pull_task_input often finds them missing and waits Flower's 1 s initial back-off (a default argument,
-# no flag): bound to 0.1 s doubling to 2 s in this process only (Flower's tries per object unchanged).
-PULL_BACKOFF, PULL_BACKOFF_CAP = 0.1, 2.0
-PULL_BACKOFF_ENV = "FEDSHOP_CLIENTAPP_PULL_BACKOFF"  # "1" keeps Flower's 1 s (benchmarks compare both)
+# no flag): `shared.pull_backoff` binds 0.01 s doubling to 0.05 s in this process only
+# ($FEDSHOP_CLIENTAPP_PULL_BACKOFF; "1" keeps Flower's; Flower's tries per object unchanged).
 
 # What this adapter uses from flwr (1.42), with the parameter names it passes. `check_flower_interface`
 # raises at start when one is missing or changed, so a Flower upgrade fails loudly instead of mid-round.
@@ -54,7 +53,7 @@ FLOWER_INTERFACE: dict[str, dict[str, tuple[str, ...] | None]] = {
         "pull_task_input": ("client",),
         "push_message": ("client", "message", "context"),
         "push_task_output": ("client", "context", "sub_status", "details"),
-        # what pull_task_input pulls the message's objects with; its back-off is shortened (see below)
+        # what pull_task_input pulls the message's objects with; its back-off: shared.pull_backoff
         "pull_and_inflate_object_from_tree": ("initial_backoff", "backoff_cap"),
     },
     "flwr.supercore.runtime": {"RuntimeHttpClient": None},
@@ -120,18 +119,10 @@ def check_flower_interface() -> None:
 
 
 def shorten_task_input_backoff() -> None:
-    """Make this process's `pull_task_input` retry a missing object after PULL_BACKOFF s instead of 1 s."""
-    import functools
+    """Make this process's `pull_task_input` retry a missing object after $FEDSHOP_CLIENTAPP_PULL_BACKOFF s."""
+    from shared import pull_backoff
 
-    if os.environ.get(PULL_BACKOFF_ENV, "").strip() == "1":
-        return
-
-    from flwr.supernode.runtime import run_clientapp
-
-    original = run_clientapp.pull_and_inflate_object_from_tree
-    original = getattr(original, "func", original)  # already bound: rebind the original
-    run_clientapp.pull_and_inflate_object_from_tree = functools.partial(
-        original, initial_backoff=PULL_BACKOFF, backoff_cap=PULL_BACKOFF_CAP)
+    pull_backoff.apply_from_env(pull_backoff.CLIENTAPP)
 
 
 def local_fab_hash(app_dir: Path = APP_DIR) -> str | None:
@@ -316,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
         loop = LongLivedClient(args.runtime_api_address, superexec_secret=secret, parent_pid=args.parent_pid)
         loop.start()
-    except (FlowerInterfaceError, ValueError) as err:
+    except (FlowerInterfaceError, RuntimeError, ValueError) as err:  # RuntimeError: shared.pull_backoff's check
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

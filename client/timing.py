@@ -36,7 +36,7 @@ def timing_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     start = time.time()
     reply = call_next(msg, context)
     record({"where": "clientapp", "pid": os.getpid(), "node": str(context.node_config.get("shop-index", "")),
-            "type": msg.metadata.message_type, "round": msg.metadata.group_id,
+            "type": msg.metadata.message_type, "round": msg.metadata.group_id, "msg_id": msg.metadata.message_id,
             "msg_created": msg.metadata.created_at, "proc_start": process_start_time(),
             "imported": _IMPORTED_AT, "handler_start": start, "handler_end": time.time()})
     return reply

@@ -11,61 +11,30 @@ Array as its own object, one HTTPS request each per hop. `FEDSHOP_PACK_ARRAYS=0`
 
 Replies: `HttpGrid.pull_messages` pulls a reply's objects with `pull_objects`, whose back-off starts at 1 s
 (a default argument, no flag or env var); a reply is visible before its SuperNode finished pushing its
-objects, so the ServerApp usually waits that 1 s per round trip. `shorter_pull_backoff` binds 0.1 s
-(cap 2 s) into the function `http_grid` calls, as `simulations/deploy/supernode_launcher.py` does on the
-SuperNode; it checks the signature first and refuses a changed flwr (`FEDSHOP_GRID_PULL_BACKOFF=1` keeps
-Flower's).
+objects, so the ServerApp usually waits that 1 s per round trip. `shared.pull_backoff` binds 0.02 s
+(doubling to 0.25 s) into the function `http_grid` calls, as on the SuperNode; it checks flwr's interface
+first and refuses a changed flwr (`FEDSHOP_GRID_PULL_BACKOFF=1` keeps Flower's).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import os
 import sys
 import time
 from collections.abc import Iterable
-from types import ModuleType
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from server.delegating_grid import DelegatingGrid
+from shared import pull_backoff
 from shared.timing_log import record
 from shared.wire_pack import PackError, pack, unpack
 
 POLL_ENV = "FEDSHOP_GRID_POLL_INTERVAL"
 DEFAULT_POLL_INTERVAL = 0.1  # what Flower's own InMemoryGrid (simulation) uses
 PACK_ENV = "FEDSHOP_PACK_ARRAYS"
-PULL_BACKOFF_ENV = "FEDSHOP_GRID_PULL_BACKOFF"  # first wait (s) for a reply object not pushed yet; Flower's 1 s
-DEFAULT_PULL_BACKOFF, PULL_BACKOFF_CAP = 0.1, 2.0
-
-
-def shorter_pull_backoff(module: ModuleType, initial: float, cap: float = PULL_BACKOFF_CAP) -> None:
-    """Make ``module``'s calls of ``pull_objects`` retry a missing object after ``initial`` s (doubling to ``cap``).
-
-    RuntimeError naming the fix when flwr's ``pull_objects`` no longer takes those arguments.
-    """
-    original = getattr(module, "pull_objects", None)
-    original = getattr(original, "func", original)  # already bound: rebind the original
-    if original is None or not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(original).parameters):
-        raise RuntimeError(f"{module.__name__}.pull_objects changed: this flwr version is not the one fedshop was "
-                           f"built on. Fix: install flwr==1.42.0 or set {PULL_BACKOFF_ENV}=1")
-    module.pull_objects = functools.partial(original, initial_backoff=initial, backoff_cap=max(cap, initial))
-
-
-def pull_backoff(environ: dict[str, str] | None = None) -> float:
-    """$FEDSHOP_GRID_PULL_BACKOFF in seconds (default 0.1; 1 = Flower's own), validated."""
-    raw = (os.environ if environ is None else environ).get(PULL_BACKOFF_ENV, "") or str(DEFAULT_PULL_BACKOFF)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or not 0.01 <= value <= 10.0:
-        raise ValueError(f"{PULL_BACKOFF_ENV}={raw!r}: must be seconds between 0.01 and 10. Fix: unset it "
-                         f"(default {DEFAULT_PULL_BACKOFF}) or set 1 for Flower's back-off")
-    return value
 
 
 def packing_enabled(environ: dict[str, str] | None = None) -> bool:
@@ -141,12 +110,13 @@ class PollingGrid(DelegatingGrid):
                 got = [self._unpacked(msg) for msg in got]
             for msg in got:
                 _timing({"event": "reply", "type": msg.metadata.message_type, "round": msg.metadata.group_id,
-                         "at": time.time(), "error": msg.has_error()})
+                         "reply_to": msg.metadata.reply_to_message_id, "at": time.time(), "error": msg.has_error()})
             replies.extend(got)
             pending.difference_update(msg.metadata.reply_to_message_id for msg in got)
             if not pending:
                 break
             time.sleep(self.interval)
+        _timing({"event": "received", "at": time.time()})  # the strategy's own work starts here
         return replies
 
 
@@ -155,7 +125,5 @@ def faster_polling(grid: Grid, environ: dict[str, str] | None = None) -> Grid:
     http_grid = sys.modules.get("flwr.superlink.grid.http_grid")  # loaded by the deployment runtime only
     if http_grid is None or not isinstance(grid, http_grid.HttpGrid):
         return grid
-    backoff = pull_backoff(environ)
-    if backoff != 1.0:  # 1 = Flower's own back-off, left untouched
-        shorter_pull_backoff(http_grid, backoff)
+    pull_backoff.apply_from_env(pull_backoff.GRID, environ)
     return PollingGrid(grid, poll_interval(environ), packing_enabled(environ))

@@ -121,39 +121,6 @@ def test_one_long_lived_process_serves_every_message_of_two_runs(tmp_path: Path)
         assert "fresh flwr-clientapp" not in log
 
 
-def test_pull_backoff_is_bound_into_the_supernodes_pull_and_still_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
-    from flwr.supernode import start_client_internal
-
-    from simulations.deploy.supernode_launcher import apply_pull_backoff
-
-    monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
-    apply_pull_backoff(0.01)
-    apply_pull_backoff(0.02)  # applying twice rebinds Flower's function, not the wrapper
-    bound = start_client_internal.pull_objects
-    assert bound.keywords == {"initial_backoff": 0.02, "backoff_cap": 2.0}
-    assert not hasattr(bound.func, "func")
-    tries: list[str] = []
-
-    def pull(object_id: str) -> bytes:
-        tries.append(object_id)
-        if len(tries) == 1:
-            raise ObjectUnavailableError(object_id)  # not pushed yet: retried after the back-off
-        return b"content"
-
-    assert bound(["abc"], pull_object_fn=pull) == {"abc": b"content"}
-    assert tries == ["abc", "abc"]
-
-
-@pytest.mark.parametrize("raw", ["fast", "0", "-1"])
-def test_a_bad_pull_backoff_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
-    from simulations.deploy.supernode_launcher import PULL_BACKOFF_ENV, apply_pull_backoff, pull_backoff_from_env
-
-    monkeypatch.setenv(PULL_BACKOFF_ENV, raw)
-    with pytest.raises(ValueError, match=PULL_BACKOFF_ENV):
-        apply_pull_backoff(pull_backoff_from_env())
-
-
 def test_merchant_start_refuses_an_unknown_isolation(tmp_path: Path) -> None:
     from simulations.deploy.merchant import start_merchant
 

@@ -1,5 +1,6 @@
-"""Transport packing of messages' Arrays (shared.wire_pack, client.pack_mod, server.polling_grid) and the
-shorter object-pull back-offs of the ServerApp and the long-lived ClientApp."""
+"""Transport packing of messages' Arrays (shared.wire_pack, client.pack_mod, server.polling_grid).
+
+The object-pull back-offs: tests/test_pull_backoff.py."""
 
 from __future__ import annotations
 
@@ -11,14 +12,7 @@ from flwr.app.message import make_message
 from flwr.app.metadata import Metadata
 
 from client.pack_mod import pack_mod
-from server.polling_grid import (
-    PACK_ENV,
-    PULL_BACKOFF_ENV,
-    PollingGrid,
-    packing_enabled,
-    pull_backoff,
-    shorter_pull_backoff,
-)
+from server.polling_grid import PACK_ENV, PollingGrid, packing_enabled
 from shared.wire_pack import LAYOUT, PACKED, PackError, is_packed, pack, unpack
 
 
@@ -130,41 +124,7 @@ def test_the_polling_grid_packs_what_it_pushes_and_unpacks_replies() -> None:
     assert not is_packed(inner.pushed[0])
 
 
-def test_packing_and_backoff_settings_are_validated() -> None:
+def test_packing_setting_is_validated() -> None:
     assert packing_enabled({}) and not packing_enabled({PACK_ENV: "0"})
     with pytest.raises(ValueError, match=PACK_ENV):
         packing_enabled({PACK_ENV: "yes"})
-    assert pull_backoff({}) == 0.1 and pull_backoff({PULL_BACKOFF_ENV: "1"}) == 1.0
-    for bad in ("0", "soon", "60"):
-        with pytest.raises(ValueError, match=PULL_BACKOFF_ENV):
-            pull_backoff({PULL_BACKOFF_ENV: bad})
-
-
-def test_the_serverapps_reply_pull_backoff_is_bound_into_flowers_http_grid(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.superlink.grid import http_grid
-
-    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after the test
-    shorter_pull_backoff(http_grid, 0.05)
-    shorter_pull_backoff(http_grid, 0.1)  # twice: rebinds Flower's function, not the wrapper
-    assert http_grid.pull_objects.keywords == {"initial_backoff": 0.1, "backoff_cap": 2.0}
-    assert not hasattr(http_grid.pull_objects.func, "func")
-    monkeypatch.setattr(http_grid, "pull_objects", lambda object_ids, pull_object_fn: {})
-    with pytest.raises(RuntimeError, match="FEDSHOP_GRID_PULL_BACKOFF=1"):
-        shorter_pull_backoff(http_grid, 0.1)  # a changed flwr fails loudly
-
-
-def test_the_long_lived_clientapp_pulls_task_inputs_with_the_short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supernode.runtime import run_clientapp
-
-    from client.long_lived import PULL_BACKOFF, PULL_BACKOFF_ENV, shorten_task_input_backoff
-
-    original = run_clientapp.pull_and_inflate_object_from_tree
-    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", original)
-    monkeypatch.setenv(PULL_BACKOFF_ENV, "1")
-    shorten_task_input_backoff()
-    assert run_clientapp.pull_and_inflate_object_from_tree is original  # "1" keeps Flower's
-    monkeypatch.delenv(PULL_BACKOFF_ENV)
-    shorten_task_input_backoff()
-    shorten_task_input_backoff()
-    bound = run_clientapp.pull_and_inflate_object_from_tree
-    assert bound.func is original and bound.keywords["initial_backoff"] == PULL_BACKOFF

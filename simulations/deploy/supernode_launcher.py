@@ -16,8 +16,9 @@ wrongly signed app with an error reply instead of running it; this launcher adds
 The SuperNode pulls a message's objects (arrays) from the SuperLink with an exponential back-off that
 starts at 1 s (Flower's ``PULL_INITIAL_BACKOFF``, a default argument of ``pull_objects``, no flag or env
 var): the ServerApp pushes the objects just after the message, so the first pull often finds one missing
-and the node then sleeps 1-2 s. The launcher binds a shorter start (``FEDSHOP_PULL_BACKOFF``, default
-0.1 s, cap 2 s) into the function the SuperNode calls; Flower's 500 tries per object still apply.
+and the node then sleeps 1-2 s. It then waits for the ClientApp's reply in 0.5 s steps. The launcher
+applies `shared.pull_backoff` (``FEDSHOP_PULL_BACKOFF``, default 0.02 s doubling to 0.25 s;
+``FEDSHOP_REPLY_POLL``, default 0.01 s); Flower's 500 tries per object still apply.
 
 When no message is waiting the SuperNode sleeps 3 s before asking the SuperLink again (hard-coded in its
 loop). While a run is active, i.e. within ``FEDSHOP_ACTIVE_POLL_WINDOW`` seconds (default 60) of its last
@@ -28,9 +29,7 @@ message, the launcher asks again every ``FEDSHOP_ACTIVE_POLL`` seconds (default 
 
 from __future__ import annotations
 
-import functools
 import importlib
-import inspect
 import os
 import sys
 import time
@@ -38,29 +37,11 @@ from collections.abc import Callable
 from logging import ERROR, INFO
 from typing import Any
 
+from shared import pull_backoff
+
 DEFAULT_INTERVAL = 30.0  # flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL in flwr 1.42
 # Every module of the SuperNode process that reads the interval at import time.
 _READERS = ("flwr.supercore.heartbeat", "flwr.supernode.fleet_http_connection")
-PULL_BACKOFF_ENV = "FEDSHOP_PULL_BACKOFF"  # first wait (s) after a missing object; Flower's is 1 s
-DEFAULT_PULL_BACKOFF = 0.1
-PULL_BACKOFF_CAP = 2.0  # Flower's cap is 10 s
-
-
-def apply_pull_backoff(initial: float, cap: float = PULL_BACKOFF_CAP) -> None:
-    """Make this process's SuperNode retry a missing object after ``initial`` s (doubling up to ``cap``)."""
-    if not 0 < initial <= cap:
-        raise ValueError(f"{PULL_BACKOFF_ENV}={initial:g}: must be above 0 and at most {cap:g} seconds. "
-                         f"Fix: unset it ({DEFAULT_PULL_BACKOFF:g} s) or give e.g. 0.1")
-    from flwr.supernode import start_client_internal
-
-    original = getattr(start_client_internal, "pull_objects", None)
-    original = getattr(original, "func", original)  # already applied: rebind the original
-    if original is None or not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(original).parameters):
-        raise RuntimeError("flwr.supernode.start_client_internal.pull_objects changed: this flwr version is not "
-                           f"the one fedshop was built on. Fix: install flwr==1.42.0 or set {PULL_BACKOFF_ENV}=1")
-    start_client_internal.pull_objects = functools.partial(original, initial_backoff=initial, backoff_cap=cap)
-
-
 ACTIVE_POLL_ENV, ACTIVE_WINDOW_ENV = "FEDSHOP_ACTIVE_POLL", "FEDSHOP_ACTIVE_POLL_WINDOW"
 FLOWER_IDLE_SLEEP = 3.0  # the SuperNode loop's sleep after an empty pull (start_client_internal, flwr 1.42)
 
@@ -114,15 +95,6 @@ def install_active_polling() -> None:
         raise RuntimeError("flwr.supernode.start_client_internal changed: this flwr version is not the one fedshop "
                            f"was built on. Fix: install flwr==1.42.0 or set {ACTIVE_WINDOW_ENV}=0")
     start_client_internal._pull_and_store_message = active_polling(original, poll, window)
-
-
-def pull_backoff_from_env() -> float:
-    """``FEDSHOP_PULL_BACKOFF`` as seconds (default 0.1); ValueError naming the variable when unreadable."""
-    raw = os.environ.get(PULL_BACKOFF_ENV, str(DEFAULT_PULL_BACKOFF))
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{PULL_BACKOFF_ENV}={raw!r}: not a number of seconds. Fix: e.g. 0.1") from None
 
 
 def check_heartbeat_interval(seconds: float) -> None:
@@ -220,13 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         apply_heartbeat_interval(float(args[0]))
-        backoff = pull_backoff_from_env()
-        if backoff != 1.0:  # 1 = Flower's own behaviour, left untouched
-            apply_pull_backoff(backoff, max(PULL_BACKOFF_CAP, backoff))
+        pull_backoff.apply_from_env(pull_backoff.SUPERNODE)
+        pull_backoff.apply_reply_poll()
         if (trusted := _trusted_entities_path(args[2:])) is not None:
             install_signature_check(trusted)
         install_active_polling()
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, FileNotFoundError) as err:  # FlowerInterfaceError is a RuntimeError
         print(f"error: {err}", file=sys.stderr)
         return 2
     from flwr.supernode.cli import flower_supernode

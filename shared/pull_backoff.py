@@ -1,0 +1,221 @@
+"""The object-pull back-offs and the SuperNode's reply wait of a deployment: one place for values and adapter.
+
+flwr 1.42 pulls a message's objects with `flwr.supercore.inflatable.inflatable_utils.pull_objects` (or
+`pull_and_inflate_object_from_tree`, which calls it), retrying a missing object after ``initial_backoff``
+seconds, doubling up to ``backoff_cap`` (Flower's `PULL_INITIAL_BACKOFF` = 1 s, `PULL_BACKOFF_CAP` = 10 s,
+`PULL_MAX_TRIES_PER_OBJECT` = 500). They are default arguments, bound when flwr is imported: no flag, env
+var or config key reaches them, and setting the constants afterwards changes nothing. Three processes of a
+round pull objects that were announced a moment before they were pushed, so each usually sleeps its first
+back-off once per message:
+
+| env var | process | flwr function bound | fedshop default |
+|---|---|---|---|
+| FEDSHOP_PULL_BACKOFF | SuperNode | `start_client_internal.pull_objects` | 0.02 s -> 0.25 s |
+| FEDSHOP_GRID_PULL_BACKOFF | ServerApp | `http_grid.pull_objects` | 0.02 s -> 0.25 s |
+| FEDSHOP_CLIENTAPP_PULL_BACKOFF | ClientApp | `run_clientapp.pull_and_inflate_object_from_tree` | 0.01 -> 0.05 s |
+
+The value is ``INITIAL`` or ``INITIAL,CAP`` in seconds; ``1`` (or ``1,10``) keeps Flower's own back-off and
+leaves flwr untouched. The adapter binds the values into the name the caller's module looks up
+(`functools.partial` of Flower's own function); Flower's tries per object are unchanged, so the time after
+which a missing object is given up on shrinks with the cap (`give_up_seconds`).
+
+FEDSHOP_REPLY_POLL (SuperNode): `start_client_internal._push_messages` waits for the ClientApp's reply, and
+then for each of the reply's objects, in hard-coded ``time.sleep(0.5)`` steps. The adapter gives that module
+a `time` whose ``sleep(0.5)`` sleeps FEDSHOP_REPLY_POLL seconds instead (default 0.01; ``0.5`` = Flower's,
+untouched); every other sleep (the 3 s idle sleep of its loop) passes through unchanged.
+
+`check_flower_interface` raises when flwr no longer has these functions, parameters or sleeps
+(tests/test_pull_backoff.py runs it), so an upgrade fails loudly at start instead of silently slowing down.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+FLOWER_INITIAL, FLOWER_CAP, FLOWER_TRIES = 1.0, 10.0, 500  # flwr.supercore.constant in flwr 1.42
+FLOWER_REPLY_POLL = 0.5  # the sleeps of start_client_internal._push_messages in flwr 1.42
+LOWEST, HIGHEST = 0.001, 60.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """An exponential object-pull back-off: first wait ``initial`` s, doubling up to ``cap`` s."""
+
+    initial: float
+    cap: float
+
+    @property
+    def is_flowers(self) -> bool:
+        """Whether this is Flower's own back-off (then flwr is left untouched)."""
+        return (self.initial, self.cap) == (FLOWER_INITIAL, FLOWER_CAP)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One process's pull: the env var, fedshop's default, and the flwr module attribute it is bound into."""
+
+    env: str
+    default: Backoff
+    module: str
+    attr: str
+
+
+SUPERNODE = Target("FEDSHOP_PULL_BACKOFF", Backoff(0.02, 0.25), "flwr.supernode.start_client_internal",
+                   "pull_objects")
+GRID = Target("FEDSHOP_GRID_PULL_BACKOFF", Backoff(0.02, 0.25), "flwr.superlink.grid.http_grid", "pull_objects")
+CLIENTAPP = Target("FEDSHOP_CLIENTAPP_PULL_BACKOFF", Backoff(0.01, 0.05), "flwr.supernode.runtime.run_clientapp",
+                   "pull_and_inflate_object_from_tree")
+TARGETS = (SUPERNODE, GRID, CLIENTAPP)
+REPLY_POLL_ENV, DEFAULT_REPLY_POLL = "FEDSHOP_REPLY_POLL", 0.01
+REPLY_MODULE = "flwr.supernode.start_client_internal"
+# Environment that restores every one of Flower's own waits (benchmarks' "before").
+FLOWERS_OWN = {**{t.env: "1" for t in TARGETS}, REPLY_POLL_ENV: str(FLOWER_REPLY_POLL)}
+
+
+class FlowerInterfaceError(RuntimeError):
+    """The installed flwr no longer has what this adapter binds into."""
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def backoff_from_env(target: Target, environ: Mapping[str, str] | None = None) -> Backoff:
+    """``target``'s back-off from its env var (``INITIAL`` or ``INITIAL,CAP``; ``1`` = Flower's), validated."""
+    raw = (os.environ if environ is None else environ).get(target.env, "").strip()
+    if not raw:
+        return target.default
+    fix = (f"Fix: unset it (fedshop's {target.default.initial:g},{target.default.cap:g}), give INITIAL or "
+           f"INITIAL,CAP in seconds ({LOWEST:g}-{HIGHEST:g}, INITIAL <= CAP, e.g. 0.05,0.5), or 1 for Flower's")
+    try:
+        parts = [_seconds(p) for p in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"{target.env}={raw!r}: not a number of seconds. {fix}") from None
+    if len(parts) == 1 and parts[0] == FLOWER_INITIAL:
+        return Backoff(FLOWER_INITIAL, FLOWER_CAP)
+    if len(parts) == 1:
+        parts.append(max(target.default.cap, parts[0]))
+    if len(parts) != 2 or not LOWEST <= parts[0] <= parts[1] <= HIGHEST:
+        raise ValueError(f"{target.env}={raw!r}: out of range. {fix}")
+    return Backoff(parts[0], parts[1])
+
+
+def reply_poll_from_env(environ: Mapping[str, str] | None = None) -> float:
+    """$FEDSHOP_REPLY_POLL in seconds (default 0.01; 0.5 = Flower's), validated."""
+    raw = (os.environ if environ is None else environ).get(REPLY_POLL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_REPLY_POLL
+    try:
+        value = _seconds(raw)
+    except ValueError:
+        value = math.nan
+    if not LOWEST <= value <= FLOWER_REPLY_POLL:
+        raise ValueError(f"{REPLY_POLL_ENV}={raw!r}: must be seconds between {LOWEST:g} and {FLOWER_REPLY_POLL:g}. "
+                         f"Fix: unset it (default {DEFAULT_REPLY_POLL:g}) or set {FLOWER_REPLY_POLL:g} for Flower's")
+    return value
+
+
+def give_up_seconds(backoff: Backoff, tries: int = FLOWER_TRIES) -> float:
+    """Seconds slept before a never-pushed object is given up on (Flower's tries; jitter averages out)."""
+    total, delay = 0.0, backoff.initial
+    for _ in range(tries - 1):  # the last failed try raises instead of sleeping
+        total += delay
+        delay = min(delay * 2, backoff.cap)
+    return total
+
+
+def _original(module: ModuleType, attr: str) -> Any:
+    current = getattr(module, attr, None)
+    return getattr(current, "func", current)  # already bound: Flower's function underneath
+
+
+def check_flower_interface() -> None:
+    """Raise FlowerInterfaceError naming each flwr function, parameter or sleep this adapter relies on that changed."""
+    from flwr.supercore import constant
+
+    problems: list[str] = []
+    for name, expected in (("PULL_INITIAL_BACKOFF", FLOWER_INITIAL), ("PULL_BACKOFF_CAP", FLOWER_CAP),
+                           ("PULL_MAX_TRIES_PER_OBJECT", FLOWER_TRIES)):
+        if getattr(constant, name, None) != expected:
+            problems.append(f"flwr.supercore.constant.{name}: {getattr(constant, name, 'missing')}, not {expected:g}")
+    for target in TARGETS:
+        try:
+            module = importlib.import_module(target.module)
+        except ImportError as err:
+            problems.append(f"{target.module}: cannot import ({err})")
+            continue
+        func = _original(module, target.attr)
+        if func is None:
+            problems.append(f"{target.module}.{target.attr}: missing")
+        elif not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(func).parameters):
+            problems.append(f"{target.module}.{target.attr}{inspect.signature(func)}: no initial_backoff/backoff_cap")
+    module = importlib.import_module(REPLY_MODULE)
+    push = getattr(module, "_push_messages", None)
+    if push is None or inspect.getsource(push).count(f"time.sleep({FLOWER_REPLY_POLL})") != 2:
+        problems.append(f"{REPLY_MODULE}._push_messages: no longer waits in time.sleep({FLOWER_REPLY_POLL}) steps")
+    if not isinstance(getattr(module, "time", None), ModuleType | _ReplyPollTime):
+        problems.append(f"{REPLY_MODULE}.time: not the time module")
+    if problems:
+        raise FlowerInterfaceError("the installed flwr does not offer what shared/pull_backoff.py binds into:\n  "
+                                   + "\n  ".join(problems) + "\nFix: install flwr==1.42.0, or set "
+                                   + ", ".join(f"{k}={v}" for k, v in FLOWERS_OWN.items()) + " (Flower's waits)")
+
+
+def bind_backoff(target: Target, backoff: Backoff) -> None:
+    """Make ``target``'s module call Flower's pull with ``backoff`` (idempotent; Flower's own = unbound)."""
+    module = importlib.import_module(target.module)
+    func = _original(module, target.attr)
+    if backoff.is_flowers:  # undo an earlier binding, if any; nothing else of flwr is relied on
+        if func is not None:
+            setattr(module, target.attr, func)
+        return
+    if func is None or not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(func).parameters):
+        check_flower_interface()  # raises, naming what changed
+    setattr(module, target.attr, functools.partial(func, initial_backoff=backoff.initial, backoff_cap=backoff.cap))
+
+
+def apply_from_env(target: Target, environ: Mapping[str, str] | None = None) -> Backoff:
+    """Read ``target``'s env var and bind it (ValueError naming the variable; FlowerInterfaceError: flwr changed)."""
+    backoff = backoff_from_env(target, environ)
+    if not backoff.is_flowers:
+        check_flower_interface()
+    bind_backoff(target, backoff)
+    return backoff
+
+
+class _ReplyPollTime:
+    """The `time` module, except that ``sleep(0.5)`` (the reply wait) sleeps ``poll`` seconds."""
+
+    def __init__(self, poll: float) -> None:
+        self.poll = poll
+
+    def sleep(self, seconds: float) -> None:
+        """Flower's 0.5 s reply-wait step becomes ``poll``; any other sleep is unchanged."""
+        time.sleep(self.poll if seconds == FLOWER_REPLY_POLL else seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def apply_reply_poll(environ: Mapping[str, str] | None = None) -> float:
+    """Make this process's SuperNode check for the ClientApp's reply every $FEDSHOP_REPLY_POLL s (see module doc)."""
+    poll = reply_poll_from_env(environ)
+    module = importlib.import_module(REPLY_MODULE)
+    if poll == FLOWER_REPLY_POLL:
+        module.time = time
+        return poll
+    check_flower_interface()
+    module.time = _ReplyPollTime(poll)
+    return poll
