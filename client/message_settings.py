@@ -60,17 +60,7 @@ def sent_config(msg: Message) -> dict[str, Any]:
 
 def settings_for(msg: Message, context: Context) -> ShopRoundSettings:
     """The frozen settings of ``msg``: parsed on the first call for this message, the same object after."""
-    last = _LAST.get()
-    if last is not None and last.msg is not None and last.msg() is msg:
-        return last.settings
-    run_config, sent = dict(context.run_config), sent_config(msg)
-    settings = parse(run_config, sent)
-    try:
-        ref = weakref.ref(msg)
-    except TypeError:  # not weakly referenceable: cache by content only
-        ref = None
-    _LAST.set(_Parsed(ref, run_config, sent, settings))
-    return settings
+    return _cached(context, msg=msg)
 
 
 def settings_for_config(context: Context, config: Mapping[str, Any]) -> ShopRoundSettings:
@@ -78,10 +68,32 @@ def settings_for_config(context: Context, config: Mapping[str, Any]) -> ShopRoun
 
     The last message's settings if they were parsed from this very run config and config, else a parse.
     """
-    run_config, sent = dict(context.run_config), dict(config)
+    return _cached(context, config=config)
+
+
+def _cached(context: Context, *, msg: Message | None = None, config: Mapping[str, Any] | None = None
+            ) -> ShopRoundSettings:
+    """The one cache: the last parse if it is of ``msg`` (by identity) or of this run config and ``config``.
+
+    A miss parses and keeps the result for the next caller, with a weak reference to ``msg`` if given.
+    """
     last = _LAST.get()
-    if last is not None and last.sent == sent and last.run_config == run_config:
+    if msg is not None and last is not None and last.msg is not None and last.msg() is msg:
+        return last.settings
+    run_config = dict(context.run_config)
+    sent = sent_config(msg) if msg is not None else dict(config or {})
+    if msg is None and last is not None and last.sent == sent and last.run_config == run_config:
         return last.settings
     settings = parse(run_config, sent)
-    _LAST.set(_Parsed(None, run_config, sent, settings))
+    _LAST.set(_Parsed(_weak(msg), run_config, sent, settings))
     return settings
+
+
+def _weak(msg: Message | None) -> Any:
+    """A weak reference to ``msg`` (None without one, or when it is not weakly referenceable: cache by content)."""
+    if msg is None:
+        return None
+    try:
+        return weakref.ref(msg)
+    except TypeError:
+        return None

@@ -6,12 +6,16 @@ and central-DP (`dp-*`) keys and refuses combinations a path cannot honour, befo
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from server import dp as central_dp
 from server.robust import RobustSettings
 from server.secagg_settings import SecAggSettings
+from shared.federation_plan import ShopCount, check_federation_plan
 from shared.settings import RunSettings
+
+logger = logging.getLogger(__name__)
 
 SECURE_STRATEGIES = ("fedavg", "fedprox")  # a weighted mean (FedProx: the same, plus the shops' proximal pull)
 # need each shop's update, SecAgg+ shows only the sum
@@ -46,31 +50,37 @@ def split_privacy(config: dict[str, Any]) -> tuple[FederationSettings, bool, Sec
                                                   central_dp.CentralDPSettings]:
     """(settings, secure aggregation on?, SecAgg+ settings, central DP settings) of a full run config.
 
-    The whole config is validated by the schema first (unknown keys, ranges, unsupported combinations);
+    The whole config is validated by the schema first (unknown keys, ranges, unsupported combinations, e.g.
+    compression with SecAgg+ or central DP: `FederationTable._combinations` runs on every run config);
     its `secagg-*`/`dp-*` fields then become the SecAgg+ and central-DP settings objects. Settings the
     SecAgg+ path cannot honour are refused here, before round 1.
     """
     settings = FederationSettings.from_config(config)  # the schema also refuses unsupported combinations
     on, secagg = settings.secure_aggregation, SecAggSettings.from_settings(settings)
     dp = central_dp.CentralDPSettings.from_settings(settings)
-    check_compression(settings, secure=on, central_dp=dp.enabled)
     if on:
         check_secure_supported(settings)
     return settings, on, secagg, dp
 
 
-def check_compression(settings: FederationSettings, *, secure: bool, central_dp: bool) -> None:
-    """Refuse compression where it would break a privacy path (ValueError naming the keys and the fix)."""
-    if settings.compression == "none":
-        return
-    if secure:
-        raise ValueError(f"compression='{settings.compression}' with secure-aggregation = true is refused: SecAgg+ "
-                         "masks dense, fixed-size vectors, and a row-sparse delta is neither. Fix: set "
-                         "compression = 'none'")
-    if central_dp:
-        raise ValueError(f"compression='{settings.compression}' with dp-noise-multiplier > 0 is refused: fp16/int8 "
-                         "rounding of a clipped update can exceed dp-clipping-norm, which the noise is calibrated to. "
-                         "Fix: set compression = 'none'")
+def check_runnable(settings: FederationSettings, where: str = "run config") -> None:
+    """Refuse a run config whose federation cannot run (`shared.federation_plan`), before round 1.
+
+    The shops are the run's scenario's (`scenario` key), counted with the run config's `join-round`; a
+    coordinator that cannot read them (deployment: the data stays with the merchants) checks what needs no
+    shops, and `fedshop coordinator run` has checked min-shops against the registered merchants.
+    """
+    from shared.scenario import load_scenario
+
+    scenario = load_scenario(settings.scenario, {"seed": settings.seed} if settings.seed >= 0 else None)
+    counts: ShopCount | None
+    try:
+        counts = ShopCount(first=len(scenario.training_shops()), joiners=len(scenario.joining_shops()))
+    except (OSError, ValueError) as exc:  # ShopDataError is a ValueError
+        logger.info("%s: the scenario's shops are not readable here (%s); min-shops is not checked against them",
+                    where, exc)
+        counts = None
+    check_federation_plan(settings, counts, where, style="run")
 
 
 def check_secure_supported(settings: FederationSettings) -> None:

@@ -148,13 +148,19 @@ def leave_one_out(deltas: list[np.ndarray], kept: list[int]) -> dict[int, float]
     return out
 
 
-def reputation(history: list[float], current: float) -> float:
+def loo_mean(history: list[float], current: float) -> float:
+    """A shop's leave-one-out cosine averaged over its rounds so far, this one included."""
+    return float(np.mean([*history, current]))
+
+
+def reputation(history: list[float], current: float, mean: float | None = None) -> float:
     """A shop's leave-one-out score for this round: the lower of this round's cosine and its mean over its rounds.
 
     The mean keeps a shop that pointed away in earlier rounds out when its later flipped updates score near 0
-    (the largest shop's honest score falls towards 0 as training converges, and so does its flip).
+    (the largest shop's honest score falls towards 0 as training converges, and so does its flip). ``mean`` is
+    `loo_mean` when the caller has computed it already (the screen reports it).
     """
-    return min(current, float(np.mean([*history, current])))
+    return min(current, loo_mean(history, current) if mean is None else mean)
 
 
 def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[float | None],
@@ -192,11 +198,12 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
     if settings.loo_min_cosine > -1 and len(kept) >= LOO_MIN_UPDATES:
         out.loo = leave_one_out([d * s for d, s in zip(deltas, out.scale, strict=True)], kept)
         history = loo_history or [[] for _ in deltas]
-        scores = {i: reputation(history[i], out.loo[i]) for i in kept}
+        means = {i: loo_mean(history[i], out.loo[i]) for i in kept}
+        scores = {i: reputation(history[i], out.loo[i], means[i]) for i in kept}
         below = sorted((c, i) for i, c in scores.items() if c < settings.loo_min_cosine)
         for _, i in below[:(len(kept) - 1) // 2]:  # majority guard: the lowest scores first, never a majority
             out.left_out[i] = (f"update direction against the other shops' mean update (leave-one-out cosine "
-                               f"{out.loo[i]:.3f}, mean over its rounds {np.mean([*history[i], out.loo[i]]):.3f}; "
+                               f"{out.loo[i]:.3f}, mean over its rounds {means[i]:.3f}; "
                                f"the lower is < {settings.loo_min_cosine:g})")
         kept = [i for i in kept if i not in out.left_out]
     shares = cap_shares([out.weights[i] for i in kept], settings.weight_cap)

@@ -47,7 +47,7 @@ from server.federation_common import (
     initial_encoder_arrays,
     scenario_shop_names,
 )
-from server.federation_settings import FederationSettings, check_compression, split_privacy
+from server.federation_settings import FederationSettings, check_runnable, split_privacy
 from server.metrics_log import PRIVACY_TASK, MetricsLog, eval_rows_by_split, train_rows
 from server.node_identity import check_identities
 from server.polling_grid import faster_polling
@@ -97,7 +97,6 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     dp = dp or central_dp.CentralDPSettings()
     if dp.enabled:
         _check_dp(settings)
-    check_compression(settings, secure=False, central_dp=dp.enabled)
     run_dir = Path(settings.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_orphans(run_dir)
@@ -235,6 +234,14 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = NODE_WAIT_SECONDS
     return connected
 
 
+def server_settings(config: dict[str, Any]) -> tuple[FederationSettings, bool, Any, central_dp.CentralDPSettings]:
+    """The ServerApp's settings of a full run config (`split_privacy`), refused before round 1 when the
+    federation cannot run against its scenario's shops (`check_runnable`: min-shops, join-round, SecAgg+)."""
+    settings, secure_on, secagg, dp = split_privacy(config)
+    check_runnable(settings)
+    return settings, secure_on, secagg, dp
+
+
 def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress | None = None,
                     expected_nodes: int = 0) -> ServerApp:
     """A ServerApp whose settings are the run config updated with ``overrides``.
@@ -249,7 +256,7 @@ def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress 
         config = {**dict(context.run_config), **(overrides or {})}
         if not config.get("run-dir"):
             config["run-dir"] = str(Path.cwd() / "runs" / f"flwr-{context.run_id}")
-        settings, secure_on, secagg, dp = split_privacy(config)
+        settings, secure_on, secagg, dp = server_settings(config)
         grid = faster_polling(grid)  # deployment: pull replies every 0.1 s, not flwr's 3 s
         grid = check_identities(grid, settings.run_dir)  # deployment: replies must match the node's registration
         if expected_nodes:

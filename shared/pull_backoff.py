@@ -173,6 +173,12 @@ def check_flower_interface() -> None:
                                    + ", ".join(f"{k}={v}" for k, v in FLOWERS_OWN.items()) + " (Flower's waits)")
 
 
+@functools.cache
+def _check_flower_interface_once() -> None:
+    """`check_flower_interface`, run once per process: a pass is kept, a failure raises again on the next call."""
+    check_flower_interface()
+
+
 def bind_backoff(target: Target, backoff: Backoff) -> None:
     """Make ``target``'s module call Flower's pull with ``backoff`` (idempotent; Flower's own = unbound)."""
     module = importlib.import_module(target.module)
@@ -190,7 +196,7 @@ def apply_from_env(target: Target, environ: Mapping[str, str] | None = None) -> 
     """Read ``target``'s env var and bind it (ValueError naming the variable; FlowerInterfaceError: flwr changed)."""
     backoff = backoff_from_env(target, environ)
     if not backoff.is_flowers:
-        check_flower_interface()
+        _check_flower_interface_once()  # every target in one pass; a target changed since is caught by bind_backoff
     bind_backoff(target, backoff)
     return backoff
 
@@ -216,6 +222,6 @@ def apply_reply_poll(environ: Mapping[str, str] | None = None) -> float:
     if poll == FLOWER_REPLY_POLL:
         module.time = time
         return poll
-    check_flower_interface()
+    _check_flower_interface_once()
     module.time = _ReplyPollTime(poll)
     return poll

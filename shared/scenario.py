@@ -20,7 +20,7 @@ from typing import Any
 from shared.features import FeatureConfig
 from shared.model import ModelConfig
 from shared.schema import ShopData
-from shared.settings import FEDERATION_DEFAULTS, ScenarioError, validate_scenario
+from shared.settings import FEDERATION_DEFAULTS, FederationTable, ScenarioError, validate_scenario
 from shared.train import TrainConfig
 from shared.world_share import read_shared_world, sharing_enabled, write_shared_world
 
@@ -118,29 +118,15 @@ class Scenario:
     def check_federation(self, rounds: int | None = None) -> None:
         """Refuse a federation that cannot run as configured, before anything starts (a `ScenarioError`).
 
-        The schema checks each key alone; this checks them against the shops: `min_shops` against the
-        shops in the federation and those that train from round 1, `join_round` against the rounds.
-        ``rounds`` is the run's round count when it differs from `federation.rounds` (`--rounds`).
+        The schema checks each key alone; this checks them against the shops (`shared.federation_plan`):
+        `min_shops` against the shops in the federation and those that train from round 1, `join_round`
+        against the rounds, SecAgg+ against the shops. ``rounds`` is the run's round count when it differs
+        from `federation.rounds` (`--rounds`).
         """
-        where = str(self.path or self.name)
-        fed = self.federation
-        total = int(rounds if rounds is not None else fed["rounds"])
-        min_shops, join = int(fed["min_shops"]), int(fed["join_round"])
-        members, first = len(self.federation_shops()), len(self.training_shops())
-        if min_shops > members:
-            raise ScenarioError(f"{where}: federation.min_shops = {min_shops}, but the federation has only {members} "
-                                f"shop(s): no round could ever count. Fix: set federation.min_shops to at most "
-                                f"{members}, or add shops")
-        if join > total:
-            raise ScenarioError(f"{where}: federation.join_round = {join} is after the last round (rounds = {total}): "
-                                "the late joiners would never join. Fix: set federation.join_round between 1 and "
-                                f"{total}, or 0 to keep them out")
-        if min_shops > first:
-            late = members - first if join > 0 else len(self.late_joiners)
-            raise ScenarioError(f"{where}: federation.min_shops = {min_shops}, but only {first} shop(s) train from "
-                                f"round 1 ({late} late joiner(s) wait for federation.join_round): round 1 would be "
-                                f"short of shops. Fix: set federation.min_shops to at most {first}, or fewer late "
-                                "joiners (data.synthetic.n_late_joiners or transfer.late_joiners)")
+        from shared.federation_plan import ShopCount, check_federation_plan
+
+        counts = ShopCount(first=len(self.training_shops()), joiners=len(self.joining_shops()))
+        check_federation_plan(FederationTable(**self.federation), counts, str(self.path or self.name), rounds=rounds)
 
 
 @functools.lru_cache(maxsize=4)

@@ -92,8 +92,9 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     ``extra_config`` adds run-config keys (e.g. test-only `fault-inject`). ``engine`` (default: the
     scenario's `federation.engine`) is "ray" (Flower's simulation engine; ``ray_address`` joins a Ray
     cluster) or "pool" (`simulations.pool_engine`, ``workers`` processes). Raises `RunStopped` when
-    the run ended early by design (central DP's budget); its checkpoints and metrics stay valid, and
-    `RunFailed` when too many rounds, or all, lacked usable shops (the message says why).
+    the run ended early by design (central DP's budget); its checkpoints and metrics stay valid,
+    `RunFailed` when too many rounds, or all, lacked usable shops (the message says why), and a
+    `ScenarioError` before anything is written when the federation cannot run (`Scenario.check_federation`).
     """
     engine = check_engine(str(engine or scenario.federation.get("engine", "ray")))
     if ray_address and engine != "ray":
@@ -102,6 +103,7 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     # CPU-only: opt in to Ray's future default (leave device env vars alone), which also silences
     # the FutureWarning Ray raises on every start.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    scenario.check_federation(rounds)  # min_shops, join_round, SecAgg+ against the shops: before anything is written
     from client.client_app import app as client_app
     from server.server_app import failure_reason, make_server_app, stop_reason
 
@@ -112,9 +114,6 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
         atomic_write_text(run_dir / SCENARIO_FILE, tomli_w.dumps(scenario.raw))
     write_run_info(run_dir, {"run": config, "scenario": scenario.raw})
     n_shops = len(scenario.federation_shops())
-    if n_shops < int(config["min-shops"]):
-        raise ValueError(f"scenario '{scenario.name}' has {n_shops} training shops but min-shops is "
-                         f"{config['min-shops']}. Fix: lower federation.min_shops or add shops")
     # The synthetic world is built once, here, and read by every shop's process (shared/world_share.py).
     shared_world = scenario.share_world(run_dir)
     try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,7 @@ def coordinator_run(
             run_config = resume_run_config(run_dir, rounds=rounds or None, extra=parse_overrides(config))
         except (FileNotFoundError, ValueError, typer.BadParameter) as err:
             raise _fail(err) from None
+        _check_merchants(home, run_config)
         _resume(home, run_config, run_dir, app_dir or REPO_ROOT)
         return
     if Path(scenario).suffix == ".toml" or Path(scenario).exists():
@@ -188,6 +190,11 @@ def coordinator_run(
     except (ScenarioError, ValueError, typer.BadParameter) as err:
         raise _fail(err) from None
     try:
+        _check_merchants(home, run_config)
+    except typer.Exit:
+        shutil.rmtree(run_dir, ignore_errors=True)  # made a moment ago by new_run_dir: nothing ran in it
+        raise
+    try:
         outcome = submit_run(home, run_config, app=app_dir or REPO_ROOT, run_dir=str(run_dir))
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(err) from None
@@ -196,6 +203,17 @@ def coordinator_run(
     if not outcome.ok:
         _say_why_failed(run_dir)
         raise typer.Exit(code=1)
+
+
+def _check_merchants(home: Path, run_config: dict) -> None:
+    """Refuse (one line, exit 1) a run that more merchants must join than are registered; warn if unknowable."""
+    from simulations.deploy.coordinator import check_registered_merchants
+
+    try:
+        check_registered_merchants(home, run_config,
+                                   warn=lambda line: typer.secho(line, fg=typer.colors.YELLOW, err=True))
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(err) from None
 
 
 def _say_why_failed(run_dir: Path) -> None:

@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -224,9 +225,40 @@ def unregister_merchant(home: str | Path, node_id: int) -> None:
         atomic_write_text(Path(home) / "merchants.json", json.dumps(merchants, indent=2))
 
 
-def list_merchants(home: str | Path) -> list[dict]:
+def list_merchants(home: str | Path, timeout: float = 60.0) -> list[dict]:
     """The registered SuperNodes as `flwr supernode ls` reports them."""
-    return list(_flwr(load_coordinator(home), "supernode", "ls", CONNECTION).get("nodes", []))
+    return list(_flwr(load_coordinator(home), "supernode", "ls", CONNECTION, timeout=timeout).get("nodes", []))
+
+
+def check_registered_merchants(home: str | Path, run_config: dict[str, Any],
+                               warn: Callable[[str], object] = print) -> None:
+    """Refuse a run whose min-shops exceeds the merchants registered at the SuperLink, before it is submitted.
+
+    Counted are the nodes `flwr supernode ls` lists in any state but ``unregistered`` (a registered
+    merchant may come online later). When the SuperLink cannot be asked (not running, or no answer), the
+    check is skipped with a ``warn`` line: the submission then meets the SuperLink's own error.
+    """
+    from shared.federation_plan import SECAGG_MIN_SHOPS
+
+    min_shops, secure = int(run_config.get("min-shops", 2)), bool(run_config.get("secure-aggregation", False))
+    record = Path(home) / "superlink.json"
+    try:
+        if not (record.exists() and recorded_running(read_record(record))):
+            raise RuntimeError(f"no running SuperLink recorded in {record}")
+        nodes = list_merchants(home, timeout=20.0)
+    except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as err:
+        warn(f"warning: could not list the merchants registered at the SuperLink ({err}); min_shops={min_shops} "
+             "is not checked against them")
+        return
+    count = sum(1 for node in nodes if str(node.get("status", "")) != "unregistered")
+    are = "merchant is" if count == 1 else "merchants are"
+    if min_shops > count:
+        raise ValueError(f"min_shops={min_shops} but only {count} {are} registered: register more with "
+                         "`fedshop coordinator register` or lower federation.min_shops")
+    if secure and count < SECAGG_MIN_SHOPS:
+        raise ValueError(f"secure_aggregation=true but only {count} {are} registered: SecAgg+ needs at least "
+                         f"{SECAGG_MIN_SHOPS}. Register more with `fedshop coordinator register` or set "
+                         "federation.secure_aggregation = false")
 
 
 def list_runs(home: str | Path) -> list[dict]:
