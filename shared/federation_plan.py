@@ -5,9 +5,9 @@ and `simulations.federated.run_federated`), the ServerApp (`flwr run .` with a r
 `server.federation_settings.check_runnable`) and `fedshop coordinator run` (min_shops against the merchants
 registered at the SuperLink: `simulations.deploy.coordinator.check_registered_merchants`).
 
-Refused, because no round could count or the run would wait forever: min_shops above the federation's
-shops or above those training from round 1; join_round after the last round; SecAgg+ with fewer than two
-shops (its sampling waits for at least two). Not refused: a `fraction_train` whose share of the shops
+Refused, because no round could count or the run would hang: min_shops above the federation's shops or
+above those training from round 1; join_round after the last round; SecAgg+ with fewer than two shops
+(Flower's legacy sampling waits up to a day for at least two). Not refused: a `fraction_train` whose share of the shops
 rounds below min_shops. Flower's FedAvg (flwr 1.42, `configure_train`) samples
 ``max(int(connected x fraction_train), min_train_nodes)`` nodes, and fedshop sets `min_train_nodes` (and
 `min_available_nodes`) to min_shops, so such a round samples min_shops shops; that is logged as a warning
@@ -56,8 +56,9 @@ def check_federation_plan(fed: FederationTable, shops: ShopCount | None, where: 
 
     total = int(rounds if rounds is not None else fed.rounds)
     min_shops, join = fed.min_shops, fed.join_round
+    rounds_name = "rounds" if style == "scenario" else n("rounds")
     if join > total:
-        raise ScenarioError(f"{where}: {n('join_round')} = {join} is after the last round ({n('rounds')} = "
+        raise ScenarioError(f"{where}: {n('join_round')} = {join} is after the last round ({rounds_name} = "
                             f"{total}): the late joiners would never join. Fix: set {n('join_round')} between 1 "
                             f"and {total}, or 0 to keep them out")
     if shops is None:
@@ -74,8 +75,9 @@ def check_federation_plan(fed: FederationTable, shops: ShopCount | None, where: 
                             "joiners (data.synthetic.n_late_joiners or transfer.late_joiners)")
     if fed.secure_aggregation and members < SECAGG_MIN_SHOPS:
         raise ScenarioError(f"{where}: {n('secure_aggregation')} = true with {members} shop(s): SecAgg+ needs at "
-                            f"least {SECAGG_MIN_SHOPS} (it masks each update with the others' keys; its sampling "
-                            f"would wait forever). Fix: set {n('secure_aggregation')} = false, or add shops")
+                            f"least {SECAGG_MIN_SHOPS} (it masks each update with the others' keys; Flower's "
+                            "sampling would wait a day for a second one). Fix: set "
+                            f"{n('secure_aggregation')} = false, or add shops")
     sampled = int(members * fed.fraction_train)
     if sampled < min_shops:
         logger.warning("%s: %s = %s of %d shop(s) is %d, below %s = %d: Flower samples %d shops each round, so "

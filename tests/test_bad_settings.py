@@ -147,6 +147,12 @@ CASES: list[Case] = [
     Case("`min_shops = 4` with 3 shops + 1 late joiner from round 2",
          ("federation.min_shops = 4", "only 3 shop(s) train from round 1", "1 late joiner(s)"),
          toml="[federation]\nrounds = 3\njoin_round = 2\nmin_shops = 4\n" + SMALL_WORLD),
+    Case("`secure_aggregation = true` with 1 shop (`min_shops = 1`)",
+         ("federation.secure_aggregation = true with 1 shop(s)", "SecAgg+ needs at least 2",
+          "Fix: set federation.secure_aggregation = false, or add shops"),
+         toml="[federation]\nrounds = 2\nmin_shops = 1\nsecure_aggregation = true\n"
+              + SMALL_WORLD.replace("n_shops = 3", "n_shops = 1").replace("n_late_joiners = 1", "n_late_joiners = 0")
+              .replace("n_small_shops = 1", "n_small_shops = 0"), command="compare"),
 ]
 
 

@@ -109,12 +109,18 @@ def test_all_four_methods_on_a_tiny_scenario(tmp_path):
 
 
 def test_cli_compare_exits_1_when_a_method_fails_and_keeps_finished_rows(tiny_toml, tmp_path, monkeypatch):
-    # compare refuses min_shops above the shops before it starts (tests/test_bad_settings.py); skipped here to
-    # reach the run-time failure a deployment meets when fewer nodes than min_shops answer
-    monkeypatch.setattr("shared.scenario.Scenario.check_federation", lambda self, rounds=None: None)
+    # A federation short of shops at run time (a deployment's nodes not answering): settings that cannot run
+    # are refused before any run (tests/test_bad_settings.py, tests/test_federation_plan.py).
+    from simulations.federated import RunFailed
+
+    def fails(*_args, **_kwargs):
+        raise RunFailed("every round (1-1) was skipped: only 1 shop(s) sent a usable update, fewer than "
+                        "min-shops=2")
+
+    monkeypatch.setattr("simulations.federated.run_federated", fails)
     out = tmp_path / "fail"
     result = runner.invoke(app, ["compare", str(tiny_toml), "--methods", "local,fedshop", "--rounds", "1",
-                                 "--run-dir", str(out), "--set", "federation.min_shops=5"])
+                                 "--run-dir", str(out)])
     assert result.exit_code == 1, result.output
     assert "min-shops" in " ".join(result.output.split())
     assert set(pd.read_csv(out / "metrics.csv")["method"]) == {"local"}

@@ -180,3 +180,22 @@ def test_flowers_own_environment_names_every_knob() -> None:
     assert pb.FLOWERS_OWN == {"FEDSHOP_PULL_BACKOFF": "1", "FEDSHOP_GRID_PULL_BACKOFF": "1",
                               "FEDSHOP_CLIENTAPP_PULL_BACKOFF": "1", "FEDSHOP_REPLY_POLL": "0.5"}
     assert isinstance(time, ModuleType)
+
+
+def test_the_flower_interface_is_checked_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Binding every target and the reply poll runs the (import- and inspect-heavy) check once, not per call."""
+    calls: list[int] = []
+    real = pb.check_flower_interface
+    monkeypatch.setattr(pb, "check_flower_interface", lambda: calls.append(1) or real())
+    pb._check_flower_interface_once.cache_clear()
+    try:
+        for target in pb.TARGETS:
+            pb.apply_from_env(target, {})
+            pb.apply_from_env(target, {target.env: "0.03,0.3"})
+        pb.apply_reply_poll({})
+        assert len(calls) == 1
+    finally:
+        pb._check_flower_interface_once.cache_clear()
+        for target in pb.TARGETS:
+            pb.apply_from_env(target, {target.env: "1"})  # Flower's own again for the tests that follow
+        pb.apply_reply_poll({pb.REPLY_POLL_ENV: "0.5"})
