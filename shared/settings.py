@@ -30,11 +30,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from shared.compression import MODES as COMPRESSION_MODES
 from shared.datasets.synthetic import WorldConfig
@@ -50,6 +52,7 @@ OBJECTIVES = ("fedavg", "meta")
 SHARE_MODES = ("encoder", "all-shareable")
 FAULT_KINDS = ("nan", "error", "sleep")  # test-only faults a shop injects (client/shop_round.py)
 ENGINES = ("ray", "pool")  # Flower's simulation engine | simulations.pool_engine
+FLOAT_EXACT_INT = 2**53  # every whole number up to this is exactly a float
 # The three run-config keys that are not the kebab-case of their scenario name (kept for old run configs).
 RUN_KEY_NAMES = {"rounds": "num-server-rounds", "prox_mu": "proximal-mu", "max_epsilon": "dp-max-epsilon"}
 
@@ -78,6 +81,18 @@ class _Table(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True, strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_number_fits_a_float(cls, value: Any, info: ValidationInfo) -> Any:
+        """A whole number for a number field must be one a float holds exactly (|n| <= 2^53), not rounded."""
+        field = cls.model_fields.get(info.field_name or "")
+        if (field is not None and field.annotation is float and isinstance(value, int)
+                and not isinstance(value, bool) and abs(value) > FLOAT_EXACT_INT):
+            raise PydanticCustomError("whole_number_too_large",
+                                      "a whole number beyond 2^53 would be rounded to {rounded}",
+                                      {"rounded": repr(float(value))})
+        return value
 
 
 # ----------------------------------------------------------------------------------------- [federation]
@@ -434,6 +449,8 @@ def _fix(err: dict[str, Any], dotted: str) -> str:
               "less_than_equal": "<= {le}"}
     if kind in bounds:
         return f"set {dotted} to a value {bounds[kind].format(**ctx)}"
+    if kind == "whole_number_too_large":
+        return f"set {dotted} to at most 9007199254740992 (2^53), or write it as a decimal such as 1e16"
     if kind == "finite_number":
         return f"set {dotted} to a finite number (not nan or inf)"
     if kind == "literal_error":

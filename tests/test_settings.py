@@ -198,3 +198,14 @@ def test_any_set_override_loads_or_is_a_scenario_error(parts: list[str], value: 
         assert str(exc)
         return
     FederationTable(**sc.federation)
+
+
+def test_a_whole_number_a_float_cannot_hold_is_refused_not_rounded() -> None:
+    """2^53 + 1 for a number field would silently become 2^53: refused by name; 2^53 itself is exact."""
+    from shared.settings import RunSettings, ScenarioError
+
+    with pytest.raises(ScenarioError, match=r"personal-mix = 9007199254740993: .*rounded.*Fix: set personal-mix"):
+        RunSettings.from_config({"personal-mix": 2**53 + 1})
+    with pytest.raises(ScenarioError, match="personal-mix"):
+        RunSettings.from_config({"personal-mix": -(2**60)})
+    assert RunSettings.from_config({"personal-mix": 2**53}).personal_mix == 2.0**53
