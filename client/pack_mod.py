@@ -1,8 +1,8 @@
 """Client mod: unpack a request the coordinator packed (`shared.wire_pack`), pack the reply the same way.
 
 Outermost mod of the ClientApp: everything inside (wire mod, leak guard, handlers) sees the Arrays as
-the coordinator built them, and the reply leaves with exactly the Arrays the leak guard and wire mod let
-out, only carried in one blob. A request that was not packed (simulation, FEDSHOP_PACK_ARRAYS=0 at the
+the coordinator built them, and the reply leaves with exactly the records the leak guard and wire mod let
+out, only carried in one ConfigRecord. A request that was not packed (simulation, FEDSHOP_PACK_ARRAYS=0 at the
 coordinator) gets an unpacked reply, so both sides always agree.
 """
 

@@ -5,9 +5,10 @@ message round trip ends up to 3 s after the last reply reached the SuperLink. Th
 Flower's push/pull calls and only changes the pause; `FEDSHOP_GRID_POLL_INTERVAL` (seconds,
 0.01-60; "3" restores Flower's behaviour) sets it in the ServerApp's environment.
 
-It also packs every message's Arrays into one blob on the way out and unpacks the replies
+It also packs every message's content into one ConfigRecord on the way out and unpacks the replies
 (`shared.wire_pack`; the ClientApp's `client.pack_mod` does the same on its side): flwr moves each
-Array as its own object, one HTTPS request each per hop. `FEDSHOP_PACK_ARRAYS=0` sends them as Flower does.
+record, Array and chunk as its own object, one HTTPS request each per hop; packed, a message is 3
+objects. `FEDSHOP_PACK_ARRAYS=0` sends them as Flower does.
 
 Replies: `HttpGrid.pull_messages` pulls a reply's objects with `pull_objects`, whose back-off starts at 1 s
 (a default argument, no flag or env var); a reply is visible before its SuperNode finished pushing its

@@ -13,7 +13,7 @@ from flwr.app.metadata import Metadata
 
 from client.pack_mod import pack_mod
 from server.polling_grid import PACK_ENV, PollingGrid, packing_enabled
-from shared.wire_pack import LAYOUT, PACKED, PackError, is_packed, pack, unpack
+from shared.wire_pack import BLOB, LAYOUT, PACKED, PackError, is_packed, pack, unpack
 
 
 def _linear() -> dict[str, torch.Tensor]:
@@ -43,23 +43,42 @@ def _message(content: RecordDict) -> Message:
     return make_message(metadata=meta, content=content)
 
 
-def test_pack_puts_every_array_in_one_blob_and_unpack_restores_them_byte_for_byte() -> None:
+def test_pack_puts_the_whole_content_in_one_record_and_unpack_restores_it_byte_for_byte() -> None:
     content = _content()
     packed = pack(content)
-    assert is_packed(packed) and list(packed.array_records) == [PACKED] and len(packed[PACKED]) == 1
-    assert packed["config"] is content["config"] and "metrics" in packed
+    assert is_packed(packed) and list(packed.keys()) == [PACKED]  # Message + RecordDict + 1 record on the wire
+    assert len(packed.object_id) == 64 and not packed.array_records
     back = unpack(packed)
+    assert back["config"] == content["config"] and back["metrics"] == content["metrics"]
     assert list(back.keys()) == list(content.keys())  # record order kept, array records where they were
     assert _fields(back) == _fields(content)
     assert back.object_id == content.object_id  # Flower sees the very same content
     assert unpack(content) is content  # not packed: untouched
 
 
-def test_content_with_fewer_than_two_arrays_is_not_packed() -> None:
-    one = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})})
-    assert pack(one) is one
+def test_content_that_is_one_record_already_is_not_packed() -> None:
     metrics = RecordDict({"metrics": MetricRecord({"a": 1.0})})
     assert pack(metrics) is metrics
+    one = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})})
+    assert is_packed(pack(one)) and _fields(unpack(pack(one))) == _fields(one)  # 3 objects become 1
+
+
+def test_a_blob_over_the_inline_limit_travels_as_one_chunked_array() -> None:
+    content = _content()
+    packed = pack(content, inline_limit=16)
+    assert list(packed.array_records) == [BLOB] and "blob" not in packed[PACKED]
+    assert unpack(packed).object_id == content.object_id
+
+
+def test_malformed_serialised_records_are_refused() -> None:
+    packed = pack(_content())
+    packed[LAYOUT]["deflated"] = [b"\xff\xfe not a record", b"x"]
+    with pytest.raises(PackError, match="unreadable record"):
+        unpack(packed)
+    packed = pack(_content())
+    packed[LAYOUT]["kinds"] = ["config", "script", "metric", "array"]
+    with pytest.raises(PackError, match="does not match kinds"):
+        unpack(packed)
 
 
 def test_a_layout_that_does_not_match_the_blob_is_refused() -> None:
