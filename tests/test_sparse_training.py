@@ -188,3 +188,25 @@ def test_fedprox_anchor_given_as_float64_arrays(largest_shop: ShopTensors, tiny_
     assert math.isfinite(out["loss"])
     assert model.encoder.products.weight.dtype == torch.float32
     assert not torch.equal(model.encoder.products.weight, before)
+
+
+def test_padding_rows_of_the_field_tables_get_zero_gradient_and_stay_put(
+        largest_shop: ShopTensors, tiny_model_cfg: ModelConfig, tiny_features: FeatureConfig) -> None:
+    """The field lookups skip padding_idx (the padding mask zeroes those rows): row 0 of `fields` and
+    `wide` still gets an exactly zero gradient in both paths, and sparse training (no decay) leaves it zero."""
+    model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    fields, wide = model.encoder.fields.weight, model.encoder.wide.weight
+    assert bool((largest_shop.rows["train"]["ctx_cat"] == 0).any() or (model.user_cat == 0).any()), \
+        "the fixture should have padding fields for this test to mean anything"
+    for sparse in (False, True):
+        model.zero_grad(set_to_none=True)
+        with row_sparse_gradients(model.row_sparse_tables() if sparse else []):
+            _batch_loss(model, largest_shop).backward()
+            for table in (fields, wide):
+                grad = table.grad.to_dense() if sparse else table.grad
+                assert torch.count_nonzero(grad[0]) == 0, (sparse, grad[0])
+                assert torch.count_nonzero(grad[1:]) > 0
+    fields.data[0] = 1.0  # a non-zero padding row (e.g. noise in a received encoder) is not trained either
+    train_shop(model, largest_shop, replace(STEP, max_steps=5))
+    assert torch.equal(fields[0].detach(), torch.ones_like(fields[0]))
+    assert torch.count_nonzero(wide[0]) == 0
