@@ -254,6 +254,8 @@ def test_cli_run_exits_non_zero_when_the_run_fails(crash_run: dict) -> None:
     result = crash_run["failing-run"]  # submitted while the crash run was going: runs do not block each other
     assert result.exit_code == 1, result.output
     assert "finished:failed" in result.output
+    # min-shops was checked against the merchants Flower lists (the real `flwr supernode ls`), not skipped
+    assert "could not list the merchants" not in result.output, result.output
 
 
 def test_cli_run_rejects_an_unknown_run_config_key_before_submitting(tmp_path: Path) -> None:
