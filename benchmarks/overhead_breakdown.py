@@ -4,8 +4,9 @@ Measures, each in fresh child processes (CPU from `getrusage(RUSAGE_CHILDREN)`, 
 - `python -c pass` (interpreter start) and `import client.client_app` (what every Ray actor or pool
   worker imports before it serves a shop: torch, flwr, fedshop), median of `--repeats`;
 - building the scenario's world in a fresh process (what each actor paid before the world was shared);
-- Ray: `ray.init` as `run_federated` calls it, then `--idle` seconds with no work (raylet, GCS and
-  helpers' background CPU, from /proc over this process's tree), then `ray.shutdown`.
+- Ray: started as `run_federated` starts it (`simulations.ray_start.start_ray`), then `--idle` seconds
+  with no work (raylet, GCS and helpers' background CPU, from /proc over this process's tree), then
+  `ray.shutdown`.
 It then sets these against the whole-run CPU difference of the last `federation_overhead.py --engine
 ray` run (benchmarks/results/federation_overhead_ray.json) when that file exists.
 
@@ -59,9 +60,10 @@ def ray_background(idle_s: float) -> dict[str, float]:
     import ray
 
     from simulations.federated import backend_config
+    from simulations.ray_start import start_ray
 
     own0, tree0 = time.process_time(), overhead.tree_cpu()[0]
-    ray.init(**backend_config()["init_args"], logging_level="ERROR", log_to_driver=False)
+    start_ray({**backend_config()["init_args"], "logging_level": "ERROR"})  # as run_federated starts it
     tree1, count = overhead.tree_cpu()
     time.sleep(idle_s)
     tree2, _ = overhead.tree_cpu()

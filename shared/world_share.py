@@ -10,6 +10,10 @@ the variable (else it was built for other settings: rebuild, logged) and the fil
 recorded one (else it was changed or damaged after writing: rebuild with a warning). The hash is
 checked before the bytes are unpickled, so a tampered file is never loaded. A missing or unreadable
 file also means rebuild with a warning. `FEDSHOP_WORLD_CACHE=0` turns sharing off on both sides.
+
+A multi-node Ray run (`--ray-address`) also serves the bytes from a named Ray actor (`serve_over_ray`,
+named by the descriptor's "ray_holder"): a worker on a node that cannot see the file's path fetches
+them through Ray's object store instead, under the same sha256 check (logged at INFO).
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ import json
 import logging
 import os
 import pickle
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from shared.atomic import atomic_write_bytes
+from shared.timing_log import record
 
-SHARED_ENV = "FEDSHOP_SHARED_WORLD"  # JSON {"path", "key", "sha256"} set by the driver for its children
+SHARED_ENV = "FEDSHOP_SHARED_WORLD"  # JSON {"path", "key", "sha256"[, "ray_holder"]} set by the driver
+HOLDER_PREFIX = "fedshop-world-"  # name of the Ray actor that serves the world's bytes to other nodes
 CACHE_ENV = "FEDSHOP_WORLD_CACHE"  # "0" turns sharing off
 WORLD_FORMAT = 1  # bump when the pickled payload's shape changes
 
@@ -70,8 +77,15 @@ def read_shared_world(key: str, environ: dict[str, str] | None = None) -> Any | 
     try:
         blob = path.read_bytes()
     except OSError as exc:
-        logger.warning("shared world %s cannot be read (%s); building the world here", path, exc)
-        return None
+        blob = _blob_from_ray(desc.get("ray_holder"))
+        if blob is None:
+            logger.warning("shared world %s cannot be read (%s); building the world here", path, exc)
+            return None
+        logger.info("shared world %s is not on this node (%s); read it from Ray actor %s",
+                    path, exc, desc["ray_holder"])
+        source = "ray"
+    else:
+        source = "file"
     if hashlib.sha256(blob).hexdigest() != want_sha:
         logger.warning("shared world %s does not match its recorded sha256 (changed after it was written); "
                        "not loading it, building the world here", path)
@@ -80,7 +94,54 @@ def read_shared_world(key: str, environ: dict[str, str] | None = None) -> Any | 
     if payload.get("format") != WORLD_FORMAT or payload.get("key") != key:
         logger.warning("shared world %s has another format or key; building the world here", path)
         return None
+    record({"where": "shared-world", "source": source, "pid": os.getpid(), "bytes": len(blob)})  # opt-in log
     return payload["shops"]
+
+
+def _blob_from_ray(holder: str | None) -> bytes | None:
+    """The world's bytes from the named Ray actor ``holder``, or None outside a Ray worker or when it fails."""
+    if not holder or "ray" not in sys.modules:  # never start Ray here: only a process already in it may ask
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return ray.get(ray.get_actor(holder).blob.remote(), timeout=300)
+    except Exception as exc:  # noqa: BLE001 - any Ray failure means: build the world here (logged)
+        logger.warning("shared world: Ray actor %s did not answer (%s)", holder, exc)
+        return None
+
+
+def with_ray_holder(descriptor: dict[str, str] | None) -> dict[str, str] | None:
+    """``descriptor`` naming the Ray actor that will serve its bytes (`serve_over_ray`); None stays None."""
+    if descriptor is None:
+        return None
+    return {**descriptor, "ray_holder": HOLDER_PREFIX + descriptor["key"][:16]}
+
+
+def serve_over_ray(descriptor: dict[str, str]) -> Any:
+    """Start the named, zero-CPU Ray actor ``descriptor["ray_holder"]`` holding the world file's bytes.
+
+    Call from the driver once Ray runs (`ray.init` joined a cluster) and keep the returned handle for
+    the run: Ray ends a (non-detached) actor once its last handle is gone, named or not. Readers still
+    check the bytes against the descriptor's sha256.
+    """
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class WorldHolder:
+        """Holds one pickled world for workers that cannot read the driver's file."""
+
+        def __init__(self, blob: bytes) -> None:
+            self._blob = blob
+
+        def blob(self) -> bytes:
+            return self._blob
+
+    holder = WorldHolder.options(name=descriptor["ray_holder"]).remote(Path(descriptor["path"]).read_bytes())
+    ray.get(holder.blob.remote())  # ready before any shop asks (and fails here, loudly, if it cannot start)
+    return holder
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ SuperNode per training shop.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -19,9 +20,10 @@ import tomli_w
 from shared.atomic import atomic_write_text
 from shared.scenario import Scenario, ScenarioError
 from shared.settings import ENGINES, RunSettings
-from shared.world_share import shared_world_env
+from shared.world_share import SHARED_ENV, serve_over_ray, shared_world_env, with_ray_holder
 from simulations.console import quiet_simulation_workers
 from simulations.ray_auth import require_ray_token
+from simulations.ray_start import start_ray
 from simulations.rundir import write_run_info
 
 METHODS = {"fedshop": "encoder", "fedavg-all": "all-shareable"}  # method -> what shops send
@@ -146,7 +148,25 @@ def _run_engine(engine: str, config: dict[str, Any], progress: Callable | None, 
     require_ray_token()  # Ray listens on every interface: only holders of this token get an answer
     from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
 
-    with quiet_simulation_workers():
-        run_simulation(server_app=make_server_app(config, progress, expected_nodes=n_shops),
-                       client_app=client_app, num_supernodes=n_shops,
-                       backend_config=backend_config(ray_address=ray_address))
+    backend = backend_config(ray_address=ray_address)
+    world = os.environ.get(SHARED_ENV)
+    # On a cluster the descriptor also names the Ray actor that serves the world's bytes to other nodes.
+    cluster_world = with_ray_holder(json.loads(world)) if ray_address and world else None
+    with quiet_simulation_workers(), shared_world_env(cluster_world):
+        # fedshop's own ray.init (Flower keeps an initialised Ray): no job runtime env locally, the shops'
+        # variables carried to a cluster's nodes (simulations/ray_start.py).
+        start_ray(backend["init_args"])
+        try:
+            holder = serve_over_ray(cluster_world) if cluster_world else None  # noqa: F841 - alive for the run
+            run_simulation(server_app=make_server_app(config, progress, expected_nodes=n_shops),
+                           client_app=client_app, num_supernodes=n_shops, backend_config=backend)
+        finally:
+            _shutdown_ray()  # Flower's backend shuts Ray down when it ends; this covers a failure before that
+
+
+def _shutdown_ray() -> None:
+    """Stop this process's Ray connection if it is still up."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import pytest
 
 import shared.scenario as scenario_mod
+import shared.world_share as world_share
 from shared.atomic import TEMP_SUFFIX
 from shared.scenario import load_scenario, scenario_from_dict, world_key
 from shared.world_share import (
     CACHE_ENV,
+    HOLDER_PREFIX,
     SHARED_ENV,
     read_shared_world,
     shared_world_env,
+    with_ray_holder,
     world_file,
     write_shared_world,
 )
@@ -133,3 +137,32 @@ def test_key_matches_what_a_worker_derives_from_the_run_dir_copy(tiny, tmp_path)
     (tmp_path / "scenario.toml").write_text(tomli_w.dumps(tiny.raw))
     worker = load_scenario(tmp_path / "scenario.toml", {"seed": tiny.seed})
     assert worker.world_key == tiny.world_key == world_key(tiny.data, tiny.seed)
+
+
+def test_a_node_without_the_file_reads_the_world_from_the_ray_holder(tmp_path, monkeypatch, caplog):
+    desc = with_ray_holder(write_shared_world(("x",), tmp_path, "a" * 64))
+    blob = world_file(tmp_path, "a" * 64).read_bytes()
+    world_file(tmp_path, "a" * 64).unlink()
+    asked = []
+    monkeypatch.setattr(world_share, "_blob_from_ray", lambda name: asked.append(name) or blob)
+    with caplog.at_level(logging.INFO, logger="shared.world_share"):
+        assert read_shared_world("a" * 64, _env(desc)) == ("x",)
+    assert asked == [HOLDER_PREFIX + "a" * 16] and "read it from Ray actor" in caplog.text
+
+
+def test_bytes_from_the_ray_holder_are_checked_like_the_file(tmp_path, monkeypatch, caplog):
+    desc = with_ray_holder(write_shared_world(("x",), tmp_path, "a" * 64))
+    world_file(tmp_path, "a" * 64).unlink()
+    monkeypatch.setattr(world_share, "_blob_from_ray", lambda name: b"tampered")
+    with caplog.at_level(logging.WARNING, logger="shared.world_share"):
+        assert read_shared_world("a" * 64, _env(desc)) is None
+    assert "sha256" in caplog.text
+
+
+def test_outside_ray_a_holder_is_never_asked_and_the_world_is_rebuilt(tmp_path, monkeypatch, caplog):
+    desc = with_ray_holder(write_shared_world(("x",), tmp_path, "a" * 64))
+    world_file(tmp_path, "a" * 64).unlink()
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # a process that is not a Ray worker
+    with caplog.at_level(logging.WARNING, logger="shared.world_share"):
+        assert read_shared_world("a" * 64, _env(desc)) is None
+    assert "cannot be read" in caplog.text and "ray" not in sys.modules
