@@ -225,7 +225,9 @@ def summarise(runs: list[dict[str, Any]], report_rounds: list[int], defended: st
     return rows
 
 
+DIRECTION_ATTACKS = ("signflip", "x-10")
 LOO_RULES: dict[str, Callable[[float, float], float]] = {  # (this round's cosine, mean over rounds) -> score
+    "this round alone": lambda cur, mean: cur,
     "min(round, mean) [before 2026-12-06]": min,
     "mean over rounds incl. this [default]": lambda cur, mean: mean,
     "both below (max)": max,
@@ -235,7 +237,8 @@ LOO_RULES: dict[str, Callable[[float, float], float]] = {  # (this round's cosin
 def loo_analysis(runs: list[dict[str, Any]], bound: float) -> list[dict[str, Any]]:
     """Per leave-one-out rule, from the recorded per-round cosines of the ``fedshop`` runs: the honest shops'
     lowest score and the attackers' highest (the margin between them), and the shop-rounds each rule puts below
-    ``bound``. Offline: a run's later rounds followed the rule in force when it ran."""
+    ``bound``. Attackers count only for attacks that reverse the direction (x100 keeps its honest cosine, noise
+    scores ~0: the norm bound catches those). Offline: a run's later rounds followed the rule in force then."""
     rows = []
     for name, rule in LOO_RULES.items():
         honest, attacker = [], []
@@ -245,6 +248,8 @@ def loo_analysis(runs: list[dict[str, Any]], bound: float) -> list[dict[str, Any
             who = run["attacker"] if run["attack"] != "none" else None
             for shop, cosines in run["loo_cosines"].items():
                 scores = [rule(c, float(np.mean(cosines[:k + 1]))) for k, c in enumerate(cosines)]
+                if shop == who and run["attack"] not in DIRECTION_ATTACKS:
+                    continue
                 (attacker if shop == who else honest).extend(
                     (score, run["attack"], run["seed"], shop, k + 1) for k, score in enumerate(scores))
         low, high = min(honest, default=None), max(attacker, default=None)
@@ -256,7 +261,9 @@ def loo_analysis(runs: list[dict[str, Any]], bound: float) -> list[dict[str, Any
 
 
 def print_loo_analysis(console: Console, rows: list[dict[str, Any]], bound: float) -> None:
-    """The rules' margins as a table."""
+    """The rules' margins as a table (nothing when no run recorded cosines)."""
+    if not any(r["honest_total"] for r in rows):
+        return
     table = Table(title=f"leave-one-out rules on the recorded cosines (bound {bound:g}); (score, attack, seed, "
                         "shop, round)")
     for col in ("rule", "honest lowest", "attacker highest", "margin", "honest below", "attacker below"):
