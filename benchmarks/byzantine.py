@@ -40,6 +40,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from rich.console import Console
 from rich.table import Table
 
+from server.checkpoint import latest_checkpoint
 from server.robust import RobustSettings
 from shared.atomic import atomic_write_text
 from shared.protocol import NUM_EXAMPLES
@@ -134,6 +135,7 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
     run_federation(grid, FederationSettings.from_config(config), on_round)
     seconds = time.perf_counter() - start
     rows = pd.read_csv(run_dir / "metrics.csv")
+    ckpt = latest_checkpoint(run_dir)
     honest = [s for i, s in enumerate(shops) if i != attacker]
     all_ctr = rows[(rows["task"] == "ctr") & (rows["metric"] == "auc")]
     ctr = all_ctr[all_ctr["shop"].isin(honest)]
@@ -151,6 +153,7 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
                                 for shop, grp in all_ctr[all_ctr["split"] == split].groupby("shop")}
                         for split in ("val", "test")},
             "left_out": {str(r): lo for r, lo in sorted(left_out.items())},
+            "loo_cosines": ckpt.loo_history if ckpt is not None else {},  # per shop, per screened round
             "attacker_left_out_rounds": sum(shops[attacker] in lo for lo in left_out.values()),
             "honest_left_out": sorted({s for lo in left_out.values() for s in lo if s != shops[attacker]}),
             "seconds": round(seconds, 1), "loadavg": os.getloadavg()}
@@ -220,6 +223,56 @@ def summarise(runs: list[dict[str, Any]], report_rounds: list[int], defended: st
                          "honest_shop_rounds": fp_total, "attacker_left_out_rounds": caught if attacker else None,
                          "target": target, "met": float(np.mean(cost_clean)) <= target})
     return rows
+
+
+DIRECTION_ATTACKS = ("signflip", "x-10")
+LOO_RULES: dict[str, Callable[[float, float], float]] = {  # (this round's cosine, mean over rounds) -> score
+    "this round alone": lambda cur, mean: cur,
+    "min(round, mean) [before 2026-12-06]": min,
+    "mean over rounds incl. this [default]": lambda cur, mean: mean,
+    "both below (max)": max,
+}
+
+
+def loo_analysis(runs: list[dict[str, Any]], bound: float) -> list[dict[str, Any]]:
+    """Per leave-one-out rule, from the recorded per-round cosines of the ``fedshop`` runs: the honest shops'
+    lowest score and the attackers' highest (the margin between them), and the shop-rounds each rule puts below
+    ``bound``. Attackers count only for attacks that reverse the direction (x100 keeps its honest cosine, noise
+    scores ~0: the norm bound catches those). Offline: a run's later rounds followed the rule in force then."""
+    rows = []
+    for name, rule in LOO_RULES.items():
+        honest, attacker = [], []
+        for run in runs:
+            if run["rule"] != "fedshop" or not run.get("loo_cosines"):
+                continue
+            who = run["attacker"] if run["attack"] != "none" else None
+            for shop, cosines in run["loo_cosines"].items():
+                scores = [rule(c, float(np.mean(cosines[:k + 1]))) for k, c in enumerate(cosines)]
+                if shop == who and run["attack"] not in DIRECTION_ATTACKS:
+                    continue
+                (attacker if shop == who else honest).extend(
+                    (score, run["attack"], run["seed"], shop, k + 1) for k, score in enumerate(scores))
+        low, high = min(honest, default=None), max(attacker, default=None)
+        rows.append({"rule": name, "honest_min": low, "attacker_max": high,
+                     "margin": low[0] - high[0] if low and high else None,
+                     "honest_below": sum(h[0] < bound for h in honest), "honest_total": len(honest),
+                     "attacker_below": sum(a[0] < bound for a in attacker), "attacker_total": len(attacker)})
+    return rows
+
+
+def print_loo_analysis(console: Console, rows: list[dict[str, Any]], bound: float) -> None:
+    """The rules' margins as a table (nothing when no run recorded cosines)."""
+    if not any(r["honest_total"] for r in rows):
+        return
+    table = Table(title=f"leave-one-out rules on the recorded cosines (bound {bound:g}); (score, attack, seed, "
+                        "shop, round)")
+    for col in ("rule", "honest lowest", "attacker highest", "margin", "honest below", "attacker below"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["rule"], str(r["honest_min"]), str(r["attacker_max"]),
+                      "-" if r["margin"] is None else f"{r['margin']:+.3f}",
+                      f"{r['honest_below']}/{r['honest_total']}", f"{r['attacker_below']}/{r['attacker_total']}")
+    console.print(table)
 
 
 def print_summary(console: Console, rows: list[dict[str, Any]]) -> None:
@@ -318,7 +371,11 @@ def main() -> None:
     meta["loadavg_end"] = os.getloadavg()
     summary = summarise(runs, report_rounds)
     print_summary(console, summary)
-    atomic_write_text(args.out, json.dumps({**meta, "summary": summary, "runs": runs}, indent=1) + "\n")
+    bound = float(screens_for("fedshop", screens)["robust-loo-min-cosine"])
+    analysis = loo_analysis(runs, bound)
+    print_loo_analysis(console, analysis, bound)
+    atomic_write_text(args.out, json.dumps({**meta, "summary": summary, "loo_analysis": analysis, "runs": runs},
+                                           indent=1) + "\n")
     console.print(f"wrote {args.out}")
 
 

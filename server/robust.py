@@ -8,10 +8,10 @@ Each update is ``delta = reply - global encoder``. In order:
 3. an update whose direction score, the median over arrays of its cosine with the coordinate-wise median
    of the round's deltas, is below ``min_cosine`` is left out (a sign flip or a negative scaling points
    away from the honest majority);
-4. leave-one-out reputation: an update whose cosine with the mean of the *other* kept updates, or that
-   cosine's mean over the shop's rounds so far (its reputation), is below ``loo_min_cosine`` is left out
-   (with >= 5 kept updates, never more than (n - 1) // 2 of them, the lowest first); unlike the round's
-   median in 3., the others' mean cannot be dragged by the update being scored;
+4. leave-one-out reputation: an update whose cosine with the mean of the *other* kept updates, averaged over
+   the shop's rounds so far and this one (its reputation; in its first round, this round's cosine), is below
+   ``loo_min_cosine`` is left out (with >= 5 kept updates, never more than (n - 1) // 2 of them, the lowest
+   first); unlike the round's median in 3., the others' mean cannot be dragged by the update being scored;
 5. no shop keeps more than ``weight_cap / n`` of the aggregation weight (the excess goes to the others).
 
 Hand-written because Flower 1.42's robust rules (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) replace
@@ -148,19 +148,14 @@ def leave_one_out(deltas: list[np.ndarray], kept: list[int]) -> dict[int, float]
     return out
 
 
-def loo_mean(history: list[float], current: float) -> float:
-    """A shop's leave-one-out cosine averaged over its rounds so far, this one included."""
-    return float(np.mean([*history, current]))
+def reputation(history: list[float], current: float) -> float:
+    """A shop's leave-one-out score for this round: its cosine's mean over its rounds, this one included.
 
-
-def reputation(history: list[float], current: float, mean: float | None = None) -> float:
-    """A shop's leave-one-out score for this round: the lower of this round's cosine and its mean over its rounds.
-
-    The mean keeps a shop that pointed away in earlier rounds out when its later flipped updates score near 0
-    (the largest shop's honest score falls towards 0 as training converges, and so does its flip). ``mean`` is
-    `loo_mean` when the caller has computed it already (the screen reports it).
+    In its first round that is this round's cosine alone. After that the mean decides, not this round alone: the
+    largest shop's honest score falls towards 0 as training converges and dips below the bound in single rounds
+    (-0.087 in round 9, -0.106 in round 3), while its flip's mean stays far below (docs/robustness.md).
     """
-    return min(current, loo_mean(history, current) if mean is None else mean)
+    return float(np.mean([*history, current]))
 
 
 def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[float | None],
@@ -198,13 +193,12 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
     if settings.loo_min_cosine > -1 and len(kept) >= LOO_MIN_UPDATES:
         out.loo = leave_one_out([d * s for d, s in zip(deltas, out.scale, strict=True)], kept)
         history = loo_history or [[] for _ in deltas]
-        means = {i: loo_mean(history[i], out.loo[i]) for i in kept}
-        scores = {i: reputation(history[i], out.loo[i], means[i]) for i in kept}
+        scores = {i: reputation(history[i], out.loo[i]) for i in kept}
         below = sorted((c, i) for i, c in scores.items() if c < settings.loo_min_cosine)
         for _, i in below[:(len(kept) - 1) // 2]:  # majority guard: the lowest scores first, never a majority
             out.left_out[i] = (f"update direction against the other shops' mean update (leave-one-out cosine "
-                               f"{out.loo[i]:.3f}, mean over its rounds {means[i]:.3f}; "
-                               f"the lower is < {settings.loo_min_cosine:g})")
+                               f"{out.loo[i]:.3f}, mean over its rounds {scores[i]:.3f}; "
+                               f"the mean is < {settings.loo_min_cosine:g})")
         kept = [i for i in kept if i not in out.left_out]
     shares = cap_shares([out.weights[i] for i in kept], settings.weight_cap)
     for i, w in zip(kept, shares, strict=True):
