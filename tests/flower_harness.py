@@ -80,3 +80,27 @@ class LocalGrid(LocalGridBase):
             out.append(reply)
         self.replies.extend(out)
         return out
+
+
+def coordinator_home(tmp_path: Path, pid: int) -> Path:
+    """A coordinator home whose superlink.json records ``pid`` as its SuperLink (this process: a running one).
+
+    The record names the program that runs under ``pid`` (status checks it: a recycled PID is not the SuperLink).
+    """
+    import json
+    import os
+    import sys
+    from dataclasses import asdict
+
+    from simulations.deploy.coordinator import Coordinator
+    from simulations.deploy.processes import ProcessRecord
+
+    home = tmp_path / "coord"
+    home.mkdir()
+    info = Coordinator(str(home), "127.0.0.1", 9092, "coord.example.com:9092", "ca", "cert", "key")
+    (home / "coordinator.json").write_text(json.dumps(asdict(info)))
+    command = [sys.executable]
+    if pid == os.getpid() and Path("/proc/self/cmdline").exists():
+        command = [Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()]
+    (home / "superlink.json").write_text(json.dumps(asdict(ProcessRecord(pid, "flower-superlink", command, "log"))))
+    return home

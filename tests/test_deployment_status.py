@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
+from flower_harness import coordinator_home
 from typer.testing import CliRunner
 
 from client.local_state import FORMAT_VERSION, STATE_FILE
@@ -154,16 +155,7 @@ def _flwr_answers(nodes: list[dict], runs: list[dict], calls: list[tuple]):
 
 
 def _home(tmp_path: Path, pid: int) -> Path:
-    home = tmp_path / "coord"
-    home.mkdir()
-    info = Coordinator(str(home), "127.0.0.1", 9092, "coord.example.com:9092", "ca", "cert", "key")
-    (home / "coordinator.json").write_text(json.dumps(asdict(info)))
-    # The record names the program that runs under ``pid`` (status checks it: a recycled PID is not the SuperLink).
-    command = [sys.executable]
-    if pid == os.getpid() and Path("/proc/self/cmdline").exists():
-        command = [Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()]
-    (home / "superlink.json").write_text(json.dumps(asdict(ProcessRecord(pid, "flower-superlink", command, "log"))))
-    return home
+    return coordinator_home(tmp_path, pid)
 
 
 def test_register_records_the_name_and_key_fingerprint_even_without_a_shop_index(tmp_path, monkeypatch) -> None:

@@ -8,17 +8,15 @@ own refusals (exit 2, one line) are tests/test_bad_settings.py's table.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import typer
-from flower_harness import tiny_scenario, write_scenario
+from flower_harness import coordinator_home, tiny_scenario, write_scenario
 from typer.testing import CliRunner
 
 from shared.federation_plan import ShopCount, check_federation_plan
@@ -177,19 +175,7 @@ def test_compression_with_a_privacy_path_is_refused_by_the_run_config_schema_its
 
 
 def _home(tmp_path: Path, pid: int) -> Path:
-    """A coordinator home whose superlink.json records ``pid`` (this process: a running SuperLink)."""
-    from simulations.deploy.coordinator import Coordinator
-    from simulations.deploy.processes import ProcessRecord
-
-    home = tmp_path / "coord"
-    home.mkdir()
-    info = Coordinator(str(home), "127.0.0.1", 9092, "coord.example.com:9092", "ca", "cert", "key")
-    (home / "coordinator.json").write_text(json.dumps(asdict(info)))
-    command = [sys.executable]
-    if pid == os.getpid() and Path("/proc/self/cmdline").exists():
-        command = [Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()]
-    (home / "superlink.json").write_text(json.dumps(asdict(ProcessRecord(pid, "flower-superlink", command, "log"))))
-    return home
+    return coordinator_home(tmp_path, pid)
 
 
 def _nodes(*states: str) -> list[dict]:
