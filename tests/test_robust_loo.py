@@ -115,8 +115,8 @@ def test_an_honest_shop_with_one_bad_round_late_in_training_is_kept():
     assert set(screen(deltas, [1.0] * N, [None] * N, LOO_ONLY).left_out) == {0}  # a first round alone: out
 
 
-# Recorded in a clean 20-round run (benchmarks/results/byzantine_loo20.json, reduced world, seed 0): the honest largest
-# shop's leave-one-out cosine per round and the round's consensus (median of the 8 shops' cosines).
+# The first 20 rounds of a clean 30-round run (benchmarks/results/byzantine_loo30.json, reduced world, seed 0): the
+# honest largest shop's leave-one-out cosine per round and the round's consensus (median of the 8 shops' cosines).
 SHOP00_COSINES = [0.169, 0.048, 0.038, 0.004, -0.028, 0.019, -0.024, -0.027, -0.087, -0.123, -0.141, -0.152, -0.179,
                   -0.176, -0.187, -0.194, -0.176, -0.17, -0.19, -0.199]
 SHOP00_CONSENSUS = [0.188, 0.344, 0.185, 0.203, 0.22, 0.226, 0.148, 0.139, 0.109, 0.051, 0.066, 0.061, 0.034, 0.066,
