@@ -85,7 +85,7 @@ class Screened:
     norms: list[float] = field(default_factory=list)
     cosines: list[float] = field(default_factory=list)
     loo: dict[int, float] = field(default_factory=dict)  # index -> cosine with the other kept updates' mean
-    agreement: float = 0.0  # the round's agreement (`agreement`)
+    agreement: float = 0.0  # the round's agreement (`agreement`), computed only under that rule
     consensus: float = 0.0  # the round's consensus (`consensus`)
     round_weight: float = 1.0  # the weight of this round's cosines in a reputation, per `RobustSettings.loo_rule`
 
@@ -245,7 +245,7 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
     if settings.loo_min_cosine > -1 and len(kept) >= LOO_MIN_UPDATES:
         scaled = [d * s for d, s in zip(deltas, out.scale, strict=True)]
         out.loo = leave_one_out(scaled, kept)
-        out.agreement = agreement(scaled, kept)
+        out.agreement = agreement(scaled, kept) if settings.loo_rule == "agreement" else 0.0  # only when it decides
         out.consensus = consensus(out.loo, kept)
         out.round_weight = {"consensus": out.consensus, "agreement": out.agreement}.get(settings.loo_rule, 1.0)
         history = loo_history or [[] for _ in deltas]

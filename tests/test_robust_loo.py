@@ -145,6 +145,9 @@ def test_the_consensus_is_the_median_leave_one_out_cosine_and_never_negative():
     out = screen(_heterogeneous(N), [1.0] * N, [None] * N, LOO_ONLY)
     assert out.round_weight == out.consensus == pytest.approx(float(np.median(list(out.loo.values()))))
     assert 0.1 < out.consensus < 0.5  # honest updates that agree: an informative round
+    by_agreement = screen(_heterogeneous(N), [1.0] * N, [None] * N, RobustSettings(**{**LOO_ONLY.__dict__,
+                                                                                    "loo_rule": "agreement"}))
+    assert by_agreement.round_weight == by_agreement.agreement and 0 < by_agreement.agreement < 1
 
 
 @pytest.mark.parametrize(("honest_rounds", "early_weight", "delay"), [(1, 0.15, 0), (2, 0.15, 1), (2, 0.3, 2)])
