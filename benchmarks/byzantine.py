@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from server.checkpoint import latest_checkpoint
-from server.robust import RobustSettings
+from server.robust import RobustSettings, split_entry
 from shared.atomic import atomic_write_text
 from shared.protocol import NUM_EXAMPLES
 from shared.scenario import load_scenario
@@ -54,7 +54,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "byzantine.json"
 ATTACKS = ("none", "x100", "x-10", "noise", "signflip", "absent")
 RULES = ("fedavg", "fedshop", "fedmedian", "fedtrimmedavg", "multikrum", "bulyan")
 SCREENS_OFF = {f"robust-{k.replace('_', '-')}": v for k, v in asdict(RobustSettings.off()).items()
-               if k != "norm_action"}
+               if k not in ("norm_action", "loo_rule")}
 
 
 ROBUST_DEFAULTS = {run_key(n): f.default for n, f in RunSettings.model_fields.items() if n.startswith("robust_")}
@@ -153,7 +153,10 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
                                 for shop, grp in all_ctr[all_ctr["split"] == split].groupby("shop")}
                         for split in ("val", "test")},
             "left_out": {str(r): lo for r, lo in sorted(left_out.items())},
-            "loo_cosines": ckpt.loo_history if ckpt is not None else {},  # per shop, per screened round
+            # per shop, per screened round: its leave-one-out cosine and the round's weight under the run's rule
+            "loo_cosines": {s: [split_entry(e)[0] for e in h] for s, h in (ckpt.loo_history if ckpt else {}).items()},
+            "loo_weights": {s: [split_entry(e)[1] for e in h] for s, h in (ckpt.loo_history if ckpt else {}).items()},
+            "loo_rule": RobustSettings().loo_rule,
             "attacker_left_out_rounds": sum(shops[attacker] in lo for lo in left_out.values()),
             "honest_left_out": sorted({s for lo in left_out.values() for s in lo if s != shops[attacker]}),
             "seconds": round(seconds, 1), "loadavg": os.getloadavg()}
@@ -226,12 +229,41 @@ def summarise(runs: list[dict[str, Any]], report_rounds: list[int], defended: st
 
 
 DIRECTION_ATTACKS = ("signflip", "x-10")
-LOO_RULES: dict[str, Callable[[float, float], float]] = {  # (this round's cosine, mean over rounds) -> score
-    "this round alone": lambda cur, mean: cur,
-    "min(round, mean) [before 2026-12-06]": min,
-    "mean over rounds incl. this [default]": lambda cur, mean: mean,
-    "both below (max)": max,
+_wmean = lambda c, w: float(np.dot(c, w) / np.sum(w)) if np.sum(w) > 0 else float(np.mean(c))  # noqa: E731
+# name -> (round weight: None, "agreement" or "consensus"; (cosines, weights) of a shop's rounds 1..k -> its score)
+LOO_RULES: dict[str, tuple[str | None, Callable[[list[float], list[float]], float]]] = {
+    "this round alone": (None, lambda c, w: c[-1]),
+    "min(round, mean) [before 2026-12-06]": (None, lambda c, w: min(c[-1], float(np.mean(c)))),
+    "mean over rounds incl. this [until 2026-12-06]": (None, lambda c, w: float(np.mean(c))),
+    "both below (max)": (None, lambda c, w: max(c[-1], float(np.mean(c)))),
+    "agreement-weighted mean": ("agreement", _wmean),
+    "consensus-weighted mean [default]": ("consensus", _wmean),
 }
+SCREENED_OUT = ("update norm", "against the round's median")  # left out before the leave-one-out screen
+
+
+def _weights(run: dict[str, Any], shop: str, kind: str | None) -> list[float] | None:
+    """A shop's round weights of ``kind`` (None if the run did not record them; 1 each for kind None).
+
+    Agreement: recorded (`loo_agreement`, or `loo_weights` of a run under that rule). Consensus: the median of the
+    round's recorded cosines of the updates the earlier screens kept, at least 0 (exact when every shop is screened
+    every round, as in these runs)."""
+    cosines = run["loo_cosines"]
+    n = len(cosines[shop])
+    if kind is None:
+        return [1.0] * n
+    if kind == "agreement":
+        if "loo_agreement" in run:
+            return run["loo_agreement"][shop]
+        return run["loo_weights"][shop] if run.get("loo_rule") == "agreement" else None
+    if len({len(v) for v in cosines.values()}) != 1:
+        return None
+    out = []
+    for k in range(n):
+        reasons = run["left_out"].get(str(k + 1), {})
+        kept = [v[k] for s, v in cosines.items() if not any(x in reasons.get(s, "") for x in SCREENED_OUT)]
+        out.append(max(0.0, float(np.median(kept))) if kept else 0.0)
+    return out
 
 
 def loo_analysis(runs: list[dict[str, Any]], bound: float) -> list[dict[str, Any]]:
@@ -240,23 +272,54 @@ def loo_analysis(runs: list[dict[str, Any]], bound: float) -> list[dict[str, Any
     ``bound``. Attackers count only for attacks that reverse the direction (x100 keeps its honest cosine, noise
     scores ~0: the norm bound catches those). Offline: a run's later rounds followed the rule in force then."""
     rows = []
-    for name, rule in LOO_RULES.items():
+    for name, (kind, rule) in LOO_RULES.items():
         honest, attacker = [], []
         for run in runs:
             if run["rule"] != "fedshop" or not run.get("loo_cosines"):
                 continue
             who = run["attacker"] if run["attack"] != "none" else None
             for shop, cosines in run["loo_cosines"].items():
-                scores = [rule(c, float(np.mean(cosines[:k + 1]))) for k, c in enumerate(cosines)]
+                weights = _weights(run, shop, kind)
+                if weights is None:
+                    continue
+                scores = [rule(cosines[:k + 1], weights[:k + 1]) for k in range(len(cosines))]
                 if shop == who and run["attack"] not in DIRECTION_ATTACKS:
                     continue
                 (attacker if shop == who else honest).extend(
-                    (score, run["attack"], run["seed"], shop, k + 1) for k, score in enumerate(scores))
+                    (round(score, 4), run["attack"], run["seed"], shop, k + 1) for k, score in enumerate(scores))
         low, high = min(honest, default=None), max(attacker, default=None)
         rows.append({"rule": name, "honest_min": low, "attacker_max": high,
                      "margin": low[0] - high[0] if low and high else None,
                      "honest_below": sum(h[0] < bound for h in honest), "honest_total": len(honest),
                      "attacker_below": sum(a[0] < bound for a in attacker), "attacker_total": len(attacker)})
+    return rows
+
+
+def late_flip_delays(runs: list[dict[str, Any]], bound: float, shops: tuple[str, ...] = ("shop_00", "shop_07"),
+                     ) -> list[dict[str, Any]]:
+    """Offline late-turning attacker on the clean ``fedshop`` runs: shop s flips its update from round t on, so its
+    leave-one-out cosine becomes minus the recorded one (exact: the others' mean does not contain it), the round
+    weights are kept as recorded (approximate: a flip changes the round's agreement and later trajectory). Per
+    rule, the rounds until its score first falls below ``bound`` (None: never within the run)."""
+    rows = []
+    for run in runs:
+        if run["rule"] != "fedshop" or run["attack"] != "none" or not run.get("loo_cosines"):
+            continue
+        for shop in shops:
+            cos = run["loo_cosines"].get(shop)
+            if not cos:
+                continue
+            for start in range(2, len(cos) + 1, 2):
+                row = {"seed": run["seed"], "shop": shop, "flip_from": start}
+                for name, (kind, rule) in LOO_RULES.items():
+                    weights = _weights(run, shop, kind)
+                    if weights is None or "alone" in name or "(max)" in name:
+                        continue
+                    c = [x if k + 1 < start else -x for k, x in enumerate(cos)]
+                    hit = next((k + 1 for k in range(start - 1, len(c)) if rule(c[:k + 1], weights[:k + 1]) < bound),
+                               None)
+                    row[name.split(" [")[0]] = None if hit is None else hit - start
+                rows.append(row)
     return rows
 
 
@@ -374,8 +437,19 @@ def main() -> None:
     bound = float(screens_for("fedshop", screens)["robust-loo-min-cosine"])
     analysis = loo_analysis(runs, bound)
     print_loo_analysis(console, analysis, bound)
-    atomic_write_text(args.out, json.dumps({**meta, "summary": summary, "loo_analysis": analysis, "runs": runs},
-                                           indent=1) + "\n")
+    delays = late_flip_delays(runs, bound)
+    if delays:
+        table = Table(title="late-turning attacker offline (a clean run's cosines negated from round 'from' on): "
+                            "rounds until caught (0 = its first flipped round; - = not within the run)")
+        names = [k for k in delays[0] if k not in ("seed", "shop", "flip_from")]
+        for col in ("seed", "shop", "from", *names):
+            table.add_column(col)
+        for row in delays:
+            table.add_row(str(row["seed"]), row["shop"], str(row["flip_from"]),
+                          *("-" if row.get(k) is None else str(row[k]) for k in names))
+        console.print(table)
+    atomic_write_text(args.out, json.dumps({**meta, "summary": summary, "loo_analysis": analysis,
+                                            "late_flip_delays": delays, "runs": runs}, indent=1) + "\n")
     console.print(f"wrote {args.out}")
 
 

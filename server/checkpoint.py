@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.robust import LooEntry, split_entry
 from shared.atomic import atomic_write_bytes, remove_stale_temps
 
 CHECKPOINT_DIR = "checkpoints"
@@ -47,8 +48,9 @@ class Checkpoint:
     settings: dict[str, Any] = field(default_factory=dict)  # what must not change on resume
     # shop -> its first accepted num-examples claim: without it a resumed run would let a shop claim anew
     first_claims: dict[str, float] = field(default_factory=dict)
-    # shop -> its leave-one-out cosine per screened round (`server.robust`), the reputation a resume continues
-    loo_history: dict[str, list[float]] = field(default_factory=dict)
+    # shop -> its leave-one-out [cosine, round weight] per screened round (`server.robust`), the reputation a
+    # resume continues; a bare cosine (checkpoints before 2026-12-06) weighs 1
+    loo_history: dict[str, list[LooEntry]] = field(default_factory=dict)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -119,7 +121,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 2) -> Path:
                "strategy": {n: _tensors(a) for n, a in ckpt.strategy_state.items()},
                "rng": ckpt.rng, "settings": ckpt.settings,
                "first_claims": {str(k): float(v) for k, v in ckpt.first_claims.items()},
-               "loo_history": {str(k): [float(x) for x in v] for k, v in ckpt.loo_history.items()}}
+               "loo_history": {str(k): [list(split_entry(x)) for x in v] for k, v in ckpt.loo_history.items()}}
     buf = io.BytesIO()
     torch.save(payload, buf)
     path = atomic_write_bytes(checkpoint_path(run_dir, ckpt.server_round), buf.getvalue())
@@ -165,14 +167,18 @@ def _first_claims(path: Path, raw: object) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items()}
 
 
-def _loo_history(path: Path, raw: object) -> dict[str, list[float]]:
-    """The checkpoint's leave-one-out history (absent in checkpoints written before it was saved: none)."""
-    if not isinstance(raw, dict) or not all(
-            isinstance(k, str) and isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
-            for k, v in raw.items()):
-        raise CheckpointError(f"{path}: its loo_history is not a table of shop -> list of cosines. Fix: delete it to "
-                              "resume from the previous round's checkpoint, or start a new run")
-    return {k: [float(x) for x in v] for k, v in raw.items()}
+def _loo_history(path: Path, raw: object) -> dict[str, list[LooEntry]]:
+    """The checkpoint's leave-one-out history (absent in checkpoints written before it was saved: none; bare
+    cosines, written before rounds were weighted, weigh 1)."""
+    def entry_ok(x: object) -> bool:
+        return isinstance(x, (int, float)) or (isinstance(x, list) and len(x) == 2
+                                               and all(isinstance(y, (int, float)) for y in x))
+
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, list) and all(map(entry_ok, v))
+                                            for k, v in raw.items()):
+        raise CheckpointError(f"{path}: its loo_history is not a table of shop -> list of [cosine, weight]. Fix: "
+                              "delete it to resume from the previous round's checkpoint, or start a new run")
+    return {k: [list(split_entry(x)) for x in v] for k, v in raw.items()}
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:

@@ -9,7 +9,9 @@ Each update is ``delta = reply - global encoder``. In order:
    of the round's deltas, is below ``min_cosine`` is left out (a sign flip or a negative scaling points
    away from the honest majority);
 4. leave-one-out reputation: an update whose cosine with the mean of the *other* kept updates, averaged over
-   the shop's rounds so far and this one (its reputation; in its first round, this round's cosine), is below
+   the shop's rounds so far and this one, each round weighted by its consensus (the median of the round's
+   leave-one-out cosines: high early, when shops agree and a flip stands out; ~0 near the fixed point) (its
+   reputation; in its first round, this round's cosine), is below
    ``loo_min_cosine`` is left out (with >= 5 kept updates, never more than (n - 1) // 2 of them, the lowest
    first); unlike the round's median in 3., the others' mean cannot be dragged by the update being scored;
 5. no shop keeps more than ``weight_cap / n`` of the aggregation weight (the excess goes to the others).
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 NORM_ACTIONS = ("leave-out", "clip")
+LOO_RULES = ("consensus", "agreement", "mean")
 LOO_MIN_UPDATES = 5  # the leave-one-out check needs this many kept updates
 
 
@@ -39,6 +42,8 @@ class RobustSettings:
     examples_cap: float = 10.0
     weight_cap: float = 4.0
     loo_min_cosine: float = -0.08
+    # reputation: the rounds' cosines weighted by the round's consensus (default), by its agreement, or a plain mean
+    loo_rule: str = "consensus"
 
     def __post_init__(self) -> None:
         if self.norm_action not in NORM_ACTIONS:
@@ -47,6 +52,8 @@ class RobustSettings:
         if not (self.norm_factor == 0 or self.norm_factor >= 1):
             raise ValueError(f"run config robust-norm-factor={self.norm_factor} would leave out the median shop "
                              "itself. Fix: give a factor >= 1 (e.g. 2), or 0 for no norm bound")
+        if self.loo_rule not in LOO_RULES:
+            raise ValueError(f"leave-one-out rule '{self.loo_rule}' is unknown. Fix: use one of {LOO_RULES}")
         if not -1 <= self.min_cosine <= 1:
             raise ValueError(f"run config robust-min-cosine={self.min_cosine} is outside [-1, 1]. Fix: e.g. 0 "
                              "(leave out updates pointing away from the median), or -1 for no direction check")
@@ -78,6 +85,9 @@ class Screened:
     norms: list[float] = field(default_factory=list)
     cosines: list[float] = field(default_factory=list)
     loo: dict[int, float] = field(default_factory=dict)  # index -> cosine with the other kept updates' mean
+    agreement: float = 0.0  # the round's agreement (`agreement`), computed only under that rule
+    consensus: float = 0.0  # the round's consensus (`consensus`)
+    round_weight: float = 1.0  # the weight of this round's cosines in a reputation, per `RobustSettings.loo_rule`
 
 
 def cap_claims(claims: list[float], first: list[float | None], factor: float) -> list[float]:
@@ -148,24 +158,66 @@ def leave_one_out(deltas: list[np.ndarray], kept: list[int]) -> dict[int, float]
     return out
 
 
-def reputation(history: list[float], current: float) -> float:
-    """A shop's leave-one-out score for this round: its cosine's mean over its rounds, this one included.
+LooEntry = float | list[float]  # one screened round of a shop: its cosine, or [cosine, round weight]
 
-    In its first round that is this round's cosine alone. After that the mean decides, not this round alone: the
-    largest shop's honest score falls towards 0 as training converges and dips below the bound in single rounds
-    (-0.087 in round 9, -0.106 in round 3), while its flip's mean stays far below (docs/robustness.md).
+
+def agreement(deltas: list[np.ndarray], kept: list[int]) -> float:
+    """How much the kept updates agree: the norm of their mean over their mean norm, in [0, 1] (0 if all zero).
+
+    High early in training, when every shop moves the encoder the same way; near FedAvg's fixed point the weighted
+    updates cancel, so it falls towards 0 and a round's leave-one-out cosines say little about who is malicious.
     """
-    return float(np.mean([*history, current]))
+    stack = [deltas[i].astype(np.float64) for i in kept]
+    mean_norm = float(np.mean([np.linalg.norm(d) for d in stack]))
+    return float(np.linalg.norm(np.mean(stack, axis=0)) / mean_norm) if mean_norm > 0 else 0.0
+
+
+def consensus(loo: dict[int, float], kept: list[int]) -> float:
+    """How clearly the round tells shops apart: the median of the kept updates' leave-one-out cosines, at least 0.
+
+    Early in training the honest shops score 0.2-0.4 against each other and a flip scores as far below; near the
+    fixed point the median falls to ~0.05 and the largest shop's honest update points against the others by
+    construction (FedAvg's weighted updates sum to ~0), so such a round should weigh little. A median: one
+    attacker cannot move it much.
+    """
+    return max(0.0, float(np.median([loo[i] for i in kept]))) if kept else 0.0
+
+
+def split_entry(entry: LooEntry) -> tuple[float, float]:
+    """(cosine, weight) of a history entry; a bare cosine (checkpoints before 2026-12-06) weighs 1."""
+    if isinstance(entry, (int, float)):
+        return float(entry), 1.0
+    return float(entry[0]), float(entry[1])
+
+
+def reputation(history: list[LooEntry], current: float, weight: float = 1.0, rule: str = "consensus") -> float:
+    """A shop's leave-one-out score for this round, from its earlier rounds' entries and this round's cosine.
+
+    ``consensus`` (default) and ``agreement``: the mean of its cosines weighted by each round's recorded weight
+    (`consensus` or `agreement` of that round), this one included; ``mean``: the plain mean (the rule until
+    2026-12-06; weights ignored). Why weighted: near the fixed point the largest shop's honest update points
+    against the others' mean by construction (their weighted sum is ~0), so its plain mean drifts below the bound
+    in long runs, while the early, high-consensus rounds separate honest from flipped widely (docs/robustness.md).
+    In its first round every rule gives this round's cosine; with all weights 0, the plain mean.
+    """
+    pairs = [*(split_entry(e) for e in history), (float(current), float(weight))]
+    if rule == "mean":
+        return float(np.mean([c for c, _ in pairs]))
+    total = sum(w for _, w in pairs)
+    if total <= 0:
+        return float(np.mean([c for c, _ in pairs]))
+    return float(sum(c * w for c, w in pairs) / total)
 
 
 def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[float | None],
            settings: RobustSettings, bounds: list[int] | None = None,
-           loo_history: list[list[float]] | None = None) -> Screened:
+           loo_history: list[list[LooEntry]] | None = None) -> Screened:
     """Apply the screens to flat update vectors ``deltas`` with their claimed example counts.
 
     ``bounds`` are the end offsets of the arrays inside each flat vector (one array if None); ``loo_history``
-    each update's shop's earlier leave-one-out cosines (none if None). ``Screened.loo`` holds this round's
-    cosine of every update, left out or not, for the caller to append to that history.
+    each update's shop's earlier leave-one-out entries (none if None). ``Screened.loo`` holds this round's
+    cosine of every update, left out or not, and ``Screened.round_weight`` the round's weight, for the caller to append
+    ``[cosine, round_weight]`` to that history.
     """
     n = len(deltas)
     capped = cap_claims(claims, first_claims, settings.examples_cap)
@@ -191,14 +243,19 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
                                    f"arrays {out.cosines[i]:.3f} < {settings.min_cosine:g})")
         kept = [i for i in kept if i not in out.left_out]
     if settings.loo_min_cosine > -1 and len(kept) >= LOO_MIN_UPDATES:
-        out.loo = leave_one_out([d * s for d, s in zip(deltas, out.scale, strict=True)], kept)
+        scaled = [d * s for d, s in zip(deltas, out.scale, strict=True)]
+        out.loo = leave_one_out(scaled, kept)
+        out.agreement = agreement(scaled, kept) if settings.loo_rule == "agreement" else 0.0  # only when it decides
+        out.consensus = consensus(out.loo, kept)
+        out.round_weight = {"consensus": out.consensus, "agreement": out.agreement}.get(settings.loo_rule, 1.0)
         history = loo_history or [[] for _ in deltas]
-        scores = {i: reputation(history[i], out.loo[i]) for i in kept}
+        scores = {i: reputation(history[i], out.loo[i], out.round_weight, settings.loo_rule) for i in kept}
+        what = "mean" if settings.loo_rule == "mean" else f"{settings.loo_rule}-weighted mean"
         below = sorted((c, i) for i, c in scores.items() if c < settings.loo_min_cosine)
         for _, i in below[:(len(kept) - 1) // 2]:  # majority guard: the lowest scores first, never a majority
             out.left_out[i] = (f"update direction against the other shops' mean update (leave-one-out cosine "
-                               f"{out.loo[i]:.3f}, mean over its rounds {scores[i]:.3f}; "
-                               f"the mean is < {settings.loo_min_cosine:g})")
+                               f"{out.loo[i]:.3f}, {what} over its rounds {scores[i]:.3f}; "
+                               f"the {what} is < {settings.loo_min_cosine:g})")
         kept = [i for i in kept if i not in out.left_out]
     shares = cap_shares([out.weights[i] for i in kept], settings.weight_cap)
     for i, w in zip(kept, shares, strict=True):

@@ -37,7 +37,7 @@ from flwr.serverapp.strategy.bulyan import Bulyan
 
 from server.decoded_array import DecodedArray, array_record
 from server.metrics_log import mean_by_key
-from server.robust import RobustSettings, screen
+from server.robust import LooEntry, RobustSettings, screen
 from server.wire import Wire
 from shared.protocol import EVAL_SPLIT, LOCAL_PREFIX, NUM_EXAMPLES, SHOP_INDEX
 
@@ -121,14 +121,14 @@ class ShopStrategy(Strategy):
                  round_config: RoundConfig | None = None, round_offset: int = 0,
                  max_short_rounds: int = 3, robust: RobustSettings | None = None,
                  wire: Wire | None = None, first_claims: dict[str, float] | None = None,
-                 loo_history: dict[str, list[float]] | None = None) -> None:
+                 loo_history: dict[str, list[LooEntry]] | None = None) -> None:
         self.inner = inner
         self.robust = robust or RobustSettings()
         self.wire = wire or Wire()  # message compression; "none" only counts bytes
         # shop -> its first accepted num-examples claim; checkpointed (`first_claims`), restored on resume
         self._first_claim: dict[str, float] = dict(first_claims or {})
-        # shop -> its leave-one-out cosine in every screened round (its reputation); checkpointed like first claims
-        self._loo_history: dict[str, list[float]] = {k: list(v) for k, v in (loo_history or {}).items()}
+        # shop -> [leave-one-out cosine, round weight] of every screened round (its reputation); checkpointed
+        self._loo_history: dict[str, list[LooEntry]] = {k: list(v) for k, v in (loo_history or {}).items()}
         self._auto_select = isinstance(inner, MultiKrum) and inner.num_nodes_to_select <= 0
         self.aggregated_rounds = 0  # rounds whose update reached the global model
         self.last_skip = ""  # why the last skipped round was skipped
@@ -154,8 +154,9 @@ class ShopStrategy(Strategy):
         return dict(self._first_claim)
 
     @property
-    def loo_history(self) -> dict[str, list[float]]:
-        """Each shop's leave-one-out cosines so far (a copy), oldest first: a checkpoint keeps them."""
+    def loo_history(self) -> dict[str, list[LooEntry]]:
+        """Each shop's leave-one-out [cosine, round weight] entries so far (a copy), oldest first: a checkpoint keeps
+        them."""
         return {k: list(v) for k, v in self._loo_history.items()}
 
     def summary(self) -> None:
@@ -291,7 +292,8 @@ class ShopStrategy(Strategy):
         for i, msg in enumerate(usable):
             self._first_claim.setdefault(shops[i], result.claims[i])
             if i in result.loo:
-                self._loo_history.setdefault(shops[i], []).append(round(result.loo[i], 6))
+                self._loo_history.setdefault(shops[i], []).append([round(result.loo[i], 6),
+                                                                  round(result.round_weight, 6)])
             logger.debug("round %d: shop %s update norm %.4g, cosine to median %s, leave-one-out %s, weight %.4g", rnd,
                          shops[i], result.norms[i], f"{result.cosines[i]:.3f}" if result.cosines else "n/a",
                          f"{result.loo[i]:.3f}" if i in result.loo else "n/a", result.weights[i])

@@ -18,7 +18,7 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.federation_settings import FederationSettings
-from server.robust import LOO_MIN_UPDATES, RobustSettings, leave_one_out, reputation, screen
+from server.robust import LOO_MIN_UPDATES, RobustSettings, consensus, leave_one_out, reputation, screen
 from server.strategies import RoundReport, ShopStrategy
 
 N = 8
@@ -115,19 +115,58 @@ def test_an_honest_shop_with_one_bad_round_late_in_training_is_kept():
     assert set(screen(deltas, [1.0] * N, [None] * N, LOO_ONLY).left_out) == {0}  # a first round alone: out
 
 
-def test_a_shop_that_turns_against_the_others_is_left_out_once_its_mean_falls_below():
-    history = [[0.2, 0.2] for _ in range(N)]
-    history[4] = [0.1, 0.1]  # honest for two rounds, then flips every round
+# The first 20 rounds of a clean 30-round run (benchmarks/results/byzantine_loo30.json, reduced world, seed 0): the
+# honest largest shop's leave-one-out cosine per round and the round's consensus (median of the 8 shops' cosines).
+SHOP00_COSINES = [0.169, 0.048, 0.038, 0.004, -0.028, 0.019, -0.024, -0.027, -0.087, -0.123, -0.141, -0.152, -0.179,
+                  -0.176, -0.187, -0.194, -0.176, -0.17, -0.19, -0.199]
+SHOP00_CONSENSUS = [0.188, 0.344, 0.185, 0.203, 0.22, 0.226, 0.148, 0.139, 0.109, 0.051, 0.066, 0.061, 0.034, 0.066,
+                    0.032, 0.037, 0.052, 0.045, 0.023, 0.022]
+
+
+def test_an_honest_large_shop_whose_late_cosines_drift_negative_is_kept_over_20_rounds():
+    history: list = []
+    for cos, weight in zip(SHOP00_COSINES, SHOP00_CONSENSUS, strict=True):
+        assert reputation(history, cos, weight) > -0.08, len(history) + 1
+        history.append([cos, weight])
+    assert reputation(history[:-1], SHOP00_COSINES[-1], SHOP00_CONSENSUS[-1]) == pytest.approx(-0.019, abs=1e-3)
+    # the plain mean (the rule until 2026-12-06) would have left it out in rounds 19-20
+    assert reputation(history[:-1], SHOP00_COSINES[-1], rule="mean") < -0.08
+    # and through the screen: round 21 with that history and a this-round cosine of -0.2 keeps it in
+    deltas = _barely_aligned(_heterogeneous(N, seed=3), 0, cosine=-0.2)
+    others = [[[0.2, w] for w in SHOP00_CONSENSUS] for _ in range(N - 1)]
+    assert not screen(deltas, [1.0] * N, [None] * N, LOO_ONLY, loo_history=[history, *others]).left_out
+    mean_rule = RobustSettings(**{**LOO_ONLY.__dict__, "loo_rule": "mean"})
+    assert set(screen(deltas, [1.0] * N, [None] * N, mean_rule, loo_history=[history, *others]).left_out) == {0}
+
+
+def test_the_consensus_is_the_median_leave_one_out_cosine_and_never_negative():
+    assert consensus({0: 0.3, 1: -0.9, 2: 0.1, 3: 0.2}, [0, 1, 2]) == pytest.approx(0.1)
+    assert consensus({0: -0.3, 1: -0.2, 2: 0.1}, [0, 1, 2]) == 0.0
+    out = screen(_heterogeneous(N), [1.0] * N, [None] * N, LOO_ONLY)
+    assert out.round_weight == out.consensus == pytest.approx(float(np.median(list(out.loo.values()))))
+    assert 0.1 < out.consensus < 0.5  # honest updates that agree: an informative round
+    by_agreement = screen(_heterogeneous(N), [1.0] * N, [None] * N, RobustSettings(**{**LOO_ONLY.__dict__,
+                                                                                    "loo_rule": "agreement"}))
+    assert by_agreement.round_weight == by_agreement.agreement and 0 < by_agreement.agreement < 1
+
+
+@pytest.mark.parametrize(("honest_rounds", "early_weight", "delay"), [(1, 0.15, 0), (2, 0.15, 1), (2, 0.3, 2)])
+def test_a_shop_that_turns_against_the_others_is_left_out_after_a_measured_delay(honest_rounds, early_weight, delay):
+    """Honest (cosine 0.1) for a few rounds of consensus ``early_weight``, then flipping (cosine -0.3) in rounds of
+    consensus 0.15-0.26: left out ``delay`` rounds after the turn. The more informative its honest rounds were, the
+    longer its reputation carries it (the price of weighting; the plain mean gives the (2, 0.15) delay)."""
+    history = [[[0.2, early_weight]] * honest_rounds for _ in range(N)]
+    history[4] = [[0.1, early_weight]] * honest_rounds
     dropped = []
     for rnd in range(6):
         deltas = _barely_aligned(_heterogeneous(N, seed=10 + rnd), 4, cosine=-0.3)
         out = screen(deltas, [1.0] * N, [None] * N, LOO_ONLY, loo_history=history)
+        assert 0.1 < out.consensus < 0.3, out.consensus
         for i in range(N):
-            history[i].append(out.loo[i])
+            history[i] = [*history[i], [out.loo[i], out.round_weight]]
         dropped.append(4 in out.left_out)
         assert set(out.left_out) <= {4}
-    # means over its rounds: -0.033 (kept: the price of deciding on the mean), -0.1, -0.14, ... (left out)
-    assert dropped == [False, True, True, True, True, True]
+    assert dropped == [False] * delay + [True] * (6 - delay)
 
 
 # ---- through ShopStrategy: the left-out report and the history ----------------------------------------------
@@ -155,7 +194,7 @@ def _round(strategy: ShopStrategy, deltas: list[np.ndarray], rnd: int = 1) -> Ro
     return reports[0]
 
 
-def _strategy(history: dict[str, list[float]] | None = None) -> ShopStrategy:
+def _strategy(history: dict[str, list] | None = None) -> ShopStrategy:
     inner = FedAvg(min_train_nodes=N, min_available_nodes=N, fraction_evaluate=0.0)
     return ShopStrategy(inner, min_shops=2, shop_name=lambda i: f"shop_{i:02d}",
                         robust=RobustSettings(min_cosine=-1.0), loo_history=history)
@@ -170,8 +209,9 @@ def test_the_strategy_reports_the_flipped_shop_and_keeps_every_shops_history():
     report = _round(strategy, deltas, rnd=2)  # shop_00 honest again: its flagged round 1 still counts
     history = strategy.loo_history
     assert set(history) == {f"shop_{i:02d}" for i in range(N)} and all(len(v) == 2 for v in history.values())
-    assert history["shop_00"][0] < -0.08 < history["shop_00"][1]
-    assert ("shop_00" in report.left_out) == (np.mean(history["shop_00"]) < -0.08)
+    assert history["shop_00"][0][0] < -0.08 < history["shop_00"][1][0]
+    assert all(0 < w < 1 for _, w in history["shop_00"])  # each round's consensus is kept as its weight
+    assert ("shop_00" in report.left_out) == (reputation(history["shop_00"][:1], *history["shop_00"][1]) < -0.08)
     history["shop_00"].append(9.0)  # a copy: the strategy's own history is untouched
     assert len(strategy.loo_history["shop_00"]) == 2
 
@@ -182,7 +222,8 @@ def test_a_persistent_attacker_is_left_out_from_its_first_round_on():
         deltas = _heterogeneous(N, seed=20 + rnd, size=75)
         report = _round(strategy, [-deltas[0], *deltas[1:]], rnd=rnd)
         assert set(report.left_out) == {"shop_00"}, rnd
-    assert len(strategy.loo_history["shop_00"]) == 5 and np.mean(strategy.loo_history["shop_00"]) < -0.08
+    history = strategy.loo_history["shop_00"]
+    assert len(history) == 5 and reputation(history[:-1], *history[-1]) < -0.08
 
 
 def test_a_resumed_run_keeps_an_honest_shop_with_one_bad_round(tmp_path):
@@ -204,18 +245,36 @@ def test_a_restored_history_is_used_in_the_next_round():
 # ---- checkpoint and settings ------------------------------------------------------------------------------------
 
 def test_the_history_survives_a_checkpoint_and_old_checkpoints_still_load(tmp_path):
-    history = {"shop_00": [0.17, -0.05], "shop_01": [0.2]}
+    history = {"shop_00": [[0.17, 0.3], [-0.05, 0.02]], "shop_01": [[0.2, 0.3]]}
     save_checkpoint(tmp_path, Checkpoint(1, {"w": np.zeros(2, dtype=np.float32)}, loo_history=history))
-    assert latest_checkpoint(tmp_path).loo_history == history
+    assert latest_checkpoint(tmp_path).loo_history == history  # the round weights too
     path = list_checkpoints(tmp_path)[0]
     payload = torch.load(path, weights_only=True)
+    payload["loo_history"] = {"shop_00": [0.17, -0.05]}  # written before rounds were weighted: bare cosines
+    torch.save(payload, path)
+    assert latest_checkpoint(tmp_path).loo_history == {"shop_00": [[0.17, 1.0], [-0.05, 1.0]]}  # each weighs 1
     del payload["loo_history"]  # written before the screen existed
     torch.save(payload, path)
     assert latest_checkpoint(tmp_path).loo_history == {}
-    payload["loo_history"] = {"shop_00": "bad"}
-    torch.save(payload, path)
-    with pytest.raises(CheckpointError, match="loo_history"):
-        load_checkpoint(path)
+    for bad in ("bad", [[0.1, 0.2, 0.3]], [["x", 1.0]]):
+        payload["loo_history"] = {"shop_00": bad}
+        torch.save(payload, path)
+        with pytest.raises(CheckpointError, match="loo_history"):
+            load_checkpoint(path)
+
+
+def test_a_resumed_run_keeps_the_round_weights(tmp_path):
+    """Resuming from a checkpoint decides exactly as the uninterrupted run: the weights, not only the cosines."""
+    strategy = _strategy()
+    for rnd in range(1, 4):
+        _round(strategy, _heterogeneous(N, seed=30 + rnd, size=75), rnd=rnd)
+    save_checkpoint(tmp_path, Checkpoint(3, {"w": np.zeros(2, dtype=np.float32)}, loo_history=strategy.loo_history))
+    restored = _strategy(latest_checkpoint(tmp_path).loo_history)
+    assert restored.loo_history == strategy.loo_history
+    assert any(w != 1.0 for v in restored.loo_history.values() for _, w in v)
+    deltas = _barely_aligned(_heterogeneous(N, seed=40, size=75), 2, cosine=-0.3)
+    assert _round(restored, deltas, rnd=4).left_out.keys() == _round(strategy, deltas, rnd=4).left_out.keys()
+    assert restored.loo_history == strategy.loo_history
 
 
 @pytest.mark.parametrize("bad", [1.5, -1.01])
@@ -230,3 +289,6 @@ def test_the_run_config_key_reaches_the_screen_and_is_on_by_default():
     assert FederationSettings.from_config({}).robust_settings().loo_min_cosine == -0.08
     assert FederationSettings.from_config({"robust-loo-min-cosine": -1.0}).robust_settings().loo_min_cosine == -1.0
     assert RobustSettings.off().loo_min_cosine == -1.0
+    assert RobustSettings().loo_rule == "consensus"
+    with pytest.raises(ValueError, match="leave-one-out rule 'median'.*Fix"):
+        RobustSettings(loo_rule="median")
