@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 FORWARDED = ("OMP_WAIT_POLICY", "FLWR_LOG_LEVEL", "FLWR_TELEMETRY_ENABLED", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
 FORWARDED_PREFIX = "FEDSHOP_"
+QUIET_LEVELS = ("WARNING", "ERROR", "CRITICAL")  # simulations.console sets ERROR unless -v
 
 
 def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -44,6 +45,9 @@ def ray_init_args(init_args: dict[str, Any], environ: dict[str, str] | None = No
     """`ray.init` keyword arguments for `backend_config`'s ``init_args``: a job runtime env only to join a cluster."""
     args = dict(init_args)
     args.setdefault("include_dashboard", False)
+    env = os.environ if environ is None else environ
+    if env.get("FLWR_LOG_LEVEL", "").upper() in QUIET_LEVELS:  # quiet console (no -v): no "Started a local Ray"
+        args.setdefault("logging_level", logging.WARNING)
     if args.get("address"):
         args["runtime_env"] = {"env_vars": forwarded_env(environ)}
     return args

@@ -250,3 +250,20 @@ def test_coordinator_run_refuses_before_submitting_with_one_line(tmp_path: Path,
     assert lines == ["Error: min_shops=3 but only 2 merchants are registered: register more with `fedshop "
                      "coordinator register` or lower federation.min_shops"], result.output
     assert not runs.exists() or not any(runs.iterdir())  # the refused run left no run directory
+
+
+def test_a_deployments_run_config_whose_scenario_lists_no_shops_passes_the_serverapp_check(tmp_path: Path) -> None:
+    """The deployed scenario names no shop folders (each merchant brings its own): min-shops is not checked
+    against 0 shops there (that refused every deployed run), but join-round still is."""
+    from server.server_app import server_settings
+    from shared.scenario import load_scenario
+    from simulations.deploy.coordinator import deployment_run_config
+    from simulations.deploy.loopback import tiny_scenario
+
+    source = tmp_path / "tiny.toml"
+    source.write_text(tiny_scenario())
+    config = deployment_run_config(load_scenario(str(source)), str(source), tmp_path / "run", extra={"min-shops": 3})
+    settings = server_settings(config)[0]
+    assert settings.min_shops == 3
+    with pytest.raises(ScenarioError, match="join-round = 9 is after the last round"):
+        server_settings({**config, "join-round": 9})

@@ -22,9 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-from flower_harness import tiny_scenario
-
-import simulations.federated as federated
 
 pytestmark = pytest.mark.slow
 
@@ -111,23 +108,44 @@ def _node_of(pid: int, root: Path) -> str:
     return nodes.pop()
 
 
-def test_a_simulation_runs_its_shops_on_both_nodes_of_a_ray_cluster(two_node_cluster, tmp_path, monkeypatch):
+# The driver runs in a fresh process: Ray reads its auth token once per process, and earlier tests of this
+# pytest process have started local Ray instances with tokens of their own.
+DRIVER = """
+import sys
+from pathlib import Path
+from flower_harness import tiny_scenario
+import simulations.federated as federated
+
+served = []
+federated_serve = federated.serve_over_ray
+
+
+def serve_then_hide(descriptor):
+    holder = federated_serve(descriptor)
+    served.append(descriptor)
+    Path(descriptor["path"]).unlink()  # as on a node without the driver's disk: only Ray has the bytes now
+    return holder
+
+
+federated.serve_over_ray = serve_then_hide
+run_dir = federated.run_federated(tiny_scenario(), Path(sys.argv[1]), rounds=1, ray_address=sys.argv[2])
+print("SERVED", len(served), "RUN_DIR", run_dir)
+"""
+
+
+def test_a_simulation_runs_its_shops_on_both_nodes_of_a_ray_cluster(two_node_cluster, tmp_path):
     address, root = two_node_cluster
     timing = tmp_path / "timing.jsonl"
-    monkeypatch.setenv("FEDSHOP_TIMING_LOG", str(timing))  # reaches the cluster's workers via the job runtime env
-    served = []
-
-    def serve_then_hide(descriptor: dict[str, str]) -> object:
-        holder = federated_serve(descriptor)
-        served.append(descriptor)
-        Path(descriptor["path"]).unlink()  # as on a node without the driver's disk: only Ray has the bytes now
-        return holder
-
-    federated_serve = federated.serve_over_ray
-    monkeypatch.setattr(federated, "serve_over_ray", serve_then_hide)
-    run_dir = federated.run_federated(tiny_scenario(), tmp_path / "run", rounds=1, ray_address=address)
-
-    assert served and (run_dir / "metrics.csv").exists()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FEDSHOP_TIMING_LOG": str(timing),  # reaches the cluster's workers via the job runtime env
+           "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "run"), address], env=env, cwd=repo,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    served = [line for line in done.stdout.splitlines() if line.startswith("SERVED ")]
+    assert served and not served[-1].startswith("SERVED 0"), done.stdout[-2000:]
+    run_dir = Path(served[-1].split(" RUN_DIR ", 1)[1])
+    assert (run_dir / "metrics.csv").exists()
     events = [json.loads(line) for line in timing.read_text().splitlines()]
     shop_pids = {e["pid"] for e in events if e.get("where") == "clientapp"}
     assert {_node_of(pid, root) for pid in shop_pids} == {"head", "w2"}, "shops did not run on both nodes"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from simulations.ray_start import forwarded_env, ray_init_args
 
 DRIVER_ENV = {"FEDSHOP_SHARED_WORLD": '{"path": "/r/world.pkl"}', "FEDSHOP_TIMING_LOG": "/tmp/t.jsonl",
@@ -19,7 +21,12 @@ def test_forwarded_env_carries_what_shops_read_and_nothing_else():
 
 def test_a_local_ray_gets_no_job_runtime_env():
     args = ray_init_args({"num_cpus": 2}, DRIVER_ENV)
-    assert args == {"num_cpus": 2, "include_dashboard": False}
+    assert args == {"num_cpus": 2, "include_dashboard": False, "logging_level": logging.WARNING}
+
+
+def test_rays_own_info_lines_stay_off_a_quiet_console_but_show_with_verbose():
+    assert ray_init_args({}, DRIVER_ENV)["logging_level"] == logging.WARNING  # FLWR_LOG_LEVEL=ERROR: no -v
+    assert "logging_level" not in ray_init_args({}, {**DRIVER_ENV, "FLWR_LOG_LEVEL": "INFO"})
 
 
 def test_a_cluster_gets_the_shops_variables_as_the_jobs_runtime_env():
