@@ -73,17 +73,16 @@ def check_runnable(settings: FederationSettings, where: str = "run config") -> N
     from shared.scenario import load_scenario
 
     scenario = load_scenario(settings.scenario, {"seed": settings.seed} if settings.seed >= 0 else None)
-    counts: ShopCount | None
-    try:
-        counts = ShopCount(first=len(scenario.training_shops()), joiners=len(scenario.joining_shops()))
-    except (OSError, ValueError) as exc:  # ShopDataError is a ValueError
-        logger.info("%s: the scenario's shops are not readable here (%s); min-shops is not checked against them",
-                    where, exc)
-        counts = None
-    if counts is not None and counts.first + counts.joiners == 0:
+    counts: ShopCount | None = None
+    if scenario.merchant_held:
         # a deployment's scenario lists no shop folders: each merchant brings its own (`merchant start --shop-dir`)
-        logger.info("%s: the scenario lists no shops (the merchants hold them); min-shops is not checked here", where)
-        counts = None
+        logger.info("%s: the merchants hold the shops; min-shops is not checked here", where)
+    else:
+        try:
+            counts = ShopCount(first=len(scenario.training_shops()), joiners=len(scenario.joining_shops()))
+        except (OSError, ValueError) as exc:  # ShopDataError is a ValueError
+            logger.info("%s: the scenario's shops are not readable here (%s); min-shops is not checked against "
+                        "them", where, exc)
     check_federation_plan(settings, counts, where, style="run")
 
 

@@ -90,6 +90,12 @@ class Scenario:
         return write_shared_world(tuple(self.shops()), run_dir, self.world_key)
 
     @property
+    def merchant_held(self) -> bool:
+        """True when the merchants hold the shops: a shop-dirs source that lists no paths (a deployment's
+        coordinator scenario; each merchant brings its own `merchant start --shop-dir`)."""
+        return self.data.get("source") == "shop-dirs" and not self.data.get("paths")
+
+    @property
     def late_joiners(self) -> list[str]:
         """Shops held out of federated training (they join later: transfer)."""
         names = self.transfer.get("late_joiners")

@@ -267,3 +267,19 @@ def test_a_deployments_run_config_whose_scenario_lists_no_shops_passes_the_serve
     assert settings.min_shops == 3
     with pytest.raises(ScenarioError, match="join-round = 9 is after the last round"):
         server_settings({**config, "join-round": 9})
+
+
+def test_only_a_shop_dirs_scenario_without_paths_is_merchant_held(tmp_path: Path) -> None:
+    """The ServerApp skips min-shops only when the merchants hold the shops (a shop-dirs source with no
+    paths); a scenario with shops of its own is checked, and one with an unreadable shop folder is not
+    taken for merchant-held."""
+    from shared.scenario import load_scenario
+    from simulations.deploy.loopback import tiny_scenario as deploy_scenario
+
+    held = tmp_path / "held.toml"
+    held.write_text(deploy_scenario())
+    assert load_scenario(str(held)).merchant_held
+    listed = tmp_path / "listed.toml"
+    listed.write_text(deploy_scenario([tmp_path / "a-shop-folder"]))
+    assert not load_scenario(str(listed)).merchant_held
+    assert not load_scenario("default").merchant_held
