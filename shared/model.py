@@ -119,11 +119,11 @@ class SharedEncoder(nn.Module):
         x = _pool(self.fields, ctx_cat) if pooled is None else pooled
         return self.ctx_tower(x if ctx_num_vec is None else x + ctx_num_vec)
 
-    def field_terms(self, field_idx: torch.Tensor, groups: Sequence[int] = ()
+    def field_terms(self, field_idx: torch.Tensor, groups: Sequence[int] = (), pooled: Sequence[int] = ()
                     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Bi-interaction pooling (NFM, (B, d)) of a row's shared fields, their wide terms ((B, n_gated_tasks)
-        first-order logits) and the mean embedding (B, d) of each consecutive group of ``groups`` fields
-        (sizes summing to F; padding left out), from one lookup of each table."""
+        first-order logits) and the mean embedding (B, d) of the ``pooled`` groups among the consecutive
+        groups of ``groups`` fields (sizes summing to F; padding left out), from one lookup of each table."""
         valid = field_idx > 0
         mask = valid.unsqueeze(-1).to(self.fields.weight.dtype)
         # The mask already zeroes the padding fields and their gradient, so the lookups skip the tables'
@@ -136,9 +136,8 @@ class SharedEncoder(nn.Module):
         means = []
         if groups:
             # Split, not slice: the backward of a split is one concatenation, a slice's a zero-filled (B, F, d).
-            counts = mask.squeeze(-1).split(list(groups), 1)
-            means = [part.sum(1) / n.sum(1, keepdim=True).clamp(min=1)
-                     for part, n in zip(e.split(list(groups), 1), counts, strict=True)]
+            parts, counts = e.split(list(groups), 1), mask.squeeze(-1).split(list(groups), 1)
+            means = [parts[g].sum(1) / counts[g].sum(1, keepdim=True).clamp(min=1) for g in pooled]
         wide = (F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse) * mask).sum(1)
         return bi, wide, means
 
@@ -306,7 +305,7 @@ class ShopModel(nn.Module):
         # One lookup of the field table serves the crosses, the user's side fields and the context: each
         # extra lookup costs a forward, a backward and (in row-sparse training) a sparse gradient merge.
         groups = (user_cat.shape[1], fields.shape[1] - user_cat.shape[1] - ctx_cat.shape[1], ctx_cat.shape[1])
-        bi, wide, (side, _, ctx_mean) = self.encoder.field_terms(fields, groups)
+        bi, wide, (side, ctx_mean) = self.encoder.field_terms(fields, groups, pooled=(0, 2))
         u = self.user_vectors(batch["user"], batch["hist"], item_table, side=side)
         v = item_table.index_select(0, batch["item"])  # backward is an index_add (advanced indexing sorts)
         # An absent numeric context adds nothing: no branch, no zeros tensor.
@@ -315,9 +314,11 @@ class ShopModel(nn.Module):
         x = torch.cat([u, v, c, u * v, bi], -1)  # (B, 5d)
         experts = self.encoder.mixture(x)  # (B, K, E)
         tasks = [t for t in ("ctr", "cvr") if t in self.local.towers]
-        if not tasks:
-            return {}
-        logits = self.local.gated_towers(tasks, x, experts) + wide[:, [GATED_TASKS.index(t) for t in tasks]].T
+        if len(tasks) < 2:  # one task: its own gate and tower, no stacking
+            return {t: self.local.towers[t](self.local.gate(t, x, experts)).squeeze(-1) + wide[:, GATED_TASKS.index(t)]
+                    for t in tasks}
+        first = GATED_TASKS.index(tasks[0])  # ctr, cvr: adjacent columns of the wide terms, a view
+        logits = self.local.gated_towers(tasks, x, experts) + wide[:, first:first + len(tasks)].T
         return dict(zip(tasks, logits.unbind(0), strict=True))
 
     def ranking_scores(self, user: torch.Tensor, hist: torch.Tensor, items: torch.Tensor,
