@@ -1,0 +1,173 @@
+"""The model's fast paths compute the functions they replaced, on the same parameters.
+
+Row-sparse mean pools, split field-group means, batched CTR/CVR gates and towers and the skipped numeric
+context must leave the state dict (keys, shapes) and the outputs as they were: a golden file written by the
+model before them (9b60ed7, and bd3c232 which computes the same) pins both, so old checkpoints and encoder
+arrays load strictly and give the same outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared.features import FeatureConfig, ShopTensors
+from shared.model import ModelConfig, ShopModel, _pool, _sparse_mean, build_model
+
+GOLDEN = Path(__file__).parent / "data" / "model_outputs_9b60ed7.pt"
+
+
+def _dense_padded_mean(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The old pooling: gather every slot (B, F, d), zero the padding, divide by the valid count."""
+    mask = (idx > 0).unsqueeze(-1).to(table.dtype)
+    return (table[idx] * mask).sum(-2) / mask.sum(-2).clamp(min=1)
+
+
+def _padded_indices(shape: tuple[int, ...], n: int, keep: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(1, n, shape, generator=gen) * (torch.rand(shape, generator=gen) < keep)
+    idx[0] = 0  # a row with no valid index at all (its mean is zero)
+    return idx
+
+
+@pytest.mark.parametrize("keep", [0.04, 0.5, 1.0])
+def test_row_sparse_mean_equals_the_dense_padded_mean(keep: float) -> None:
+    for shape in [(64, 20), (5, 7, 3)]:
+        table = torch.randn(300, 16, requires_grad=True)
+        idx = _padded_indices(shape, 300, keep, seed=len(shape))
+        got = _sparse_mean(table, idx)
+        (g_got,) = torch.autograd.grad(got.square().sum(), table)
+        want = _dense_padded_mean(table, idx)
+        (g_want,) = torch.autograd.grad(want.square().sum(), table)
+        assert got.shape == (*shape[:-1], 16)
+        assert torch.allclose(got, want, atol=1e-6) and torch.allclose(g_got, g_want, atol=1e-6)
+        assert torch.count_nonzero(got.reshape(-1, 16)[0]) == 0
+
+
+def test_pool_equals_embedding_bag_mean_with_sparse_gradients() -> None:
+    emb = torch.nn.Embedding(300, 16, sparse=True)
+    idx = _padded_indices((40, 3), 300, 0.9, seed=1)
+    got = _pool(emb, idx)
+    got.square().sum().backward()
+    sparse_grad = emb.weight.grad.to_dense()
+    want = F.embedding_bag(idx, emb.weight, mode="mean", padding_idx=0)
+    (g_want,) = torch.autograd.grad(want.square().sum(), emb.weight)
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(sparse_grad, g_want, atol=1e-6)
+
+
+def _model(shop: ShopTensors, cfg: ModelConfig, fcfg: FeatureConfig, tasks: list[str]) -> ShopModel:
+    model = build_model(replace(shop, tasks=tasks), cfg, fcfg, seed=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_batched_gates_and_towers_equal_the_per_task_path(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                         tiny_features: FeatureConfig, dropout: float) -> None:
+    """Outputs and every parameter gradient as calling each task's gate and tower (dropout: the per-task
+    fallback, compared in eval mode)."""
+    model = _model(largest_shop, replace(tiny_model_cfg, dropout=dropout), tiny_features, ["ctr", "cvr"])
+    model.eval()
+    d, cfg = tiny_model_cfg.embed_dim, tiny_model_cfg
+    x = torch.randn(33, 5 * d)
+    experts = torch.randn(33, cfg.n_experts, cfg.expert_dim)
+    params = list(model.local.parameters())
+    got = model.local.gated_towers(["ctr", "cvr"], x, experts)
+    g_got = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
+    want = torch.stack([model.local.towers[t](model.local.gate(t, x, experts)).squeeze(-1) for t in ("ctr", "cvr")])
+    g_want = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+    assert got.shape == (2, 33) and torch.allclose(got, want, atol=1e-5)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5))
+
+
+def _old_impression_logits(model: ShopModel, batch: dict[str, torch.Tensor],
+                           item_table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """impression_logits as it was before the fast paths (dense pools, slices, zeros context, per-task heads)."""
+    enc, loc = model.encoder, model.local
+    user_cat, ctx_cat = model.user_cat[batch["user"]], batch["ctx_cat"]
+    fields = torch.cat([user_cat, model.item_cat[batch["item"]], ctx_cat], 1)
+    mask = (fields > 0).unsqueeze(-1).float()
+    e = enc.fields.weight[fields] * mask
+    bi = 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1))
+    wide = (enc.wide.weight[fields] * mask).sum(1)
+    n_user, n_ctx = user_cat.shape[1], ctx_cat.shape[1]
+    side = e[:, :n_user].sum(1) / (user_cat > 0).sum(1, keepdim=True).clamp(min=1)
+    hist_vec = F.embedding_bag(batch["hist"], item_table, mode="mean", padding_idx=0)
+    u = enc.users(side, loc.user_ids(batch["user"]), hist_vec)
+    v = item_table[batch["item"]]
+    num_vec = loc.ctx_num(batch["ctx_num"]) if loc.ctx_num is not None else torch.zeros_like(u)
+    ctx_mean = e[:, e.shape[1] - n_ctx:].sum(1) / (ctx_cat > 0).sum(1, keepdim=True).clamp(min=1)
+    c = enc.ctx_tower(ctx_mean + num_vec)
+    x = torch.cat([u, v, c, u * v, bi], -1)
+    experts = torch.stack([ex(x) for ex in enc.experts], 1)
+    return {t: loc.towers[t](loc.gate(t, x, experts)).squeeze(-1) + wide[:, i] for i, t in enumerate(("ctr", "cvr"))
+            if t in loc.towers}
+
+
+@pytest.mark.parametrize("tasks", [["ctr"], ["ctr", "cvr"], ["cvr"]])
+def test_impression_logits_and_gradients_equal_the_old_path(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                           tiny_features: FeatureConfig, tasks: list[str]) -> None:
+    model = _model(largest_shop, tiny_model_cfg, tiny_features, tasks)
+    model.eval()  # no ID dropout: both paths see the same function
+    rows = largest_shop.rows["train"]
+    batch = {k: v[:128] for k, v in rows.items()}
+    assert (batch["hist"] == 0).any() and (batch["hist"] > 0).any(), "fixture batch should mix padding and history"
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for fn in (model.impression_logits, lambda b, t: _old_impression_logits(model, b, t)):
+        out = fn(batch, model.all_items())
+        loss = sum(v.square().sum() for v in out.values())
+        results.append((out, torch.autograd.grad(loss, params, allow_unused=True)))
+    (new, g_new), (old, g_old) = results
+    assert new.keys() == old.keys() == set(tasks)
+    assert all(torch.allclose(new[t], old[t], atol=1e-5) for t in tasks)
+    for p, a, b in zip(params, g_new, g_old, strict=True):
+        assert (a is None) == (b is None), p.shape
+        assert a is None or torch.allclose(a, b, atol=1e-5), p.shape
+
+
+def test_absent_numeric_context_allocates_no_zeros(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                   tiny_features: FeatureConfig,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    shop = replace(largest_shop, n_ctx_num=0, rows={s: {**r, "ctx_num": r["ctx_num"][:, :0]}
+                                                    for s, r in largest_shop.rows.items()})
+    model = build_model(shop, tiny_model_cfg, tiny_features, seed=0)
+    assert model.local.ctx_num is None
+    calls = []
+    for name in ("zeros", "zeros_like"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, **k: calls.append(a) or _real(*a, **k))
+    out = model.impression_logits({k: v[:16] for k, v in shop.rows["train"].items()}, model.all_items())
+    assert not calls and out["ctr"].shape == (16,)
+
+
+def test_golden_checkpoint_loads_strictly_and_gives_the_old_outputs(
+        tiny_tensors: dict[str, ShopTensors], tiny_model_cfg: ModelConfig, tiny_features: FeatureConfig) -> None:
+    """A state dict written by 9b60ed7's model: same keys and shapes now, and the same outputs."""
+    golden = torch.load(GOLDEN)
+    shop = tiny_tensors[golden["shop"]]
+    model = build_model(shop, tiny_model_cfg, tiny_features, seed=0)
+    state = model.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in golden["state"].items()}
+    model.load_state_dict(golden["state"], strict=True)
+    enc = {k[len("encoder."):]: v for k, v in golden["state"].items() if k.startswith("encoder.")}
+    assert model.encoder_state().keys() == enc.keys()
+    model.eval()
+    rows = {k: v[:64] for k, v in shop.rows["train"].items()}
+    sales = {k: v[:32] for k, v in shop.sales["train"].items()}
+    want = golden["outputs"]
+    with torch.no_grad():
+        items = model.all_items()
+        got = {"items": items, **{f"impr_{k}": v for k, v in model.impression_logits(rows, items).items()},
+               "ranking": model.ranking_scores(rows["user"], rows["hist"], torch.arange(shop.n_items), items),
+               "sales": model.sales_log_rate(sales, items)}
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-5), (k, float((got[k] - want[k]).abs().max()))
