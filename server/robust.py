@@ -277,7 +277,8 @@ def judge_loo(loo: dict[int, float], kept: list[int], history: list[list[LooEntr
     margin = settings.loo_turn_margin
     if margin <= 0:
         return out
-    now = out.consensus if settings.loo_rule == "consensus" else 0.0
+    # this round's median, not floored at 0 as the consensus weight is: a round where every cosine falls below 0
+    now = float(np.median([loo[i] for i in kept])) if settings.loo_rule == "consensus" else 0.0
     turned: list[tuple[float, int, str]] = []
     for i in kept:
         level, fresh = turns[i], False
