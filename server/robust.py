@@ -17,7 +17,8 @@ Each update is ``delta = reply - global encoder``. In order:
    sudden turn (``loo_turn_margin``): a shop whose cosine this round is below ``loo_min_cosine`` and at least the
    margin below the mean of its last 2 recorded rounds, both raw and relative to the rounds' consensus, is left
    out too (an averaged reputation lets a shop that turns after many honest rounds in), and stays out while its
-   cosine stays that far below its pre-turn level (`turns`, kept per shop by the caller; same majority guard);
+   cosine stays that far below its pre-turn level and below the round's median (`turns`, kept per shop by the
+   caller; same majority guard);
 5. no shop keeps more than ``weight_cap / n`` of the aggregation weight (the excess goes to the others).
 
 Hand-written because Flower 1.42's robust rules (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) replace
@@ -260,9 +261,10 @@ def judge_loo(loo: dict[int, float], kept: list[int], history: list[list[LooEntr
 
     Two reasons: a reputation (`reputation`) below ``loo_min_cosine``; a sudden turn (``loo_turn_margin`` > 0):
     this round's cosine below ``loo_min_cosine`` and at least the margin below the shop's `turn_level`, raw and
-    relative to the consensus, or, once turned, still that far below its pre-turn level. Never more than
-    (n - 1) // 2 of the n kept updates: the lowest reputations first, then the lowest turned cosines. Separate from
-    `screen` so that recorded cosines can be replayed through the same decision (benchmarks/late_turn_replay.py).
+    relative to the consensus, or, once turned, still that far below its pre-turn level (raw) and below the round's
+    median cosine. Never more than (n - 1) // 2 of the n kept updates: the lowest reputations first, then the lowest
+    turned cosines. Separate from `screen` so that recorded cosines can be replayed through the same decision
+    (benchmarks/late_turn_replay.py).
     """
     out = LooVerdict(consensus=consensus(loo, kept))
     out.round_weight = {"consensus": out.consensus, "agreement": agreement_now}.get(settings.loo_rule, 1.0)
@@ -278,14 +280,18 @@ def judge_loo(loo: dict[int, float], kept: list[int], history: list[list[LooEntr
     if margin <= 0:
         return out
     # this round's median, not floored at 0 as the consensus weight is: a round where every cosine falls below 0
-    now = float(np.median([loo[i] for i in kept])) if settings.loo_rule == "consensus" else 0.0
+    median = float(np.median([loo[i] for i in kept]))
+    now = median if settings.loo_rule == "consensus" else 0.0
     turned: list[tuple[float, int, str]] = []
     for i in kept:
         level, fresh = turns[i], False
         if level is None and loo[i] < settings.loo_min_cosine:
             level, fresh = turn_level(history[i], settings.loo_rule), True
         raw, rel = turn_drop(loo[i], now, level) if level is not None else (0.0, 0.0)
-        if level is None or raw < margin or rel < margin:
+        # a turn: that far below, raw and relative; once turned, out while that far below (raw) and below the
+        # round's median: an honest returner late in training cannot regain its early level (every cosine falls)
+        turned_now = raw >= margin and (rel >= margin if fresh else loo[i] < median)
+        if level is None or not turned_now:
             out.turns[i] = None  # not turned, or back within the margin of its pre-turn level: rejoins
             continue
         out.turns[i] = level
@@ -293,7 +299,7 @@ def judge_loo(loo: dict[int, float], kept: list[int], history: list[list[LooEntr
         turned.append((loo[i], i, f"sudden turn: leave-one-out cosine {loo[i]:.3f} {state} {raw:.3f} below its "
                        f"pre-turn level {level[0]:.3f} (mean of its last {TURN_WINDOW} rounds; {rel:.3f} below "
                        f"relative to the rounds' consensus); out while >= robust-loo-turn-margin={margin:g} below "
-                       "it (0 turns this check off)"))
+                       "it and below the round's median (0 turns this check off)"))
     room -= len(out.left_out)
     for _, i, reason in sorted(turned):
         if i not in out.left_out and room > 0:

@@ -105,6 +105,16 @@ def test_a_drop_above_the_bound_or_smaller_than_the_margin_is_no_turn():
     assert set(judge_loo(others | {0: -0.13}, list(range(N)), low, [None] * N, LOO_ONLY).left_out) == {0}
 
 
+def test_once_turned_a_shop_stays_out_while_far_below_its_level_and_below_the_median_even_above_the_bound():
+    history = [[[0.3, 0.3], [0.3, 0.3]] for _ in range(N)]
+    late = {i: 0.03 for i in range(N)}  # late in training every cosine is small
+    turned: list[TurnLevel | None] = [[0.3, 0.3]] + [None] * (N - 1)
+    verdict = judge_loo(late | {0: -0.04}, list(range(N)), history, turned, LOO_ONLY)  # flipped, above -0.08
+    assert set(verdict.left_out) == {0} and " still " in verdict.left_out[0] and verdict.turns[0] == [0.3, 0.3]
+    verdict = judge_loo(late | {0: 0.05}, list(range(N)), history, turned, LOO_ONLY)  # honest again, above the median
+    assert not verdict.left_out and verdict.turns[0] is None  # rejoins although 0.25 below its early level
+
+
 # The first 20 rounds of a clean 30-round run (tests/test_robust_loo.py, benchmarks/results/byzantine_loo30.json): the
 # honest largest shop's leave-one-out cosine drifts below -0.08 from round 9 on, one round at a time.
 SHOP00_COSINES = [0.169, 0.048, 0.038, 0.004, -0.028, 0.019, -0.024, -0.027, -0.087, -0.123, -0.141, -0.152, -0.179,
