@@ -101,7 +101,7 @@ class Screened:
     agreement: float = 0.0  # the round's agreement (`agreement`), computed only under that rule
     consensus: float = 0.0  # the round's consensus (`consensus`)
     round_weight: float = 1.0  # the weight of this round's cosines in a reputation, per `RobustSettings.loo_rule`
-    # index -> its sudden-turn level after this round (None: not turned); only updates the leave-one-out check saw
+    # index -> its sudden-turn level after this round (None: not turned); every update with a leave-one-out cosine
     turns: dict[int, TurnLevel | None] = field(default_factory=dict)
 
 
@@ -263,8 +263,10 @@ def judge_loo(loo: dict[int, float], kept: list[int], history: list[list[LooEntr
     this round's cosine below ``loo_min_cosine`` and at least the margin below the shop's `turn_level`, raw and
     relative to the consensus, or, once turned, still that far below its pre-turn level (raw) and below the round's
     median cosine. Never more than (n - 1) // 2 of the n kept updates: the lowest reputations first, then the lowest
-    turned cosines. Separate from `screen` so that recorded cosines can be replayed through the same decision
-    (benchmarks/late_turn_replay.py).
+    turned cosines. The turn levels (``LooVerdict.turns``) are tracked for every update in ``loo``, also those an
+    earlier screen left out: a shop caught turning by the direction check keeps its honest pre-turn level, instead of
+    one that averages its flipped round. Separate from `screen` so that recorded cosines can be replayed through the
+    same decision (benchmarks/late_turn_replay.py).
     """
     out = LooVerdict(consensus=consensus(loo, kept))
     out.round_weight = {"consensus": out.consensus, "agreement": agreement_now}.get(settings.loo_rule, 1.0)
@@ -283,7 +285,7 @@ def judge_loo(loo: dict[int, float], kept: list[int], history: list[list[LooEntr
     median = float(np.median([loo[i] for i in kept]))
     now = median if settings.loo_rule == "consensus" else 0.0
     turned: list[tuple[float, int, str]] = []
-    for i in kept:
+    for i in sorted(loo):  # updates an earlier screen left out too: a turn caught there must not become the level
         level, fresh = turns[i], False
         if level is None and loo[i] < settings.loo_min_cosine:
             level, fresh = turn_level(history[i], settings.loo_rule), True
@@ -295,6 +297,8 @@ def judge_loo(loo: dict[int, float], kept: list[int], history: list[list[LooEntr
             out.turns[i] = None  # not turned, or back within the margin of its pre-turn level: rejoins
             continue
         out.turns[i] = level
+        if i not in kept:
+            continue
         state = (f"< {settings.loo_min_cosine:g} and" if fresh else "still")
         turned.append((loo[i], i, f"sudden turn: leave-one-out cosine {loo[i]:.3f} {state} {raw:.3f} below its "
                        f"pre-turn level {level[0]:.3f} (mean of its last {TURN_WINDOW} rounds; {rel:.3f} below "

@@ -115,6 +115,21 @@ def test_once_turned_a_shop_stays_out_while_far_below_its_level_and_below_the_me
     assert not verdict.left_out and verdict.turns[0] is None  # rejoins although 0.25 below its early level
 
 
+def test_a_turn_an_earlier_screen_caught_keeps_the_honest_level_for_the_next_round():
+    """Live, seed 0: shop_00 flipping from round 4 was left out by the direction check in round 5; without its turn
+    level, round 6 compared its cosine with a level averaging that flipped round and let it in."""
+    history = [[[0.2, 0.3], [0.2, 0.3], [0.04, 0.19], [-0.01, 0.21]] for _ in range(N)]  # a good reputation
+    loo = {i: 0.2 for i in range(N)} | {0: -0.31}
+    verdict = judge_loo(loo, list(range(1, N)), history, [None] * N, LOO_ONLY)  # 0 already out (direction check)
+    assert 0 not in verdict.left_out and verdict.turns[0] == pytest.approx([0.015, 0.2])
+    history = [[*h, [loo[i], 0.2]] for i, h in enumerate(history)]
+    nxt = {i: 0.1 for i in range(N)} | {0: -0.17}
+    kept = list(range(N))
+    verdict = judge_loo(nxt, kept, history, [verdict.turns[0]] + [None] * (N - 1), LOO_ONLY)
+    assert set(verdict.left_out) == {0} and " still " in verdict.left_out[0]
+    assert not judge_loo(nxt, kept, history, [None] * N, LOO_ONLY).left_out  # without the level: in
+
+
 # The first 20 rounds of a clean 30-round run (tests/test_robust_loo.py, benchmarks/results/byzantine_loo30.json): the
 # honest largest shop's leave-one-out cosine drifts below -0.08 from round 9 on, one round at a time.
 SHOP00_COSINES = [0.169, 0.048, 0.038, 0.004, -0.028, 0.019, -0.024, -0.027, -0.087, -0.123, -0.141, -0.152, -0.179,
