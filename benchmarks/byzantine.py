@@ -14,6 +14,9 @@ Rules: ``fedavg`` (Flower's FedAvg, every screen off), ``fedshop`` (FedAvg behin
 test CTR AUC, (a) at each shop's best-validation round (the project's reporting rule) and (b) after the
 last round; "drop" is against clean FedAvg (attack none, rule fedavg).
 
+``--turn-round N``: a late turn, the attacker is honest (``absent``: present) before round N, attacks from N on;
+the floor is then the attacker absent from round N, and "attacker out" counts rounds N.. only.
+
     .venv/bin/python benchmarks/byzantine.py [--rounds 3] [--attacks none,x100,...] [--rules fedavg,...]
 
 Prints the table and writes benchmarks/results/byzantine.json (atomically, after every run).
@@ -81,14 +84,27 @@ class Attacker:
     """The real ClientApp for every node; the attacker node's training replies are rewritten."""
 
     def __init__(self, app: Any, node_id: int, rewrite: Callable[[np.ndarray], np.ndarray],
-                 absent: bool = False) -> None:
+                 absent: bool = False, turn_round: int = 1) -> None:
         self.app, self.node_id, self.rewrite, self.absent = app, node_id, rewrite, absent
+        self.turn_round = turn_round  # honest before this server round
+
+    def attacks(self, msg: Message, context: Context) -> bool:
+        """True for a training instruction to the attacker node from its turn round on."""
+        if context.node_id != self.node_id or msg.metadata.message_type != MessageType.TRAIN:
+            return False
+        if self.turn_round <= 1:
+            return True
+        config = msg.content.config_records.get("config")
+        if config is None or "server-round" not in config:
+            raise RuntimeError("--turn-round needs the training instruction's config['server-round'] (Flower's FedAvg "
+                               "sets it); this message has none")
+        return int(config["server-round"]) >= self.turn_round
 
     def __call__(self, msg: Message, context: Context) -> Message:
-        if self.absent and context.node_id == self.node_id and msg.metadata.message_type == MessageType.TRAIN:
+        if self.absent and self.attacks(msg, context):
             raise RuntimeError("absent: this shop sends no update (the best any screen can do)")
         reply = self.app(msg, context)
-        if context.node_id != self.node_id or msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        if not self.attacks(msg, context) or reply.has_error():
             return reply
         sent: ArrayRecord = msg.content["arrays"]
         arrays: ArrayRecord = next(iter(reply.content.array_records.values()))
@@ -101,14 +117,18 @@ class Attacker:
 
 
 def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: str, *, rounds: int,
-            attacker: int, sigma: float, work: Path, screens: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One federation; returns honest shops' mean CTR AUC (best-val round and last round) and what was left out."""
+            attacker: int, sigma: float, work: Path, screens: dict[str, Any] | None = None,
+            turn_round: int = 1) -> dict[str, Any]:
+    """One federation; returns honest shops' mean CTR AUC (best-val round and last round) and what was left out.
+
+    The attacker attacks from ``turn_round`` on (honest before it)."""
     from client.client_app import app as client_app
     from server.server_app import FederationSettings, run_federation
     from simulations.privacy.in_process_grid import InProcessGrid, nodes
 
     scenario = load_scenario(scenario_name, overrides)
-    run_dir = work / f"{rule}-{attack}"
+    turn_round = 1 if attack == "none" else turn_round
+    run_dir = work / f"{rule}-{attack}-from{turn_round}"
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / SCENARIO_FILE, tomli_w.dumps(scenario.raw))
     config = run_config(scenario, run_dir, method="fedshop", rounds=rounds, resume=False)
@@ -121,8 +141,8 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
     node_ids = nodes(len(shops))
     attacker_node = sorted(node_ids)[attacker]
     rewrite = attack_fn(attack, sigma, np.random.default_rng(scenario.seed))
-    grid = InProcessGrid(Attacker(client_app, attacker_node, rewrite, absent=attack == "absent"), node_ids,
-                        run_config=config)
+    grid = InProcessGrid(Attacker(client_app, attacker_node, rewrite, absent=attack == "absent",
+                                  turn_round=turn_round), node_ids, run_config=config)
     left_out: dict[int, dict[str, str]] = {}
     claims: dict[str, float] = {}
 
@@ -144,7 +164,8 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
     last = ctr[(ctr["split"] == "test") & (ctr["round"] == ctr["round"].max())]
     screens_used = {k: v for k, v in config.items() if k.startswith("robust-")}
     return {"rule": rule, "attack": attack, "screens": screens_used, "attacker": shops[attacker],
-            "attacker_index": attacker, "rounds": rounds, "seed": scenario.seed, "overrides": overrides,
+            "attacker_index": attacker, "turn_round": turn_round, "rounds": rounds, "seed": scenario.seed,
+            "overrides": overrides,
             "shops": shops, "claims": claims,
             "honest_ctr_auc_best_val": float(best["value"].mean()), "honest_ctr_auc_last": float(last["value"].mean()),
             "per_shop_best_val": dict(zip(best["shop"], best["value"].round(4), strict=True)),
@@ -157,9 +178,16 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
             "loo_cosines": {s: [split_entry(e)[0] for e in h] for s, h in (ckpt.loo_history if ckpt else {}).items()},
             "loo_weights": {s: [split_entry(e)[1] for e in h] for s, h in (ckpt.loo_history if ckpt else {}).items()},
             "loo_rule": RobustSettings().loo_rule,
-            "attacker_left_out_rounds": sum(shops[attacker] in lo for lo in left_out.values()),
+            "loo_turns": ckpt.loo_turns if ckpt else {},
+            "attacker_left_out_rounds": sum(shops[attacker] in lo for r, lo in left_out.items() if r >= turn_round),
+            "attacker_left_out_before_turn": sum(shops[attacker] in lo for r, lo in left_out.items() if r < turn_round),
             "honest_left_out": sorted({s for lo in left_out.values() for s in lo if s != shops[attacker]}),
             "seconds": round(seconds, 1), "loadavg": os.getloadavg()}
+
+
+def _turn(run: dict[str, Any]) -> int:
+    """The round a run's attacker starts attacking (1 for runs from before --turn-round, and for clean runs)."""
+    return 1 if run["attack"] == "none" else int(run.get("turn_round", 1))
 
 
 def _honest_auc(run: dict[str, Any], attacker: str, upto: int) -> float:
@@ -190,19 +218,22 @@ def summarise(runs: list[dict[str, Any]], report_rounds: list[int], defended: st
               ) -> list[dict[str, Any]]:
     """Per report round, attacker and attack: the defended rule's honest AUC cost against clean FedAvg and
     against the floor (FedAvg without the attacker), over seeds, with screened-out honest shop-rounds."""
-    by = {(r["rule"], r["attack"], "" if r["attack"] == "none" else r["attacker"], r["seed"]): r for r in runs}
+    by = {(r["rule"], r["attack"], "" if r["attack"] == "none" else r["attacker"], r["seed"], _turn(r)): r
+          for r in runs}
     seeds = sorted({r["seed"] for r in runs})
     attackers = sorted({r["attacker"] for r in runs if r["attack"] != "none"})
     attacks = [a for a in ATTACKS if a not in ("none", "absent") and any(r["attack"] == a for r in runs)]
+    turns = sorted({_turn(r) for r in runs if r["attack"] not in ("none", "absent")})
     rows = []
     for upto in report_rounds:
-        for attacker, attack in [(None, "none")] + [(a, x) for a in attackers for x in attacks]:
+        for attacker, attack, turn in [(None, "none", 1)] + [(a, x, t) for a in attackers for x in attacks
+                                                              for t in turns]:
             who = attacker or ""
             cost_clean, cost_floor, floor_cost, aucs, fp, fp_total, caught, got = [], [], [], [], 0, 0, 0, []
             shares = []
             for seed in seeds:
-                run = by.get((defended, attack, "" if attack == "none" else who, seed))
-                clean, floor = by.get(("fedavg", "none", "", seed)), by.get(("fedavg", "absent", who, seed))
+                run = by.get((defended, attack, "" if attack == "none" else who, seed, turn))
+                clean, floor = by.get(("fedavg", "none", "", seed, 1)), by.get(("fedavg", "absent", who, seed, turn))
                 if run is None or clean is None or run["rounds"] < upto or (attacker and floor is None):
                     continue
                 auc = _honest_auc(run, who, upto)
@@ -213,7 +244,7 @@ def summarise(runs: list[dict[str, Any]], report_rounds: list[int], defended: st
                     floor_cost.append(_honest_auc(clean, who, upto) - _honest_auc(floor, who, upto))
                 n_fp, n_all = _false_positives(run, attacker, upto)
                 fp, fp_total = fp + n_fp, fp_total + n_all
-                caught += sum(1 for r, lo in run["left_out"].items() if int(r) <= upto and who in lo)
+                caught += sum(1 for r, lo in run["left_out"].items() if turn <= int(r) <= upto and who in lo)
                 if attacker and clean.get("claims"):
                     shares.append(clean["claims"][attacker] / sum(clean["claims"].values()))
                 got.append(seed)
@@ -221,7 +252,9 @@ def summarise(runs: list[dict[str, Any]], report_rounds: list[int], defended: st
                 continue
             target = 0.005 if attack == "none" else 0.01
             rows.append({"rounds": upto, "attacker": attacker, "attacker_share": float(np.mean(shares)) if shares
-                         else None, "attack": attack, "seeds": got, "auc": aucs, "cost_vs_clean": cost_clean,
+                         else None, "attack": attack, "turn_round": turn, "seeds": got,
+                         "attacker_rounds": max(0, upto - turn + 1) * len(got), "auc": aucs,
+                         "cost_vs_clean": cost_clean,
                          "cost_vs_floor": cost_floor, "floor_cost": floor_cost, "honest_left_out": fp,
                          "honest_shop_rounds": fp_total, "attacker_left_out_rounds": caught if attacker else None,
                          "target": target, "met": float(np.mean(cost_clean)) <= target})
@@ -285,8 +318,9 @@ def loo_analysis(runs: list[dict[str, Any]], bound: float) -> list[dict[str, Any
                 scores = [rule(cosines[:k + 1], weights[:k + 1]) for k in range(len(cosines))]
                 if shop == who and run["attack"] not in DIRECTION_ATTACKS:
                     continue
-                (attacker if shop == who else honest).extend(
-                    (round(score, 4), run["attack"], run["seed"], shop, k + 1) for k, score in enumerate(scores))
+                for k, score in enumerate(scores):  # a late turner is honest before its turn round
+                    (attacker if shop == who and k + 1 >= _turn(run) else honest).append(
+                        (round(score, 4), run["attack"], run["seed"], shop, k + 1))
         low, high = min(honest, default=None), max(attacker, default=None)
         rows.append({"rule": name, "honest_min": low, "attacker_max": high,
                      "margin": low[0] - high[0] if low and high else None,
@@ -348,9 +382,10 @@ def print_summary(console: Console, rows: list[dict[str, Any]]) -> None:
             table.add_column(col, justify="left" if col in ("attacker (share)", "attack", "target") else "right")
         for r in (x for x in rows if x["rounds"] == upto):
             share = f" ({r['attacker_share']:.0%})" if r["attacker_share"] is not None else ""
-            n = upto * len(r["seeds"])
+            n = r.get("attacker_rounds", upto * len(r["seeds"]))
             out = "-" if r["attacker_left_out_rounds"] is None else f"{r['attacker_left_out_rounds']}/{n}"
-            table.add_row(f"{r['attacker'] or 'none (all 8 honest)'}{share}", r["attack"], str(len(r["seeds"])),
+            attack = r["attack"] if r.get("turn_round", 1) == 1 else f"{r['attack']} from round {r['turn_round']}"
+            table.add_row(f"{r['attacker'] or 'none (all 8 honest)'}{share}", attack, str(len(r["seeds"])),
                           _spread(r["cost_vs_clean"]), _spread(r["cost_vs_floor"]), _spread(r["floor_cost"]), out,
                           f"{r['honest_left_out']}/{r['honest_shop_rounds']}",
                           f"{'met' if r['met'] else 'NOT met'} (<= {r['target']})")
@@ -368,6 +403,8 @@ def main() -> None:
                         "e.g. 0,3,7 (largest, mid, smallest of the default world)")
     parser.add_argument("--seeds", default="", help="scenario seeds, e.g. 0,1,2; default: the scenario's")
     parser.add_argument("--sigma", type=float, default=5.0, help="noise attack's standard deviation")
+    parser.add_argument("--turn-round", type=int, default=1, help="the attacker is honest before this round and "
+                        "attacks from it on (a late turn; 'absent' likewise leaves from it on)")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--cell", action="append", default=[], help="RULE:ATTACK,ATTACK,... (repeatable); replaces "
@@ -393,6 +430,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s] or [load_scenario(args.scenario, overrides).seed]
     attackers = [int(a) for a in args.attackers.split(",")]
     report_rounds = [int(r) for r in args.report_rounds.split(",") if r] or [args.rounds]
+    if not 1 <= args.turn_round <= args.rounds:
+        parser.error(f"--turn-round {args.turn_round} must be within rounds 1..{args.rounds}")
     if max(report_rounds) > args.rounds:
         parser.error(f"--report-rounds {report_rounds} goes beyond --rounds {args.rounds}")
     plan = []
@@ -403,13 +442,15 @@ def main() -> None:
                     plan.append((rule, attack, attacker, seed))
     previous = [r for path in args.include for r in json.loads(path.read_text(encoding="utf-8"))["runs"]]
     meta = {"scenario": args.scenario, "overrides": overrides, "rounds": args.rounds, "report_rounds": report_rounds,
-            "sigma": args.sigma, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
+            "sigma": args.sigma, "turn_round": args.turn_round, "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg()}
     runs: list[dict[str, Any]] = []
     todo = []
     for rule, attack, attacker, seed in plan:
         screens_used = screens_for(rule, screens)
         old = [r for r in previous if r["rule"] == rule and r["attack"] == attack and r["seed"] == seed
                and r["rounds"] == args.rounds and (attack == "none" or r["attacker_index"] == attacker)
+               and (attack == "none" or _turn(r) == args.turn_round)
                and r["overrides"] == {**overrides, "seed": seed}
                and same_screens(r["screens"], screens_used)]
         if old:
@@ -421,7 +462,7 @@ def main() -> None:
             ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_one, args.scenario, {**overrides, "seed": seed}, rule, attack, rounds=args.rounds,
                                attacker=attacker, sigma=args.sigma, work=Path(tmp) / f"{seed}-{attacker}",
-                               screens=screens): (rule, attack, attacker, seed)
+                               screens=screens, turn_round=args.turn_round): (rule, attack, attacker, seed)
                    for rule, attack, attacker, seed in todo}
         for future in as_completed(futures):
             res = future.result()

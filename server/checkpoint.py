@@ -1,5 +1,6 @@
 """Coordinator checkpoints: global arrays, round, strategy state, RNG state and each shop's first
-`num-examples` claim (the base of its cap, `server.robust`) and leave-one-out history, written atomically.
+`num-examples` claim (the base of its cap, `server.robust`), leave-one-out history and sudden-turn levels, written
+atomically.
 
 One file per round in `<run-dir>/checkpoints/round-NNNN.pt` (older ones pruned); a run resumes
 from the newest readable one and refuses when none is readable. Temp files a killed write left are
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.robust import LooEntry, split_entry
+from server.robust import LooEntry, TurnLevel, split_entry
 from shared.atomic import atomic_write_bytes, remove_stale_temps
 
 CHECKPOINT_DIR = "checkpoints"
@@ -51,6 +52,9 @@ class Checkpoint:
     # shop -> its leave-one-out [cosine, round weight] per screened round (`server.robust`), the reputation a
     # resume continues; a bare cosine (checkpoints before 2026-12-06) weighs 1
     loo_history: dict[str, list[LooEntry]] = field(default_factory=dict)
+    # shop -> its pre-turn [cosine, consensus] level while out for a sudden turn (`server.robust.judge_loo`);
+    # absent in checkpoints written before the check existed: no shop turned
+    loo_turns: dict[str, TurnLevel] = field(default_factory=dict)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -121,7 +125,8 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 2) -> Path:
                "strategy": {n: _tensors(a) for n, a in ckpt.strategy_state.items()},
                "rng": ckpt.rng, "settings": ckpt.settings,
                "first_claims": {str(k): float(v) for k, v in ckpt.first_claims.items()},
-               "loo_history": {str(k): [list(split_entry(x)) for x in v] for k, v in ckpt.loo_history.items()}}
+               "loo_history": {str(k): [list(split_entry(x)) for x in v] for k, v in ckpt.loo_history.items()},
+               "loo_turns": {str(k): [float(x) for x in v] for k, v in ckpt.loo_turns.items()}}
     buf = io.BytesIO()
     torch.save(payload, buf)
     path = atomic_write_bytes(checkpoint_path(run_dir, ckpt.server_round), buf.getvalue())
@@ -155,7 +160,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
                                       for n, a in payload["strategy"].items()},
                       rng=payload["rng"], settings=payload["settings"],
                       first_claims=_first_claims(path, payload.get("first_claims", {})),
-                      loo_history=_loo_history(path, payload.get("loo_history", {})))
+                      loo_history=_loo_history(path, payload.get("loo_history", {})),
+                      loo_turns=_loo_turns(path, payload.get("loo_turns", {})))
 
 
 def _first_claims(path: Path, raw: object) -> dict[str, float]:
@@ -179,6 +185,17 @@ def _loo_history(path: Path, raw: object) -> dict[str, list[LooEntry]]:
         raise CheckpointError(f"{path}: its loo_history is not a table of shop -> list of [cosine, weight]. Fix: "
                               "delete it to resume from the previous round's checkpoint, or start a new run")
     return {k: [list(split_entry(x)) for x in v] for k, v in raw.items()}
+
+
+def _loo_turns(path: Path, raw: object) -> dict[str, TurnLevel]:
+    """The checkpoint's sudden-turn levels (absent in checkpoints written before the check existed: none)."""
+    def level_ok(x: object) -> bool:
+        return isinstance(x, list) and len(x) == 2 and all(isinstance(y, (int, float)) for y in x)
+
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and level_ok(v) for k, v in raw.items()):
+        raise CheckpointError(f"{path}: its loo_turns are not a table of shop -> [cosine, consensus]. Fix: delete it "
+                              "to resume from the previous round's checkpoint, or start a new run")
+    return {k: [float(y) for y in v] for k, v in raw.items()}
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:

@@ -43,7 +43,8 @@ class FederationSettings(RunSettings):
         """The screens' settings (`server.robust`)."""
         return RobustSettings(norm_factor=self.robust_norm_factor, norm_action=self.robust_norm_action,
                               min_cosine=self.robust_min_cosine, examples_cap=self.robust_examples_cap,
-                              weight_cap=self.robust_weight_cap, loo_min_cosine=self.robust_loo_min_cosine)
+                              weight_cap=self.robust_weight_cap, loo_min_cosine=self.robust_loo_min_cosine,
+                              loo_turn_margin=self.robust_loo_turn_margin)
 
 
 def split_privacy(config: dict[str, Any]) -> tuple[FederationSettings, bool, SecAggSettings,

@@ -14,6 +14,11 @@ Each update is ``delta = reply - global encoder``. In order:
    reputation; in its first round, this round's cosine), is below
    ``loo_min_cosine`` is left out (with >= 5 kept updates, never more than (n - 1) // 2 of them, the lowest
    first); unlike the round's median in 3., the others' mean cannot be dragged by the update being scored;
+   sudden turn (``loo_turn_margin``): a shop whose cosine this round is below ``loo_min_cosine`` and at least the
+   margin below the mean of its last 2 recorded rounds, both raw and relative to the rounds' consensus, is left
+   out too (an averaged reputation lets a shop that turns after many honest rounds in), and stays out while its
+   cosine stays that far below its pre-turn level and below the round's median (`turns`, kept per shop by the
+   caller; same majority guard);
 5. no shop keeps more than ``weight_cap / n`` of the aggregation weight (the excess goes to the others).
 
 Hand-written because Flower 1.42's robust rules (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) replace
@@ -30,6 +35,8 @@ import numpy as np
 NORM_ACTIONS = ("leave-out", "clip")
 LOO_RULES = ("consensus", "agreement", "mean")
 LOO_MIN_UPDATES = 5  # the leave-one-out check needs this many kept updates
+TURN_WINDOW = 2  # a sudden turn is measured against the mean of the shop's last this-many recorded rounds
+TurnLevel = list[float]  # a turned shop's pre-turn level: [mean cosine, mean consensus] of its last rounds
 
 
 @dataclass
@@ -44,6 +51,7 @@ class RobustSettings:
     loo_min_cosine: float = -0.08
     # reputation: the rounds' cosines weighted by the round's consensus (default), by its agreement, or a plain mean
     loo_rule: str = "consensus"
+    loo_turn_margin: float = 0.1  # sudden turn: this far below its last rounds' level (raw and vs consensus)
 
     def __post_init__(self) -> None:
         if self.norm_action not in NORM_ACTIONS:
@@ -61,6 +69,10 @@ class RobustSettings:
             raise ValueError(f"run config robust-loo-min-cosine={self.loo_min_cosine} is outside [-1, 1]. Fix: e.g. "
                              "-0.08 (leave out updates pointing away from the others' mean), or -1 for no "
                              "leave-one-out check")
+        if not 0 <= self.loo_turn_margin <= 2:
+            raise ValueError(f"run config robust-loo-turn-margin={self.loo_turn_margin} is outside [0, 2] (a cosine "
+                             "can fall by at most 2). Fix: e.g. 0.1 (leave out a shop whose leave-one-out cosine "
+                             "suddenly drops that far below its last rounds), or 0 for no sudden-turn check")
         if not (self.examples_cap == 0 or self.examples_cap >= 1):
             raise ValueError(f"run config robust-examples-cap={self.examples_cap} would cap honest shops below "
                              "their claim. Fix: give a factor >= 1 (e.g. 10), or 0 for no cap")
@@ -71,7 +83,8 @@ class RobustSettings:
     @classmethod
     def off(cls) -> RobustSettings:
         """No screening at all (plain FedAvg in the benchmark)."""
-        return cls(norm_factor=0.0, min_cosine=-1.0, examples_cap=0.0, weight_cap=0.0, loo_min_cosine=-1.0)
+        return cls(norm_factor=0.0, min_cosine=-1.0, examples_cap=0.0, weight_cap=0.0, loo_min_cosine=-1.0,
+                   loo_turn_margin=0.0)
 
 
 @dataclass
@@ -88,6 +101,8 @@ class Screened:
     agreement: float = 0.0  # the round's agreement (`agreement`), computed only under that rule
     consensus: float = 0.0  # the round's consensus (`consensus`)
     round_weight: float = 1.0  # the weight of this round's cosines in a reputation, per `RobustSettings.loo_rule`
+    # index -> its sudden-turn level after this round (None: not turned); every update with a leave-one-out cosine
+    turns: dict[int, TurnLevel | None] = field(default_factory=dict)
 
 
 def cap_claims(claims: list[float], first: list[float | None], factor: float) -> list[float]:
@@ -209,15 +224,105 @@ def reputation(history: list[LooEntry], current: float, weight: float = 1.0, rul
     return float(sum(c * w for c, w in pairs) / total)
 
 
+@dataclass
+class LooVerdict:
+    """The leave-one-out check's decision for one round (`judge_loo`)."""
+
+    left_out: dict[int, str] = field(default_factory=dict)  # index -> reason
+    turns: dict[int, TurnLevel | None] = field(default_factory=dict)  # index -> turn level after this round
+    scores: dict[int, float] = field(default_factory=dict)  # index -> reputation
+    consensus: float = 0.0
+    round_weight: float = 1.0
+
+
+def turn_level(history: list[LooEntry], rule: str = "consensus") -> TurnLevel | None:
+    """[mean cosine, mean consensus] of a shop's last `TURN_WINDOW` recorded rounds (None without any).
+
+    The consensus is the entries' round weight under the ``consensus`` rule; under another rule it is not
+    recorded, so 0 (the relative test is then the raw one).
+    """
+    last = [split_entry(e) for e in history[-TURN_WINDOW:]]
+    if not last:
+        return None
+    return [float(np.mean([c for c, _ in last])), float(np.mean([w for _, w in last])) if rule == "consensus" else 0.0]
+
+
+def turn_drop(cosine: float, consensus_now: float, level: TurnLevel) -> tuple[float, float]:
+    """How far this round's cosine is below a level: (raw, relative to the consensus of the rounds concerned).
+
+    Relative, a round where every shop's cosine drops (the consensus with them) is no drop.
+    """
+    return level[0] - cosine, (level[0] - level[1]) - (cosine - consensus_now)
+
+
+def judge_loo(loo: dict[int, float], kept: list[int], history: list[list[LooEntry]],
+              turns: list[TurnLevel | None], settings: RobustSettings, agreement_now: float = 0.0) -> LooVerdict:
+    """Which kept updates the leave-one-out check leaves out, from this round's cosines ``loo`` alone.
+
+    Two reasons: a reputation (`reputation`) below ``loo_min_cosine``; a sudden turn (``loo_turn_margin`` > 0):
+    this round's cosine below ``loo_min_cosine`` and at least the margin below the shop's `turn_level`, raw and
+    relative to the consensus, or, once turned, still that far below its pre-turn level (raw) and below the round's
+    median cosine. Never more than (n - 1) // 2 of the n kept updates: the lowest reputations first, then the lowest
+    turned cosines. The turn levels (``LooVerdict.turns``) are tracked for every update in ``loo``, also those an
+    earlier screen left out: a shop caught turning by the direction check keeps its honest pre-turn level, instead of
+    one that averages its flipped round. Separate from `screen` so that recorded cosines can be replayed through the
+    same decision (benchmarks/late_turn_replay.py).
+    """
+    out = LooVerdict(consensus=consensus(loo, kept))
+    out.round_weight = {"consensus": out.consensus, "agreement": agreement_now}.get(settings.loo_rule, 1.0)
+    out.scores = {i: reputation(history[i], loo[i], out.round_weight, settings.loo_rule) for i in kept}
+    what = "mean" if settings.loo_rule == "mean" else f"{settings.loo_rule}-weighted mean"
+    room = (len(kept) - 1) // 2  # majority guard: never a majority
+    below = sorted((c, i) for i, c in out.scores.items() if c < settings.loo_min_cosine)
+    for _, i in below[:room]:
+        out.left_out[i] = (f"update direction against the other shops' mean update (leave-one-out cosine "
+                           f"{loo[i]:.3f}, {what} over its rounds {out.scores[i]:.3f}; "
+                           f"the {what} is < {settings.loo_min_cosine:g})")
+    margin = settings.loo_turn_margin
+    if margin <= 0:
+        return out
+    # this round's median, not floored at 0 as the consensus weight is: a round where every cosine falls below 0
+    median = float(np.median([loo[i] for i in kept]))
+    now = median if settings.loo_rule == "consensus" else 0.0
+    turned: list[tuple[float, int, str]] = []
+    for i in sorted(loo):  # updates an earlier screen left out too: a turn caught there must not become the level
+        level, fresh = turns[i], False
+        if level is None and loo[i] < settings.loo_min_cosine:
+            level, fresh = turn_level(history[i], settings.loo_rule), True
+        raw, rel = turn_drop(loo[i], now, level) if level is not None else (0.0, 0.0)
+        # a turn: that far below, raw and relative; once turned, out while that far below (raw) and below the
+        # round's median: an honest returner late in training cannot regain its early level (every cosine falls)
+        turned_now = raw >= margin and (rel >= margin if fresh else loo[i] < median)
+        if level is None or not turned_now:
+            out.turns[i] = None  # not turned, or back within the margin of its pre-turn level: rejoins
+            continue
+        out.turns[i] = level
+        if i not in kept:
+            continue
+        state = (f"< {settings.loo_min_cosine:g} and" if fresh else "still")
+        turned.append((loo[i], i, f"sudden turn: leave-one-out cosine {loo[i]:.3f} {state} {raw:.3f} below its "
+                       f"pre-turn level {level[0]:.3f} (mean of its last {TURN_WINDOW} rounds; {rel:.3f} below "
+                       f"relative to the rounds' consensus); out while >= robust-loo-turn-margin={margin:g} below "
+                       "it and below the round's median (0 turns this check off)"))
+    room -= len(out.left_out)
+    for _, i, reason in sorted(turned):
+        if i not in out.left_out and room > 0:
+            out.left_out[i] = reason
+            room -= 1
+    return out
+
+
 def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[float | None],
            settings: RobustSettings, bounds: list[int] | None = None,
-           loo_history: list[list[LooEntry]] | None = None) -> Screened:
+           loo_history: list[list[LooEntry]] | None = None,
+           turns: list[TurnLevel | None] | None = None) -> Screened:
     """Apply the screens to flat update vectors ``deltas`` with their claimed example counts.
 
     ``bounds`` are the end offsets of the arrays inside each flat vector (one array if None); ``loo_history``
-    each update's shop's earlier leave-one-out entries (none if None). ``Screened.loo`` holds this round's
-    cosine of every update, left out or not, and ``Screened.round_weight`` the round's weight, for the caller to append
-    ``[cosine, round_weight]`` to that history.
+    each update's shop's earlier leave-one-out entries (none if None), ``turns`` each one's sudden-turn level (None:
+    not turned). ``Screened.loo`` holds this round's cosine of every update, left out or not, and
+    ``Screened.round_weight`` the round's weight, for the caller to append ``[cosine, round_weight]`` to that
+    history; ``Screened.turns`` the new turn levels to keep.
     """
     n = len(deltas)
     capped = cap_claims(claims, first_claims, settings.examples_cap)
@@ -246,16 +351,10 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
         scaled = [d * s for d, s in zip(deltas, out.scale, strict=True)]
         out.loo = leave_one_out(scaled, kept)
         out.agreement = agreement(scaled, kept) if settings.loo_rule == "agreement" else 0.0  # only when it decides
-        out.consensus = consensus(out.loo, kept)
-        out.round_weight = {"consensus": out.consensus, "agreement": out.agreement}.get(settings.loo_rule, 1.0)
-        history = loo_history or [[] for _ in deltas]
-        scores = {i: reputation(history[i], out.loo[i], out.round_weight, settings.loo_rule) for i in kept}
-        what = "mean" if settings.loo_rule == "mean" else f"{settings.loo_rule}-weighted mean"
-        below = sorted((c, i) for i, c in scores.items() if c < settings.loo_min_cosine)
-        for _, i in below[:(len(kept) - 1) // 2]:  # majority guard: the lowest scores first, never a majority
-            out.left_out[i] = (f"update direction against the other shops' mean update (leave-one-out cosine "
-                               f"{out.loo[i]:.3f}, {what} over its rounds {scores[i]:.3f}; "
-                               f"the {what} is < {settings.loo_min_cosine:g})")
+        verdict = judge_loo(out.loo, kept, loo_history or [[] for _ in deltas], turns or [None for _ in deltas],
+                            settings, out.agreement)
+        out.consensus, out.round_weight, out.turns = verdict.consensus, verdict.round_weight, verdict.turns
+        out.left_out.update(verdict.left_out)
         kept = [i for i in kept if i not in out.left_out]
     shares = cap_shares([out.weights[i] for i in kept], settings.weight_cap)
     for i, w in zip(kept, shares, strict=True):

@@ -162,7 +162,7 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         save_checkpoint(run_dir, Checkpoint(report.server_round, {k: a.numpy() for k, a in report.arrays.items()},
                                             strategy_state(base), capture_rng(), fingerprint,
                                             first_claims=strategy.first_claims,
-                                            loo_history=strategy.loo_history),
+                                            loo_history=strategy.loo_history, loo_turns=strategy.loo_turns),
                         keep=settings.keep_checkpoints)
         if progress is not None:
             progress(report, total)
@@ -179,7 +179,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
                             wire=Wire(settings.compression, omit_evaluate_encoder=serves_own_encoder(settings),
                                       initial=shared_start),
                             first_claims=ckpt.first_claims if ckpt is not None else None,
-                            loo_history=ckpt.loo_history if ckpt is not None else None)
+                            loo_history=ckpt.loo_history if ckpt is not None else None,
+                            loo_turns=ckpt.loo_turns if ckpt is not None else None)
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),

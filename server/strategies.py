@@ -37,7 +37,7 @@ from flwr.serverapp.strategy.bulyan import Bulyan
 
 from server.decoded_array import DecodedArray, array_record
 from server.metrics_log import mean_by_key
-from server.robust import LooEntry, RobustSettings, screen
+from server.robust import LooEntry, RobustSettings, TurnLevel, screen
 from server.wire import Wire
 from shared.protocol import EVAL_SPLIT, LOCAL_PREFIX, NUM_EXAMPLES, SHOP_INDEX
 
@@ -121,7 +121,8 @@ class ShopStrategy(Strategy):
                  round_config: RoundConfig | None = None, round_offset: int = 0,
                  max_short_rounds: int = 3, robust: RobustSettings | None = None,
                  wire: Wire | None = None, first_claims: dict[str, float] | None = None,
-                 loo_history: dict[str, list[LooEntry]] | None = None) -> None:
+                 loo_history: dict[str, list[LooEntry]] | None = None,
+                 loo_turns: dict[str, TurnLevel] | None = None) -> None:
         self.inner = inner
         self.robust = robust or RobustSettings()
         self.wire = wire or Wire()  # message compression; "none" only counts bytes
@@ -129,6 +130,8 @@ class ShopStrategy(Strategy):
         self._first_claim: dict[str, float] = dict(first_claims or {})
         # shop -> [leave-one-out cosine, round weight] of every screened round (its reputation); checkpointed
         self._loo_history: dict[str, list[LooEntry]] = {k: list(v) for k, v in (loo_history or {}).items()}
+        # shop -> its pre-turn level while it is out for a sudden turn (`server.robust.judge_loo`); checkpointed
+        self._loo_turns: dict[str, TurnLevel] = {k: list(v) for k, v in (loo_turns or {}).items()}
         self._auto_select = isinstance(inner, MultiKrum) and inner.num_nodes_to_select <= 0
         self.aggregated_rounds = 0  # rounds whose update reached the global model
         self.last_skip = ""  # why the last skipped round was skipped
@@ -158,6 +161,12 @@ class ShopStrategy(Strategy):
         """Each shop's leave-one-out [cosine, round weight] entries so far (a copy), oldest first: a checkpoint keeps
         them."""
         return {k: list(v) for k, v in self._loo_history.items()}
+
+    @property
+    def loo_turns(self) -> dict[str, TurnLevel]:
+        """Shops out for a sudden turn, each with its pre-turn [cosine, consensus] level (a copy): a checkpoint keeps
+        them, so a resumed run keeps a turned shop out."""
+        return {k: list(v) for k, v in self._loo_turns.items()}
 
     def summary(self) -> None:
         """Log the inner strategy's settings and the fault bound."""
@@ -287,13 +296,19 @@ class ShopStrategy(Strategy):
             claims.append(float(next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES]))
         bounds = np.cumsum([base[k].size for k in keys]).tolist()
         result = screen(deltas, claims, [self._first_claim.get(s) for s in shops], self.robust, bounds,
-                        [self._loo_history.get(s, []) for s in shops])
+                        [self._loo_history.get(s, []) for s in shops], [self._loo_turns.get(s) for s in shops])
         out = []
         for i, msg in enumerate(usable):
             self._first_claim.setdefault(shops[i], result.claims[i])
             if i in result.loo:
                 self._loo_history.setdefault(shops[i], []).append([round(result.loo[i], 6),
                                                                   round(result.round_weight, 6)])
+            if i in result.turns:
+                level = result.turns[i]
+                if level is None:
+                    self._loo_turns.pop(shops[i], None)
+                else:
+                    self._loo_turns[shops[i]] = [round(x, 6) for x in level]
             logger.debug("round %d: shop %s update norm %.4g, cosine to median %s, leave-one-out %s, weight %.4g", rnd,
                          shops[i], result.norms[i], f"{result.cosines[i]:.3f}" if result.cosines else "n/a",
                          f"{result.loo[i]:.3f}" if i in result.loo else "n/a", result.weights[i])

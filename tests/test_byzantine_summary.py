@@ -45,3 +45,35 @@ def test_a_run_from_before_a_screen_existed_is_reused_only_where_that_screen_is_
     plain = {k: v for k, v in byzantine.screens_for("fedavg", {}).items() if k != "robust-loo-min-cosine"}
     assert byzantine.same_screens(plain, byzantine.screens_for("fedavg", {}))  # screens off: the same run
     assert not byzantine.same_screens({**plain, "robust-norm-factor": 4.0}, byzantine.screens_for("fedavg", {}))
+
+
+def test_a_late_turn_is_compared_with_the_floor_of_the_same_turn_and_caught_rounds_count_from_it():
+    test = {s: [0.5, 0.8, 0.9] for s in SHOPS}
+    clean = _run("fedavg", "none", test)
+    floor1 = _run("fedavg", "absent", {**test, "shop_01": [0.5, 0.6, 0.9]})  # absent from round 1: a lower floor
+    floor2 = {**_run("fedavg", "absent", {**test, "shop_01": [0.5, 0.75, 0.9]}), "turn_round": 2}
+    late = {**_run("fedshop", "signflip", {**test, "shop_01": [0.5, 0.72, 0.9]},
+                   left_out={"1": {"shop_00": "x"}, "2": {"shop_00": "sudden turn"}, "3": {"shop_00": "x"}}),
+            "turn_round": 2}
+    rows = byzantine.summarise([clean, floor1, floor2, late], [3])
+    row = next(r for r in rows if r["attack"] == "signflip")
+    assert row["turn_round"] == 2 and row["cost_vs_floor"] == [pytest.approx(0.015)]  # the round-2 floor
+    assert (row["attacker_left_out_rounds"], row["attacker_rounds"]) == (2, 2)  # rounds 2-3 only
+
+
+def test_the_attacker_is_honest_before_its_turn_round():
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+
+    attacker = byzantine.Attacker(lambda m, c: m, node_id=7, rewrite=lambda d: -d, turn_round=4)
+
+    def msg(rnd: int, kind: str = MessageType.TRAIN) -> SimpleNamespace:  # the two fields Attacker reads
+        return SimpleNamespace(metadata=SimpleNamespace(message_type=kind),
+                               content=RecordDict({"config": ConfigRecord({"server-round": rnd})}))
+
+    ctx = SimpleNamespace(node_id=7)
+    assert [attacker.attacks(msg(r), ctx) for r in (1, 3, 4, 9)] == [False, False, True, True]
+    assert not attacker.attacks(msg(5, MessageType.EVALUATE), ctx)
+    assert not attacker.attacks(msg(5), SimpleNamespace(node_id=8))  # another node
+    assert byzantine.Attacker(lambda m, c: m, 7, lambda d: d).attacks(msg(1), ctx)  # turn round 1: from the start

@@ -154,13 +154,15 @@ def test_the_consensus_is_the_median_leave_one_out_cosine_and_never_negative():
 def test_a_shop_that_turns_against_the_others_is_left_out_after_a_measured_delay(honest_rounds, early_weight, delay):
     """Honest (cosine 0.1) for a few rounds of consensus ``early_weight``, then flipping (cosine -0.3) in rounds of
     consensus 0.15-0.26: left out ``delay`` rounds after the turn. The more informative its honest rounds were, the
-    longer its reputation carries it (the price of weighting; the plain mean gives the (2, 0.15) delay)."""
+    longer its reputation carries it (the price of weighting; the plain mean gives the (2, 0.15) delay). The reputation
+    alone: the sudden-turn check (on by default) catches these at once (tests/test_robust_turn.py)."""
+    reputation_only = RobustSettings(**{**LOO_ONLY.__dict__, "loo_turn_margin": 0.0})
     history = [[[0.2, early_weight]] * honest_rounds for _ in range(N)]
     history[4] = [[0.1, early_weight]] * honest_rounds
     dropped = []
     for rnd in range(6):
         deltas = _barely_aligned(_heterogeneous(N, seed=10 + rnd), 4, cosine=-0.3)
-        out = screen(deltas, [1.0] * N, [None] * N, LOO_ONLY, loo_history=history)
+        out = screen(deltas, [1.0] * N, [None] * N, reputation_only, loo_history=history)
         assert 0.1 < out.consensus < 0.3, out.consensus
         for i in range(N):
             history[i] = [*history[i], [out.loo[i], out.round_weight]]
