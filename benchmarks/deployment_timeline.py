@@ -12,16 +12,19 @@ while the ServerApp is still pushing the round's objects: that time is the Serve
 
   SA push          ServerApp pushes the round's messages and their objects to the SuperLink
   SL -> SN poll    the message waits at the SuperLink for its SuperNode's next poll (FEDSHOP_ACTIVE_POLL)
-  SN pull objects  the SuperNode pulls the message's objects and stores them
-  CA acquire       the long-lived ClientApp's next AcquireTask (0.1 s polls)
-  CA pull inputs   the ClientApp pulls message, context, run and FAB from its SuperNode
+  CA acquire       the SuperNode makes a task; the long-lived ClientApp's next AcquireTask (0.1 s polls)
+  SN pull objects  the SuperNode pulls the message's objects from the SuperLink and stores them
+  CA pull inputs   the ClientApp pulls message, context, run and FAB from its SuperNode (it started
+                   while the SuperNode was still pulling: its own back-off after the objects arrived)
   CA mods          ClientApp mods before the handler (unpack, wire checks)
   CA handler       the handler: training or evaluation (the work simulation does too)
   reply to SN      ClientApp pushes the reply and the task output; SuperNode's reply wait (FEDSHOP_REPLY_POLL)
   SN push reply    the SuperNode pushes the reply and its objects to the SuperLink
   SL -> SA         the ServerApp's next reply poll (FEDSHOP_GRID_AFTER_REPLY_POLL), its pull and unpack
 
-Plus, per round phase, "SA aggregate": from the last reply to the ServerApp's next push.
+Plus, per round phase, "SA aggregate": from the last reply to the ServerApp's next push. A message's phase
+is the index of the ServerApp push that carried it; the first two phases (round 1's train and evaluate, with
+the first-use imports in the ClientApp's handler) are left out of the summary.
 
     .venv/bin/python benchmarks/deployment_timeline.py [--timing-log FILE] [--setup after] [--rounds 4]
 
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("SA push", "SL -> SN poll", "SN pull objects", "CA acquire", "CA pull inputs", "CA mods", "CA handler",
+STAGES = ("SA push", "SL -> SN poll", "CA acquire", "SN pull objects", "CA pull inputs", "CA mods", "CA handler",
           "reply to SN", "SN push reply", "SL -> SA")
 AGGREGATE = "SA aggregate"
 
@@ -59,7 +62,8 @@ def _latest(stamps: list[float], before: float, after: float | None = None) -> f
 def message_timelines(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One timeline per message the ClientApp handled: its marks (wall-clock) and stage seconds (see module doc)."""
     server = [e for e in events if e.get("where") == "serverapp"]
-    push_of = {mid: e for e in server if e.get("event") == "push" for mid in e.get("ids", [])}
+    pushes = sorted((e for e in server if e.get("event") == "push"), key=lambda e: e["start"])
+    push_of = {mid: (phase, e) for phase, e in enumerate(pushes) for mid in e.get("ids", [])}
     reply_at = {e["reply_to"]: e["at"] for e in server if e.get("event") == "reply" and "reply_to" in e}
     node = {(e["event"], mid): e["at"] for e in events if e.get("where") == "supernode" for mid in e["ids"]}
     per_pid: dict[tuple[str, int], list[float]] = {}
@@ -68,11 +72,11 @@ def message_timelines(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             per_pid.setdefault((e["event"], e["pid"]), []).append(e["at"])
     timelines = []
     for e in (e for e in events if e.get("where") == "clientapp" and e.get("msg_id") in push_of):
-        mid, push = e["msg_id"], push_of[e["msg_id"]]
-        stored = node.get(("stored", mid))
-        acquired = _latest(per_pid.get(("acquired", e["pid"]), []), e["handler_start"], stored)
+        mid, (phase, push) = e["msg_id"], push_of[e["msg_id"]]
+        received = node.get(("received", mid))
+        acquired = _latest(per_pid.get(("acquired", e["pid"]), []), e["handler_start"], received or push["start"])
         inputs = _latest(per_pid.get(("inputs pulled", e["pid"]), []), e["handler_start"], acquired)
-        marks = [push["start"], push["end"], node.get(("received", mid)), stored, acquired, inputs,
+        marks = [push["start"], push["end"], received, acquired, node.get(("stored", mid)), inputs,
                  e["handler_start"], e["handler_end"], node.get(("sending", mid)), node.get(("sent", mid)),
                  reply_at.get(mid)]
         if marks[-1] is None:  # no reply reached the ServerApp (timed out): no end to attribute to
@@ -82,7 +86,7 @@ def message_timelines(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             current = previous if mark is None else max(mark, previous)
             stages[name] = round(current - previous, 4)
             previous = current
-        timelines.append({"msg_id": mid, "type": e.get("type"), "round": e.get("round"), "pid": e["pid"],
+        timelines.append({"msg_id": mid, "type": e.get("type"), "phase": phase, "pid": e["pid"],
                           "marks": marks, "stages_s": stages, "total_s": round(marks[-1] - marks[0], 4),
                           "missing": [n for n, m in zip(STAGES, marks[1:], strict=True) if m is None]})
     return timelines
@@ -112,7 +116,7 @@ def summarize(timelines: list[dict[str, Any]], aggregate: list[float], skip_roun
 
     ``aggregate`` (the ServerApp's gaps, `aggregate_gaps`) is summarised as given.
     """
-    kept = [t for t in timelines if not (skip_round_one and str(t["round"]) == "1")] or timelines
+    kept = [t for t in timelines if not (skip_round_one and t["phase"] < 2)] or timelines
     kinds = sorted({str(t["type"]) for t in kept})
     table: dict[str, dict[str, float | None]] = {}
     for stage in STAGES:
