@@ -117,7 +117,11 @@ def install_timing() -> None:
         return
     from flwr.supernode import start_client_internal
 
-    pull, push = start_client_internal._pull_and_store_message, start_client_internal._push_messages
+    pull = getattr(start_client_internal, "_pull_and_store_message", None)
+    push = getattr(start_client_internal, "_push_messages", None)
+    if pull is None or push is None:
+        raise RuntimeError("flwr.supernode.start_client_internal changed: this flwr version is not the one fedshop "
+                           "was built on. Fix: install flwr==1.42.0 or unset FEDSHOP_TIMING_LOG")
 
     @functools.wraps(pull)
     def pull_and_store_message(**kwargs: Any) -> int | None:
