@@ -7,7 +7,10 @@ rounds, in one run so the comparisons are ratios taken under the same machine lo
     which get Flower's values: object-pull back-offs 1 s doubling to 10 s in SuperNode, ServerApp and
     long-lived ClientApp, and the SuperNode's 0.5 s reply wait (`pull_backoff.FLOWERS_OWN`);
   * after (default): `merchant start`'s and `coordinator start`'s defaults (0.02 -> 0.25 s,
-    ClientApp 0.01 -> 0.05 s, reply wait 0.01 s);
+    ClientApp 0.01 -> 0.05 s, reply wait 0.01 s; SuperNode active poll 0.02 s after a message doubling to
+    0.2 s, ServerApp re-pull 0.02 s after a reply);
+  * flat-polls: the defaults but the fixed polls before 2026-12-06: SuperNode active poll every 0.2 s,
+    ServerApp reply poll every 0.1 s, the long-lived ClientApp's idle poll never relaxed;
   * older comparisons, on request: subprocess (a fresh `flwr-clientapp` per message and all of Flower's
     waits), long-lived (long-lived ClientApp, Flower's SuperNode polling), polling (2026-12-05 morning:
     one object per Array, Flower's back-offs).
@@ -20,14 +23,17 @@ message's inputs; i.e. ServerApp push, SuperNode pull, ClientApp pull), run (the
 push (handler end -> the reply unpacked at the ServerApp; ClientApp push, SuperNode reply wait and push,
 ServerApp pull) and aggregate (the ServerApp's own work between one set of replies and its next push).
 ``--process-costs`` also measures the fixed cost of one fresh `flwr-clientapp` process step by step.
-Prints a table and writes benchmarks/results/deployment_latency.json.
+Each deployment row also gets `deployment_timeline.py`'s per-message attribution (ServerApp push, SuperLink,
+SuperNode pull, ClientApp, reply path), printed as one table with a column per row.
+Prints tables and writes benchmarks/results/deployment_latency.json.
 
-    .venv/bin/python benchmarks/deployment_latency.py [--rounds 4] [--cycles 1] [--setups flower-waits,after]
+    .venv/bin/python benchmarks/deployment_latency.py [--rounds 4] [--cycles 1] [--setups flat-polls,after]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -58,12 +64,18 @@ LONG_LIVED = "deployment, long-lived ClientApp, Flower's SuperNode polling"
 POLLING = "deployment, long-lived + fedshop's SuperNode polling, one object per Array"
 FLOWER_WAITS = "deployment, fedshop defaults but Flower's back-offs and reply wait (before)"
 AFTER = "deployment, all fedshop defaults: 0.02-0.25 s back-offs, 0.01 s reply wait (after)"
+FLAT_POLLS = "deployment, fedshop defaults but fixed polls: SuperNode 0.2 s, ServerApp 0.1 s (flat-polls)"
+FLAT = {"FEDSHOP_ACTIVE_POLL": "0.2", "FEDSHOP_GRID_AFTER_REPLY_POLL": "0.1", "FEDSHOP_CLIENTAPP_IDLE_POLL": "0.1"}
 SETUPS = (("subprocess", BEFORE, "subprocess", FLOWER_SUPERNODE),
           ("long-lived", LONG_LIVED, "process", FLOWER_SUPERNODE),
           ("polling", POLLING, "process", UNPACKED),
           ("flower-waits", FLOWER_WAITS, "process", dict(FLOWERS_OWN)),
+          ("flat-polls", FLAT_POLLS, "process", FLAT),
           ("after", AFTER, "process", {}))  # {} = the defaults of `fedshop coordinator/merchant start`
 STAGES = ("pull", "run", "push", "aggregate")
+_spec = importlib.util.spec_from_file_location("deployment_timeline", ROOT / "benchmarks" / "deployment_timeline.py")
+timeline = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(timeline)
 
 
 def fresh_process_cost(code: str, repeats: int) -> dict[str, float]:
@@ -195,6 +207,7 @@ def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds:
     """Round times and per-message phases of a loopback deployment (TLS, SuperNode auth), same shops.
 
     With a long-lived ClientApp the phases also hold its CPU seconds per message (start-up excluded).
+    The run's timing log is ``root/fed-<label>/timing.jsonl`` (`deployment_timeline.py` reads it).
     """
     fed_root = root / f"fed-{label}"
     if fed_root.exists():
@@ -242,7 +255,7 @@ def main() -> None:
         parser.error(f"--setups {args.setups!r}: give some of {', '.join(by_label)}, including after")
     if args.cycles < 1 or args.rounds < 3:
         parser.error("--cycles must be at least 1 and --rounds at least 3 (round times are taken from round 2)")
-    before_label = next((label for label in ("flower-waits", "polling", "long-lived", "subprocess")
+    before_label = next((label for label in ("flat-polls", "flower-waits", "polling", "long-lived", "subprocess")
                          if label in labels), None)
     load_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="fedshop-latency-"))
@@ -257,6 +270,8 @@ def main() -> None:
     run_medians: dict[str, list[float]] = {name: [] for name in rounds}
     stages: dict[str, dict[str, list[float]]] = {names[label]: {st: [] for st in STAGES} for label in labels}
     phases: dict[str, list[dict[str, float]]] = {names[label]: [] for label in labels}
+    timelines: dict[str, list[dict]] = {names[label]: [] for label in labels}
+    aggregates: dict[str, list[float]] = {names[label]: [] for label in labels}
     order: list[str] = []
     for cycle in range(args.cycles):
         half = ["simulation", *labels]
@@ -271,6 +286,9 @@ def main() -> None:
                 times, run_phases, run_stages = deployment_rounds(scenario, root, shops, args.rounds, tag,
                                                                   isolation, env)
                 phases[name].append(run_phases)
+                events = timeline.read_events(root / f"fed-{tag}" / "timing.jsonl")
+                timelines[name] += timeline.message_timelines(events)
+                aggregates[name] += timeline.aggregate_gaps(events)
                 for st in STAGES:
                     stages[name][st] += run_stages[st]
             rounds[name] += times
@@ -296,6 +314,12 @@ def main() -> None:
             else "  ".join(f"{'':>9}" for _ in STAGES)
         print(f"  {name:<82} {medians[name]:7.2f} {medians[name] / sim:6.2f}  {cells}  {run_medians[name]}")
     ratios = {name: round(medians[name] / sim, 3) for name in rounds if name != SIMULATION}
+    attribution = {label: timeline.summarize(timelines[names[label]], aggregates[names[label]], skip_round_one=True)
+                   for label in labels}
+    print(f"{'per message, median s (round 1 left out)':<42} " + " ".join(f"{label:>12}" for label in labels))
+    for stage in (*timeline.STAGES, "total", timeline.AGGREGATE):
+        cells = " ".join(f"{attribution[label]['table'][stage]['all'] or 0.0:12.3f}" for label in labels)
+        print(f"  {stage:<40} {cells}")
     if before is not None and before_label != "after":
         print(f"  after / before ({before_label}) {after / before:.2f}; after / simulation {after / sim:.2f} "
               f"(target <= 2)")
@@ -303,6 +327,7 @@ def main() -> None:
               "ratio_to_simulation": ratios, "ratio_after_simulation": round(after / sim, 3),
               "ratio_after_before": round(after / before, 3) if before else None, "before_setup": before_label,
               "stage_medians_s": stage_medians, "stages_s": stages, "message_phases_s": phases,
+              "attribution": attribution,
               "fixed_cost_per_message": costs, "order": order, "cycles": args.cycles,
               "settings": {by_label[label][0]: {"isolation": by_label[label][1],
                                                 "env": by_label[label][2] or "fedshop defaults"} for label in labels},

@@ -41,6 +41,10 @@ logger = logging.getLogger("fedshop.long_lived")
 APP_DIR = Path(__file__).resolve().parents[1]  # the checkout whose pyproject.toml names the ClientApp
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the Runtime method Flower signs with the SuperExec secret
 IDLE_POLL_SECONDS = 0.1  # between AcquireTask calls when no task is waiting (a local loopback request)
+# After a minute without tasks the loop asks every $FEDSHOP_CLIENTAPP_IDLE_POLL s (default 0.5) instead: each
+# AcquireTask costs CPU in this process and in the SuperNode serving it; the next task makes it fast again.
+RELAX_AFTER_SECONDS = 60.0
+RELAXED_POLL_ENV, DEFAULT_RELAXED_POLL = "FEDSHOP_CLIENTAPP_IDLE_POLL", 0.5
 # The SuperNode hands out a task before it has pulled the message's objects from the SuperLink, so
 # pull_task_input often finds them missing and waits Flower's 1 s initial back-off (a default argument,
 # no flag): `shared.pull_backoff` binds 0.01 s doubling to 0.05 s in this process only
@@ -118,6 +122,26 @@ def check_flower_interface() -> None:
                                    "with `fedshop merchant start --isolation subprocess` (a process per message)")
 
 
+def relaxed_poll_from_env(environ: dict[str, str] | None = None) -> float:
+    """$FEDSHOP_CLIENTAPP_IDLE_POLL: seconds between AcquireTask calls after a minute idle (default 0.5), validated."""
+    raw = (os.environ if environ is None else environ).get(RELAXED_POLL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RELAXED_POLL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not IDLE_POLL_SECONDS <= value <= 5.0:
+        raise ValueError(f"{RELAXED_POLL_ENV}={raw!r}: must be seconds between {IDLE_POLL_SECONDS:g} and 5. Fix: unset "
+                         f"it (default {DEFAULT_RELAXED_POLL:g}) or set {IDLE_POLL_SECONDS:g} to keep polling fast")
+    return value
+
+
+def idle_poll_seconds(idle_for: float, relaxed: float = DEFAULT_RELAXED_POLL) -> float:
+    """The wait before the next AcquireTask after ``idle_for`` s without a task: fast, then ``relaxed``."""
+    return IDLE_POLL_SECONDS if idle_for < RELAX_AFTER_SECONDS else relaxed
+
+
 def shorten_task_input_backoff() -> None:
     """Make this process's `pull_task_input` retry a missing object after $FEDSHOP_CLIENTAPP_PULL_BACKOFF s."""
     from shared import pull_backoff
@@ -171,6 +195,7 @@ class LongLivedClient:
     parent_pid: int | None = None
     app_dir: Path = APP_DIR
     served: Served = field(default_factory=Served)
+    relaxed_poll: float = DEFAULT_RELAXED_POLL
     _app: Any = None
     _fab_hash: str | None = None
     _run_id: int | None = None
@@ -202,8 +227,13 @@ class LongLivedClient:
                                                      root_certificates=None, interceptors=interceptors,
                                                      retry_invoker=make_simple_http_retry_invoker())
 
-    def run_forever(self, *, stop: Callable[[], bool] = lambda: False) -> None:
-        """Acquire and serve tasks until ``stop()`` is true (or the SuperNode, the parent, exits)."""
+    def run_forever(self, *, stop: Callable[[], bool] = lambda: False,
+                    clock: Callable[[], float] = time.monotonic,
+                    sleep: Callable[[float], None] = time.sleep) -> None:
+        """Acquire and serve tasks until ``stop()`` is true (or the SuperNode, the parent, exits).
+
+        Between empty AcquireTask calls it waits `idle_poll_seconds` (0.1 s, after a minute idle ``relaxed_poll``).
+        """
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.app_utils import start_parent_process_monitor
         from flwr.supercore.constant import TaskType
@@ -211,14 +241,16 @@ class LongLivedClient:
         if self.parent_pid is not None:
             start_parent_process_monitor(self.parent_pid)
         client = self._acquire_client()
+        last_task = clock()
         try:
             while not stop():
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
                 if res.HasField("task") and res.token:
                     record({"where": "long_lived", "event": "acquired", "pid": os.getpid(), "at": time.time()})
                     self.serve(res.task, res.token)
+                    last_task = clock()
                 else:
-                    time.sleep(IDLE_POLL_SECONDS)
+                    sleep(idle_poll_seconds(clock() - last_task, self.relaxed_poll))
         finally:
             client.close()
 
@@ -305,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
 
         secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
-        loop = LongLivedClient(args.runtime_api_address, superexec_secret=secret, parent_pid=args.parent_pid)
+        loop = LongLivedClient(args.runtime_api_address, superexec_secret=secret, parent_pid=args.parent_pid,
+                               relaxed_poll=relaxed_poll_from_env())
         loop.start()
     except (FlowerInterfaceError, RuntimeError, ValueError) as err:  # RuntimeError: shared.pull_backoff's check
         print(f"error: {err}", file=sys.stderr)

@@ -15,6 +15,11 @@ Replies: `HttpGrid.pull_messages` pulls a reply's objects with `pull_objects`, w
 objects, so the ServerApp usually waits that 1 s per round trip. `shared.pull_backoff` binds 0.02 s
 (doubling to 0.25 s) into the function `http_grid` calls, as on the SuperNode; it checks flwr's interface
 first and refuses a changed flwr (`FEDSHOP_GRID_PULL_BACKOFF=1` keeps Flower's).
+
+After a reply arrives the next pull comes `FEDSHOP_GRID_AFTER_REPLY_POLL` seconds later (default 0.02,
+doubling back to the poll interval while nothing arrives; `shared.pull_backoff.PollSchedule`): a round's
+replies arrive close together, so the last one is seen ~0.02 s after it reached the SuperLink rather than
+up to 0.1 s. Setting it to the poll interval gives the old fixed polling.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ from flwr.serverapp import Grid
 
 from server.delegating_grid import DelegatingGrid
 from shared import pull_backoff
+from shared.pull_backoff import PollSchedule
 from shared.timing_log import record
 from shared.wire_pack import PackError, pack, unpack
 
 POLL_ENV = "FEDSHOP_GRID_POLL_INTERVAL"
 DEFAULT_POLL_INTERVAL = 0.1  # what Flower's own InMemoryGrid (simulation) uses
 PACK_ENV = "FEDSHOP_PACK_ARRAYS"
+AFTER_REPLY_ENV = "FEDSHOP_GRID_AFTER_REPLY_POLL"
+DEFAULT_AFTER_REPLY = 0.02
 
 
 def packing_enabled(environ: dict[str, str] | None = None) -> bool:
@@ -61,16 +69,35 @@ def poll_interval(environ: dict[str, str] | None = None) -> float:
     return value
 
 
+def after_reply_poll(environ: dict[str, str] | None = None) -> float:
+    """Seconds to the next pull after a reply arrived, from $FEDSHOP_GRID_AFTER_REPLY_POLL (default 0.02), validated."""
+    raw = (os.environ if environ is None else environ).get(AFTER_REPLY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_AFTER_REPLY
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0.005 <= value <= 60.0:
+        raise ValueError(f"{AFTER_REPLY_ENV}={raw!r}: must be a number of seconds between 0.005 and 60. Fix: unset "
+                         f"it (default {DEFAULT_AFTER_REPLY}) or set it to {POLL_ENV}'s value for fixed polling")
+    return value
+
+
 def _timing(event: dict) -> None:
     record({"where": "serverapp", **event})
 
 
 class PollingGrid(DelegatingGrid):
-    """Delegates everything to ``inner``; `send_and_receive` pulls every ``interval`` seconds."""
+    """Delegates everything to ``inner``; `send_and_receive` pulls every ``interval`` s, sooner after a reply.
 
-    def __init__(self, inner: Grid, interval: float, packed: bool = False) -> None:
+    After a reply the wait doubles from ``after_reply`` back to ``interval`` while nothing arrives.
+    """
+
+    def __init__(self, inner: Grid, interval: float, packed: bool = False, after_reply: float | None = None) -> None:
         super().__init__(inner)
         self.interval = interval
+        self.after_reply = interval if after_reply is None else min(after_reply, interval)
         self.packed = packed
 
     def _push(self, messages: Iterable[Message]) -> set[str]:
@@ -102,8 +129,9 @@ class PollingGrid(DelegatingGrid):
         """Push ``messages``, then pull replies until all arrived or ``timeout`` seconds passed."""
         pushed = time.time()
         pending = self._push(messages)
-        _timing({"event": "push", "n": len(pending), "start": pushed, "end": time.time()})
+        _timing({"event": "push", "n": len(pending), "ids": sorted(pending), "start": pushed, "end": time.time()})
         end = time.monotonic() + (timeout if timeout is not None else 0.0)
+        schedule = PollSchedule(self.after_reply, self.interval)
         replies: list[Message] = []
         while timeout is None or time.monotonic() < end:
             got = list(self.pull_messages(pending))
@@ -116,7 +144,9 @@ class PollingGrid(DelegatingGrid):
             pending.difference_update(msg.metadata.reply_to_message_id for msg in got)
             if not pending:
                 break
-            time.sleep(self.interval)
+            if got:
+                schedule.arrived()
+            time.sleep(schedule.wait())
         _timing({"event": "received", "at": time.time()})  # the strategy's own work starts here
         return replies
 
@@ -127,4 +157,4 @@ def faster_polling(grid: Grid, environ: dict[str, str] | None = None) -> Grid:
     if http_grid is None or not isinstance(grid, http_grid.HttpGrid):
         return grid
     pull_backoff.apply_from_env(pull_backoff.GRID, environ)
-    return PollingGrid(grid, poll_interval(environ), packing_enabled(environ))
+    return PollingGrid(grid, poll_interval(environ), packing_enabled(environ), after_reply_poll(environ))

@@ -24,6 +24,12 @@ then for each of the reply's objects, in hard-coded ``time.sleep(0.5)`` steps. T
 a `time` whose ``sleep(0.5)`` sleeps FEDSHOP_REPLY_POLL seconds instead (default 0.01; ``0.5`` = Flower's,
 untouched); every other sleep (the 3 s idle sleep of its loop) passes through unchanged.
 
+FEDSHOP_ACTIVE_POLL (SuperNode, applied by `simulations.deploy.supernode_launcher`): how soon the SuperNode
+asks the SuperLink again while a run is active. The same ``FIRST,CAP`` form and a `PollSchedule`: 0.02 s after
+a message, doubling to 0.2 s while nothing arrives (default ``0.02,0.2``; one value = a fixed poll, the
+behaviour before 2026-12-06). The ServerApp's grid (`server.polling_grid`) and the long-lived ClientApp
+(`client.long_lived`) use `PollSchedule` for their polls too.
+
 `check_flower_interface` raises when flwr no longer has these functions, parameters or sleeps
 (tests/test_pull_backoff.py runs it), so an upgrade fails loudly at start instead of silently slowing down.
 """
@@ -110,6 +116,56 @@ def backoff_from_env(target: Target, environ: Mapping[str, str] | None = None) -
     if len(parts) != 2 or not LOWEST <= parts[0] <= parts[1] <= HIGHEST:
         raise ValueError(f"{target.env}={raw!r}: out of range. {fix}")
     return Backoff(parts[0], parts[1])
+
+
+ACTIVE_POLL_ENV = "FEDSHOP_ACTIVE_POLL"
+DEFAULT_ACTIVE_POLL = Backoff(0.02, 0.2)
+ACTIVE_POLL_RANGE = (0.005, 3.0)  # 3 s: the SuperNode loop's own sleep after an empty pull
+
+
+def active_poll_from_env(environ: Mapping[str, str] | None = None) -> Backoff:
+    """$FEDSHOP_ACTIVE_POLL (``FIRST,CAP`` s, or one value for a fixed poll; default 0.02,0.2), validated."""
+    raw = (os.environ if environ is None else environ).get(ACTIVE_POLL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_ACTIVE_POLL
+    low, high = ACTIVE_POLL_RANGE
+    fix = (f"Fix: unset it (fedshop's {DEFAULT_ACTIVE_POLL.initial:g},{DEFAULT_ACTIVE_POLL.cap:g}: poll "
+           f"{DEFAULT_ACTIVE_POLL.initial:g} s after a message, doubling to {DEFAULT_ACTIVE_POLL.cap:g} s), or give "
+           f"FIRST,CAP in seconds ({low:g}-{high:g}, FIRST <= CAP) or one value for a fixed poll (e.g. 0.2)")
+    try:
+        parts = [_seconds(p) for p in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"{ACTIVE_POLL_ENV}={raw!r}: not a number of seconds. {fix}") from None
+    if len(parts) == 1:
+        parts.append(parts[0])
+    if len(parts) != 2 or not low <= parts[0] <= parts[1] <= high:
+        raise ValueError(f"{ACTIVE_POLL_ENV}={raw!r}: out of range. {fix}")
+    return Backoff(parts[0], parts[1])
+
+
+class PollSchedule:
+    """Waits between polls: ``first`` s after something arrived, doubling to ``cap`` s while nothing does."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        if not 0 < first <= cap:
+            raise ValueError(f"poll schedule {first:g},{cap:g}: need 0 < first <= cap")
+        self.first, self.cap = first, cap
+        self._next = cap  # nothing has arrived yet: start relaxed
+
+    @classmethod
+    def of(cls, backoff: Backoff) -> PollSchedule:
+        """The schedule of a `Backoff` (initial = first wait, cap = cap)."""
+        return cls(backoff.initial, backoff.cap)
+
+    def arrived(self) -> None:
+        """Something arrived: the next wait is ``first`` again."""
+        self._next = self.first
+
+    def wait(self) -> float:
+        """The wait before the next poll (doubles the one after it, up to ``cap``)."""
+        current = self._next
+        self._next = min(current * 2, self.cap)
+        return current
 
 
 def reply_poll_from_env(environ: Mapping[str, str] | None = None) -> float:

@@ -214,3 +214,39 @@ def test_timing_log_appends_one_json_line_per_event_only_when_asked(monkeypatch,
     _timing({"event": "push", "n": 3})
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert lines == [{"where": "clientapp", "round": "1"}, {"where": "serverapp", "event": "push", "n": 3}]
+
+
+def test_the_supernode_records_receive_store_and_reply_times_only_when_asked(monkeypatch, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from flwr.supernode import start_client_internal as sci
+
+    from shared.timing_log import TIMING_ENV
+    from simulations.deploy.supernode_launcher import install_timing
+
+    def flowers_pull(**kwargs):  # what Flower's loop does with the callables it is given
+        message, _tree = kwargs["receive"]()
+        kwargs["confirm_message_received"](7, message.metadata.message_id)
+        return 7
+
+    def flowers_push(**kwargs):
+        kwargs["send"](SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m1")), "tree", 0.1)
+
+    monkeypatch.setattr(sci, "_pull_and_store_message", flowers_pull)
+    monkeypatch.setattr(sci, "_push_messages", flowers_push)
+    monkeypatch.delenv(TIMING_ENV, raising=False)
+    install_timing()
+    assert sci._pull_and_store_message is flowers_pull and sci._push_messages is flowers_push  # off: untouched
+    log = tmp_path / "timing.jsonl"
+    monkeypatch.setenv(TIMING_ENV, str(log))
+    install_timing()
+    sent: list[tuple] = []
+    received = (SimpleNamespace(metadata=SimpleNamespace(message_id="m1")), "tree")
+    assert sci._pull_and_store_message(receive=lambda: received, confirm_message_received=lambda r, m: None) == 7
+    sci._push_messages(send=lambda *args: sent.append(args))
+    assert len(sent) == 1 and sent[0][1:] == ("tree", 0.1)  # Flower's send still gets everything
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["where"], e["event"], e["ids"]) for e in lines] == [
+        ("supernode", "received", ["m1"]), ("supernode", "stored", ["m1"]), ("supernode", "sending", ["m1"]),
+        ("supernode", "sent", ["m1"])]
+    assert [e["at"] for e in lines] == sorted(e["at"] for e in lines)

@@ -130,28 +130,92 @@ def test_merchant_start_refuses_an_unknown_isolation(tmp_path: Path) -> None:
 
 
 def test_active_polling_retries_quickly_only_while_a_run_is_active() -> None:
+    from shared.pull_backoff import PollSchedule
     from simulations.deploy.supernode_launcher import active_polling
 
     now = [0.0]
     answers: list[int | None] = []
     calls: list[float] = []
+    sleeps: list[float] = []
 
     def pull(**kwargs: object) -> int | None:
         calls.append(now[0])
         return answers.pop(0) if answers else None
 
     def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
         now[0] += seconds
 
-    wrapped = active_polling(pull, poll=0.2, window=60.0, clock=lambda: now[0], sleep=sleep)
+    wrapped = active_polling(pull, PollSchedule(0.02, 0.2), window=60.0, clock=lambda: now[0], sleep=sleep)
     assert wrapped() is None and len(calls) == 1  # no message yet: idle, Flower's 3 s sleep follows
     answers[:] = [7]
     assert wrapped() == 7  # a message: the run is active from now
     calls.clear()
-    answers[:] = [None, None, 9]
-    assert wrapped() == 9 and len(calls) == 3  # the next one is found 0.2 s steps later, not after 3 s
+    answers[:] = [None, None, None, 9]
+    assert wrapped() == 9 and len(calls) == 4  # found 0.02 + 0.04 + 0.08 s later, not after 3 s
+    assert sleeps[-3:] == pytest.approx([0.02, 0.04, 0.08])
     calls.clear()
-    assert wrapped() is None and 14 <= len(calls) <= 17  # nothing for 3 s: back to Flower's loop
+    sleeps.clear()
+    assert wrapped() is None  # nothing for 3 s: back to Flower's loop
+    assert sleeps[:5] == pytest.approx([0.02, 0.04, 0.08, 0.16, 0.2])  # reset by message 9, doubling to the cap
+    assert set(sleeps[4:]) == {0.2} and 17 <= len(calls) <= 20
+    calls.clear()
+    sleeps.clear()
+    assert wrapped() is None and sleeps[0] == 0.2  # still nothing: stays at the cap
     now[0] += 120.0  # a minute without messages: idle again
     calls.clear()
     assert wrapped() is None and len(calls) == 1
+
+
+def test_a_fixed_active_poll_is_the_old_behaviour() -> None:
+    from shared.pull_backoff import PollSchedule, active_poll_from_env
+    from simulations.deploy.supernode_launcher import active_polling
+
+    now, sleeps, answers = [0.0], [], [5, None, None, 6]
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    wrapped = active_polling(lambda **_: answers.pop(0) if answers else None,
+                             PollSchedule.of(active_poll_from_env({"FEDSHOP_ACTIVE_POLL": "0.2"})), window=60.0,
+                             clock=lambda: now[0], sleep=sleep)
+    assert wrapped() == 5 and wrapped() == 6 and sleeps == [0.2, 0.2]
+
+
+def test_the_idle_poll_relaxes_after_a_minute_and_is_fast_again_after_a_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert long_lived.idle_poll_seconds(0.0) == long_lived.IDLE_POLL_SECONDS == 0.1
+    assert long_lived.idle_poll_seconds(59.9) == 0.1 and long_lived.idle_poll_seconds(60.0) == 0.5
+    assert long_lived.idle_poll_seconds(600.0, relaxed=0.1) == 0.1  # FEDSHOP_CLIENTAPP_IDLE_POLL=0.1: old
+    now, sleeps, tasks_at = [0.0], [], {120.0}
+
+    class Client:
+        def AcquireTask(self, request: object) -> object:  # noqa: N802 - Flower's method name
+            has = any(abs(now[0] - t) < 1e-9 for t in tasks_at)
+            return types.SimpleNamespace(HasField=lambda name: has, token="tok" if has else "",
+                                         task=types.SimpleNamespace())
+
+        def close(self) -> None:
+            pass
+
+    def sleep(seconds: float) -> None:
+        sleeps.append((now[0], seconds))
+        now[0] = round(now[0] + seconds, 6)
+
+    loop = LongLivedClient("127.0.0.1:1")
+    monkeypatch.setattr(loop, "_acquire_client", Client)
+    served: list[float] = []
+    monkeypatch.setattr(loop, "serve", lambda task, token: (served.append(now[0]), tasks_at.clear()))
+    loop.run_forever(stop=lambda: now[0] >= 200.0 or len(sleeps) > 5000, clock=lambda: now[0], sleep=sleep)
+    assert served == [120.0]
+    waits = dict(sleeps)
+    assert waits[0.0] == 0.1 and waits[59.9] == 0.1 and waits[60.0] == 0.5  # relaxed after a minute idle
+    assert waits[120.0] == 0.1 and waits[179.9] == 0.1 and waits[180.0] == 0.5  # fast again after the task
+
+
+@pytest.mark.parametrize("raw", ["0.05", "fast", "10", "nan"])
+def test_a_bad_relaxed_idle_poll_names_the_variable(raw: str) -> None:
+    with pytest.raises(ValueError, match=r"^FEDSHOP_CLIENTAPP_IDLE_POLL=.*between 0.1 and 5.*Fix: unset it"):
+        long_lived.relaxed_poll_from_env({"FEDSHOP_CLIENTAPP_IDLE_POLL": raw})
+    assert long_lived.relaxed_poll_from_env({}) == 0.5
+    assert long_lived.relaxed_poll_from_env({"FEDSHOP_CLIENTAPP_IDLE_POLL": "1"}) == 1.0

@@ -199,3 +199,43 @@ def test_the_flower_interface_is_checked_once_per_process(monkeypatch: pytest.Mo
         for target in pb.TARGETS:
             pb.apply_from_env(target, {target.env: "1"})  # Flower's own again for the tests that follow
         pb.apply_reply_poll({pb.REPLY_POLL_ENV: "0.5"})
+
+
+def test_a_poll_schedule_doubles_to_its_cap_and_restarts_after_an_arrival() -> None:
+    schedule = pb.PollSchedule(0.02, 0.2)
+    assert schedule.wait() == 0.2  # nothing has arrived yet: relaxed
+    schedule.arrived()
+    assert [schedule.wait() for _ in range(6)] == pytest.approx([0.02, 0.04, 0.08, 0.16, 0.2, 0.2])
+    schedule.arrived()
+    assert schedule.wait() == 0.02
+    assert [pb.PollSchedule(0.1, 0.1).wait() for _ in range(2)] == [0.1, 0.1]
+    with pytest.raises(ValueError, match="0 < first <= cap"):
+        pb.PollSchedule(0.5, 0.2)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("", Backoff(0.02, 0.2)), ("0.05,0.5", Backoff(0.05, 0.5)), (" 0.2 ", Backoff(0.2, 0.2)),  # one value: fixed
+    ("0.005,3", Backoff(0.005, 3.0)),
+])
+def test_the_active_poll_is_parsed(raw: str, expected: Backoff) -> None:
+    assert pb.active_poll_from_env({pb.ACTIVE_POLL_ENV: raw}) == expected
+    assert pb.PollSchedule.of(expected).cap == expected.cap
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "0.001", "4", "0.2,0.1", "0.02,0.2,1", "nan", "0.02,"])
+def test_a_bad_active_poll_names_the_variable_and_the_fix(raw: str) -> None:
+    with pytest.raises(ValueError, match=r"^FEDSHOP_ACTIVE_POLL=.*Fix: unset it \(fedshop's 0.02,0.2") as err:
+        pb.active_poll_from_env({pb.ACTIVE_POLL_ENV: raw})
+    assert repr(raw) in str(err.value)
+
+
+def test_the_launcher_refuses_a_bad_active_poll_before_starting_flower(monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.deploy import supernode_launcher
+
+    monkeypatch.setenv(pb.ACTIVE_POLL_ENV, "0.5,0.1")
+    monkeypatch.setattr(supernode_launcher, "install_signature_check", lambda path: None)
+    monkeypatch.setattr(pb, "apply_reply_poll", lambda: 0.01)
+    monkeypatch.setattr(pb, "apply_from_env", lambda target: target.default)
+    assert supernode_launcher.main(["30", "--", "--insecure"]) == 2
+    assert "error: FEDSHOP_ACTIVE_POLL='0.5,0.1': out of range" in capsys.readouterr().err

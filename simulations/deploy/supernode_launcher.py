@@ -22,13 +22,19 @@ applies `shared.pull_backoff` (``FEDSHOP_PULL_BACKOFF``, default 0.02 s doubling
 
 When no message is waiting the SuperNode sleeps 3 s before asking the SuperLink again (hard-coded in its
 loop). While a run is active, i.e. within ``FEDSHOP_ACTIVE_POLL_WINDOW`` seconds (default 60) of its last
-message, the launcher asks again every ``FEDSHOP_ACTIVE_POLL`` seconds (default 0.2) before handing
-"nothing" back to that loop, so the next message of a round is picked up within 0.2 s instead of up to
-3 s; an idle merchant keeps Flower's 3 s polling (load on the SuperLink only while runs are active).
+message, the launcher asks again before handing "nothing" back to that loop: 0.02 s after the node's last
+message (its reply is sent by then), doubling to 0.2 s while nothing arrives (``FEDSHOP_ACTIVE_POLL``,
+``FIRST,CAP``, parsed and scheduled by `shared.pull_backoff`; one value = a fixed poll). The next message of
+a round is picked up within 0.02-0.2 s instead of up to 3 s; an idle merchant keeps Flower's 3 s polling
+(load on the SuperLink only while runs are active).
+
+With ``FEDSHOP_TIMING_LOG`` set, the launcher also records when the SuperNode received each message, had its
+objects, started sending the reply and had sent it (`shared.timing_log`; benchmarks/deployment_timeline.py).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -38,6 +44,8 @@ from logging import ERROR, INFO
 from typing import Any
 
 from shared import pull_backoff
+from shared.pull_backoff import PollSchedule
+from shared.timing_log import record, timing_enabled
 
 DEFAULT_INTERVAL = 30.0  # flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL in flwr 1.42
 # Every module of the SuperNode process that reads the interval at import time.
@@ -46,11 +54,12 @@ ACTIVE_POLL_ENV, ACTIVE_WINDOW_ENV = "FEDSHOP_ACTIVE_POLL", "FEDSHOP_ACTIVE_POLL
 FLOWER_IDLE_SLEEP = 3.0  # the SuperNode loop's sleep after an empty pull (start_client_internal, flwr 1.42)
 
 
-def active_polling(pull: Callable[..., int | None], poll: float, window: float,
+def active_polling(pull: Callable[..., int | None], schedule: PollSchedule, window: float,
                    clock: Callable[[], float] = time.monotonic,
                    sleep: Callable[[float], None] = time.sleep) -> Callable[..., int | None]:
-    """Wrap the SuperNode's pull: within ``window`` s of the last message, retry every ``poll`` s while empty.
+    """Wrap the SuperNode's pull: within ``window`` s of the last message, retry after ``schedule``'s waits.
 
+    The schedule restarts at its first wait when a message arrives and doubles to its cap while none does.
     Returns to Flower's loop (and its 3 s sleep) once ``FLOWER_IDLE_SLEEP`` s of retries found nothing,
     so its exit handling still runs at least that often.
     """
@@ -63,10 +72,11 @@ def active_polling(pull: Callable[..., int | None], poll: float, window: float,
             now = clock()
             if run_id is not None:
                 last_message[0] = now
+                schedule.arrived()
                 return run_id
             if now - last_message[0] > window or now >= give_up:
                 return None
-            sleep(poll)
+            sleep(schedule.wait())
 
     return pull_and_store_message
 
@@ -83,10 +93,10 @@ def _seconds_from_env(name: str, default: float, low: float, high: float) -> flo
 
 
 def install_active_polling() -> None:
-    """Make this process's SuperNode poll every FEDSHOP_ACTIVE_POLL s while a run is active (see module doc)."""
+    """Make this process's SuperNode poll on $FEDSHOP_ACTIVE_POLL's schedule while a run is active (module doc)."""
     from flwr.supernode import start_client_internal
 
-    poll = _seconds_from_env(ACTIVE_POLL_ENV, 0.2, 0.05, FLOWER_IDLE_SLEEP)
+    schedule = PollSchedule.of(pull_backoff.active_poll_from_env())
     window = _seconds_from_env(ACTIVE_WINDOW_ENV, 60.0, 0.0, 3600.0)
     if window == 0:  # Flower's own polling: nothing to patch, so no check of its internals either
         return
@@ -94,7 +104,55 @@ def install_active_polling() -> None:
     if original is None:
         raise RuntimeError("flwr.supernode.start_client_internal changed: this flwr version is not the one fedshop "
                            f"was built on. Fix: install flwr==1.42.0 or set {ACTIVE_WINDOW_ENV}=0")
-    start_client_internal._pull_and_store_message = active_polling(original, poll, window)
+    start_client_internal._pull_and_store_message = active_polling(original, schedule, window)
+
+
+def _record(event: str, ids: list[str]) -> None:
+    record({"where": "supernode", "event": event, "pid": os.getpid(), "ids": ids, "at": time.time()})
+
+
+def install_timing() -> None:
+    """With $FEDSHOP_TIMING_LOG set, record when each message is received and stored and its reply sent."""
+    if not timing_enabled():
+        return
+    from flwr.supernode import start_client_internal
+
+    pull = getattr(start_client_internal, "_pull_and_store_message", None)
+    push = getattr(start_client_internal, "_push_messages", None)
+    if pull is None or push is None:
+        raise RuntimeError("flwr.supernode.start_client_internal changed: this flwr version is not the one fedshop "
+                           "was built on. Fix: install flwr==1.42.0 or unset FEDSHOP_TIMING_LOG")
+
+    @functools.wraps(pull)
+    def pull_and_store_message(**kwargs: Any) -> int | None:
+        receive, confirm = kwargs["receive"], kwargs["confirm_message_received"]
+
+        def received() -> Any:
+            if (result := receive()) is not None:
+                _record("received", [result[0].metadata.message_id])
+            return result
+
+        def confirmed(run_id: int, message_id: str) -> None:
+            confirm(run_id, message_id)
+            _record("stored", [message_id])  # every object of the message is in the SuperNode's store
+
+        return pull(**{**kwargs, "receive": received, "confirm_message_received": confirmed})
+
+    @functools.wraps(push)
+    def push_messages(**kwargs: Any) -> None:
+        send, replied_to = kwargs["send"], []
+
+        def sending(message: Any, *args: Any) -> Any:
+            replied_to.append(message.metadata.reply_to_message_id)
+            _record("sending", replied_to[-1:])  # the reply was found; pushing it to the SuperLink starts
+            return send(message, *args)
+
+        push(**{**kwargs, "send": sending})
+        if replied_to:
+            _record("sent", replied_to)  # the reply and all its objects are at the SuperLink
+
+    start_client_internal._pull_and_store_message = pull_and_store_message
+    start_client_internal._push_messages = push_messages
 
 
 def check_heartbeat_interval(seconds: float) -> None:
@@ -197,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if (trusted := _trusted_entities_path(args[2:])) is not None:
             install_signature_check(trusted)
         install_active_polling()
+        install_timing()
     except (ValueError, RuntimeError, FileNotFoundError) as err:  # FlowerInterfaceError is a RuntimeError
         print(f"error: {err}", file=sys.stderr)
         return 2
