@@ -51,7 +51,7 @@ class RobustSettings:
     loo_min_cosine: float = -0.08
     # reputation: the rounds' cosines weighted by the round's consensus (default), by its agreement, or a plain mean
     loo_rule: str = "consensus"
-    loo_turn_margin: float = 0.1  # sudden turn: this far below its last rounds' level (raw and vs consensus)
+    loo_turn_margin: float = 0.0  # sudden turn (opt-in; e.g. 0.1): this far below its last rounds' level
 
     def __post_init__(self) -> None:
         if self.norm_action not in NORM_ACTIONS:

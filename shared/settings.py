@@ -135,7 +135,7 @@ class FederationTable(_Table):
     robust_loo_min_cosine: float = Field(-0.08, ge=-1, le=1, description="leave out updates whose cosine with the "
                                          "mean of the other kept updates is below this (>= 5 updates, never a "
                                          "majority); -1 = off")
-    robust_loo_turn_margin: float = Field(0.1, ge=0, le=2, description="sudden turn: leave out a shop whose "
+    robust_loo_turn_margin: float = Field(0.0, ge=0, le=2, description="sudden turn: leave out a shop whose "
                                           "leave-one-out cosine is below robust-loo-min-cosine and this far below "
                                           "its last 2 rounds' mean (raw and vs the consensus), while it stays this "
                                           "far below and below the round's median; 0 = off")

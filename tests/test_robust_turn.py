@@ -23,7 +23,7 @@ from server.strategies import ShopStrategy
 
 N = 8
 FLIPPER = 3
-LOO_ONLY = RobustSettings(norm_factor=0.0, min_cosine=-1.0, examples_cap=0.0, weight_cap=0.0)  # turn margin 0.1
+LOO_ONLY = RobustSettings(norm_factor=0.0, min_cosine=-1.0, examples_cap=0.0, weight_cap=0.0, loo_turn_margin=0.1)
 NO_TURN = RobustSettings(norm_factor=0.0, min_cosine=-1.0, examples_cap=0.0, weight_cap=0.0, loo_turn_margin=0.0)
 
 
@@ -253,7 +253,7 @@ def test_an_old_checkpoint_without_turns_loads_and_a_bad_one_is_refused(tmp_path
 # ---- settings ------------------------------------------------------------------------------------------------------
 
 def test_the_run_config_key_reaches_the_screen_and_is_on_by_default():
-    assert FederationSettings.from_config({}).robust_settings().loo_turn_margin == 0.1
+    assert FederationSettings.from_config({}).robust_settings().loo_turn_margin == 0.0  # opt-in
     assert FederationSettings.from_config({"robust-loo-turn-margin": 0.0}).robust_settings().loo_turn_margin == 0.0
     assert FederationSettings.from_config({"robust-loo-turn-margin": 0.2}).robust_settings().loo_turn_margin == 0.2
     assert RobustSettings.off().loo_turn_margin == 0.0
