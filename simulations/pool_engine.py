@@ -51,7 +51,8 @@ def run_pool(server_app: Callable[[Any, Context], None], client_app: Any, config
     """Run ``server_app`` against ``n_shops`` nodes served by ``workers`` forked processes; returns the grid.
 
     The world the shops load (`config["scenario"]` at `config["seed"]`) is generated here first, so
-    the workers inherit it instead of each regenerating it.
+    the workers inherit it instead of each regenerating it. Shops are spread over the workers by
+    their interaction rows (`balanced_groups`), so one worker does not get all the large shops.
     """
     seed = config.get("seed")
     scenario = load_scenario(str(config["scenario"]), {"seed": int(seed)} if seed is not None else None)
@@ -60,7 +61,9 @@ def run_pool(server_app: Callable[[Any, Context], None], client_app: Any, config
         raise ValueError(f"scenario has {len(shops)} federation shops, not {n_shops}")
     count = workers or default_workers()
     logger.info("pool engine: %d shops on %d workers", n_shops, count)
-    grid = PoolGrid(client_app, node_configs(n_shops), workers=count, run_config=dict(config))
+    nodes = node_configs(n_shops)
+    loads = {nid: float(len(shops[cfg["partition-id"]].interactions)) for nid, cfg in nodes.items()}
+    grid = PoolGrid(client_app, nodes, workers=count, run_config=dict(config), loads=loads)
     context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=dict(config))
     with grid:
