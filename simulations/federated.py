@@ -138,6 +138,8 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     """
     engine = resolve_engine(str(engine or scenario.federation.get("engine", "auto")), ray_address)
     ray_address = ray_address_of(ray_address) if engine == "ray" else None
+    if ray_address:
+        check_ray_address(ray_address)  # before anything is written
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # CPU-only: opt in to Ray's future default (leave device env vars alone), which also silences
     # the FutureWarning Ray raises on every start.
@@ -181,8 +183,6 @@ def _run_engine(engine: str, config: dict[str, Any], progress: Callable | None, 
 
         run_pool(make_server_app(config, progress), client_app, config, n_shops, workers=workers)
         return
-    if ray_address:
-        check_ray_address(ray_address)
     require_ray_token()  # Ray listens on every interface: only holders of this token get an answer
     from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
 

@@ -15,9 +15,11 @@ import pytest
 from flower_harness import tiny_scenario, write_scenario
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from typer.testing import CliRunner
 
 from shared.scenario import ScenarioError
 from shared.settings import ENGINES, FederationTable
+from simulations.cli import app as cli
 from simulations.deploy.processes import descendants
 from simulations.federated import ray_address_of, resolve_engine
 from simulations.pool_grid import PoolGrid, balanced_groups
@@ -54,6 +56,17 @@ def test_resolve_engine_refuses_what_cannot_run(engine: str, address: str | None
     with pytest.raises(ScenarioError, match=says) as err:
         resolve_engine(engine, address, {}, can_fork=fork)
     assert "Fix:" in str(err.value)
+
+
+def test_auto_with_a_ray_address_joins_ray_and_first_asks_for_its_token(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    result = CliRunner().invoke(cli, ["simulate", "default", "--ray-address", "127.0.0.1:1",
+                                      "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "the cluster's token is not set" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_ray_address_flag_wins_over_the_environment() -> None:
