@@ -51,7 +51,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian",
 OBJECTIVES = ("fedavg", "meta")
 SHARE_MODES = ("encoder", "all-shareable")
 FAULT_KINDS = ("nan", "error", "sleep")  # test-only faults a shop injects (client/shop_round.py)
-ENGINES = ("ray", "pool")  # Flower's simulation engine | simulations.pool_engine
+ENGINES = ("auto", "ray", "pool")  # pool unless Ray is named | Flower's engine | simulations.pool_engine
 FLOAT_EXACT_INT = 2**53  # every whole number up to this is exactly a float
 # The three run-config keys that are not the kebab-case of their scenario name (kept for old run configs).
 RUN_KEY_NAMES = {"rounds": "num-server-rounds", "prox_mu": "proximal-mu", "max_epsilon": "dp-max-epsilon"}
@@ -143,8 +143,9 @@ class FederationTable(_Table):
     robust_trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fedtrimmedavg: share cut on each side")
     compression: Literal[COMPRESSION_MODES] = Field(
         "none", description="encoder messages: none | fp16 | sparse-fp16 | sparse-int8 (docs/federation.md)")
-    engine: Literal[ENGINES] = Field("ray", description="simulation engine: ray (Flower's) | pool "
-                                           "(simulations/pool_engine.py, for many shops)")
+    engine: Literal[ENGINES] = Field("auto", description="simulation engine: auto (pool, or ray when a Ray "
+                                     "cluster is named: --ray-address / RAY_ADDRESS) | ray (Flower's; listens "
+                                     "beyond loopback) | pool (forked workers, no listener)")
     workers: int = Field(0, ge=0, description="pool engine: worker processes (0 = one per CPU)")
     secure_aggregation: bool = Field(False, description="Flower's SecAgg+: the coordinator sees only the sum")
     secagg_num_shares: float = Field(1.0, gt=0, description="<= 1: share of shops each key is shared with; "

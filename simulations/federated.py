@@ -1,17 +1,20 @@
-"""In-process federated runs on Flower's simulation engine (Ray backend, token-authenticated).
+"""In-process federated runs: fedshop's pool engine, or Flower's simulation engine (Ray, token-authenticated).
 
 `run_federated` is what `fedshop simulate`, the experiment runner and the tests call: it writes
 the run directory's `config.toml`, `versions.json` and `scenario.toml` (the resolved scenario the
 shops load), then runs the same ServerApp and ClientApp that `flwr run .` runs, one virtual
-SuperNode per training shop.
+SuperNode per training shop. `resolve_engine` picks the engine of ``engine = "auto"`` (the default):
+the pool, which opens no network listener, unless a Ray cluster is named; the recorded config.toml
+holds the engine that ran.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,40 @@ def check_engine(engine: str) -> str:
     """``engine`` if known, else a clear error naming the choices."""
     if engine not in ENGINES:
         raise ScenarioError(f"engine '{engine}' is unknown. Fix: use one of {ENGINES} (federation.engine or --engine)")
+    return engine
+
+
+def ray_address_of(ray_address: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The Ray cluster a run should join: ``ray_address`` (`--ray-address`), else `RAY_ADDRESS`, else None.
+
+    `ray.init` itself reads `RAY_ADDRESS`, so a run with it set joins that cluster; "local" (Ray's word
+    for "start one here") names no cluster.
+    """
+    env = os.environ if environ is None else environ
+    address = ray_address or env.get("RAY_ADDRESS", "").strip()
+    return address if address and address != "local" else None
+
+
+def resolve_engine(engine: str, ray_address: str | None = None, environ: Mapping[str, str] | None = None,
+                   *, can_fork: bool | None = None) -> str:
+    """The engine a run uses: "ray" or "pool". ``auto`` is the pool unless Ray is needed.
+
+    Ray is needed to join a Ray cluster (``ray_address`` or `RAY_ADDRESS`: the only multi-machine
+    path) and where processes cannot be forked (the pool needs POSIX `fork`). Naming a cluster with
+    an explicit ``engine = "pool"`` is refused: the pool runs on this machine only.
+    """
+    engine = check_engine(engine)
+    address = ray_address_of(ray_address, environ)
+    if can_fork is None:
+        can_fork = "fork" in mp.get_all_start_methods()
+    if engine == "auto":
+        return "ray" if address or not can_fork else "pool"
+    if engine == "pool" and ray_address:
+        raise ScenarioError(f"--ray-address is for the ray engine, not '{engine}'. Fix: drop it, or use "
+                            "--engine ray (or auto)")
+    if engine == "pool" and not can_fork:
+        raise ScenarioError("engine 'pool' needs POSIX fork, which this platform lacks. Fix: use --engine ray "
+                            "(or auto)")
     return engine
 
 
@@ -92,15 +129,17 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
 
     ``progress(report, total_rounds)`` is called after every round with a `server.strategies.RoundReport`.
     ``extra_config`` adds run-config keys (e.g. test-only `fault-inject`). ``engine`` (default: the
-    scenario's `federation.engine`) is "ray" (Flower's simulation engine; ``ray_address`` joins a Ray
-    cluster) or "pool" (`simulations.pool_engine`, ``workers`` processes). Raises `RunStopped` when
+    scenario's `federation.engine`) is "auto" (`resolve_engine`), "ray" (Flower's simulation engine;
+    ``ray_address`` or `RAY_ADDRESS` joins a Ray cluster) or "pool" (`simulations.pool_engine`,
+    ``workers`` processes); config.toml records the one that ran. Raises `RunStopped` when
     the run ended early by design (central DP's budget); its checkpoints and metrics stay valid,
     `RunFailed` when too many rounds, or all, lacked usable shops (the message says why), and a
     `ScenarioError` before anything is written when the federation cannot run (`Scenario.check_federation`).
     """
-    engine = check_engine(str(engine or scenario.federation.get("engine", "ray")))
-    if ray_address and engine != "ray":
-        raise ScenarioError(f"--ray-address is for the ray engine, not '{engine}'. Fix: drop it or use --engine ray")
+    engine = resolve_engine(str(engine or scenario.federation.get("engine", "auto")), ray_address)
+    ray_address = ray_address_of(ray_address) if engine == "ray" else None
+    if ray_address:
+        check_ray_address(ray_address)  # before anything is written
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # CPU-only: opt in to Ray's future default (leave device env vars alone), which also silences
     # the FutureWarning Ray raises on every start.
@@ -111,7 +150,8 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {**run_config(scenario, run_dir, method=method, rounds=rounds, resume=resume), **(extra_config or {})}
+    config = {**run_config(scenario, run_dir, method=method, rounds=rounds, resume=resume), **(extra_config or {}),
+              "engine": engine}  # the engine that runs, not "auto"
     if not (resume and (run_dir / SCENARIO_FILE).exists()):
         atomic_write_text(run_dir / SCENARIO_FILE, tomli_w.dumps(scenario.raw))
     write_run_info(run_dir, {"run": config, "scenario": scenario.raw})
@@ -143,8 +183,6 @@ def _run_engine(engine: str, config: dict[str, Any], progress: Callable | None, 
 
         run_pool(make_server_app(config, progress), client_app, config, n_shops, workers=workers)
         return
-    if ray_address:
-        check_ray_address(ray_address)
     require_ray_token()  # Ray listens on every interface: only holders of this token get an answer
     from flwr.simulation import run_simulation  # heavy import (Ray): only when a run starts
 

@@ -9,6 +9,7 @@ knobs for N shops that keep the total near one million impressions.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,10 @@ from simulations.pool_grid import PoolGrid, default_workers
 
 logger = logging.getLogger(__name__)
 
+# What a shop's first message imports lazily (~2-3 CPU s in a fresh process: the optimizer's first step
+# pulls in torch._dynamo, the metrics sklearn): imported once here, before the fork, so W workers do not
+# import them W times (the centralised arm imports them once).
+PRE_FORK_IMPORTS = ("torch._dynamo", "sklearn.metrics")
 TOTAL_IMPRESSIONS = 1_000_000
 SIZE_RATIO = 10.0  # largest / smallest shop of a scaled world
 
@@ -46,12 +51,19 @@ def scaled_world(n_shops: int, total: int = TOTAL_IMPRESSIONS, size_exponent: fl
             "data.synthetic.eval_impressions": 0}
 
 
+def import_before_fork(modules: tuple[str, ...] = PRE_FORK_IMPORTS) -> None:
+    """Import the shops' lazily imported modules in the parent, so every forked worker shares them."""
+    for name in modules:
+        importlib.import_module(name)
+
+
 def run_pool(server_app: Callable[[Any, Context], None], client_app: Any, config: dict[str, Any], n_shops: int,
              *, workers: int | None = None) -> PoolGrid:
     """Run ``server_app`` against ``n_shops`` nodes served by ``workers`` forked processes; returns the grid.
 
     The world the shops load (`config["scenario"]` at `config["seed"]`) is generated here first, so
-    the workers inherit it instead of each regenerating it.
+    the workers inherit it instead of each regenerating it. Shops are spread over the workers by
+    their interaction rows (`balanced_groups`), so one worker does not get all the large shops.
     """
     seed = config.get("seed")
     scenario = load_scenario(str(config["scenario"]), {"seed": int(seed)} if seed is not None else None)
@@ -59,8 +71,11 @@ def run_pool(server_app: Callable[[Any, Context], None], client_app: Any, config
     if len(shops) != n_shops:
         raise ValueError(f"scenario has {len(shops)} federation shops, not {n_shops}")
     count = workers or default_workers()
+    import_before_fork()
     logger.info("pool engine: %d shops on %d workers", n_shops, count)
-    grid = PoolGrid(client_app, node_configs(n_shops), workers=count, run_config=dict(config))
+    nodes = node_configs(n_shops)
+    loads = {nid: float(len(shops[cfg["partition-id"]].interactions)) for nid, cfg in nodes.items()}
+    grid = PoolGrid(client_app, nodes, workers=count, run_config=dict(config), loads=loads)
     context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=dict(config))
     with grid:

@@ -2,15 +2,17 @@
 
 Flower's simulation engine keeps every message in its in-memory link state, which each virtual
 SuperNode scans every 0.1 s (O(N^2) per round at N shops), and ships each shop's context through
-Ray. Here every node is registered before round 1, owned by one worker (node i -> worker i mod W)
-whose contexts never leave it, and a round's messages go to each worker once: messages that share
+Ray. Here every node is registered before round 1, owned by one worker whose contexts never leave
+it (`balanced_groups`: largest shop first, each to the least-loaded worker, so no worker gets all the
+big shops), and a round's messages go to each worker once: messages that share
 one RecordDict (the strategy sends the same encoder to all shops) are serialised once per worker.
 Messages and replies cross the process boundary as Flower's own protobuf (`flwr.common.serde`),
 so the ServerApp and the ClientApp see real `Message` objects, exactly as under a SuperLink.
 
 Deadlines: a shop whose handler runs longer than the round timeout the strategy passes is late:
 its worker is killed and restarted (the shop's local part is on disk) and the shop is left out of
-the round. The whole round ends at ``timeout x ceil(messages per worker)``. A handler that raises
+the round. The whole round ends at ``timeout x`` the busiest worker's message count (its shops run
+one after another). A handler that raises
 gives an error reply (the shop is left out); a worker that dies is reported in `failures`, its
 running shop gets an error reply and its queued shops are sent to a fresh worker.
 
@@ -19,14 +21,14 @@ Workers are forked (POSIX only) so the world built once in the parent is shared 
 
 from __future__ import annotations
 
+import heapq
 import logging
-import math
 import multiprocessing as mp
 import os
 import signal
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -49,6 +51,24 @@ logger = logging.getLogger(__name__)
 ON_DISK_RECORDS = ("fedshop.local-part", "fedshop.own-encoder", "fedshop.local-lineage",
                    "fedshop.dpsgd-accountant")
 POLL_SECONDS = 0.5  # how often the parent checks for dead or late workers while it waits
+
+
+def balanced_groups(loads: Mapping[int, float], workers: int) -> list[list[int]]:
+    """Node IDs split over ``workers`` groups: the next-largest load goes to the least-loaded group.
+
+    Greedy longest-processing-time: the busiest group is at most 4/3 of the best split's. Ties go to
+    the lower node ID and the lower group, so the split is deterministic. Groups may be empty (more
+    workers than nodes); each group lists its nodes in ascending ID.
+    """
+    if workers < 1:
+        raise ValueError(f"workers={workers}: need at least one. Fix: pass workers >= 1")
+    heap = [(0.0, g) for g in range(workers)]
+    groups: list[list[int]] = [[] for _ in range(workers)]
+    for nid in sorted(loads, key=lambda n: (-float(loads[n]), n)):
+        total, g = heapq.heappop(heap)
+        groups[g].append(nid)
+        heapq.heappush(heap, (total + float(loads[nid]), g))
+    return [sorted(group) for group in groups]
 
 
 def _error_reply(msg: Message, code: int, reason: str) -> Message:
@@ -114,6 +134,7 @@ class PoolGrid(LocalGridBase):
     workers: int = 2
     run_config: dict = field(default_factory=dict)
     evict_state: bool = True  # drop on-disk records from memory after each message (needs a run-dir)
+    loads: dict[int, float] | None = None  # node ID -> its shop's work (rows); None = every node alike
     failures: list[str] = field(default_factory=list)  # worker deaths and kills, in order
 
     def __post_init__(self) -> None:
@@ -123,7 +144,9 @@ class PoolGrid(LocalGridBase):
         self._mp = mp.get_context("fork")
         ids = sorted(self.node_configs)
         count = min(self.workers, len(ids)) or 1
-        self._pool = [_Worker(i, {nid: self.node_configs[nid] for nid in ids[i::count]}) for i in range(count)]
+        loads = {nid: float((self.loads or {}).get(nid, 1.0)) for nid in ids}
+        groups = balanced_groups(loads, count)
+        self._pool = [_Worker(i, {nid: self.node_configs[nid] for nid in group}) for i, group in enumerate(groups)]
         self._owner = {nid: w.index for w in self._pool for nid in w.nodes}
         self._pending: dict[str, _Pending] = {}
         self._replies: dict[str, Message] = {}
@@ -247,9 +270,15 @@ class PoolGrid(LocalGridBase):
         self._drain(0)
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
-    def round_deadline(self, n_messages: int, timeout: float) -> float:
-        """Seconds a round of ``n_messages`` may take: each worker runs its shops one after another."""
-        return timeout * math.ceil(n_messages / len(self._pool))
+    def round_deadline(self, message_ids: Iterable[str], timeout: float) -> float:
+        """Seconds a round of these (pending) messages may take: the busiest worker runs its shops one after
+        another, each within ``timeout``, so the round gets ``timeout x`` that worker's message count."""
+        per_worker: dict[int, int] = {}
+        for mid in message_ids:
+            if mid in self._pending:
+                worker = self._pending[mid].worker
+                per_worker[worker] = per_worker.get(worker, 0) + 1
+        return timeout * max(per_worker.values(), default=1)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push, then collect replies until all arrived or the round deadline passed.
@@ -258,7 +287,7 @@ class PoolGrid(LocalGridBase):
         `round_deadline`. Shops still queued or running at the deadline are left out.
         """
         ids = list(self.push_messages(list(messages)))
-        deadline = None if timeout is None else time.monotonic() + self.round_deadline(len(ids), timeout)
+        deadline = None if timeout is None else time.monotonic() + self.round_deadline(ids, timeout)
         replies: list[Message] = []
         waiting = set(ids)
         while waiting:

@@ -109,6 +109,7 @@ CASES: list[Case] = [
     _s("federation.objective", '"metaa"', "did you mean 'meta'"),
     _s("federation.strategy", '"fedavgg"', "did you mean 'fedavg'"),
     _s("model.weighting", '"uncertainy"', "did you mean 'uncertainty'"),
+    _s("federation.engine", '"rey"', "did you mean 'ray'"),
     Case('`--set transfer.modes=["scratch", "frozn"]`', ("transfer.modes = 'frozn'", "did you mean 'frozen'"),
          {"transfer.modes": '["scratch", "frozn"]'}),
     _s("data.source", '"kaggle"', "synthetic"),

@@ -144,10 +144,12 @@ def test_scenario_privacy_keys_reach_the_run_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_secure_aggregation_on_the_simulation_engine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["pool", "ray"])
+def test_secure_aggregation_on_the_simulation_engine(engine: str, tmp_path: Path) -> None:
     from simulations.federated import run_federated
 
-    run_dir = run_federated(tiny_scenario(**{"federation.secure_aggregation": True}), tmp_path / "run", rounds=1)
+    run_dir = run_federated(tiny_scenario(**{"federation.secure_aggregation": True}), tmp_path / "run", rounds=1,
+                            engine=engine)
     ckpt = latest_checkpoint(run_dir)
     assert ckpt is not None and ckpt.server_round == 1 and ckpt.settings == {"secure-aggregation": True}
     metrics = pd.read_csv(run_dir / "metrics.csv")

@@ -128,7 +128,7 @@ def serve_then_hide(descriptor):
 
 
 federated.serve_over_ray = serve_then_hide
-run_dir = federated.run_federated(tiny_scenario(), Path(sys.argv[1]), rounds=1, ray_address=sys.argv[2])
+run_dir = federated.run_federated(tiny_scenario(), Path(sys.argv[1]), rounds=1, engine="ray", ray_address=sys.argv[2])
 print("SERVED", len(served), "RUN_DIR", run_dir)
 """
 

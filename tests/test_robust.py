@@ -263,12 +263,14 @@ def test_the_cli_exits_non_zero_and_says_why_when_the_run_fails(monkeypatch, tmp
 
 
 @pytest.mark.slow
-def test_a_simulated_run_whose_every_round_is_skipped_raises_run_failed(tmp_path):
-    """Through Flower's simulation engine: the ServerApp's failure reaches the caller with its reason."""
+@pytest.mark.parametrize("engine", ["pool", "ray"])
+def test_a_simulated_run_whose_every_round_is_skipped_raises_run_failed(engine, tmp_path):
+    """Through either engine: the ServerApp's failure reaches the caller with its reason."""
     from simulations.federated import RunFailed as SimRunFailed
     from simulations.federated import run_federated
 
     scenario = tiny_scenario(**{"federation.min_shops": 3})
     with pytest.raises(SimRunFailed, match=r"every round \(1-1\) was skipped"):
-        run_federated(scenario, tmp_path / "run", rounds=1, extra_config={"fault-inject": "nan:0", "max-steps": 2})
+        run_federated(scenario, tmp_path / "run", rounds=1, engine=engine,
+                      extra_config={"fault-inject": "nan:0", "max-steps": 2})
     assert "min-shops=3" in (failure_reason(tmp_path / "run") or "")

@@ -1,4 +1,4 @@
-"""`fedshop simulate`: a federated run of a scenario on Flower's simulation engine, with live progress and a verdict."""
+"""`fedshop simulate`: a federated run of a scenario (pool or Ray engine), with live progress and a verdict."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from shared.settings import ENGINES
 from simulations.compare import small_shops_of
 from simulations.console import print_verdict, step_progress
 from simulations.exits import failures_as_messages
-from simulations.federated import METHODS, SCENARIO_FILE, run_federated
+from simulations.federated import METHODS, SCENARIO_FILE, resolve_engine, run_federated
 from simulations.options import parse_overrides, scenario_or_exit
 from simulations.ray_auth import require_ray_token
 from simulations.run_report import run_verdict, write_run_report
@@ -125,11 +125,13 @@ def register(app: typer.Typer) -> None:
         seed: int | None = typer.Option(None, help="override the scenario's seed"),
         method: str = typer.Option("fedshop", help=f"one of {sorted(METHODS)}"),
         set_: list[str] = typer.Option([], "--set", help="override a scenario key, e.g. --set federation.rounds=3"),
-        engine: str | None = typer.Option(None, help="ray (Flower's simulation engine) or pool (worker processes, "
-                                                     "for hundreds of shops); default: federation.engine"),
+        engine: str | None = typer.Option(None, help="auto (pool, or ray with --ray-address / RAY_ADDRESS), ray "
+                                                     "(Flower's simulation engine) or pool (forked worker processes, "
+                                                     "no network listener); default: federation.engine"),
         workers: int | None = typer.Option(None, min=1, help="pool engine: worker processes (default: one per CPU)"),
-        ray_address: str | None = typer.Option(None, help="ray engine: join this Ray cluster (host:port) instead "
-                                                          "of starting one; needs RAY_AUTH_TOKEN and a shared disk"),
+        ray_address: str | None = typer.Option(None, help="ray engine (auto picks it): join this Ray cluster "
+                                                          "(host:port) instead of starting one; needs RAY_AUTH_TOKEN "
+                                                          "and a shared disk"),
     ) -> None:
         """Federate the scenario's shops: the encoder is shared, each shop's local part stays home."""
         if method not in METHODS:
@@ -153,8 +155,10 @@ def register(app: typer.Typer) -> None:
         total = rounds or int(scen.federation["rounds"])
         n_shops = len(scen.training_shops())
         label = f"{scen.name} ({method}, {n_shops} shops)"
+        with failures_as_messages(console):  # --ray-address with the pool: a message, exit 2
+            chosen = resolve_engine(engine or scen.federation["engine"], ray_address)
         with step_progress(console, unit="round") as bar:
-            starting = "starting Ray" if (engine or scen.federation["engine"]) == "ray" else "starting workers"
+            starting = "starting Ray" if chosen == "ray" else "starting workers"
             first = f"round 1 running (includes {starting})" if resume is None else "resuming from the last checkpoint"
             bar.start(label, total, status=first)
 
