@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.env_seconds import seconds_from_env
 from shared.timing_log import record
 
 logger = logging.getLogger("fedshop.long_lived")
@@ -124,17 +125,9 @@ def check_flower_interface() -> None:
 
 def relaxed_poll_from_env(environ: dict[str, str] | None = None) -> float:
     """$FEDSHOP_CLIENTAPP_IDLE_POLL: seconds between AcquireTask calls after a minute idle (default 0.5), validated."""
-    raw = (os.environ if environ is None else environ).get(RELAXED_POLL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_RELAXED_POLL
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not IDLE_POLL_SECONDS <= value <= 5.0:
-        raise ValueError(f"{RELAXED_POLL_ENV}={raw!r}: must be seconds between {IDLE_POLL_SECONDS:g} and 5. Fix: unset "
-                         f"it (default {DEFAULT_RELAXED_POLL:g}) or set {IDLE_POLL_SECONDS:g} to keep polling fast")
-    return value
+    return seconds_from_env(RELAXED_POLL_ENV, DEFAULT_RELAXED_POLL, IDLE_POLL_SECONDS, 5.0,
+                            f"unset it (default {DEFAULT_RELAXED_POLL:g}) or set {IDLE_POLL_SECONDS:g} to keep polling "
+                            "fast", environ)
 
 
 def idle_poll_seconds(idle_for: float, relaxed: float = DEFAULT_RELAXED_POLL) -> float:

@@ -24,7 +24,6 @@ up to 0.1 s. Setting it to the poll interval gives the old fixed polling.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from flwr.serverapp import Grid
 
 from server.delegating_grid import DelegatingGrid
 from shared import pull_backoff
+from shared.env_seconds import seconds_from_env
 from shared.pull_backoff import PollSchedule
 from shared.timing_log import record
 from shared.wire_pack import PackError, pack, unpack
@@ -56,32 +56,15 @@ def packing_enabled(environ: dict[str, str] | None = None) -> bool:
 
 def poll_interval(environ: dict[str, str] | None = None) -> float:
     """The reply poll interval from $FEDSHOP_GRID_POLL_INTERVAL, validated (default 0.1 s)."""
-    raw = (os.environ if environ is None else environ).get(POLL_ENV)
-    if raw is None or raw == "":
-        return DEFAULT_POLL_INTERVAL
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or not 0.01 <= value <= 60.0:
-        raise ValueError(f"{POLL_ENV}={raw!r}: must be a number of seconds between 0.01 and 60. "
-                         f"Fix: unset it (default {DEFAULT_POLL_INTERVAL}) or set e.g. {POLL_ENV}=0.5")
-    return value
+    return seconds_from_env(POLL_ENV, DEFAULT_POLL_INTERVAL, 0.01, 60.0,
+                            f"unset it (default {DEFAULT_POLL_INTERVAL}) or set e.g. {POLL_ENV}=0.5", environ)
 
 
 def after_reply_poll(environ: dict[str, str] | None = None) -> float:
     """Seconds to the next pull after a reply arrived, from $FEDSHOP_GRID_AFTER_REPLY_POLL (default 0.02), validated."""
-    raw = (os.environ if environ is None else environ).get(AFTER_REPLY_ENV, "").strip()
-    if not raw:
-        return DEFAULT_AFTER_REPLY
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or not 0.005 <= value <= 60.0:
-        raise ValueError(f"{AFTER_REPLY_ENV}={raw!r}: must be a number of seconds between 0.005 and 60. Fix: unset "
-                         f"it (default {DEFAULT_AFTER_REPLY}) or set it to {POLL_ENV}'s value for fixed polling")
-    return value
+    return seconds_from_env(AFTER_REPLY_ENV, DEFAULT_AFTER_REPLY, 0.005, 60.0,
+                            f"unset it (default {DEFAULT_AFTER_REPLY}) or set it to {POLL_ENV}'s value for fixed "
+                            "polling", environ)
 
 
 def _timing(event: dict) -> None:

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from shared.env_seconds import seconds_from_env
+
 FLOWER_INITIAL, FLOWER_CAP, FLOWER_TRIES = 1.0, 10.0, 500  # flwr.supercore.constant in flwr 1.42
 FLOWER_REPLY_POLL = 0.5  # the sleeps of start_client_internal._push_messages in flwr 1.42
 LOWEST, HIGHEST = 0.001, 60.0
@@ -170,17 +172,9 @@ class PollSchedule:
 
 def reply_poll_from_env(environ: Mapping[str, str] | None = None) -> float:
     """$FEDSHOP_REPLY_POLL in seconds (default 0.01; 0.5 = Flower's), validated."""
-    raw = (os.environ if environ is None else environ).get(REPLY_POLL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_REPLY_POLL
-    try:
-        value = _seconds(raw)
-    except ValueError:
-        value = math.nan
-    if not LOWEST <= value <= FLOWER_REPLY_POLL:
-        raise ValueError(f"{REPLY_POLL_ENV}={raw!r}: must be seconds between {LOWEST:g} and {FLOWER_REPLY_POLL:g}. "
-                         f"Fix: unset it (default {DEFAULT_REPLY_POLL:g}) or set {FLOWER_REPLY_POLL:g} for Flower's")
-    return value
+    return seconds_from_env(REPLY_POLL_ENV, DEFAULT_REPLY_POLL, LOWEST, FLOWER_REPLY_POLL,
+                            f"unset it (default {DEFAULT_REPLY_POLL:g}) or set {FLOWER_REPLY_POLL:g} for Flower's",
+                            environ)
 
 
 def give_up_seconds(backoff: Backoff, tries: int = FLOWER_TRIES) -> float:

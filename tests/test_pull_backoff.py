@@ -239,3 +239,15 @@ def test_the_launcher_refuses_a_bad_active_poll_before_starting_flower(monkeypat
     monkeypatch.setattr(pb, "apply_from_env", lambda target: target.default)
     assert supernode_launcher.main(["30", "--", "--insecure"]) == 2
     assert "error: FEDSHOP_ACTIVE_POLL='0.5,0.1': out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raw", ["x", "nan", "inf", "-1", "61"])
+def test_every_seconds_knob_fails_the_same_way_naming_the_variable_and_the_fix(raw: str) -> None:
+    """One reader (shared/env_seconds.py) for the poll knobs: the variable, its value, the range, the fix."""
+    from shared.env_seconds import seconds_from_env
+
+    assert seconds_from_env("FEDSHOP_X", 0.5, 0.01, 60.0, "unset it", {}) == 0.5
+    assert seconds_from_env("FEDSHOP_X", 0.5, 0.01, 60.0, "unset it", {"FEDSHOP_X": " 2 "}) == 2.0
+    with pytest.raises(ValueError, match=rf"^FEDSHOP_X='{raw}': must be a number of seconds between 0.01 and 60\. "
+                                         r"Fix: unset it$"):
+        seconds_from_env("FEDSHOP_X", 0.5, 0.01, 60.0, "unset it", {"FEDSHOP_X": raw})

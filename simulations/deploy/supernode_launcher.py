@@ -44,6 +44,7 @@ from logging import ERROR, INFO
 from typing import Any
 
 from shared import pull_backoff
+from shared.env_seconds import seconds_from_env
 from shared.pull_backoff import PollSchedule
 from shared.timing_log import record, timing_enabled
 
@@ -81,23 +82,12 @@ def active_polling(pull: Callable[..., int | None], schedule: PollSchedule, wind
     return pull_and_store_message
 
 
-def _seconds_from_env(name: str, default: float, low: float, high: float) -> float:
-    raw = os.environ.get(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not low <= value <= high:
-        raise ValueError(f"{name}={raw!r}: must be {low:g}-{high:g} seconds. Fix: unset it ({default:g} s)")
-    return value
-
-
 def install_active_polling() -> None:
     """Make this process's SuperNode poll on $FEDSHOP_ACTIVE_POLL's schedule while a run is active (module doc)."""
     from flwr.supernode import start_client_internal
 
     schedule = PollSchedule.of(pull_backoff.active_poll_from_env())
-    window = _seconds_from_env(ACTIVE_WINDOW_ENV, 60.0, 0.0, 3600.0)
+    window = seconds_from_env(ACTIVE_WINDOW_ENV, 60.0, 0.0, 3600.0, "unset it (60 s)")
     if window == 0:  # Flower's own polling: nothing to patch, so no check of its internals either
         return
     original = getattr(start_client_internal, "_pull_and_store_message", None)
