@@ -312,6 +312,23 @@ def judge_loo(loo: dict[int, float], kept: list[int], history: list[list[LooEntr
     return out
 
 
+DOMINANT_SHARE = 0.3  # above this share of the round's weight, leave-one-out may flag an honest shop
+
+
+def dominant_hint(i: int, kept: list[int], weights: list[float]) -> str:
+    """For a leave-one-out reason: a note when update ``i`` holds most of the round's weight, else "".
+
+    Near FedAvg's fixed point such a shop's honest update points against the others' mean, so the check can leave
+    out an honest shop (docs/robustness.md, "False positives"); the operator should know which case this may be.
+    """
+    total = sum(weights[j] for j in kept)
+    share = weights[i] / total if total > 0 else 0.0
+    if share <= DOMINANT_SHARE:
+        return ""
+    return (f"; this shop holds {share:.0%} of the round's weight, and an honest shop that large can point against "
+            "the others' mean (docs/robustness.md, 'False positives'; robust-loo-min-cosine = -1 turns the check off)")
+
+
 def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[float | None],
            settings: RobustSettings, bounds: list[int] | None = None,
            loo_history: list[list[LooEntry]] | None = None,
@@ -354,7 +371,7 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
         verdict = judge_loo(out.loo, kept, loo_history or [[] for _ in deltas], turns or [None for _ in deltas],
                             settings, out.agreement)
         out.consensus, out.round_weight, out.turns = verdict.consensus, verdict.round_weight, verdict.turns
-        out.left_out.update(verdict.left_out)
+        out.left_out.update({i: reason + dominant_hint(i, kept, out.weights) for i, reason in verdict.left_out.items()})
         kept = [i for i in kept if i not in out.left_out]
     shares = cap_shares([out.weights[i] for i in kept], settings.weight_cap)
     for i, w in zip(kept, shares, strict=True):

@@ -294,3 +294,21 @@ def test_the_run_config_key_reaches_the_screen_and_is_on_by_default():
     assert RobustSettings().loo_rule == "consensus"
     with pytest.raises(ValueError, match="leave-one-out rule 'median'.*Fix"):
         RobustSettings(loo_rule="median")
+
+
+def _dominant_against_the_others(seed: int = 0) -> list[np.ndarray]:
+    """FedAvg's fixed point in miniature: shop 0 steps against the others' common step."""
+    deltas = _heterogeneous(N, seed=seed)
+    deltas[0] = -0.5 * np.mean(deltas[1:], axis=0) + 0.2 * np.random.default_rng(seed + 50).normal(size=deltas[0].size)
+    return deltas
+
+
+def test_a_dominant_shop_left_out_by_leave_one_out_gets_a_reason_that_says_it_may_be_honest():
+    """The largest default shop (44% of the examples) is flagged in clean runs; the reason says so and how to act."""
+    deltas = _dominant_against_the_others()
+    dominant = screen(deltas, [44.0] + [8.0] * (N - 1), [None] * N, LOO_ONLY)
+    assert "leave-one-out cosine" in dominant.left_out[0]
+    assert "holds 44% of the round's weight" in dominant.left_out[0]
+    assert "robust-loo-min-cosine = -1" in dominant.left_out[0]
+    equal = screen(deltas, [8.0] * N, [None] * N, LOO_ONLY)  # the same update from a shop of equal weight
+    assert "leave-one-out cosine" in equal.left_out[0] and "round's weight" not in equal.left_out[0]
