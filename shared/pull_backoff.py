@@ -42,7 +42,7 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -100,6 +100,20 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _pair(env: str, raw: str, fix: str, bounds: tuple[float, float], cap_of_one: Callable[[float], float]) -> Backoff:
+    """``FIRST`` or ``FIRST,CAP`` seconds from ``raw`` (``env``'s value) within ``bounds``, FIRST <= CAP; one value
+    gets the cap ``cap_of_one(value)``. Errors name ``env`` and end with ``fix``."""
+    try:
+        parts = [_seconds(p) for p in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"{env}={raw!r}: not a number of seconds. {fix}") from None
+    if len(parts) == 1:
+        parts.append(cap_of_one(parts[0]))
+    if len(parts) != 2 or not bounds[0] <= parts[0] <= parts[1] <= bounds[1]:
+        raise ValueError(f"{env}={raw!r}: out of range. {fix}")
+    return Backoff(parts[0], parts[1])
+
+
 def backoff_from_env(target: Target, environ: Mapping[str, str] | None = None) -> Backoff:
     """``target``'s back-off from its env var (``INITIAL`` or ``INITIAL,CAP``; ``1`` = Flower's), validated."""
     raw = (os.environ if environ is None else environ).get(target.env, "").strip()
@@ -107,17 +121,9 @@ def backoff_from_env(target: Target, environ: Mapping[str, str] | None = None) -
         return target.default
     fix = (f"Fix: unset it (fedshop's {target.default.initial:g},{target.default.cap:g}), give INITIAL or "
            f"INITIAL,CAP in seconds ({LOWEST:g}-{HIGHEST:g}, INITIAL <= CAP, e.g. 0.05,0.5), or 1 for Flower's")
-    try:
-        parts = [_seconds(p) for p in raw.split(",")]
-    except ValueError:
-        raise ValueError(f"{target.env}={raw!r}: not a number of seconds. {fix}") from None
-    if len(parts) == 1 and parts[0] == FLOWER_INITIAL:
-        return Backoff(FLOWER_INITIAL, FLOWER_CAP)
-    if len(parts) == 1:
-        parts.append(max(target.default.cap, parts[0]))
-    if len(parts) != 2 or not LOWEST <= parts[0] <= parts[1] <= HIGHEST:
-        raise ValueError(f"{target.env}={raw!r}: out of range. {fix}")
-    return Backoff(parts[0], parts[1])
+    # one value of 1 is Flower's own back-off (1 s doubling to 10 s)
+    return _pair(target.env, raw, fix, (LOWEST, HIGHEST),
+                 lambda one: FLOWER_CAP if one == FLOWER_INITIAL else max(target.default.cap, one))
 
 
 ACTIVE_POLL_ENV = "FEDSHOP_ACTIVE_POLL"
@@ -134,15 +140,7 @@ def active_poll_from_env(environ: Mapping[str, str] | None = None) -> Backoff:
     fix = (f"Fix: unset it (fedshop's {DEFAULT_ACTIVE_POLL.initial:g},{DEFAULT_ACTIVE_POLL.cap:g}: poll "
            f"{DEFAULT_ACTIVE_POLL.initial:g} s after a message, doubling to {DEFAULT_ACTIVE_POLL.cap:g} s), or give "
            f"FIRST,CAP in seconds ({low:g}-{high:g}, FIRST <= CAP) or one value for a fixed poll (e.g. 0.2)")
-    try:
-        parts = [_seconds(p) for p in raw.split(",")]
-    except ValueError:
-        raise ValueError(f"{ACTIVE_POLL_ENV}={raw!r}: not a number of seconds. {fix}") from None
-    if len(parts) == 1:
-        parts.append(parts[0])
-    if len(parts) != 2 or not low <= parts[0] <= parts[1] <= high:
-        raise ValueError(f"{ACTIVE_POLL_ENV}={raw!r}: out of range. {fix}")
-    return Backoff(parts[0], parts[1])
+    return _pair(ACTIVE_POLL_ENV, raw, fix, (low, high), lambda one: one)
 
 
 class PollSchedule:
