@@ -316,7 +316,7 @@ DOMINANT_SHARE = 0.3  # above this share of the round's weight, leave-one-out ma
 
 
 def dominant_hint(i: int, kept: list[int], weights: list[float]) -> str:
-    """For a leave-one-out reason: a note when update ``i`` holds most of the round's weight, else "".
+    """For a leave-one-out reason: a note when update ``i`` holds over `DOMINANT_SHARE` of the round's weight, else "".
 
     Near FedAvg's fixed point such a shop's honest update points against the others' mean, so the check can leave
     out an honest shop (docs/robustness.md, "False positives"); the operator should know which case this may be.
