@@ -314,9 +314,8 @@ class ShopModel(nn.Module):
         x = torch.cat([u, v, c, u * v, bi], -1)  # (B, 5d)
         experts = self.encoder.mixture(x)  # (B, K, E)
         tasks = [t for t in ("ctr", "cvr") if t in self.local.towers]
-        if len(tasks) < 2:  # one task: its own gate and tower, no stacking
-            return {t: self.local.towers[t](self.local.gate(t, x, experts)).squeeze(-1) + wide[:, GATED_TASKS.index(t)]
-                    for t in tasks}
+        if not tasks:
+            return {}
         first = GATED_TASKS.index(tasks[0])  # ctr, cvr: adjacent columns of the wide terms, a view
         logits = self.local.gated_towers(tasks, x, experts) + wide[:, first:first + len(tasks)].T
         return dict(zip(tasks, logits.unbind(0), strict=True))
