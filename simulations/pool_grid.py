@@ -28,6 +28,7 @@ import os
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -273,11 +274,7 @@ class PoolGrid(LocalGridBase):
     def round_deadline(self, message_ids: Iterable[str], timeout: float) -> float:
         """Seconds a round of these (pending) messages may take: the busiest worker runs its shops one after
         another, each within ``timeout``, so the round gets ``timeout x`` that worker's message count."""
-        per_worker: dict[int, int] = {}
-        for mid in message_ids:
-            if mid in self._pending:
-                worker = self._pending[mid].worker
-                per_worker[worker] = per_worker.get(worker, 0) + 1
+        per_worker = Counter(self._pending[mid].worker for mid in message_ids if mid in self._pending)
         return timeout * max(per_worker.values(), default=1)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
