@@ -133,6 +133,7 @@ def run_one(scenario_name: str, overrides: dict[str, Any], rule: str, attack: st
     atomic_write_text(run_dir / SCENARIO_FILE, tomli_w.dumps(scenario.raw))
     config = run_config(scenario, run_dir, method="fedshop", rounds=rounds, resume=False)
     config["strategy"] = "fedavg" if rule == "fedshop" else rule
+    config["test-every-round"] = True  # by_round and ctr_auc below read every round's test metrics
     if rule != "fedshop":
         config.update(SCREENS_OFF)
     else:

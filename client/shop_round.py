@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
+from client.best_val import load_record, note_round, primaries, save_record, tasks_to_test
 from client.dpsgd_round import train_dpsgd_round
 from client.local_state import (
     Shop,
@@ -192,12 +193,24 @@ def train_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, conte
     return RoundResult(arrays, metrics)
 
 
+def test_after_val(shop: Shop, context: Context, settings: ShopRoundSettings,
+                   val: Mapping[str, Mapping[str, float]]) -> set[str]:
+    """The tasks whose test metrics this round can be reported (`client.best_val`); notes the round's scores."""
+    run, server_round = settings.run_dir, settings.server_round
+    record = load_record(context, shop.state_dir, run)
+    scores = primaries(val)
+    wanted = tasks_to_test(record, server_round, scores)
+    save_record(context, shop.state_dir, run, note_round(record, server_round, scores))
+    return wanted
+
+
 def evaluate_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, context: Context
                    ) -> dict[str, float]:
     """Per-task metrics of the received encoder (the shop's own one with the personal mix) and its local part.
 
     Keys are `<task>.<metric>` (`<split>/`-prefixed for several splits), plus `num-examples` (rows of the
-    last split, at least 1) and `shop-index`.
+    last split, at least 1) and `shop-index`. With `test-on-improvement` (and val before test in the
+    request) only the tasks `test_after_val` names get test keys.
     """
     own = restore_own_encoder(model, context) if personal_mix(settings) else None
     if own is not None:
@@ -205,8 +218,13 @@ def evaluate_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, co
     requested = settings.eval_split
     splits = eval_splits(requested)
     metrics: dict[str, float] = {}
+    skipped: set[str] = set()  # tasks whose test pass no report can pick this round
     for split in splits:
-        for task, values in evaluate_shop(model, shop.tensors, split).items():
+        tasks = [t for t in shop.tensors.tasks if t not in skipped] if split == "test" and skipped else None
+        results = evaluate_shop(model, shop.tensors, split, tasks=tasks)
+        if split == "val" and settings.test_on_improvement and "test" in splits:
+            skipped = set(results) - test_after_val(shop, context, settings, results)
+        for task, values in results.items():
             metrics.update({eval_metric_key(split, task, name, len(splits) > 1): float(value)
                             for name, value in values.items()})
     metrics[NUM_EXAMPLES] = float(max(1, shop.tensors.rows[splits[-1]]["user"].shape[0]))

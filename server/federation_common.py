@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord
 
 from server.strategies import RoundReport
 from shared.model import initial_encoder_state
-from shared.protocol import SPLIT_JOIN
+from shared.protocol import SPLIT_JOIN, eval_splits
 from shared.scenario import Scenario
 
 logger = logging.getLogger(__name__)
@@ -53,3 +53,14 @@ def eval_split_for_round(eval_split: str, final_split: str, server_round: int, t
     if SPLIT_JOIN in eval_split or server_round < total_rounds:
         return eval_split
     return final_split
+
+
+def lets_shops_skip_tests(test_every_round: bool, split: str, server_round: int, total_rounds: int) -> bool:
+    """Whether round ``server_round``'s evaluate request lets shops skip test passes no report can pick.
+
+    Only when the request names val before test, and never in the last round: a task whose validation
+    score is never a number reports its last tested round, and some readers take the last round's test.
+    """
+    splits = eval_splits(split)
+    return (not test_every_round and server_round < total_rounds and "val" in splits and "test" in splits
+            and splits.index("val") < splits.index("test"))

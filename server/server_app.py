@@ -45,6 +45,7 @@ from server.federation_common import (
     eval_split_for_round,
     initial_encoder,
     initial_encoder_arrays,
+    lets_shops_skip_tests,
     scenario_shop_names,
 )
 from server.federation_settings import FederationSettings, check_runnable, split_privacy
@@ -55,7 +56,7 @@ from server.secure import run_secure_federation
 from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
 from server.wire import Wire
 from shared.atomic import atomic_write_text
-from shared.protocol import EVAL_SPLIT, effective_personal_mix
+from shared.protocol import EVAL_SPLIT, TEST_ON_IMPROVEMENT, effective_personal_mix
 from shared.scenario import Scenario, load_scenario
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,9 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     def round_config(rnd: int, kind: str) -> dict[str, Any]:
         if kind == "train":
             return {}
-        return {EVAL_SPLIT: eval_split_for_round(settings.eval_split, settings.final_split, rnd, total)}
+        split = eval_split_for_round(settings.eval_split, settings.final_split, rnd, total)
+        return {EVAL_SPLIT: split, TEST_ON_IMPROVEMENT: lets_shops_skip_tests(settings.test_every_round, split, rnd,
+                                                                             total)}
 
     def on_round_end(report: RoundReport) -> None:
         for shop, metrics in report.train.items():

@@ -23,12 +23,23 @@ SPLIT_SEPARATOR = "/"  # <split>/<task>.<metric>
 SPLIT_JOIN = "+"  # eval-split = "val+test": both splits in one request
 SPLITS = ("train", "val", "test")  # a shop's row splits, as named in settings and metric keys
 
+# The validation metric that picks each (shop, task)'s reported round, and whether higher is better. Reports
+# (simulations/best_rounds.py) pick by it, and shops skip test passes that could never be picked by it.
+SELECTION_METRICS: dict[str, tuple[str, bool]] = {
+    "ctr": ("auc", True),
+    "cvr": ("auc", True),
+    "ranking": ("ndcg@10", True),
+    "sales": ("wape", False),
+}
+
 # Array names: local-part arrays the FedAvg-all baseline shares travel under this prefix.
 LOCAL_PREFIX = "local."
 
 # Config keys the coordinator sends with a message (besides the run settings).
 SERVER_ROUND = "server-round"
 EVAL_SPLIT = "eval-split"
+# True in an evaluate request = test only the tasks whose validation primary metric improved (client/best_val.py)
+TEST_ON_IMPROVEMENT = "test-on-improvement"
 PROXIMAL_MU = "proximal-mu"  # what Flower's FedProx puts in the train ConfigRecord
 SECAGG_WEIGHTING = "secagg-weighting"  # uniform | examples: a SecAgg+ shop's weight
 

@@ -122,6 +122,9 @@ class FederationTable(_Table):
     meta_inner_steps: int = Field(20, ge=1, description="inner steps per round with objective = meta")
     meta_outer_step: float = Field(1.0, gt=0, description="Reptile outer step applied by each shop to its reply")
     round_timeout: float = Field(600.0, gt=0, description="seconds before a shop's reply counts as missing")
+    test_every_round: bool = Field(False, description="every shop computes its test metrics every round; false = "
+                                   "only for tasks whose validation primary metric beat the shop's best so far, and "
+                                   "in the last round (the rounds reports can pick: same reported numbers)")
     # screens against a malicious shop (server/robust.py, docs/robustness.md); 0 (min-cosine: -1) turns one off
     robust_norm_factor: float = Field(4.0, ge=0, description="update norm above this x the round's median update "
                                       "norm: left out (or clipped); 0 = off, else >= 1")
@@ -302,6 +305,8 @@ class ShopRoundSettings(RunSettings):
     eval_split: str = Field("val", description="a message without eval-split evaluates val (as the leak guard "
                             "assumes)")
     freeze_encoder: bool = Field(False, description="train the local part only")
+    test_on_improvement: bool = Field(False, description="set by the coordinator per evaluate message: test only "
+                                      "the tasks whose validation primary metric improved (client/best_val.py)")
 
     @classmethod
     def from_message(cls, run_config: dict[str, Any], sent: dict[str, Any]) -> ShopRoundSettings:

@@ -13,7 +13,7 @@ about 1%. `TrainConfig.sparse_embeddings = False` restores dense Adam on every p
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -190,14 +190,21 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
 
 
 @torch.no_grad()
-def evaluate_shop(model: ShopModel, tensors: ShopTensors, split: str = "test") -> dict[str, dict[str, float]]:
-    """Every task's metrics on a split: task -> metric -> value (tasks without rows are left out)."""
+def evaluate_shop(model: ShopModel, tensors: ShopTensors, split: str = "test",
+                  tasks: Collection[str] | None = None) -> dict[str, dict[str, float]]:
+    """Every task's (or only ``tasks``') metrics on a split: task -> metric -> value (tasks without rows left out).
+
+    Each task's metrics are the same whichever other tasks are evaluated with it.
+    """
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test; got {split!r}")
+    wanted = [t for t in tensors.tasks if t in model.local.tasks and (tasks is None or t in tasks)]
+    if not wanted:
+        return {}
     model.eval()
     item_table = model.all_items()
     out = {}
-    for head in heads_for([t for t in tensors.tasks if t in model.local.tasks]):
+    for head in heads_for(wanted):
         metrics = head.evaluate(model, tensors, split, item_table)
         if metrics:
             out[head.name] = metrics

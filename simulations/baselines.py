@@ -1,7 +1,8 @@
 """Non-federated runners: each shop alone (local-only) and all shops pooled (the centralized oracle).
 
-Both evaluate validation and test after every epoch, like the federation does after every round,
-so reports can pick each shop's epoch by validation and compare methods on equal terms.
+Both evaluate validation after every epoch and test in the epochs a report can pick (each task's new
+best validation score, and the last epoch; every epoch with `federation.test_every_round`), like the
+federation's shops, so reports pick each shop's epoch by validation and compare methods on equal terms.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from client.best_val import Record, note_round, primaries, tasks_to_test
 from shared.features import ShopTensors, build_shop_tensors, pool_shops
 from shared.model import build_model
 from shared.scenario import Scenario
@@ -35,11 +37,20 @@ def compute_epochs(scenario: Scenario) -> int:
 def _train_and_log(method: str, model, train_on: ShopTensors, views: list[ShopTensors], epochs: int, seed: int,
                    scenario: Scenario, progress: Progress | None, label: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    every = bool(scenario.federation.get("test_every_round", False))
+    records: dict[str, Record] = {}  # per view: its validation primaries by epoch (client.best_val)
     for epoch in range(1, epochs + 1):
         losses = train_shop(model, train_on, replace(scenario.train, epochs=1, seed=seed * 1000 + epoch))
         for view in views:
-            for split in ("val", "test"):
-                rows += metric_rows(method, epoch, view.name, evaluate_shop(model, view, split), split)
+            val = evaluate_shop(model, view, "val")
+            tasks = None  # test every task: with test_every_round, and after the last epoch
+            if not every and epoch < epochs:  # the same rule as the federation's shops
+                record, scores = records.get(view.name, {}), primaries(val)
+                skip = set(val) - tasks_to_test(record, epoch, scores)
+                records[view.name] = note_round(record, epoch, scores)
+                tasks = [t for t in view.tasks if t not in skip]
+            rows += metric_rows(method, epoch, view.name, val, "val")
+            rows += metric_rows(method, epoch, view.name, evaluate_shop(model, view, "test", tasks=tasks), "test")
             rows += [{"method": method, "round": epoch, "shop": view.name, "task": "all", "split": "train",
                       "metric": k, "value": v} for k, v in losses.items() if k.startswith("loss")]
         if progress:

@@ -8,13 +8,10 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from shared.protocol import SELECTION_METRICS
+
 # The metric that picks a round per (method, shop, task) on validation, and whether higher is better.
-PRIMARY: dict[str, tuple[str, bool]] = {
-    "ctr": ("auc", True),
-    "cvr": ("auc", True),
-    "ranking": ("ndcg@10", True),
-    "sales": ("wape", False),
-}
+PRIMARY: dict[str, tuple[str, bool]] = SELECTION_METRICS
 HEADLINE = {"ctr": ["auc"], "cvr": ["auc", "ctcvr_auc"], "ranking": ["hr@10", "ndcg@10", "hr@10_s99", "ndcg@10_s99"],
             "sales": ["wape", "rmse"]}
 
@@ -23,7 +20,10 @@ def final_table(rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     """Test metrics at the round each (method, shop, task) scored best on validation.
 
     Early stopping on a shop's own validation split is what a merchant would do; every method gets
-    the same rule, so the comparison stays fair. Returns columns method, shop, task, metric, value, round.
+    the same rule, so the comparison stays fair. Only rounds with test rows for the task are eligible:
+    shops test only in rounds whose validation score is a new best (and the last round), which always
+    include the first best-validation round (`client.best_val`). Returns columns method, shop, task,
+    metric, value, round.
     """
     df = pd.DataFrame(rows)
     df = df[df["task"].isin(list(PRIMARY))]
