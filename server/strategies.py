@@ -292,7 +292,8 @@ class ShopStrategy(Strategy):
             shops.append(self._shop_of(msg, dict(next(iter(msg.content.metric_records.values())))))
             arrays = next(iter(msg.content.array_records.values()))
             flat = np.concatenate([arrays[k].numpy().ravel() for k in keys]) if keys else np.zeros(0)
-            deltas.append(flat.astype(np.float32) - flat_base)
+            flat = flat.astype(np.float32, copy=False)  # the concatenation is a fresh array: subtract in place
+            deltas.append(np.subtract(flat, flat_base, out=flat) if keys else flat - flat_base)
             claims.append(float(next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES]))
         bounds = np.cumsum([base[k].size for k in keys]).tolist()
         result = screen(deltas, claims, [self._first_claim.get(s) for s in shops], self.robust, bounds,

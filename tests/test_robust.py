@@ -11,7 +11,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 
 from client import client_app
-from server.robust import RobustSettings, cap_claims, cap_shares, screen
+from server.robust import (
+    NETWORK_MAX,
+    RobustSettings,
+    cap_claims,
+    cap_shares,
+    leave_one_out,
+    median_update,
+    screen,
+    sorting_network,
+)
 from server.server_app import FAILED_FILE, FederationSettings, failure_reason, run_federation
 from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
 
@@ -274,3 +283,36 @@ def test_a_simulated_run_whose_every_round_is_skipped_raises_run_failed(engine, 
         run_federated(scenario, tmp_path / "run", rounds=1, engine=engine,
                       extra_config={"fault-inject": "nan:0", "max-steps": 2})
     assert "min-shops=3" in (failure_reason(tmp_path / "run") or "")
+
+
+
+def test_the_sorting_network_sorts_every_input_up_to_its_limit():
+    rng = np.random.default_rng(0)
+    for n in range(1, NETWORK_MAX + 1):
+        values = rng.integers(0, 4, size=(200, n))  # many ties
+        for lo, hi in sorting_network(n):
+            values[:, [lo, hi]] = np.sort(values[:, [lo, hi]], axis=1)
+        assert (np.diff(values, axis=1) >= 0).all(), n
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 30, NETWORK_MAX + 8])
+def test_the_screens_median_and_leave_one_out_are_bit_identical_to_the_plain_formulas(n):
+    rng = np.random.default_rng(n)
+    deltas = [(rng.standard_normal(20_000) * rng.uniform(0.01, 1)).astype(np.float32) for _ in range(n)]
+    for d in deltas:
+        d[rng.integers(0, d.size, d.size // 2)] = 0.0  # row-sparse updates: many exact zeros and ties
+        d[:50] = -0.0
+        d[50:60] = np.float32(1e-45)  # subnormals: the middle pair's halving rounds
+    expected = np.median(np.stack(deltas), axis=0)
+    got = median_update(deltas)
+    assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes()  # sign of zero included
+    if n < 3:
+        return
+    for kept in (list(range(n)), list(range(1, n))):  # every update kept, and one left out
+        total = np.sum(np.stack([deltas[i] for i in kept]), axis=0, dtype=np.float64)
+        expected = {}
+        for i, d in enumerate(deltas):
+            others = (total - d) / (len(kept) - 1) if i in kept else total / len(kept)
+            a = d.astype(np.float64)
+            expected[i] = float(a @ others) / (float(np.linalg.norm(a)) * float(np.linalg.norm(others)))
+        assert leave_one_out(deltas, kept) == expected
