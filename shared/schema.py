@@ -503,6 +503,7 @@ def _read_table(path: Path, mapping: dict[str, str]) -> pd.DataFrame:
     """Read one table, strip header whitespace and rename merchant columns to ours."""
     frame = _read_csv(path) if path.suffix.lower() == ".csv" else _read_parquet(path)
     frame.columns = [str(c).strip() for c in frame.columns]
+    _refuse_doubled_file(frame, path)  # before renaming: a repeated header holds the merchant's names
     for ours, theirs in mapping.items():
         if theirs not in frame.columns and ours in frame.columns:  # which one did the merchant mean?
             raise ShopDataError(str(path), f"shop.toml maps {ours} = \"{theirs}\", which is not in the file, "
@@ -520,6 +521,31 @@ def _read_table(path: Path, mapping: dict[str, str]) -> pd.DataFrame:
         raise ShopDataError(str(path), "no data rows under the header (the table is empty)",
                             f"export the rows too, or delete {path.name} if you have none")
     return frame
+
+
+def _refuse_doubled_file(frame: pd.DataFrame, path: Path) -> None:
+    """Refuse a file that holds its rows twice (pasted or exported twice): every row would count double.
+
+    Two signs: a data row that repeats the header, or a second half equal to the first, row for row.
+    A single repeated row is left alone (two events in one second can be real).
+    """
+    header_again = np.ones(len(frame), dtype=bool)
+    for position, name in enumerate(frame.columns):  # column by column: no copy of the whole table
+        header_again &= (frame.iloc[:, position].astype(str).str.strip() == str(name)).to_numpy()
+        if not header_again.any():
+            break
+    if len(frame.columns) and header_again.any():
+        row = _row(int(np.flatnonzero(header_again)[0]))
+        raise ShopDataError(str(path), f"row {row} repeats the header row: the file holds two copies "
+                            "(pasted or exported twice?)", f"keep one copy: delete row {row} and, if they "
+                            "repeat rows above it, the rows after it", row=row)
+    half = len(frame) // 2
+    if half >= 2 and len(frame) == 2 * half and all(
+            np.array_equal(frame.iloc[:half, i].to_numpy(), frame.iloc[half:, i].to_numpy())
+            for i in range(len(frame.columns))):
+        raise ShopDataError(str(path), f"rows {_row(half)}-{_row(2 * half - 1)} repeat rows 2-{_row(half - 1)} "
+                            "exactly: the file holds its rows twice (pasted or exported twice?)",
+                            f"keep one copy: delete rows {_row(half)}-{_row(2 * half - 1)}", row=_row(half))
 
 
 def _suggest(field_name: str, found: list[str]) -> str | None:

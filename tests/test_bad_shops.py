@@ -160,6 +160,15 @@ def reencode(encoding: str) -> Callable[[Path], None]:
     return change
 
 
+def file_twice(with_header: bool) -> Callable[[Path], None]:
+    """A damage that pastes interactions.csv's rows (and, if asked, its header) under themselves."""
+    def change(root: Path) -> None:
+        lines = (root / "interactions.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+        (root / "interactions.csv").write_text("".join(lines + (lines if with_header else lines[1:])),
+                                               encoding="utf-8")
+    return change
+
+
 @dataclass(frozen=True)
 class Case:
     """One malformed directory: how to damage the base shop, the message fragment and where it points."""
@@ -224,6 +233,10 @@ CASES = [
     Case("sales-unknown-item", cell("sales", "item_id", "Z9", row=0), "not found in items.csv", "sales.csv",
          "item_id", 2),
     # headers and columns
+    Case("file-twice-with-header", file_twice(True), "repeats the header row: the file holds two copies",
+         "interactions.csv", None, N_ROWS + 2),
+    Case("file-twice-rows-only", file_twice(False), "exactly: the file holds its rows twice", "interactions.csv",
+         None, N_ROWS + 2),
     Case("duplicate-header", header_edit("hour", "event"), "names column 'event' twice", "interactions.csv",
          "event", 1),
     Case("duplicate-header-after-trim", header_edit("hour", " event "), "names column 'event' twice",

@@ -126,3 +126,61 @@ def test_compare_whose_every_round_is_skipped_exits_1_without_a_traceback(tmp_pa
     assert done.returncode == 1, output
     assert "run failed: every round (1-2) was skipped" in _flat(output), output
     assert "NaN" in output and "Traceback" not in output, output
+
+
+# command-line numbers out of range: (command, option, value, its runner's module and name or None)
+BAD_OPTIONS = [
+    ("simulate", "--rounds", "0", simulate_cmd, "run_federated"),  # used to run the scenario's 10 rounds
+    ("simulate", "--rounds", "-3", simulate_cmd, "run_federated"),  # used to blame join_round
+    ("train-local", "--epochs", "0", train_cmd, "run_local_only"),  # used to train the default epochs
+    ("train-local", "--epochs", "-2", train_cmd, "run_local_only"),  # used to end in a KeyError traceback
+    ("train-central", "--epochs", "0", train_cmd, "run_central"),
+    ("transfer", "--rounds", "0", transfer_cmd, "run_transfer"),
+    ("transfer", "--workers", "0", transfer_cmd, "run_transfer"),
+    ("transfer", "--max-periods", "0", transfer_cmd, "run_transfer"),
+    ("transfer", "--patience", "0", transfer_cmd, "run_transfer"),
+    ("transfer", "--seeds", "-1", transfer_cmd, "run_transfer"),
+    ("privacy", "--rounds", "-1", privacy_run, "run_privacy_eval"),
+    ("privacy", "--steps", "-1", privacy_run, "run_privacy_eval"),
+    ("privacy", "--dpsgd-noise", "-1", privacy_run, "run_privacy_eval"),  # used to fail late, naming a class
+    ("privacy", "--seed", "-1", privacy_run, "run_privacy_eval"),  # used to fail late: "expected non-negative"
+    ("privacy", "--shadow-shops", "-1", privacy_run, "run_privacy_eval"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "value", "module", "name"), BAD_OPTIONS,
+                         ids=[f"{c}{o}={v}" for c, o, v, _m, _n in BAD_OPTIONS])
+def test_an_out_of_range_option_is_refused_before_anything_runs(command, option, value, module, name,
+                                                                  tiny_toml, tmp_path, monkeypatch):
+    """A count of 0 or below is never read as 'the default' or passed on to fail later: exit 2 naming it."""
+    ran = []
+    monkeypatch.setattr(module, name, lambda *a, **k: ran.append(a))
+    where = ["--runs", str(tmp_path / "runs")] if command == "privacy" else ["--run-dir", str(tmp_path / "run")]
+    result = runner.invoke(app, [command, str(tiny_toml), *where, option, value])
+    assert result.exit_code == 2, result.output
+    text = _flat(result.output)
+    assert option in text and value in text and "not in the range" in text, result.output
+    assert "Traceback" not in result.output and not ran
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+MERCHANT = ["merchant", "start", "--shop-dir", "s", "--state-dir", "st", "--superlink", "127.0.0.1:1", "--ca", "c",
+            "--key", "k", "--trusted-entities", "t"]
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["coordinator", "run", "--home", "h", "--rounds", "-1"], "--rounds"),
+    (["coordinator", "start", "--home", "h", "--port-base", "-1"], "--port-base"),
+    (["coordinator", "register", "k.pub", "--home", "h", "--shop-index", "-1"], "--shop-index"),
+    ([*MERCHANT, "--retry-for", "-5"], "--retry-for"),
+    ([*MERCHANT, "--port", "70000"], "--port"),
+    ([*MERCHANT, "--shop-index", "-1"], "--shop-index"),
+])
+def test_deployment_options_out_of_range_are_refused(args, option, tmp_path, monkeypatch):
+    """The deployment commands refuse negative rounds, ports, shop indexes and retry times by name."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = _flat(result.output)
+    assert option in text and "not in the range" in text and "Traceback" not in result.output, result.output
+    assert not list(tmp_path.iterdir())

@@ -87,7 +87,8 @@ def certs(
 def coordinator_start(
     home: Path = typer.Option(..., "--home", help="Coordinator folder (PID, log, state, FLWR_HOME)."),
     certs_dir: Path = typer.Option(None, "--certs", help="Folder from `fedshop certs` (default HOME/certs)."),
-    port_base: int = typer.Option(0, "--port-base", help="SuperLink port (Fleet, Control and Runtime APIs share "
+    port_base: int = typer.Option(0, "--port-base", min=0, max=65535,
+                                  help="SuperLink port (Fleet, Control and Runtime APIs share "
                                   "it in flwr 1.42); 0 picks a free port."),
     bind: str = typer.Option("127.0.0.1", "--bind", help="Interface to listen on; 0.0.0.0 for other hosts."),
     public_host: str = typer.Option(None, "--public-host", help="Name merchants dial (must be in the cert)."),
@@ -118,7 +119,7 @@ def coordinator_register(
     public_key: Path = typer.Argument(..., help="A merchant's .pub from `fedshop certs`."),
     home: Path = typer.Option(..., "--home"),
     name: str = typer.Option(None, "--name", help="Label for the SuperNode."),
-    shop_index: int = typer.Option(None, "--shop-index", help="Bind this key to the merchant's --shop-index: "
+    shop_index: int = typer.Option(None, "--shop-index", min=0, help="Bind this key to the merchant's --shop-index: "
                                    "replies from it that claim another shop are dropped and reported."),
 ) -> None:
     """Allow a merchant's SuperNode key (`flwr supernode register`), bound to its shop-index."""
@@ -148,7 +149,7 @@ def coordinator_run(
     scenario: str = typer.Argument(None, help="Built-in scenario name or TOML path; every merchant must resolve it "
                                    "too (a built-in name, or the same path on each merchant host). Not with --resume."),
     home: Path = typer.Option(..., "--home"),
-    rounds: int = typer.Option(0, "--rounds", help="num-server-rounds (0: the scenario's federation.rounds)."),
+    rounds: int = typer.Option(0, "--rounds", min=0, help="num-server-rounds (0: the scenario's federation.rounds)."),
     config: list[str] = typer.Option([], "--config", "-c", help="Extra run config KEY=VALUE (repeatable), e.g. "
                                      "-c round-timeout=120.0"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the run directory is created."),
@@ -261,10 +262,11 @@ def merchant_start(
     key: Path = typer.Option(..., "--key", help="This merchant's SuperNode private key (.key)."),
     trusted_entities: Path = typer.Option(..., "--trusted-entities", help="The coordinator's trusted-entities.yaml: "
                                           "this SuperNode runs only apps signed by a key in it."),
-    port: int = typer.Option(0, "--port", help="Local Runtime API port, distinct per SuperNode on a host; 0 = free."),
-    shop_index: int = typer.Option(None, "--shop-index", help="This merchant's number (0, 1, ...): metrics.csv "
+    port: int = typer.Option(0, "--port", min=0, max=65535,
+                             help="Local Runtime API port, distinct per SuperNode on a host; 0 = free."),
+    shop_index: int = typer.Option(None, "--shop-index", min=0, help="This merchant's number (0, 1, ...): metrics.csv "
                                    "labels its rows shop-<index>; without it they say node-<SuperNode ID>."),
-    retry_for: float = typer.Option(0.0, "--retry-for", help="Seconds to keep retrying a refused activation "
+    retry_for: float = typer.Option(0.0, "--retry-for", min=0.0, help="Seconds to keep retrying a refused activation "
                                     "(after a crash the SuperLink holds the node for two heartbeat intervals)."),
     heartbeat_interval: float = typer.Option(30.0, "--heartbeat-interval", min=10.0, max=1800.0,
                                              help="Seconds between this SuperNode's heartbeats (Flower: 30). "

@@ -16,12 +16,12 @@ def register(app: typer.Typer) -> None:
         scenario: str = typer.Argument("default", help="Scenario name or path to a scenario TOML."),
         runs: Path = typer.Option(Path("runs"), help="Folder that receives the run directory."),
         small: bool = typer.Option(False, help="Tiny settings (seconds): for smoke runs."),
-        property_shops: int = typer.Option(0, help="Target shops of property inference (0 = default 60)."),
-        shadow_shops: int = typer.Option(0, help="Shadow shops of the property meta-classifier (0 = default 120)."),
-        rounds: int = typer.Option(0, help="Federated rounds per privacy-utility row (0 = default 10)."),
-        steps: int = typer.Option(0, help="Cap on local steps per shop and round, privacy-utility (0 = default 50)."),
-        dpsgd_noise: float = typer.Option(0.0, help="Noise multiplier of user-level DP-SGD (0 = default 1.0)."),
-        seed: int = typer.Option(0, help="Seed of user splits, training and bootstraps."),
+        property_shops: int = typer.Option(0, min=0, help="Target shops of property inference (0 = default 60)."),
+        shadow_shops: int = typer.Option(0, min=0, help="Shadow shops of the property meta-classifier (0: 120)."),
+        rounds: int = typer.Option(0, min=0, help="Federated rounds per privacy-utility row (0 = default 10)."),
+        steps: int = typer.Option(0, min=0, help="Cap on local steps per shop and round, privacy-utility (0: 50)."),
+        dpsgd_noise: float = typer.Option(0.0, min=0.0, help="Noise multiplier of user-level DP-SGD (0: 1.0)."),
+        seed: int = typer.Option(0, min=0, help="Seed of user splits, training and bootstraps."),
     ) -> None:
         """Attack a scenario's shops and report what leaks, with and without SecAgg+ and DP."""
         from simulations.options import scenario_or_exit

@@ -88,8 +88,8 @@ def register(app: typer.Typer) -> None:
     @app.command("flwr-run")
     def flwr_run(
         run_config: str = typer.Option("", help='e.g. \'num-server-rounds=3 run-dir="/abs/runs/demo"\''),
-        num_supernodes: int = typer.Option(8, help="must equal the scenario's number of training shops"),
-        timeout: float = typer.Option(7200.0, help="seconds to wait for the run to finish"),
+        num_supernodes: int = typer.Option(8, min=1, help="must equal the scenario's number of training shops"),
+        timeout: float = typer.Option(7200.0, min=1.0, help="seconds to wait for the run to finish"),
     ) -> None:
         """`flwr run .` on a local SuperLink, failing unless the run completes (flwr's own exit code does not)."""
         env = flwr_env()
@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
     @app.command("simulate")
     def simulate(
         scenario: str = typer.Argument("default", help="scenario name or path to a .toml (ignored with --resume)"),
-        rounds: int | None = typer.Option(None, help="server rounds (default: the scenario's federation.rounds)"),
+        rounds: int | None = typer.Option(None, min=1, help="server rounds (default: federation.rounds)"),
         run_dir: Path | None = typer.Option(None, help="write here instead of runs/<scenario>-<method>-<time>"),
         runs: Path = typer.Option(Path("runs"), help="parent folder of new run directories"),
         resume: Path | None = typer.Option(None, help="continue this run directory from its last checkpoint"),

@@ -51,7 +51,7 @@ def _command(kind: str, doc: str):  # noqa: ANN202 - a Typer command function
 
     def command(
         scenario: str = typer.Argument("default", help="scenario name or path to a .toml"),
-        epochs: int | None = typer.Option(None, help="epochs (default: the federation's rounds x local epochs)"),
+        epochs: int | None = typer.Option(None, min=1, help="epochs (default: the federation's rounds x local epochs)"),
         run_dir: Path | None = typer.Option(None, help=f"write here instead of runs/<scenario>-{kind}-<time>"),
         runs: Path = typer.Option(Path("runs"), help="parent folder of new run directories"),
         seed: int | None = typer.Option(None, help="override the scenario's seed"),

@@ -37,11 +37,11 @@ def transfer(
                                         "running the fedshop federation"),
     meta_encoder: Path | None = typer.Option(None, help="encoder of a Reptile-objective federation instead of "
                                              "running one"),
-    rounds: int | None = typer.Option(None, help="federation rounds (default: the scenario's)"),
-    seeds: list[int] = typer.Option([], "--seeds", help="transfer seeds (subsets and inits); repeat the option"),
-    workers: int | None = typer.Option(None, help="parallel adaptation processes (default: CPU count)"),
-    max_periods: int = typer.Option(TransferConfig.max_periods, help="early stopping: evaluation periods at most"),
-    patience: int = typer.Option(TransferConfig.patience, help="early stopping: periods without improvement"),
+    rounds: int | None = typer.Option(None, min=1, help="federation rounds (default: the scenario's)"),
+    seeds: list[int] = typer.Option([], "--seeds", min=0, help="transfer seeds (subsets and inits); repeat the option"),
+    workers: int | None = typer.Option(None, min=1, help="parallel adaptation processes (default: CPU count)"),
+    max_periods: int = typer.Option(TransferConfig.max_periods, min=1, help="early stopping: periods at most"),
+    patience: int = typer.Option(TransferConfig.patience, min=1, help="early stopping: periods without improvement"),
     run_dir: Path | None = typer.Option(None, help="write here instead of runs/<scenario>-transfer-<time>"),
     runs: Path = typer.Option(Path("runs"), help="parent folder of new run directories"),
     set_: list[str] = typer.Option([], "--set", help="override a scenario key, e.g. "
