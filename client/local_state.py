@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from shared.atomic import atomic_write_bytes, remove_stale_temps
+from shared.atomic import atomic_keep_copy, atomic_write_bytes, remove_stale_temps
 from shared.features import FeatureConfig, ShopTensors, build_shop_tensors
 from shared.model import ShopModel, build_model
 from shared.scenario import Scenario, load_scenario
@@ -415,8 +415,8 @@ def save_local_part(model: ShopModel, context: Context, state_dir: Path | None, 
         context.state[OWN_ENCODER_RECORD] = ArrayRecord(own)
     if state_dir is not None:
         if keep == ROTATE:  # the part trained from is the current file: keep it as the previous copy
-            try:
-                os.replace(Path(state_dir) / STATE_FILE, Path(state_dir) / PREVIOUS_FILE)
+            try:  # a copy, not a rename: a kill before the new file lands leaves the current one in place
+                atomic_keep_copy(Path(state_dir) / STATE_FILE, Path(state_dir) / PREVIOUS_FILE)
             except FileNotFoundError:
                 pass
         write_state_file(state_dir, model, shop=shop, server_round=server_round, trained=trained, own_encoder=own,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,27 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None], *
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_keep_copy(src: str | Path, dst: str | Path) -> Path:
+    """Make ``dst`` a copy of ``src`` atomically while ``src`` stays in place (a hard link when it can).
+
+    Rotating a file with a rename leaves a moment with no ``src``; a crash then loses the current file.
+    """
+    src, dst = Path(src), Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TEMP_SUFFIX, dir=dst.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # a filesystem without hard links: copy the bytes instead
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> Path:

@@ -128,6 +128,24 @@ def _round_of(path) -> int:
     return int(torch.load(path, weights_only=True)["round"])
 
 
+def test_a_kill_while_the_new_local_part_is_written_leaves_the_current_file_in_place(shop, tmp_path, monkeypatch):
+    context = _context()
+    _train(shop, context, tmp_path, 1)
+    _train(shop, context, tmp_path, 2)
+
+    def killed(*_args, **_kwargs):
+        raise Killed
+
+    monkeypatch.setattr(local_state, "write_state_file", killed)
+    with pytest.raises(Killed):  # round 3's save dies after the rotation, before its file lands
+        _train(shop, context, tmp_path, 3)
+    # the rotation copied the current file rather than renaming it away: round 2's part is still current
+    assert (_round_of(tmp_path / STATE_FILE), _round_of(tmp_path / PREVIOUS_FILE)) == (2, 2)
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.undo()
+    assert _restore(shop, tmp_path, 3) == "disk"  # the checkpoint holds round 2: the current file matches
+
+
 def test_local_part_rolls_back_to_the_round_of_the_checkpoint_or_is_refused(shop, tmp_path):
     context = _context()
     assert [_train(shop, context, tmp_path, r) for r in (1, 2, 3)] == ["fresh", "context", "context"]
