@@ -149,17 +149,22 @@ class SharedEncoder(nn.Module):
         bi, wide, _ = self.field_terms(field_idx)
         return bi, wide
 
-    def mixture(self, x: torch.Tensor) -> torch.Tensor:
+    def mixture(self, x: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Expert outputs (B, K, E) over the joint input (B, 5d).
 
         The K two-layer experts run as one matrix product for the first layers (their weights side by side)
         and one batched product for the second: the same function and parameters as calling each expert,
         in two large kernels instead of 2K small ones (forward and backward).
+        ``cols``: x holds only these columns of the joint input, the others being zero (the sales rows):
+        the first layers read only those weight columns, the same function with fewer products.
         """
         first = [e[0] for e in self.experts]
         last = [e[-1] for e in self.experts]
         k, width = len(last), last[0].in_features
-        h = F.relu(F.linear(x, torch.cat([f.weight for f in first]), torch.cat([f.bias for f in first])))
+        w1 = torch.cat([f.weight for f in first])
+        if cols is not None:
+            w1 = w1.index_select(1, cols)
+        h = F.relu(F.linear(x, w1, torch.cat([f.bias for f in first])))
         drop = next((m.p for m in self.experts[0] if isinstance(m, nn.Dropout)), 0.0)
         if drop:
             h = F.dropout(h, drop, self.training)
@@ -195,9 +200,14 @@ class LocalPart(nn.Module):
             nn.init.zeros_(self.item_bias.weight)
         self.weighting = make_weighting(cfg.weighting, self.tasks)
 
-    def gate(self, task: str, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Task-specific mixture of expert outputs: (B, K, E) -> (B, E)."""
-        w = torch.softmax(self.gates[task](x), -1)  # (B, K)
+    def gate(self, task: str, x: torch.Tensor, experts: torch.Tensor, cols: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Task-specific mixture of expert outputs: (B, K, E) -> (B, E).
+
+        ``cols``: x holds only these columns of the joint input, the others being zero (see `SharedEncoder.mixture`).
+        """
+        g = self.gates[task]
+        w = torch.softmax(g(x) if cols is None else F.linear(x, g.weight.index_select(1, cols), g.bias), -1)  # (B, K)
         return (w.unsqueeze(-1) * experts).sum(1)
 
     def gated_towers(self, tasks: Sequence[str], x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -337,14 +347,22 @@ class ShopModel(nn.Module):
             return users @ v.T + bias
         return torch.einsum("bd,bcd->bc", users, v) + bias
 
+    @staticmethod
+    def _sales_cols(d: int) -> torch.Tensor:
+        """Columns of the joint input (u, v, c, u*v, bi; d each) a sales row fills: v, c (the sales input), bi."""
+        return torch.cat([torch.arange(d, 3 * d), torch.arange(4 * d, 5 * d)])
+
     def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> torch.Tensor:
         """Log of expected next-period units per (item, period) row: (B,)."""
         v = item_table.index_select(0, batch["item"])
         s = self.local.sales_in(batch["x"])  # (B, d)
         bi, wide = self.encoder.crosses(self.item_cat[batch["item"]])
-        zero = torch.zeros_like(v)
-        x = torch.cat([zero, v, s, zero, bi], -1)
-        h = self.local.gate("sales", x, self.encoder.mixture(x))
+        # The joint input of a sales row is [0, v, s, 0, bi] (no user, no user-item product): the experts' first
+        # layers and the gate read only the three non-zero blocks' weight columns (~40% fewer products there,
+        # forward and backward, and no zero blocks built or differentiated).
+        x = torch.cat([v, s, bi], -1)  # (B, 3d)
+        cols = self._sales_cols(v.shape[-1])
+        h = self.local.gate("sales", x, self.encoder.mixture(x, cols), cols)
         return self.local.towers["sales"](torch.cat([h, s], -1)).squeeze(-1) + wide[:, GATED_TASKS.index("sales")]
 
 

@@ -171,3 +171,36 @@ def test_golden_checkpoint_loads_strictly_and_gives_the_old_outputs(
     assert got.keys() == want.keys()
     for k in want:
         assert torch.allclose(got[k], want[k], atol=1e-5), (k, float((got[k] - want[k]).abs().max()))
+
+
+def _old_sales_log_rate(model: ShopModel, batch: dict[str, torch.Tensor], item_table: torch.Tensor) -> torch.Tensor:
+    """sales_log_rate as it was: the zero user and user-item blocks built into the joint input (B, 5d)."""
+    enc, loc = model.encoder, model.local
+    v = item_table[batch["item"]]
+    s = loc.sales_in(batch["x"])
+    bi, wide = enc.crosses(model.item_cat[batch["item"]])
+    zero = torch.zeros_like(v)
+    x = torch.cat([zero, v, s, zero, bi], -1)
+    experts = torch.stack([ex(x) for ex in enc.experts], 1)
+    h = loc.gate("sales", x, experts)
+    return loc.towers["sales"](torch.cat([h, s], -1)).squeeze(-1) + wide[:, 2]
+
+
+def test_sales_log_rate_and_gradients_equal_the_zero_block_path(largest_shop: ShopTensors,
+                                                                tiny_model_cfg: ModelConfig,
+                                                                tiny_features: FeatureConfig) -> None:
+    """The sales rows skip the joint input's zero blocks: same outputs and every parameter gradient."""
+    model = _model(largest_shop, tiny_model_cfg, tiny_features, ["ctr", "sales"])
+    model.eval()
+    batch = {k: v[:96] for k, v in largest_shop.sales["train"].items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for fn in (model.sales_log_rate, lambda b, t: _old_sales_log_rate(model, b, t)):
+        out = fn(batch, model.all_items())
+        results.append((out, torch.autograd.grad(out.square().sum(), params, allow_unused=True)))
+    (new, g_new), (old, g_old) = results
+    assert new.shape == (96,) and torch.allclose(new, old, atol=1e-5)
+    assert any(a is not None and a.abs().sum() > 0 for a in g_new)
+    for p, a, b in zip(params, g_new, g_old, strict=True):
+        assert (a is None) == (b is None), p.shape
+        assert a is None or torch.allclose(a, b, atol=1e-5), p.shape
