@@ -1,4 +1,4 @@
-"""The SuperLink's opt-in request log (benchmarks/deployment_timeline.py counts requests per path with it)."""
+"""The SuperLink's opt-in request log (benchmarks/superlink_requests.py) and the coordinator's SuperExec poll."""
 
 from __future__ import annotations
 
@@ -49,3 +49,15 @@ def test_a_failing_request_is_logged_too(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(RuntimeError):
         _call(RequestLog(broken), {"type": "http", "path": "/v1/runtime/acquire-task"})
     assert json.loads(log.read_text())["path"] == "/v1/runtime/acquire-task"
+
+
+def test_the_coordinators_superexec_polls_at_flowers_1s_and_merchants_at_0_2s(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from simulations.deploy.flwr_config import SUPEREXEC_POLL_ENV, coordinator_env, flwr_env
+
+    monkeypatch.delenv(SUPEREXEC_POLL_ENV, raising=False)
+    assert coordinator_env(tmp_path)[SUPEREXEC_POLL_ENV] == "1.0"
+    assert flwr_env(tmp_path)[SUPEREXEC_POLL_ENV] == "0.2"  # a merchant's SuperExec starts each ClientApp
+    assert coordinator_env(tmp_path, {SUPEREXEC_POLL_ENV: "0.3"})[SUPEREXEC_POLL_ENV] == "0.3"
+    monkeypatch.setenv(SUPEREXEC_POLL_ENV, "0.5")  # the operator's own value wins
+    assert coordinator_env(tmp_path)[SUPEREXEC_POLL_ENV] == "0.5"
