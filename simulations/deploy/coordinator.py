@@ -32,7 +32,7 @@ from shared.atomic import atomic_write_text
 from shared.scenario import Scenario
 from simulations.deploy.app_signing import SIGNATURE_KEY, SIGNING_KEY_FILE, build_fab, load_signing_key, sign_fab
 from simulations.deploy.certs import key_fingerprint
-from simulations.deploy.flwr_config import CONNECTION, flwr_bin, flwr_env, write_connection
+from simulations.deploy.flwr_config import CONNECTION, coordinator_env, flwr_bin, flwr_env, write_connection
 from simulations.deploy.processes import (
     ProcessStartError,
     free_port,
@@ -142,7 +142,7 @@ def start_coordinator(home: str | Path, certs: str | Path, *, port: int | None =
                "--database", str(home / "superlink.db"), "--disable-runtime-dependency-installation"]
     log = home / "superlink.log"
     proc = start_process("flower-superlink", command, log_path=log, record_path=record,
-                         env=flwr_env(info.flwr_home, env))
+                         env=coordinator_env(info.flwr_home, env))
     try:
         wait_ready(proc, lambda: port_open(operator_host, port), timeout=timeout, log_path=log,
                what="flower-superlink")

@@ -16,8 +16,11 @@ import ipaddress
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
+
+from shared.timing_log import record, timing_enabled
 
 PUBLIC_PREFIX = "/v1/fleet/"  # what SuperNodes call; nothing else is served to other hosts
 REFUSAL = ("fedshop: this SuperLink serves only its Fleet API to other hosts; Control and Runtime APIs answer "
@@ -68,6 +71,25 @@ class FleetOnlyForRemotePeers:
         await send({"type": "http.response.body", "body": body})
 
 
+class RequestLog:
+    """ASGI middleware (only with $FEDSHOP_TIMING_LOG): one timing-log line per HTTP request, path and seconds."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Time the request, then append its path, start and duration to the timing log."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.time()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            record({"where": "superlink", "event": "request", "path": str(scope.get("path", "")), "at": start,
+                    "s": round(time.time() - start, 5)})
+
+
 def install_guard(allowed: tuple[str, ...] = ()) -> None:
     """Put `FleetOnlyForRemotePeers` outermost in the middleware list Flower's SuperLink app is built with."""
     from flwr.superlink import main
@@ -79,7 +101,8 @@ def install_guard(allowed: tuple[str, ...] = ()) -> None:
                            "was built on. Fix: install flwr==1.42.0")
 
     def guarded() -> list[Middleware]:
-        return [Middleware(FleetOnlyForRemotePeers, allowed=allowed), *flower_middleware()]
+        logged = [Middleware(RequestLog)] if timing_enabled() else []
+        return [*logged, Middleware(FleetOnlyForRemotePeers, allowed=allowed), *flower_middleware()]
 
     main._get_middleware = guarded
 
