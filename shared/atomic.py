@@ -10,7 +10,8 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -32,22 +33,29 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return stale
 
 
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None], *, mode: int | None = None) -> Path:
-    """Call ``write(fh)`` on a temp file beside ``path`` and rename it over ``path`` when done."""
-    path = Path(path)
+@contextmanager
+def _temp_beside(path: Path) -> Iterator[tuple[int, str]]:
+    """A temp file beside ``path`` (open fd, name), renamed over ``path`` on success, removed on any failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None], *, mode: int | None = None) -> Path:
+    """Call ``write(fh)`` on a temp file beside ``path`` and rename it over ``path`` when done."""
+    path = Path(path)
+    with _temp_beside(path) as (fd, tmp):
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -57,18 +65,15 @@ def atomic_keep_copy(src: str | Path, dst: str | Path) -> Path:
     Rotating a file with a rename leaves a moment with no ``src``; a crash then loses the current file.
     """
     src, dst = Path(src), Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TEMP_SUFFIX, dir=dst.parent)
-    os.close(fd)
-    try:
-        os.unlink(tmp)
+    with _temp_beside(dst) as (fd, tmp):
+        os.close(fd)
+        os.unlink(tmp)  # os.link will not overwrite
         try:
             os.link(src, tmp)
+        except FileNotFoundError:
+            raise
         except OSError:  # a filesystem without hard links: copy the bytes instead
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dst
 
 
