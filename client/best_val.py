@@ -96,3 +96,9 @@ def note_round(record: Record, server_round: int, scores: Mapping[str, float]) -
     kept = {r: v for r, v in record.items() if r < server_round}
     kept[server_round] = {t: float(s) for t, s in scores.items() if not math.isnan(s)}
     return kept
+
+
+def next_tests(record: Record, server_round: int, val: Mapping[str, Mapping[str, float]]) -> tuple[set[str], Record]:
+    """From round ``server_round``'s validation metrics: the tasks to test (`tasks_to_test`) and the updated record."""
+    scores = primaries(val)
+    return tasks_to_test(record, server_round, scores), note_round(record, server_round, scores)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
-from client.best_val import load_record, note_round, primaries, save_record, tasks_to_test
+from client.best_val import load_record, next_tests, save_record
 from client.dpsgd_round import train_dpsgd_round
 from client.local_state import (
     Shop,
@@ -197,10 +197,8 @@ def test_after_val(shop: Shop, context: Context, settings: ShopRoundSettings,
                    val: Mapping[str, Mapping[str, float]]) -> set[str]:
     """The tasks whose test metrics this round can be reported (`client.best_val`); notes the round's scores."""
     run, server_round = settings.run_dir, settings.server_round
-    record = load_record(context, shop.state_dir, run)
-    scores = primaries(val)
-    wanted = tasks_to_test(record, server_round, scores)
-    save_record(context, shop.state_dir, run, note_round(record, server_round, scores))
+    wanted, record = next_tests(load_record(context, shop.state_dir, run), server_round, val)
+    save_record(context, shop.state_dir, run, record)
     return wanted
 
 

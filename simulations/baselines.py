@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from client.best_val import Record, note_round, primaries, tasks_to_test
+from client.best_val import Record, next_tests
 from shared.features import ShopTensors, build_shop_tensors, pool_shops
 from shared.model import build_model
 from shared.scenario import Scenario
@@ -45,10 +45,8 @@ def _train_and_log(method: str, model, train_on: ShopTensors, views: list[ShopTe
             val = evaluate_shop(model, view, "val")
             tasks = None  # test every task: with test_every_round, and after the last epoch
             if not every and epoch < epochs:  # the same rule as the federation's shops
-                record, scores = records.get(view.name, {}), primaries(val)
-                skip = set(val) - tasks_to_test(record, epoch, scores)
-                records[view.name] = note_round(record, epoch, scores)
-                tasks = [t for t in view.tasks if t not in skip]
+                wanted, records[view.name] = next_tests(records.get(view.name, {}), epoch, val)
+                tasks = [t for t in view.tasks if t not in set(val) - wanted]
             rows += metric_rows(method, epoch, view.name, val, "val")
             rows += metric_rows(method, epoch, view.name, evaluate_shop(model, view, "test", tasks=tasks), "test")
             rows += [{"method": method, "round": epoch, "shop": view.name, "task": "all", "split": "train",
