@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tomli_w
+from pandas.api.types import is_object_dtype, is_string_dtype
 
 from shared.atomic import atomic_write_parquet, atomic_write_text
 
@@ -531,7 +532,10 @@ def _refuse_doubled_file(frame: pd.DataFrame, path: Path) -> None:
     """
     header_again = np.ones(len(frame), dtype=bool)
     for position, name in enumerate(frame.columns):  # column by column: no copy of the whole table
-        header_again &= (frame.iloc[:, position].astype(str).str.strip() == str(name)).to_numpy()
+        column = frame.iloc[:, position]
+        if not (is_object_dtype(column) or is_string_dtype(column)) and not _reads_as_number(str(name)):
+            return  # a parsed numeric or date column cannot hold a non-numeric header name
+        header_again &= (column.astype(str).str.strip() == str(name)).to_numpy()
         if not header_again.any():
             break
     if len(frame.columns) and header_again.any():
@@ -546,6 +550,15 @@ def _refuse_doubled_file(frame: pd.DataFrame, path: Path) -> None:
         raise ShopDataError(str(path), f"rows {_row(half)}-{_row(2 * half - 1)} repeat rows 2-{_row(half - 1)} "
                             "exactly: the file holds its rows twice (pasted or exported twice?)",
                             f"keep one copy: delete rows {_row(half)}-{_row(2 * half - 1)}", row=_row(half))
+
+
+def _reads_as_number(text: str) -> bool:
+    """Whether a header name could come back from the CSV reader as a number (e.g. a column named "2024")."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _suggest(field_name: str, found: list[str]) -> str | None:

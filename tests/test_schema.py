@@ -395,3 +395,12 @@ def test_missing_units_suggests_a_per_file_mapping(tmp_path: Path) -> None:
     err = error_of(make_dir(tmp_path / "s", interactions__csv=EVENT_LOG,
                             sales__csv="item_id,day,quantity\nA1,0,2\n"))
     assert err.column == "units" and '[columns.sales] units = "quantity"' in err.fix
+
+
+def test_a_typed_table_skips_the_header_search_but_numeric_header_names_are_still_checked() -> None:
+    """Parquet columns arrive typed: a numeric column cannot hold a text header, unless the name reads as a number."""
+    from shared.schema import ShopDataError, _refuse_doubled_file
+
+    _refuse_doubled_file(pd.DataFrame({"user": [1, 2, 3], "item": [4, 5, 6]}), Path("t.parquet"))
+    with pytest.raises(ShopDataError, match="row 3 repeats the header row"):
+        _refuse_doubled_file(pd.DataFrame({"2024": [1, 2024, 3], "7": [5, 7, 6]}), Path("t.parquet"))
