@@ -1,0 +1,186 @@
+"""Fused evaluation (#15): with the personal mix, the train reply carries the round's evaluation.
+
+Fused and unfused runs must write the same metrics.csv bit for bit, with one message per shop per round
+instead of two; shops whose fused evaluation is missing (train error, failed evaluation, waiting late
+joiner) still get an evaluate message, so no evaluation row is lost.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from flower_harness import LocalGrid, tiny_scenario, write_scenario
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from client import client_app, shop_round
+from client.leak_guard import LeakBlocked, clean_reply
+from server.server_app import FederationSettings, run_federation
+from shared.protocol import EVAL_METRICS_RECORD, EVALUATE_AFTER_TRAIN, METRICS_RECORD
+
+MIX = {"personal-mix": 20000.0, "eval-split": "val+test"}
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def scenario_file(tmp_path_factory):
+    return write_scenario(tiny_scenario(), tmp_path_factory.mktemp("fuse") / "scenario.toml")
+
+
+def _run(scenario_file: Path, run_dir: Path, *, fuse: bool, n_nodes: int = 3, rounds: int = ROUNDS,
+         **config: object) -> tuple[pd.DataFrame, LocalGrid, list]:
+    grid = LocalGrid(n_nodes, client_app.app)
+    settings = FederationSettings.from_config({"scenario": str(scenario_file), "num-server-rounds": rounds,
+                                               "run-dir": str(run_dir), "fuse-evaluate": fuse, **MIX, **config})
+    reports: list = []
+    run_federation(grid, settings, lambda report, total: reports.append(report))
+    return pd.read_csv(run_dir / "metrics.csv"), grid, reports
+
+
+def _per_round(grid: LocalGrid) -> Counter:
+    """(round, message type) -> messages the coordinator sent."""
+    out: Counter = Counter()
+    for msg in grid.sent:
+        config = next(iter(msg.content.config_records.values()))
+        out[int(config["server-round"]), msg.metadata.message_type] += 1
+    return out
+
+
+def test_fused_run_writes_the_same_metrics_with_one_message_per_shop_per_round(scenario_file, tmp_path):
+    fused, fgrid, freports = _run(scenario_file, tmp_path / "fused", fuse=True)
+    plain, pgrid, _ = _run(scenario_file, tmp_path / "plain", fuse=False)
+    pd.testing.assert_frame_equal(fused, plain)  # every row, value and order
+    assert (fused["split"] == "test").any() and (fused["split"] == "val").any()
+    for rnd in range(1, ROUNDS + 1):
+        assert _per_round(fgrid)[rnd, MessageType.TRAIN] == 3 and _per_round(fgrid)[rnd, MessageType.EVALUATE] == 0
+        assert _per_round(pgrid)[rnd, MessageType.TRAIN] == 3 and _per_round(pgrid)[rnd, MessageType.EVALUATE] == 3
+    assert all(len(r.evaluate) == 3 for r in freports)  # on_round_end once per round, with every shop
+    assert len(freports) == ROUNDS
+    train_msg = next(m for m in fgrid.sent if m.metadata.message_type == MessageType.TRAIN)
+    config = next(iter(train_msg.content.config_records.values()))
+    assert config[EVALUATE_AFTER_TRAIN] is True and config["eval-split"] == "val+test"
+    # The strategy took the evaluation out of each reply before the screens and FedAvg saw it.
+    assert all(set(m.content.metric_records) == {METRICS_RECORD} for m in fgrid.replies)
+
+
+def test_without_the_personal_mix_nothing_is_fused(scenario_file, tmp_path):
+    _, grid, _ = _run(scenario_file, tmp_path / "nomix", fuse=True, rounds=1, **{"personal-mix": 0.0})
+    assert _per_round(grid)[1, MessageType.EVALUATE] == 3
+    assert all(EVAL_METRICS_RECORD not in m.content.metric_records for m in grid.replies)
+
+
+@pytest.mark.parametrize("config", [
+    {"fault-inject": "error:1@2"},  # shop_01's train fails in round 2: its evaluation comes by evaluate message
+    {"fault-inject": "nan:1"},  # left out of the aggregate, still evaluated
+    {"compression": "sparse-fp16"},
+    {"strategy": "fedprox", "proximal-mu": 0.1},
+    {"test-every-round": True, "eval-split": "val"},
+], ids=["train-error", "nan", "compression", "fedprox", "val-only"])
+def test_fused_equals_unfused_under(scenario_file, tmp_path, config):
+    fused, fgrid, _ = _run(scenario_file, tmp_path / "fused", fuse=True, **config)
+    plain, _, _ = _run(scenario_file, tmp_path / "plain", fuse=False, **config)
+    pd.testing.assert_frame_equal(fused, plain)
+    if "error" in config.get("fault-inject", ""):
+        assert _per_round(fgrid)[2, MessageType.EVALUATE] == 1  # the fallback, to the failed shop only
+        assert ((fused["round"] == 2) & (fused["shop"] == "shop_01") & (fused["split"] == "val")).any()
+
+
+def test_central_dp_and_dpsgd_fused_equal_unfused(scenario_file, tmp_path):
+    config = {"dp-noise-multiplier": 0.1, "dp-clipping-norm": 5.0, "rounds": 2}
+    rounds = int(config.pop("rounds"))
+    fused, _, _ = _run(scenario_file, tmp_path / "dp-fused", fuse=True, rounds=rounds, **config)
+    plain, _, _ = _run(scenario_file, tmp_path / "dp-plain", fuse=False, rounds=rounds, **config)
+    pd.testing.assert_frame_equal(fused, plain)
+    sgd = {"dpsgd-noise-multiplier": 1.0, "dpsgd-steps": 3}
+    fused, _, _ = _run(scenario_file, tmp_path / "sgd-fused", fuse=True, rounds=2, **sgd)
+    plain, _, _ = _run(scenario_file, tmp_path / "sgd-plain", fuse=False, rounds=2, **sgd)
+    pd.testing.assert_frame_equal(fused, plain)
+
+
+def test_late_joiner_waits_warms_up_and_is_evaluated_the_same(tmp_path):
+    scenario = tiny_scenario(**{"data.synthetic.n_late_joiners": 1, "data.synthetic.late_joiner_impressions": 1500,
+                                "federation.join_round": 2, "federation.warmup_rounds": 1})
+    path = write_scenario(scenario, tmp_path / "join.toml")
+    n = len(scenario.federation_shops())
+    config = {"join-round": 2, "warmup-rounds": 1}
+    fused, grid, _ = _run(path, tmp_path / "fused", fuse=True, n_nodes=n, rounds=4, **config)
+    plain, _, _ = _run(path, tmp_path / "plain", fuse=False, n_nodes=n, rounds=4, **config)
+    pd.testing.assert_frame_equal(fused, plain)
+    assert _per_round(grid)[1, MessageType.EVALUATE] == 1  # the waiting joiner: asked by evaluate message
+    assert _per_round(grid)[2, MessageType.EVALUATE] == 0  # warm-up evaluates with its train reply
+    joiner = scenario.late_joiners[0]
+    assert set(fused[fused["shop"] == joiner]["round"]) == {1, 2, 3, 4}
+
+
+def test_a_failed_evaluation_after_training_keeps_the_train_reply_and_falls_back(scenario_file, tmp_path,
+                                                                                 monkeypatch):
+    real = shop_round.evaluate_round
+    calls = Counter()
+
+    def flaky(shop, model, settings, context):
+        calls[settings.server_round, shop.name, settings.evaluate_after_train] += 1
+        if settings.evaluate_after_train and shop.name == "shop_02" and settings.server_round == 2:
+            raise RuntimeError("disk full")
+        return real(shop, model, settings, context)
+
+    plain, _, _ = _run(scenario_file, tmp_path / "plain", fuse=False)
+    monkeypatch.setattr(shop_round, "evaluate_round", flaky)
+    fused, grid, reports = _run(scenario_file, tmp_path / "fused", fuse=True)
+    pd.testing.assert_frame_equal(fused, plain)
+    assert "shop_02" in reports[1].train  # its update counted
+    assert _per_round(grid)[2, MessageType.EVALUATE] == 1
+    assert calls[2, "shop_02", False] == 1  # the fallback evaluate message
+
+
+def test_resume_mid_run_gives_the_same_metrics(scenario_file, tmp_path):
+    straight, _, _ = _run(scenario_file, tmp_path / "straight", fuse=True, rounds=4)
+    run_dir = tmp_path / "resumed"
+    _run(scenario_file, run_dir, fuse=True, rounds=2)
+    resumed, _, _ = _run(scenario_file, run_dir, fuse=True, rounds=4, resume=True)
+    pd.testing.assert_frame_equal(resumed, straight)
+    unfused, _, _ = _run(scenario_file, tmp_path / "unfused", fuse=False, rounds=4)
+    pd.testing.assert_frame_equal(unfused, straight)
+
+
+def _fused_request_and_reply(scenario_file, tmp_path) -> tuple[Message, Message, object]:
+    """A real fused train request, its handler reply before the leak guard, and the node's context."""
+    grid = LocalGrid(3, client_app.app)
+    settings = FederationSettings.from_config({"scenario": str(scenario_file), "num-server-rounds": 1,
+                                               "run-dir": str(tmp_path / "run"), **MIX})
+    run_federation(grid, settings)
+    request = next(m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN)
+    context = grid.contexts[request.metadata.dst_node_id]
+    return request, client_app.train(request, context), context
+
+
+def test_leak_guard_lets_the_fused_evaluation_out_but_refuses_anything_extra(scenario_file, tmp_path):
+    import time
+
+    request, reply, context = _fused_request_and_reply(scenario_file, tmp_path)
+    started = time.time() - 60
+    assert set(reply.content.metric_records) == {METRICS_RECORD, EVAL_METRICS_RECORD}
+    assert not any(k.startswith(("val/", "test/")) for k in reply.content.metric_records[METRICS_RECORD])
+    assert any(k.startswith("test/") for k in reply.content.metric_records[EVAL_METRICS_RECORD])
+    assert set(clean_reply(request, reply, context, started).content.metric_records) == {METRICS_RECORD,
+                                                                                          EVAL_METRICS_RECORD}
+    evaluation = dict(reply.content.metric_records[EVAL_METRICS_RECORD])
+    extra = Message(RecordDict({**reply.content, EVAL_METRICS_RECORD: MetricRecord({**evaluation, "secret": 1.0})}),
+                    reply_to=request)
+    with pytest.raises(LeakBlocked):
+        clean_reply(request, extra, context, started)
+    train_key = Message(RecordDict({**reply.content, EVAL_METRICS_RECORD: MetricRecord({**evaluation, "loss": 1.0})}),
+                        reply_to=request)
+    with pytest.raises(LeakBlocked):  # train metrics never pass as evaluation keys
+        clean_reply(request, train_key, context, started)
+    third = Message(RecordDict({**reply.content, "other": MetricRecord({"num-examples": 1.0})}), reply_to=request)
+    with pytest.raises(LeakBlocked):
+        clean_reply(request, third, context, started)
+    # A train request that did not ask for the evaluation never lets one out.
+    config = dict(next(iter(request.content.config_records.values())))
+    config[EVALUATE_AFTER_TRAIN] = False
+    unasked = Message(RecordDict({**request.content, "config": ConfigRecord(config)}), dst_node_id=1,
+                      message_type=MessageType.TRAIN)
+    with pytest.raises(LeakBlocked):
+        clean_reply(unasked, Message(reply.content, reply_to=unasked), context, started)
