@@ -204,3 +204,50 @@ def test_leak_guard_lets_the_fused_evaluation_out_but_refuses_anything_extra(sce
                       message_type=MessageType.TRAIN)
     with pytest.raises(LeakBlocked):
         clean_reply(unasked, Message(reply.content, reply_to=unasked), context, started)
+
+
+def _engine_run(tmp_path: Path, engine: str, *, fuse: bool, monkeypatch) -> tuple[pd.DataFrame, Counter]:
+    """A tiny default-scenario run (personal mix on) on a real engine; messages counted at its grid."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from simulations.federated import run_federated
+    from simulations.pool_grid import PoolGrid
+
+    sent: Counter = Counter()
+    grid_class = PoolGrid if engine == "pool" else InMemoryGrid
+    real = grid_class.send_and_receive
+
+    def counting(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            sent[msg.metadata.message_type] += 1
+        sent["phases"] += 1
+        return real(self, messages, timeout=timeout)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(grid_class, "send_and_receive", counting)
+        run_dir = run_federated(tiny_scenario(), tmp_path / f"{engine}-{fuse}", rounds=2, engine=engine,
+                                **({"workers": 2} if engine == "pool" else {}),
+                                extra_config={"fuse-evaluate": fuse})
+    return pd.read_csv(run_dir / "metrics.csv"), sent
+
+
+def _check_engine(tmp_path: Path, engine: str, monkeypatch) -> None:
+    from simulations.best_rounds import final_table
+
+    fused, fsent = _engine_run(tmp_path, engine, fuse=True, monkeypatch=monkeypatch)
+    plain, psent = _engine_run(tmp_path, engine, fuse=False, monkeypatch=monkeypatch)
+    pd.testing.assert_frame_equal(fused, plain)
+    pd.testing.assert_frame_equal(final_table(fused), final_table(plain))
+    assert fsent[MessageType.TRAIN] == psent[MessageType.TRAIN] == 6  # 3 shops x 2 rounds
+    assert fsent[MessageType.EVALUATE] == 0 and psent[MessageType.EVALUATE] == 6
+    assert fsent["phases"] == psent["phases"] == 4  # Flower still runs an (empty) evaluate phase per round
+
+
+def test_pool_engine_fused_and_unfused_runs_are_identical(tmp_path, monkeypatch):
+    _check_engine(tmp_path, "pool", monkeypatch)
+
+
+@pytest.mark.slow
+def test_ray_engine_fused_and_unfused_runs_are_identical(tmp_path, monkeypatch):
+    _check_engine(tmp_path, "ray", monkeypatch)
