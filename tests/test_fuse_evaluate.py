@@ -251,3 +251,31 @@ def test_pool_engine_fused_and_unfused_runs_are_identical(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_ray_engine_fused_and_unfused_runs_are_identical(tmp_path, monkeypatch):
     _check_engine(tmp_path, "ray", monkeypatch)
+
+
+def test_a_shop_the_screens_leave_out_is_still_evaluated_the_same(scenario_file, tmp_path):
+    """shop_00 sends its update x100: the norm screen leaves it out; its evaluation (own encoder) stays."""
+    from flwr.app import Array
+
+    def attacker(msg, context):
+        reply = client_app.app(msg, context)
+        if (msg.metadata.message_type == MessageType.TRAIN and context.node_config["partition-id"] == 0
+                and not reply.has_error()):
+            record, sent = reply.content["arrays"], next(iter(msg.content.array_records.values()))
+            for key in list(record):
+                base = sent[key].numpy()
+                record[key] = Array((base + 100 * (record[key].numpy() - base)).astype(base.dtype))
+        return reply
+
+    frames, grids, reports = {}, {}, {}
+    for fuse in (True, False):
+        grid = LocalGrid(3, attacker)
+        settings = FederationSettings.from_config({"scenario": str(scenario_file), "num-server-rounds": 2,
+                                                   "run-dir": str(tmp_path / str(fuse)), "fuse-evaluate": fuse,
+                                                   **MIX})
+        reports[fuse] = []
+        run_federation(grid, settings, lambda report, total, out=reports[fuse]: out.append(report))
+        frames[fuse], grids[fuse] = pd.read_csv(tmp_path / str(fuse) / "metrics.csv"), grid
+    pd.testing.assert_frame_equal(frames[True], frames[False])
+    assert all("shop_00" in r.left_out and "shop_00" in r.evaluate for r in reports[True])
+    assert _per_round(grids[True])[2, MessageType.EVALUATE] == 0
