@@ -279,3 +279,48 @@ def test_a_shop_the_screens_leave_out_is_still_evaluated_the_same(scenario_file,
     pd.testing.assert_frame_equal(frames[True], frames[False])
     assert all("shop_00" in r.left_out and "shop_00" in r.evaluate for r in reports[True])
     assert _per_round(grids[True])[2, MessageType.EVALUATE] == 0
+
+
+def _deployed(root: Path, shops: list[str], scenario: Path, label: str, extra: dict) -> tuple[pd.DataFrame, Counter]:
+    """A 3-round loopback deployment (TLS SuperLink, one SuperNode per shop) of fresh shop state dirs."""
+    import io
+    import json
+
+    from shared.scenario import load_scenario
+    from simulations.deploy.coordinator import deployment_run_config, submit_run
+    from simulations.deploy.loopback import loopback_federation
+
+    fed_root = root / label
+    for name in shops:
+        (fed_root / name).mkdir(parents=True)
+        (fed_root / name / "shop").symlink_to(root / name / "shop")
+    run_dir = fed_root / "run"
+    run_dir.mkdir()
+    timing = fed_root / "timing.jsonl"
+    config = deployment_run_config(load_scenario(str(scenario)), str(scenario), run_dir, rounds=3, extra=extra)
+    with loopback_federation(fed_root, shops, env={"FEDSHOP_TIMING_LOG": str(timing)}) as fed:
+        outcome = submit_run(fed.coordinator.home, config, out=io.StringIO(), timeout=900)
+    assert outcome.ok, outcome
+    pushed: Counter = Counter()
+    for line in timing.read_text().splitlines():
+        event = json.loads(line) if line.strip() else {}
+        if event.get("where") == "serverapp" and event.get("event") == "push":
+            pushed["messages"] += event["n"]
+            pushed["pushes"] += 1
+    return pd.read_csv(run_dir / "metrics.csv"), pushed
+
+
+@pytest.mark.slow
+def test_deployment_fused_and_unfused_runs_are_identical(tmp_path):
+    """The deployment path (same ClientApp, SuperNodes on loopback): same metrics, 3 messages a round, not 6."""
+    from simulations.deploy.loopback import tiny_scenario as deploy_scenario
+    from simulations.deploy.loopback import write_tiny_shops
+
+    shops = write_tiny_shops(tmp_path)
+    scenario = tmp_path / "mix.toml"
+    scenario.write_text(deploy_scenario() + "personal_mix = 20000.0\n")  # [federation] is its last table
+    fused, fpushed = _deployed(tmp_path, shops, scenario, "fused", {})
+    plain, ppushed = _deployed(tmp_path, shops, scenario, "plain", {"fuse-evaluate": False})
+    pd.testing.assert_frame_equal(fused, plain)
+    assert set(fused["round"]) == {1, 2, 3} and (fused["split"] == "val").any()
+    assert fpushed == Counter(messages=9, pushes=3) and ppushed == Counter(messages=18, pushes=6)
