@@ -78,11 +78,14 @@ def test_without_the_personal_mix_nothing_is_fused(scenario_file, tmp_path):
     {"compression": "sparse-fp16"},
     {"strategy": "fedprox", "proximal-mu": 0.1},
     {"test-every-round": True, "eval-split": "val"},
-], ids=["train-error", "nan", "compression", "fedprox", "val-only"])
+    {"fraction-train": 0.6},  # 2 of 3 shops train each round: the third is evaluated by evaluate message
+], ids=["train-error", "nan", "compression", "fedprox", "val-only", "sampled"])
 def test_fused_equals_unfused_under(scenario_file, tmp_path, config):
     fused, fgrid, _ = _run(scenario_file, tmp_path / "fused", fuse=True, **config)
     plain, _, _ = _run(scenario_file, tmp_path / "plain", fuse=False, **config)
     pd.testing.assert_frame_equal(fused, plain)
+    if "fraction-train" in config:
+        assert all(_per_round(fgrid)[r, MessageType.EVALUATE] == 1 for r in range(1, ROUNDS + 1))
     if "error" in config.get("fault-inject", ""):
         assert _per_round(fgrid)[2, MessageType.EVALUATE] == 1  # the fallback, to the failed shop only
         assert ((fused["round"] == 2) & (fused["shop"] == "shop_01") & (fused["split"] == "val")).any()
