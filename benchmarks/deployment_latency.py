@@ -9,6 +9,9 @@ rounds, in one run so the comparisons are ratios taken under the same machine lo
   * after (default): `merchant start`'s and `coordinator start`'s defaults (0.02 -> 0.25 s,
     ClientApp 0.01 -> 0.05 s, reply wait 0.01 s; SuperNode active poll 0.02 s after a message doubling to
     0.2 s, ServerApp re-pull 0.02 s after a reply);
+  * after-unfused: as after, but `federation.fuse_evaluate = false` (two messages per shop per round; only
+    differs from after when shops serve their own encoder: give ``--personal-mix``, e.g. 20000 as the
+    default scenarios);
   * flat-polls: the defaults but the fixed polls before 2026-12-06: SuperNode active poll every 0.2 s,
     ServerApp reply poll every 0.1 s, the long-lived ClientApp's idle poll never relaxed;
   * older comparisons, on request: subprocess (a fresh `flwr-clientapp` per message and all of Flower's
@@ -64,6 +67,7 @@ LONG_LIVED = "deployment, long-lived ClientApp, Flower's SuperNode polling"
 POLLING = "deployment, long-lived + fedshop's SuperNode polling, one object per Array"
 FLOWER_WAITS = "deployment, fedshop defaults but Flower's back-offs and reply wait (before)"
 AFTER = "deployment, all fedshop defaults: 0.02-0.25 s back-offs, 0.01 s reply wait (after)"
+AFTER_UNFUSED = "deployment, as after but fuse-evaluate = false: a separate evaluate message (after-unfused)"
 FLAT_POLLS = "deployment, fedshop defaults but fixed polls: SuperNode 0.2 s, ServerApp 0.1 s (flat-polls)"
 FLAT = {"FEDSHOP_ACTIVE_POLL": "0.2", "FEDSHOP_GRID_AFTER_REPLY_POLL": "0.1", "FEDSHOP_CLIENTAPP_IDLE_POLL": "0.1"}
 SETUPS = (("subprocess", BEFORE, "subprocess", FLOWER_SUPERNODE),
@@ -71,7 +75,10 @@ SETUPS = (("subprocess", BEFORE, "subprocess", FLOWER_SUPERNODE),
           ("polling", POLLING, "process", UNPACKED),
           ("flower-waits", FLOWER_WAITS, "process", dict(FLOWERS_OWN)),
           ("flat-polls", FLAT_POLLS, "process", FLAT),
-          ("after", AFTER, "process", {}))  # {} = the defaults of `fedshop coordinator/merchant start`
+          ("after", AFTER, "process", {}),  # {} = the defaults of `fedshop coordinator/merchant start`
+          ("after-unfused", AFTER_UNFUSED, "process", {}))  # after, with `fuse-evaluate = false`
+# Run-config keys a row adds to the run (the others: the scenario's settings).
+RUN_CONFIG: dict[str, dict[str, object]] = {"after-unfused": {"fuse-evaluate": False}}
 STAGES = ("pull", "run", "push", "aggregate")
 _spec = importlib.util.spec_from_file_location("deployment_timeline", ROOT / "benchmarks" / "deployment_timeline.py")
 timeline = importlib.util.module_from_spec(_spec)
@@ -125,14 +132,15 @@ def round_gaps(run_dir: Path) -> list[float]:
     return [round(b - a, 2) for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
-def simulation_rounds(scenario_path: Path, root: Path, rounds: int, label: str = "sim") -> list[float]:
+def simulation_rounds(scenario_path: Path, root: Path, rounds: int, label: str = "sim",
+                      extra: dict[str, object] | None = None) -> list[float]:
     """Round times of the in-process simulation engine over the same shops."""
     from simulations.federated import run_federated
 
     run_dir = root / label
     # Ray, as every figure of this benchmark so far (the default engine, auto, would run the pool)
     run_federated(load_scenario(scenario_path), run_dir, rounds=rounds, engine="ray",
-                  extra_config={"keep-checkpoints": rounds})
+                  extra_config={"keep-checkpoints": rounds, **(extra or {})})
     return round_gaps(run_dir)
 
 
@@ -204,8 +212,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds: int, label: str,
-                      isolation: str, env: dict[str, str]) -> tuple[list[float], dict[str, float],
-                                                                    dict[str, list[float]]]:
+                      isolation: str, env: dict[str, str], extra: dict[str, object] | None = None
+                      ) -> tuple[list[float], dict[str, float], dict[str, list[float]]]:
     """Round times and per-message phases of a loopback deployment (TLS, SuperNode auth), same shops.
 
     With a long-lived ClientApp the phases also hold its CPU seconds per message (start-up excluded).
@@ -221,7 +229,7 @@ def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds:
     run_dir.mkdir()
     timing = fed_root / "timing.jsonl"
     config = deployment_run_config(load_scenario(scenario_path), str(scenario_path), run_dir, rounds=rounds,
-                                   extra={"keep-checkpoints": rounds})
+                                   extra={"keep-checkpoints": rounds, **(extra or {})})
     with loopback_federation(fed_root, shops, env={**env, "FEDSHOP_TIMING_LOG": str(timing)},
                              isolation=isolation) as fed:
         pids = [m.clientapp_pid for m in fed.merchants.values() if m.clientapp_pid]
@@ -247,6 +255,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each --process-costs step")
     parser.add_argument("--process-costs", action="store_true",
                         help="also measure the fixed cost of a fresh flwr-clientapp process, step by step")
+    parser.add_argument("--personal-mix", type=float, default=0.0,
+                        help="federation.personal_mix of the tiny scenario (0 = off, as before; 20000 = the default "
+                             "scenarios': shops then evaluate their own encoder and fuse-evaluate applies)")
     parser.add_argument("--setups", default="flower-waits,after",
                         help="deployment rows, comma-separated, in the order of the first half of a cycle "
                              f"(some of {', '.join(s[0] for s in SETUPS)}; must include after)")
@@ -257,14 +268,16 @@ def main() -> None:
         parser.error(f"--setups {args.setups!r}: give some of {', '.join(by_label)}, including after")
     if args.cycles < 1 or args.rounds < 3:
         parser.error("--cycles must be at least 1 and --rounds at least 3 (round times are taken from round 2)")
-    before_label = next((label for label in ("flat-polls", "flower-waits", "polling", "long-lived", "subprocess")
+    before_label = next((label for label in ("after-unfused", "flat-polls", "flower-waits", "polling", "long-lived",
+                                             "subprocess")
                          if label in labels), None)
     load_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="fedshop-latency-"))
     shops = write_tiny_shops(root)
     scenario = root / "latency.toml"
     scenario.write_text(tiny_scenario([root / n / "shop" for n in shops], name="latency-tiny",
-                                      rounds=args.rounds, round_timeout=300.0))
+                                      rounds=args.rounds, round_timeout=300.0)
+                        + (f"personal_mix = {args.personal_mix}\n" if args.personal_mix else ""))  # [federation] last
     costs = (message_costs(root / shops[0] / "shop", root / "cost-state", scenario, args.repeats)
              if args.process_costs else {})
     names = {label: by_label[label][0] for label in labels}
@@ -286,7 +299,7 @@ def main() -> None:
             else:
                 name, isolation, env = by_label[label]
                 times, run_phases, run_stages = deployment_rounds(scenario, root, shops, args.rounds, tag,
-                                                                  isolation, env)
+                                                                  isolation, env, RUN_CONFIG.get(label))
                 phases[name].append(run_phases)
                 events = timeline.read_events(root / f"fed-{tag}" / "timing.jsonl")
                 timelines[name] += timeline.message_timelines(events)
@@ -333,7 +346,9 @@ def main() -> None:
               "fixed_cost_per_message": costs, "order": order, "cycles": args.cycles,
               "settings": {by_label[label][0]: {"isolation": by_label[label][1],
                                                 "env": by_label[label][2] or "fedshop defaults"} for label in labels},
-              "rounds": args.rounds, "shops": shops, "loadavg_start": list(load_start),
+              "rounds": args.rounds, "shops": shops, "personal_mix": args.personal_mix,
+              "run_config": {by_label[label][0]: RUN_CONFIG.get(label, {}) for label in labels},
+              "loadavg_start": list(load_start),
               "loadavg_end": list(load_end), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out = ROOT / "benchmarks" / "results" / "deployment_latency.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,9 @@ while the ServerApp is still pushing the round's objects: that time is the Serve
   SL -> SA         the ServerApp's next reply poll (FEDSHOP_GRID_AFTER_REPLY_POLL), its pull and unpack
 
 Plus, per round phase, "SA aggregate": from the last reply to the ServerApp's next push. A message's phase
-is the index of the ServerApp push that carried it; the first two phases (round 1's train and evaluate, with
-the first-use imports in the ClientApp's handler) are left out of the summary.
+is the index of the ServerApp push that carried it; round 1's messages (by the round their replies name, else
+the first two phases: train and evaluate, with the first-use imports in the ClientApp's handler) are left out
+of the summary.
 
     .venv/bin/python benchmarks/deployment_timeline.py [--timing-log FILE] [--setup after] [--rounds 4]
 
@@ -65,6 +66,7 @@ def message_timelines(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pushes = sorted((e for e in server if e.get("event") == "push"), key=lambda e: e["start"])
     push_of = {mid: (phase, e) for phase, e in enumerate(pushes) for mid in e.get("ids", [])}
     reply_at = {e["reply_to"]: e["at"] for e in server if e.get("event") == "reply" and "reply_to" in e}
+    round_of = {e["reply_to"]: str(e.get("round", "")) for e in server if e.get("event") == "reply" and "reply_to" in e}
     node = {(e["event"], mid): e["at"] for e in events if e.get("where") == "supernode" for mid in e["ids"]}
     per_pid: dict[tuple[str, int], list[float]] = {}
     for e in events:
@@ -86,7 +88,8 @@ def message_timelines(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             current = previous if mark is None else max(mark, previous)
             stages[name] = round(current - previous, 4)
             previous = current
-        timelines.append({"msg_id": mid, "type": e.get("type"), "phase": phase, "pid": e["pid"],
+        timelines.append({"msg_id": mid, "type": e.get("type"), "phase": phase, "round": round_of.get(mid, ""),
+                          "pid": e["pid"],
                           "marks": marks, "stages_s": stages, "total_s": round(marks[-1] - marks[0], 4),
                           "missing": [n for n, m in zip(STAGES, marks[1:], strict=True) if m is None]})
     return timelines
@@ -107,6 +110,11 @@ def aggregate_gaps(events: list[dict[str, Any]], skip: int = 2) -> list[float]:
     return gaps[skip:]
 
 
+def _round_key(value: str) -> tuple[int, str]:
+    """Sort key of a message's round (its group_id): numerically when it is a number."""
+    return (int(value), "") if value.isdigit() else (1 << 30, value)
+
+
 def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
@@ -116,7 +124,10 @@ def summarize(timelines: list[dict[str, Any]], aggregate: list[float], skip_roun
 
     ``aggregate`` (the ServerApp's gaps, `aggregate_gaps`) is summarised as given.
     """
-    kept = [t for t in timelines if not (skip_round_one and t["phase"] < 2)] or timelines
+    # Round 1 by its round number when the replies name it (a fused round has one phase, not two), else phases 0-1.
+    first = min((t["round"] for t in timelines if t.get("round")), key=_round_key, default="")
+    kept = [t for t in timelines if not (skip_round_one and ((t["round"] == first) if t.get("round")
+                                                             else t["phase"] < 2))] or timelines
     kinds = sorted({str(t["type"]) for t in kept})
     table: dict[str, dict[str, float | None]] = {}
     for stage in STAGES:

@@ -25,11 +25,11 @@ from client.local_state import Shop
 from client.message_settings import settings_for
 from client.pack_mod import pack_mod
 from client.secure_client import SECAGG_RECORD, secure_app
-from client.shop_round import evaluate_round, load_round_start, shop_and_model, train_round
+from client.shop_round import evaluate_after_train, evaluate_round, load_round_start, shop_and_model, train_round
 from client.timing import timing_mod
 from client.wire_mod import wire_mod
 from shared.model import ShopModel
-from shared.protocol import ARRAYS_RECORD, FAILED_TEXT, METRICS_RECORD
+from shared.protocol import ARRAYS_RECORD, EVAL_METRICS_RECORD, FAILED_TEXT, METRICS_RECORD
 from shared.settings import ShopRoundSettings
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,18 @@ def _round_start(msg: Message, context: Context
 
 @app.train(mods=[clip_when_dp])
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training (`client.shop_round`); replies with the encoder (and shareable heads if asked)."""
+    """One round of local training (`client.shop_round`); replies with the encoder (and shareable heads if asked).
+
+    With `evaluate-after-train` the reply also carries the round's evaluation in `evaluate-metrics` (fused:
+    no evaluate message needed), unless it could not be computed.
+    """
     shop, model, settings, received = _round_start(msg, context)
     result = train_round(shop, model, settings, context, received)
+    # The records copy the arrays now: the evaluation below reloads the model's state.
     content = RecordDict({ARRAYS_RECORD: ArrayRecord(result.arrays), METRICS_RECORD: MetricRecord(result.metrics)})
+    evaluation = evaluate_after_train(shop, model, settings, context, result)
+    if evaluation is not None:
+        content[EVAL_METRICS_RECORD] = MetricRecord(evaluation)
     return Message(content, reply_to=msg)
 
 

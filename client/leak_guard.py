@@ -3,9 +3,12 @@
 A reply to `train` is exactly the encoder the coordinator sent (same keys, order, shapes, dtypes;
 with `share = "all-shareable"` also the model's vocabulary-independent local arrays under `local.`)
 in an ArrayRecord named `arrays`, plus a MetricRecord named `metrics`; a reply to `evaluate` is the
-MetricRecord only. Metric keys come from the shop's vocabulary (`shared.privacy.audit`: its tasks and
-the protocol), each value one finite int/float, at most `MAX_METRICS`. No ConfigRecord, no other
-record, no other message type. The metadata must be what `Message(..., reply_to=request)` makes.
+MetricRecord only. A train request with `evaluate-after-train` (fused evaluation) may also get a
+MetricRecord `evaluate-metrics` holding exactly what an evaluate reply may hold (the request's
+eval-split keys): nothing an evaluate message would not let out. Metric keys come from the shop's
+vocabulary (`shared.privacy.audit`: its tasks and the protocol), each value one finite int/float, at
+most `MAX_METRICS`. No ConfigRecord, no other record, no other message type. The metadata must be
+what `Message(..., reply_to=request)` makes.
 
 The guard does not forward the handler's reply: it builds a fresh one from the checked values
 (arrays re-serialised from their parsed contents, metrics key-sorted with canonical types, metadata
@@ -32,6 +35,7 @@ from shared.protocol import (
     ARRAYS_RECORD,
     BLOCKED_TEXT,
     ERROR_CODE_BLOCKED,
+    EVAL_METRICS_RECORD,
     FAILED_TEXT,
     LOCAL_PREFIX,
     METRICS_RECORD,
@@ -131,20 +135,25 @@ def clean_reply(request: Message, reply: Message, context: Context, started: flo
     content = reply.content
     if content.config_records:
         raise LeakBlocked("config records are not allowed out")
-    array_names = {ARRAYS_RECORD} if kind == MessageType.TRAIN else set()
-    if set(content.array_records) != array_names or set(content.metric_records) != {METRICS_RECORD}:
-        raise LeakBlocked("reply records are not exactly the protocol's records (names included)")
     settings = request_settings(request, context)
+    array_names = {ARRAYS_RECORD} if kind == MessageType.TRAIN else set()
+    fused = (kind == MessageType.TRAIN and settings.evaluate_after_train
+             and EVAL_METRICS_RECORD in content.metric_records)
+    metric_names = {METRICS_RECORD, EVAL_METRICS_RECORD} if fused else {METRICS_RECORD}
+    if set(content.array_records) != array_names or set(content.metric_records) != metric_names:
+        raise LeakBlocked("reply records are not exactly the protocol's records (names included)")
     vocabulary = shop_vocabulary(context, settings)
-    if kind == MessageType.TRAIN:
-        allowed = vocabulary.train_keys()
-    else:
-        allowed = vocabulary.eval_keys(parse_splits(settings.eval_split))
+    eval_keys = vocabulary.eval_keys(parse_splits(settings.eval_split)) if fused or kind == MessageType.EVALUATE \
+        else frozenset()
+    allowed = vocabulary.train_keys() if kind == MessageType.TRAIN else eval_keys
     metrics = clean_metrics(dict(content.metric_records[METRICS_RECORD]), allowed, vocabulary.shop_index)
     out = RecordDict()
     if kind == MessageType.TRAIN:
         out[ARRAYS_RECORD] = _clean_arrays(request, content.array_records[ARRAYS_RECORD], context, settings)
     out[METRICS_RECORD] = MetricRecord(metrics)
+    if fused:  # what an evaluate reply to this request's eval-split may hold, checked the same way
+        out[EVAL_METRICS_RECORD] = MetricRecord(clean_metrics(dict(content.metric_records[EVAL_METRICS_RECORD]),
+                                                              eval_keys, vocabulary.shop_index))
     return Message(out, reply_to=request)
 
 

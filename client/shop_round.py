@@ -5,7 +5,9 @@ under SecAgg+), the round does not: load the received encoder, restore the shop'
 decide the shop's stage (late joiner waiting, warm-up, active), start from the personal mix if on,
 train (plain with FedProx's pull when `proximal-mu > 0`, Reptile with `objective = meta`, DP-SGD
 with `dpsgd-noise-multiplier > 0`), save the local part, and say what to send. Each path only
-converts the result into its own reply.
+converts the result into its own reply. With `evaluate-after-train` in the train request (fused
+evaluation, main path only) `evaluate_after_train` then evaluates what the shop now serves, exactly as
+the separate evaluate message would.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from shared.protocol import (
     effective_personal_mix,
     eval_metric_key,
     eval_splits,
+    serves_own_encoder,
 )
 from shared.settings import ShopRoundSettings
 from shared.train import evaluate_shop, train_shop
@@ -54,6 +57,7 @@ class RoundResult:
 
     arrays: dict[str, torch.Tensor]
     metrics: dict[str, float]
+    stage: str = "active"  # `join_stage`: a "waiting" shop trained nothing and saved nothing
 
 
 def message_settings(run_config: Mapping[str, Any], sent: Mapping[str, Any]) -> ShopRoundSettings:
@@ -161,7 +165,7 @@ def train_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, conte
     fault = inject_fault(settings, shop)
     stage = join_stage(shop, settings, rounds_trained(context))
     if stage == "waiting":  # a late joiner before its join round: nothing to train, nothing to count
-        return RoundResult(reply_arrays(model, settings), {NUM_EXAMPLES: 0.0, SHOP_INDEX: shop.index})
+        return RoundResult(reply_arrays(model, settings), {NUM_EXAMPLES: 0.0, SHOP_INDEX: shop.index}, stage)
     n0 = personal_mix(settings)
     own = restore_own_encoder(model, context) if n0 and stage == "active" else None
     if own is not None:  # the model holds the received global encoder (loaded by load_round_start)
@@ -190,7 +194,7 @@ def train_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, conte
     metrics[SHOP_INDEX] = shop.index
     if stage == "warm-up":  # its encoder is unchanged anyway; weight 0 keeps it out of the aggregate
         metrics[NUM_EXAMPLES] = 0.0
-    return RoundResult(arrays, metrics)
+    return RoundResult(arrays, metrics, stage)
 
 
 def test_after_val(shop: Shop, context: Context, settings: ShopRoundSettings,
@@ -229,3 +233,34 @@ def evaluate_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, co
     metrics[SHOP_INDEX] = shop.index
     log_round(shop.name, context, settings.server_round, metrics, requested)
     return metrics
+
+
+def evaluate_after_train(shop: Shop, model: ShopModel, settings: ShopRoundSettings, context: Context,
+                         result: RoundResult) -> dict[str, float] | None:
+    """The round's evaluation, computed right after `train_round` (fused), or None to leave it to an evaluate message.
+
+    Only when the train request asked (`evaluate-after-train`), the shop serves its own encoder
+    (`shared.protocol.serves_own_encoder`, the coordinator's rule too) and it trained this round (a
+    waiting late joiner saved nothing). It restores the local part and own encoder just saved, as the
+    evaluate handler does (`load_round_start`, then `evaluate_round`), so the metrics are the same. A
+    failure is logged and gives None: the train reply goes out without them and the coordinator asks again.
+    """
+    if not settings.evaluate_after_train or result.stage == "waiting":
+        return None
+    if not serves_own_encoder(settings.personal_mix, settings.share, settings.objective):
+        logger.warning("shop %s: asked to evaluate after training, but it does not serve its own encoder; "
+                       "leaving it to the evaluate message", shop.name)
+        return None
+    try:
+        restore_local_part(model, context, shop.state_dir, server_round=settings.server_round, run=settings.run_dir,
+                           training=False)
+        if restore_own_encoder(model, context) is None:  # not what the evaluate message would see: let it ask
+            logger.warning("shop %s: no own encoder after training; leaving the evaluation to the evaluate "
+                           "message", shop.name)
+            return None
+        return evaluate_round(shop, model, settings, context)
+    except Exception as exc:  # the train reply must still go out: the coordinator's evaluate message asks again
+        logger.error("shop %s: evaluation after training failed (%s: %s); the train reply goes without it",
+                     shop.name, type(exc).__name__, exc)
+        logger.debug("the evaluation's traceback", exc_info=True)
+        return None

@@ -1,10 +1,11 @@
 """The coordinator's Flower ServerApp: one of Flower's strategies over the shared encoder only.
 
 Each round it sends the encoder, aggregates the usable replies, then collects every shop's
-per-task metrics into `<run-dir>/metrics.csv` and checkpoints the encoder, round, strategy and RNG
-state atomically into `<run-dir>/checkpoints/`. With `resume = true` it continues from the newest
-checkpoint. Settings come from the run config (`[tool.flwr.app.config]`, `--run-config`), or
-from `make_server_app(overrides)` when `simulations.federated` runs it in-process.
+per-task metrics (with the personal mix and `fuse-evaluate`, from the train replies; evaluate messages
+go only to shops whose evaluation is missing) into `<run-dir>/metrics.csv` and checkpoints the
+encoder, round, strategy and RNG state atomically into `<run-dir>/checkpoints/`. With `resume = true`
+it continues from the newest checkpoint. Settings come from the run config (`[tool.flwr.app.config]`,
+`--run-config`), or from `make_server_app(overrides)` when `simulations.federated` runs it in-process.
 
 Privacy options: `secure-aggregation = true` runs the federation on Flower's SecAgg+ workflow
 (`server.secure`); `dp-noise-multiplier > 0` wraps the strategy in central DP (`server.dp`) and logs
@@ -56,7 +57,8 @@ from server.secure import run_secure_federation
 from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
 from server.wire import Wire
 from shared.atomic import atomic_write_text
-from shared.protocol import EVAL_SPLIT, TEST_ON_IMPROVEMENT, effective_personal_mix
+from shared.protocol import EVAL_SPLIT, TEST_ON_IMPROVEMENT
+from shared.protocol import serves_own_encoder as shops_serve_own_encoder
 from shared.scenario import Scenario, load_scenario
 
 logger = logging.getLogger(__name__)
@@ -183,7 +185,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
                                       initial=shared_start),
                             first_claims=ckpt.first_claims if ckpt is not None else None,
                             loo_history=ckpt.loo_history if ckpt is not None else None,
-                            loo_turns=ckpt.loo_turns if ckpt is not None else None)
+                            loo_turns=ckpt.loo_turns if ckpt is not None else None,
+                            fuse_evaluate=settings.fuse_evaluate and serves_own_encoder(settings))
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),
@@ -203,7 +206,7 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
 
 def serves_own_encoder(settings: FederationSettings) -> bool:
     """Whether shops evaluate their own encoder (the personal mix is in force: the shops' own rule)."""
-    return effective_personal_mix(settings.personal_mix, settings.share, settings.objective) > 0
+    return shops_serve_own_encoder(settings.personal_mix, settings.share, settings.objective)
 
 
 def failure_reason(run_dir: Path) -> str | None:

@@ -8,6 +8,13 @@ round); only more than `max-short-rounds` such rounds in a row stop the run. It 
 every reply to the encoder arrays and `num-examples`, so Flower's aggregation never meets the
 shop-specific metric keys (shops run different task sets). It reports each round's per-shop metrics
 to a callback (metric log, checkpoint, progress) and offsets round numbers when a run resumes.
+
+With `fuse_evaluate` (the coordinator's `federation.fuse_evaluate` when shops serve their own encoder,
+`shared.protocol.serves_own_encoder`) each train message also carries the round's evaluate config and
+asks the shop to evaluate after training (`evaluate-after-train`); the evaluation rides in the train
+reply's `evaluate-metrics` record, taken out before any screen or the inner strategy sees the reply.
+The evaluate phase then sends messages only to shops whose fused evaluation is missing (an error or
+timeout, a waiting late joiner, a shop not sampled for training, a failed evaluation), often none.
 """
 
 from __future__ import annotations
@@ -39,7 +46,14 @@ from server.decoded_array import DecodedArray, array_record
 from server.metrics_log import mean_by_key
 from server.robust import LooEntry, RobustSettings, TurnLevel, screen
 from server.wire import Wire
-from shared.protocol import EVAL_SPLIT, LOCAL_PREFIX, NUM_EXAMPLES, SHOP_INDEX
+from shared.protocol import (
+    EVAL_METRICS_RECORD,
+    EVAL_SPLIT,
+    EVALUATE_AFTER_TRAIN,
+    LOCAL_PREFIX,
+    NUM_EXAMPLES,
+    SHOP_INDEX,
+)
 
 STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
                                        "fedyogi": FedYogi, "fedmedian": FedMedian,
@@ -122,8 +136,10 @@ class ShopStrategy(Strategy):
                  max_short_rounds: int = 3, robust: RobustSettings | None = None,
                  wire: Wire | None = None, first_claims: dict[str, float] | None = None,
                  loo_history: dict[str, list[LooEntry]] | None = None,
-                 loo_turns: dict[str, TurnLevel] | None = None) -> None:
+                 loo_turns: dict[str, TurnLevel] | None = None, fuse_evaluate: bool = False) -> None:
         self.inner = inner
+        self.fuse_evaluate = fuse_evaluate  # train messages ask for the evaluation too (module docstring)
+        self._fused: dict[int, str] = {}  # this round: node -> shop whose evaluation came with its train reply
         self.robust = robust or RobustSettings()
         self.wire = wire or Wire()  # message compression; "none" only counts bytes
         # shop -> its first accepted num-examples claim; checkpointed (`first_claims`), restored on resume
@@ -184,6 +200,9 @@ class ShopStrategy(Strategy):
         self._global = arrays
         self._expected = {k: tuple(a.shape) for k, a in encoder.items()}
         cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "train")})
+        if self.fuse_evaluate:  # the evaluate message's settings, in the one ConfigRecord (fixedclipping_mod wants one)
+            cfg = ConfigRecord({**dict(cfg), **self.round_config(rnd, "evaluate"), EVALUATE_AFTER_TRAIN: True})
+        self._fused = {}
         messages = list(self.inner.configure_train(rnd, encoder, cfg, grid))
         self._sampled = {m.metadata.dst_node_id for m in messages}
         for msg in messages:
@@ -215,6 +234,7 @@ class ShopStrategy(Strategy):
         rnd = server_round + self.round_offset
         replies = self.wire.receive(self._readdress(list(replies)), self._sent, "train")  # deltas -> dense
         self._report = RoundReport(server_round=rnd, arrays=ArrayRecord())
+        self._take_evaluations(replies, self._report)
         usable = [m for m in replies if self._usable(m, self._report)]
         self.wire.trained = {m.metadata.src_node_id for m in usable}
         for node in sorted(self._sampled - {m.metadata.src_node_id for m in replies}):
@@ -257,6 +277,24 @@ class ShopStrategy(Strategy):
         merged = ArrayRecord({k: Array(v) for k, v in dense.items()})
         self._report.arrays = merged
         return merged, metrics
+
+    def _take_evaluations(self, replies: list[Message], report: RoundReport) -> None:
+        """Move fused evaluations out of the train replies into the round's report (`evaluate-metrics`).
+
+        Every reply loses the record, so screens and the inner strategy see train replies as without fusion;
+        a shop whose train update is left out keeps its evaluation, as a separate evaluate message would give.
+        """
+        for msg in replies:
+            if msg.has_error() or EVAL_METRICS_RECORD not in msg.content.metric_records:
+                continue
+            metrics = dict(msg.content.metric_records[EVAL_METRICS_RECORD])
+            msg.content = RecordDict({k: r for k, r in msg.content.items() if k != EVAL_METRICS_RECORD})
+            index = metrics.get(SHOP_INDEX)
+            if not self.fuse_evaluate or not isinstance(index, (int, float)) or not math.isfinite(index):
+                continue  # unasked or nameless: the evaluate phase asks this shop instead
+            shop = self._shop_of(msg, metrics)
+            report.evaluate[shop] = {k: float(v) for k, v in metrics.items() if k not in (SHOP_INDEX, NUM_EXAMPLES)}
+            self._fused[msg.metadata.src_node_id] = shop
 
     def _skip(self, rnd: int, n_usable: int, why: str = "") -> tuple[None, None]:
         """Skip a round short of min-shops (the global model stays), or stop the run after too many in a row."""
@@ -393,7 +431,13 @@ class ShopStrategy(Strategy):
         cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "evaluate")})
         if self._report is not None:
             self._report.eval_split = str(cfg.get(EVAL_SPLIT, "val"))
-        self._sent = self.wire.prepare(self.inner.configure_evaluate(rnd, arrays, cfg, grid), self.key, "evaluate")
+        # The inner strategy still samples (the same RNG draws as without fusion); fused shops are not asked again.
+        messages = [m for m in self.inner.configure_evaluate(rnd, arrays, cfg, grid)
+                    if m.metadata.dst_node_id not in self._fused]
+        if self._fused:
+            logger.info("round %d: %d shop(s) evaluated with their train reply; %d evaluate message(s) for the rest",
+                        rnd, len(self._fused), len(messages))
+        self._sent = self.wire.prepare(messages, self.key, "evaluate")
         return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -414,6 +458,7 @@ class ShopStrategy(Strategy):
         for node, shop in self._node_shop.items():
             if f"node-{node}" in report.left_out:
                 report.left_out[shop] = report.left_out.pop(f"node-{node}")
+        report.evaluate = dict(sorted(report.evaluate.items()))  # rows in shop order, whatever the arrival order
         report.wire_bytes = self.wire.take_bytes()
         if self.on_round_end is not None:
             self.on_round_end(report)

@@ -4,7 +4,9 @@ Flower-free and dependency-free, so the client (`client/`), the server (`server/
 (`shared.privacy.audit`) name the same things with one spelling. Metric key conventions:
 train replies carry `num-examples`, `shop-index`, `loss`, `loss-<task>` and `dp-epsilon`; evaluate
 replies carry `num-examples`, `shop-index` and `<task>.<metric>`, prefixed `<split>/` when the request's
-`eval-split` names several splits joined by `+` (e.g. `val+test`).
+`eval-split` names several splits joined by `+` (e.g. `val+test`). A train request with `evaluate-after-train`
+(fused evaluation, `serves_own_encoder`) gets a train reply that also holds the evaluate reply's metrics, in
+their own MetricRecord `evaluate-metrics`, never mixed with the train metrics.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 # Records of a main-path reply (the only names the leak guard lets out).
 ARRAYS_RECORD = "arrays"
 METRICS_RECORD = "metrics"
+EVAL_METRICS_RECORD = "evaluate-metrics"  # a fused train reply's evaluation (asked by `evaluate-after-train`)
 
 # Metric keys.
 NUM_EXAMPLES = "num-examples"  # a reply's aggregation weight (0 = leave this shop out of the mean)
@@ -40,6 +43,8 @@ SERVER_ROUND = "server-round"
 EVAL_SPLIT = "eval-split"
 # True in an evaluate request = test only the tasks whose validation primary metric improved (client/best_val.py)
 TEST_ON_IMPROVEMENT = "test-on-improvement"
+# True in a train request = also evaluate after training (eval-split, test-on-improvement of the same request)
+EVALUATE_AFTER_TRAIN = "evaluate-after-train"
 PROXIMAL_MU = "proximal-mu"  # what Flower's FedProx puts in the train ConfigRecord
 SECAGG_WEIGHTING = "secagg-weighting"  # uniform | examples: a SecAgg+ shop's weight
 
@@ -77,3 +82,13 @@ def effective_personal_mix(n0: float, share: str, objective: str) -> float:
     if share == "all-shareable" or objective != "fedavg":
         return 0.0
     return max(0.0, float(n0))
+
+
+def serves_own_encoder(n0: float, share: str, objective: str) -> bool:
+    """Whether a shop evaluates (serves) its own encoder rather than the global one: the personal mix is in force.
+
+    Then its evaluation is of exactly the model state it holds at the end of its train round, so the
+    coordinator leaves the encoder out of its evaluate messages and, with `fuse-evaluate`, asks for the
+    evaluation in the train message instead (`evaluate-after-train`); a shop fuses only when this holds too.
+    """
+    return effective_personal_mix(n0, share, objective) > 0

@@ -125,6 +125,9 @@ class FederationTable(_Table):
     test_every_round: bool = Field(False, description="every shop computes its test metrics every round; false = "
                                    "only for tasks whose validation primary metric beat the shop's best so far, and "
                                    "in the last round (the rounds reports can pick: same reported numbers)")
+    fuse_evaluate: bool = Field(True, description="with the personal mix in force, a shop evaluates its own "
+                                "encoder at the end of its train round and the train reply carries the metrics (one "
+                                "message per shop per round; the same numbers); false = a separate evaluate message")
     # screens against a malicious shop (server/robust.py, docs/robustness.md); 0 (min-cosine: -1) turns one off
     robust_norm_factor: float = Field(4.0, ge=0, description="update norm above this x the round's median update "
                                       "norm: left out (or clipped); 0 = off, else >= 1")
@@ -307,6 +310,9 @@ class ShopRoundSettings(RunSettings):
     freeze_encoder: bool = Field(False, description="train the local part only")
     test_on_improvement: bool = Field(False, description="set by the coordinator per evaluate message: test only "
                                       "the tasks whose validation primary metric improved (client/best_val.py)")
+    evaluate_after_train: bool = Field(False, description="set by the coordinator per train message: also evaluate "
+                                       "(eval-split, test-on-improvement of the message) after training and reply the "
+                                       "metrics in a second MetricRecord (`federation.fuse_evaluate`)")
 
     @classmethod
     def from_message(cls, run_config: dict[str, Any], sent: dict[str, Any]) -> ShopRoundSettings:

@@ -152,11 +152,15 @@ def test_patched_globals_equal_the_dense_globals_bit_for_bit(scenario_file, tmp_
 
 
 def test_personal_mix_evaluations_carry_no_encoder_and_score_the_same(scenario_file, tmp_path):
-    dense, _ = _run(scenario_file, tmp_path / "dense", **{"personal-mix": 20000.0})
-    sparse, grid = _run(scenario_file, tmp_path / "sparse", compression="sparse-fp16", **{"personal-mix": 20000.0})
+    mix = {"personal-mix": 20000.0, "fuse-evaluate": False}  # separate evaluate messages (a fused run sends none)
+    dense, _ = _run(scenario_file, tmp_path / "dense", **mix)
+    sparse, grid = _run(scenario_file, tmp_path / "sparse", compression="sparse-fp16", **mix)
     evals = [(form, n) for _, kind, form, n in grid.wire_log if kind == MessageType.EVALUATE]
     assert evals == [("omitted", 0)] * 3
     assert sparse[0].evaluate == dense[0].evaluate  # round 1: each shop serves its own encoder either way
+    fused, grid = _run(scenario_file, tmp_path / "fused", compression="sparse-fp16", **{"personal-mix": 20000.0})
+    assert not [kind for _, kind, _, _ in grid.wire_log if kind == MessageType.EVALUATE]
+    assert fused[0].evaluate == dense[0].evaluate
 
 
 def _corrupt_replies(node_index: int, corrupt):
