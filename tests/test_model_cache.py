@@ -241,9 +241,19 @@ def test_cached_and_uncached_runs_are_identical_through_a_resume_and_a_worker_re
     save in round 3; cache on vs off give the same metrics.csv, checkpoints and local-part files, bit for bit."""
     scenario = tiny_scenario(**{"federation.personal_mix": 2000.0})
     runs = {}
+    real_read = local_state._read_payload
     for mode in ("1", "0"):
         monkeypatch.setenv(model_cache.CACHE_ENV, mode)
         _crash_once_after_saving(monkeypatch, tmp_path / f"crashed-{mode}", "shop_01", 3)
+        log = tmp_path / f"reads-{mode}.txt"
+
+        def logged_read(path, *args, log=log, **kwargs):  # forked workers append a line per state-file read
+            if path.exists():
+                with open(log, "a") as fh:
+                    fh.write(f"{path}\n")
+            return real_read(path, *args, **kwargs)
+
+        monkeypatch.setattr(local_state, "_read_payload", logged_read)
         run = run_federated(scenario, tmp_path / f"cache-{mode}", rounds=2, engine="pool", workers=2)
         reports = []
         run_federated(scenario, run, rounds=5, resume=True, engine="pool", workers=2,
@@ -252,7 +262,14 @@ def test_cached_and_uncached_runs_are_identical_through_a_resume_and_a_worker_re
         assert "shop_01" in reports[0].left_out  # round 3: its worker died after its save
         runs[mode] = run
     on, off = runs["1"], runs["0"]
-    pd.testing.assert_frame_equal(pd.read_csv(on / "metrics.csv"), pd.read_csv(off / "metrics.csv"), check_exact=True)
+    reads = {mode: len((tmp_path / f"reads-{mode}.txt").read_text().splitlines()) for mode in runs}
+    # Uncached: every message after a shop's first reads its file (3 shops x 2 messages x 4 rounds, minus round 1's).
+    # Cached: the first message of each worker process (2 runs, 1 restart) per shop, and the round-3 rollback.
+    assert reads["0"] >= 20 and reads["1"] <= 8, reads
+    cols = ["method", "round", "shop", "task", "split", "metric"]  # rows arrive in reply order
+    metrics = [pd.read_csv(run / "metrics.csv").set_index(cols)["value"].sort_index() for run in (on, off)]
+    assert len(metrics[0]) > 100
+    pd.testing.assert_series_equal(*metrics, check_exact=True)
     ckpt_on, ckpt_off = latest_checkpoint(on), latest_checkpoint(off)
     assert ckpt_on.server_round == ckpt_off.server_round == 5
     for key, value in ckpt_off.arrays.items():
