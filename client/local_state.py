@@ -435,7 +435,8 @@ def restore_local_part(model: ShopModel, context: Context, state_dir: Path | Non
 
     for cand in candidates():
         lineage = {ROUNDS_TRAINED: cand.trained, SAVED_ROUND: cand.saved_round, SAVED_RUN: cand.run, KEEP: cand.keep}
-        if cand.token is not None:  # the model's local part is the file's already; so is the token's own encoder
+        if cand.token is not None:  # the file is the one the cache copied: load the copy instead of reading it
+            model_cache.load_token(model, cand.token)
             if cand.token.own is not None:
                 lineage[OWN_IN_CACHE] = cand.token.serial
             context.state.pop(OWN_ENCODER_RECORD, None)
@@ -444,11 +445,12 @@ def restore_local_part(model: ShopModel, context: Context, state_dir: Path | Non
         problem = _compatible(model.local.state_dict(), cand.state)
         if problem is None:
             model.load_local_state(cand.state)
+            model_cache.restored(model)
             own = cand.payload.get("own_encoder") if cand.payload is not None else None
             token = None
-            if cand.identity is not None:  # read from `STATE_FILE`: the cached model now holds what it held
+            if cand.identity is not None:  # read from `STATE_FILE`: the cache keeps what it held
                 token = model_cache.note_file(model, Path(str(state_dir)) / STATE_FILE, cand.identity, cand.payload,
-                                              own)
+                                              cand.state, own)
             else:
                 model_cache.forget_file(model)
             if own is not None and token is not None:  # kept by the cache: no ArrayRecord round trip
@@ -509,7 +511,8 @@ def save_local_part(model: ShopModel, context: Context, state_dir: Path | None, 
                             run=run, parent=parent, on_written=written.append)
     meta = {"format": FORMAT_VERSION, "shop": shop, "round": server_round, "rounds_trained": trained, "run": run,
             "parent": parent}
-    token = model_cache.note_file(model, Path(state_dir) / STATE_FILE, _landed(Path(path), written), meta, own)
+    token = model_cache.note_file(model, Path(state_dir) / STATE_FILE, _landed(Path(path), written), meta,
+                                  model.local.state_dict(), own)
     if disk_only and own is not None:
         if token is not None:
             context.state.pop(OWN_ENCODER_RECORD, None)

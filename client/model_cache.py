@@ -7,16 +7,17 @@ per shop, least recently used first out, within a byte budget and a count.
 
 What a cached model may carry between messages, and why results stay bit-identical to a fresh model:
 - the encoder: always overwritten in full by the received one (`load_round_start`, strict load);
-- the local part: reused only when `disk_token` proves it equals the state file: the file's identity
-  (path, device, inode, size, mtime_ns, ctime_ns) is the one this process last wrote or read, and none
-  of the local part's tensors was written since (storage pointer and autograd version counter of each,
-  bumped by every in-place write: optimiser steps, `load_state_dict`). Otherwise `restore_local_part`
-  reads the file (or the context, or starts fresh) exactly as for a new model; a fresh start resets a
-  used local part to a fresh model's (`reset_local_if_used`). The run/round rules (`_too_new`,
-  rollback to the previous file) are applied to the token's copy of the file's metadata, the same
-  fields the file holds;
+- the local part: always overwritten too. When `disk_token` proves the state file is the one this
+  process last wrote or read (same path, device, inode, size, mtime_ns and ctime_ns), it is loaded from
+  the token's private copy of that file's local part (~0.4 ms) instead of the file (~5-10 ms: unpickling
+  the own encoder too). Otherwise `restore_local_part` reads the file (or the context, or starts fresh)
+  exactly as for a new model; a fresh start gives a model that was used before a fresh model's local
+  part again (`reset_local_if_used`). The model's own tensors are never trusted to still hold a file's
+  part: fused Adam, for one, writes parameters without bumping their autograd version counters. The
+  run/round rules (`_too_new`, rollback to the previous file) are applied to the token's copy of the
+  file's metadata, the same fields the file holds;
 - the own encoder (personal mix): the tensors saved into, or read from, the same file, private to the
-  cache (callers get copies), valid with the same token;
+  token (callers get copies), valid with it;
 - torch's global RNG: set at every checkout to the state a fresh build leaves (`build_model` seeds it),
   so anything that draws from it without seeding (DP-SGD's ID dropout) draws the same numbers;
 - flags: train mode, `requires_grad` and the embeddings' `sparse` switch are set back to a fresh model's;
@@ -25,7 +26,9 @@ Optimisers are created per round (`shared.train.train_shop`), so no optimiser st
 
 `FEDSHOP_MODEL_CACHE=0` turns the cache off (every message builds a fresh model, as before);
 `FEDSHOP_MODEL_CACHE_MB` (default 1024) and `FEDSHOP_MODEL_CACHE_MODELS` (default 0 = no limit) bound
-one process's cache. A model is counted at its parameters, persistent buffers and cached own encoder.
+one process's cache. A model is counted at its parameters and persistent buffers plus its token's
+copies of the local part and own encoder (default world: ~13 MiB a shop; `scale`: ~0.5 MiB;
+benchmarks/model_cache_memory.py).
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ BUDGET_ENV = "FEDSHOP_MODEL_CACHE_MB"  # bytes one process's cache may hold, in 
 COUNT_ENV = "FEDSHOP_MODEL_CACHE_MODELS"  # models one process's cache may hold (0 = no limit)
 DEFAULT_BUDGET_MB = 1024
 
-Marks = tuple[tuple[str, int, int], ...]  # (name, storage pointer, version counter) per tensor
 _serials = itertools.count(1)
 
 
@@ -70,16 +72,6 @@ def _limits() -> tuple[int, int]:
     return budget, count
 
 
-def marks(tensors: Mapping[str, torch.Tensor]) -> Marks:
-    """Storage pointer and version counter of each tensor: equal marks mean nothing wrote into them since."""
-    return tuple((name, t.data_ptr(), t._version) for name, t in tensors.items())
-
-
-def local_marks(model: ShopModel) -> Marks:
-    """`marks` of the model's local part (parameters and buffers, as its state dict names them)."""
-    return marks(model.local.state_dict(keep_vars=True))
-
-
 def file_identity(path: Path) -> tuple[int, ...] | None:
     """(device, inode, size, mtime_ns, ctime_ns) of ``path``, None when it does not exist."""
     try:
@@ -91,13 +83,13 @@ def file_identity(path: Path) -> tuple[int, ...] | None:
 
 @dataclass(frozen=True)
 class DiskToken:
-    """Proof that a cached model's local part (and ``own``) is what the state file at ``path`` holds."""
+    """What the state file at ``path`` holds while its identity is ``identity``: copies private to the cache."""
 
     path: str
-    identity: tuple[int, ...]  # file_identity when the model's local part matched the file
+    identity: tuple[int, ...]  # file_identity when this process wrote or read the file
     meta: dict[str, Any]  # the file's payload without its tensors: format, shop, round, run, rounds_trained, parent
-    local: Marks  # local_marks of the model at that moment
-    own: dict[str, torch.Tensor] | None  # the file's own encoder, private to the cache
+    local: dict[str, torch.Tensor]  # the file's local part
+    own: dict[str, torch.Tensor] | None  # the file's own encoder
     serial: int = field(default_factory=lambda: next(_serials))
 
 
@@ -106,7 +98,7 @@ class _Entry:
     shop: Shop
     model: ShopModel
     rng_state: torch.Tensor  # torch's global RNG state right after the build
-    fresh: Marks  # local_marks right after the build: the local part is fresh while they hold
+    pristine: bool  # the local part is the build's: not restored (or trained) since
     flags: dict[str, Any]  # requires_grad per parameter and sparse per embedding of a fresh model
     nbytes: int = 0
     token: DiskToken | None = None
@@ -117,9 +109,10 @@ _BY_MODEL: dict[int, _Entry] = {}  # id(model) -> entry
 
 
 def _nbytes(model: ShopModel, token: DiskToken | None) -> int:
-    own = sum(t.numel() * t.element_size() for t in (token.own or {}).values()) if token else 0
     state = [*model.encoder.state_dict().values(), *model.local.state_dict().values()]
-    return own + sum(t.numel() * t.element_size() for t in state)
+    if token is not None:
+        state += [*token.local.values(), *(token.own or {}).values()]
+    return sum(t.numel() * t.element_size() for t in state)
 
 
 def _fresh_flags(model: ShopModel) -> dict[str, Any]:
@@ -150,11 +143,12 @@ def checkout(shop: Shop) -> ShopModel:
     entry = _ENTRIES.get(id(shop))
     if entry is not None and entry.shop is shop:
         _ENTRIES.move_to_end(id(shop))
+        entry.pristine = False  # served before: its local part may be anything
         torch.set_rng_state(entry.rng_state)
         _reset_flags(entry)
         return entry.model
     model = shop.model()
-    entry = _Entry(shop, model, torch.get_rng_state(), local_marks(model), _fresh_flags(model))
+    entry = _Entry(shop, model, torch.get_rng_state(), True, _fresh_flags(model))
     entry.nbytes = _nbytes(model, None)
     _drop(id(shop))
     _ENTRIES[id(shop)] = entry
@@ -204,20 +198,25 @@ def is_cached(model: ShopModel) -> bool:
 
 
 def note_file(model: ShopModel, path: Path, identity: tuple[int, ...] | None, meta: Mapping[str, Any],
-              own: Mapping[str, torch.Tensor] | None) -> DiskToken | None:
-    """Record that ``model``'s local part now equals the file ``path`` had when its identity was ``identity``.
+              local: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor] | None) -> DiskToken | None:
+    """Keep, for a cached ``model``, what the file ``path`` holds while its identity is ``identity``.
 
-    Call right after loading the file into the model or saving the model into it; ``own`` is the own
-    encoder the file holds (copied here, so it stays the file's). None identity: nothing proven, no token.
+    Call right after reading the file or writing it: ``meta`` its payload's fields, ``local`` and ``own``
+    its local part and own encoder (copied here). None identity: nothing proven, no token. Also drops
+    the model's gradients: a model waiting in the cache holds no training leftovers.
     """
     entry = _entry(model)
     if entry is None:
         return None
     entry.token = None
+    for param in model.parameters():
+        param.grad = None
     if identity is not None:
-        kept = {k: v.detach().clone() for k, v in own.items()} if own is not None else None
+        def copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.detach().clone() for k, v in state.items()}
+
         info = {k: v for k, v in meta.items() if k not in ("local", "own_encoder")}  # no tensors
-        entry.token = DiskToken(str(path), identity, info, local_marks(model), kept)
+        entry.token = DiskToken(str(path), identity, info, copy(local), copy(own) if own is not None else None)
     entry.nbytes = _nbytes(model, entry.token)
     return entry.token
 
@@ -231,15 +230,23 @@ def forget_file(model: ShopModel) -> None:
 
 
 def disk_token(model: ShopModel, path: Path) -> DiskToken | None:
-    """The token proving ``model``'s local part equals the file at ``path`` now; None (and forgotten) if not."""
+    """The token of the file at ``path`` if it is still the one this process last wrote or read; else None."""
     entry = _entry(model)
     if entry is None or entry.token is None:
         return None
     token = entry.token
-    if token.path == str(path) and token.identity == file_identity(path) and token.local == local_marks(model):
+    if token.path == str(path) and token.identity == file_identity(path):
         return token
     forget_file(model)
     return None
+
+
+def load_token(model: ShopModel, token: DiskToken) -> None:
+    """Load the token's copy of its file's local part into ``model`` (what reading the file would load)."""
+    model.load_local_state(token.local)
+    entry = _entry(model)
+    if entry is not None:
+        entry.pristine = False
 
 
 def own_encoder(model: ShopModel, serial: int) -> dict[str, torch.Tensor]:
@@ -253,15 +260,25 @@ def own_encoder(model: ShopModel, serial: int) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in token.own.items()}
 
 
+def restored(model: ShopModel) -> None:
+    """Note that ``model``'s local part was replaced (loaded or reset): it is no longer the build's."""
+    entry = _entry(model)
+    if entry is not None:
+        entry.pristine = False
+
+
 def reset_local_if_used(model: ShopModel) -> None:
-    """Give a cached model a fresh model's local part again, unless it still has the one it was built with."""
+    """Give a cached model a fresh model's local part, unless it was built for this message and not restored yet.
+
+    The first restore after the build is the only point where the local part is known to be the build's;
+    anything later (training, a second restore) may have changed it, so it is rebuilt (rare: a shop's first
+    round, or a redone round that started fresh).
+    """
     entry = _entry(model)
     if entry is None:
         return  # not from the cache: the caller built it fresh
-    forget_file(model)
-    if local_marks(model) == entry.fresh:
-        return
-    with torch.random.fork_rng(devices=[]):  # the build seeds torch's RNG; the message's stream must not move
-        fresh = entry.shop.model()
-    model.load_local_state(fresh.local_state())
-    entry.fresh = local_marks(model)  # fresh again until something writes into it
+    if not entry.pristine:
+        with torch.random.fork_rng(devices=[]):  # the build seeds torch's RNG; the message's stream must not move
+            fresh = entry.shop.model()
+        model.load_local_state(fresh.local_state())
+    entry.pristine = False
