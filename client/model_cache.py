@@ -39,15 +39,20 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from shared.model import ShopModel
 
-if TYPE_CHECKING:
-    from client.local_state import Shop
+
+class Shop(Protocol):
+    """What the cache needs of `client.local_state.Shop` (not imported: local_state imports this module)."""
+
+    def model(self) -> ShopModel:
+        """A freshly built model of the shop."""
+        ...
 
 CACHE_ENV = "FEDSHOP_MODEL_CACHE"  # "0" = off
 BUDGET_ENV = "FEDSHOP_MODEL_CACHE_MB"  # bytes one process's cache may hold, in MiB
