@@ -20,6 +20,10 @@ federated / centralised ratios (target: at most 1.1).
                                                         [--scenario default] [--set k=v ...]
 
 Prints a table and writes benchmarks/results/federation_overhead_<engine>.json.
+
+`--model-cache-ab` adds a third arm, the same engine with the per-process model cache off
+(`FEDSHOP_MODEL_CACHE=0`, arm `<engine>-nocache`), in the orders A B C A, A C B A, so both federated
+arms get ratios against the same centralised runs, measured in one run.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_CHILD_SUBREAPER = 36
 CENTRAL = "central"
+NOCACHE = "-nocache"  # arm suffix: the federated engine with FEDSHOP_MODEL_CACHE=0
 
 
 # ---------------------------------------------------------------- pure helpers (tests/test_overhead_summary.py)
@@ -50,6 +55,12 @@ CENTRAL = "central"
 def mirrored_order(a: str, b: str, repeats: int = 1) -> list[str]:
     """The arms' run order: A B B A, ``repeats`` times, so a drifting load hits both arms alike."""
     return [a, b, b, a] * repeats
+
+
+def cache_ab_order(engine: str, repeats: int = 1) -> list[str]:
+    """Central, cached and uncached federated arms: A B C A then A C B A, ``repeats`` times."""
+    off = engine + NOCACHE
+    return [CENTRAL, engine, off, CENTRAL, CENTRAL, off, engine, CENTRAL] * repeats
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -230,13 +241,17 @@ def measure_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``arm`` in a child process; its round marks plus whole-run wall and whole-tree CPU."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = Path(fh.name)
-    cmd = [sys.executable, __file__, "--child", arm, "--child-out", str(out), "--rounds", str(args.rounds),
+    engine = arm.removesuffix(NOCACHE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if arm.endswith(NOCACHE):
+        env["FEDSHOP_MODEL_CACHE"] = "0"
+    cmd = [sys.executable, __file__, "--child", engine, "--child-out", str(out), "--rounds", str(args.rounds),
            "--scenario", args.scenario, "--central-threads", str(args.central_threads),
            *[f"--set={o}" for o in args.overrides]]
     load = os.getloadavg()[0]
     cpu0, t0, sampled0 = _children_cpu(), time.perf_counter(), _descendants_cpu()
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, text=True)
         peak_sampled = 0.0
         while proc.poll() is None:  # /proc view of every descendant, in case one escapes the subreaper
@@ -303,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--central-threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of the centralised arm (default: the cores the federation uses)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="scenario override key=value")
+    parser.add_argument("--model-cache-ab", action="store_true",
+                        help="also run the engine with the model cache off (FEDSHOP_MODEL_CACHE=0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default results/federation_overhead_<engine>.json)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -317,13 +334,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     load_start = os.getloadavg()
-    runs = [measure_arm(arm, args) for arm in mirrored_order(CENTRAL, args.engine, args.repeats)]
+    order = (cache_ab_order(args.engine, args.repeats) if args.model_cache_ab
+             else mirrored_order(CENTRAL, args.engine, args.repeats))
+    runs = [measure_arm(arm, args) for arm in order]
     res = {"engine": args.engine, "scenario": args.scenario, "rounds": args.rounds, "cpus": os.cpu_count(),
            "central_threads": args.central_threads, "overrides": args.overrides,
            "load_start": load_start[0], "load_start_5m": load_start[1], "load_end": os.getloadavg()[0],
            "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY"), "runs": runs,
            "summary": summarise(runs, args.engine)}
+    if args.model_cache_ab:
+        off = args.engine + NOCACHE
+        res["summary_nocache"] = summarise(runs, off)
+        on_arm, off_arm = res["summary"]["arms"][args.engine], res["summary_nocache"]["arms"][off]
+        res["cache_on_vs_off"] = {k: ratio(on_arm[k], off_arm[k]) for k in ("steady_cpu_s", "whole_cpu_s",
+                                                                            "steady_wall_s", "whole_wall_s")}
     print_results(res)
+    if args.model_cache_ab:
+        print(f"{off} / central: " + ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary_nocache"]["ratios"].items()))
+        print("cache on / off: " + ", ".join(f"{k} {_fmt(v)}" for k, v in res["cache_on_vs_off"].items()))
     sys.path.insert(0, str(ROOT))
     from shared.atomic import atomic_write_text
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
+from client.model_cache import file_identity
 from shared.atomic import atomic_write_text
 from shared.protocol import SELECTION_METRICS
 
@@ -59,12 +60,30 @@ def load_record(context: Context, state_dir: Path | None, run: str) -> Record:
     return {}
 
 
+_WRITTEN: dict[str, tuple[tuple[int, ...] | None, str]] = {}  # path -> (its identity after our write, text)
+
+
 def save_record(context: Context, state_dir: Path | None, run: str, record: Record) -> None:
-    """Keep ``record`` in ``context.state`` and, when the shop has one, in its state directory (atomically)."""
+    """Keep ``record`` in ``context.state`` and, when the shop has one, in its state directory (atomically).
+
+    The file is written only when its text changes (this process wrote that very text and the file is
+    untouched since), and without an fsync: it is a cache of work, not a result. A kill -9 still leaves
+    the old or the new file (the rename is atomic); an OS crash may leave an older record or an empty
+    file, read as no record. Either way the record has fewer rounds, so `tasks_to_test` compares with
+    fewer earlier scores and tests every task it would have tested (and maybe more): reported numbers,
+    taken at each task's best validation round, do not change. The local part, whose loss would lose a
+    finished round, is still written with an fsync (`client.local_state.write_state_file`).
+    """
     text = json.dumps({"run": run, "rounds": {str(r): record[r] for r in sorted(record)}}, sort_keys=True)
     context.state[BEST_VAL_RECORD] = ConfigRecord({"json": text})
-    if state_dir is not None:
-        atomic_write_text(Path(state_dir) / BEST_VAL_FILE, text)
+    if state_dir is None:
+        return
+    path = Path(state_dir) / BEST_VAL_FILE
+    last = _WRITTEN.get(str(path))
+    if last is not None and last[1] == text and last[0] is not None and last[0] == file_identity(path):
+        return
+    atomic_write_text(path, text, fsync=False)
+    _WRITTEN[str(path)] = (file_identity(path), text)
 
 
 def primaries(val: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

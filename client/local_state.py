@@ -22,6 +22,12 @@ its own disk (`<state-dir>/cache/tensors-<key>.pt`, keyed by a hash of the shop'
 config and the tensor code): a message loads them instead of parsing and tensorising the shop. The
 key itself is recomputed only when a shop file's name, size or mtime changes (`cache/key-index.json`).
 `FEDSHOP_TENSOR_CACHE=0` turns this off; a corrupt cache file is reported and rebuilt.
+
+A process that serves a shop again reuses its model (`Shop.round_model`, `client.model_cache`): the
+local part and own encoder are then read from the state file only when the cache cannot prove it holds
+what the file holds (a token of the file this process last wrote or read). A process whose contexts
+drop the on-disk records after each message (the pool engine: `contexts_drop_disk_records`) also keeps
+the saved local part and own encoder out of ``context.state``: the file and the cached model hold them.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +47,8 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from shared.atomic import atomic_keep_copy, atomic_write_bytes, remove_stale_temps
+from client import model_cache
+from shared.atomic import atomic_keep_copy, atomic_write, atomic_write_bytes, remove_stale_temps
 from shared.features import FeatureConfig, ShopTensors, build_shop_tensors
 from shared.model import ShopModel, build_model
 from shared.scenario import Scenario, load_scenario
@@ -56,6 +63,8 @@ STATE_FILE = "local_part.pt"
 PREVIOUS_FILE = "local_part.prev.pt"  # the copy the current file was trained from (resume rollback)
 # Keys of the lineage ConfigRecord besides ROUNDS_TRAINED: round and run of the local part now in the context.
 SAVED_ROUND, SAVED_RUN = "saved-round", "saved-run"
+# Lineage key: the own encoder of this message is the one of model-cache token N (not in the context).
+OWN_IN_CACHE = "own-in-model-cache"
 FORMAT_VERSION = 1
 CACHE_DIR = "cache"  # below the state dir: tensors of the shop, rebuilt when its files change
 CACHE_FORMAT = 1
@@ -81,13 +90,34 @@ class Shop:
         """A fresh model; its encoder is overwritten by the coordinator's, its local part by saved state."""
         return build_model(self.tensors, self.scenario.model, self.scenario.features, seed=self.scenario.seed)
 
+    def round_model(self) -> ShopModel:
+        """The model one message works on: this process's cached one (`client.model_cache`) or a fresh one.
+
+        Load the received encoder in full and call `restore_local_part` before using it: only they make a
+        cached model equal to a fresh model with the same state loaded.
+        """
+        return model_cache.checkout(self)
+
 
 _SHOPS: dict[tuple, Shop] = {}  # per process: tensors are built once and reused every round
 
 
 def forget_shops() -> None:
-    """Drop the per-process shops, so a long-lived ClientApp process reloads them for a new run."""
+    """Drop the per-process shops and their cached models, so a long-lived process reloads them for a new run."""
     _SHOPS.clear()
+    model_cache.clear()
+
+
+_DISK_ONLY = [False]  # set by `contexts_drop_disk_records`
+
+
+def contexts_drop_disk_records(on: bool = True) -> None:
+    """Declare that this process's contexts lose the on-disk records after every message (the pool's workers).
+
+    Then `save_local_part` keeps a cached model's local part and own encoder only in the file and the
+    model cache, not also as ArrayRecords in ``context.state`` that would be dropped unread.
+    """
+    _DISK_ONLY[0] = on
 
 
 def resolve_shop(context: Context, settings: ShopRoundSettings) -> Shop:
@@ -267,21 +297,36 @@ def rounds_trained(context: Context) -> int:
 
 def write_state_file(state_dir: Path, model: ShopModel, *, shop: str, server_round: int,
                      trained: int = 0, own_encoder: dict[str, torch.Tensor] | None = None, run: str = "",
-                     parent: str = "fresh") -> Path:
+                     parent: str = "fresh", on_written: Callable[[os.stat_result], None] | None = None) -> Path:
     """Save the model's local part (and how many rounds it has trained) to ``state_dir`` atomically.
 
     ``own_encoder`` (the shop's post-training encoder, kept when the personal mix is on) goes into
     the same file, so the two can never come from different rounds. ``run`` and ``server_round`` say
     which run and round the part belongs to; ``parent`` is "file" when the part it was trained from
-    is `PREVIOUS_FILE`, "fresh" when it started from a fresh one.
+    is `PREVIOUS_FILE`, "fresh" when it started from a fresh one. ``on_written`` gets the temp file's
+    stat once its bytes are written (before the fsync and rename; the model cache's file token).
     """
-    buf = io.BytesIO()
     payload = {"format": FORMAT_VERSION, "shop": shop, "round": server_round, "rounds_trained": trained,
                "run": run, "parent": parent, "local": model.local_state()}
     if own_encoder is not None:
         payload["own_encoder"] = own_encoder
-    torch.save(payload, buf)
-    return atomic_write_bytes(Path(state_dir) / STATE_FILE, buf.getvalue())
+
+    def write(fh: io.BufferedWriter) -> None:
+        torch.save(payload, fh)  # straight into the temp file: no 7 MB in-memory copy first
+        fh.flush()
+        if on_written is not None:
+            on_written(os.fstat(fh.fileno()))
+
+    return atomic_write(Path(state_dir) / STATE_FILE, write)
+
+
+def _landed(path: Path, written: list[os.stat_result]) -> tuple[int, ...] | None:
+    """The identity of ``path`` if it is still the file whose temp stat ``written`` holds (same inode, size, mtime)."""
+    now = model_cache.file_identity(path)
+    if not written or now is None:
+        return None
+    st = written[-1]
+    return now if now[:4] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) else None
 
 
 # How the next save treats the files (lineage key KEEP): the loaded part is STATE_FILE, so it becomes
@@ -298,6 +343,8 @@ class _Candidate:
     run: str
     keep: str
     payload: dict | None = None  # the file's payload (its own encoder comes with it)
+    identity: tuple[int, ...] | None = None  # `STATE_FILE`'s identity before it was read (source "disk")
+    token: model_cache.DiskToken | None = None  # the cached model already holds this file's part
 
 
 def _too_new(saved_run: str, saved_round: int, run: str, newest: int | None) -> bool:
@@ -327,11 +374,14 @@ def _disk_candidate(state_dir: Path, run: str, newest: int | None) -> _Candidate
         if previous is None or _too_new(str(previous.get("run", "")), int(previous.get("round", 0)), run, newest):
             return None
         return _from_file(previous, "disk-previous", PREVIOUS)
+    identity = model_cache.file_identity(current_path)  # before the read: a change during it shows later
     current = _read_payload(current_path)
     if current is None:
         return None
     if not _too_new(str(current.get("run", "")), int(current.get("round", 0)), run, newest):
-        return _from_file(current, "disk", ROTATE)
+        found = _from_file(current, "disk", ROTATE)
+        found.identity = identity
+        return found
     if current.get("parent") != "file":  # its round started from a fresh part: so does the redone round
         logger.warning("%s was saved in round %s, after the round the coordinator resumes from; this shop "
                        "restarts that round from a fresh local part, as it did then", current_path,
@@ -370,26 +420,54 @@ def restore_local_part(model: ShopModel, context: Context, state_dir: Path | Non
                 yield _Candidate("context", dict(context.state.array_records[LOCAL_RECORD].to_torch_state_dict()),
                                  rounds_trained(context), saved_round, saved_run, str(lineage.get(KEEP, ROTATE)))
         if state_dir is not None:
+            # A cached model that provably holds the current file's part needs no read: the same rules
+            # (`_disk_candidate`: the current file, unless this run saved it at a round being redone) on
+            # the file's metadata, kept with the token.
+            token = model_cache.disk_token(model, Path(state_dir) / STATE_FILE)
+            if token is not None and not _too_new(str(token.meta.get("run", "")), int(token.meta.get("round", 0)),
+                                                  run, newest):
+                yield _Candidate("disk", {}, int(token.meta.get("rounds_trained", 0)), int(token.meta.get("round", 0)),
+                                 str(token.meta.get("run", "")), ROTATE, token=token)
+                return
             found = _disk_candidate(Path(state_dir), run, newest)
             if found is not None:
                 yield found
 
     for cand in candidates():
+        lineage = {ROUNDS_TRAINED: cand.trained, SAVED_ROUND: cand.saved_round, SAVED_RUN: cand.run, KEEP: cand.keep}
+        if cand.token is not None:  # the file is the one the cache copied: load the copy instead of reading it
+            model_cache.load_token(model, cand.token)
+            if cand.token.own is not None:
+                lineage[OWN_IN_CACHE] = cand.token.serial
+            context.state.pop(OWN_ENCODER_RECORD, None)
+            context.state[LINEAGE_RECORD] = ConfigRecord(lineage)
+            return cand.source
         problem = _compatible(model.local.state_dict(), cand.state)
         if problem is None:
             model.load_local_state(cand.state)
-            context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: cand.trained, SAVED_ROUND: cand.saved_round,
-                                                          SAVED_RUN: cand.run, KEEP: cand.keep})
-            if cand.payload is not None and cand.payload.get("own_encoder") is not None:  # same file, same round
-                context.state[OWN_ENCODER_RECORD] = ArrayRecord(dict(cand.payload["own_encoder"]))
+            model_cache.restored(model)
+            own = cand.payload.get("own_encoder") if cand.payload is not None else None
+            token = None
+            if cand.identity is not None:  # read from `STATE_FILE`: the cache keeps what it held
+                token = model_cache.note_file(model, Path(str(state_dir)) / STATE_FILE, cand.identity, cand.payload,
+                                              cand.state, own)
+            else:
+                model_cache.forget_file(model)
+            if own is not None and token is not None:  # kept by the cache: no ArrayRecord round trip
+                lineage[OWN_IN_CACHE] = token.serial
+                context.state.pop(OWN_ENCODER_RECORD, None)
+            elif own is not None:  # same file, same round
+                context.state[OWN_ENCODER_RECORD] = ArrayRecord(dict(own))
             elif cand.payload is not None:
                 context.state.pop(OWN_ENCODER_RECORD, None)
+            context.state[LINEAGE_RECORD] = ConfigRecord(lineage)
             return cand.source
         where = (Path(state_dir) / (PREVIOUS_FILE if cand.source == "disk-previous" else STATE_FILE)
                  if cand.payload is not None else f"context.state['{LOCAL_RECORD}']")
         logger.warning("saved local part in %s does not fit this shop's model: %s; starting a fresh local "
                        "part. Fix: delete it if the shop's data or model settings changed on purpose",
                        where, problem)
+    model_cache.reset_local_if_used(model)  # a cached model's local part may hold a trained one
     context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: 0, KEEP: NONE})
     context.state.pop(OWN_ENCODER_RECORD, None)
     return "fresh"
@@ -407,30 +485,55 @@ def save_local_part(model: ShopModel, context: Context, state_dir: Path | None, 
     lineage = dict(context.state.config_records.get(LINEAGE_RECORD, {}))
     keep = str(lineage.get(KEEP, NONE))
     trained = rounds_trained(context) + 1
-    context.state[LOCAL_RECORD] = ArrayRecord(model.local_state())
-    context.state[LINEAGE_RECORD] = ConfigRecord({ROUNDS_TRAINED: trained, SAVED_ROUND: server_round,
-                                                  SAVED_RUN: run, KEEP: ROTATE})
     own = model.encoder_state() if keep_own_encoder else None
-    if own is not None:
-        context.state[OWN_ENCODER_RECORD] = ArrayRecord(own)
-    if state_dir is not None:
-        if keep == ROTATE:  # the part trained from is the current file: keep it as the previous copy
-            try:  # a copy, not a rename: a kill before the new file lands leaves the current one in place
-                atomic_keep_copy(Path(state_dir) / STATE_FILE, Path(state_dir) / PREVIOUS_FILE)
-            except FileNotFoundError:
-                pass
-        write_state_file(state_dir, model, shop=shop, server_round=server_round, trained=trained, own_encoder=own,
-                         run=run, parent="fresh" if keep == NONE else "file")
+    if own is None and OWN_IN_CACHE in lineage:  # as before: a restored own encoder stays in the context
+        context.state[OWN_ENCODER_RECORD] = ArrayRecord(model_cache.own_encoder(model, int(lineage[OWN_IN_CACHE])))
+    # The pool drops these records after the message; the file and the cached model hold them.
+    disk_only = _DISK_ONLY[0] and state_dir is not None and model_cache.is_cached(model)
+    if disk_only:
+        context.state.pop(LOCAL_RECORD, None)
+    else:
+        context.state[LOCAL_RECORD] = ArrayRecord(model.local_state())
+        if own is not None:
+            context.state[OWN_ENCODER_RECORD] = ArrayRecord(own)
+    saved = {ROUNDS_TRAINED: trained, SAVED_ROUND: server_round, SAVED_RUN: run, KEEP: ROTATE}
+    context.state[LINEAGE_RECORD] = ConfigRecord(saved)
+    if state_dir is None:
+        return
+    if keep == ROTATE:  # the part trained from is the current file: keep it as the previous copy
+        try:  # a copy, not a rename: a kill before the new file lands leaves the current one in place
+            atomic_keep_copy(Path(state_dir) / STATE_FILE, Path(state_dir) / PREVIOUS_FILE)
+        except FileNotFoundError:
+            pass
+    written: list[os.stat_result] = []
+    parent = "fresh" if keep == NONE else "file"
+    path = write_state_file(state_dir, model, shop=shop, server_round=server_round, trained=trained, own_encoder=own,
+                            run=run, parent=parent, on_written=written.append)
+    meta = {"format": FORMAT_VERSION, "shop": shop, "round": server_round, "rounds_trained": trained, "run": run,
+            "parent": parent}
+    token = model_cache.note_file(model, Path(state_dir) / STATE_FILE, _landed(Path(path), written), meta,
+                                  model.local.state_dict(), own)
+    if disk_only and own is not None:
+        if token is not None:
+            context.state.pop(OWN_ENCODER_RECORD, None)
+            context.state[LINEAGE_RECORD] = ConfigRecord({**saved, OWN_IN_CACHE: token.serial})
+        else:  # the file changed under us: nothing proven, keep the own encoder in the context after all
+            context.state[OWN_ENCODER_RECORD] = ArrayRecord(own)
 
 
 def restore_own_encoder(model: ShopModel, context: Context) -> dict[str, torch.Tensor] | None:
     """The shop's encoder after its last local training (personal mix), or None when it has none that fits.
 
-    Call after `restore_local_part`, which brings a saved one from the state file into ``context``.
+    Call after `restore_local_part`, which brings a saved one from the state file into ``context`` (or,
+    for a cached model, names the model cache's copy in the lineage record).
     """
-    if OWN_ENCODER_RECORD not in context.state.array_records:
+    if OWN_ENCODER_RECORD in context.state.array_records:
+        state = dict(context.state.array_records[OWN_ENCODER_RECORD].to_torch_state_dict())
+    elif OWN_IN_CACHE in context.state.config_records.get(LINEAGE_RECORD, {}):
+        serial = int(context.state.config_records[LINEAGE_RECORD][OWN_IN_CACHE])
+        state = model_cache.own_encoder(model, serial)
+    else:
         return None
-    state = dict(context.state.array_records[OWN_ENCODER_RECORD].to_torch_state_dict())
     problem = _compatible(model.encoder.state_dict(), state)
     if problem is None:
         return state

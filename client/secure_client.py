@@ -32,7 +32,7 @@ from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.leak_guard import check_reply_metadata, error_reply, shop_vocabulary
-from client.local_state import Shop
+from client.local_state import Shop, resolve_shop
 from client.message_settings import settings_for, settings_for_config
 from client.shop_round import evaluate_round, load_round_start, shop_and_model, train_round
 from shared.model import ShopModel
@@ -73,8 +73,9 @@ class ShopNumPyClient(NumPyClient):
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         """The shop's initial encoder (only used when the coordinator has none)."""
-        _, model = shop_and_model(self.context, settings_for_config(self.context, config))
-        return [v.numpy() for v in model.encoder_state().values()]
+        torch.set_num_threads(1)
+        shop = resolve_shop(self.context, settings_for_config(self.context, config))
+        return [v.numpy() for v in shop.model().encoder_state().values()]  # a fresh model's, never a cached one's
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
         """Train locally; return the encoder arrays, the SecAgg+ weight and plaintext metrics."""

@@ -76,10 +76,13 @@ def round_seed(seed: int, server_round: int, shop_index: int) -> int:
 
 
 def shop_and_model(context: Context, settings: ShopRoundSettings) -> tuple[Shop, ShopModel]:
-    """The shop this node serves and a fresh model of it (one core per simulated shop)."""
+    """The shop this node serves and its model for this message: load the encoder and restore the local part next.
+
+    The model is this process's cached one when it has served the shop before (`client.model_cache`).
+    """
     torch.set_num_threads(1)  # Ray gives each simulated client num_cpus=1
     shop = resolve_shop(context, settings)
-    return shop, shop.model()
+    return shop, shop.round_model()
 
 
 def load_round_start(shop: Shop, model: ShopModel, context: Context, settings: ShopRoundSettings,

@@ -46,14 +46,21 @@ def _temp_beside(path: Path) -> Iterator[tuple[int, str]]:
         raise
 
 
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None], *, mode: int | None = None) -> Path:
-    """Call ``write(fh)`` on a temp file beside ``path`` and rename it over ``path`` when done."""
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None], *, mode: int | None = None,
+                 fsync: bool = True) -> Path:
+    """Call ``write(fh)`` on a temp file beside ``path`` and rename it over ``path`` when done.
+
+    ``fsync=False`` skips flushing the bytes to the disk before the rename: a killed process still
+    leaves the old or the new file, but an OS crash or power loss may leave an empty or old one.
+    Only for files whose loss costs work, never results.
+    """
     path = Path(path)
     with _temp_beside(path) as (fd, tmp):
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
     return path
@@ -77,14 +84,14 @@ def atomic_keep_copy(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None, fsync: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    return atomic_write(path, lambda fh: fh.write(data), mode=mode)
+    return atomic_write(path, lambda fh: fh.write(data), mode=mode, fsync=fsync)
 
 
-def atomic_write_text(path: str | Path, text: str, *, mode: int | None = None) -> Path:
+def atomic_write_text(path: str | Path, text: str, *, mode: int | None = None, fsync: bool = True) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+    return atomic_write_bytes(path, text.encode("utf-8"), mode=mode, fsync=fsync)
 
 
 def atomic_write_csv(path: str | Path, frame: pd.DataFrame) -> Path:

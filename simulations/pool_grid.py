@@ -17,6 +17,9 @@ gives an error reply (the shop is left out); a worker that dies is reported in `
 running shop gets an error reply and its queued shops are sent to a fresh worker.
 
 Workers are forked (POSIX only) so the world built once in the parent is shared copy-on-write.
+Each worker keeps its shops' built models between messages (`client.model_cache`; the local part is
+re-read from disk only when the cache cannot prove it holds the file's): an idle shop's memory is its
+cached model, within the cache's budget, not its state records.
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ def _serve(app: Any, nodes: dict[int, dict], run_config: dict, tasks: Any, out: 
 
     torch.set_num_threads(1)  # one core per worker
     set_task_identity()
+    from client import local_state, model_cache
+
+    model_cache.clear()  # models the parent process may have cached are not this worker's
+    local_state.contexts_drop_disk_records(evict_state)  # so saves keep them in the file and the model cache only
     contexts = {nid: Context(run_id=1, node_id=nid, node_config=dict(cfg), state=RecordDict(),
                              run_config=dict(run_config)) for nid, cfg in nodes.items()}
     while True:

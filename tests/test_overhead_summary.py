@@ -22,6 +22,16 @@ def _arm(arm: str, steady_cpu: float, whole_cpu: float, whole_wall: float, stead
             "whole": {"cpu_s": whole_cpu, "wall_s": whole_wall}}
 
 
+def test_cache_ab_order_mirrors_both_federated_arms_and_pairs_each_with_a_central_run():
+    order = bench.cache_ab_order("pool")
+    assert order == ["central", "pool", "pool-nocache", "central", "central", "pool-nocache", "pool", "central"]
+    runs = [{"arm": a, "steady": {"cpu_s": 2.0 if a == "pool" else 3.0 if a != "central" else 1.0, "wall_s": 1.0},
+             "whole": {"cpu_s": 1.0, "wall_s": 1.0}} for a in order]
+    on, off = bench.summarise(runs, "pool"), bench.summarise(runs, "pool-nocache")
+    assert on["ratios"]["steady_cpu_s"] == 2.0 and off["ratios"]["steady_cpu_s"] == 3.0
+    assert len(on["pairs"]) == len(off["pairs"]) == 2  # each federated run is paired with its neighbouring central
+
+
 def test_mirrored_order_is_abba():
     assert bench.mirrored_order("central", "ray") == ["central", "ray", "ray", "central"]
     assert bench.mirrored_order("a", "b", 2) == ["a", "b", "b", "a"] * 2
