@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from shared.weighting import make_weighting
 
 GATED_TASKS = ("ctr", "cvr", "sales")
 SALES_FEATURES = 13  # lag features (5) + weekday one-hot (7) + promo (1), see features._sales_rows
+# Attribute of `ShopModel.all_items`'s whole-vocabulary table (shops with sales): (crosses (I, d), sales wide (I,)).
+ITEM_CROSSES = "fedshop_item_crosses"
 
 
 @dataclass
@@ -68,9 +71,36 @@ def _pool(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     A plain lookup, masked and summed: for short, almost full field lists (item and user side fields) its
     row-sparse backward costs about half of F.embedding_bag's (which expands the bag gradient per index).
     """
+    return _pool_terms(emb, idx)[0]
+
+
+def _pool_terms(emb: nn.Embedding, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_pool`'s mean (..., d) with the masked embeddings (..., F, d) and their sum (..., d) it came from.
+
+    For callers that also need the fields' crosses (`SharedEncoder.item_terms`): one lookup serves both.
+    """
     mask = (idx > 0).unsqueeze(-1).to(emb.weight.dtype)
     e = F.embedding(idx, emb.weight, sparse=emb.sparse) * mask
-    return e.sum(-2) / mask.sum(-2).clamp(min=1)
+    total = e.sum(-2)
+    return total / mask.sum(-2).clamp(min=1), e, total
+
+
+def _bi_interaction(e: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """NFM bi-interaction pooling of masked field embeddings (..., F, d) with their sum (..., d): (..., d).
+
+    Squares as products: the same values as ``** 2`` (pow by 2 is x * x), and a cheaper backward
+    (two products instead of pow's pow(x, 1), scale and product).
+    """
+    return 0.5 * (total * total - (e * e).sum(-2))
+
+
+@cache
+def _sales_cols(d: int) -> torch.Tensor:
+    """Columns of the joint input (u, v, c, u*v, bi; d each) a sales row fills: v, c (the sales input), bi.
+
+    Built once per embedding width (read-only; index_select does not write it).
+    """
+    return torch.cat([torch.arange(d, 3 * d), torch.arange(4 * d, 5 * d)])
 
 
 class SharedEncoder(nn.Module):
@@ -99,11 +129,27 @@ class SharedEncoder(nn.Module):
     def items(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
               item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Item vectors (I, d) from shared side fields, the product key and the local ID embedding."""
+        return self._item_tower(_pool(self.fields, item_cat), item_key, item_num, item_id_emb, id_keep)
+
+    def item_terms(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
+                   item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`items` (I, d) with each item's side-field crosses (I, d) and wide terms (I, n_gated_tasks).
+
+        The crosses equal `crosses(item_cat)` row for row, from the lookup the item vectors already make.
+        """
+        pooled, e, total = _pool_terms(self.fields, item_cat)
+        table = self._item_tower(pooled, item_key, item_num, item_id_emb, id_keep)
+        mask = (item_cat > 0).unsqueeze(-1).to(self.wide.weight.dtype)
+        wide = (F.embedding(item_cat, self.wide.weight, sparse=self.wide.sparse) * mask).sum(1)
+        return table, _bi_interaction(e, total), wide
+
+    def _item_tower(self, pooled: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
+                    item_id_emb: torch.Tensor, id_keep: torch.Tensor | None) -> torch.Tensor:
         ids = self.products(item_key) + item_id_emb
         if id_keep is not None:
             ids = ids * id_keep
-        x = torch.cat([_pool(self.fields, item_cat), ids, self.price(item_num)], -1)
-        return self.item_tower(x)
+        return self.item_tower(torch.cat([pooled, ids, self.price(item_num)], -1))
 
     def users(self, user_side: torch.Tensor, user_id_emb: torch.Tensor, hist_vec: torch.Tensor) -> torch.Tensor:
         """User vectors (B, d) from side fields + local ID embedding and the behaviour sequence."""
@@ -132,7 +178,7 @@ class SharedEncoder(nn.Module):
         # Row 0 then appears in the row-sparse gradient with zeros, which Adam turns into no change while its
         # moments are zero (as the dense path, where padding_idx also leaves a zero gradient row).
         e = F.embedding(field_idx, self.fields.weight, sparse=self.fields.sparse) * mask  # (B, F, d)
-        bi = 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1))
+        bi = _bi_interaction(e, e.sum(1))
         means = []
         if groups:
             # Split, not slice: the backward of a split is one concatenation, a slice's a zero-filled (B, F, d).
@@ -287,10 +333,21 @@ class ShopModel(nn.Module):
         return (torch.rand(n, 1, device=like.device) >= self.cfg.id_dropout).to(like.dtype)
 
     def all_items(self, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Item vectors for the given item indices (default: the whole local vocabulary)."""
+        """Item vectors for the given item indices (default: the whole local vocabulary).
+
+        The whole vocabulary's table of a shop with sales also carries each item's side-field crosses and
+        sales wide term (attribute ``ITEM_CROSSES``), from the field lookup the table makes: a sales batch
+        then gathers its rows' crosses instead of looking the fields up again (one sparse gradient fewer
+        each on ``fields`` and ``wide``, whose merge into the others is a row-by-row copy).
+        """
         if items is None:
             w = self.local.item_ids.weight
-            return self.encoder.items(self.item_cat, self.item_key, self.item_num, w, self._id_keep(len(w), w))
+            args = (self.item_cat, self.item_key, self.item_num, w, self._id_keep(len(w), w))
+            if "sales" not in self.local.towers:
+                return self.encoder.items(*args)
+            table, bi, wide = self.encoder.item_terms(*args)
+            setattr(table, ITEM_CROSSES, (bi, wide[:, GATED_TASKS.index("sales")]))
+            return table
         emb = self.local.item_ids(items)
         return self.encoder.items(self.item_cat[items], self.item_key[items], self.item_num[items], emb,
                                   self._id_keep(len(emb), emb))
@@ -347,23 +404,28 @@ class ShopModel(nn.Module):
             return users @ v.T + bias
         return torch.einsum("bd,bcd->bc", users, v) + bias
 
-    @staticmethod
-    def _sales_cols(d: int) -> torch.Tensor:
-        """Columns of the joint input (u, v, c, u*v, bi; d each) a sales row fills: v, c (the sales input), bi."""
-        return torch.cat([torch.arange(d, 3 * d), torch.arange(4 * d, 5 * d)])
-
     def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> torch.Tensor:
-        """Log of expected next-period units per (item, period) row: (B,)."""
-        v = item_table.index_select(0, batch["item"])
+        """Log of expected next-period units per (item, period) row: (B,).
+
+        The rows' side-field crosses and wide terms come from ``item_table``'s per-item ones when it carries
+        them (`all_items`), else from a lookup of the rows' fields: the same values either way.
+        """
+        item = batch["item"]
+        v = item_table.index_select(0, item)
         s = self.local.sales_in(batch["x"])  # (B, d)
-        bi, wide = self.encoder.crosses(self.item_cat[batch["item"]])
+        per_item = getattr(item_table, ITEM_CROSSES, None)
+        if per_item is None:
+            bi, wide = self.encoder.crosses(self.item_cat[item])
+            wide = wide[:, GATED_TASKS.index("sales")]
+        else:
+            bi, wide = per_item[0].index_select(0, item), per_item[1].index_select(0, item)
         # The joint input of a sales row is [0, v, s, 0, bi] (no user, no user-item product): the experts' first
         # layers and the gate read only the three non-zero blocks' weight columns (~40% fewer products there,
         # forward and backward, and no zero blocks built or differentiated).
         x = torch.cat([v, s, bi], -1)  # (B, 3d)
-        cols = self._sales_cols(v.shape[-1])
+        cols = _sales_cols(v.shape[-1])
         h = self.local.gate("sales", x, self.encoder.mixture(x, cols), cols)
-        return self.local.towers["sales"](torch.cat([h, s], -1)).squeeze(-1) + wide[:, GATED_TASKS.index("sales")]
+        return self.local.towers["sales"](torch.cat([h, s], -1)).squeeze(-1) + wide
 
 
 def initial_encoder_state(cfg: ModelConfig, fcfg: FeatureConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.features import FeatureConfig, ShopTensors
-from shared.model import ModelConfig, ShopModel, _pool, _sparse_mean, build_model
+from shared.model import ITEM_CROSSES, ModelConfig, ShopModel, _bi_interaction, _pool, _sparse_mean, build_model
 
 GOLDEN = Path(__file__).parent / "data" / "model_outputs_9b60ed7.pt"
 
@@ -204,3 +204,40 @@ def test_sales_log_rate_and_gradients_equal_the_zero_block_path(largest_shop: Sh
     for p, a, b in zip(params, g_new, g_old, strict=True):
         assert (a is None) == (b is None), p.shape
         assert a is None or torch.allclose(a, b, atol=1e-5), p.shape
+
+
+def test_sales_crosses_from_the_catalog_equal_the_row_lookup(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                            tiny_features: FeatureConfig) -> None:
+    """The per-item crosses `all_items` carries give the sales rows the values a lookup of their fields gives,
+    and every parameter the same gradient (up to summation order), with the row-sparse tables too."""
+    model = _model(largest_shop, tiny_model_cfg, tiny_features, ["ctr", "sales"])
+    batch = {k: v[:96] for k, v in largest_shop.sales["train"].items()}
+    for sparse in (False, True):
+        for t in model.row_sparse_tables():
+            t.sparse = sparse
+        table = model.all_items()
+        assert getattr(table, ITEM_CROSSES, None) is not None
+        results = []
+        for t in (table, table.view_as(table)):  # a view carries no per-item crosses: the row lookup
+            out = model.sales_log_rate(batch, t)
+            grads = torch.autograd.grad(out.square().sum(), list(model.parameters()), retain_graph=True,
+                                        allow_unused=True)
+            results.append((out, [g.to_dense() if g is not None and g.is_sparse else g for g in grads]))
+        (new, g_new), (old, g_old) = results
+        assert torch.equal(new, old)
+        assert sum(g is not None for g in g_new) > 10
+        for a, b in zip(g_new, g_old, strict=True):
+            assert (a is None) == (b is None)
+            assert a is None or torch.allclose(a, b, atol=1e-6)
+    assert getattr(build_model(replace(largest_shop, tasks=["ctr"]), tiny_model_cfg, tiny_features).all_items(),
+                   ITEM_CROSSES, None) is None  # no sales, no crosses computed
+
+
+def test_bi_interaction_by_products_equals_the_power_form() -> None:
+    """Squares as products: bit-identical values and gradient to ``** 2``."""
+    e = torch.randn(64, 9, 8, requires_grad=True)
+    new = _bi_interaction(e, e.sum(1))
+    old = 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1))
+    w = torch.randn_like(old)
+    assert torch.equal(new, old)
+    assert torch.equal(torch.autograd.grad((new * w).sum(), e)[0], torch.autograd.grad((old * w).sum(), e)[0])
