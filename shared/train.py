@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from shared.features import ShopTensors
-from shared.lazy_adam import LazyAdam
+from shared.lazy_adam import DenseAdam, LazyAdam
 from shared.model import ShopModel
 from shared.protocol import LOSS, NUM_EXAMPLES, task_loss_key
 from shared.tasks import TaskHead, heads_for
@@ -137,11 +137,12 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     sparse = [t.weight for t in tables]
     is_sparse = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in is_sparse]
-    # The fast path also takes Adam's fused kernel (same update, one pass over all tensors); the dense path
+    # The fast path also takes Adam's fused kernel (same update, one pass over all tensors) through DenseAdam
+    # (Adam(fused=True)'s updates without its per-parameter step-tensor overhead); the dense path
     # (cfg.sparse_embeddings False) keeps the previous optimiser exactly, as the reference.
-    fused = {"fused": True} if cfg.sparse_embeddings else {}
-    optimisers: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                                **fused)]
+    optimisers: list[torch.optim.Optimizer] = [
+        DenseAdam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.sparse_embeddings
+        else torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)]
     prox, anchors = None, {}
     if cfg.prox_mu > 0 and global_encoder is not None and not cfg.freeze_encoder:
         named = {k: (p, torch.as_tensor(global_encoder[k]).detach()) for k, p in model.encoder.named_parameters()}
