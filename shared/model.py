@@ -360,15 +360,15 @@ class ShopModel(nn.Module):
         """
         hist_vec = _sparse_mean(item_table, hist)  # mean over the clicked items (index 0 = padding)
         if side is None:
-            side = _pool(self.encoder.fields, self.user_cat[user])
+            side = _pool(self.encoder.fields, self.user_cat.index_select(0, user))
         ids = self.local.user_ids(user)
         keep = self._id_keep(len(ids), ids)
         return self.encoder.users(side, ids if keep is None else ids * keep, hist_vec)
 
     def impression_logits(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-task logits on impression rows: {'ctr': (B,), 'cvr': (B,)} for the tasks the shop has."""
-        user_cat, ctx_cat = self.user_cat[batch["user"]], batch["ctx_cat"]
-        fields = torch.cat([user_cat, self.item_cat[batch["item"]], ctx_cat], 1)
+        user_cat, ctx_cat = self.user_cat.index_select(0, batch["user"]), batch["ctx_cat"]
+        fields = torch.cat([user_cat, self.item_cat.index_select(0, batch["item"]), ctx_cat], 1)
         # One lookup of the field table serves the crosses, the user's side fields and the context: each
         # extra lookup costs a forward, a backward and (in row-sparse training) a sparse gradient merge.
         groups = (user_cat.shape[1], fields.shape[1] - user_cat.shape[1] - ctx_cat.shape[1], ctx_cat.shape[1])
