@@ -3,8 +3,9 @@
 Why not `torch.optim.SparseAdam`: per table and step it coalesces the gradient (a sort of every lookup,
 tens of thousands per batch here) and runs about ten sparse-tensor ops, which on CPU cost about as much
 as the dense Adam pass it avoids. Here the touched rows are found in linear time (a mark per table row,
-no sort), the lookups' gradients are summed into those rows with one ``index_add_``, and the update is
-`torch.optim.adam.adam(fused=True)` on the gathered rows, written back with ``index_copy_``.
+no sort; a sort of the lookups when they are few against the table's rows), the lookups' gradients are
+summed into those rows with one ``index_add_``, and the update is Adam's fused kernel (what
+`torch.optim.adam.adam(fused=True)` runs) on the gathered rows, written back with ``index_copy_``.
 
 Semantics: a touched row gets exactly dense Adam's update for that row (same moments, same bias
 correction and eps placement, coupled weight decay); an untouched row, and its moments, stay as they are
@@ -44,16 +45,18 @@ class LazyAdam(torch.optim.Optimizer):
         else:  # a dense gradient (e.g. a table read outside its module): every row with a non-zero entry
             idx = g.reshape(len(g), -1).ne(0).any(1).nonzero().squeeze(1)
             values = g[idx]
-        mark = torch.zeros(len(p), dtype=torch.bool)
-        mark[idx] = True
-        rows = mark.nonzero().squeeze(1)
-        if g.is_sparse:
-            pos = torch.empty(len(p), dtype=torch.long)
-            pos[rows] = torch.arange(len(rows))
-            summed = torch.zeros((len(rows), *p.shape[1:]), dtype=values.dtype).index_add_(0, pos[idx], values)
+        if not g.is_sparse:
+            return idx, values
+        if len(idx) * 8 < len(p):  # few lookups in a large table: sorting them beats marking every row
+            rows, pos = torch.unique(idx, sorted=True, return_inverse=True)
         else:
-            summed = values
-        return rows, summed
+            mark = torch.zeros(len(p), dtype=torch.bool)
+            mark[idx] = True
+            rows = mark.nonzero().squeeze(1)
+            where = torch.empty(len(p), dtype=torch.long)
+            where[rows] = torch.arange(len(rows))
+            pos = where[idx]
+        return rows, torch.zeros((len(rows), *p.shape[1:]), dtype=values.dtype).index_add_(0, pos, values)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch.optim.Optimizer's signature)
@@ -70,23 +73,22 @@ class LazyAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    # Adam's two moments side by side (moments[0] = exp_avg, moments[1] = exp_avg_sq): one
+                    # gather and one scatter of the touched rows serve both.
+                    state["moments"] = torch.zeros((2, *p.shape), dtype=p.dtype)
                 rows, grad = self._touched(p)
                 if not len(rows):
                     continue
                 w = p.index_select(0, rows)
                 if p in self.anchors and self.prox_mu:
                     grad = grad + self.prox_mu * (w - self.anchors[p].index_select(0, rows))
-                m = state["exp_avg"].index_select(0, rows)
-                v = state["exp_avg_sq"].index_select(0, rows)
+                moments = state["moments"].index_select(1, rows)
                 state["step"] += 1  # what torch.optim.adam.adam(fused=True) does, minus its grouping and checks
-                torch._fused_adam_([w], [grad], [m], [v], [], [state["step"]], amsgrad=False, lr=group["lr"],
-                                   beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
-                                   maximize=False)
+                torch._fused_adam_([w], [grad], [moments[0]], [moments[1]], [], [state["step"]], amsgrad=False,
+                                   lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                                   eps=group["eps"], maximize=False)
                 p.index_copy_(0, rows, w)
-                state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
+                state["moments"].index_copy_(1, rows, moments)
         return loss
 
 
