@@ -79,10 +79,25 @@ def _pool_terms(emb: nn.Embedding, idx: torch.Tensor) -> tuple[torch.Tensor, tor
 
     For callers that also need the fields' crosses (`SharedEncoder.item_terms`): one lookup serves both.
     """
-    mask = (idx > 0).unsqueeze(-1).to(emb.weight.dtype)
-    e = F.embedding(idx, emb.weight, sparse=emb.sparse) * mask
+    mask = _padding_mask(idx, emb.weight.dtype)
+    e = _masked(F.embedding(idx, emb.weight, sparse=emb.sparse), mask)
     total = e.sum(-2)
-    return total / mask.sum(-2).clamp(min=1), e, total
+    count = torch.full_like(total[..., :1], idx.shape[-1]) if mask is None else mask.sum(-2).clamp(min=1)
+    return total / count, e, total
+
+
+def _padding_mask(idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The (..., F, 1) mask of ``idx``'s non-padding fields, or None when none is padding.
+
+    Multiplying looked-up rows by a mask of ones is the identity (values and gradient), and a batch of
+    impression or user rows rarely has padding fields (the whole catalog does: item 0): then no product.
+    """
+    valid = idx > 0
+    return None if bool(valid.all()) else valid.unsqueeze(-1).to(dtype)
+
+
+def _masked(e: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return e if mask is None else e * mask
 
 
 def _bi_interaction(e: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -140,8 +155,8 @@ class SharedEncoder(nn.Module):
         """
         pooled, e, total = _pool_terms(self.fields, item_cat)
         table = self._item_tower(pooled, item_key, item_num, item_id_emb, id_keep)
-        mask = (item_cat > 0).unsqueeze(-1).to(self.wide.weight.dtype)
-        wide = (F.embedding(item_cat, self.wide.weight, sparse=self.wide.sparse) * mask).sum(1)
+        mask = _padding_mask(item_cat, self.wide.weight.dtype)
+        wide = _masked(F.embedding(item_cat, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
         return table, _bi_interaction(e, total), wide
 
     def _item_tower(self, pooled: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
@@ -170,21 +185,21 @@ class SharedEncoder(nn.Module):
         """Bi-interaction pooling (NFM, (B, d)) of a row's shared fields, their wide terms ((B, n_gated_tasks)
         first-order logits) and the mean embedding (B, d) of the ``pooled`` groups among the consecutive
         groups of ``groups`` fields (sizes summing to F; padding left out), from one lookup of each table."""
-        valid = field_idx > 0
-        mask = valid.unsqueeze(-1).to(self.fields.weight.dtype)
+        mask = _padding_mask(field_idx, self.fields.weight.dtype)
         # The mask already zeroes the padding fields and their gradient, so the lookups skip the tables'
         # padding_idx (same output and gradient values): the embedding backward then has no padding rows to
         # filter out, a mask-and-gather over the whole (B*F, d) gradient per table and step (~5% of a step).
         # Row 0 then appears in the row-sparse gradient with zeros, which Adam turns into no change while its
         # moments are zero (as the dense path, where padding_idx also leaves a zero gradient row).
-        e = F.embedding(field_idx, self.fields.weight, sparse=self.fields.sparse) * mask  # (B, F, d)
+        e = _masked(F.embedding(field_idx, self.fields.weight, sparse=self.fields.sparse), mask)  # (B, F, d)
         bi = _bi_interaction(e, e.sum(1))
         means = []
         if groups:
             # Split, not slice: the backward of a split is one concatenation, a slice's a zero-filled (B, F, d).
-            parts, counts = e.split(list(groups), 1), mask.squeeze(-1).split(list(groups), 1)
+            valid = (field_idx > 0).to(e.dtype) if mask is None else mask.squeeze(-1)
+            parts, counts = e.split(list(groups), 1), valid.split(list(groups), 1)
             means = [parts[g].sum(1) / counts[g].sum(1, keepdim=True).clamp(min=1) for g in pooled]
-        wide = (F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse) * mask).sum(1)
+        wide = _masked(F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
         return bi, wide, means
 
     def crosses(self, field_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

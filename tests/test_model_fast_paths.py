@@ -241,3 +241,25 @@ def test_bi_interaction_by_products_equals_the_power_form() -> None:
     w = torch.randn_like(old)
     assert torch.equal(new, old)
     assert torch.equal(torch.autograd.grad((new * w).sum(), e)[0], torch.autograd.grad((old * w).sum(), e)[0])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_field_terms_skip_the_mask_only_without_padding(padded: bool, largest_shop: ShopTensors,
+                                                        tiny_model_cfg: ModelConfig,
+                                                        tiny_features: FeatureConfig) -> None:
+    """Crosses, wide terms and group means equal the always-masked computation, with and without padding."""
+    enc = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0).encoder
+    with torch.no_grad():
+        enc.fields.weight[0].normal_()  # a non-zero padding row (e.g. after DP noise): the mask must still hide it
+        enc.wide.weight.normal_()
+    idx = torch.randint(1, tiny_features.hash_buckets, (32, 6), generator=torch.Generator().manual_seed(1))
+    if padded:
+        idx[3, 1] = idx[5, 4] = 0
+    bi, wide, means = enc.field_terms(idx, (2, 4), pooled=(0, 1))
+    mask = (idx > 0).unsqueeze(-1).float()
+    e = enc.fields.weight[idx] * mask
+    assert torch.equal(bi, 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1)))
+    assert torch.equal(wide, (enc.wide.weight[idx] * mask).sum(1))
+    for got, part, m in zip(means, e.split([2, 4], 1), mask.split([2, 4], 1), strict=True):
+        assert torch.equal(got, part.sum(1) / m.sum(1).clamp(min=1))
+    assert torch.equal(_pool(enc.fields, idx), e.sum(1) / mask.sum(1).clamp(min=1))
