@@ -22,7 +22,7 @@ from shared.weighting import make_weighting
 
 GATED_TASKS = ("ctr", "cvr", "sales")
 SALES_FEATURES = 13  # lag features (5) + weekday one-hot (7) + promo (1), see features._sales_rows
-# Attribute of `ShopModel.all_items`'s whole-vocabulary table (shops with sales): (crosses (I, d), sales wide (I,)).
+# Attribute of `ShopModel.all_items`'s whole-vocabulary table (shops with sales): the items' crosses (I, d).
 ITEM_CROSSES = "fedshop_item_crosses"
 
 
@@ -147,17 +147,15 @@ class SharedEncoder(nn.Module):
         return self._item_tower(_pool(self.fields, item_cat), item_key, item_num, item_id_emb, id_keep)
 
     def item_terms(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
-                   item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`items` (I, d) with each item's side-field crosses (I, d) and wide terms (I, n_gated_tasks).
+                   item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`items` (I, d) with each item's side-field crosses (I, d): `crosses(item_cat)`'s first part, row for
+        row, from the lookup the item vectors already make (that lookup touches every item's field rows anyway).
 
-        The crosses equal `crosses(item_cat)` row for row, from the lookup the item vectors already make.
+        The wide terms are not taken here: a whole-catalog lookup of ``wide`` would touch rows a batch does not
+        use, which row-sparse Adam would then move by their momentum.
         """
         pooled, e, total = _pool_terms(self.fields, item_cat)
-        table = self._item_tower(pooled, item_key, item_num, item_id_emb, id_keep)
-        mask = _padding_mask(item_cat, self.wide.weight.dtype)
-        wide = _masked(F.embedding(item_cat, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
-        return table, _bi_interaction(e, total), wide
+        return self._item_tower(pooled, item_key, item_num, item_id_emb, id_keep), _bi_interaction(e, total)
 
     def _item_tower(self, pooled: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
                     item_id_emb: torch.Tensor, id_keep: torch.Tensor | None) -> torch.Tensor:
@@ -201,6 +199,11 @@ class SharedEncoder(nn.Module):
             means = [parts[g].sum(1) / counts[g].sum(1, keepdim=True).clamp(min=1) for g in pooled]
         wide = _masked(F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
         return bi, wide, means
+
+    def wide_terms(self, field_idx: torch.Tensor) -> torch.Tensor:
+        """The wide terms (B, n_gated_tasks) of `field_terms` alone (a lookup of ``wide`` only)."""
+        mask = _padding_mask(field_idx, self.wide.weight.dtype)
+        return _masked(F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
 
     def crosses(self, field_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bi-interaction pooling (NFM) of all shared fields of a row, and their wide terms.
@@ -350,18 +353,18 @@ class ShopModel(nn.Module):
     def all_items(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """Item vectors for the given item indices (default: the whole local vocabulary).
 
-        The whole vocabulary's table of a shop with sales also carries each item's side-field crosses and
-        sales wide term (attribute ``ITEM_CROSSES``), from the field lookup the table makes: a sales batch
-        then gathers its rows' crosses instead of looking the fields up again (one sparse gradient fewer
-        each on ``fields`` and ``wide``, whose merge into the others is a row-by-row copy).
+        The whole vocabulary's table of a shop with sales also carries each item's side-field crosses
+        (attribute ``ITEM_CROSSES``), from the field lookup the table makes: a sales batch then gathers its
+        rows' crosses instead of looking their fields up again (one sparse gradient fewer on ``fields``, whose
+        merge into the others is a row-by-row copy).
         """
         if items is None:
             w = self.local.item_ids.weight
             args = (self.item_cat, self.item_key, self.item_num, w, self._id_keep(len(w), w))
             if "sales" not in self.local.towers:
                 return self.encoder.items(*args)
-            table, bi, wide = self.encoder.item_terms(*args)
-            setattr(table, ITEM_CROSSES, (bi, wide[:, GATED_TASKS.index("sales")]))
+            table, bi = self.encoder.item_terms(*args)
+            setattr(table, ITEM_CROSSES, bi)
             return table
         emb = self.local.item_ids(items)
         return self.encoder.items(self.item_cat[items], self.item_key[items], self.item_num[items], emb,
@@ -422,25 +425,25 @@ class ShopModel(nn.Module):
     def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> torch.Tensor:
         """Log of expected next-period units per (item, period) row: (B,).
 
-        The rows' side-field crosses and wide terms come from ``item_table``'s per-item ones when it carries
-        them (`all_items`), else from a lookup of the rows' fields: the same values either way.
+        The rows' side-field crosses come from ``item_table``'s per-item ones when it carries them
+        (`all_items`), else from the lookup of the rows' fields the wide terms take: the same values either way.
         """
         item = batch["item"]
         v = item_table.index_select(0, item)
         s = self.local.sales_in(batch["x"])  # (B, d)
+        fields = self.item_cat.index_select(0, item)
         per_item = getattr(item_table, ITEM_CROSSES, None)
         if per_item is None:
-            bi, wide = self.encoder.crosses(self.item_cat[item])
-            wide = wide[:, GATED_TASKS.index("sales")]
+            bi, wide = self.encoder.crosses(fields)
         else:
-            bi, wide = per_item[0].index_select(0, item), per_item[1].index_select(0, item)
+            bi, wide = per_item.index_select(0, item), self.encoder.wide_terms(fields)
         # The joint input of a sales row is [0, v, s, 0, bi] (no user, no user-item product): the experts' first
         # layers and the gate read only the three non-zero blocks' weight columns (~40% fewer products there,
         # forward and backward, and no zero blocks built or differentiated).
         x = torch.cat([v, s, bi], -1)  # (B, 3d)
         cols = _sales_cols(v.shape[-1])
         h = self.local.gate("sales", x, self.encoder.mixture(x, cols), cols)
-        return self.local.towers["sales"](torch.cat([h, s], -1)).squeeze(-1) + wide
+        return self.local.towers["sales"](torch.cat([h, s], -1)).squeeze(-1) + wide[:, GATED_TASKS.index("sales")]
 
 
 def initial_encoder_state(cfg: ModelConfig, fcfg: FeatureConfig, seed: int) -> dict[str, torch.Tensor]:
