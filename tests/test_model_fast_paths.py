@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from shared.features import FeatureConfig, ShopTensors
 from shared.model import ITEM_CROSSES, ModelConfig, ShopModel, _bi_interaction, _pool, _sparse_mean, build_model
+from shared.train import row_sparse_gradients
 
 GOLDEN = Path(__file__).parent / "data" / "model_outputs_9b60ed7.pt"
 
@@ -263,3 +264,17 @@ def test_field_terms_skip_the_mask_only_without_padding(padded: bool, largest_sh
     for got, part, m in zip(means, e.split([2, 4], 1), mask.split([2, 4], 1), strict=True):
         assert torch.equal(got, part.sum(1) / m.sum(1).clamp(min=1))
     assert torch.equal(_pool(enc.fields, idx), e.sum(1) / mask.sum(1).clamp(min=1))
+
+
+def test_sales_rows_touch_only_their_own_wide_rows(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                  tiny_features: FeatureConfig) -> None:
+    """With the crosses from the catalog, a sales batch's row-sparse ``wide`` gradient still names only its
+    rows' item fields (lazy Adam moves no other row), and ``fields`` only rows the item pool looks up."""
+    model = _model(largest_shop, tiny_model_cfg, tiny_features, ["ctr", "sales"])
+    batch = {k: v[:40] for k, v in largest_shop.sales["train"].items()}
+    with row_sparse_gradients(model.row_sparse_tables()):
+        model.sales_log_rate(batch, model.all_items()).sum().backward()
+        wide_rows = set(model.encoder.wide.weight.grad._indices()[0].tolist())
+        field_rows = set(model.encoder.fields.weight.grad._indices()[0].tolist())
+    assert wide_rows == set(model.item_cat[batch["item"]].flatten().tolist())
+    assert field_rows == set(model.item_cat.flatten().tolist())
