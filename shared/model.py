@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from shared.weighting import make_weighting
 
 GATED_TASKS = ("ctr", "cvr", "sales")
 SALES_FEATURES = 13  # lag features (5) + weekday one-hot (7) + promo (1), see features._sales_rows
+# Attribute of `ShopModel.all_items`'s whole-vocabulary table (shops with sales): the items' crosses (I, d).
+ITEM_CROSSES = "fedshop_item_crosses"
 
 
 @dataclass
@@ -68,9 +71,51 @@ def _pool(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     A plain lookup, masked and summed: for short, almost full field lists (item and user side fields) its
     row-sparse backward costs about half of F.embedding_bag's (which expands the bag gradient per index).
     """
-    mask = (idx > 0).unsqueeze(-1).to(emb.weight.dtype)
-    e = F.embedding(idx, emb.weight, sparse=emb.sparse) * mask
-    return e.sum(-2) / mask.sum(-2).clamp(min=1)
+    return _pool_terms(emb, idx)[0]
+
+
+def _pool_terms(emb: nn.Embedding, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_pool`'s mean (..., d) with the masked embeddings (..., F, d) and their sum (..., d) it came from.
+
+    For callers that also need the fields' crosses (`SharedEncoder.item_terms`): one lookup serves both.
+    """
+    mask = _padding_mask(idx, emb.weight.dtype)
+    e = _masked(F.embedding(idx, emb.weight, sparse=emb.sparse), mask)
+    total = e.sum(-2)
+    count = torch.full_like(total[..., :1], idx.shape[-1]) if mask is None else mask.sum(-2).clamp(min=1)
+    return total / count, e, total
+
+
+def _padding_mask(idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The (..., F, 1) mask of ``idx``'s non-padding fields, or None when none is padding.
+
+    Multiplying looked-up rows by a mask of ones is the identity (values and gradient), and a batch of
+    impression or user rows rarely has padding fields (the whole catalog does: item 0): then no product.
+    """
+    valid = idx > 0
+    return None if bool(valid.all()) else valid.unsqueeze(-1).to(dtype)
+
+
+def _masked(e: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return e if mask is None else e * mask
+
+
+def _bi_interaction(e: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """NFM bi-interaction pooling of masked field embeddings (..., F, d) with their sum (..., d): (..., d).
+
+    Squares as products: the same values as ``** 2`` (pow by 2 is x * x), and a cheaper backward
+    (two products instead of pow's pow(x, 1), scale and product).
+    """
+    return 0.5 * (total * total - (e * e).sum(-2))
+
+
+@cache
+def _sales_cols(d: int) -> torch.Tensor:
+    """Columns of the joint input (u, v, c, u*v, bi; d each) a sales row fills: v, c (the sales input), bi.
+
+    Built once per embedding width (read-only; index_select does not write it).
+    """
+    return torch.cat([torch.arange(d, 3 * d), torch.arange(4 * d, 5 * d)])
 
 
 class SharedEncoder(nn.Module):
@@ -99,11 +144,25 @@ class SharedEncoder(nn.Module):
     def items(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
               item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Item vectors (I, d) from shared side fields, the product key and the local ID embedding."""
+        return self._item_tower(_pool(self.fields, item_cat), item_key, item_num, item_id_emb, id_keep)
+
+    def item_terms(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
+                   item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`items` (I, d) with each item's side-field crosses (I, d): `crosses(item_cat)`'s first part, row for
+        row, from the lookup the item vectors already make (that lookup touches every item's field rows anyway).
+
+        The wide terms are not taken here: a whole-catalog lookup of ``wide`` would touch rows a batch does not
+        use, which row-sparse Adam would then move by their momentum.
+        """
+        pooled, e, total = _pool_terms(self.fields, item_cat)
+        return self._item_tower(pooled, item_key, item_num, item_id_emb, id_keep), _bi_interaction(e, total)
+
+    def _item_tower(self, pooled: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
+                    item_id_emb: torch.Tensor, id_keep: torch.Tensor | None) -> torch.Tensor:
         ids = self.products(item_key) + item_id_emb
         if id_keep is not None:
             ids = ids * id_keep
-        x = torch.cat([_pool(self.fields, item_cat), ids, self.price(item_num)], -1)
-        return self.item_tower(x)
+        return self.item_tower(torch.cat([pooled, ids, self.price(item_num)], -1))
 
     def users(self, user_side: torch.Tensor, user_id_emb: torch.Tensor, hist_vec: torch.Tensor) -> torch.Tensor:
         """User vectors (B, d) from side fields + local ID embedding and the behaviour sequence."""
@@ -124,22 +183,27 @@ class SharedEncoder(nn.Module):
         """Bi-interaction pooling (NFM, (B, d)) of a row's shared fields, their wide terms ((B, n_gated_tasks)
         first-order logits) and the mean embedding (B, d) of the ``pooled`` groups among the consecutive
         groups of ``groups`` fields (sizes summing to F; padding left out), from one lookup of each table."""
-        valid = field_idx > 0
-        mask = valid.unsqueeze(-1).to(self.fields.weight.dtype)
+        mask = _padding_mask(field_idx, self.fields.weight.dtype)
         # The mask already zeroes the padding fields and their gradient, so the lookups skip the tables'
         # padding_idx (same output and gradient values): the embedding backward then has no padding rows to
         # filter out, a mask-and-gather over the whole (B*F, d) gradient per table and step (~5% of a step).
         # Row 0 then appears in the row-sparse gradient with zeros, which Adam turns into no change while its
         # moments are zero (as the dense path, where padding_idx also leaves a zero gradient row).
-        e = F.embedding(field_idx, self.fields.weight, sparse=self.fields.sparse) * mask  # (B, F, d)
-        bi = 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1))
+        e = _masked(F.embedding(field_idx, self.fields.weight, sparse=self.fields.sparse), mask)  # (B, F, d)
+        bi = _bi_interaction(e, e.sum(1))
         means = []
         if groups:
             # Split, not slice: the backward of a split is one concatenation, a slice's a zero-filled (B, F, d).
-            parts, counts = e.split(list(groups), 1), mask.squeeze(-1).split(list(groups), 1)
+            valid = (field_idx > 0).to(e.dtype) if mask is None else mask.squeeze(-1)
+            parts, counts = e.split(list(groups), 1), valid.split(list(groups), 1)
             means = [parts[g].sum(1) / counts[g].sum(1, keepdim=True).clamp(min=1) for g in pooled]
-        wide = (F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse) * mask).sum(1)
+        wide = _masked(F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
         return bi, wide, means
+
+    def wide_terms(self, field_idx: torch.Tensor) -> torch.Tensor:
+        """The wide terms (B, n_gated_tasks) of `field_terms` alone (a lookup of ``wide`` only)."""
+        mask = _padding_mask(field_idx, self.wide.weight.dtype)
+        return _masked(F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
 
     def crosses(self, field_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bi-interaction pooling (NFM) of all shared fields of a row, and their wide terms.
@@ -287,10 +351,21 @@ class ShopModel(nn.Module):
         return (torch.rand(n, 1, device=like.device) >= self.cfg.id_dropout).to(like.dtype)
 
     def all_items(self, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Item vectors for the given item indices (default: the whole local vocabulary)."""
+        """Item vectors for the given item indices (default: the whole local vocabulary).
+
+        The whole vocabulary's table of a shop with sales also carries each item's side-field crosses
+        (attribute ``ITEM_CROSSES``), from the field lookup the table makes: a sales batch then gathers its
+        rows' crosses instead of looking their fields up again (one sparse gradient fewer on ``fields``, whose
+        merge into the others is a row-by-row copy).
+        """
         if items is None:
             w = self.local.item_ids.weight
-            return self.encoder.items(self.item_cat, self.item_key, self.item_num, w, self._id_keep(len(w), w))
+            args = (self.item_cat, self.item_key, self.item_num, w, self._id_keep(len(w), w))
+            if "sales" not in self.local.towers:
+                return self.encoder.items(*args)
+            table, bi = self.encoder.item_terms(*args)
+            setattr(table, ITEM_CROSSES, bi)
+            return table
         emb = self.local.item_ids(items)
         return self.encoder.items(self.item_cat[items], self.item_key[items], self.item_num[items], emb,
                                   self._id_keep(len(emb), emb))
@@ -303,15 +378,15 @@ class ShopModel(nn.Module):
         """
         hist_vec = _sparse_mean(item_table, hist)  # mean over the clicked items (index 0 = padding)
         if side is None:
-            side = _pool(self.encoder.fields, self.user_cat[user])
+            side = _pool(self.encoder.fields, self.user_cat.index_select(0, user))
         ids = self.local.user_ids(user)
         keep = self._id_keep(len(ids), ids)
         return self.encoder.users(side, ids if keep is None else ids * keep, hist_vec)
 
     def impression_logits(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-task logits on impression rows: {'ctr': (B,), 'cvr': (B,)} for the tasks the shop has."""
-        user_cat, ctx_cat = self.user_cat[batch["user"]], batch["ctx_cat"]
-        fields = torch.cat([user_cat, self.item_cat[batch["item"]], ctx_cat], 1)
+        user_cat, ctx_cat = self.user_cat.index_select(0, batch["user"]), batch["ctx_cat"]
+        fields = torch.cat([user_cat, self.item_cat.index_select(0, batch["item"]), ctx_cat], 1)
         # One lookup of the field table serves the crosses, the user's side fields and the context: each
         # extra lookup costs a forward, a backward and (in row-sparse training) a sparse gradient merge.
         groups = (user_cat.shape[1], fields.shape[1] - user_cat.shape[1] - ctx_cat.shape[1], ctx_cat.shape[1])
@@ -347,21 +422,26 @@ class ShopModel(nn.Module):
             return users @ v.T + bias
         return torch.einsum("bd,bcd->bc", users, v) + bias
 
-    @staticmethod
-    def _sales_cols(d: int) -> torch.Tensor:
-        """Columns of the joint input (u, v, c, u*v, bi; d each) a sales row fills: v, c (the sales input), bi."""
-        return torch.cat([torch.arange(d, 3 * d), torch.arange(4 * d, 5 * d)])
-
     def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> torch.Tensor:
-        """Log of expected next-period units per (item, period) row: (B,)."""
-        v = item_table.index_select(0, batch["item"])
+        """Log of expected next-period units per (item, period) row: (B,).
+
+        The rows' side-field crosses come from ``item_table``'s per-item ones when it carries them
+        (`all_items`), else from the lookup of the rows' fields the wide terms take: the same values either way.
+        """
+        item = batch["item"]
+        v = item_table.index_select(0, item)
         s = self.local.sales_in(batch["x"])  # (B, d)
-        bi, wide = self.encoder.crosses(self.item_cat[batch["item"]])
+        fields = self.item_cat.index_select(0, item)
+        per_item = getattr(item_table, ITEM_CROSSES, None)
+        if per_item is None:
+            bi, wide = self.encoder.crosses(fields)
+        else:
+            bi, wide = per_item.index_select(0, item), self.encoder.wide_terms(fields)
         # The joint input of a sales row is [0, v, s, 0, bi] (no user, no user-item product): the experts' first
         # layers and the gate read only the three non-zero blocks' weight columns (~40% fewer products there,
         # forward and backward, and no zero blocks built or differentiated).
         x = torch.cat([v, s, bi], -1)  # (B, 3d)
-        cols = self._sales_cols(v.shape[-1])
+        cols = _sales_cols(v.shape[-1])
         h = self.local.gate("sales", x, self.encoder.mixture(x, cols), cols)
         return self.local.towers["sales"](torch.cat([h, s], -1)).squeeze(-1) + wide[:, GATED_TASKS.index("sales")]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from shared.features import ShopTensors
-from shared.lazy_adam import LazyAdam
+from shared.lazy_adam import DenseAdam, LazyAdam
 from shared.model import ShopModel
 from shared.protocol import LOSS, NUM_EXAMPLES, task_loss_key
 from shared.tasks import TaskHead, heads_for
@@ -60,9 +60,10 @@ def _sources(tensors: ShopTensors, heads: list[TaskHead]) -> dict[str, Mapping[s
 class _Batches:
     """Endless shuffled minibatches of one source's rows.
 
-    The rows are permuted once per pass and each batch is a contiguous slice (a view) of the permuted
-    copy: one gather per column and pass instead of one per column and step, the same batches as indexing
-    with the pass's permutation every step.
+    The rows are permuted once per pass and each batch gathers its slice of the permutation from every
+    column: the same batches as slicing a permuted copy of the rows, without copying every column of the
+    whole source at each pass (for 40k impressions with a 20-item history, a ~25 ms copy every 80 steps,
+    more than the batches' own gathers).
     """
 
     def __init__(self, rows: Mapping[str, torch.Tensor], batch: int, gen: torch.Generator) -> None:
@@ -71,15 +72,14 @@ class _Batches:
         self._shuffle()
 
     def _shuffle(self) -> None:
-        perm = torch.randperm(self.n, generator=self.gen)
-        self.shuffled, self.pos = {k: v[perm] for k, v in self.rows.items()}, 0
+        self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
 
     def next(self) -> dict[str, torch.Tensor]:
         if self.pos >= self.n:
             self._shuffle()
-        out = {k: v[self.pos: self.pos + self.batch] for k, v in self.shuffled.items()}
+        idx = self.perm[self.pos: self.pos + self.batch]
         self.pos += self.batch
-        return out
+        return {k: v.index_select(0, idx) for k, v in self.rows.items()}
 
 
 def shared_layer_params(model: ShopModel) -> list[torch.nn.Parameter]:
@@ -137,11 +137,12 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     sparse = [t.weight for t in tables]
     is_sparse = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in is_sparse]
-    # The fast path also takes Adam's fused kernel (same update, one pass over all tensors); the dense path
+    # The fast path also takes Adam's fused kernel (same update, one pass over all tensors) through DenseAdam
+    # (Adam(fused=True)'s updates without its per-parameter step-tensor overhead); the dense path
     # (cfg.sparse_embeddings False) keeps the previous optimiser exactly, as the reference.
-    fused = {"fused": True} if cfg.sparse_embeddings else {}
-    optimisers: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                                **fused)]
+    optimisers: list[torch.optim.Optimizer] = [
+        DenseAdam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.sparse_embeddings
+        else torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)]
     prox, anchors = None, {}
     if cfg.prox_mu > 0 and global_encoder is not None and not cfg.freeze_encoder:
         named = {k: (p, torch.as_tensor(global_encoder[k]).detach()) for k, p in model.encoder.named_parameters()}

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from shared.features import FeatureConfig, ShopTensors
-from shared.model import ModelConfig, ShopModel, _pool, _sparse_mean, build_model
+from shared.model import ITEM_CROSSES, ModelConfig, ShopModel, _bi_interaction, _pool, _sparse_mean, build_model
+from shared.train import row_sparse_gradients
 
 GOLDEN = Path(__file__).parent / "data" / "model_outputs_9b60ed7.pt"
 
@@ -204,3 +205,76 @@ def test_sales_log_rate_and_gradients_equal_the_zero_block_path(largest_shop: Sh
     for p, a, b in zip(params, g_new, g_old, strict=True):
         assert (a is None) == (b is None), p.shape
         assert a is None or torch.allclose(a, b, atol=1e-5), p.shape
+
+
+def test_sales_crosses_from_the_catalog_equal_the_row_lookup(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                            tiny_features: FeatureConfig) -> None:
+    """The per-item crosses `all_items` carries give the sales rows the values a lookup of their fields gives,
+    and every parameter the same gradient (up to summation order), with the row-sparse tables too."""
+    model = _model(largest_shop, tiny_model_cfg, tiny_features, ["ctr", "sales"])
+    batch = {k: v[:96] for k, v in largest_shop.sales["train"].items()}
+    for sparse in (False, True):
+        for t in model.row_sparse_tables():
+            t.sparse = sparse
+        table = model.all_items()
+        assert getattr(table, ITEM_CROSSES, None) is not None
+        results = []
+        for t in (table, table.view_as(table)):  # a view carries no per-item crosses: the row lookup
+            out = model.sales_log_rate(batch, t)
+            grads = torch.autograd.grad(out.square().sum(), list(model.parameters()), retain_graph=True,
+                                        allow_unused=True)
+            results.append((out, [g.to_dense() if g is not None and g.is_sparse else g for g in grads]))
+        (new, g_new), (old, g_old) = results
+        assert torch.equal(new, old)
+        assert sum(g is not None for g in g_new) > 10
+        for a, b in zip(g_new, g_old, strict=True):
+            assert (a is None) == (b is None)
+            assert a is None or torch.allclose(a, b, atol=1e-6)
+    assert getattr(build_model(replace(largest_shop, tasks=["ctr"]), tiny_model_cfg, tiny_features).all_items(),
+                   ITEM_CROSSES, None) is None  # no sales, no crosses computed
+
+
+def test_bi_interaction_by_products_equals_the_power_form() -> None:
+    """Squares as products: bit-identical values and gradient to ``** 2``."""
+    e = torch.randn(64, 9, 8, requires_grad=True)
+    new = _bi_interaction(e, e.sum(1))
+    old = 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1))
+    w = torch.randn_like(old)
+    assert torch.equal(new, old)
+    assert torch.equal(torch.autograd.grad((new * w).sum(), e)[0], torch.autograd.grad((old * w).sum(), e)[0])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_field_terms_skip_the_mask_only_without_padding(padded: bool, largest_shop: ShopTensors,
+                                                        tiny_model_cfg: ModelConfig,
+                                                        tiny_features: FeatureConfig) -> None:
+    """Crosses, wide terms and group means equal the always-masked computation, with and without padding."""
+    enc = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0).encoder
+    with torch.no_grad():
+        enc.fields.weight[0].normal_()  # a non-zero padding row (e.g. after DP noise): the mask must still hide it
+        enc.wide.weight.normal_()
+    idx = torch.randint(1, tiny_features.hash_buckets, (32, 6), generator=torch.Generator().manual_seed(1))
+    if padded:
+        idx[3, 1] = idx[5, 4] = 0
+    bi, wide, means = enc.field_terms(idx, (2, 4), pooled=(0, 1))
+    mask = (idx > 0).unsqueeze(-1).float()
+    e = enc.fields.weight[idx] * mask
+    assert torch.equal(bi, 0.5 * (e.sum(1) ** 2 - (e ** 2).sum(1)))
+    assert torch.equal(wide, (enc.wide.weight[idx] * mask).sum(1))
+    for got, part, m in zip(means, e.split([2, 4], 1), mask.split([2, 4], 1), strict=True):
+        assert torch.equal(got, part.sum(1) / m.sum(1).clamp(min=1))
+    assert torch.equal(_pool(enc.fields, idx), e.sum(1) / mask.sum(1).clamp(min=1))
+
+
+def test_sales_rows_touch_only_their_own_wide_rows(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                  tiny_features: FeatureConfig) -> None:
+    """With the crosses from the catalog, a sales batch's row-sparse ``wide`` gradient still names only its
+    rows' item fields (lazy Adam moves no other row), and ``fields`` only rows the item pool looks up."""
+    model = _model(largest_shop, tiny_model_cfg, tiny_features, ["ctr", "sales"])
+    batch = {k: v[:40] for k, v in largest_shop.sales["train"].items()}
+    with row_sparse_gradients(model.row_sparse_tables()):
+        model.sales_log_rate(batch, model.all_items()).sum().backward()
+        wide_rows = set(model.encoder.wide.weight.grad._indices()[0].tolist())
+        field_rows = set(model.encoder.fields.weight.grad._indices()[0].tolist())
+    assert wide_rows == set(model.item_cat[batch["item"]].flatten().tolist())
+    assert field_rows == set(model.item_cat.flatten().tolist())

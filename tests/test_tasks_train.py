@@ -14,7 +14,7 @@ from shared.features import TEST, FeatureConfig, ShopTensors
 from shared.metrics import binary_metrics
 from shared.model import ModelConfig, ShopModel, build_model
 from shared.tasks import TASK_HEADS, heads_for
-from shared.train import TrainConfig, evaluate_shop, measure_task_conflict, train_shop
+from shared.train import TrainConfig, _Batches, evaluate_shop, measure_task_conflict, train_shop
 from shared.weighting import WEIGHTINGS
 from simulations.best_rounds import HEADLINE, PRIMARY
 
@@ -158,3 +158,17 @@ def test_unknown_task_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown task"):
         heads_for(["ctr", "churn"])
     assert [h.name for h in heads_for(["sales", "ctr"])] == ["ctr", "sales"]
+
+
+def test_batches_are_slices_of_each_pass_permutation(largest_shop: ShopTensors) -> None:
+    """Each pass's batches are consecutive slices of that pass's permuted rows, every row once per pass."""
+    rows = largest_shop.rows["train"]
+    n, batch = rows["user"].shape[0], 700
+    batches = _Batches(rows, batch, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):  # two passes: the reshuffle draws the next permutation from the same generator
+        perm = torch.randperm(n, generator=gen)
+        for s in range(0, n, batch):
+            got = batches.next()
+            for k, v in rows.items():
+                assert torch.equal(got[k], v[perm][s: s + batch]), k
