@@ -222,3 +222,43 @@ def test_unregister_maps_an_id_from_before_a_restart_to_the_current_one(tmp_path
     assert unregister_merchant(home, 100) == int(new)
     assert calls == [("supernode", "unregister", new, coordinator_mod.CONNECTION)]
     assert registered_merchants(home) == {}
+
+
+def test_the_launcher_notes_a_401_only_after_activation(monkeypatch) -> None:
+    import httpx
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    from simulations.deploy import supernode_launcher
+
+    answers: list[int] = []
+
+    def fake_unary(self, *, path: str, **kwargs):
+        status = answers.pop(0)
+        if status != 200:
+            request = httpx.Request("POST", f"https://127.0.0.1{path}")
+            raise httpx.HTTPStatusError("refused", request=request, response=httpx.Response(status, request=request))
+        return "ok"
+
+    monkeypatch.setattr(FleetHttpClient, "_unary_unary", fake_unary)  # restored after the test
+    admission = supernode_launcher.install_rejoin_watch()
+    client = object.__new__(FleetHttpClient)
+    answers[:] = [401]
+    with pytest.raises(httpx.HTTPStatusError):
+        FleetHttpClient._unary_unary(client, path="/v1/fleet/activate-node")
+    assert not admission.activated and not admission.refused  # an unregistered key at start: Flower's exit
+    answers[:] = [200, 200, 503, 401]
+    FleetHttpClient._unary_unary(client, path="/v1/fleet/activate-node")
+    FleetHttpClient._unary_unary(client, path="/v1/fleet/pull-messages")
+    with pytest.raises(httpx.HTTPStatusError):
+        FleetHttpClient._unary_unary(client, path="/v1/fleet/pull-messages")
+    assert admission.activated and not admission.refused  # a 503 is Flower's retry, not a refusal
+    with pytest.raises(httpx.HTTPStatusError):
+        FleetHttpClient._unary_unary(client, path="/v1/fleet/send-node-heartbeat")
+    assert admission.refused
+
+
+def test_rejoin_state_round_trips_through_the_environment() -> None:
+    from simulations.deploy.supernode_launcher import _REJOIN_STATE_ENV, rejoin_state
+
+    assert rejoin_state({}) is None and rejoin_state({_REJOIN_STATE_ENV: "garbage"}) is None
+    assert rejoin_state({_REJOIN_STATE_ENV: "1700000000.500,3"}) == (1700000000.5, 3)
