@@ -143,6 +143,23 @@ def test_unregister_by_an_old_id_and_before_the_restart_both_keep_the_key_refuse
         assert restarted[f"start-{name}"] and "Failed to activate SuperNode" in restarted[f"start-{name}"]
 
 
+@pytest.mark.slow
+def test_with_the_state_db_a_restart_keeps_node_ids_and_the_merchant_just_reconnects(tmp_path: Path) -> None:
+    shops = write_tiny_shops(tmp_path)[:1]
+    with loopback_federation(tmp_path, shops, state_db=True) as fed:
+        home, merchant = fed.coordinator.home, fed.merchants[shops[0]]
+        assert fed.coordinator.state == str(Path(home) / "superlink.db")
+        before = registered_merchants(home)
+        assert stop_coordinator(home)
+        warnings: list[str] = []
+        start_coordinator(home, tmp_path / "certs", port=fed.coordinator.port, state_db=True, warn=warnings.append)
+        assert registered_merchants(home) == before and warnings == []  # nothing registered again
+        _wait(lambda: {str(n["node-id"]): n["status"] for n in list_merchants(home)}.get(str(merchant.node_id))
+              == "online", 60, "the merchant to be online under its old node ID")
+        assert pid_alive(merchant.pid) and latest_node_id(merchant.log) == merchant.node_id
+        assert "no longer accepts" not in merchant.log.read_text(errors="replace")
+
+
 def _fake_flwr(nodes: list[dict], calls: list[tuple], fail: str | None = None):
     counter = iter(range(5000, 6000))
 
