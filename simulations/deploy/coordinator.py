@@ -178,6 +178,9 @@ def start_coordinator(home: str | Path, certs: str | Path, *, port: int | None =
         entry = registered_merchants(home)[new]
         warn(f"merchant {entry.get('name') or entry.get('key-fingerprint')} (shop-index {entry.get('shop-index')}) "
              f"registered again: SuperNode {old} -> {new}")
+    if remap:
+        warn("running merchants rejoin under their new node IDs by themselves (their SuperNode launcher re-activates "
+             "by key); one whose SuperNode stopped (started by an older fedshop) needs `fedshop merchant start` again")
     return info
 
 
