@@ -263,6 +263,7 @@ def test_the_launcher_notes_a_401_only_after_activation(monkeypatch) -> None:
     with pytest.raises(httpx.HTTPStatusError):
         FleetHttpClient._unary_unary(client, path="/v1/fleet/activate-node")
     assert not admission.activated and not admission.refused  # an unregistered key at start: Flower's exit
+    assert admission.activation_refused
     answers[:] = [200, 200, 503, 401]
     FleetHttpClient._unary_unary(client, path="/v1/fleet/activate-node")
     FleetHttpClient._unary_unary(client, path="/v1/fleet/pull-messages")

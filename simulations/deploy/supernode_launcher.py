@@ -251,7 +251,8 @@ class Admission:
 
     def __init__(self) -> None:
         self.activated = False
-        self.refused = False
+        self.refused = False  # a 401 after activation: the node ID is no longer the key's
+        self.activation_refused = False  # the SuperLink answered the activation with an error (key unknown)
 
 
 def install_rejoin_watch() -> Admission:
@@ -272,6 +273,8 @@ def install_rejoin_watch() -> Admission:
         except httpx.HTTPStatusError as err:
             if err.response.status_code == httpx.codes.UNAUTHORIZED and admission.activated:
                 admission.refused = True
+            if path.endswith("/activate-node"):
+                admission.activation_refused = True
             raise
         if path.endswith("/activate-node"):
             admission.activated = True
@@ -320,33 +323,43 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError) as err:  # FlowerInterfaceError is a RuntimeError
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from flwr.common.logger import log
     from flwr.supernode.cli import flower_supernode
 
     rejoining = rejoin_state(os.environ)
     os.environ.pop(_REJOIN_STATE_ENV, None)
     if rejoining and rejoining[1] > 0:  # a refused activation before: give the coordinator time
         time.sleep(REJOIN_PAUSES[min(rejoining[1] - 1, len(REJOIN_PAUSES) - 1)])
+    if admission is not None:
+        install_rejoin_on_exit(admission, rejoining, rejoin_for, launcher_args)
     sys.argv = ["flower-supernode", *args[2:]]
-    try:
-        return int(flower_supernode() or 0)
-    except SystemExit:
-        if admission is None:
-            raise
-        # Flower is exiting (its force-exit timer runs): restart at once, pause in the new process.
+    return int(flower_supernode() or 0)
+
+
+def install_rejoin_on_exit(admission: Admission, rejoining: tuple[float, int] | None, rejoin_for: float,
+                           launcher_args: list[str]) -> None:
+    """Register, first of Flower's exit handlers, the restart that rejoins (or the line saying it gave up).
+
+    It runs before Flower starts its 5 s force-exit timer and before its own clean-up (Runtime API server
+    stop, deactivation), so the `exec` cannot be cut short by that timer; `exec` closes the sockets anyway.
+    """
+    from flwr.common.logger import log
+    from flwr.supercore.exit import add_exit_handler
+
+    def rejoin() -> None:
         if admission.refused:
             log(WARNING, "fedshop: the SuperLink no longer accepts this SuperNode's node ID (the coordinator "
                 "restarted and registered its key again, or unregistered it): rejoining by its key for up to "
                 "%g s (%s)", rejoin_for, REJOIN_ENV)
             _restart_self(launcher_args, time.time() + rejoin_for, 0)
-        if rejoining and not admission.activated:
+        if rejoining and admission.activation_refused and not admission.activated:  # not a stop signal
             if time.time() < rejoining[0]:
                 _restart_self(launcher_args, rejoining[0], rejoining[1] + 1)
             log(ERROR, "fedshop: this SuperNode's key is still refused after %s attempts to rejoin: the "
                 "coordinator did not register it again (it was unregistered, or the coordinator is down). Fix: "
                 "check `fedshop coordinator status` on the coordinator, then `fedshop merchant start` again",
                 rejoining[1] + 1)
-        raise
+
+    add_exit_handler(rejoin, run_before_force_exit=True)
 
 
 if __name__ == "__main__":
