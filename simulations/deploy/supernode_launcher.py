@@ -33,7 +33,8 @@ sends it with every request; the SuperLink checks it against the one registered 
 answers a mismatch with 401, on which Flower's SuperNode stops itself (SIGINT, exit code 1). A coordinator
 that keeps its state in memory registers every key again at start, under new node IDs, so each running
 SuperNode would stop at its next request. The launcher notes a 401 on any Fleet call after activation and
-then starts this same process again (``os.execv``: same PID, so the PID record, `merchant stop` and the
+then, from an exit handler that runs before Flower's clean-up and its 5 s force-exit timer, starts this same
+process again (``os.execv``: same PID, so the PID record, `merchant stop` and the
 long-lived ClientApp's parent-PID watch stay valid; same arguments and Runtime API port): Flower activates by
 the key and gets the new node ID. Until ``FEDSHOP_REJOIN_FOR`` seconds (default 120; 0 = exit as Flower
 does) have passed since the refusal, a refused activation (the coordinator not yet up, or not yet
