@@ -3,7 +3,7 @@
 Same three tiny synthetic shops, same scenario (`simulations.deploy.loopback.tiny_scenario`), same
 rounds, in one run so the comparisons are ratios taken under the same machine load. Rows (``--setups``):
   * simulation: `simulations.federated.run_federated` (Ray; one long-lived actor per shop), always;
-  * flower-waits (before, default): fedshop's defaults except the waits `shared.pull_backoff` sets,
+  * flower-waits (before): fedshop's defaults except the waits `shared.pull_backoff` sets,
     which get Flower's values: object-pull back-offs 1 s doubling to 10 s in SuperNode, ServerApp and
     long-lived ClientApp, and the SuperNode's 0.5 s reply wait (`pull_backoff.FLOWERS_OWN`);
   * after (default): `merchant start`'s and `coordinator start`'s defaults (0.02 -> 0.25 s,
@@ -14,6 +14,9 @@ rounds, in one run so the comparisons are ratios taken under the same machine lo
     default scenarios);
   * flat-polls: the defaults but the fixed polls before 2026-12-06: SuperNode active poll every 0.2 s,
     ServerApp reply poll every 0.1 s, the long-lived ClientApp's idle poll never relaxed;
+  * sqlite-state: the defaults but the SuperLink's state in SQLite (`coordinator start --state-db`, the
+    default before 2026-12-06 evening; "after" keeps it in memory);
+  * poll-0.05: the defaults but the SuperNode's active poll starting at 0.05 s (FEDSHOP_ACTIVE_POLL=0.05,0.2);
   * older comparisons, on request: subprocess (a fresh `flwr-clientapp` per message and all of Flower's
     waits), long-lived (long-lived ClientApp, Flower's SuperNode polling), polling (2026-12-05 morning:
     one object per Array, Flower's back-offs).
@@ -26,11 +29,14 @@ message's inputs; i.e. ServerApp push, SuperNode pull, ClientApp pull), run (the
 push (handler end -> the reply unpacked at the ServerApp; ClientApp push, SuperNode reply wait and push,
 ServerApp pull) and aggregate (the ServerApp's own work between one set of replies and its next push).
 ``--process-costs`` also measures the fixed cost of one fresh `flwr-clientapp` process step by step.
+Each deployment run also reports the SuperLink process's CPU seconds per round (/proc, sampled from the
+first round checkpoint to the last) and its requests per round (the timing log's `RequestLog` lines, rounds
+2.., `superlink_requests.py`); both with the request log on, as every run here has it.
 Each deployment row also gets `deployment_timeline.py`'s per-message attribution (ServerApp push, SuperLink,
 SuperNode pull, ClientApp, reply path), printed as one table with a column per row.
 Prints tables and writes benchmarks/results/deployment_latency.json.
 
-    .venv/bin/python benchmarks/deployment_latency.py [--rounds 4] [--cycles 1] [--setups flat-polls,after]
+    .venv/bin/python benchmarks/deployment_latency.py [--rounds 4] [--cycles 1] [--setups sqlite-state,poll-0.05,after]
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +60,7 @@ from shared.pull_backoff import FLOWERS_OWN
 from shared.scenario import load_scenario
 from simulations.deploy.coordinator import deployment_run_config, submit_run
 from simulations.deploy.loopback import loopback_federation, tiny_scenario, write_tiny_shops
+from simulations.deploy.processes import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = "flwr.supernode.runtime.run_clientapp"  # what every flwr-clientapp process imports first
@@ -66,15 +74,21 @@ BEFORE = "deployment, process per message"
 LONG_LIVED = "deployment, long-lived ClientApp, Flower's SuperNode polling"
 POLLING = "deployment, long-lived + fedshop's SuperNode polling, one object per Array"
 FLOWER_WAITS = "deployment, fedshop defaults but Flower's back-offs and reply wait (before)"
-AFTER = "deployment, all fedshop defaults: 0.02-0.25 s back-offs, 0.01 s reply wait (after)"
+AFTER = "deployment, all fedshop defaults: in-memory SuperLink state, 0.02-0.25 s back-offs (after)"
 AFTER_UNFUSED = "deployment, as after but fuse-evaluate = false: a separate evaluate message (after-unfused)"
 FLAT_POLLS = "deployment, fedshop defaults but fixed polls: SuperNode 0.2 s, ServerApp 0.1 s (flat-polls)"
 FLAT = {"FEDSHOP_ACTIVE_POLL": "0.2", "FEDSHOP_GRID_AFTER_REPLY_POLL": "0.1", "FEDSHOP_CLIENTAPP_IDLE_POLL": "0.1"}
+SQLITE = "deployment, fedshop defaults but the SuperLink's state in SQLite (--state-db)"
+POLL_005 = "deployment, fedshop defaults but SuperNode active poll 0.05 s doubling to 0.2 s"
+SUPERLINK_KEYS = ("SuperLink CPU s per round", "SuperLink requests per round", "SuperNode pull-messages per round")
+STATE_DB_SETUPS = {"sqlite-state"}  # rows whose coordinator starts with state_db=True
 SETUPS = (("subprocess", BEFORE, "subprocess", FLOWER_SUPERNODE),
           ("long-lived", LONG_LIVED, "process", FLOWER_SUPERNODE),
           ("polling", POLLING, "process", UNPACKED),
           ("flower-waits", FLOWER_WAITS, "process", dict(FLOWERS_OWN)),
           ("flat-polls", FLAT_POLLS, "process", FLAT),
+          ("sqlite-state", SQLITE, "process", {}),
+          ("poll-0.05", POLL_005, "process", {"FEDSHOP_ACTIVE_POLL": "0.05,0.2"}),
           ("after", AFTER, "process", {}),  # {} = the defaults of `fedshop coordinator/merchant start`
           ("after-unfused", AFTER_UNFUSED, "process", {}))  # after, with `fuse-evaluate = false`
 # Run-config keys a row adds to the run (the others: the scenario's settings).
@@ -83,6 +97,9 @@ STAGES = ("pull", "run", "push", "aggregate")
 _spec = importlib.util.spec_from_file_location("deployment_timeline", ROOT / "benchmarks" / "deployment_timeline.py")
 timeline = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(timeline)
+_spec = importlib.util.spec_from_file_location("superlink_requests", ROOT / "benchmarks" / "superlink_requests.py")
+superlink_requests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(superlink_requests)
 
 
 def fresh_process_cost(code: str, repeats: int) -> dict[str, float]:
@@ -211,12 +228,43 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class SuperLinkCpu:
+    """Samples the SuperLink's CPU seconds whenever another round checkpoint appears (a thread, every 0.1 s)."""
+
+    def __init__(self, pid: int, run_dir: Path) -> None:
+        self.pid, self.run_dir = pid, run_dir
+        self.at_checkpoint: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            done = len(list((self.run_dir / "checkpoints").glob("round-*.pt")))
+            if done and done not in self.at_checkpoint:
+                try:
+                    self.at_checkpoint[done] = cpu_seconds(self.pid)
+                except OSError:
+                    return
+
+    def per_round(self) -> float | None:
+        """CPU s per round from the first checkpoint to the last (rounds 2..), None with fewer than two."""
+        self._stop.set()
+        self._thread.join()
+        if len(self.at_checkpoint) < 2:
+            return None
+        first, last = min(self.at_checkpoint), max(self.at_checkpoint)
+        return round((self.at_checkpoint[last] - self.at_checkpoint[first]) / (last - first), 3)
+
+
 def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds: int, label: str,
-                      isolation: str, env: dict[str, str], extra: dict[str, object] | None = None
+                      isolation: str, env: dict[str, str], extra: dict[str, object] | None = None, *,
+                      state_db: bool = False,
                       ) -> tuple[list[float], dict[str, float], dict[str, list[float]]]:
     """Round times and per-message phases of a loopback deployment (TLS, SuperNode auth), same shops.
 
-    With a long-lived ClientApp the phases also hold its CPU seconds per message (start-up excluded).
+    With a long-lived ClientApp the phases also hold its CPU seconds per message (start-up excluded);
+    they also hold the SuperLink's CPU seconds and requests per round. ``state_db``: SQLite SuperLink state.
     The run's timing log is ``root/fed-<label>/timing.jsonl`` (`deployment_timeline.py` reads it).
     """
     fed_root = root / f"fed-{label}"
@@ -231,10 +279,12 @@ def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds:
     config = deployment_run_config(load_scenario(scenario_path), str(scenario_path), run_dir, rounds=rounds,
                                    extra={"keep-checkpoints": rounds, **(extra or {})})
     with loopback_federation(fed_root, shops, env={**env, "FEDSHOP_TIMING_LOG": str(timing)},
-                             isolation=isolation) as fed:
+                             isolation=isolation, state_db=state_db) as fed:
         pids = [m.clientapp_pid for m in fed.merchants.values() if m.clientapp_pid]
         cpu_at_start = {pid: cpu_seconds(pid) for pid in pids}
+        superlink = SuperLinkCpu(read_record(Path(fed.coordinator.home) / "superlink.json").pid, run_dir)
         outcome = submit_run(fed.coordinator.home, config, out=io.StringIO(), timeout=3600)
+        superlink_cpu = superlink.per_round()
         cpu_used = sum(cpu_seconds(pid) - cpu_at_start[pid] for pid in pids)
     if not outcome.ok:
         raise RuntimeError(f"benchmark run {label} failed: {outcome}")
@@ -243,6 +293,11 @@ def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds:
         served = sum(json.loads(line)["pid"] in pids for line in timing.read_text().splitlines()
                      if line.strip() and json.loads(line)["where"] == "clientapp")
         phases["long-lived ClientApp CPU s per message"] = round(cpu_used / max(served, 1), 3)
+    if superlink_cpu is not None:
+        phases["SuperLink CPU s per round"] = superlink_cpu
+    _span, counted, requests, _seconds = superlink_requests.requests_by_path(timeline.read_events(timing))
+    phases["SuperLink requests per round"] = round(sum(requests.values()) / counted, 1)
+    phases["SuperNode pull-messages per round"] = round(requests.get("/v1/fleet/pull-messages", 0) / counted, 1)
     return round_gaps(run_dir), phases, message_stages(timing)
 
 
@@ -255,10 +310,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each --process-costs step")
     parser.add_argument("--process-costs", action="store_true",
                         help="also measure the fixed cost of a fresh flwr-clientapp process, step by step")
-    parser.add_argument("--personal-mix", type=float, default=0.0,
-                        help="federation.personal_mix of the tiny scenario (0 = off, as before; 20000 = the default "
-                             "scenarios': shops then evaluate their own encoder and fuse-evaluate applies)")
-    parser.add_argument("--setups", default="flower-waits,after",
+    parser.add_argument("--personal-mix", type=float, default=20000.0,
+                        help="federation.personal_mix of the tiny scenario (20000, the default scenarios' value: shops "
+                             "evaluate their own encoder and fuse-evaluate applies; 0 = off, as runs before "
+                             "2026-12-06 evening measured)")
+    parser.add_argument("--setups", default="sqlite-state,after",
                         help="deployment rows, comma-separated, in the order of the first half of a cycle "
                              f"(some of {', '.join(s[0] for s in SETUPS)}; must include after)")
     args = parser.parse_args()
@@ -268,7 +324,8 @@ def main() -> None:
         parser.error(f"--setups {args.setups!r}: give some of {', '.join(by_label)}, including after")
     if args.cycles < 1 or args.rounds < 3:
         parser.error("--cycles must be at least 1 and --rounds at least 3 (round times are taken from round 2)")
-    before_label = next((label for label in ("after-unfused", "flat-polls", "flower-waits", "polling", "long-lived",
+    before_label = next((label for label in ("after-unfused", "sqlite-state", "flat-polls", "flower-waits", "polling",
+                                             "long-lived",
                                              "subprocess")
                          if label in labels), None)
     load_start = os.getloadavg()
@@ -299,7 +356,8 @@ def main() -> None:
             else:
                 name, isolation, env = by_label[label]
                 times, run_phases, run_stages = deployment_rounds(scenario, root, shops, args.rounds, tag,
-                                                                  isolation, env, RUN_CONFIG.get(label))
+                                                                  isolation, env, RUN_CONFIG.get(label),
+                                                                  state_db=label in STATE_DB_SETUPS)
                 phases[name].append(run_phases)
                 events = timeline.read_events(root / f"fed-{tag}" / "timing.jsonl")
                 timelines[name] += timeline.message_timelines(events)
@@ -308,7 +366,11 @@ def main() -> None:
                     stages[name][st] += run_stages[st]
             rounds[name] += times
             run_medians[name].append(_median(times))
-            print(f"[{time.strftime('%H:%M:%S')}] {tag}: rounds {times}, load {os.getloadavg()[0]:.1f}", flush=True)
+            extra = "" if label == "simulation" else (
+                f", SuperLink {run_phases.get('SuperLink CPU s per round')} CPU s and "
+                f"{run_phases['SuperLink requests per round']} requests a round")
+            print(f"[{time.strftime('%H:%M:%S')}] {tag}: rounds {times}{extra}, load {os.getloadavg()[0]:.1f}",
+                  flush=True)
     load_end = os.getloadavg()
     medians = {name: _median(times) for name, times in rounds.items()}
     sim, after = medians[SIMULATION], medians[AFTER]
@@ -335,6 +397,11 @@ def main() -> None:
     for stage in (*timeline.STAGES, "total", timeline.AGGREGATE):
         cells = " ".join(f"{attribution[label]['table'][stage]['all'] or 0.0:12.3f}" for label in labels)
         print(f"  {stage:<40} {cells}")
+    superlink = {label: {key: _median([run[key] for run in phases[names[label]] if run.get(key) is not None] or [0.0])
+                         for key in SUPERLINK_KEYS} for label in labels}
+    print(f"{'SuperLink per round, median of runs':<42} " + " ".join(f"{label:>12}" for label in labels))
+    for key in SUPERLINK_KEYS:
+        print(f"  {key:<40} " + " ".join(f"{superlink[label][key]:12.2f}" for label in labels))
     if before is not None and before_label != "after":
         print(f"  after / before ({before_label}) {after / before:.2f}; after / simulation {after / sim:.2f} "
               f"(target <= 2)")
@@ -342,7 +409,7 @@ def main() -> None:
               "ratio_to_simulation": ratios, "ratio_after_simulation": round(after / sim, 3),
               "ratio_after_before": round(after / before, 3) if before else None, "before_setup": before_label,
               "stage_medians_s": stage_medians, "stages_s": stages, "message_phases_s": phases,
-              "attribution": attribution,
+              "attribution": attribution, "superlink_per_round": superlink,
               "fixed_cost_per_message": costs, "order": order, "cycles": args.cycles,
               "settings": {by_label[label][0]: {"isolation": by_label[label][1],
                                                 "env": by_label[label][2] or "fedshop defaults"} for label in labels},

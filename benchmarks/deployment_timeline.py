@@ -181,8 +181,9 @@ def run_one(setup: str, rounds: int) -> Path:
     scenario = root / "timeline.toml"
     scenario.write_text(tiny_scenario([root / n / "shop" for n in shops], name="timeline-tiny", rounds=rounds,
                                       round_timeout=300.0))
-    times, _phases, _stages = dl.deployment_rounds(scenario, root, shops, rounds, setup, isolation, env)
-    print(f"{setup}: round times {times}")
+    times, phases, _stages = dl.deployment_rounds(scenario, root, shops, rounds, setup, isolation, env,
+                                                  state_db=setup in dl.STATE_DB_SETUPS)
+    print(f"{setup}: round times {times}; " + ", ".join(f"{key} {phases.get(key)}" for key in dl.SUPERLINK_KEYS))
     return root / f"fed-{setup}" / "timing.jsonl"
 
 

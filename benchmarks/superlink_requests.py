@@ -14,9 +14,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 
-def main() -> None:
-    """Print requests per round by path, with their mean duration."""
-    events = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
+def requests_by_path(events: list[dict]) -> tuple[float, float, Counter[str], dict[str, float]]:
+    """(seconds, rounds, requests by path, seconds inside the SuperLink by path) over rounds 2.. of a timing log."""
     server = [e for e in events if e.get("where") == "serverapp"]
     pushes = sorted(e["start"] for e in server if e.get("event") == "push")
     received = sorted(e["at"] for e in server if e.get("event") == "received")
@@ -27,7 +26,14 @@ def main() -> None:
         if e.get("where") == "superlink" and start <= e["at"] <= end:
             count[e["path"]] += 1
             seconds[e["path"]] += e["s"]
-    print(f"{end - start:.1f} s, {rounds:g} rounds; {sum(count.values()) / rounds:.1f} SuperLink requests a round")
+    return end - start, rounds, count, dict(seconds)
+
+
+def main() -> None:
+    """Print requests per round by path, with their mean duration."""
+    events = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
+    span, rounds, count, seconds = requests_by_path(events)
+    print(f"{span:.1f} s, {rounds:g} rounds; {sum(count.values()) / rounds:.1f} SuperLink requests a round")
     for path, n in count.most_common():
         print(f"{n / rounds:7.1f} a round  mean {1000 * seconds[path] / n:6.1f} ms  {path}")
 

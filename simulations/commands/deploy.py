@@ -93,18 +93,25 @@ def coordinator_start(
     bind: str = typer.Option("127.0.0.1", "--bind", help="Interface to listen on; 0.0.0.0 for other hosts."),
     public_host: str = typer.Option(None, "--public-host", help="Name merchants dial (must be in the cert)."),
     foreground: bool = typer.Option(False, "--foreground", help=FOREGROUND_HELP),
+    state_db: bool = typer.Option(False, "--state-db", help="Keep the SuperLink's state in HOME/superlink.db "
+                                  "(SQLite: node IDs and run history survive a restart; ~2x the SuperLink's CPU per "
+                                  "request). Default: in memory, merchants re-registered at every start."),
 ) -> None:
-    """Start `flower-superlink` with TLS and --enable-supernode-auth, record its PID, wait until ready."""
-    from simulations.deploy.coordinator import start_coordinator
+    """Start `flower-superlink` with TLS and --enable-supernode-auth, record its PID, wait until ready.
+
+    Merchants registered before (merchants.json) are registered again when the SuperLink does not know them.
+    """
+    from simulations.deploy.coordinator import STATE_MEMORY, start_coordinator
     from simulations.deploy.processes import ProcessStartError
 
     try:
         info = start_coordinator(home, certs_dir or home / "certs", port=port_base or None, host=bind,
-                                 public_host=public_host)
+                                 public_host=public_host, state_db=state_db, warn=typer.echo)
     except (FileNotFoundError, ValueError, RuntimeError, ProcessStartError) as err:
         raise _fail(err) from None
+    state = "in memory" if info.state == STATE_MEMORY else f"in {info.state}"
     typer.echo(f"SuperLink ready on {info.address} (TLS, SuperNode auth; Control API for this host only at "
-               f"{info.control_address}); log {home / 'superlink.log'}")
+               f"{info.control_address}; state {state}); log {home / 'superlink.log'}")
     trusted = Path(info.app_key).with_name("trusted-entities.yaml")
     typer.echo(f"Merchants connect with --superlink {info.address} --ca {info.ca_cert} --trusted-entities {trusted}")
     if foreground:
@@ -138,10 +145,11 @@ def coordinator_unregister(node_id: int = typer.Argument(...), home: Path = type
     from simulations.deploy.coordinator import unregister_merchant
 
     try:
-        unregister_merchant(home, node_id)
+        current = unregister_merchant(home, node_id)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(err) from None
-    typer.echo(f"unregistered SuperNode {node_id}")
+    again = f" (registered again as {current} after a coordinator restart)" if current != node_id else ""
+    typer.echo(f"unregistered SuperNode {current}{again}")
 
 
 @coordinator_app.command("run")

@@ -4,9 +4,15 @@ Everything lives under one home folder::
 
     <home>/coordinator.json   address, port, certificate paths (written by `start`)
     <home>/superlink.json     PID record; <home>/superlink.log its output
-    <home>/superlink.db       SuperLink state, so registered SuperNodes survive a restart
+    <home>/superlink.db       SuperLink state, only with ``state_db=True`` (`start --state-db`)
     <home>/flwr/              FLWR_HOME: config.toml with the `fedshop` connection, installed FABs
-    <home>/merchants.json     node ID -> name, shop-index and key fingerprint of each registered key
+    <home>/merchants.json     node ID -> name, shop-index, public key and fingerprint of each registered key
+
+By default the SuperLink keeps its state in memory (Flower's ``:flwr-in-memory:``): half the SuperLink CPU
+per request of its SQLite state. Registrations are then rebuilt on every `start` from merchants.json:
+each recorded key is registered again (Flower gives it a new node ID) and merchants.json is rewritten
+once with the new IDs (`restore_registrations`). Runs and their history do not survive a restart in
+memory; run directories (checkpoints, metrics) do, so `run --resume` still works.
 
 The SuperLink runs through `simulations.deploy.superlink_launcher`, which serves other hosts only its
 Fleet API; the operator's `flwr` calls (runs, registrations) go over loopback. Every submitted FAB is
@@ -20,8 +26,10 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -46,6 +54,9 @@ from simulations.deploy.processes import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
+STATE_MEMORY = ":flwr-in-memory:"  # Flower's in-memory LinkState (flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME)
+STATE_DB_FILE = "superlink.db"
+MERCHANTS_FILE = "merchants.json"
 
 
 @dataclass
@@ -61,6 +72,7 @@ class Coordinator:
     server_key: str
     control_address: str = ""  # host:port the operator's `flwr` dials (loopback unless bound to one address)
     app_key: str = ""  # Ed25519 key every submitted FAB is signed with
+    state: str = STATE_MEMORY  # where the SuperLink keeps registrations and runs: STATE_MEMORY or the .db path
 
     @property
     def flwr_home(self) -> Path:
@@ -116,10 +128,14 @@ def _operator_host(host: str) -> tuple[str, tuple[str, ...]]:
 
 def start_coordinator(home: str | Path, certs: str | Path, *, port: int | None = None, host: str = "127.0.0.1",
                       public_host: str | None = None, env: dict[str, str] | None = None,
-                      timeout: float = 60.0) -> Coordinator:
+                      timeout: float = 60.0, state_db: bool = False,
+                      warn: Callable[[str], object] = print) -> Coordinator:
     """Start `flower-superlink` with TLS and SuperNode auth, Control and Runtime APIs for this host only.
 
-    Returns once it accepts connections.
+    ``state_db`` keeps the SuperLink's state in ``<home>/superlink.db`` (SQLite; node IDs and runs survive a
+    restart, at about twice the SuperLink CPU per request); by default it is in memory and the merchants
+    of merchants.json are registered again (`restore_registrations`, problems go to ``warn``). Returns once
+    it accepts connections and the registrations are restored.
     """
     home, certs = Path(home).resolve(), Path(certs).resolve()
     ca, cert, key = certs / "ca.crt", certs / "server.pem", certs / "server.key"
@@ -132,14 +148,15 @@ def start_coordinator(home: str | Path, certs: str | Path, *, port: int | None =
                            f"`fedshop coordinator stop --home {home}` first")
     port = port or free_port(host)
     dial_host = public_host or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
+    state = str(home / STATE_DB_FILE) if state_db else STATE_MEMORY
     info = Coordinator(str(home), host, port, f"{dial_host}:{port}", str(ca), str(cert), str(key),
-                       control_address=f"{operator_host}:{port}", app_key=str(certs / SIGNING_KEY_FILE))
+                       control_address=f"{operator_host}:{port}", app_key=str(certs / SIGNING_KEY_FILE), state=state)
     info.flwr_home.mkdir(parents=True, exist_ok=True)
     guard = [sys.executable, "-m", "simulations.deploy.superlink_launcher",
              *[arg for peer in allowed for arg in ("--allow", peer)], "--"]
     command = [*guard, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
                "--ssl-keyfile", str(key), "--enable-supernode-auth", "--host", host, "--port", str(port),
-               "--database", str(home / "superlink.db"), "--disable-runtime-dependency-installation"]
+               "--database", state, "--disable-runtime-dependency-installation"]
     log = home / "superlink.log"
     proc = start_process("flower-superlink", command, log_path=log, record_path=record,
                          env=coordinator_env(info.flwr_home, env))
@@ -151,6 +168,19 @@ def start_coordinator(home: str | Path, certs: str | Path, *, port: int | None =
         raise
     atomic_write_text(home / "coordinator.json", json.dumps(asdict(info), indent=2))
     write_connection(info.flwr_home, info.control_address, ca)
+    try:
+        remap = restore_registrations(home, warn=warn)
+    except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as err:
+        stop_recorded(record)
+        raise RuntimeError(f"the SuperLink started but the merchants of {home / MERCHANTS_FILE} could not be "
+                           f"registered again ({err}); SuperLink stopped. Fix: see {log}, then start again") from None
+    for old, new in remap.items():
+        entry = registered_merchants(home)[new]
+        warn(f"merchant {entry.get('name') or entry.get('key-fingerprint')} (shop-index {entry.get('shop-index')}) "
+             f"registered again: SuperNode {old} -> {new}")
+    if remap:
+        warn("running merchants rejoin under their new node IDs by themselves (their SuperNode launcher re-activates "
+             "by key); one whose SuperNode stopped (started by an older fedshop) needs `fedshop merchant start` again")
     return info
 
 
@@ -175,8 +205,8 @@ def _flwr(info: Coordinator, *args: str, timeout: float = 60.0) -> dict:
 
 
 def registered_merchants(home: str | Path) -> dict[str, dict]:
-    """``<home>/merchants.json``: node ID (text) -> {"name", "shop-index"} as given at registration."""
-    path = Path(home) / "merchants.json"
+    """``<home>/merchants.json``: node ID (text) -> {"name", "shop-index", "key", "public-key", ...} from `register`."""
+    path = Path(home) / MERCHANTS_FILE
     if not path.exists():
         return {}
     try:
@@ -186,12 +216,25 @@ def registered_merchants(home: str | Path) -> dict[str, dict]:
                          "again") from None
 
 
+def _write_merchants(home: str | Path, merchants: dict[str, dict]) -> None:
+    atomic_write_text(Path(home) / MERCHANTS_FILE, json.dumps(merchants, indent=2))
+
+
+def _flwr_register(home: str | Path, key_path: Path, name: str | None) -> int:
+    """`flwr supernode register KEY [--name NAME]`: the node ID Flower gave the key."""
+    args = ["supernode", "register", str(key_path), CONNECTION]
+    if name:
+        args += ["--name", name]
+    return int(_flwr(load_coordinator(home), *args)["node-id"])
+
+
 def register_merchant(home: str | Path, public_key: str | Path, *, name: str | None = None,
                       shop_index: int | None = None) -> int:
     """Register a merchant's SuperNode public key with the SuperLink; returns its node ID.
 
     With ``shop_index`` the node ID is bound to that shop: replies from this key that claim another
-    shop-index are dropped and reported by the ServerApp (server/node_identity.py).
+    shop-index are dropped and reported by the ServerApp (server/node_identity.py). The key itself is
+    recorded in merchants.json too, so `start` can register it again after a restart.
     """
     key = Path(public_key)
     if not key.is_file():
@@ -206,23 +249,97 @@ def register_merchant(home: str | Path, public_key: str | Path, *, name: str | N
         raise ValueError(f"--shop-index {shop_index} is already bound to SuperNode {', '.join(taken)}; nothing "
                          "registered. Fix: `fedshop coordinator unregister` that node first (key rotation) or give "
                          "this merchant its own --shop-index")
-    args = ["supernode", "register", str(key.resolve()), CONNECTION]
-    if name:
-        args += ["--name", name]
-    node_id = int(_flwr(load_coordinator(home), *args)["node-id"])
+    node_id = _flwr_register(home, key.resolve(), name)
     # Flower keeps the name but `flwr supernode ls` does not show it: `coordinator status` reads it here.
     merchants[str(node_id)] = {"name": name or "", "shop-index": shop_index, "key": str(key.resolve()),
-                               "key-fingerprint": fingerprint}
-    atomic_write_text(Path(home) / "merchants.json", json.dumps(merchants, indent=2))
+                               "key-fingerprint": fingerprint, "public-key": key.read_text().strip()}
+    _write_merchants(home, merchants)
     return node_id
 
 
-def unregister_merchant(home: str | Path, node_id: int) -> None:
-    """Remove a SuperNode (e.g. before registering a rotated key) so its old key is refused."""
+def _recorded_key(node_id: str, entry: dict, scratch: Path) -> Path:
+    """A file holding the public key an entry of merchants.json was registered with (its fingerprint checked)."""
+    if text := entry.get("public-key"):
+        path = scratch / f"{node_id}.pub"
+        path.write_text(text + "\n")
+    else:  # recorded before the key itself was kept: the file, if it still holds the same key
+        path = Path(str(entry.get("key", "")))
+    if key_fingerprint(path) != entry.get("key-fingerprint"):
+        raise ValueError(f"{path} is not the key registered as {entry.get('key-fingerprint')}")
+    return path
+
+
+def restore_registrations(home: str | Path, warn: Callable[[str], object] = print) -> dict[str, str]:
+    """Register every key of merchants.json the SuperLink does not know (all of them after an in-memory restart).
+
+    Flower gives each key a new node ID; merchants.json is rewritten once (atomically) with the new IDs,
+    each entry keeping its name, shop-index, key and fingerprint and listing its old IDs under
+    ``previous-node-ids``. Returns old ID -> new ID. A key that cannot be registered again (file gone,
+    Flower's error) keeps its entry under the old ID and is named in a ``warn`` line with the fix.
+    Running SuperNodes are refused under their old ID and rejoin by their key (`supernode_launcher`).
+    """
+    home = Path(home)
+    merchants = registered_merchants(home)
+    if not merchants:
+        return {}
+    known = {str(node.get("node-id")) for node in list_merchants(home)
+             if str(node.get("status", "")) not in ("unregistered", "deleted")}
+    missing = [node for node in merchants if node not in known]
+    if not missing:
+        return {}
+    remap: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(dir=home, prefix=".keys-") as scratch:
+        def again(old: str) -> tuple[str, int | str]:
+            entry = merchants[old]
+            try:
+                return old, _flwr_register(home, _recorded_key(old, entry, Path(scratch)), entry.get("name"))
+            except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as err:
+                return old, str(err)
+
+        with ThreadPoolExecutor(max_workers=min(4, len(missing))) as pool:  # each `flwr` call is a ~1 s process
+            results = list(pool.map(again, missing))
+    restored: dict[str, dict] = {}
+    outcome = dict(results)
+    for old, entry in merchants.items():
+        new = outcome.get(old)
+        if isinstance(new, int):
+            remap[old] = str(new)
+            previous = [*entry.get("previous-node-ids", []), old][-5:]
+            restored[str(new)] = {**entry, "previous-node-ids": previous}
+        else:
+            restored[old] = entry
+            if new is not None:
+                label = entry.get("name") or entry.get("key-fingerprint")
+                warn(f"warning: could not register merchant {label} (node {old}, shop-index "
+                     f"{entry.get('shop-index')}) again: {new}. Its SuperNode is refused until you run "
+                     f"`fedshop coordinator unregister {old} --home {home}` and `fedshop coordinator register "
+                     "KEY.pub` with its public key")
+    _write_merchants(home, restored)
+    return remap
+
+
+def current_node_id(home: str | Path, node_id: int) -> int:
+    """``node_id``, or the node ID it was re-registered under after coordinator restarts (merchants.json)."""
+    merchants = registered_merchants(home)
+    if str(node_id) in merchants:
+        return node_id
+    for node, entry in merchants.items():
+        if str(node_id) in [str(old) for old in entry.get("previous-node-ids", [])]:
+            return int(node)
+    return node_id
+
+
+def unregister_merchant(home: str | Path, node_id: int) -> int:
+    """Remove a SuperNode (e.g. before registering a rotated key) so its old key is refused; returns its ID.
+
+    An ID from before a coordinator restart is mapped to the key's current ID first.
+    """
+    node_id = current_node_id(home, node_id)
     _flwr(load_coordinator(home), "supernode", "unregister", str(node_id), CONNECTION)
     merchants = registered_merchants(home)
     if merchants.pop(str(node_id), None) is not None:
-        atomic_write_text(Path(home) / "merchants.json", json.dumps(merchants, indent=2))
+        _write_merchants(home, merchants)
+    return node_id
 
 
 def list_merchants(home: str | Path, timeout: float = 60.0) -> list[dict]:

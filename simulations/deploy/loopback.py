@@ -119,15 +119,17 @@ class LoopbackFederation:
 @contextlib.contextmanager
 def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple[str, ...] = (),
                         env: dict[str, str] | None = None, validate: bool = True,
-                        heartbeat_interval: float = 10.0, isolation: str = "process") -> Iterator[LoopbackFederation]:
+                        heartbeat_interval: float = 10.0, isolation: str = "process",
+                        state_db: bool = False) -> Iterator[LoopbackFederation]:
     """Certificates, a TLS SuperLink, and one registered, started SuperNode per shop in ``shops``.
 
+    ``state_db`` keeps the SuperLink's state in SQLite (`coordinator start --state-db`) instead of memory.
     Shop folders ``root/<shop>/shop`` must exist. ``extra_keys`` get key pairs but are neither registered
     nor started. Everything is stopped by PID on exit, also after errors.
     """
     root = Path(root)
     certs = write_certs(root / "certs", list(shops) + list(extra_keys), force=True)
-    coordinator = start_coordinator(root / "coordinator", root / "certs", env=env)
+    coordinator = start_coordinator(root / "coordinator", root / "certs", env=env, state_db=state_db)
     fed = LoopbackFederation(root, coordinator, certs, env, heartbeat_interval=heartbeat_interval,
                              isolation=isolation)
     try:

@@ -64,6 +64,17 @@ def _mtime(path: Path) -> str:
     return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).isoformat(timespec="seconds")
 
 
+def latest_node_id(log: Path) -> int | None:
+    """The node ID of the SuperNode's last activation in its log (None without one)."""
+    import re
+
+    try:
+        found = re.findall(r"SuperNode ID: (\d+)", log.read_text(errors="replace"))
+    except OSError:
+        return None
+    return int(found[-1]) if found else None
+
+
 def merchant_status(state_dir: str | Path, *, probe: bool = True) -> dict[str, Any]:
     """This merchant: shop, key fingerprint, coordinator (and whether it answers), SuperNode, local part."""
     from simulations.deploy.merchant import MERCHANT_FILE, CoordinatorUnreachable, probe_coordinator, supernode_dir
@@ -81,7 +92,9 @@ def merchant_status(state_dir: str | Path, *, probe: bool = True) -> dict[str, A
         or (Path(started["shop-dir"]).name if started.get("shop-dir") else None),
         "shop-dir": started.get("shop-dir"), "shop-index": started.get("shop-index"),
         "key": started.get("key"), "key-fingerprint": started.get("key-fingerprint"),
-        "coordinator": started.get("superlink"), "node-id": started.get("node-id"),
+        "coordinator": started.get("superlink"),
+        # the SuperNode logs its ID at every activation: after a rejoin (coordinator restart) the last one holds
+        "node-id": latest_node_id(Path(started.get("log") or own / "supernode.log")) or started.get("node-id"),
         "started-at": started.get("started-at"), "log": started.get("log") or str(own / "supernode.log"),
         "supernode": _process(own / "supernode.json"), "local-part": local,
     }

@@ -28,6 +28,19 @@ message (its reply is sent by then), doubling to 0.2 s while nothing arrives (``
 a round is picked up within 0.02-0.2 s instead of up to 3 s; an idle merchant keeps Flower's 3 s polling
 (load on the SuperLink only while runs are active).
 
+Rejoining after a coordinator restart: Flower's SuperNode learns its node ID once, when it activates, and
+sends it with every request; the SuperLink checks it against the one registered for the signing key and
+answers a mismatch with 401, on which Flower's SuperNode stops itself (SIGINT, exit code 1). A coordinator
+that keeps its state in memory registers every key again at start, under new node IDs, so each running
+SuperNode would stop at its next request. The launcher notes a 401 on any Fleet call after activation and
+then, from an exit handler that runs before Flower's clean-up and its 5 s force-exit timer, starts this same
+process again (``os.execv``: same PID, so the PID record, `merchant stop` and the
+long-lived ClientApp's parent-PID watch stay valid; same arguments and Runtime API port): Flower activates by
+the key and gets the new node ID. Until ``FEDSHOP_REJOIN_FOR`` seconds (default 120; 0 = exit as Flower
+does) have passed since the refusal, a refused activation (the coordinator not yet up, or not yet
+re-registered the key) is retried the same way after 2-5 s. A key that stays refused (unregistered) exits
+with a log line saying so. The SuperNode's in-memory messages are lost; the local part is on disk.
+
 With ``FEDSHOP_TIMING_LOG`` set, the launcher also records when the SuperNode received each message, had its
 objects, started sending the reply and had sent it (`shared.timing_log`; benchmarks/deployment_timeline.py).
 """
@@ -39,8 +52,8 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Callable
-from logging import ERROR, INFO
+from collections.abc import Callable, Mapping
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 from shared import pull_backoff
@@ -53,6 +66,9 @@ DEFAULT_INTERVAL = 30.0  # flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL in fl
 _READERS = ("flwr.supercore.heartbeat", "flwr.supernode.fleet_http_connection")
 ACTIVE_POLL_ENV, ACTIVE_WINDOW_ENV = "FEDSHOP_ACTIVE_POLL", "FEDSHOP_ACTIVE_POLL_WINDOW"
 FLOWER_IDLE_SLEEP = 3.0  # the SuperNode loop's sleep after an empty pull (start_client_internal, flwr 1.42)
+REJOIN_ENV = "FEDSHOP_REJOIN_FOR"  # seconds a SuperNode refused under its node ID keeps trying to rejoin by key
+_REJOIN_STATE_ENV = "_FEDSHOP_REJOIN"  # "DEADLINE,ATTEMPT" carried across re-execs of one rejoin (wall clock)
+REJOIN_PAUSES = (2.0, 3.0, 5.0)  # between activation attempts while rejoining, then 5 s
 
 
 def active_polling(pull: Callable[..., int | None], schedule: PollSchedule, window: float,
@@ -231,9 +247,66 @@ def install_signature_check(trusted_path: str) -> None:
     start_client_internal._pull_and_store_message = pull_and_store_message
 
 
+class Admission:
+    """What the SuperLink said to this process's SuperNode: activated it, then refused its node ID (401)."""
+
+    def __init__(self) -> None:
+        self.activated = False
+        self.refused = False  # a 401 after activation: the node ID is no longer the key's
+        self.activation_refused = False  # the SuperLink answered the activation with an error (key unknown)
+
+
+def install_rejoin_watch() -> Admission:
+    """Note, on Flower's Fleet client, the activation and a later 401 (node ID no longer the key's)."""
+    import httpx
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    original = getattr(FleetHttpClient, "_unary_unary", None)
+    if original is None:
+        raise RuntimeError("flwr.supernode.fleet_http_client changed: this flwr version is not the one fedshop was "
+                           f"built on. Fix: install flwr==1.42.0 or set {REJOIN_ENV}=0")
+    admission = Admission()
+
+    @functools.wraps(original)
+    def unary(self: Any, *, path: str, **kwargs: Any) -> Any:
+        try:
+            response = original(self, path=path, **kwargs)
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code == httpx.codes.UNAUTHORIZED and admission.activated:
+                admission.refused = True
+            if path.endswith("/activate-node"):
+                admission.activation_refused = True
+            raise
+        if path.endswith("/activate-node"):
+            admission.activated = True
+        return response
+
+    FleetHttpClient._unary_unary = unary
+    return admission
+
+
+def rejoin_state(environ: Mapping[str, str]) -> tuple[float, int] | None:
+    """(deadline, attempt) of a rejoin in progress, from ``environ``; None when there is none."""
+    raw = environ.get(_REJOIN_STATE_ENV, "")
+    try:
+        deadline, attempt = float(raw.split(",")[0]), int(raw.split(",")[1])
+    except (ValueError, IndexError):
+        return None
+    return deadline, attempt
+
+
+def _restart_self(argv: list[str], deadline: float, attempt: int) -> None:
+    """Start this launcher again in this process (same PID), carrying the rejoin's deadline and attempt."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ[_REJOIN_STATE_ENV] = f"{deadline:.3f},{attempt}"
+    os.execv(sys.executable, [sys.executable, "-m", "simulations.deploy.supernode_launcher", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Apply the interval, then hand the remaining arguments to Flower's `flower-supernode`."""
     args = list(sys.argv[1:] if argv is None else argv)
+    launcher_args = list(args)
     if len(args) < 2 or args[1] != "--":
         print("usage: python -m simulations.deploy.supernode_launcher SECONDS -- FLOWER-SUPERNODE-ARGS",
               file=sys.stderr)
@@ -246,13 +319,48 @@ def main(argv: list[str] | None = None) -> int:
             install_signature_check(trusted)
         install_active_polling()
         install_timing()
+        rejoin_for = seconds_from_env(REJOIN_ENV, 120.0, 0.0, 86400.0, "unset it (120 s)")
+        admission = install_rejoin_watch() if rejoin_for > 0 else None
     except (ValueError, RuntimeError, FileNotFoundError) as err:  # FlowerInterfaceError is a RuntimeError
         print(f"error: {err}", file=sys.stderr)
         return 2
     from flwr.supernode.cli import flower_supernode
 
+    rejoining = rejoin_state(os.environ)
+    os.environ.pop(_REJOIN_STATE_ENV, None)
+    if rejoining and rejoining[1] > 0:  # a refused activation before: give the coordinator time
+        time.sleep(REJOIN_PAUSES[min(rejoining[1] - 1, len(REJOIN_PAUSES) - 1)])
+    if admission is not None:
+        install_rejoin_on_exit(admission, rejoining, rejoin_for, launcher_args)
     sys.argv = ["flower-supernode", *args[2:]]
     return int(flower_supernode() or 0)
+
+
+def install_rejoin_on_exit(admission: Admission, rejoining: tuple[float, int] | None, rejoin_for: float,
+                           launcher_args: list[str]) -> None:
+    """Register, first of Flower's exit handlers, the restart that rejoins (or the line saying it gave up).
+
+    It runs before Flower starts its 5 s force-exit timer and before its own clean-up (Runtime API server
+    stop, deactivation), so the `exec` cannot be cut short by that timer; `exec` closes the sockets anyway.
+    """
+    from flwr.common.logger import log
+    from flwr.supercore.exit import add_exit_handler
+
+    def rejoin() -> None:
+        if admission.refused:
+            log(WARNING, "fedshop: the SuperLink no longer accepts this SuperNode's node ID (the coordinator "
+                "restarted and registered its key again, or unregistered it): rejoining by its key for up to "
+                "%g s (%s)", rejoin_for, REJOIN_ENV)
+            _restart_self(launcher_args, time.time() + rejoin_for, 0)
+        if rejoining and admission.activation_refused and not admission.activated:  # not a stop signal
+            if time.time() < rejoining[0]:
+                _restart_self(launcher_args, rejoining[0], rejoining[1] + 1)
+            log(ERROR, "fedshop: this SuperNode's key is still refused after %s attempts to rejoin: the "
+                "coordinator did not register it again (it was unregistered, or the coordinator is down). Fix: "
+                "check `fedshop coordinator status` on the coordinator, then `fedshop merchant start` again",
+                rejoining[1] + 1)
+
+    add_exit_handler(rejoin, run_before_force_exit=True)
 
 
 if __name__ == "__main__":
