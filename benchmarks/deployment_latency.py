@@ -10,8 +10,8 @@ rounds, in one run so the comparisons are ratios taken under the same machine lo
     ClientApp 0.01 -> 0.05 s, reply wait 0.01 s; SuperNode active poll 0.02 s after a message doubling to
     0.2 s, ServerApp re-pull 0.02 s after a reply);
   * after-unfused: as after, but `federation.fuse_evaluate = false` (two messages per shop per round; only
-    differs from after when shops serve their own encoder: give ``--personal-mix``, e.g. 20000 as the
-    default scenarios);
+    differs from after when shops serve their own encoder (``--personal-mix``, 20000 by default as in the
+    default scenarios));
   * flat-polls: the defaults but the fixed polls before 2026-12-06: SuperNode active poll every 0.2 s,
     ServerApp reply poll every 0.1 s, the long-lived ClientApp's idle poll never relaxed;
   * sqlite-state: the defaults but the SuperLink's state in SQLite (`coordinator start --state-db`, the
