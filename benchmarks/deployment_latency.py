@@ -59,7 +59,7 @@ from shared.atomic import atomic_write_text
 from shared.pull_backoff import FLOWERS_OWN
 from shared.scenario import load_scenario
 from simulations.deploy.coordinator import deployment_run_config, submit_run
-from simulations.deploy.loopback import loopback_federation, tiny_scenario, write_tiny_shops
+from simulations.deploy.loopback import fresh_federation_root, loopback_federation, tiny_scenario, write_tiny_shops
 from simulations.deploy.processes import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,14 +267,7 @@ def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds:
     they also hold the SuperLink's CPU seconds and requests per round. ``state_db``: SQLite SuperLink state.
     The run's timing log is ``root/fed-<label>/timing.jsonl`` (`deployment_timeline.py` reads it).
     """
-    fed_root = root / f"fed-{label}"
-    if fed_root.exists():
-        raise RuntimeError(f"{fed_root} exists already: give each run its own label")
-    for name in shops:
-        (fed_root / name).mkdir(parents=True)
-        (fed_root / name / "shop").symlink_to(root / name / "shop")
-    run_dir = fed_root / "run"
-    run_dir.mkdir()
+    fed_root, run_dir = fresh_federation_root(root, f"fed-{label}", shops)
     timing = fed_root / "timing.jsonl"
     config = deployment_run_config(load_scenario(scenario_path), str(scenario_path), run_dir, rounds=rounds,
                                    extra={"keep-checkpoints": rounds, **(extra or {})})

@@ -14,10 +14,18 @@ correction and eps placement, coupled weight decay); an untouched row, and its m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
+
+def _closure_loss(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """What `torch.optim.Optimizer.step` does with its optional closure: re-evaluate the loss with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -61,10 +69,7 @@ class LazyAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch.optim.Optimizer's signature)
         """One lazy Adam step on every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -112,10 +117,7 @@ class DenseAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch.optim.Optimizer's signature)
         """One Adam step on every parameter that has a (dense) gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             by_dtype: dict[torch.dtype, tuple[list[torch.Tensor], ...]] = {}

@@ -291,14 +291,9 @@ def _deployed(root: Path, shops: list[str], scenario: Path, label: str, extra: d
 
     from shared.scenario import load_scenario
     from simulations.deploy.coordinator import deployment_run_config, submit_run
-    from simulations.deploy.loopback import loopback_federation
+    from simulations.deploy.loopback import fresh_federation_root, loopback_federation
 
-    fed_root = root / label
-    for name in shops:
-        (fed_root / name).mkdir(parents=True)
-        (fed_root / name / "shop").symlink_to(root / name / "shop")
-    run_dir = fed_root / "run"
-    run_dir.mkdir()
+    fed_root, run_dir = fresh_federation_root(root, label, shops)
     timing = fed_root / "timing.jsonl"
     config = deployment_run_config(load_scenario(str(scenario)), str(scenario), run_dir, rounds=3, extra=extra)
     with loopback_federation(fed_root, shops, env={"FEDSHOP_TIMING_LOG": str(timing)}) as fed:

@@ -116,6 +116,22 @@ class LoopbackFederation:
         stop_coordinator(self.coordinator.home)
 
 
+def fresh_federation_root(root: str | Path, label: str, shops: Iterable[str]) -> tuple[Path, Path]:
+    """(``root/label``, its run dir): fresh state folders for ``shops``, data linked from ``root/<shop>/shop``.
+
+    Several loopback runs of the same shops (benchmarks, A/B tests) each get their own state this way.
+    """
+    fed_root = Path(root) / label
+    if fed_root.exists():
+        raise RuntimeError(f"{fed_root} exists already: give each run its own label")
+    for name in shops:
+        (fed_root / name).mkdir(parents=True)
+        (fed_root / name / "shop").symlink_to(Path(root) / name / "shop")
+    run_dir = fed_root / "run"
+    run_dir.mkdir()
+    return fed_root, run_dir
+
+
 @contextlib.contextmanager
 def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple[str, ...] = (),
                         env: dict[str, str] | None = None, validate: bool = True,
