@@ -24,6 +24,11 @@ Prints a table and writes benchmarks/results/federation_overhead_<engine>.json.
 `--model-cache-ab` adds a third arm, the same engine with the per-process model cache off
 (`FEDSHOP_MODEL_CACHE=0`, arm `<engine>-nocache`), in the orders A B C A, A C B A, so both federated
 arms get ratios against the same centralised runs, measured in one run.
+
+The federated arm evaluates what the run config says (eval-split val+test: the test split too, for the tasks whose
+val improved), the centralised arm val only. `--val-only-ab` adds the arm `<engine>-valonly`, the same engine with
+eval-split = final-split = val (the centralised arm's evaluation), in the same A B C A, A C B A orders: how much of
+the ratio is the test evaluation only the federated arm does, rather than federating.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_CHILD_SUBREAPER = 36
 CENTRAL = "central"
 NOCACHE = "-nocache"  # arm suffix: the federated engine with FEDSHOP_MODEL_CACHE=0
+VALONLY = "-valonly"  # arm suffix: the federated engine evaluating val only, as the centralised arm does
 
 
 # ---------------------------------------------------------------- pure helpers (tests/test_overhead_summary.py)
@@ -57,9 +63,9 @@ def mirrored_order(a: str, b: str, repeats: int = 1) -> list[str]:
     return [a, b, b, a] * repeats
 
 
-def cache_ab_order(engine: str, repeats: int = 1) -> list[str]:
-    """Central, cached and uncached federated arms: A B C A then A C B A, ``repeats`` times."""
-    off = engine + NOCACHE
+def cache_ab_order(engine: str, repeats: int = 1, suffix: str = NOCACHE) -> list[str]:
+    """Central, federated and federated + ``suffix`` arms: A B C A then A C B A, ``repeats`` times."""
+    off = engine + suffix
     return [CENTRAL, engine, off, CENTRAL, CENTRAL, off, engine, CENTRAL] * repeats
 
 
@@ -159,8 +165,12 @@ def tree_cpu(root: int | None = None) -> tuple[float, int]:
 
 # ---------------------------------------------------------------- one arm, in a child process
 
-def run_arm(arm: str, scenario_name: str, overrides: list[str], rounds: int, central_threads: int) -> dict[str, Any]:
-    """Run one arm in this process and return its cumulative (wall, tree CPU) marks at every round end."""
+def run_arm(arm: str, scenario_name: str, overrides: list[str], rounds: int, central_threads: int,
+            eval_split: str = "") -> dict[str, Any]:
+    """Run one arm in this process and return its cumulative (wall, tree CPU) marks at every round end.
+
+    ``eval_split`` (federated arms): the run's eval-split and final-split; "" keeps the run config's defaults.
+    """
     t0 = time.perf_counter()
     start = (0.0, tree_cpu()[0])
     marks: list[tuple[float, float]] = []
@@ -199,11 +209,13 @@ def run_arm(arm: str, scenario_name: str, overrides: list[str], rounds: int, cen
         from simulations.federated import run_federated
 
         with tempfile.TemporaryDirectory(prefix="fedshop-overhead-") as tmp:
-            run_federated(scenario, Path(tmp) / "run", method="fedshop", rounds=rounds, engine=arm, progress=mark)
+            extra = {"eval-split": eval_split, "final-split": eval_split} if eval_split else None
+            run_federated(scenario, Path(tmp) / "run", method="fedshop", rounds=rounds, engine=arm, progress=mark,
+                          extra_config=extra)
     end_cpu, _ = tree_cpu()
     return {"arm": arm, "start": start, "marks": marks, "end": (time.perf_counter() - t0, end_cpu),
             "peak_processes": peak[0], "threads": central_threads if arm == CENTRAL else 1,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "eval_split": eval_split}
 
 
 # ---------------------------------------------------------------- the parent: mirrored arms, whole-tree CPU
@@ -241,13 +253,15 @@ def measure_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``arm`` in a child process; its round marks plus whole-run wall and whole-tree CPU."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = Path(fh.name)
-    engine = arm.removesuffix(NOCACHE)
+    engine = arm.removesuffix(NOCACHE).removesuffix(VALONLY)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if arm.endswith(NOCACHE):
         env["FEDSHOP_MODEL_CACHE"] = "0"
     cmd = [sys.executable, __file__, "--child", engine, "--child-out", str(out), "--rounds", str(args.rounds),
            "--scenario", args.scenario, "--central-threads", str(args.central_threads),
            *[f"--set={o}" for o in args.overrides]]
+    if arm.endswith(VALONLY):
+        cmd += ["--child-eval-split", "val"]
     load = os.getloadavg()[0]
     cpu0, t0, sampled0 = _children_cpu(), time.perf_counter(), _descendants_cpu()
     with tempfile.TemporaryFile("w+") as err:
@@ -320,21 +334,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="scenario override key=value")
     parser.add_argument("--model-cache-ab", action="store_true",
                         help="also run the engine with the model cache off (FEDSHOP_MODEL_CACHE=0)")
+    parser.add_argument("--val-only-ab", action="store_true",
+                        help="also run the engine evaluating val only (eval-split = final-split = val)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default results/federation_overhead_<engine>.json)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-eval-split", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if args.child:
         import simulations  # noqa: F401 - sets OMP_WAIT_POLICY before torch loads, as the CLI does
 
-        res = run_arm(args.child, args.scenario, args.overrides, args.rounds, args.central_threads)
+        res = run_arm(args.child, args.scenario, args.overrides, args.rounds, args.central_threads,
+                      args.child_eval_split)
         args.child_out.write_text(json.dumps(res))
         return None
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     load_start = os.getloadavg()
-    order = (cache_ab_order(args.engine, args.repeats) if args.model_cache_ab
+    if args.model_cache_ab and args.val_only_ab:
+        raise SystemExit("--model-cache-ab and --val-only-ab: pick one third arm")
+    third = NOCACHE if args.model_cache_ab else VALONLY if args.val_only_ab else None
+    order = (cache_ab_order(args.engine, args.repeats, third) if third
              else mirrored_order(CENTRAL, args.engine, args.repeats))
     runs = [measure_arm(arm, args) for arm in order]
     res = {"engine": args.engine, "scenario": args.scenario, "rounds": args.rounds, "cpus": os.cpu_count(),
@@ -342,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
            "load_start": load_start[0], "load_start_5m": load_start[1], "load_end": os.getloadavg()[0],
            "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY"), "runs": runs,
            "summary": summarise(runs, args.engine)}
+    if args.val_only_ab:
+        res["summary_valonly"] = summarise(runs, args.engine + VALONLY)
     if args.model_cache_ab:
         off = args.engine + NOCACHE
         res["summary_nocache"] = summarise(runs, off)
@@ -349,6 +372,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         res["cache_on_vs_off"] = {k: ratio(on_arm[k], off_arm[k]) for k in ("steady_cpu_s", "whole_cpu_s",
                                                                             "steady_wall_s", "whole_wall_s")}
     print_results(res)
+    if args.val_only_ab:
+        print(f"{args.engine}{VALONLY} / central: "
+              + ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary_valonly"]["ratios"].items()))
     if args.model_cache_ab:
         print(f"{off} / central: " + ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary_nocache"]["ratios"].items()))
         print("cache on / off: " + ", ".join(f"{k} {_fmt(v)}" for k, v in res["cache_on_vs_off"].items()))

@@ -12,6 +12,7 @@ from shared.metrics import (
     binary_metrics,
     regression_metrics,
     sampled_rank_metrics,
+    thresholded_metrics,
     topk_metrics,
 )
 
@@ -260,3 +261,22 @@ def test_regression_edge_cases() -> None:
     assert all(math.isnan(v) for v in regression_metrics([], []).values())
     with pytest.raises(ValueError, match="y_pred has 1"):
         regression_metrics([1, 2], [1])
+
+
+def test_thresholded_metrics_are_sklearns_floats_bit_for_bit():
+    """The counting path gives exactly sklearn's accuracy/precision/recall/F1 (zero_division=0), edge cases included."""
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(7)
+    for _ in range(400):
+        n = int(rng.choice([1, 2, 5, 97, 1000]))
+        labels = (rng.random(n) < rng.choice([0.0, 0.02, 0.5, 1.0])).astype(np.int64)
+        scores = rng.random(n)
+        thr = float(rng.choice([0.0, 0.3, 0.999, 2.0]))
+        pred = (scores >= thr).astype(np.int64)
+        want = {"accuracy": skm.accuracy_score(labels, pred),
+                "precision": skm.precision_score(labels, pred, zero_division=0),
+                "recall": skm.recall_score(labels, pred, zero_division=0),
+                "f1": skm.f1_score(labels, pred, zero_division=0)}
+        got = thresholded_metrics(labels, scores >= thr)
+        assert got == {k: float(v) for k, v in want.items()}

@@ -32,6 +32,16 @@ def test_cache_ab_order_mirrors_both_federated_arms_and_pairs_each_with_a_centra
     assert len(on["pairs"]) == len(off["pairs"]) == 2  # each federated run is paired with its neighbouring central
 
 
+def test_val_only_ab_order_uses_the_valonly_arm_and_its_engine():
+    order = bench.cache_ab_order("pool", suffix=bench.VALONLY)
+    assert order == ["central", "pool", "pool-valonly", "central", "central", "pool-valonly", "pool", "central"]
+    runs = [{"arm": a, "steady": {"cpu_s": 2.0 if a == "pool-valonly" else 3.0 if a == "pool" else 1.0,
+                                  "wall_s": 1.0},
+             "whole": {"cpu_s": 1.0, "wall_s": 1.0}} for a in order]
+    assert bench.summarise(runs, "pool-valonly")["ratios"]["steady_cpu_s"] == pytest.approx(2.0)
+    assert bench.summarise(runs, "pool")["ratios"]["steady_cpu_s"] == pytest.approx(3.0)
+
+
 def test_mirrored_order_is_abba():
     assert bench.mirrored_order("central", "ray") == ["central", "ray", "ray", "central"]
     assert bench.mirrored_order("a", "b", 2) == ["a", "b", "b", "a"] * 2
