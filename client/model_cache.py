@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from shared.env_seconds import seconds_from_env
 from shared.model import ShopModel
 
 
@@ -69,12 +70,10 @@ def enabled() -> bool:
 
 def _limits() -> tuple[int, int]:
     """(byte budget, model count limit; 0 = none) from the environment, read at each insertion."""
-    try:
-        budget = int(float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_MB)) * 2**20)
-        count = int(os.environ.get(COUNT_ENV, 0))
-    except ValueError as exc:
-        raise ValueError(f"{BUDGET_ENV}/{COUNT_ENV} must be numbers ({exc}). Fix: e.g. {BUDGET_ENV}=512") from None
-    return budget, count
+    fix = f"unset it, or e.g. {BUDGET_ENV}=512 / {COUNT_ENV}=100"
+    budget = seconds_from_env(BUDGET_ENV, DEFAULT_BUDGET_MB, 0, 2**30, fix, unit="MiB")
+    count = seconds_from_env(COUNT_ENV, 0, 0, 2**31, fix, unit="models")
+    return int(budget * 2**20), int(count)
 
 
 def file_identity(path: Path) -> tuple[int, ...] | None:

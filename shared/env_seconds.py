@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 
 def seconds_from_env(name: str, default: float, low: float, high: float, fix: str,
-                     environ: Mapping[str, str] | None = None) -> float:
-    """``name``'s value in seconds (``default`` when unset or empty); a ValueError naming it unless in [low, high]."""
+                     environ: Mapping[str, str] | None = None, *, unit: str = "seconds") -> float:
+    """``name``'s value in ``unit`` (``default`` when unset or empty); a ValueError naming it unless in [low, high]."""
     raw = (os.environ if environ is None else environ).get(name, "").strip()
     if not raw:
         return default
@@ -21,5 +21,5 @@ def seconds_from_env(name: str, default: float, low: float, high: float, fix: st
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name}={raw!r}: must be a number of seconds between {low:g} and {high:g}. Fix: {fix}")
+        raise ValueError(f"{name}={raw!r}: must be a number of {unit} between {low:g} and {high:g}. Fix: {fix}")
     return value

@@ -322,3 +322,15 @@ def test_a_reused_model_trains_bit_identically_to_a_fresh_one(tmp_path, monkeypa
     for got in (first, second, third):
         assert _equal(got, fresh)
     model_cache.clear()
+
+
+@pytest.mark.parametrize("name, value", [("FEDSHOP_MODEL_CACHE_MB", "abc"), ("FEDSHOP_MODEL_CACHE_MB", "-5"),
+                                         ("FEDSHOP_MODEL_CACHE_MODELS", "many")])
+def test_a_bad_cache_limit_names_the_variable_and_the_fix(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                          value: str) -> None:
+    """A cache limit that is no number, or negative, is refused naming the variable and how to fix it."""
+    from client import model_cache
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}={value!r}.*Fix: unset it"):
+        model_cache._limits()
