@@ -293,7 +293,7 @@ class ShopStrategy(Strategy):
             if not self.fuse_evaluate or not isinstance(index, (int, float)) or not math.isfinite(index):
                 continue  # unasked or nameless: the evaluate phase asks this shop instead
             shop = self._shop_of(msg, metrics)
-            report.evaluate[shop] = {k: float(v) for k, v in metrics.items() if k not in (SHOP_INDEX, NUM_EXAMPLES)}
+            report.evaluate[shop] = evaluation_row(metrics)
             self._fused[msg.metadata.src_node_id] = shop
 
     def _skip(self, rnd: int, n_usable: int, why: str = "") -> tuple[None, None]:
@@ -452,8 +452,7 @@ class ShopStrategy(Strategy):
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
             shop = self._shop_of(msg, metrics)
-            report.evaluate[shop] = {k: float(v) for k, v in metrics.items()
-                                     if k not in (SHOP_INDEX, NUM_EXAMPLES)}
+            report.evaluate[shop] = evaluation_row(metrics)
         # Error replies carry no shop-index: name shops first seen in this round's evaluation.
         for node, shop in self._node_shop.items():
             if f"node-{node}" in report.left_out:
@@ -465,6 +464,11 @@ class ShopStrategy(Strategy):
         self._report = None
         means = mean_by_key(report.evaluate)
         return MetricRecord(means) if means else None
+
+
+def evaluation_row(metrics: dict[str, Any]) -> dict[str, float]:
+    """A shop's evaluation as the round report keeps it: its metrics without the reply's weight and shop-index."""
+    return {k: float(v) for k, v in metrics.items() if k not in (SHOP_INDEX, NUM_EXAMPLES)}
 
 
 def _mean_per_key(updates: list[tuple[float, dict[str, np.ndarray]]],
