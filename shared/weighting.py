@@ -46,6 +46,11 @@ class LossWeighting(nn.Module, ABC):
                 values.append(loss.reshape(()))
         return idx, torch.stack(values)
 
+    def _pick(self, t: Tensor, idx: list[int]) -> Tensor:
+        """``t[idx]``, or ``t`` itself when every task is present in order (the usual step): the same values and
+        gradient without an index op, its backward's zero-filled scatter and a list-to-tensor conversion."""
+        return t if len(idx) == len(self.tasks) else t[idx]
+
     @abstractmethod
     def combine(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter]) -> Tensor:
         """Scalar to call .backward() on; tasks missing from the batch are simply left out."""
@@ -78,7 +83,7 @@ class FixedWeighting(LossWeighting):
     def combine(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter]) -> Tensor:
         """Weighted sum of the present tasks' losses."""
         idx, values = self._present(losses)
-        return (self.task_weights[idx].to(values) * values).sum()
+        return (self._pick(self.task_weights, idx).to(values) * values).sum()
 
     def weights(self) -> dict[str, float]:
         """The fixed weights."""
@@ -95,7 +100,7 @@ class UncertaintyWeighting(LossWeighting):
     def combine(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter]) -> Tensor:
         """Precision-weighted losses plus the log-variance regulariser, over the present tasks."""
         idx, values = self._present(losses)
-        s = self.log_vars[idx].to(values)
+        s = self._pick(self.log_vars, idx).to(values)
         return (torch.exp(-s) * values + s).sum()
 
     def weights(self) -> dict[str, float]:
@@ -177,7 +182,7 @@ class DWAWeighting(LossWeighting):
     def combine(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter]) -> Tensor:
         """Weighted sum of the present tasks' losses with this epoch's DWA weights."""
         idx, values = self._present(losses)
-        return (self.task_weights[idx].to(values) * values).sum()
+        return (self._pick(self.task_weights, idx).to(values) * values).sum()
 
     def end_epoch(self, epoch_losses: Mapping[str, float]) -> None:
         """Record this epoch's mean losses and recompute the weights for the next epoch."""
