@@ -79,8 +79,13 @@ def _pool_terms(emb: nn.Embedding, idx: torch.Tensor) -> tuple[torch.Tensor, tor
 
     For callers that also need the fields' crosses (`SharedEncoder.item_terms`): one lookup serves both.
     """
-    mask = _padding_mask(idx, emb.weight.dtype)
-    e = _masked(F.embedding(idx, emb.weight, sparse=emb.sparse), mask)
+    return _mean_terms(F.embedding(idx, emb.weight, sparse=emb.sparse), idx)
+
+
+def _mean_terms(looked_up: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_pool_terms` of rows already looked up (``looked_up`` = the table's rows at ``idx``, (..., F, d))."""
+    mask = _padding_mask(idx, looked_up.dtype)
+    e = _masked(looked_up, mask)
     total = e.sum(-2)
     count = torch.full_like(total[..., :1], idx.shape[-1]) if mask is None else mask.sum(-2).clamp(min=1)
     return total / count, e, total
@@ -178,18 +183,29 @@ class SharedEncoder(nn.Module):
         x = _pool(self.fields, ctx_cat) if pooled is None else pooled
         return self.ctx_tower(x if ctx_num_vec is None else x + ctx_num_vec)
 
-    def field_terms(self, field_idx: torch.Tensor, groups: Sequence[int] = (), pooled: Sequence[int] = ()
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def field_terms(self, field_idx: torch.Tensor, groups: Sequence[int] = (), pooled: Sequence[int] = (),
+                    extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Bi-interaction pooling (NFM, (B, d)) of a row's shared fields, their wide terms ((B, n_gated_tasks)
         first-order logits) and the mean embedding (B, d) of the ``pooled`` groups among the consecutive
-        groups of ``groups`` fields (sizes summing to F; padding left out), from one lookup of each table."""
+        groups of ``groups`` fields (sizes summing to F; padding left out), from one lookup of each table.
+
+        ``extra``: other rows' field indices (B2, F2) whose `_pool` mean (B2, d) is appended to the means,
+        from the same lookup of ``fields`` (one row-sparse gradient instead of two and their merge).
+        """
         mask = _padding_mask(field_idx, self.fields.weight.dtype)
         # The mask already zeroes the padding fields and their gradient, so the lookups skip the tables'
         # padding_idx (same output and gradient values): the embedding backward then has no padding rows to
         # filter out, a mask-and-gather over the whole (B*F, d) gradient per table and step (~5% of a step).
         # Row 0 then appears in the row-sparse gradient with zeros, which Adam turns into no change while its
         # moments are zero (as the dense path, where padding_idx also leaves a zero gradient row).
-        e = _masked(F.embedding(field_idx, self.fields.weight, sparse=self.fields.sparse), mask)  # (B, F, d)
+        table = self.fields.weight
+        if extra is None:
+            looked_up = F.embedding(field_idx, table, sparse=self.fields.sparse)  # (B, F, d)
+        else:  # one flat lookup, split (a split's backward is one concatenation)
+            flat = F.embedding(torch.cat([field_idx.reshape(-1), extra.reshape(-1)]), table, sparse=self.fields.sparse)
+            looked_up, other = flat.split([field_idx.numel(), extra.numel()])
+            looked_up, other = looked_up.view(*field_idx.shape, -1), other.view(*extra.shape, -1)
+        e = _masked(looked_up, mask)
         bi = _bi_interaction(e, e.sum(1))
         means = []
         if groups:
@@ -197,6 +213,8 @@ class SharedEncoder(nn.Module):
             valid = (field_idx > 0).to(e.dtype) if mask is None else mask.squeeze(-1)
             parts, counts = e.split(list(groups), 1), valid.split(list(groups), 1)
             means = [parts[g].sum(1) / counts[g].sum(1, keepdim=True).clamp(min=1) for g in pooled]
+        if extra is not None:
+            means.append(_mean_terms(other, extra)[0])
         wide = _masked(F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
         return bi, wide, means
 
@@ -385,13 +403,42 @@ class ShopModel(nn.Module):
 
     def impression_logits(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-task logits on impression rows: {'ctr': (B,), 'cvr': (B,)} for the tasks the shop has."""
+        return self._impressions(batch, item_table, None)[0]
+
+    def impression_logits_and_ranking_users(self, batch: Mapping[str, torch.Tensor],
+                                            rank_rows: Mapping[str, torch.Tensor], item_table: torch.Tensor
+                                            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """`impression_logits` of ``batch`` and `ranking_users` of ``rank_rows`` ('user', 'hist') from one user pass.
+
+        The ranking rows' side fields come from the impression rows' field lookup, and both row sets' users
+        go through one history mean, one ID lookup and one user tower: the same values as the two calls (in
+        training, the ID dropout draws the impression rows' then the ranking rows' masks, as they would),
+        with gradients summed in another order, and a third fewer user-side ops a step.
+        """
+        logits, users = self._impressions(batch, item_table, rank_rows)
+        assert users is not None
+        return logits, users
+
+    def _impressions(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor,
+                     rank_rows: Mapping[str, torch.Tensor] | None
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         user_cat, ctx_cat = self.user_cat.index_select(0, batch["user"]), batch["ctx_cat"]
         fields = torch.cat([user_cat, self.item_cat.index_select(0, batch["item"]), ctx_cat], 1)
         # One lookup of the field table serves the crosses, the user's side fields and the context: each
         # extra lookup costs a forward, a backward and (in row-sparse training) a sparse gradient merge.
         groups = (user_cat.shape[1], fields.shape[1] - user_cat.shape[1] - ctx_cat.shape[1], ctx_cat.shape[1])
-        bi, wide, (side, ctx_mean) = self.encoder.field_terms(fields, groups, pooled=(0, 2))
-        u = self.user_vectors(batch["user"], batch["hist"], item_table, side=side)
+        rank_users = None
+        if rank_rows is None:
+            bi, wide, (side, ctx_mean) = self.encoder.field_terms(fields, groups, pooled=(0, 2))
+            u = self.user_vectors(batch["user"], batch["hist"], item_table, side=side)
+        else:
+            bi, wide, (side, ctx_mean, rank_side) = self.encoder.field_terms(
+                fields, groups, pooled=(0, 2), extra=self.user_cat.index_select(0, rank_rows["user"]))
+            both = self.user_vectors(torch.cat([batch["user"], rank_rows["user"]]),
+                                     torch.cat([batch["hist"], rank_rows["hist"]]), item_table,
+                                     side=torch.cat([side, rank_side]))
+            u, rank_u = both.split([len(side), len(rank_side)])
+            rank_users = self.local.rank_proj(rank_u)
         v = item_table.index_select(0, batch["item"])  # backward is an index_add (advanced indexing sorts)
         # An absent numeric context adds nothing: no branch, no zeros tensor.
         num_vec = self.local.ctx_num(batch["ctx_num"]) if self.local.ctx_num is not None else None
@@ -400,10 +447,10 @@ class ShopModel(nn.Module):
         experts = self.encoder.mixture(x)  # (B, K, E)
         tasks = [t for t in ("ctr", "cvr") if t in self.local.towers]
         if not tasks:
-            return {}
+            return {}, rank_users
         first = GATED_TASKS.index(tasks[0])  # ctr, cvr: adjacent columns of the wide terms, a view
         logits = self.local.gated_towers(tasks, x, experts) + wide[:, first:first + len(tasks)].T
-        return dict(zip(tasks, logits.unbind(0), strict=True))
+        return dict(zip(tasks, logits.unbind(0), strict=True)), rank_users
 
     def ranking_scores(self, user: torch.Tensor, hist: torch.Tensor, items: torch.Tensor,
                        item_table: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,12 @@ def _cached_impression_logits(model: ShopModel, batch: Batch, item_table: torch.
     (Not ``cache.setdefault(key, model.impression_logits(...))``: its argument runs the forward every time.)
     """
     if "impressions" not in cache:
-        cache["impressions"] = model.impression_logits(batch, item_table)
+        rank_rows = cache.get("positives")  # the step's ranking rows: one user pass serves both (RankingTask)
+        if rank_rows is None:
+            cache["impressions"] = model.impression_logits(batch, item_table)
+        else:
+            cache["impressions"], cache["ranking_users"] = model.impression_logits_and_ranking_users(
+                batch, rank_rows, item_table)
     return cache["impressions"]
 
 
@@ -131,7 +136,9 @@ class RankingTask(TaskHead):
     def loss(self, model, batch, item_table, cache):
         catalog = cache["catalog"]
         neg = catalog[torch.randint(len(catalog), (RANKING_NEGATIVES,), generator=cache.get("generator"))]
-        users = model.ranking_users(batch["user"], batch["hist"], item_table)  # one user pass for both
+        users = cache.pop("ranking_users", None)  # from the impression rows' user pass, when it took these rows
+        if users is None:
+            users = model.ranking_users(batch["user"], batch["hist"], item_table)  # one user pass for both
         pos_scores = model.candidate_scores(users, batch["item"][:, None], item_table)
         neg_scores = model.candidate_scores(users, neg, item_table)
         neg_scores = neg_scores.masked_fill(neg[None, :] == batch["item"][:, None], float("-inf"))

@@ -160,12 +160,16 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     totals: dict[str, float] = {}
     model.train()
     steps_per_epoch = max(1, steps // max(cfg.epochs, 1))
+    names = [h.name for h in heads]
+    rank_shared = "ranking" in names and bool({"ctr", "cvr"} & set(names)) and "positives" in sources
     for step in range(steps):
         batches = {s: c.next() for s, c in cyclers.items()}
         item_table = model.all_items()
         for opt in optimisers:  # before the forward: weightings may attach gradients in combine()
             opt.zero_grad(set_to_none=True)
         cache: dict = {"catalog": tensors.catalog, "generator": gen}
+        if rank_shared:  # the impression heads' forward also computes the ranking rows' users (one user pass)
+            cache["positives"] = batches["positives"]
         losses: dict[str, torch.Tensor] = {}
         for head in heads:
             losses[head.name] = head.loss(model, batches[head.source], item_table, cache)

@@ -278,3 +278,42 @@ def test_sales_rows_touch_only_their_own_wide_rows(largest_shop: ShopTensors, ti
         field_rows = set(model.encoder.fields.weight.grad._indices()[0].tolist())
     assert wide_rows == set(model.item_cat[batch["item"]].flatten().tolist())
     assert field_rows == set(model.item_cat.flatten().tolist())
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_one_user_pass_for_impression_and_ranking_rows_equals_two(largest_shop: ShopTensors,
+                                                                  tiny_model_cfg: ModelConfig,
+                                                                  tiny_features: FeatureConfig, training: bool) -> None:
+    """`impression_logits_and_ranking_users` gives `impression_logits` and `ranking_users` of both row sets (ID
+    dropout masks drawn in the same order in training), and every parameter the same gradient up to summation
+    order, with the row-sparse tables too."""
+    model = _model(largest_shop, tiny_model_cfg, tiny_features, ["ctr", "cvr", "ranking"])
+    model.train(training)
+    rows = largest_shop.rows["train"]
+    batch = {k: v[:128] for k, v in rows.items()}
+    pos = rows["clicked"] == 1
+    rank_rows = {k: v[pos][:96] for k, v in rows.items()}
+    params = list(model.parameters())
+    for sparse in (False, True):
+        for t in model.row_sparse_tables():
+            t.sparse = sparse
+        results = []
+        for joint in (True, False):
+            torch.manual_seed(5)
+            table = model.all_items()
+            if joint:
+                logits, users = model.impression_logits_and_ranking_users(batch, rank_rows, table)
+            else:
+                logits = model.impression_logits(batch, table)
+                users = model.ranking_users(rank_rows["user"], rank_rows["hist"], table)
+            loss = sum(v.square().sum() for v in logits.values()) + users.square().sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            results.append((logits, users, [g.to_dense() if g is not None and g.is_sparse else g for g in grads]))
+        (l_new, u_new, g_new), (l_old, u_old, g_old) = results
+        assert l_new.keys() == l_old.keys() == {"ctr", "cvr"}
+        assert all(torch.allclose(l_new[t], l_old[t], atol=1e-6) for t in l_new)
+        assert torch.allclose(u_new, u_old, atol=1e-6)
+        assert sum(g is not None for g in g_new) > 10
+        for a, b in zip(g_new, g_old, strict=True):
+            assert (a is None) == (b is None)
+            assert a is None or torch.allclose(a, b, atol=1e-6)

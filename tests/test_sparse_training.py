@@ -147,6 +147,24 @@ def test_one_impression_forward_per_step(largest_shop: ShopTensors, tiny_model_c
     assert len(calls) == 4
 
 
+def test_one_user_pass_per_step_with_ranking(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                             tiny_features: FeatureConfig) -> None:
+    """The impression rows' user pass also computes the ranking rows' users: one `user_vectors` call a step."""
+    shop = replace(largest_shop, tasks=["ctr", "cvr", "ranking"])
+    model = build_model(shop, tiny_model_cfg, tiny_features, seed=0)
+    calls = []
+    forward = model.user_vectors
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return forward(*args, **kwargs)
+
+    model.user_vectors = counted
+    out = train_shop(model, shop, replace(STEP, max_steps=3))
+    assert {"loss-ctr", "loss-cvr", "loss-ranking"} <= set(out)
+    assert len(calls) == 3 and all(n > STEP.batch_size for n in calls)  # both row sets in one call
+
+
 def test_tables_are_dense_again_after_training_even_on_error(
         largest_shop: ShopTensors, tiny_model_cfg: ModelConfig, tiny_features: FeatureConfig) -> None:
     """DP-SGD (Opacus) and GradNorm need ordinary dense embeddings: the sparse switch lives in train_shop."""
@@ -161,7 +179,7 @@ def test_tables_are_dense_again_after_training_even_on_error(
         assert all(t.sparse for t in model.row_sparse_tables())  # inside the step the tables are sparse
         raise RuntimeError("boom")
 
-    model.impression_logits = broken
+    model.all_items = broken  # the first forward piece of every step
     with pytest.raises(RuntimeError, match="boom"):
         train_shop(model, largest_shop, STEP)
     assert not any(t.sparse for t in model.row_sparse_tables())
