@@ -467,6 +467,9 @@ class ShopModel(nn.Module):
         bias = self.local.item_bias(items).squeeze(-1)
         if items.dim() == 1:
             return users @ v.T + bias
+        if items.shape[1] == 1:  # one candidate a row (the training positives): a product and a sum, forward and
+            # backward ~4x cheaper than einsum's batch of 1 x d by d x 1 matrix products (same dot products)
+            return (users.unsqueeze(1) * v).sum(-1) + bias
         return torch.einsum("bd,bcd->bc", users, v) + bias
 
     def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> torch.Tensor:

@@ -317,3 +317,18 @@ def test_one_user_pass_for_impression_and_ranking_rows_equals_two(largest_shop: 
         for a, b in zip(g_new, g_old, strict=True):
             assert (a is None) == (b is None)
             assert a is None or torch.allclose(a, b, atol=1e-6)
+
+
+def test_one_candidate_a_row_scores_equal_the_einsum(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                     tiny_features: FeatureConfig) -> None:
+    """Scores of one candidate per row (training positives) by product and sum: einsum's values and gradients."""
+    model = _model(largest_shop, tiny_model_cfg, tiny_features, ["ctr", "ranking"])
+    table = model.all_items().detach().requires_grad_()
+    users = torch.randn(40, table.shape[1], requires_grad=True)
+    items = torch.randint(1, len(table), (40, 1))
+    got = model.candidate_scores(users, items, table)
+    want = torch.einsum("bd,bcd->bc", users, table[items]) + model.local.item_bias(items).squeeze(-1)
+    assert got.shape == (40, 1) and torch.allclose(got, want, atol=1e-6)
+    g_got = torch.autograd.grad(got.square().sum(), [users, table])
+    g_want = torch.autograd.grad(want.square().sum(), [users, table])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_got, g_want, strict=True))
