@@ -45,11 +45,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from shared.atomic import atomic_write_text
-from shared.features import ShopTensors
-from shared.model import build_model
-from shared.scenario import Scenario, load_scenario
-from shared.train import evaluate_shop, train_shop
+# This tree's `shared`, not the one an editable install maps (a git worktree shares the main checkout's venv).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shared.atomic import atomic_write_text  # noqa: E402
+from shared.features import ShopTensors  # noqa: E402
+from shared.model import build_model  # noqa: E402
+from shared.scenario import Scenario, load_scenario  # noqa: E402
+from shared.train import evaluate_shop, train_shop  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the child module, also when loaded by file path
 from throughput_child import largest_shop, rows_per_step  # noqa: E402
