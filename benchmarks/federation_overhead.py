@@ -25,10 +25,14 @@ Prints a table and writes benchmarks/results/federation_overhead_<engine>.json.
 (`FEDSHOP_MODEL_CACHE=0`, arm `<engine>-nocache`), in the orders A B C A, A C B A, so both federated
 arms get ratios against the same centralised runs, measured in one run.
 
-The federated arm evaluates what the run config says (eval-split val+test: the test split too, for the tasks whose
-val improved), the centralised arm val only. `--val-only-ab` adds the arm `<engine>-valonly`, the same engine with
-eval-split = final-split = val (the centralised arm's evaluation), in the same A B C A, A C B A orders: how much of
-the ratio is the test evaluation only the federated arm does, rather than federating.
+Both arms evaluate the same: the federated run evaluates what the run config says (eval-split val+test: val every
+round, test for the tasks whose validation score is a new best, every task in the last round), and the centralised
+arm evaluates every shop's view by the same rule (`simulations.baselines.evaluate_val_then_test`, the oracle's
+evaluation in `fedshop compare`). Each arm records its test passes (shop x task) per round, so the JSON shows the
+work matched. `--central-val-only` gives the old comparison: the centralised arm evaluates val only (arm
+`central-valonly`), the federated arm val+test. `--val-only-ab` runs both arms both ways, in the order
+A B C D D C B A (central, <engine>, <engine>-valonly, central-valonly): the same-work ratio with and without the
+test passes, and what the test passes cost in each arm.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_CHILD_SUBREAPER = 36
 CENTRAL = "central"
 NOCACHE = "-nocache"  # arm suffix: the federated engine with FEDSHOP_MODEL_CACHE=0
-VALONLY = "-valonly"  # arm suffix: the federated engine evaluating val only, as the centralised arm does
+VALONLY = "-valonly"  # arm suffix: the arm evaluates val only (eval-split = final-split = val when federated)
 
 
 # ---------------------------------------------------------------- pure helpers (tests/test_overhead_summary.py)
@@ -67,6 +71,12 @@ def cache_ab_order(engine: str, repeats: int = 1, suffix: str = NOCACHE) -> list
     """Central, federated and federated + ``suffix`` arms: A B C A then A C B A, ``repeats`` times."""
     off = engine + suffix
     return [CENTRAL, engine, off, CENTRAL, CENTRAL, off, engine, CENTRAL] * repeats
+
+
+def val_only_ab_order(engine: str, repeats: int = 1) -> list[str]:
+    """Both arms with val+test and val only: A B C D D C B A, so each federated run neighbours its central twin."""
+    block = [CENTRAL, engine, engine + VALONLY, CENTRAL + VALONLY]
+    return (block + block[::-1]) * repeats
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -99,30 +109,30 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.mean(kept) if kept else None
 
 
-def summarise(arms: list[dict[str, Any]], fed_arm: str) -> dict[str, Any]:
+def summarise(arms: list[dict[str, Any]], fed_arm: str, central_arm: str = CENTRAL) -> dict[str, Any]:
     """Mean steady/whole CPU and wall per arm kind and the federated / centralised ratios.
 
     ``arms`` are the runs in order, each with ``arm``, ``steady`` {wall_s, cpu_s} and ``whole``
     {wall_s, cpu_s}. Also gives the ratios of each mirrored pair (runs 1-2 and 4-3 of A B B A) to
-    show how much the load moved them.
+    show how much the load moved them. ``central_arm`` names the centralised arm to compare with.
     """
     by_kind: dict[str, dict[str, float | None]] = {}
-    for kind in (CENTRAL, fed_arm):
+    for kind in (central_arm, fed_arm):
         runs = [a for a in arms if a["arm"] == kind]
         by_kind[kind] = {f"{part}_{what}": _mean([r[part][what] for r in runs])
                          for part in ("steady", "whole") for what in ("cpu_s", "wall_s")}
         by_kind[kind]["runs"] = len(runs)
-    c, f = by_kind[CENTRAL], by_kind[fed_arm]
+    c, f = by_kind[central_arm], by_kind[fed_arm]
     ratios = {key: ratio(f[key], c[key]) for key in ("steady_cpu_s", "steady_wall_s", "whole_cpu_s", "whole_wall_s")}
     pairs = []
     for i in range(0, len(arms) - 1, 2):
         one, two = arms[i], arms[i + 1]
-        fed, cen = (two, one) if one["arm"] == CENTRAL else (one, two)
-        if fed["arm"] == fed_arm and cen["arm"] == CENTRAL:
+        fed, cen = (two, one) if one["arm"] == central_arm else (one, two)
+        if fed["arm"] == fed_arm and cen["arm"] == central_arm:
             pairs.append({"steady_cpu": ratio(fed["steady"]["cpu_s"], cen["steady"]["cpu_s"]),
                           "whole_cpu": ratio(fed["whole"]["cpu_s"], cen["whole"]["cpu_s"]),
                           "whole_wall": ratio(fed["whole"]["wall_s"], cen["whole"]["wall_s"])})
-    return {"arms": by_kind, "ratios": ratios, "pairs": pairs,
+    return {"central_arm": central_arm, "fed_arm": fed_arm, "arms": by_kind, "ratios": ratios, "pairs": pairs,
             "target_met": {k: (v is not None and v <= 1.1) for k, v in ratios.items() if "cpu" in k}}
 
 
@@ -169,11 +179,14 @@ def run_arm(arm: str, scenario_name: str, overrides: list[str], rounds: int, cen
             eval_split: str = "") -> dict[str, Any]:
     """Run one arm in this process and return its cumulative (wall, tree CPU) marks at every round end.
 
-    ``eval_split`` (federated arms): the run's eval-split and final-split; "" keeps the run config's defaults.
+    ``eval_split``: "val" evaluates val only (federated: eval-split = final-split = val); "" evaluates as the run
+    config says (val+test, test where validation improved and in the last round), the centralised arm by the same
+    rule. Also returns the test passes (shop x task) of each round.
     """
     t0 = time.perf_counter()
     start = (0.0, tree_cpu()[0])
     marks: list[tuple[float, float]] = []
+    test_passes: list[int] = []
     peak = [1]
 
     def mark(*_args: Any) -> None:
@@ -194,16 +207,27 @@ def run_arm(arm: str, scenario_name: str, overrides: list[str], rounds: int, cen
         from shared.features import pool_shops
         from shared.model import build_model
         from shared.train import evaluate_shop, train_shop
+        from simulations.baselines import evaluate_val_then_test
 
         torch.set_num_threads(central_threads)
-        pooled, views = pool_shops(scenario.training_shops(), scenario.features)
+        shops = scenario.training_shops()
+        pooled, views = pool_shops(shops, scenario.features)
+        for view, shop in zip(views, shops, strict=True):
+            view.name = shop.name
         model = build_model(pooled, scenario.model, scenario.features, seed=scenario.seed)
         epochs = int(scenario.federation["local_epochs"])
+        every = bool(scenario.federation.get("test_every_round", False))
+        records: dict[str, Any] = {}
         for r in range(1, rounds + 1):
             for e in range(epochs):
                 train_shop(model, pooled, replace(scenario.train, epochs=1, seed=scenario.seed * 1000 + r * epochs + e))
+            passes = 0
             for view in views:
-                evaluate_shop(model, view, "val")
+                if eval_split == "val":
+                    evaluate_shop(model, view, "val")
+                else:
+                    passes += len(evaluate_val_then_test(model, view, records, r, last=r == rounds, every=every)[1])
+            test_passes.append(passes)
             mark()
     else:
         from simulations.federated import run_federated
@@ -212,10 +236,24 @@ def run_arm(arm: str, scenario_name: str, overrides: list[str], rounds: int, cen
             extra = {"eval-split": eval_split, "final-split": eval_split} if eval_split else None
             run_federated(scenario, Path(tmp) / "run", method="fedshop", rounds=rounds, engine=arm, progress=mark,
                           extra_config=extra)
+            test_passes = federated_test_passes(Path(tmp) / "run" / "metrics.csv", rounds)
     end_cpu, _ = tree_cpu()
     return {"arm": arm, "start": start, "marks": marks, "end": (time.perf_counter() - t0, end_cpu),
             "peak_processes": peak[0], "threads": central_threads if arm == CENTRAL else 1,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "eval_split": eval_split}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "eval_split": eval_split,
+            "test_passes": test_passes}
+
+
+def federated_test_passes(metrics_csv: Path, rounds: int) -> list[int]:
+    """Per round 1..``rounds``, the (shop, task) pairs with test metrics in a federated run's metrics.csv."""
+    import csv
+
+    seen: set[tuple[int, str, str]] = set()
+    with metrics_csv.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "test" and row["shop"] != "coordinator":
+                seen.add((int(row["round"]), row["shop"], row["task"]))
+    return [sum(1 for r, _, _ in seen if r == rnd) for rnd in range(1, rounds + 1)]
 
 
 # ---------------------------------------------------------------- the parent: mirrored arms, whole-tree CPU
@@ -288,6 +326,7 @@ def measure_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
             # gone by the child's exit, so its end figure misses them; "whole" counts them via the subreaper).
             "in_child": {"wall_s": child["end"][0],
                          "tree_cpu_to_last_round_s": (child["marks"] or [child["end"]])[-1][1] - child["start"][1]},
+            "test_passes": child["test_passes"],
             "peak_processes": child["peak_processes"], "omp_wait_policy": child["omp_wait_policy"],
             "load_before": load, "load_after": os.getloadavg()[0], "lingering_killed": lingering}
 
@@ -300,15 +339,16 @@ def print_results(res: dict[str, Any]) -> None:
     table = Table(title=f"federation overhead, engine {res['engine']}: {res['scenario']}, {res['rounds']} rounds "
                         f"(load {res['load_start']:.1f} -> {res['load_end']:.1f} on {res['cpus']} CPUs)")
     for col in ("run", "arm", "steady CPU s/round", "steady wall s/round", "whole CPU s", "whole wall s",
-                "procs", "load"):
+                "test passes", "procs", "load"):
         table.add_column(col, justify="left" if col in ("run", "arm") else "right")
     for i, a in enumerate(res["runs"], 1):
         table.add_row(str(i), a["arm"], f"{a['steady']['cpu_s']:.1f}", f"{a['steady']['wall_s']:.1f}",
-                      f"{a['whole']['cpu_s']:.1f}", f"{a['whole']['wall_s']:.1f}", str(a["peak_processes"]),
+                      f"{a['whole']['cpu_s']:.1f}", f"{a['whole']['wall_s']:.1f}",
+                      "+".join(str(n) for n in a.get("test_passes", [])), str(a["peak_processes"]),
                       f"{a['load_before']:.1f}")
     Console().print(table)
     summary = res["summary"]
-    ratios = Table(title=f"{res['engine']} / central (target <= 1.1)")
+    ratios = Table(title=f"{summary['fed_arm']} / {summary['central_arm']} (target <= 1.1)")
     for col in ("ratio", "mean of runs", *[f"pair {i}" for i in range(1, len(summary["pairs"]) + 1)]):
         ratios.add_column(col, justify="left" if col == "ratio" else "right")
     for key, pair_key in (("steady_cpu_s", "steady_cpu"), ("whole_cpu_s", "whole_cpu"),
@@ -335,7 +375,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--model-cache-ab", action="store_true",
                         help="also run the engine with the model cache off (FEDSHOP_MODEL_CACHE=0)")
     parser.add_argument("--val-only-ab", action="store_true",
-                        help="also run the engine evaluating val only (eval-split = final-split = val)")
+                        help="run both arms with val+test and with val only (eval-split = final-split = val)")
+    parser.add_argument("--central-val-only", action="store_true",
+                        help="the old comparison: the centralised arm evaluates val only, the federated arm val+test")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default results/federation_overhead_<engine>.json)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -352,19 +394,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     load_start = os.getloadavg()
-    if args.model_cache_ab and args.val_only_ab:
-        raise SystemExit("--model-cache-ab and --val-only-ab: pick one third arm")
-    third = NOCACHE if args.model_cache_ab else VALONLY if args.val_only_ab else None
-    order = (cache_ab_order(args.engine, args.repeats, third) if third
-             else mirrored_order(CENTRAL, args.engine, args.repeats))
+    if sum((args.model_cache_ab, args.val_only_ab, args.central_val_only)) > 1:
+        raise SystemExit("--model-cache-ab, --val-only-ab and --central-val-only: pick one")
+    central = CENTRAL + VALONLY if args.central_val_only else CENTRAL
+    if args.val_only_ab:
+        order = val_only_ab_order(args.engine, args.repeats)
+    elif args.model_cache_ab:
+        order = cache_ab_order(args.engine, args.repeats, NOCACHE)
+    else:
+        order = mirrored_order(central, args.engine, args.repeats)
     runs = [measure_arm(arm, args) for arm in order]
     res = {"engine": args.engine, "scenario": args.scenario, "rounds": args.rounds, "cpus": os.cpu_count(),
            "central_threads": args.central_threads, "overrides": args.overrides,
            "load_start": load_start[0], "load_start_5m": load_start[1], "load_end": os.getloadavg()[0],
            "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY"), "runs": runs,
-           "summary": summarise(runs, args.engine)}
+           "summary": summarise(runs, args.engine, central)}
     if args.val_only_ab:
-        res["summary_valonly"] = summarise(runs, args.engine + VALONLY)
+        res["summary_valonly"] = summarise(runs, args.engine + VALONLY, CENTRAL + VALONLY)
+        res["test_passes_cost"] = {  # what the test passes add, per arm: val+test / val only
+            arm: {k: ratio(res["summary"]["arms"][arm][k], res["summary_valonly"]["arms"][arm + VALONLY][k])
+                  for k in ("steady_cpu_s", "whole_cpu_s")} for arm in (CENTRAL, args.engine)}
     if args.model_cache_ab:
         off = args.engine + NOCACHE
         res["summary_nocache"] = summarise(runs, off)
@@ -373,8 +422,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                                                                             "steady_wall_s", "whole_wall_s")}
     print_results(res)
     if args.val_only_ab:
-        print(f"{args.engine}{VALONLY} / central: "
+        print(f"{args.engine}{VALONLY} / {CENTRAL}{VALONLY}: "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary_valonly"]["ratios"].items()))
+        for arm, cost in res["test_passes_cost"].items():
+            print(f"{arm} val+test / val only: " + ", ".join(f"{k} {_fmt(v)}" for k, v in cost.items()))
     if args.model_cache_ab:
         print(f"{off} / central: " + ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary_nocache"]["ratios"].items()))
         print("cache on / off: " + ", ".join(f"{k} {_fmt(v)}" for k, v in res["cache_on_vs_off"].items()))
