@@ -242,7 +242,7 @@ def evaluate_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, co
                             for name, value in values.items()})
     metrics[NUM_EXAMPLES] = float(max(1, shop.tensors.rows[splits[-1]]["user"].shape[0]))
     metrics[SHOP_INDEX] = shop.index
-    log_round(shop.name, context, settings.server_round, metrics, requested)
+    log_round(shop.name, context, settings.server_round, metrics, requested, settings.run_dir)
     return metrics
 
 
