@@ -25,10 +25,17 @@ Prints a table and writes benchmarks/results/federation_overhead_<engine>.json.
 (`FEDSHOP_MODEL_CACHE=0`, arm `<engine>-nocache`), in the orders A B C A, A C B A, so both federated
 arms get ratios against the same centralised runs, measured in one run.
 
-The federated arm evaluates what the run config says (eval-split val+test: the test split too, for the tasks whose
-val improved), the centralised arm val only. `--val-only-ab` adds the arm `<engine>-valonly`, the same engine with
-eval-split = final-split = val (the centralised arm's evaluation), in the same A B C A, A C B A orders: how much of
-the ratio is the test evaluation only the federated arm does, rather than federating.
+Both arms evaluate the same (`--central-eval same`, the default): the federated run evaluates what the run config
+says (eval-split val+test: every shop's val every round, test for the tasks whose validation score is a new best,
+every task in the last round), and the centralised arm evaluates every shop's view on val every round and on test
+for exactly the (round, shop, task) passes the federated run made (read from its metrics.csv; the federated arm
+therefore runs first: B A A B). `--central-eval rule` has the centralised arm pick its test passes by the same rule
+on its own validation scores (`simulations.baselines.evaluate_val_then_test`, as `fedshop compare`'s oracle): the
+pooled model's validation improves less often, so it makes fewer passes. `--central-eval val` is the old
+comparison: the centralised arm evaluates val only. Every run records its test passes (shop x task) per round.
+`--val-only-ab` runs both arms both ways, in the order A B C D D C B A (<engine>, central, central-valonly,
+<engine>-valonly; the val-only arms with eval-split = final-split = val): the same-work ratio with and without the
+test passes, and what the test passes cost in each arm.
 """
 
 from __future__ import annotations
@@ -53,7 +60,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_CHILD_SUBREAPER = 36
 CENTRAL = "central"
 NOCACHE = "-nocache"  # arm suffix: the federated engine with FEDSHOP_MODEL_CACHE=0
-VALONLY = "-valonly"  # arm suffix: the federated engine evaluating val only, as the centralised arm does
+VALONLY = "-valonly"  # arm suffix: the arm evaluates val only (eval-split = final-split = val when federated)
+RULE = "-rule"  # central arm suffix: test passes by the test-on-improvement rule on its own validation scores
+CENTRAL_EVAL = {"same": CENTRAL, "rule": CENTRAL + RULE, "val": CENTRAL + VALONLY}  # --central-eval -> arm
 
 
 # ---------------------------------------------------------------- pure helpers (tests/test_overhead_summary.py)
@@ -63,10 +72,40 @@ def mirrored_order(a: str, b: str, repeats: int = 1) -> list[str]:
     return [a, b, b, a] * repeats
 
 
-def cache_ab_order(engine: str, repeats: int = 1, suffix: str = NOCACHE) -> list[str]:
-    """Central, federated and federated + ``suffix`` arms: A B C A then A C B A, ``repeats`` times."""
+def cache_ab_order(engine: str, repeats: int = 1, suffix: str = NOCACHE, central: str = CENTRAL,
+                   central_first: bool = True) -> list[str]:
+    """Central, federated and federated + ``suffix`` arms: A B C A then A C B A, ``repeats`` times.
+
+    With ``central_first`` False: B A C A then A C A B, so a federated run comes first (its test passes are
+    the centralised arm's) and each federated run still neighbours a centralised one.
+    """
     off = engine + suffix
-    return [CENTRAL, engine, off, CENTRAL, CENTRAL, off, engine, CENTRAL] * repeats
+    if central_first:
+        return [central, engine, off, central, central, off, engine, central] * repeats
+    return [engine, central, off, central, central, off, central, engine] * repeats
+
+
+def val_only_ab_order(engine: str, repeats: int = 1) -> list[str]:
+    """Both arms with val+test and val only: A B C D D C B A (federated first: its test passes are central's)."""
+    block = [engine, CENTRAL, CENTRAL + VALONLY, engine + VALONLY]
+    return (block + block[::-1]) * repeats
+
+
+def test_plan(metrics_csv: Path) -> dict[str, dict[str, list[str]]]:
+    """Round -> shop -> tasks with test metrics in a federated run's metrics.csv (the coordinator's rows left out)."""
+    import csv
+
+    plan: dict[str, dict[str, set[str]]] = {}
+    with Path(metrics_csv).open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "test" and row["shop"] != "coordinator":
+                plan.setdefault(str(int(row["round"])), {}).setdefault(row["shop"], set()).add(row["task"])
+    return {r: {shop: sorted(tasks) for shop, tasks in shops.items()} for r, shops in plan.items()}
+
+
+def plan_passes(plan: dict[str, dict[str, list[str]]], rounds: int) -> list[int]:
+    """Test passes (shop x task) per round 1..``rounds`` of a test plan."""
+    return [sum(len(tasks) for tasks in plan.get(str(r), {}).values()) for r in range(1, rounds + 1)]
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -99,30 +138,30 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.mean(kept) if kept else None
 
 
-def summarise(arms: list[dict[str, Any]], fed_arm: str) -> dict[str, Any]:
+def summarise(arms: list[dict[str, Any]], fed_arm: str, central_arm: str = CENTRAL) -> dict[str, Any]:
     """Mean steady/whole CPU and wall per arm kind and the federated / centralised ratios.
 
     ``arms`` are the runs in order, each with ``arm``, ``steady`` {wall_s, cpu_s} and ``whole``
     {wall_s, cpu_s}. Also gives the ratios of each mirrored pair (runs 1-2 and 4-3 of A B B A) to
-    show how much the load moved them.
+    show how much the load moved them. ``central_arm`` names the centralised arm to compare with.
     """
     by_kind: dict[str, dict[str, float | None]] = {}
-    for kind in (CENTRAL, fed_arm):
+    for kind in (central_arm, fed_arm):
         runs = [a for a in arms if a["arm"] == kind]
         by_kind[kind] = {f"{part}_{what}": _mean([r[part][what] for r in runs])
                          for part in ("steady", "whole") for what in ("cpu_s", "wall_s")}
         by_kind[kind]["runs"] = len(runs)
-    c, f = by_kind[CENTRAL], by_kind[fed_arm]
+    c, f = by_kind[central_arm], by_kind[fed_arm]
     ratios = {key: ratio(f[key], c[key]) for key in ("steady_cpu_s", "steady_wall_s", "whole_cpu_s", "whole_wall_s")}
     pairs = []
     for i in range(0, len(arms) - 1, 2):
         one, two = arms[i], arms[i + 1]
-        fed, cen = (two, one) if one["arm"] == CENTRAL else (one, two)
-        if fed["arm"] == fed_arm and cen["arm"] == CENTRAL:
+        fed, cen = (two, one) if one["arm"] == central_arm else (one, two)
+        if fed["arm"] == fed_arm and cen["arm"] == central_arm:
             pairs.append({"steady_cpu": ratio(fed["steady"]["cpu_s"], cen["steady"]["cpu_s"]),
                           "whole_cpu": ratio(fed["whole"]["cpu_s"], cen["whole"]["cpu_s"]),
                           "whole_wall": ratio(fed["whole"]["wall_s"], cen["whole"]["wall_s"])})
-    return {"arms": by_kind, "ratios": ratios, "pairs": pairs,
+    return {"central_arm": central_arm, "fed_arm": fed_arm, "arms": by_kind, "ratios": ratios, "pairs": pairs,
             "target_met": {k: (v is not None and v <= 1.1) for k, v in ratios.items() if "cpu" in k}}
 
 
@@ -166,14 +205,19 @@ def tree_cpu(root: int | None = None) -> tuple[float, int]:
 # ---------------------------------------------------------------- one arm, in a child process
 
 def run_arm(arm: str, scenario_name: str, overrides: list[str], rounds: int, central_threads: int,
-            eval_split: str = "") -> dict[str, Any]:
+            evaluation: str = "", plan: dict[str, dict[str, list[str]]] | None = None) -> dict[str, Any]:
     """Run one arm in this process and return its cumulative (wall, tree CPU) marks at every round end.
 
-    ``eval_split`` (federated arms): the run's eval-split and final-split; "" keeps the run config's defaults.
+    ``evaluation``: "val" evaluates val only (federated: eval-split = final-split = val); "" evaluates as the run
+    config says (val+test), the centralised arm val plus ``plan``'s test passes (round -> shop -> tasks, a federated
+    run's `test_plan`; without one, or with "rule", its own test-on-improvement rule). Also returns the test
+    passes (shop x task) of each round, and a federated run's test plan.
     """
     t0 = time.perf_counter()
     start = (0.0, tree_cpu()[0])
     marks: list[tuple[float, float]] = []
+    test_passes: list[int] = []
+    made: dict[str, dict[str, list[str]]] = {}
     peak = [1]
 
     def mark(*_args: Any) -> None:
@@ -194,28 +238,47 @@ def run_arm(arm: str, scenario_name: str, overrides: list[str], rounds: int, cen
         from shared.features import pool_shops
         from shared.model import build_model
         from shared.train import evaluate_shop, train_shop
+        from simulations.baselines import evaluate_val_then_test
 
         torch.set_num_threads(central_threads)
-        pooled, views = pool_shops(scenario.training_shops(), scenario.features)
+        shops = scenario.training_shops()
+        pooled, views = pool_shops(shops, scenario.features)
+        for view, shop in zip(views, shops, strict=True):
+            view.name = shop.name
         model = build_model(pooled, scenario.model, scenario.features, seed=scenario.seed)
         epochs = int(scenario.federation["local_epochs"])
+        every = bool(scenario.federation.get("test_every_round", False))
+        records: dict[str, Any] = {}
         for r in range(1, rounds + 1):
             for e in range(epochs):
                 train_shop(model, pooled, replace(scenario.train, epochs=1, seed=scenario.seed * 1000 + r * epochs + e))
             for view in views:
-                evaluate_shop(model, view, "val")
+                if evaluation == "val":
+                    evaluate_shop(model, view, "val")
+                elif plan is not None and evaluation != "rule":  # the federated run's passes, no more, no fewer
+                    evaluate_shop(model, view, "val")
+                    wanted = plan.get(str(r), {}).get(view.name, [])
+                    tested = evaluate_shop(model, view, "test", tasks=[t for t in view.tasks if t in wanted])
+                    made.setdefault(str(r), {})[view.name] = sorted(tested)
+                else:
+                    tested = evaluate_val_then_test(model, view, records, r, last=r == rounds, every=every)[1]
+                    made.setdefault(str(r), {})[view.name] = sorted(tested)
             mark()
+        test_passes = plan_passes(made, rounds)
     else:
         from simulations.federated import run_federated
 
         with tempfile.TemporaryDirectory(prefix="fedshop-overhead-") as tmp:
-            extra = {"eval-split": eval_split, "final-split": eval_split} if eval_split else None
+            extra = {"eval-split": evaluation, "final-split": evaluation} if evaluation == "val" else None
             run_federated(scenario, Path(tmp) / "run", method="fedshop", rounds=rounds, engine=arm, progress=mark,
                           extra_config=extra)
+            made = test_plan(Path(tmp) / "run" / "metrics.csv")
+            test_passes = plan_passes(made, rounds)
     end_cpu, _ = tree_cpu()
     return {"arm": arm, "start": start, "marks": marks, "end": (time.perf_counter() - t0, end_cpu),
             "peak_processes": peak[0], "threads": central_threads if arm == CENTRAL else 1,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "eval_split": eval_split}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "evaluation": evaluation,
+            "given_plan": plan is not None, "test_passes": test_passes, "test_plan": made}
 
 
 # ---------------------------------------------------------------- the parent: mirrored arms, whole-tree CPU
@@ -249,11 +312,14 @@ def _reap_orphans(timeout: float = 30.0) -> list[int]:
         time.sleep(0.2)
 
 
-def measure_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``arm`` in a child process; its round marks plus whole-run wall and whole-tree CPU."""
+def measure_arm(arm: str, args: argparse.Namespace, plan: Path | None = None) -> dict[str, Any]:
+    """Run ``arm`` in a child process; its round marks plus whole-run wall and whole-tree CPU.
+
+    ``plan``: a JSON test plan (`test_plan`) the centralised arm replays.
+    """
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = Path(fh.name)
-    engine = arm.removesuffix(NOCACHE).removesuffix(VALONLY)
+    engine = arm.removesuffix(NOCACHE).removesuffix(VALONLY).removesuffix(RULE)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if arm.endswith(NOCACHE):
         env["FEDSHOP_MODEL_CACHE"] = "0"
@@ -261,7 +327,11 @@ def measure_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
            "--scenario", args.scenario, "--central-threads", str(args.central_threads),
            *[f"--set={o}" for o in args.overrides]]
     if arm.endswith(VALONLY):
-        cmd += ["--child-eval-split", "val"]
+        cmd += ["--child-eval", "val"]
+    elif arm.endswith(RULE):
+        cmd += ["--child-eval", "rule"]
+    elif arm == CENTRAL and plan is not None:
+        cmd += ["--child-test-plan", str(plan)]
     load = os.getloadavg()[0]
     cpu0, t0, sampled0 = _children_cpu(), time.perf_counter(), _descendants_cpu()
     with tempfile.TemporaryFile("w+") as err:
@@ -288,6 +358,7 @@ def measure_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
             # gone by the child's exit, so its end figure misses them; "whole" counts them via the subreaper).
             "in_child": {"wall_s": child["end"][0],
                          "tree_cpu_to_last_round_s": (child["marks"] or [child["end"]])[-1][1] - child["start"][1]},
+            "test_passes": child["test_passes"], "given_plan": child["given_plan"], "test_plan": child["test_plan"],
             "peak_processes": child["peak_processes"], "omp_wait_policy": child["omp_wait_policy"],
             "load_before": load, "load_after": os.getloadavg()[0], "lingering_killed": lingering}
 
@@ -300,15 +371,16 @@ def print_results(res: dict[str, Any]) -> None:
     table = Table(title=f"federation overhead, engine {res['engine']}: {res['scenario']}, {res['rounds']} rounds "
                         f"(load {res['load_start']:.1f} -> {res['load_end']:.1f} on {res['cpus']} CPUs)")
     for col in ("run", "arm", "steady CPU s/round", "steady wall s/round", "whole CPU s", "whole wall s",
-                "procs", "load"):
+                "test passes", "procs", "load"):
         table.add_column(col, justify="left" if col in ("run", "arm") else "right")
     for i, a in enumerate(res["runs"], 1):
         table.add_row(str(i), a["arm"], f"{a['steady']['cpu_s']:.1f}", f"{a['steady']['wall_s']:.1f}",
-                      f"{a['whole']['cpu_s']:.1f}", f"{a['whole']['wall_s']:.1f}", str(a["peak_processes"]),
+                      f"{a['whole']['cpu_s']:.1f}", f"{a['whole']['wall_s']:.1f}",
+                      "+".join(str(n) for n in a.get("test_passes", [])), str(a["peak_processes"]),
                       f"{a['load_before']:.1f}")
     Console().print(table)
     summary = res["summary"]
-    ratios = Table(title=f"{res['engine']} / central (target <= 1.1)")
+    ratios = Table(title=f"{summary['fed_arm']} / {summary['central_arm']} (target <= 1.1)")
     for col in ("ratio", "mean of runs", *[f"pair {i}" for i in range(1, len(summary["pairs"]) + 1)]):
         ratios.add_column(col, justify="left" if col == "ratio" else "right")
     for key, pair_key in (("steady_cpu_s", "steady_cpu"), ("whole_cpu_s", "whole_cpu"),
@@ -335,48 +407,77 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--model-cache-ab", action="store_true",
                         help="also run the engine with the model cache off (FEDSHOP_MODEL_CACHE=0)")
     parser.add_argument("--val-only-ab", action="store_true",
-                        help="also run the engine evaluating val only (eval-split = final-split = val)")
+                        help="run both arms with val+test and with val only (eval-split = final-split = val)")
+    parser.add_argument("--central-eval", choices=tuple(CENTRAL_EVAL), default="same",
+                        help="centralised arm's test passes: same = the federated run's (default), rule = its own "
+                             "test-on-improvement rule, val = none (val only, the old comparison)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default results/federation_overhead_<engine>.json)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child-eval-split", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--child-eval", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--child-test-plan", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if args.child:
         import simulations  # noqa: F401 - sets OMP_WAIT_POLICY before torch loads, as the CLI does
 
+        plan = json.loads(args.child_test_plan.read_text()) if args.child_test_plan else None
         res = run_arm(args.child, args.scenario, args.overrides, args.rounds, args.central_threads,
-                      args.child_eval_split)
+                      args.child_eval, plan)
         args.child_out.write_text(json.dumps(res))
         return None
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     load_start = os.getloadavg()
     if args.model_cache_ab and args.val_only_ab:
         raise SystemExit("--model-cache-ab and --val-only-ab: pick one third arm")
-    third = NOCACHE if args.model_cache_ab else VALONLY if args.val_only_ab else None
-    order = (cache_ab_order(args.engine, args.repeats, third) if third
-             else mirrored_order(CENTRAL, args.engine, args.repeats))
-    runs = [measure_arm(arm, args) for arm in order]
+    if args.val_only_ab and args.central_eval != "same":
+        raise SystemExit("--val-only-ab runs the centralised arm with the federated run's test passes and val only; "
+                         "drop --central-eval")
+    central = CENTRAL_EVAL[args.central_eval]
+    replay = central == CENTRAL  # the federated arm runs first: its test passes are the centralised arm's
+    if args.val_only_ab:
+        order = val_only_ab_order(args.engine, args.repeats)
+    elif args.model_cache_ab:
+        order = cache_ab_order(args.engine, args.repeats, NOCACHE, central, central_first=not replay)
+    else:
+        order = mirrored_order(args.engine, central, args.repeats) if replay else mirrored_order(
+            central, args.engine, args.repeats)
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fedshop-overhead-plan-") as tmp:
+        plan_file = Path(tmp) / "test_plan.json"
+        for arm in order:
+            runs.append(measure_arm(arm, args, plan_file if plan_file.exists() else None))
+            if arm.removesuffix(NOCACHE) == args.engine and not plan_file.exists():
+                plan_file.write_text(json.dumps(runs[-1]["test_plan"]))
+    plans = [r["test_plan"] for r in runs if r["arm"].removesuffix(NOCACHE) == args.engine]
     res = {"engine": args.engine, "scenario": args.scenario, "rounds": args.rounds, "cpus": os.cpu_count(),
            "central_threads": args.central_threads, "overrides": args.overrides,
            "load_start": load_start[0], "load_start_5m": load_start[1], "load_end": os.getloadavg()[0],
            "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY"), "runs": runs,
-           "summary": summarise(runs, args.engine)}
+           "central_eval": args.central_eval,
+           # Federated runs are deterministic: every one made the same test passes, which the central arm replayed.
+           "federated_plans_equal": all(p == plans[0] for p in plans),
+           "summary": summarise(runs, args.engine, central)}
     if args.val_only_ab:
-        res["summary_valonly"] = summarise(runs, args.engine + VALONLY)
+        res["summary_valonly"] = summarise(runs, args.engine + VALONLY, CENTRAL + VALONLY)
+        res["test_passes_cost"] = {  # what the test passes add, per arm: val+test / val only
+            arm: {k: ratio(res["summary"]["arms"][arm][k], res["summary_valonly"]["arms"][arm + VALONLY][k])
+                  for k in ("steady_cpu_s", "whole_cpu_s")} for arm in (CENTRAL, args.engine)}
     if args.model_cache_ab:
         off = args.engine + NOCACHE
-        res["summary_nocache"] = summarise(runs, off)
+        res["summary_nocache"] = summarise(runs, off, central)
         on_arm, off_arm = res["summary"]["arms"][args.engine], res["summary_nocache"]["arms"][off]
         res["cache_on_vs_off"] = {k: ratio(on_arm[k], off_arm[k]) for k in ("steady_cpu_s", "whole_cpu_s",
                                                                             "steady_wall_s", "whole_wall_s")}
     print_results(res)
     if args.val_only_ab:
-        print(f"{args.engine}{VALONLY} / central: "
+        print(f"{args.engine}{VALONLY} / {CENTRAL}{VALONLY}: "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary_valonly"]["ratios"].items()))
+        for arm, cost in res["test_passes_cost"].items():
+            print(f"{arm} val+test / val only: " + ", ".join(f"{k} {_fmt(v)}" for k, v in cost.items()))
     if args.model_cache_ab:
-        print(f"{off} / central: " + ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary_nocache"]["ratios"].items()))
+        print(f"{off} / {central}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary_nocache"]["ratios"].items()))
         print("cache on / off: " + ", ".join(f"{k} {_fmt(v)}" for k, v in res["cache_on_vs_off"].items()))
     sys.path.insert(0, str(ROOT))
     from shared.atomic import atomic_write_text

@@ -3,7 +3,9 @@
 Without it a merchant's operator sees only Flower's message IDs. The line is written when the round's
 evaluation ends (after its training), through a child of Flower's logger: it lands wherever Flower's
 console handler writes (the SuperNode's log file under `fedshop merchant start`) and follows
-FLWR_LOG_LEVEL, so a simulation (whose workers run at ERROR unless `-v`) stays quiet.
+FLWR_LOG_LEVEL, so a simulation (whose workers run at ERROR unless `-v`) stays quiet. One line per round:
+a round already logged (a fused evaluation whose train reply was lost, then the coordinator's evaluate
+message for the same round) is not logged again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from client.local_state import rounds_trained
 
 logger = logging.getLogger("flwr.fedshop.merchant")
 TRAINED_RECORD = "fedshop.last-training"  # ConfigRecord in context.state: {"round", "rows", "stage"}
+LOGGED_RECORD = "fedshop.last-logged"  # ConfigRecord in context.state: {"round", "run"} of the last line written
 # The metrics a line shows when the shop has them (evaluate_shop reports ~18; the rest stay in metrics.csv).
 HEADLINE = ("ctr.auc", "ctr.logloss", "cvr.auc", "cvr.ctcvr_auc", "ranking.hr@10", "ranking.ndcg@10", "sales.wape")
 
@@ -44,8 +47,17 @@ def round_line(shop: str, context: Context, server_round: int, metrics: Mapping[
             f"validation {text}")
 
 
-def log_round(shop: str, context: Context, server_round: int, metrics: Mapping[str, float], split: str) -> None:
-    """Write the round's line to the merchant's log (INFO on Flower's handler)."""
+def log_round(shop: str, context: Context, server_round: int, metrics: Mapping[str, float], split: str,
+              run: str = "") -> None:
+    """Write the round's line to the merchant's log (INFO on Flower's handler), once per round of ``run``.
+
+    A second evaluation of the same round (the fallback evaluate message after a fused evaluation whose train
+    reply was lost) computes the same metrics; its line would only repeat the first, so it is skipped.
+    """
+    last = dict(context.state.config_records.get(LOGGED_RECORD, {}))
+    if int(last.get("round", -1)) == int(server_round) and str(last.get("run", "")) == run:
+        return
     if "val" not in split.split("+"):
         metrics = {}  # a test-only evaluation is the coordinator's business, not a validation result
     logger.info(round_line(shop, context, server_round, metrics))
+    context.state[LOGGED_RECORD] = ConfigRecord({"round": int(server_round), "run": run})

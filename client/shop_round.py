@@ -58,6 +58,17 @@ class RoundResult:
     arrays: dict[str, torch.Tensor]
     metrics: dict[str, float]
     stage: str = "active"  # `join_stage`: a "waiting" shop trained nothing and saved nothing
+    # `state_versions` of the model right after `save_local_part` wrote it (own encoder included), else None
+    saved_versions: tuple[tuple[int, int], ...] | None = None
+
+
+def state_versions(model: ShopModel) -> tuple[tuple[int, int], ...]:
+    """(storage address, in-place version) of every tensor of the model's state: equal = no tensor was written since.
+
+    Every in-place write through a parameter or buffer (an optimizer step, ``load_state_dict``'s copy) bumps
+    its version; a swapped tensor changes its address.
+    """
+    return tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
 
 
 def message_settings(run_config: Mapping[str, Any], sent: Mapping[str, Any]) -> ShopRoundSettings:
@@ -196,6 +207,7 @@ def train_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, conte
         losses = train_shop(model, shop.tensors, cfg, global_encoder=dict(received) if cfg.prox_mu > 0 else None)
     save_local_part(model, context, shop.state_dir, shop=shop.name, server_round=server_round,
                     keep_own_encoder=bool(n0), run=settings.run_dir)
+    saved = state_versions(model) if n0 else None  # the model now holds its saved local part and own encoder
     note_training(context, server_round, int(shop.tensors.rows["train"]["user"].shape[0]), stage)
     arrays = reply_arrays(model, settings)
     if fault == "nan":
@@ -205,7 +217,7 @@ def train_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, conte
     metrics[SHOP_INDEX] = shop.index
     if stage == "warm-up":  # its encoder is unchanged anyway; weight 0 keeps it out of the aggregate
         metrics[NUM_EXAMPLES] = 0.0
-    return RoundResult(arrays, metrics, stage)
+    return RoundResult(arrays, metrics, stage, saved)
 
 
 def test_after_val(shop: Shop, context: Context, settings: ShopRoundSettings,
@@ -217,15 +229,16 @@ def test_after_val(shop: Shop, context: Context, settings: ShopRoundSettings,
     return wanted
 
 
-def evaluate_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, context: Context
-                   ) -> dict[str, float]:
+def evaluate_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, context: Context, *,
+                   holds_own: bool = False) -> dict[str, float]:
     """Per-task metrics of the received encoder (the shop's own one with the personal mix) and its local part.
 
     Keys are `<task>.<metric>` (`<split>/`-prefixed for several splits), plus `num-examples` (rows of the
     last split, at least 1) and `shop-index`. With `test-on-improvement` (and val before test in the
-    request) only the tasks `test_after_val` names get test keys.
+    request) only the tasks `test_after_val` names get test keys. ``holds_own``: the model's encoder is
+    the shop's own encoder already (`evaluate_after_train`), so it is not loaded again.
     """
-    own = restore_own_encoder(model, context) if personal_mix(settings) else None
+    own = restore_own_encoder(model, context) if personal_mix(settings) and not holds_own else None
     if own is not None:
         model.load_encoder_state(own)
     requested = settings.eval_split
@@ -242,7 +255,7 @@ def evaluate_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, co
                             for name, value in values.items()})
     metrics[NUM_EXAMPLES] = float(max(1, shop.tensors.rows[splits[-1]]["user"].shape[0]))
     metrics[SHOP_INDEX] = shop.index
-    log_round(shop.name, context, settings.server_round, metrics, requested)
+    log_round(shop.name, context, settings.server_round, metrics, requested, settings.run_dir)
     return metrics
 
 
@@ -252,9 +265,12 @@ def evaluate_after_train(shop: Shop, model: ShopModel, settings: ShopRoundSettin
 
     Only when the train request asked (`evaluate-after-train`), the shop serves its own encoder
     (`shared.protocol.serves_own_encoder`, the coordinator's rule too) and it trained this round (a
-    waiting late joiner saved nothing). It restores the local part and own encoder just saved, as the
-    evaluate handler does (`load_round_start`, then `evaluate_round`), so the metrics are the same. A
-    failure is logged and gives None: the train reply goes out without them and the coordinator asks again.
+    waiting late joiner saved nothing). The evaluate handler would load the local part and own encoder just
+    saved (`load_round_start`, then `evaluate_round`); when no tensor of the model was written since
+    `save_local_part` (`RoundResult.saved_versions`), the model holds exactly those values and evaluates as it
+    is (evaluation sets eval mode itself), else they are restored as the handler would: either way the
+    metrics are the same. A failure is logged and gives None: the train reply goes out without them and
+    the coordinator asks again.
     """
     if not settings.evaluate_after_train or result.stage == "waiting":
         return None
@@ -263,6 +279,8 @@ def evaluate_after_train(shop: Shop, model: ShopModel, settings: ShopRoundSettin
                        "leaving it to the evaluate message", shop.name)
         return None
     try:
+        if result.saved_versions is not None and result.saved_versions == state_versions(model):
+            return evaluate_round(shop, model, settings, context, holds_own=True)
         restore_local_part(model, context, shop.state_dir, server_round=settings.server_round, run=settings.run_dir,
                            training=False)
         if restore_own_encoder(model, context) is None:  # not what the evaluate message would see: let it ask

@@ -34,6 +34,21 @@ def compute_epochs(scenario: Scenario) -> int:
     return int(scenario.federation["rounds"]) * int(scenario.federation["local_epochs"])
 
 
+def evaluate_val_then_test(model, view: ShopTensors, records: dict[str, Record], epoch: int, *, last: bool,
+                           every: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Val, then test for the tasks a report can pick (`client.best_val`): the federation's shops' rule.
+
+    Every task is tested in the ``last`` epoch and with ``every`` (`test_every_round`); ``records`` holds each
+    view's validation primaries by epoch and is updated in place.
+    """
+    val = evaluate_shop(model, view, "val")
+    tasks = None  # test every task: with test_every_round, and after the last epoch
+    if not every and not last:  # the same rule as the federation's shops
+        wanted, records[view.name] = next_tests(records.get(view.name, {}), epoch, val)
+        tasks = [t for t in view.tasks if t not in set(val) - wanted]
+    return val, evaluate_shop(model, view, "test", tasks=tasks)
+
+
 def _train_and_log(method: str, model, train_on: ShopTensors, views: list[ShopTensors], epochs: int, seed: int,
                    scenario: Scenario, progress: Progress | None, label: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
@@ -42,13 +57,9 @@ def _train_and_log(method: str, model, train_on: ShopTensors, views: list[ShopTe
     for epoch in range(1, epochs + 1):
         losses = train_shop(model, train_on, replace(scenario.train, epochs=1, seed=seed * 1000 + epoch))
         for view in views:
-            val = evaluate_shop(model, view, "val")
-            tasks = None  # test every task: with test_every_round, and after the last epoch
-            if not every and epoch < epochs:  # the same rule as the federation's shops
-                wanted, records[view.name] = next_tests(records.get(view.name, {}), epoch, val)
-                tasks = [t for t in view.tasks if t not in set(val) - wanted]
+            val, test = evaluate_val_then_test(model, view, records, epoch, last=epoch == epochs, every=every)
             rows += metric_rows(method, epoch, view.name, val, "val")
-            rows += metric_rows(method, epoch, view.name, evaluate_shop(model, view, "test", tasks=tasks), "test")
+            rows += metric_rows(method, epoch, view.name, test, "test")
             rows += [{"method": method, "round": epoch, "shop": view.name, "task": "all", "split": "train",
                       "metric": k, "value": v} for k, v in losses.items() if k.startswith("loss")]
         if progress:

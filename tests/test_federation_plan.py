@@ -103,6 +103,43 @@ def test_run_federated_refuses_before_writing_anything(tmp_path: Path) -> None:
     assert not run_dir.exists()
 
 
+
+class _Stop(Exception):
+    pass
+
+
+def test_simulate_checks_the_plan_once_and_a_bad_plan_every_time(tmp_path: Path, monkeypatch) -> None:
+    # `fedshop simulate` checks the federation in the CLI (scenario_or_exit) and again in run_federated.
+    import shared.federation_plan as plan
+    import simulations.federated as federated
+    from simulations.options import scenario_or_exit
+
+    calls: list[int | None] = []
+    real = plan.check_federation_plan
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("rounds"))
+        return real(*args, **kwargs)
+
+    def stop(*_args, **_kwargs):
+        raise _Stop  # run_federated got past its check: stop before anything runs
+
+    monkeypatch.setattr(plan, "check_federation_plan", counted)
+    monkeypatch.setattr(federated, "run_config", stop)
+    path = write_scenario(tiny_scenario(), tmp_path / "scenario.toml")
+    scenario = scenario_or_exit(str(path), federation=True, rounds=2)  # as `fedshop simulate --rounds 2`
+    with pytest.raises(_Stop):
+        federated.run_federated(scenario, tmp_path / "run", rounds=2, engine="pool")
+    assert calls == [2]
+    scenario.check_federation(3)  # another round count is another plan
+    assert calls == [2, 3]
+    bad = tiny_scenario(**{"federation.min_shops": 5})
+    for _ in range(2):  # a refusal is never remembered: the same message each time
+        with pytest.raises(ScenarioError, match="federation.min_shops = 5, but the federation has only 3"):
+            bad.check_federation()
+    assert len(calls) == 4
+
+
 # ------------------------------------------------------------------------------------------ the ServerApp
 
 

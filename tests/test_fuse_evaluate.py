@@ -123,11 +123,11 @@ def test_a_failed_evaluation_after_training_keeps_the_train_reply_and_falls_back
     real = shop_round.evaluate_round
     calls = Counter()
 
-    def flaky(shop, model, settings, context):
+    def flaky(shop, model, settings, context, **kwargs):
         calls[settings.server_round, shop.name, settings.evaluate_after_train] += 1
         if settings.evaluate_after_train and shop.name == "shop_02" and settings.server_round == 2:
             raise RuntimeError("disk full")
-        return real(shop, model, settings, context)
+        return real(shop, model, settings, context, **kwargs)
 
     plain, _, _ = _run(scenario_file, tmp_path / "plain", fuse=False)
     monkeypatch.setattr(shop_round, "evaluate_round", flaky)  # the fused call

@@ -32,14 +32,39 @@ def test_cache_ab_order_mirrors_both_federated_arms_and_pairs_each_with_a_centra
     assert len(on["pairs"]) == len(off["pairs"]) == 2  # each federated run is paired with its neighbouring central
 
 
-def test_val_only_ab_order_uses_the_valonly_arm_and_its_engine():
-    order = bench.cache_ab_order("pool", suffix=bench.VALONLY)
-    assert order == ["central", "pool", "pool-valonly", "central", "central", "pool-valonly", "pool", "central"]
-    runs = [{"arm": a, "steady": {"cpu_s": 2.0 if a == "pool-valonly" else 3.0 if a == "pool" else 1.0,
-                                  "wall_s": 1.0},
-             "whole": {"cpu_s": 1.0, "wall_s": 1.0}} for a in order]
-    assert bench.summarise(runs, "pool-valonly")["ratios"]["steady_cpu_s"] == pytest.approx(2.0)
-    assert bench.summarise(runs, "pool")["ratios"]["steady_cpu_s"] == pytest.approx(3.0)
+def test_val_only_ab_order_pairs_each_federated_arm_with_its_central_twin():
+    order = bench.val_only_ab_order("pool")
+    assert order == ["pool", "central", "central-valonly", "pool-valonly",
+                     "pool-valonly", "central-valonly", "central", "pool"]
+    cpu = {"pool": 3.0, "central": 2.0, "pool-valonly": 2.0, "central-valonly": 1.0}
+    runs = [_arm(a, cpu[a], cpu[a], 1.0) for a in order]
+    same = bench.summarise(runs, "pool")
+    valonly = bench.summarise(runs, "pool-valonly", "central-valonly")
+    assert same["ratios"]["steady_cpu_s"] == pytest.approx(1.5) and valonly["ratios"]["steady_cpu_s"] == 2.0
+    assert len(same["pairs"]) == len(valonly["pairs"]) == 2 and valonly["central_arm"] == "central-valonly"
+
+
+def test_cache_ab_order_can_start_with_the_federated_arm():
+    order = bench.cache_ab_order("pool", central_first=False)
+    assert order[0] == "pool" and order.count("central") == 4 and order == order[::-1]  # mirrored
+    runs = [_arm(a, 2.0 if a == "pool" else 1.0, 1.0, 1.0) for a in order]
+    assert len(bench.summarise(runs, "pool")["pairs"]) == 2
+    assert len(bench.summarise(runs, "pool-nocache")["pairs"]) == 2
+
+
+def test_test_plan_reads_a_federated_runs_test_rows_and_counts_passes(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("method,round,shop,task,split,metric,value\n"
+                   "fedshop,1,shop_00,ctr,test,auc,0.7\n"
+                   "fedshop,1,shop_00,ctr,test,logloss,0.4\n"
+                   "fedshop,1,shop_00,cvr,test,auc,0.6\n"
+                   "fedshop,1,shop_01,ctr,val,auc,0.7\n"
+                   "fedshop,2,shop_01,sales,test,wape,0.3\n"
+                   "fedshop,2,shop_01,all,train,loss,1.0\n"
+                   "fedshop,2,coordinator,ctr,test,auc,0.7\n")
+    plan = bench.test_plan(csv)
+    assert plan == {"1": {"shop_00": ["ctr", "cvr"]}, "2": {"shop_01": ["sales"]}}
+    assert bench.plan_passes(plan, 3) == [2, 1, 0]
 
 
 def test_mirrored_order_is_abba():
