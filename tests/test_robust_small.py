@@ -1,0 +1,116 @@
+"""The small-update exemption (server/robust.py): honest tiny shops kept at scale, attackers still out, Sybils bounded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.federation_settings import FederationSettings
+from server.robust import RobustSettings, exempt_small, robust_z, screen
+
+DIM = 2 * 300
+BOUNDS = [300, DIM]
+DEFAULT_WORLD_CLAIMS = [81777.0, 34551.0, 20428.0, 13835.0, 10187.0, 8782.0, 7916.0, 7306.0]  # seed 0, #14
+OFF = RobustSettings(small_pull_total=0.0)
+
+
+def _tiny_round(n: int, signal: float, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """``n`` tiny shops' updates: a shared step of size ``signal`` plus unit noise each (mostly noise)."""
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=DIM)
+    common /= np.linalg.norm(common)
+    noise = rng.normal(size=(n, DIM)) / np.sqrt(DIM)
+    return [(signal * common + noise[i]).astype(np.float32) for i in range(n)], common
+
+
+def _claims(n: int, seed: int = 1) -> list[float]:
+    return np.random.default_rng(seed).integers(700, 1100, size=n).astype(float).tolist()
+
+
+def test_honest_tiny_shops_are_all_kept_at_scale():
+    deltas, _ = _tiny_round(1000, signal=0.15)
+    claims = _claims(1000)
+    old = screen(deltas, claims, [None] * 1000, OFF, BOUNDS)
+    assert len(old.left_out) > 20  # the absolute threshold alone leaves out many honest tiny shops
+    new = screen(deltas, claims, [None] * 1000, RobustSettings(), BOUNDS)
+    assert new.left_out == {}
+    assert set(new.exempt) >= set(old.left_out)
+    assert new.small_pull_used <= RobustSettings().small_pull_total
+    assert all("small update kept" in why for why in new.exempt.values())
+
+
+def test_on_the_default_worlds_shares_no_shop_is_small_so_the_screens_are_unchanged():
+    rng = np.random.default_rng(3)
+    common = rng.normal(size=DIM)
+    for attack in ("none", "flip0", "flip7", "x-10_7"):
+        deltas = [(common * (1 + i % 3) + 0.5 * rng.normal(size=DIM)).astype(np.float32) * (2.3 if i == 0 else 1)
+                  for i in range(8)]
+        if attack == "flip0":
+            deltas[0] = -deltas[0]
+        elif attack == "flip7":
+            deltas[7] = -deltas[7]
+        elif attack == "x-10_7":
+            deltas[7] = -10 * deltas[7]
+        new = screen(deltas, DEFAULT_WORLD_CLAIMS, [None] * 8, RobustSettings(), BOUNDS)
+        old = screen(deltas, DEFAULT_WORLD_CLAIMS, [None] * 8, OFF, BOUNDS)
+        assert new.left_out == old.left_out and not new.exempt
+        assert min(new.pulls.values()) > RobustSettings().small_pull  # even the 4% shop pulls more than 0.01
+        if attack != "none":
+            assert int(attack[-1]) in new.left_out
+
+
+@pytest.mark.parametrize("share_flipped", [0.05, 0.3])
+def test_a_sybil_group_of_tiny_flipped_shops_is_bounded(share_flipped):
+    """Colluding tiny shops sign-flipping: what gets in is bounded by robust-small-pull-total, whatever their number.
+
+    With a clear common step the flips stand out of the round's cosines (robust z-score) and none is exempt; with
+    a noisy step they look like honest tiny shops, and the exempted pulls (Sybils and honest) stay within the total.
+    """
+    n = 1000
+    k = int(share_flipped * n)
+    for signal, none_in in ((1.0, True), (0.15, False)):
+        deltas, _ = _tiny_round(n, signal=signal, seed=4)
+        for i in range(k):
+            deltas[i] = -deltas[i]
+        settings = RobustSettings()
+        out = screen(deltas, _claims(n), [None] * n, settings, BOUNDS)
+        sybils_in = [i for i in range(k) if i not in out.left_out]
+        sybil_pull = sum(out.pulls[i] for i in sybils_in if i in out.exempt)
+        assert out.small_pull_used <= settings.small_pull_total + 1e-9
+        assert sybil_pull <= settings.small_pull_total + 1e-9
+        if none_in:
+            assert sybils_in == []  # strong signal: every flip is an outlier, none exempt
+        # every Sybil kept by the exemption, not by passing the threshold, counts against the budget
+        kept_flagged = [i for i in sybils_in if out.cosines[i] < settings.min_cosine]
+        assert set(kept_flagged) <= set(out.exempt)
+
+
+def test_exempt_small_takes_the_smallest_pulls_first_up_to_the_total():
+    settings = RobustSettings(small_pull=0.01, small_pull_total=0.025)
+    pulls = {0: 0.009, 1: 0.002, 2: 0.02, 3: 0.008, 4: 0.006}
+    small, used = exempt_small([0, 1, 2, 3, 4], pulls, settings, 0.0)
+    assert small == [1, 4, 3] and used == pytest.approx(0.016)  # 0.009 would pass 0.025; 0.02 is not small
+    small, _ = exempt_small([1, 4, 3], pulls, settings, 0.0, z={1: -5.0, 4: -1.0, 3: 0.0})
+    assert small == [4, 3]  # an outlier of the round's cosines is never exempt
+    assert exempt_small([1], pulls, OFF, 0.0) == ([], 0.0)
+
+
+def test_robust_z_is_zero_without_spread():
+    assert robust_z({0: 0.1, 1: 0.1, 2: 0.1}) == {0: 0.0, 1: 0.0, 2: 0.0}
+    z = robust_z({0: 0.0, 1: 1.0, 2: 2.0, 3: -10.0})
+    assert z[3] < -3 < z[0]
+
+
+def test_the_settings_reach_the_screen_and_bad_values_are_refused():
+    s = FederationSettings.from_config({}).robust_settings()
+    assert (s.small_pull, s.small_pull_total) == (0.01, 0.25)
+    s = FederationSettings.from_config({"robust-small-pull-total": 0.0}).robust_settings()
+    assert s.small_pull_total == 0.0
+    assert RobustSettings.off().small_pull_total == 0.0
+    for bad in ({"small_pull_total": 1.5}, {"small_pull_total": -0.1}, {"small_pull": 0.3},
+                {"small_pull": 0.0}):
+        with pytest.raises(ValueError, match=r"robust-small-pull.*Fix"):
+            RobustSettings(**bad)
+    for key, value in (("robust-small-pull-total", 2.0), ("robust-small-pull", 0.5)):
+        with pytest.raises(ValueError, match="robust.small.pull"):
+            FederationSettings.from_config({key: value})
