@@ -1,4 +1,4 @@
-"""The small-update exemption (server/robust.py): honest tiny shops kept at scale, attackers still out, Sybils bounded."""
+"""The small-update exemption (server/robust.py): honest tiny shops kept, attackers still out, Sybils bounded."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def _claims(n: int, seed: int = 1) -> list[float]:
 
 
 def test_honest_tiny_shops_are_all_kept_at_scale():
-    deltas, _ = _tiny_round(1000, signal=0.15)
+    deltas, _ = _tiny_round(1000, signal=0.01)
     claims = _claims(1000)
     old = screen(deltas, claims, [None] * 1000, OFF, BOUNDS)
-    assert len(old.left_out) > 20  # the absolute threshold alone leaves out many honest tiny shops
+    assert len(old.left_out) > 10  # the absolute threshold alone leaves out many honest tiny shops
     new = screen(deltas, claims, [None] * 1000, RobustSettings(), BOUNDS)
     assert new.left_out == {}
     assert set(new.exempt) >= set(old.left_out)
@@ -68,7 +68,7 @@ def test_a_sybil_group_of_tiny_flipped_shops_is_bounded(share_flipped):
     """
     n = 1000
     k = int(share_flipped * n)
-    for signal, none_in in ((1.0, True), (0.15, False)):
+    for signal, none_in in ((1.0, True), (0.01, False)):
         deltas, _ = _tiny_round(n, signal=signal, seed=4)
         for i in range(k):
             deltas[i] = -deltas[i]
@@ -86,10 +86,10 @@ def test_a_sybil_group_of_tiny_flipped_shops_is_bounded(share_flipped):
 
 
 def test_exempt_small_takes_the_smallest_pulls_first_up_to_the_total():
-    settings = RobustSettings(small_pull=0.01, small_pull_total=0.025)
+    settings = RobustSettings(small_pull=0.01, small_pull_total=0.02)
     pulls = {0: 0.009, 1: 0.002, 2: 0.02, 3: 0.008, 4: 0.006}
     small, used = exempt_small([0, 1, 2, 3, 4], pulls, settings, 0.0)
-    assert small == [1, 4, 3] and used == pytest.approx(0.016)  # 0.009 would pass 0.025; 0.02 is not small
+    assert small == [1, 4, 3] and used == pytest.approx(0.016)  # 0.009 more would pass 0.02; 0.02 is not small
     small, _ = exempt_small([1, 4, 3], pulls, settings, 0.0, z={1: -5.0, 4: -1.0, 3: 0.0})
     assert small == [4, 3]  # an outlier of the round's cosines is never exempt
     assert exempt_small([1], pulls, OFF, 0.0) == ([], 0.0)
