@@ -6,7 +6,8 @@ candidate rules on the recorded cosines (`replay`):
 
 * ``absolute``: leave out below ``robust-min-cosine`` (the rule before the small-update exemption);
 * ``robust-z K``: leave out below the threshold *and* K robust z-scores (median/MAD) below the round's cosines;
-* ``small-pull P/T``: the small-update exemption (`server.robust.exempt_small`) with per-update pull P, total T.
+* ``small-pull P/T``: the small-update exemption (`server.robust.exempt_small`) with per-update pull P, total T
+  (the direction check only; the replay does not re-run the leave-one-out check).
 
 Also, per round, the cosine a sign-flipped tiny update would score (about minus its honest one, as one update of
 hundreds barely moves the coordinate median): how far a flip can be told from an honest tiny update by direction.
@@ -40,14 +41,16 @@ def robust_z(cosines: np.ndarray) -> np.ndarray:
     return (cosines - med) / mad if mad > 0 else np.zeros_like(cosines)
 
 
+CANDIDATES = ((0.001, 0.01), (0.01, 0.01), (0.01, 0.05), (0.01, 0.25))  # (robust-small-pull, -total)
+
+
 def replay(rounds: list[dict[str, Any]], min_cosine: float) -> dict[str, list[int]]:
     """Per candidate rule, how many of each round's direction-checked updates it leaves out."""
     from server.robust import RobustSettings, exempt_small
 
     out: dict[str, list[int]] = {"absolute": [], "robust-z 3": [], "robust-z 4": []}
-    for p, t in ((0.01, 0.1), (0.01, 0.25), (0.01, 0.5)):
+    for p, t in CANDIDATES:
         out[f"small-pull {p}/{t}"] = []
-        out[f"small-pull {p}/{t} + z 3 (default rule)"] = []
     for r in rounds:
         kept = r["kept_before_direction"]
         cos = np.asarray([r["cosines"][i] for i in kept])
@@ -57,12 +60,9 @@ def replay(rounds: list[dict[str, Any]], min_cosine: float) -> dict[str, list[in
         for k in (3, 4):
             out[f"robust-z {k}"].append(int(sum(1 for c, zz in zip(cos, z, strict=True) if c < min_cosine and zz < -k)))
         pulls = {int(i): v for i, v in r["pulls"].items()}
-        for p, t in ((0.01, 0.1), (0.01, 0.25), (0.01, 0.5)):
+        for p, t in CANDIDATES:
             small, _ = exempt_small(flagged, pulls, RobustSettings(small_pull=p, small_pull_total=t), 0.0)
             out[f"small-pull {p}/{t}"].append(len(flagged) - len(small))
-            zs = dict(zip(kept, z.tolist(), strict=True))
-            small, _ = exempt_small(flagged, pulls, RobustSettings(small_pull=p, small_pull_total=t), 0.0, zs)
-            out[f"small-pull {p}/{t} + z 3 (default rule)"].append(len(flagged) - len(small))
     return out
 
 

@@ -148,7 +148,7 @@ class FederationTable(_Table):
     robust_small_pull: float = Field(0.01, ge=0, le=1, description="small-update exemption from the two direction "
                                      "checks: an update whose weight share x norm is at most this x the round's "
                                      "median update norm is kept (a tiny shop's cosine is noise), while ...")
-    robust_small_pull_total: float = Field(0.25, ge=0, le=1, description="... the exempted updates' pulls sum to at "
+    robust_small_pull_total: float = Field(0.05, ge=0, le=1, description="... the exempted updates' pulls sum to at "
                                            "most this x the median norm (bounds colluding tiny shops); 0 = off")
     robust_num_malicious: int = Field(1, ge=0, description="krum | multikrum | bulyan: assumed attackers")
     robust_trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fedtrimmedavg: share cut on each side")
