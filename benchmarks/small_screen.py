@@ -66,9 +66,39 @@ def replay(rounds: list[dict[str, Any]], min_cosine: float) -> dict[str, list[in
     return out
 
 
+def sybil_replay(rounds: list[dict[str, Any]], min_cosine: float, share: float = 0.05,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """Per round, ``share`` of the shops (drawn at random) sign-flipping, on the recorded cosines and pulls.
+
+    A flip's cosine is taken as minus its honest one (one update of hundreds barely moves the coordinate median;
+    approximate: the flips' joint pull on the median is not modelled). Counts the flips the absolute threshold
+    catches, those the default exemption (`server.robust.exempt_small`, honest flagged and flips competing for the
+    budget, smallest pull first) still leaves out, the flips' exempted pull and the honest updates left out.
+    """
+    from server.robust import RobustSettings, exempt_small
+
+    settings = RobustSettings()
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in rounds:
+        kept = r["kept_before_direction"]
+        pulls = {int(i): v for i, v in r["pulls"].items()}
+        sybils = set(rng.choice(kept, size=int(share * len(kept)), replace=False).tolist())
+        cos = {i: -r["cosines"][i] if i in sybils else r["cosines"][i] for i in kept}
+        flagged = [i for i in kept if cos[i] < min_cosine]
+        small, used = exempt_small(flagged, pulls, settings, 0.0)
+        out.append({"sybils": len(sybils), "sybils_flagged_by_threshold": len(sybils & set(flagged)),
+                     "sybils_left_out_with_exemption": len(sybils & (set(flagged) - set(small))),
+                     "sybil_pull_exempted": round(sum(pulls[i] for i in small if i in sybils), 5),
+                     "sybil_pull_total": round(sum(pulls[i] for i in sybils), 5),
+                     "honest_left_out_with_exemption": len((set(flagged) - set(small)) - sybils),
+                     "honest_flagged": len(set(flagged) - sybils), "pull_used": round(used, 5)})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shops", type=int, default=200)
+    parser.add_argument("--shops", type=int, default=200, help="0: the default world itself (8 shops)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--set", dest="sets", action="append", default=[], help="scenario override k=v")
@@ -80,6 +110,9 @@ def main() -> None:
         for r in earlier["rounds"]:
             r["pulls"] = {int(i): v for i, v in r["pulls"].items()}
         print(json.dumps(replay(earlier["rounds"], earlier["rounds"][0]["min_cosine"]), indent=1))
+        for share in (0.05, 0.2):
+            print(f"sybils {share:.0%}:", json.dumps(sybil_replay(earlier["rounds"], earlier["rounds"][0]["min_cosine"],
+                                                              share), indent=None))
         return
 
     import torch
@@ -92,7 +125,7 @@ def main() -> None:
 
     configure_logging(False)
     torch.set_num_threads(1)
-    overrides = world_overrides(args.shops, "per-shop")
+    overrides = world_overrides(args.shops, "per-shop") if args.shops else {}
     for kv in args.sets:
         k, v = kv.split("=", 1)
         overrides[k] = json.loads(v) if v[:1] in "-0123456789tf[" else v
