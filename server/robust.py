@@ -506,6 +506,8 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
             else:
                 out.left_out[i] = reason + dominant_hint(i, kept, out.weights)
         kept = [i for i in kept if i not in out.left_out]
+        # kept by the exemption at 3., then left out at 4. (budget spent): left out (its pull stays counted)
+        out.exempt = {i: why for i, why in out.exempt.items() if i not in out.left_out}
     shares = cap_shares([out.weights[i] for i in kept], settings.weight_cap)
     for i, w in zip(kept, shares, strict=True):
         out.weights[i] = w

@@ -81,6 +81,7 @@ def test_a_sybil_group_of_tiny_flipped_shops_is_bounded_and_near_zero_honest_upd
     assert set(range(n_sybils)) <= set(old.left_out)  # the absolute threshold alone leaves out every flip here
     sybils_in = [i for i in range(n_sybils) if i not in out.left_out]
     assert out.small_pull_used <= settings.small_pull_total + 1e-9
+    assert not set(out.exempt) & set(out.left_out)  # an update is either kept by the exemption or left out
     assert sum(out.pulls[i] for i in sybils_in) <= settings.small_pull_total + 1e-9
     assert len(sybils_in) <= settings.small_pull_total / min(out.pulls[i] for i in range(n_sybils)) + 1e-9
     assert not set(range(n - 30, n)) & set(out.left_out)  # honest near-zero updates: all kept
