@@ -133,6 +133,7 @@ def _one(n_shops: int, engine: str, rounds: int, workers: int, world: str, queue
         cpu.append(tree_cpu_seconds(os.getpid()))
         rows.append({"round": report.server_round, "trained": len(report.train),
                      "evaluated": len(report.evaluate), "left_out": len(report.left_out),
+                     "left_out_by": left_out_by(report.left_out), "exempt_small": len(report.exempt),
                      "skipped": bool(report.skipped)})
 
     with tempfile.TemporaryDirectory(prefix="fedshop-scale-") as tmp:
@@ -143,6 +144,17 @@ def _one(n_shops: int, engine: str, rounds: int, workers: int, world: str, queue
         row["seconds"] = ends[i] - (ends[i - 1] if i else start)
         row["cpu_seconds"] = cpu[i] - (cpu[i - 1] if i else cpu_start)  # the tree's, while it was alive
     queue.put({"impressions": impressions, "rounds": rows})
+
+
+def left_out_by(left_out: dict[str, str]) -> dict[str, int]:
+    """Left-out shops counted by the screen or fault that left them out (from the reasons)."""
+    kinds = {"direction": "round's median update", "leave-one-out": "other shops' mean", "turn": "sudden turn",
+             "norm": "update norm"}
+    out: dict[str, int] = {}
+    for why in left_out.values():
+        kind = next((k for k, text in kinds.items() if text in why), "other")
+        out[kind] = out.get(kind, 0) + 1
+    return out
 
 
 def uptime() -> str:

@@ -44,7 +44,8 @@ class FederationSettings(RunSettings):
         return RobustSettings(norm_factor=self.robust_norm_factor, norm_action=self.robust_norm_action,
                               min_cosine=self.robust_min_cosine, examples_cap=self.robust_examples_cap,
                               weight_cap=self.robust_weight_cap, loo_min_cosine=self.robust_loo_min_cosine,
-                              loo_turn_margin=self.robust_loo_turn_margin)
+                              loo_turn_margin=self.robust_loo_turn_margin, small_pull=self.robust_small_pull,
+                              small_pull_total=self.robust_small_pull_total)
 
 
 def split_privacy(config: dict[str, Any]) -> tuple[FederationSettings, bool, SecAggSettings,

@@ -21,6 +21,12 @@ Each update is ``delta = reply - global encoder``. In order:
    caller; same majority guard);
 5. no shop keeps more than ``weight_cap / n`` of the aggregation weight (the excess goes to the others).
 
+Small-update exemption (``small_pull``, ``small_pull_total``): an update that 3. or 4. would leave out is kept when its
+worst-case pull on the weighted mean, its share of the weight x its norm / the round's median norm, is at most
+``small_pull``, smallest pulls first, while the exempted updates' pulls sum to at most ``small_pull_total``: a tiny
+shop's honest update is often near zero or mostly noise, so its cosine says little, and the total bounds a group of
+colluding tiny shops.
+
 Hand-written because Flower 1.42's robust rules (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) replace
 the weighted mean instead of screening it, and fedshop's default keeps the weighted mean for honest shops.
 Those rules stay selectable by name (`server.strategies.STRATEGIES`) and run after these screens.
@@ -53,6 +59,8 @@ class RobustSettings:
     # reputation: the rounds' cosines weighted by the round's consensus (default), by its agreement, or a plain mean
     loo_rule: str = "consensus"
     loo_turn_margin: float = 0.0  # sudden turn (opt-in; e.g. 0.1): this far below its last rounds' level
+    small_pull: float = 0.01  # exemption from 3./4.: pull (share x norm / median norm) at most this per update
+    small_pull_total: float = 0.05  # ... while the exempted pulls sum to at most this (0: no exemption)
 
     def __post_init__(self) -> None:
         if self.norm_action not in NORM_ACTIONS:
@@ -74,6 +82,16 @@ class RobustSettings:
             raise ValueError(f"run config robust-loo-turn-margin={self.loo_turn_margin} is outside [0, 2] (a cosine "
                              "can fall by at most 2). Fix: e.g. 0.1 (leave out a shop whose leave-one-out cosine "
                              "suddenly drops that far below its last rounds), or 0 for no sudden-turn check")
+        if not 0 <= self.small_pull_total <= 1:
+            raise ValueError(f"run config robust-small-pull-total={self.small_pull_total} is outside [0, 1] (1: the "
+                             "exempted updates together could move the mean by a whole median update). Fix: e.g. 0.05, "
+                             "or 0 for no small-update exemption")
+        total = self.small_pull_total
+        if not 0 <= self.small_pull <= 1 or (total > 0 and not 0 < self.small_pull <= total):
+            raise ValueError(f"run config robust-small-pull={self.small_pull} is outside (0, robust-small-pull-total="
+                             f"{self.small_pull_total}]: no update could use the exemption, or one alone could use "
+                             "more than the total. Fix: e.g. 0.01, at most robust-small-pull-total (that one = 0 turns "
+                             "the exemption off)")
         if not (self.examples_cap == 0 or self.examples_cap >= 1):
             raise ValueError(f"run config robust-examples-cap={self.examples_cap} would cap honest shops below "
                              "their claim. Fix: give a factor >= 1 (e.g. 10), or 0 for no cap")
@@ -85,7 +103,7 @@ class RobustSettings:
     def off(cls) -> RobustSettings:
         """No screening at all (plain FedAvg in the benchmark)."""
         return cls(norm_factor=0.0, min_cosine=-1.0, examples_cap=0.0, weight_cap=0.0, loo_min_cosine=-1.0,
-                   loo_turn_margin=0.0)
+                   loo_turn_margin=0.0, small_pull=0.0, small_pull_total=0.0)
 
 
 @dataclass
@@ -104,6 +122,9 @@ class Screened:
     round_weight: float = 1.0  # the weight of this round's cosines in a reputation, per `RobustSettings.loo_rule`
     # index -> its sudden-turn level after this round (None: not turned); every update with a leave-one-out cosine
     turns: dict[int, TurnLevel | None] = field(default_factory=dict)
+    exempt: dict[int, str] = field(default_factory=dict)  # index -> why a direction check's left-out was kept
+    pulls: dict[int, float] = field(default_factory=dict)  # index -> worst-case pull (`pulls`; norm-kept updates)
+    small_pull_used: float = 0.0  # the exempted updates' summed pull
 
 
 def cap_claims(claims: list[float], first: list[float | None], factor: float) -> list[float]:
@@ -368,6 +389,49 @@ def judge_loo(loo: dict[int, float], kept: list[int], history: list[list[LooEntr
     return out
 
 
+def pulls(weights: list[float], norms: list[float], scale: list[float], kept: list[int], median_norm: float,
+          weight_cap: float) -> dict[int, float]:
+    """Per kept update, its worst-case pull on the weighted mean: its (capped) weight share x its norm / median norm.
+
+    Replacing that update by any other of at most its norm moves the kept updates' weighted mean by at most twice
+    this many median norms (leaving other updates out raises every share by the weight left out).
+    """
+    if not kept or median_norm <= 0:
+        return {i: 0.0 for i in kept}
+    shares = cap_shares([weights[i] for i in kept], weight_cap)
+    total = sum(shares)
+    return {i: (w / total if total > 0 else 0.0) * norms[i] * scale[i] / median_norm
+            for i, w in zip(kept, shares, strict=True)}
+
+
+def exempt_small(flagged: list[int], pull: dict[int, float], settings: RobustSettings,
+                 used: float) -> tuple[list[int], float]:
+    """Of the updates a direction check flagged, those kept as small; returns them and the new ``used``.
+
+    Kept: pull <= ``small_pull``, smallest pull first, while ``used`` plus their pulls stays <= ``small_pull_total``.
+    Why: a tiny shop's honest update is often near zero (1,000-shop world: the flagged ones' norms are ~3% of the
+    median) or mostly noise, so its cosine is noise too, and alone it cannot move the mean; the total bounds what
+    many colluding tiny shops (Sybils) can do together, whatever their number, and smallest-first keeps the
+    near-zero honest updates in before any Sybil of ordinary norm.
+    """
+    out: list[int] = []
+    if settings.small_pull_total <= 0:
+        return out, used
+    for p, i in sorted((pull.get(i, float("inf")), i) for i in flagged):
+        if p > settings.small_pull or used + p > settings.small_pull_total + 1e-12:
+            break
+        out.append(i)
+        used += p
+    return out, used
+
+
+def _exempt_reason(check: str, pull: float, used: float, settings: RobustSettings) -> str:
+    """Why an update a direction check flagged was kept anyway."""
+    return (f"small update kept despite the {check} (pull {pull:.4f} of a median update <= robust-small-pull="
+            f"{settings.small_pull:g}; exempted pulls so far {used:.4f} <= robust-small-pull-total="
+            f"{settings.small_pull_total:g})")
+
+
 DOMINANT_SHARE = 0.3  # above this share of the round's weight, leave-one-out may flag an honest shop
 
 
@@ -412,11 +476,18 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
                     out.left_out[i] = (f"update norm {out.norms[i]:.3g} above {settings.norm_factor:g} x the round's "
                                        f"median norm {bound / settings.norm_factor:.3g}")
         kept = [i for i in kept if i not in out.left_out]
+    if settings.small_pull_total > 0 and kept:
+        out.pulls = pulls(out.weights, out.norms, out.scale, kept, float(np.median(out.norms)), settings.weight_cap)
     if settings.min_cosine > -1 and len(kept) >= 3:
         median = median_update([_scaled(deltas[i], out.scale[i]) for i in kept])
         out.cosines = [_direction(d, median, bounds or [len(d)]) for d in deltas]
-        for i in kept:
-            if out.cosines[i] < settings.min_cosine:
+        flagged = [i for i in kept if out.cosines[i] < settings.min_cosine]
+        small, out.small_pull_used = exempt_small(flagged, out.pulls, settings, out.small_pull_used)
+        for i in flagged:
+            if i in small:
+                out.exempt[i] = _exempt_reason(f"direction check (median cosine over arrays {out.cosines[i]:.3f} < "
+                                               f"{settings.min_cosine:g})", out.pulls[i], out.small_pull_used, settings)
+            else:
                 out.left_out[i] = (f"update direction against the round's median update (median cosine over "
                                    f"arrays {out.cosines[i]:.3f} < {settings.min_cosine:g})")
         kept = [i for i in kept if i not in out.left_out]
@@ -427,8 +498,16 @@ def screen(deltas: list[np.ndarray], claims: list[float], first_claims: list[flo
         verdict = judge_loo(out.loo, kept, loo_history or [[] for _ in deltas], turns or [None for _ in deltas],
                             settings, out.agreement)
         out.consensus, out.round_weight, out.turns = verdict.consensus, verdict.round_weight, verdict.turns
-        out.left_out.update({i: reason + dominant_hint(i, kept, out.weights) for i, reason in verdict.left_out.items()})
+        small, out.small_pull_used = exempt_small(list(verdict.left_out), out.pulls, settings, out.small_pull_used)
+        for i, reason in verdict.left_out.items():
+            if i in small:
+                out.exempt[i] = _exempt_reason(f"leave-one-out check ({reason})", out.pulls[i], out.small_pull_used,
+                                               settings)
+            else:
+                out.left_out[i] = reason + dominant_hint(i, kept, out.weights)
         kept = [i for i in kept if i not in out.left_out]
+        # kept by the exemption at 3., then left out at 4. (budget spent): left out (its pull stays counted)
+        out.exempt = {i: why for i, why in out.exempt.items() if i not in out.left_out}
     shares = cap_shares([out.weights[i] for i in kept], settings.weight_cap)
     for i, w in zip(kept, shares, strict=True):
         out.weights[i] = w

@@ -119,6 +119,7 @@ class RoundReport:
     train: dict[str, dict[str, float]] = field(default_factory=dict)  # shop -> training metrics
     evaluate: dict[str, dict[str, float]] = field(default_factory=dict)  # shop -> '<task>.<metric>'
     left_out: dict[str, str] = field(default_factory=dict)  # shop -> why it was left out
+    exempt: dict[str, str] = field(default_factory=dict)  # shop -> why a direction check's left-out was kept (small)
     eval_split: str = "val"
     skipped: str = ""  # why the round was skipped (fewer than min-shops usable updates); "" if it was not
     wire_bytes: dict[str, int] = field(default_factory=dict)  # array payload bytes down/up (server.wire.Wire)
@@ -351,6 +352,10 @@ class ShopStrategy(Strategy):
             logger.debug("round %d: shop %s update norm %.4g, cosine to median %s, leave-one-out %s, weight %.4g", rnd,
                          shops[i], result.norms[i], f"{result.cosines[i]:.3f}" if result.cosines else "n/a",
                          f"{result.loo[i]:.3f}" if i in result.loo else "n/a", result.weights[i])
+            if i in result.exempt:
+                assert self._report is not None
+                self._report.exempt[shops[i]] = result.exempt[i]
+                logger.debug("round %d: shop %s: %s", rnd, shops[i], result.exempt[i])
             if i in result.left_out:
                 assert self._report is not None
                 self._report.left_out[shops[i]] = result.left_out[i]
@@ -364,6 +369,10 @@ class ShopStrategy(Strategy):
                 logger.warning("round %d: clipped shop %s's update to %.3g of its norm", rnd, shops[i],
                                result.scale[i])
             out.append((msg, result.weights[i]))
+        if result.exempt:
+            logger.info("round %d: %d small update(s) kept despite a direction check (summed pull %.3f of a median "
+                        "update, budget robust-small-pull-total=%g)", rnd, len(result.exempt), result.small_pull_used,
+                        self.robust.small_pull_total)
         return out
 
     def _usable(self, msg: Message, report: RoundReport) -> bool:

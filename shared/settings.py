@@ -145,6 +145,11 @@ class FederationTable(_Table):
                                           "leave-one-out cosine is below robust-loo-min-cosine and this far below "
                                           "its last 2 rounds' mean (raw and vs the consensus), while it stays this "
                                           "far below and below the round's median; 0 = off")
+    robust_small_pull: float = Field(0.01, ge=0, le=1, description="small-update exemption from the two direction "
+                                     "checks: an update whose weight share x norm is at most this x the round's "
+                                     "median update norm is kept (a tiny shop's cosine is noise), while ...")
+    robust_small_pull_total: float = Field(0.05, ge=0, le=1, description="... the exempted updates' pulls sum to at "
+                                           "most this x the median norm (bounds colluding tiny shops); 0 = off")
     robust_num_malicious: int = Field(1, ge=0, description="krum | multikrum | bulyan: assumed attackers")
     robust_trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fedtrimmedavg: share cut on each side")
     compression: Literal[COMPRESSION_MODES] = Field(
@@ -182,6 +187,11 @@ class FederationTable(_Table):
 
     @model_validator(mode="after")
     def _combinations(self) -> FederationTable:
+        if self.robust_small_pull_total > 0 and not 0 < self.robust_small_pull <= self.robust_small_pull_total:
+            raise ValueError(f"robust_small_pull = {self.robust_small_pull} is outside (0, robust_small_pull_total = "
+                             f"{self.robust_small_pull_total}]: no update could use the exemption, or one alone could "
+                             "use more than the total. Fix: e.g. 0.01, at most robust_small_pull_total (0 turns the "
+                             "exemption off)")
         for name in ("robust_norm_factor", "robust_examples_cap", "robust_weight_cap"):
             if 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} is between 0 and 1: it would cap or leave out the "
