@@ -8,11 +8,13 @@ end-to-end tests in test_simulation.py use Flower's real simulation engine inste
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
+from client import client_app
+from server.server_app import initial_encoder
 from shared.scenario import Scenario, load_scenario
 from simulations.local_grid import LocalGridBase, node_configs
 
@@ -34,6 +36,27 @@ def write_scenario(scenario: Scenario, path: Path) -> Path:
 
     path.write_text(tomli_w.dumps(scenario.raw), encoding="utf-8")
     return path
+
+
+def one_shop(tmp_path: Path) -> tuple[Callable[..., Message], Context]:
+    """Messages for the tiny scenario's first shop (encoder share, val+test, personal mix on) and its Context.
+
+    ``message(kind, server_round, **config)`` builds a train or evaluate message as the ServerApp would; the
+    ClientApp is registered through a one-node `LocalGrid`, so its handlers can be called directly.
+    """
+    scenario = tiny_scenario()
+    path = write_scenario(scenario, tmp_path / "scenario.toml")
+
+    def message(kind: str, server_round: int, **extra: object) -> Message:
+        config = ConfigRecord({"scenario": str(path), "seed": scenario.seed, "server-round": server_round,
+                               "share": "encoder", "eval-split": "val+test", "personal-mix": 20000.0,
+                               "run-dir": str(tmp_path / "run"), **extra})
+        msg = Message(RecordDict({"arrays": initial_encoder(scenario), "config": config}), 1, kind)
+        msg.metadata.__dict__["_message_id"] = f"{kind}-{server_round}"
+        return msg
+
+    LocalGrid(1, client_app.app)
+    return message, Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
 
 
 class LocalGrid(LocalGridBase):

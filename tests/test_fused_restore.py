@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_harness import LocalGrid, tiny_scenario, write_scenario
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flower_harness import one_shop
+from flwr.app import Context, MessageType
 
 from client import client_app, local_state, shop_round
-from server.server_app import initial_encoder
 from simulations.pool_grid import ON_DISK_RECORDS
 
 
@@ -41,20 +40,7 @@ def spied(monkeypatch):
 
 
 def _setup(tmp_path: Path):
-    scenario = tiny_scenario()
-    path = write_scenario(scenario, tmp_path / "scenario.toml")
-
-    def message(kind: str, server_round: int, **extra: object) -> Message:
-        config = ConfigRecord({"scenario": str(path), "seed": scenario.seed, "server-round": server_round,
-                               "share": "encoder", "eval-split": "val+test", "personal-mix": 20000.0,
-                               "run-dir": str(tmp_path / "run"), **extra})
-        msg = Message(RecordDict({"arrays": initial_encoder(scenario), "config": config}), 1, kind)
-        msg.metadata.__dict__["_message_id"] = f"{kind}-{server_round}"
-        return msg
-
-    LocalGrid(1, client_app.app)
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    return message, ctx
+    return one_shop(tmp_path)
 
 
 def _drop_disk_records(ctx: Context) -> None:

@@ -6,7 +6,7 @@ import logging
 import re
 
 import pytest
-from flower_harness import LocalGrid, tiny_scenario, write_scenario
+from flower_harness import LocalGrid, one_shop, tiny_scenario, write_scenario
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import client_app
@@ -75,19 +75,7 @@ def test_one_line_per_round_with_rows_validation_metrics_and_rounds_trained(tmp_
 def test_a_round_evaluated_twice_logs_one_line(tmp_path, flower_log) -> None:
     # Fused evaluation computed (and logged) with the train reply; the reply is lost, so the coordinator sends
     # the round's evaluate message too: the merchant's log still has one line for the round.
-    scenario = tiny_scenario()
-    path = write_scenario(scenario, tmp_path / "scenario.toml")
-
-    def message(kind: str, server_round: int, **extra: object) -> Message:
-        config = ConfigRecord({"scenario": str(path), "seed": scenario.seed, "server-round": server_round,
-                               "share": "encoder", "eval-split": "val+test", "personal-mix": 20000.0,
-                               "run-dir": str(tmp_path / "run"), **extra})
-        msg = Message(RecordDict({"arrays": initial_encoder(scenario), "config": config}), 1, kind)
-        msg.metadata.__dict__["_message_id"] = f"{kind}-{server_round}"
-        return msg
-
-    LocalGrid(1, client_app.app)
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    message, ctx = one_shop(tmp_path)
     reply = client_app.train(message(MessageType.TRAIN, 1, **{"evaluate-after-train": True}), ctx)
     assert "evaluate-metrics" in reply.content.metric_records  # the fused evaluation ran (and logged)
     fused = reply.content["evaluate-metrics"]
