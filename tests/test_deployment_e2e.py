@@ -88,6 +88,12 @@ def crash_run(federation: LoopbackFederation) -> dict:
         time.sleep(0.05)
     assert (run_dir / "metrics.csv").exists(), f"round 1 never finished: {result}"
     victim = federation.merchants[shops[0]]
+    # Kill it only once it holds round 2's message (its second "Receiving: train message"): killed before the pull,
+    # the message would wait at the SuperLink for the restarted node (same ID), which then trains round 2 (a race
+    # seen once in CI). One train message a round (fused evaluation).
+    deadline = time.monotonic() + 60
+    while victim.log.read_text(errors="replace").count("Receiving: train message") < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     stop_pid(victim.pid, sig=signal.SIGKILL, timeout=5)  # a crash, not a clean stop
     result["victim_alive"] = pid_alive(victim.pid)
     result["after_crash"] = lineage(federation, shops[0])
