@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Context
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from client.best_val import load_record, next_tests, save_record
 from client.dpsgd_round import train_dpsgd_round
@@ -59,16 +60,46 @@ class RoundResult:
     metrics: dict[str, float]
     stage: str = "active"  # `join_stage`: a "waiting" shop trained nothing and saved nothing
     # `state_versions` of the model right after `save_local_part` wrote it (own encoder included), else None
-    saved_versions: tuple[tuple[int, int], ...] | None = None
+    saved_versions: StateVersions | None = None
 
 
-def state_versions(model: ShopModel) -> tuple[tuple[int, int], ...]:
-    """(storage address, in-place version) of every tensor of the model's state: equal = no tensor was written since.
+# (optimiser steps in this process, ((storage address, in-place version) of each state tensor))
+StateVersions = tuple[int, tuple[tuple[int, int], ...]]
 
-    Every in-place write through a parameter or buffer (an optimizer step, ``load_state_dict``'s copy) bumps
-    its version; a swapped tensor changes its address.
+
+class _OptimiserSteps:
+    """Optimiser steps this process has taken since `state_versions` first asked (any optimiser, any model).
+
+    Why: a tensor's version counter misses writes made behind autograd's back, and Adam's fused kernel
+    (`shared.lazy_adam.DenseAdam`, ``Adam(fused=True)``) is one: it updates the parameters in place and leaves
+    their versions as they were. Every ``torch.optim.Optimizer.step`` runs torch's global post-step hooks
+    whatever its kernel, so this count sees each one; no trainer has to remember to report its steps.
     """
-    return tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
+
+    count = 0
+    hooked = False
+
+    @classmethod
+    def now(cls) -> int:
+        """The count so far; the hook is installed at the first call (steps before it cannot follow a save)."""
+        if not cls.hooked:
+            register_optimizer_step_post_hook(cls._step)
+            cls.hooked = True
+        return cls.count
+
+    @classmethod
+    def _step(cls, *_args: Any) -> None:
+        cls.count += 1
+
+
+def state_versions(model: ShopModel) -> StateVersions:
+    """What must stay equal while the model provably holds the state it had: equal = nothing was written since.
+
+    Optimiser steps are counted (`_OptimiserSteps`: fused kernels do not bump versions), any step in this
+    process voiding the proof (conservative); every other in-place write through a parameter or buffer
+    (``load_state_dict``'s copy, an ``add_``) bumps that tensor's version; a swapped tensor changes its address.
+    """
+    return _OptimiserSteps.now(), tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
 
 
 def message_settings(run_config: Mapping[str, Any], sent: Mapping[str, Any]) -> ShopRoundSettings:
@@ -269,8 +300,9 @@ def evaluate_after_train(shop: Shop, model: ShopModel, settings: ShopRoundSettin
     saved (`load_round_start`, then `evaluate_round`); when no tensor of the model was written since
     `save_local_part` (`RoundResult.saved_versions`), the model holds exactly those values and evaluates as it
     is (evaluation sets eval mode itself), else they are restored as the handler would: either way the
-    metrics are the same. A failure is logged and gives None: the train reply goes out without them and
-    the coordinator asks again.
+    metrics are the same. Safe whatever runs in between: an optimiser step (of any kind) or an in-place write
+    after the save changes `state_versions`, and the state is restored. A failure is logged and gives None: the
+    train reply goes out without them and the coordinator asks again.
     """
     if not settings.evaluate_after_train or result.stage == "waiting":
         return None

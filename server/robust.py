@@ -40,6 +40,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 NORM_ACTIONS = ("leave-out", "clip")
+# The leave-one-out reputation's rules (`RobustSettings.loo_rule`). Deliberately not a setting (no run-config key,
+# no `--set`): "consensus" is the measured choice; "mean" (the rule until 2026-12-06) and "agreement" (the first
+# weighted candidate) are kept only so tests and comparisons can run the rules they were measured against
+# (docs/robustness.md: the plain mean left out 28/720 honest shop-rounds in 30-round clean runs, consensus 0/720;
+# the agreement weight barely varies, so it is nearly the plain mean). A key would also need a guard on --resume:
+# a checkpoint's history weights belong to the rule that recorded them.
 LOO_RULES = ("consensus", "agreement", "mean")
 LOO_MIN_UPDATES = 5  # the leave-one-out check needs this many kept updates
 TURN_WINDOW = 2  # a sudden turn is measured against the mean of the shop's last this-many recorded rounds
@@ -56,7 +62,8 @@ class RobustSettings:
     examples_cap: float = 10.0
     weight_cap: float = 4.0
     loo_min_cosine: float = -0.08
-    # reputation: the rounds' cosines weighted by the round's consensus (default), by its agreement, or a plain mean
+    # reputation: the rounds' cosines weighted by the round's consensus (default), by its agreement, or a plain mean;
+    # code-only, for tests and comparisons (`LOO_RULES`: why it is no run-config key)
     loo_rule: str = "consensus"
     loo_turn_margin: float = 0.0  # sudden turn (opt-in; e.g. 0.1): this far below its last rounds' level
     small_pull: float = 0.01  # exemption from 3./4.: pull (share x norm / median norm) at most this per update
@@ -250,7 +257,9 @@ def leave_one_out(deltas: list[np.ndarray], kept: list[int]) -> dict[int, float]
     return out
 
 
-LooEntry = float | list[float]  # one screened round of a shop: its cosine, or [cosine, round weight]
+# One screened round of a shop: [cosine, round weight] (what a run records), or a bare cosine weighing 1 (checkpoints
+# from before rounds were weighted, converted on reading; and a shorthand in tests). `split_entry` reads either.
+LooEntry = float | list[float]
 
 
 def agreement(deltas: list[np.ndarray], kept: list[int]) -> float:

@@ -68,9 +68,6 @@ class Scenario:
     transfer: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # [data], [data.synthetic] seed resolved as in [features]
     path: Path | None = None  # ``raw`` is the file as written (for copies); read settings from the tables
-    # What `check_federation` last passed: (federation table, shops, rounds), so a second call on the same plan
-    # (the CLI, then `run_federated`) does not check again.
-    _checked: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def shops(self) -> list[ShopData]:
         """All shops of the scenario (late joiners included), deterministic; cached per process."""
@@ -130,16 +127,13 @@ class Scenario:
         The schema checks each key alone; this checks them against the shops (`shared.federation_plan`):
         `min_shops` against the shops in the federation and those that train from round 1, `join_round`
         against the rounds, SecAgg+ against the shops. ``rounds`` is the run's round count when it differs
-        from `federation.rounds` (`--rounds`).
+        from `federation.rounds` (`--rounds`). Checks on every call and remembers nothing: a caller that has
+        checked (`fedshop simulate`/`compare`) says so to `run_federated` (``checked=True``) instead.
         """
         from shared.federation_plan import ShopCount, check_federation_plan
 
         counts = ShopCount(first=len(self.training_shops()), joiners=len(self.joining_shops()))
-        plan = (json.dumps(self.federation, sort_keys=True, default=str), counts, rounds)
-        if plan == self._checked:  # passed already (`fedshop simulate`: the CLI, then run_federated)
-            return
         check_federation_plan(FederationTable(**self.federation), counts, str(self.path or self.name), rounds=rounds)
-        self._checked = plan
 
 
 @functools.lru_cache(maxsize=4)

@@ -7,6 +7,7 @@ The trainer, the evaluator and the federation never special-case a task: they as
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,20 +39,38 @@ def _impression_logits(model: ShopModel, rows: Batch, item_table: torch.Tensor) 
     return {t: torch.cat(v) for t, v in out.items()}
 
 
-def _cached_impression_logits(model: ShopModel, batch: Batch, item_table: torch.Tensor,
-                              cache: dict) -> dict[str, torch.Tensor]:
-    """One impression forward pass per training step, shared by CTR and CVR through the step's cache.
+@dataclass(slots=True)
+class StepCache:
+    """What the task heads of one training step share; a fresh one per step (and per loss evaluation).
 
-    (Not ``cache.setdefault(key, model.impression_logits(...))``: its argument runs the forward every time.)
+    Who writes and who reads each field:
+
+    - ``catalog``, ``generator``: the trainer (`shared.train`) writes them; `RankingTask` samples its
+      negatives from ``catalog`` with ``generator`` (None: torch's global generator).
+    - ``positives``: the trainer writes the step's ranking rows when ranking trains beside CTR/CVR; the
+      first impression head reads them, so one user pass also gives those rows' users.
+    - ``impressions``: the first impression head (CTR or CVR) writes its forward's logits; the other reads them.
+    - ``ranking_users``: written with ``impressions`` when ``positives`` was set; `RankingTask` takes it
+      (reads and clears it), else it computes its users itself.
     """
-    if "impressions" not in cache:
-        rank_rows = cache.get("positives")  # the step's ranking rows: one user pass serves both (RankingTask)
-        if rank_rows is None:
-            cache["impressions"] = model.impression_logits(batch, item_table)
-        else:
-            cache["impressions"], cache["ranking_users"] = model.impression_logits_and_ranking_users(
-                batch, rank_rows, item_table)
-    return cache["impressions"]
+
+    catalog: torch.Tensor
+    generator: torch.Generator | None = None
+    positives: Batch | None = None
+    impressions: dict[str, torch.Tensor] | None = None
+    ranking_users: torch.Tensor | None = None
+
+
+def _cached_impression_logits(model: ShopModel, batch: Batch, item_table: torch.Tensor,
+                              cache: StepCache) -> dict[str, torch.Tensor]:
+    """One impression forward pass per training step, shared by CTR and CVR through the step's cache."""
+    if cache.impressions is None:
+        if cache.positives is None:
+            cache.impressions = model.impression_logits(batch, item_table)
+        else:  # the step's ranking rows: one user pass serves both (RankingTask)
+            cache.impressions, cache.ranking_users = model.impression_logits_and_ranking_users(
+                batch, cache.positives, item_table)
+    return cache.impressions
 
 
 class TaskHead:
@@ -60,7 +79,7 @@ class TaskHead:
     name: str = ""
     source: str = "impressions"
 
-    def loss(self, model: ShopModel, batch: Batch, item_table: torch.Tensor, cache: dict) -> torch.Tensor:
+    def loss(self, model: ShopModel, batch: Batch, item_table: torch.Tensor, cache: StepCache) -> torch.Tensor:
         """Mean training loss on a batch of this task's source rows."""
         raise NotImplementedError
 
@@ -134,9 +153,9 @@ class RankingTask(TaskHead):
     source = "positives"
 
     def loss(self, model, batch, item_table, cache):
-        catalog = cache["catalog"]
-        neg = catalog[torch.randint(len(catalog), (RANKING_NEGATIVES,), generator=cache.get("generator"))]
-        users = cache.pop("ranking_users", None)  # from the impression rows' user pass, when it took these rows
+        catalog = cache.catalog
+        neg = catalog[torch.randint(len(catalog), (RANKING_NEGATIVES,), generator=cache.generator)]
+        users, cache.ranking_users = cache.ranking_users, None  # from the impression rows' user pass, if any
         if users is None:
             users = model.ranking_users(batch["user"], batch["hist"], item_table)  # one user pass for both
         pos_scores = model.candidate_scores(users, batch["item"][:, None], item_table)

@@ -24,7 +24,7 @@ from shared.features import ShopTensors
 from shared.lazy_adam import DenseAdam, LazyAdam
 from shared.model import ShopModel
 from shared.protocol import LOSS, NUM_EXAMPLES, task_loss_key
-from shared.tasks import TaskHead, heads_for
+from shared.tasks import StepCache, TaskHead, heads_for
 from shared.weighting import task_conflict
 
 
@@ -167,9 +167,8 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
         item_table = model.all_items()
         for opt in optimisers:  # before the forward: weightings may attach gradients in combine()
             opt.zero_grad(set_to_none=True)
-        cache: dict = {"catalog": tensors.catalog, "generator": gen}
-        if rank_shared:  # the impression heads' forward also computes the ranking rows' users (one user pass)
-            cache["positives"] = batches["positives"]
+        # rank_shared: the impression heads' forward also computes the ranking rows' users (one user pass)
+        cache = StepCache(tensors.catalog, gen, batches["positives"] if rank_shared else None)
         losses: dict[str, torch.Tensor] = {}
         for head in heads:
             losses[head.name] = head.loss(model, batches[head.source], item_table, cache)
@@ -226,6 +225,6 @@ def measure_task_conflict(model: ShopModel, tensors: ShopTensors, batch_size: in
     batches = {s: {k: v[torch.randperm(next(iter(r.values())).shape[0], generator=gen)[:batch_size]]
                    for k, v in r.items()} for s, r in sources.items()}
     item_table = model.all_items()
-    cache: dict = {"catalog": tensors.catalog, "generator": gen}
+    cache = StepCache(tensors.catalog, gen)
     losses = {h.name: h.loss(model, batches[h.source], item_table, cache) for h in heads if h.source in batches}
     return task_conflict(losses, shared_layer_params(model))

@@ -76,9 +76,11 @@ def small_shops_of(scenario: Scenario) -> list[str]:
     return [s.name for s in scenario.training_shops() if s.meta.get("small")]
 
 
-def run_method(scenario: Scenario, method: str, run_dir: Path, *, progress: Progress | None = None
-               ) -> list[dict[str, Any]]:
-    """Metric rows of one method on one scenario (its seed), with the comparison's compute budget."""
+def run_method(scenario: Scenario, method: str, run_dir: Path, *, progress: Progress | None = None,
+               checked: bool = False) -> list[dict[str, Any]]:
+    """Metric rows of one method on one scenario (its seed), with the comparison's compute budget.
+
+    ``checked``: the caller ran `scenario.check_federation()` (passed on to `run_federated`)."""
     epochs = compute_epochs(scenario)
     if method == "local":
         return run_local_only(scenario, epochs=epochs, progress=progress)
@@ -92,7 +94,7 @@ def run_method(scenario: Scenario, method: str, run_dir: Path, *, progress: Prog
                 progress(method, int(report.server_round), int(total))
 
         sub = run_federated(scenario, run_dir / f"{method}-seed{scenario.seed}", method=method,
-                            rounds=int(scenario.federation["rounds"]), progress=on_round)
+                            rounds=int(scenario.federation["rounds"]), progress=on_round, checked=checked)
         frame = pd.read_csv(sub / "metrics.csv")
         return frame.assign(method=method)[METRIC_COLUMNS].to_dict("records")
     raise ValueError(f"method {method!r} is unknown. Fix: use one of {METHODS}")
@@ -295,8 +297,12 @@ def comparison_csv(final: pd.DataFrame, several_seeds: bool) -> pd.DataFrame:
 
 def run_comparison(scenarios: Sequence[Scenario], run_dir: Path, *, methods: Sequence[str] = METHODS,
                    progress: Progress | None = None, config: dict[str, Any] | None = None,
-                   on_method_done: Callable[[str, int, float], None] | None = None) -> Comparison:
+                   on_method_done: Callable[[str, int, float], None] | None = None,
+                   checked: bool = False) -> Comparison:
     """Run every method on every scenario (one per seed) into ``run_dir``; write metrics, tables and reports.
+
+    ``checked`` is True when the caller ran each scenario's `check_federation()` (`fedshop compare`): the
+    federated methods then do not check it again.
 
     Writes config.toml + versions.json, metrics.csv (all methods; a seed column when several
     seeds), comparison.csv, summary.json, summary.md and PNG plots.
@@ -311,7 +317,8 @@ def run_comparison(scenarios: Sequence[Scenario], run_dir: Path, *, methods: Seq
     for scenario in scenarios:
         for method in methods:
             start = time.perf_counter()
-            rows = pd.DataFrame(run_method(scenario, method, run_dir, progress=progress), columns=METRIC_COLUMNS)
+            rows = pd.DataFrame(run_method(scenario, method, run_dir, progress=progress, checked=checked),
+                                columns=METRIC_COLUMNS)
             frames.append(rows.assign(seed=scenario.seed))
             if on_method_done:
                 on_method_done(method, scenario.seed, time.perf_counter() - start)

@@ -124,7 +124,7 @@ def run_config(scenario: Scenario, run_dir: Path, *, method: str, rounds: int | 
 def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop", rounds: int | None = None,
                   resume: bool = False, progress: Callable | None = None,
                   extra_config: dict[str, Any] | None = None, engine: str | None = None,
-                  workers: int | None = None, ray_address: str | None = None) -> Path:
+                  workers: int | None = None, ray_address: str | None = None, checked: bool = False) -> Path:
     """Run (or resume) a federation of the scenario's training shops; returns the run directory.
 
     ``progress(report, total_rounds)`` is called after every round with a `server.strategies.RoundReport`.
@@ -135,6 +135,8 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     the run ended early by design (central DP's budget); its checkpoints and metrics stay valid,
     `RunFailed` when too many rounds, or all, lacked usable shops (the message says why), and a
     `ScenarioError` before anything is written when the federation cannot run (`Scenario.check_federation`).
+    ``checked`` is True when the caller ran `scenario.check_federation` over these same rounds (the CLI, so
+    the check and its fraction_train warning happen once); the check is skipped then.
     """
     engine = resolve_engine(str(engine or scenario.federation.get("engine", "auto")), ray_address)
     ray_address = ray_address_of(ray_address) if engine == "ray" else None
@@ -144,7 +146,8 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     # CPU-only: opt in to Ray's future default (leave device env vars alone), which also silences
     # the FutureWarning Ray raises on every start.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    scenario.check_federation(rounds)  # min_shops, join_round, SecAgg+ against the shops: before anything is written
+    if not checked:  # min_shops, join_round, SecAgg+ against the shops: before anything is written
+        scenario.check_federation(rounds)
     from client.client_app import app as client_app
     from server.server_app import failure_reason, make_server_app, stop_reason
 

@@ -108,11 +108,9 @@ class _Stop(Exception):
     pass
 
 
-def test_simulate_checks_the_plan_once_and_a_bad_plan_every_time(tmp_path: Path, monkeypatch) -> None:
-    # `fedshop simulate` checks the federation in the CLI (scenario_or_exit) and again in run_federated.
+def _count_checks(monkeypatch) -> list[int | None]:
+    """The rounds of every `check_federation_plan` call from now on (the check still runs)."""
     import shared.federation_plan as plan
-    import simulations.federated as federated
-    from simulations.options import scenario_or_exit
 
     calls: list[int | None] = []
     real = plan.check_federation_plan
@@ -121,23 +119,96 @@ def test_simulate_checks_the_plan_once_and_a_bad_plan_every_time(tmp_path: Path,
         calls.append(kwargs.get("rounds"))
         return real(*args, **kwargs)
 
-    def stop(*_args, **_kwargs):
-        raise _Stop  # run_federated got past its check: stop before anything runs
-
     monkeypatch.setattr(plan, "check_federation_plan", counted)
+    return calls
+
+
+def _stop_after_check(monkeypatch) -> None:
+    """run_federated raises `_Stop` right after its (possible) check, before anything is written."""
+    import simulations.federated as federated
+
+    def stop(*_args, **_kwargs):
+        raise _Stop
+
     monkeypatch.setattr(federated, "run_config", stop)
-    path = write_scenario(tiny_scenario(), tmp_path / "scenario.toml")
-    scenario = scenario_or_exit(str(path), federation=True, rounds=2)  # as `fedshop simulate --rounds 2`
+
+
+def test_run_federated_checks_unless_told_the_caller_did(tmp_path: Path, monkeypatch) -> None:
+    # The check remembers nothing (no state on the Scenario): each call checks, a refusal every time.
+    from simulations.federated import run_federated
+
+    calls = _count_checks(monkeypatch)
+    _stop_after_check(monkeypatch)
+    scenario = tiny_scenario()
+    for _ in range(2):
+        with pytest.raises(_Stop):
+            run_federated(scenario, tmp_path / "run", rounds=2, engine="pool")
+    assert calls == [2, 2]
     with pytest.raises(_Stop):
-        federated.run_federated(scenario, tmp_path / "run", rounds=2, engine="pool")
-    assert calls == [2]
-    scenario.check_federation(3)  # another round count is another plan
-    assert calls == [2, 3]
+        run_federated(scenario, tmp_path / "run", rounds=2, engine="pool", checked=True)
+    assert calls == [2, 2]  # the caller said it checked: not again
+    scenario.check_federation(3)
+    scenario.check_federation(3)
+    assert calls == [2, 2, 3, 3]
     bad = tiny_scenario(**{"federation.min_shops": 5})
-    for _ in range(2):  # a refusal is never remembered: the same message each time
+    for _ in range(2):  # the same message each time
         with pytest.raises(ScenarioError, match="federation.min_shops = 5, but the federation has only 3"):
             bad.check_federation()
-    assert len(calls) == 4
+    assert len(calls) == 6
+    assert not hasattr(scenario, "_checked")
+
+
+@pytest.mark.parametrize("rounds", [[], ["--rounds", "2"]])
+def test_simulate_checks_the_plan_once(tmp_path: Path, monkeypatch, rounds: list[str]) -> None:
+    # `fedshop simulate` checks in the CLI (scenario_or_exit) and tells run_federated so: one check per run.
+    from simulations.cli import app
+
+    calls = _count_checks(monkeypatch)
+    _stop_after_check(monkeypatch)
+    path = write_scenario(tiny_scenario(), tmp_path / "scenario.toml")
+    result = CliRunner().invoke(app, ["simulate", str(path), "--engine", "pool", "--run-dir", str(tmp_path / "run"),
+                                      *rounds])
+    assert isinstance(result.exception, _Stop), result.output  # got past run_federated's (skipped) check
+    assert calls == [2 if rounds else None]
+
+
+def test_simulate_refuses_a_bad_plan_in_the_cli(tmp_path: Path, monkeypatch) -> None:
+    from simulations.cli import app
+
+    calls = _count_checks(monkeypatch)
+    _stop_after_check(monkeypatch)
+    path = write_scenario(tiny_scenario(), tmp_path / "scenario.toml")
+    result = CliRunner().invoke(app, ["simulate", str(path), "--engine", "pool", "--run-dir", str(tmp_path / "run"),
+                                      "--set", "federation.min_shops=5"])
+    assert result.exit_code == 2 and "federation.min_shops = 5, but the federation has only 3" in result.output
+    assert len(calls) == 1 and not (tmp_path / "run").exists()
+
+
+def test_resume_checks_in_run_federated(tmp_path: Path, monkeypatch) -> None:
+    # --resume loads the saved scenario without the check: run_federated checks it then.
+    from simulations.cli import app
+    from simulations.federated import SCENARIO_FILE
+
+    calls = _count_checks(monkeypatch)
+    _stop_after_check(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_scenario(tiny_scenario(), run / SCENARIO_FILE)
+    result = CliRunner().invoke(app, ["simulate", "--resume", str(run), "--engine", "pool", "--rounds", "2"])
+    assert isinstance(result.exception, _Stop), result.output
+    assert calls == [2]
+
+
+def test_compare_checks_each_scenario_once(tmp_path: Path, monkeypatch) -> None:
+    from simulations.cli import app
+
+    calls = _count_checks(monkeypatch)
+    _stop_after_check(monkeypatch)
+    path = write_scenario(tiny_scenario(), tmp_path / "scenario.toml")
+    result = CliRunner().invoke(app, ["compare", str(path), "--methods", "fedshop", "--seeds", "0,1",
+                                      "--run-dir", str(tmp_path / "run")])
+    assert isinstance(result.exception, _Stop), result.output
+    assert calls == [None] * 3  # in the CLI: the scenario, then each seed's; not again in run_federated
 
 
 # ------------------------------------------------------------------------------------------ the ServerApp

@@ -12,6 +12,7 @@ from flower_harness import one_shop
 from flwr.app import Context, MessageType
 
 from client import client_app, local_state, shop_round
+from shared.lazy_adam import DenseAdam
 from simulations.pool_grid import ON_DISK_RECORDS
 
 
@@ -88,3 +89,46 @@ def test_a_model_written_after_its_save_is_restored_first(tmp_path, spied, monke
     for counts, same in _rounds(message, ctx, spied, rounds=2):
         assert same
         assert counts["restore_local_part"] == 2 and counts["restore_own_encoder"] == 3, counts
+
+
+def test_an_optimiser_step_after_the_save_is_restored_first(tmp_path, spied, monkeypatch):
+    # Adam's fused kernel (DenseAdam, the trainer's dense optimiser) writes without bumping tensor versions: a
+    # step after the save changes no `_version`, yet the evaluation must restore the saved state.
+    real = shop_round.train_round
+    unbumped: list[bool] = []
+
+    def stepped(shop, model, settings, context, received):
+        result = real(shop, model, settings, context, received)
+        params = list(model.local.parameters())
+        before = [p._version for p in params]
+        values = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        DenseAdam(params, lr=0.1).step()
+        for p in params:
+            p.grad = None
+        assert any(not torch.equal(p, v) for p, v in zip(params, values, strict=True))  # it did write
+        unbumped.append([p._version for p in params] == before)
+        return result
+
+    monkeypatch.setattr(client_app, "train_round", stepped)
+    message, ctx = _setup(tmp_path)
+    for counts, same in _rounds(message, ctx, spied, rounds=2):
+        assert same, "the fused evaluation saw the stepped model, not the saved one"
+        assert counts["restore_local_part"] == 2 and counts["restore_own_encoder"] == 3, counts
+    assert unbumped == [True, True]  # versions alone would have missed the step
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: DenseAdam(ps, lr=0.1),
+    lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1),
+], ids=["DenseAdam", "Adam-fused", "SGD"])
+def test_any_optimiser_step_changes_the_state_versions(make):
+    model = torch.nn.Linear(3, 2)
+    other = torch.nn.Parameter(torch.zeros(2))  # a step of any optimiser in the process counts, even elsewhere
+    saved = shop_round.state_versions(model)
+    assert shop_round.state_versions(model) == saved  # nothing written: the proof holds
+    other.grad = torch.ones(2)
+    make([other]).step()
+    assert shop_round.state_versions(model) != saved

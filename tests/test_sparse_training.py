@@ -14,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from shared.features import FeatureConfig, ShopTensors
 from shared.lazy_adam import DenseAdam
 from shared.model import ModelConfig, ShopModel, build_model
-from shared.tasks import heads_for
+from shared.tasks import StepCache, heads_for
 from shared.train import TrainConfig, row_sparse_gradients, train_shop
 
 STEP = TrainConfig(epochs=1, batch_size=256, lr=0.01, max_steps=1, seed=3)
@@ -28,7 +28,7 @@ def _batch_loss(model: ShopModel, tensors: ShopTensors, seed: int = 0) -> torch.
                "positives": {k: v[rows["clicked"] == 1][:512] for k, v in rows.items()}}
     if tensors.sales is not None:
         batches["sales"] = {k: v[:512] for k, v in tensors.sales["train"].items()}
-    cache: dict = {"catalog": tensors.catalog, "generator": torch.Generator().manual_seed(seed)}
+    cache = StepCache(tensors.catalog, torch.Generator().manual_seed(seed))
     item_table = model.all_items()
     heads = heads_for([t for t in tensors.tasks if t in model.local.tasks])
     return sum(h.loss(model, batches[h.source], item_table, cache) for h in heads)

@@ -105,7 +105,8 @@ def register(app: typer.Typer) -> None:
 
             with failures_as_messages(console, partial=out):  # e.g. RunFailed: message, exit 1, no traceback
                 result = run_comparison(scenarios, out, methods=chosen, progress=progress, on_method_done=done,
-                                        config={"overrides": {k: str(v) for k, v in overrides.items()}})
+                                        config={"overrides": {k: str(v) for k, v in overrides.items()}},
+                                        checked=True)  # scenario_or_exit checked every scenario above
         if is_verbose():
             mean_final = result.final.groupby(["method", "shop", "task", "metric"], as_index=False)["value"].mean()
             print_final_table(console, mean_final, title="test metrics at each shop's best validation round")

@@ -169,6 +169,7 @@ def register(app: typer.Typer) -> None:
 
             with failures_as_messages(console, partial=out):  # RunFailed, RunStopped, bad settings: a message
                 run_federated(scen, out, method=method, rounds=total, resume=resume is not None, progress=progress,
-                              engine=engine, workers=workers, ray_address=ray_address)
+                              engine=engine, workers=workers, ray_address=ray_address,
+                              checked=resume is None)  # scenario_or_exit checked it over these rounds
         write_run_report(out, small_shops=small_shops_of(scen))
         print_verdict(console, run_verdict(out))
