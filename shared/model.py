@@ -9,7 +9,8 @@ matching decides what leaves a shop.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -141,6 +142,7 @@ class SharedEncoder(nn.Module):
         # which small shops learn far faster through the federation than deep crosses.
         self.wide = nn.Embedding(fcfg.hash_buckets, len(GATED_TASKS), padding_idx=0)
         nn.init.zeros_(self.wide.weight)
+        self._packing: dict | None = None  # see packing_once
         for emb in (self.fields, self.products):
             nn.init.normal_(emb.weight, std=0.05)
             with torch.no_grad():
@@ -240,20 +242,45 @@ class SharedEncoder(nn.Module):
         ``cols``: x holds only these columns of the joint input, the others being zero (the sales rows):
         the first layers read only those weight columns, the same function with fewer products.
         """
-        first = [e[0] for e in self.experts]
-        last = [e[-1] for e in self.experts]
-        k, width = len(last), last[0].in_features
-        w1 = torch.cat([f.weight for f in first])
+        w1, b1, b2, w2 = self._packed_experts()
+        k, width = len(self.experts), self.experts[0][-1].in_features
         if cols is not None:
             w1 = w1.index_select(1, cols)
-        h = F.relu(F.linear(x, w1, torch.cat([f.bias for f in first])))
+        h = F.relu(F.linear(x, w1, b1))
         drop = next((m.p for m in self.experts[0] if isinstance(m, nn.Dropout)), 0.0)
         if drop:
             h = F.dropout(h, drop, self.training)
         h = h.reshape(-1, k, width).transpose(0, 1)  # (K, B, E_in)
-        out = torch.baddbmm(torch.stack([m.bias for m in last]).unsqueeze(1), h,
-                            torch.stack([m.weight for m in last]).transpose(1, 2))  # (K, B, E)
-        return out.transpose(0, 1)
+        return torch.baddbmm(b2, h, w2).transpose(0, 1)  # (B, K, E)
+
+    def _packed_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The experts' weights side by side: first layers' (K*E_in, 5d) and (K*E_in,), last layers' bias
+        (K, 1, E) and transposed weight (K, E_in, E); inside `packing_once`, built once and reused."""
+        cache = getattr(self, "_packing", None)
+        if cache is not None and "experts" in cache:
+            return cache["experts"]
+        first = [e[0] for e in self.experts]
+        last = [e[-1] for e in self.experts]
+        packed = (torch.cat([f.weight for f in first]), torch.cat([f.bias for f in first]),
+                  torch.stack([m.bias for m in last]).unsqueeze(1),
+                  torch.stack([m.weight for m in last]).transpose(1, 2))
+        if cache is not None:
+            cache["experts"] = packed
+        return packed
+
+    @contextmanager
+    def packing_once(self) -> Iterator[None]:
+        """Within the block (one training step's forward passes), `mixture` packs the experts' weights once.
+
+        A step runs the mixture on impression rows and on sales rows: with one packing, both use the same
+        concatenated weights, and the backward splits their summed gradient once (the same sums per
+        parameter element) instead of twice: ~30 ops fewer a step. The weights must not change inside.
+        """
+        self._packing = {}
+        try:
+            yield
+        finally:
+            self._packing = None
 
 
 class LocalPart(nn.Module):

@@ -162,16 +162,20 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     steps_per_epoch = max(1, steps // max(cfg.epochs, 1))
     names = [h.name for h in heads]
     rank_shared = "ranking" in names and bool({"ctr", "cvr"} & set(names)) and "positives" in sources
+    # The optimisers' parameters, for `zero_grad(set_to_none=True)` as one loop (Optimizer.zero_grad's
+    # profiling hooks and per-group bookkeeping cost ~0.1 ms a step for the same effect).
+    optimised = [p for opt in optimisers for group in opt.param_groups for p in group["params"]]
     for step in range(steps):
         batches = {s: c.next() for s, c in cyclers.items()}
         item_table = model.all_items()
-        for opt in optimisers:  # before the forward: weightings may attach gradients in combine()
-            opt.zero_grad(set_to_none=True)
+        for p in optimised:  # before the forward: weightings may attach gradients in combine()
+            p.grad = None
         # rank_shared: the impression heads' forward also computes the ranking rows' users (one user pass)
         cache = StepCache(tensors.catalog, gen, batches["positives"] if rank_shared else None)
         losses: dict[str, torch.Tensor] = {}
-        for head in heads:
-            losses[head.name] = head.loss(model, batches[head.source], item_table, cache)
+        with model.encoder.packing_once():  # impression and sales rows' mixtures share the packed expert weights
+            for head in heads:
+                losses[head.name] = head.loss(model, batches[head.source], item_table, cache)
         total = model.local.weighting.combine(losses, shared)
         if prox is not None:
             total = total + cfg.prox_mu / 2 * sum(((p - g) ** 2).sum() for p, g in prox)
@@ -182,9 +186,9 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
         for opt in optimisers:
             opt.step()
         model.local.weighting.after_step()
-        for name, value in losses.items():
-            totals[name] = totals.get(name, 0.0) + float(value.detach())
-        totals["_total"] = totals.get("_total", 0.0) + float(total.detach())
+        for name, value in losses.items():  # item(), not float(value.detach()): the same number, one op fewer
+            totals[name] = totals.get(name, 0.0) + value.item()
+        totals["_total"] = totals.get("_total", 0.0) + total.item()
         if (step + 1) % steps_per_epoch == 0:
             model.local.weighting.end_epoch({k: v / (step + 1) for k, v in totals.items() if k != "_total"})
     out = {task_loss_key(k): v / steps for k, v in totals.items() if k != "_total"}

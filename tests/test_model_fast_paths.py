@@ -8,6 +8,7 @@ arrays load strictly and give the same outputs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -332,3 +333,37 @@ def test_one_candidate_a_row_scores_equal_the_einsum(largest_shop: ShopTensors, 
     g_got = torch.autograd.grad(got.square().sum(), [users, table])
     g_want = torch.autograd.grad(want.square().sum(), [users, table])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_got, g_want, strict=True))
+
+
+def test_experts_packed_once_a_step_give_the_same_outputs_and_gradients(
+        largest_shop: ShopTensors, tiny_model_cfg: ModelConfig, tiny_features: FeatureConfig) -> None:
+    """`SharedEncoder.packing_once`: the impression and sales mixtures of a step share one packing of the
+    experts' weights, with the same outputs and bit-identical parameter gradients (each element's gradient
+    is the same two terms summed), and the packing is built once inside the block, fresh outside it."""
+    model = _model(largest_shop, tiny_model_cfg, tiny_features, ["ctr", "cvr", "sales"])
+    model.eval()
+    rows = {k: v[:200] for k, v in largest_shop.rows["train"].items()}
+    sales = {k: v[:150] for k, v in largest_shop.sales["train"].items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    packs: list[tuple[torch.Tensor, ...]] = []
+    pack = model.encoder._packed_experts
+    model.encoder._packed_experts = lambda: packs.append(pack()) or packs[-1]
+    results = []
+    for once in (False, True):
+        packs.clear()
+        with model.encoder.packing_once() if once else contextlib.nullcontext():
+            table = model.all_items()
+            logits = model.impression_logits(rows, table)
+            rate = model.sales_log_rate(sales, table)
+        loss = logits["ctr"].square().sum() + logits["cvr"].sum() + rate.exp().sum()
+        results.append((logits, rate, torch.autograd.grad(loss, params, allow_unused=True)))
+        assert len(packs) == 2 and all((a is b) == once for a, b in zip(*packs, strict=True))
+    assert model.encoder._packing is None
+    (lg0, r0, g0), (lg1, r1, g1) = results
+    assert torch.equal(lg0["ctr"], lg1["ctr"]) and torch.equal(lg0["cvr"], lg1["cvr"]) and torch.equal(r0, r1)
+    expert = {id(p) for e in model.encoder.experts for p in e.parameters()}
+    for p, a, b in zip(params, g0, g1, strict=True):
+        assert (a is None) == (b is None), p.shape
+        assert a is None or torch.equal(a, b), p.shape
+        if id(p) in expert:
+            assert a is not None and a.abs().sum() > 0

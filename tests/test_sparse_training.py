@@ -4,6 +4,7 @@ step, every task set still learning, and the dense embeddings DP-SGD needs resto
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 
@@ -257,3 +258,52 @@ def test_dense_adam_is_bit_identical_to_fused_torch_adam() -> None:
         p = torch.nn.Parameter(torch.zeros(4, 2))
         p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (4, 2), check_invariants=True)
         DenseAdam([p]).step()
+
+
+def test_dense_adam_planned_steps_are_bit_identical_and_replanned_when_the_set_changes() -> None:
+    """DenseAdam's planned path (the same parameters with gradients at one step count, reused lists and one
+    shared step tensor) equals torch.optim.Adam(fused=True) bit for bit over many steps, through a step where a
+    parameter has no gradient (re-planned, its count behind), and after a state reload."""
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(9, 4, generator=gen), torch.randn(4, generator=gen), torch.randn(3, 3, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(8)]
+    runs = []
+    for make in (lambda ps: torch.optim.Adam(ps, lr=0.02, weight_decay=0.01, fused=True),
+                 lambda ps: DenseAdam(ps, lr=0.02, weight_decay=0.01)):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make(params)
+        for step, gs in enumerate(grads):
+            for p in params:
+                p.grad = None
+            for i, (p, g) in enumerate(zip(params, gs, strict=True)):
+                if not (i == 1 and step == 5):
+                    p.grad = g.clone()
+            opt.step()
+            if isinstance(opt, DenseAdam) and step in (1, 4):
+                assert opt._plans, step  # the planned path serves the next step
+            if step == 6:  # a reload forgets the plans (they hold the replaced states)
+                opt.load_state_dict(opt.state_dict())
+                assert not getattr(opt, "_plans", {})
+        runs.append(([p.detach() for p in params], opt.state_dict()))
+    (a_params, a_state), (b_params, b_state) = runs
+    for a, b in zip(a_params, b_params, strict=True):
+        assert torch.equal(a, b)
+    counts = [s["count"] for s in b_state["state"].values()]
+    assert counts == [8, 7, 8] and [float(s["step"]) for s in a_state["state"].values()] == counts
+
+
+def test_training_with_and_without_the_packing_is_bit_identical(
+        largest_shop: ShopTensors, tiny_model_cfg: ModelConfig, tiny_features: FeatureConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few all-four training steps with the experts packed once a step and packed per mixture (the code
+    before): the same losses and parameters, bit for bit."""
+    out = []
+    for once in (True, False):
+        model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+        if not once:
+            monkeypatch.setattr(type(model.encoder), "packing_once", lambda self: contextlib.nullcontext())
+        losses = train_shop(model, largest_shop, replace(STEP, max_steps=4))
+        out.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    (l1, s1), (l2, s2) = out
+    assert l1 == l2
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
