@@ -71,7 +71,7 @@ def test_small_shops_rank_above_random_after_one_epoch() -> None:
                 score = model.impression_logits(rows, model.all_items())["ctr"].numpy()
             aucs[split] = roc_auc_score(rows["clicked"].numpy(), score)
             reported = evaluate_shop(model, tensors, split, tasks=["ctr"])["ctr"]["auc"]
-            assert reported == pytest.approx(aucs[split], abs=1e-9)  # the reported metric: sklearn's AUC of these
+            assert reported == pytest.approx(aucs[split], abs=1e-5)  # sklearn AUC (report: float32 sigmoids)
         assert aucs["train"] > 0.55, (shop.name, aucs)
         test_aucs.append(aucs["test"])
     assert np.mean(test_aucs) > 0.55, test_aucs
