@@ -262,9 +262,10 @@ def prior_logits(tensors: ShopTensors) -> dict[str, float]:
 
     Why: a tower starting at logit 0 (p = 0.5) against a ~4% CTR spends a small shop's first epoch pulling
     every logit down by ~3 nats, and the rows and weights that the most impressions touch move the most, so
-    the frequent (popular, more often clicked) items end lowest: round 1 ranked below random (AUC ~0.4 in the
-    small shops; docs/results-log.md, "aucprobe"). CVR's is the purchase rate among clicks (ESMM multiplies it
-    by pCTR). Only ``rows["train"]`` is read; a task whose rate is 0 or 1 (or has no rows) keeps bias 0.
+    the frequent (popular, more often clicked) items tended to end lowest: round 1 often ranked below random
+    (AUC ~0.4 in small shops; docs/results-log.md, "aucprobe"). CVR's is the purchase rate among clicks
+    (ESMM multiplies it by pCTR). Only ``rows["train"]`` is read; a task whose rate is 0 or 1 (or has no
+    rows) keeps bias 0.
     """
     rows = tensors.rows.get("train") or {}
     clicked, bought = rows.get("clicked"), rows.get("purchased")
