@@ -141,6 +141,10 @@ def check_received(received: Mapping[str, torch.Tensor], expected: Mapping[str, 
         if not isinstance(value, torch.Tensor):
             raise ReceivedEncoderError(f"coordinator's array '{key}' is {type(value).__name__}, not a tensor")
         want = expected.get(key)
+        if want is not None and tuple(value.shape) != tuple(want.shape):
+            raise ReceivedEncoderError(f"coordinator's encoder array '{key}' has shape {tuple(value.shape)}, the "
+                                       f"model's is {tuple(want.shape)}. Fix: coordinator and shop must run the same "
+                                       "scenario and fedshop version")
         if want is not None and value.dtype != want.dtype:
             raise ReceivedEncoderError(f"coordinator's encoder array '{key}' is {value.dtype}, the model's is "
                                        f"{want.dtype}. Fix: coordinator and shop must run the same fedshop version")
