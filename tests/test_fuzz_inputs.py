@@ -339,3 +339,59 @@ def test_a_nan_global_is_refused_before_the_shop_trains_on_it() -> None:
     received["emb"][2, 1] = float("nan")
     with pytest.raises(ReceivedEncoderError, match="'emb' holds NaN/Inf values"):
         check_received(received, MODEL)
+
+
+# ---- packed messages (shared.wire_pack, the shop's pack_mod and the coordinator's polling grid) ------------
+def _packable() -> RecordDict:
+    """A message content as the coordinator sends it: config, encoder arrays, metrics."""
+    return RecordDict({"config": ConfigRecord({"server-round": 2}),
+                       "arrays": ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
+                       "metrics": MetricRecord({"num-examples": 5})})
+
+
+LAYOUT_FIELDS = ["order", "kinds", "deflated", "records", "keys", "dtypes", "stypes", "shapes", "lengths", "blob"]
+layout_values = st.one_of(
+    st.lists(st.integers(-2**40, 2**40), max_size=6), st.lists(st.text(max_size=6), max_size=6),
+    st.lists(st.binary(max_size=12), max_size=4), st.binary(max_size=64), st.text(max_size=8),
+    st.integers(-5, 5), st.integers(2**30, 2**50), st.floats(allow_nan=True),
+    st.lists(st.sampled_from(["array", "config", "metric"]), max_size=5))
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.sampled_from(LAYOUT_FIELDS), layout_values), min_size=1, max_size=3),
+       drop=st.sets(st.sampled_from(LAYOUT_FIELDS), max_size=2))
+def test_any_packed_layout_unpacks_or_raises_pack_error(edits: list[tuple[str, object]], drop: set[str]) -> None:
+    from shared.wire_pack import LAYOUT, PackError, pack, unpack
+
+    packed = pack(_packable())
+    layout = packed[LAYOUT]
+    for field in drop:
+        layout.pop(field, None)
+    for field, value in edits:
+        try:
+            layout[field] = value
+        except (TypeError, ValueError):  # a value a ConfigRecord cannot hold never reaches the wire either
+            continue
+    try:
+        out = unpack(packed)
+    except PackError:
+        return
+    for record in out.array_records.values():  # whatever the layout said, the arrays' bytes are judged per array
+        for key, array in record.items():
+            try:
+                checked_numpy(key, array)
+            except ArrayFormatError:
+                pass
+
+
+def test_found_packed_cases_are_pack_errors_not_crashes_or_allocations() -> None:
+    """Found by the fuzz: `lengths=['']` raised a raw TypeError out of `unpack` (the coordinator's polling grid
+    catches only PackError, so one shop's reply stopped the run); an int `blob` was passed to bytes(n),
+    allocating n zero bytes."""
+    from shared.wire_pack import LAYOUT, PackError, pack, unpack
+
+    for field, value in (("lengths", [""]), ("blob", 2**40), ("shapes", [True]), ("deflated", ["x"])):
+        packed = pack(_packable())
+        packed[LAYOUT][field] = value
+        with pytest.raises(PackError):
+            unpack(packed)
