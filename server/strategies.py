@@ -292,8 +292,9 @@ class ShopStrategy(Strategy):
             metrics = dict(msg.content.metric_records[EVAL_METRICS_RECORD])
             msg.content = RecordDict({k: r for k, r in msg.content.items() if k != EVAL_METRICS_RECORD})
             index = metrics.get(SHOP_INDEX)
-            if not self.fuse_evaluate or not isinstance(index, (int, float)) or not math.isfinite(index):
-                continue  # unasked or nameless: the evaluate phase asks this shop instead
+            if not self.fuse_evaluate or not isinstance(index, (int, float)) or not math.isfinite(index) or \
+                    not_scalar_metrics(metrics):
+                continue  # unasked, nameless or malformed: the evaluate phase asks this shop instead
             shop = self._shop_of(msg, metrics)
             report.evaluate[shop] = evaluation_row(metrics)
             self._fused[msg.metadata.src_node_id] = shop
@@ -393,6 +394,8 @@ class ShopStrategy(Strategy):
                 return False
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
                 report.left_out[shop] = f"'{NUM_EXAMPLES}' missing or not a positive number"
+            elif why := not_scalar_metrics(dict(metrics)):
+                report.left_out[shop] = why
             elif isinstance(decoded := self._decode(arrays), str):
                 report.left_out[shop] = decoded
             elif not all(np.isfinite(a).all() for a in decoded.values()):
@@ -463,12 +466,13 @@ class ShopStrategy(Strategy):
         rnd = server_round + self.round_offset
         report = self._report or RoundReport(server_round=rnd, arrays=ArrayRecord())
         for msg in self.wire.receive(self._readdress(list(replies)), self._sent, "evaluate"):
-            if msg.has_error() or len(msg.content.metric_records) != 1:
+            metrics = {} if msg.has_error() else dict(next(iter(msg.content.metric_records.values()), {}))
+            if msg.has_error() or len(msg.content.metric_records) != 1 or not_scalar_metrics(metrics):
                 shop = self._node_shop.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
-                reason = msg.error.reason if msg.has_error() else "malformed evaluation reply"
+                reason = msg.error.reason if msg.has_error() else \
+                    not_scalar_metrics(metrics) or "malformed evaluation reply"
                 logger.warning("round %d: no evaluation from shop %s: %s", rnd, shop, reason)
                 continue
-            metrics = dict(next(iter(msg.content.metric_records.values())))
             shop = self._shop_of(msg, metrics)
             report.evaluate[shop] = evaluation_row(metrics)
         # Error replies carry no shop-index: name shops first seen in this round's evaluation.
@@ -482,6 +486,12 @@ class ShopStrategy(Strategy):
         self._report = None
         means = mean_by_key(report.evaluate)
         return MetricRecord(means) if means else None
+
+
+def not_scalar_metrics(metrics: dict[str, Any]) -> str:
+    """Why a reply's metrics cannot be reported (a MetricRecord may hold lists; ours are numbers), or ""."""
+    bad = next((k for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool)), None)
+    return "" if bad is None else f"metric '{bad}' is a {type(metrics[bad]).__name__}, not a number"
 
 
 def evaluation_row(metrics: dict[str, Any]) -> dict[str, float]:

@@ -137,9 +137,14 @@ def hostile(draw: st.DrawFn, reply: Message, dense: bool) -> str:
     if where == "arrays":
         return _array_damage(draw, reply.content["arrays"], dense)
     if where == "metrics":
+        metrics = {"shop-index": reply.content["metrics"]["shop-index"]}
+        if draw(st.booleans()):  # a good weight, but another metric is a list (MetricRecord allows them)
+            metrics.update({"num-examples": 100, draw(st.sampled_from(["loss", "ctr.auc"])): draw(
+                st.lists(st.floats(allow_nan=True), max_size=3) | st.lists(st.integers(), max_size=3))})
+            reply.content["metrics"] = MetricRecord(metrics)
+            return f"list metric {metrics}"
         weight = draw(st.one_of(st.sampled_from([-1, -1e300, float("nan"), float("inf"), float("-inf")]),
                                 st.lists(st.floats(0, 10), max_size=3), st.just(None)))
-        metrics = {"shop-index": reply.content["metrics"]["shop-index"]}
         if weight is not None:
             metrics["num-examples"] = weight
         reply.content["metrics"] = MetricRecord(metrics)
@@ -196,6 +201,25 @@ def test_replies_in_another_dtype_are_left_out_not_adopted_by_the_global() -> No
         check_global(merged)
         assert strat._report.left_out["shop_0"] == f"array 'emb' has dtype {np.dtype(dtype)}, the global " \
                                                    "encoder's is float32"
+
+
+def test_list_valued_metrics_are_left_out_not_a_coordinator_crash() -> None:
+    """Found by the fuzz: a train or evaluate reply whose MetricRecord held a list raised TypeError in
+    `float(v)` inside `aggregate_train` / `aggregate_evaluate`, stopping the run."""
+    strat = strategy("none")
+    replies = train_round(strat, "none")
+    replies[0].content["metrics"] = MetricRecord({"num-examples": 100, "shop-index": 0, "loss": [1.0, 2.0]})
+    merged, _ = strat.aggregate_train(1, replies)
+    check_global(merged)
+    assert strat._report.left_out["shop_0"] == "metric 'loss' is a list, not a number"
+    sent = list(strat.configure_evaluate(1, merged, ConfigRecord(), LocalGrid(N, None)))
+    evals = []
+    for msg in sent:
+        i = msg.metadata.dst_node_id - 1000
+        auc = [0.5, 0.6] if i == 1 else 0.5 + i / 100
+        evals.append(Message(RecordDict({"metrics": MetricRecord({"shop-index": i, "ctr.auc": auc})}), reply_to=msg))
+    means = strat.aggregate_evaluate(1, evals)  # must not raise
+    assert means is not None and "ctr.auc" in means
 
 
 def test_a_known_shared_local_array_of_another_shape_or_dtype_is_left_out() -> None:
