@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -48,10 +49,16 @@ DTYPES = [np.float16, np.float32, np.float64, np.int8, np.uint8, np.int32, np.in
 
 
 @pytest.fixture(autouse=True)
-def _quiet() -> None:
-    """Hostile replies log one warning each: keep hypothesis' hundreds of them out of the output."""
-    for name in ("server", "flwr"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+def _quiet() -> Iterator[None]:
+    """Hostile replies log one warning each: keep hypothesis' hundreds of them out of the output (levels restored
+    afterwards, so other test files' log assertions see their warnings)."""
+    loggers = [logging.getLogger(name) for name in ("server", "flwr")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    yield
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
 
 
 def npy_bytes(shape: tuple, descr: str = "<f4", payload: bytes = b"") -> bytes:
