@@ -426,3 +426,52 @@ def test_found_packed_cases_are_pack_errors_not_crashes_or_allocations() -> None
         packed[LAYOUT][field] = value
         with pytest.raises(PackError):
             unpack(packed)
+
+
+# ---- the shop's wire mod: whatever the coordinator's wire record and arrays, an error reply or the exact global --
+def _wire_message(config: dict, arrays: ArrayRecord) -> Message:
+    """A train request as the coordinator's `server.wire.Wire` shapes it (wire record + encoder arrays)."""
+    from flwr.app import Metadata
+    from flwr.app.message import make_message
+
+    from shared.protocol import WIRE_RECORD
+
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                    group_id="1", created_at=1.0, ttl=600.0, message_type="train")
+    return make_message(metadata=meta, content=RecordDict({"arrays": arrays, WIRE_RECORD: ConfigRecord(config)}))
+
+
+@FUZZ
+@given(data=st.data(), form=st.sampled_from(["full", "patch", "omitted", "bogus", ""]),
+       base=st.sampled_from(["", "0" * 32, "held"]), target=st.sampled_from(["", "right", "f" * 32]))
+def test_the_wire_mod_answers_any_request_with_an_error_or_the_exact_global(data: st.DataObject, form: str,
+                                                                            base: str, target: str) -> None:
+    from flwr.app import Context
+
+    from client.wire_mod import HELD_META, HELD_RECORD, wire_mod
+    from shared.compression import digest, encode_patch
+    from shared.protocol import ERROR_CODE_BLOCKED
+
+    held = {k: v.copy() for k, v in GLOBAL.items()}
+    new = trained(0)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    context.state[HELD_RECORD] = ArrayRecord({k: Array(v) for k, v in held.items()})
+    context.state[HELD_META] = ConfigRecord({"digest": digest(held)})
+    payload = new if form != "patch" else encode_patch(new, held)
+    arrays = ArrayRecord({k: Array(v) for k, v in payload.items()})
+    if data.draw(st.booleans(), label="damage"):
+        _array_damage(data.draw, arrays, dense=True)
+    config = {"mode": "none", "encoder": form, "base": digest(held) if base == "held" else base,
+              "target": digest(new) if target == "right" else target}
+    seen: list[dict[str, np.ndarray]] = []
+
+    def handler(msg: Message, _context: Context) -> Message:
+        seen.append({k: a.numpy() for k, a in msg.content["arrays"].items()})
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    reply = wire_mod(_wire_message(config, arrays), context, handler)  # must not raise
+    if reply.has_error():
+        assert reply.error.code == ERROR_CODE_BLOCKED and not seen
+        return
+    # the handler got exactly the announced global (an "omitted" encoder is the one the shop holds, by design)
+    assert len(seen) == 1 and digest(seen[0]) == (digest(held) if form == "omitted" else config["target"])
