@@ -475,3 +475,20 @@ def test_the_wire_mod_answers_any_request_with_an_error_or_the_exact_global(data
         return
     # the handler got exactly the announced global (an "omitted" encoder is the one the shop holds, by design)
     assert len(seen) == 1 and digest(seen[0]) == (digest(held) if form == "omitted" else config["target"])
+
+
+# ---- the screens on whatever finite updates and claims got past decoding ----------------------------------------
+@FUZZ
+@given(n=st.integers(1, 8), dim=st.integers(1, 6), data=st.data())
+def test_screens_give_finite_weights_for_any_finite_updates(n: int, dim: int, data: st.DataObject) -> None:
+    from server.robust import screen
+
+    value = st.floats(-1e30, 1e30, allow_nan=False) | st.sampled_from([0.0, 1e-38, -1e-45])
+    deltas = [np.asarray(data.draw(st.lists(value, min_size=dim, max_size=dim)), np.float32) for _ in range(n)]
+    claims = data.draw(st.lists(st.floats(1e-300, 1e300), min_size=n, max_size=n))
+    firsts = data.draw(st.lists(st.none() | st.floats(1e-300, 1e300), min_size=n, max_size=n))
+    with np.errstate(all="ignore"):
+        out = screen(deltas, claims, firsts, RobustSettings(), [dim])
+    kept = [i for i in range(n) if i not in out.left_out]
+    assert all(np.isfinite(out.weights[i]) and out.weights[i] >= 0 for i in kept), out.weights
+    assert all(0 < out.scale[i] <= 1 for i in kept), out.scale
