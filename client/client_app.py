@@ -29,6 +29,7 @@ from client.shop_round import evaluate_after_train, evaluate_round, load_round_s
 from client.timing import timing_mod
 from client.wire_mod import wire_mod
 from shared.model import ShopModel
+from shared.npy_check import npy_header
 from shared.protocol import ARRAYS_RECORD, EVAL_METRICS_RECORD, FAILED_TEXT, METRICS_RECORD
 from shared.settings import ShopRoundSettings
 
@@ -84,7 +85,10 @@ def _round_start(msg: Message, context: Context
     """The shop, its model with the received encoder and its own local part, the settings and what was received."""
     settings = settings_for(msg, context)  # parsed once per message (the leak guard parsed it already)
     shop, model = shop_and_model(context, settings)
-    received = dict(next(iter(msg.content.array_records.values())).to_torch_state_dict())
+    record = next(iter(msg.content.array_records.values()))
+    for key, array in record.items():  # each npy header against its bytes before numpy allocates what it declares
+        npy_header(key, array)
+    received = dict(record.to_torch_state_dict())
     load_round_start(shop, model, context, settings, received,
                      training=msg.metadata.message_type == MessageType.TRAIN)
     return shop, model, settings, received

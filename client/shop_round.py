@@ -127,9 +127,36 @@ def shop_and_model(context: Context, settings: ShopRoundSettings) -> tuple[Shop,
     return shop, shop.round_model()
 
 
+class ReceivedEncoderError(ValueError):
+    """The coordinator's arrays cannot be loaded: another dtype than the model's, or NaN/Inf values."""
+
+
+def check_received(received: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a received global whose tensors are not finite or not in the model's dtype (before any training).
+
+    `load_state_dict` checks names and shapes but casts dtypes silently, and NaN/Inf weights would train into
+    NaN heads that the shop then saves as its own local part: refused here, the shop's state stays as it was.
+    """
+    for key, value in received.items():
+        if not isinstance(value, torch.Tensor):
+            raise ReceivedEncoderError(f"coordinator's array '{key}' is {type(value).__name__}, not a tensor")
+        want = expected.get(key)
+        if want is not None and tuple(value.shape) != tuple(want.shape):
+            raise ReceivedEncoderError(f"coordinator's encoder array '{key}' has shape {tuple(value.shape)}, the "
+                                       f"model's is {tuple(want.shape)}. Fix: coordinator and shop must run the same "
+                                       "scenario and fedshop version")
+        if want is not None and value.dtype != want.dtype:
+            raise ReceivedEncoderError(f"coordinator's encoder array '{key}' is {value.dtype}, the model's is "
+                                       f"{want.dtype}. Fix: coordinator and shop must run the same fedshop version")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ReceivedEncoderError(f"coordinator's array '{key}' holds NaN/Inf values; the round is refused and "
+                                       "the shop's saved state is unchanged")
+
+
 def load_round_start(shop: Shop, model: ShopModel, context: Context, settings: ShopRoundSettings,
                      received: Mapping[str, torch.Tensor], *, training: bool) -> None:
     """Load the received encoder and the shop's own local part (plus averaged heads for FedAvg-all)."""
+    check_received(received, model.encoder.state_dict())
     model.load_encoder_state({k: v for k, v in received.items() if not k.startswith(LOCAL_PREFIX)})
     source = restore_local_part(model, context, shop.state_dir, server_round=settings.server_round,
                                 run=settings.run_dir, training=training)

@@ -28,6 +28,7 @@ from client.local_state import resolve_shop
 from client.message_settings import settings_for
 from shared.compression import CompressionError, decode_patch, digest, encode_delta
 from shared.model import initial_encoder_state
+from shared.npy_check import checked_numpy
 from shared.protocol import (
     ARRAYS_RECORD,
     ERROR_CODE_BLOCKED,
@@ -79,7 +80,7 @@ def held_global(context: Context) -> tuple[str, dict[str, np.ndarray]] | None:
 def _received(arrays: ArrayRecord, wire: dict, context: Context, settings: ShopRoundSettings) -> dict[str, np.ndarray]:
     """The dense global encoder a request stands for (CompressionError when it cannot be rebuilt)."""
     how = str(wire.get("encoder", FULL))
-    encoder = {k: a.numpy() for k, a in arrays.items() if not k.startswith(LOCAL_PREFIX)}
+    encoder = {k: checked_numpy(k, a) for k, a in arrays.items() if not k.startswith(LOCAL_PREFIX)}
     if how == FULL:
         new = encoder
     else:

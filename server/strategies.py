@@ -46,6 +46,7 @@ from server.decoded_array import DecodedArray, array_record
 from server.metrics_log import mean_by_key
 from server.robust import LooEntry, RobustSettings, TurnLevel, screen
 from server.wire import Wire
+from shared.npy_check import checked_numpy
 from shared.protocol import (
     EVAL_METRICS_RECORD,
     EVAL_SPLIT,
@@ -166,7 +167,7 @@ class ShopStrategy(Strategy):
         self._report: RoundReport | None = None
         self._global_local: dict[str, np.ndarray] = {}
         self._sampled: set[int] = set()
-        self._expected: dict[str, tuple[int, ...]] = {}  # the round's encoder: array name -> shape
+        self._expected: dict[str, tuple[tuple[int, ...], np.dtype]] = {}  # the round's encoder: name -> shape, dtype
 
     @property
     def first_claims(self) -> dict[str, float]:
@@ -199,7 +200,7 @@ class ShopStrategy(Strategy):
         encoder, local = split_arrays(arrays)
         self._global_local = local
         self._global = arrays
-        self._expected = {k: tuple(a.shape) for k, a in encoder.items()}
+        self._expected = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in encoder.items()}
         cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "train")})
         if self.fuse_evaluate:  # the evaluate message's settings, in the one ConfigRecord (fixedclipping_mod wants one)
             cfg = ConfigRecord({**dict(cfg), **self.round_config(rnd, "evaluate"), EVALUATE_AFTER_TRAIN: True})
@@ -291,8 +292,9 @@ class ShopStrategy(Strategy):
             metrics = dict(msg.content.metric_records[EVAL_METRICS_RECORD])
             msg.content = RecordDict({k: r for k, r in msg.content.items() if k != EVAL_METRICS_RECORD})
             index = metrics.get(SHOP_INDEX)
-            if not self.fuse_evaluate or not isinstance(index, (int, float)) or not math.isfinite(index):
-                continue  # unasked or nameless: the evaluate phase asks this shop instead
+            if not self.fuse_evaluate or not isinstance(index, (int, float)) or not math.isfinite(index) or \
+                    not_scalar_metrics(metrics):
+                continue  # unasked, nameless or malformed: the evaluate phase asks this shop instead
             shop = self._shop_of(msg, metrics)
             report.evaluate[shop] = evaluation_row(metrics)
             self._fused[msg.metadata.src_node_id] = shop
@@ -392,6 +394,8 @@ class ShopStrategy(Strategy):
                 return False
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
                 report.left_out[shop] = f"'{NUM_EXAMPLES}' missing or not a positive number"
+            elif why := not_scalar_metrics(dict(metrics)):
+                report.left_out[shop] = why
             elif isinstance(decoded := self._decode(arrays), str):
                 report.left_out[shop] = decoded
             elif not all(np.isfinite(a).all() for a in decoded.values()):
@@ -406,7 +410,7 @@ class ShopStrategy(Strategy):
 
     def _decode(self, arrays: ArrayRecord) -> dict[str, np.ndarray] | str:
         """A reply's arrays, each decoded once; or why they cannot be aggregated (undecodable, not numeric,
-        wrong names or shapes)."""
+        wrong names, shapes or dtypes: a reply in another dtype would change the global model's dtype)."""
         encoder = {k for k in arrays if not k.startswith(LOCAL_PREFIX)}
         if self._expected and encoder != set(self._expected):
             diff = sorted(encoder ^ set(self._expected))[:3]
@@ -414,15 +418,23 @@ class ShopStrategy(Strategy):
         out: dict[str, np.ndarray] = {}
         for key, array in arrays.items():
             try:
-                value = array.numpy()
+                value = checked_numpy(key, array)  # header checked first: a declared size allocates nothing
             except Exception as exc:  # noqa: BLE001 - any garbage in the bytes is the sender's fault
                 return f"array '{key}' cannot be decoded ({type(exc).__name__})"
             if value.dtype.kind not in "fiub" or tuple(value.shape) != tuple(array.shape):
                 return f"array '{key}' is not a numeric array of its stated shape {tuple(array.shape)}"
-            if key in self._expected and tuple(value.shape) != self._expected[key]:
-                return f"array '{key}' has shape {tuple(value.shape)}, the global encoder's is {self._expected[key]}"
+            want = self._expected.get(key) or self._local_spec(key)
+            if want is not None and tuple(value.shape) != want[0]:
+                return f"array '{key}' has shape {tuple(value.shape)}, the global encoder's is {want[0]}"
+            if want is not None and value.dtype != want[1]:
+                return f"array '{key}' has dtype {value.dtype}, the global encoder's is {want[1]}"
             out[key] = value
         return out
+
+    def _local_spec(self, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+        """(shape, dtype) of a shared local array the round's global holds (None for a key it does not hold)."""
+        a = self._global_local.get(key)
+        return None if a is None else (tuple(a.shape), a.dtype)
 
     def _shop_of(self, msg: Message, metrics: dict[str, Any]) -> str:
         """Shop name from the reply's allow-listed `shop-index` (remembered per node for error replies)."""
@@ -454,12 +466,13 @@ class ShopStrategy(Strategy):
         rnd = server_round + self.round_offset
         report = self._report or RoundReport(server_round=rnd, arrays=ArrayRecord())
         for msg in self.wire.receive(self._readdress(list(replies)), self._sent, "evaluate"):
-            if msg.has_error() or len(msg.content.metric_records) != 1:
+            metrics = {} if msg.has_error() else dict(next(iter(msg.content.metric_records.values()), {}))
+            if msg.has_error() or len(msg.content.metric_records) != 1 or not_scalar_metrics(metrics):
                 shop = self._node_shop.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
-                reason = msg.error.reason if msg.has_error() else "malformed evaluation reply"
+                reason = msg.error.reason if msg.has_error() else \
+                    not_scalar_metrics(metrics) or "malformed evaluation reply"
                 logger.warning("round %d: no evaluation from shop %s: %s", rnd, shop, reason)
                 continue
-            metrics = dict(next(iter(msg.content.metric_records.values())))
             shop = self._shop_of(msg, metrics)
             report.evaluate[shop] = evaluation_row(metrics)
         # Error replies carry no shop-index: name shops first seen in this round's evaluation.
@@ -473,6 +486,12 @@ class ShopStrategy(Strategy):
         self._report = None
         means = mean_by_key(report.evaluate)
         return MetricRecord(means) if means else None
+
+
+def not_scalar_metrics(metrics: dict[str, Any]) -> str:
+    """Why a reply's metrics cannot be reported (a MetricRecord may hold lists; ours are numbers), or ""."""
+    bad = next((k for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool)), None)
+    return "" if bad is None else f"metric '{bad}' is a {type(metrics[bad]).__name__}, not a number"
 
 
 def evaluation_row(metrics: dict[str, Any]) -> dict[str, float]:

@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDic
 
 from server.decoded_array import DecodedArray, array_record
 from shared.compression import CompressionError, check_mode, decode_delta, digest, encode_patch
+from shared.npy_check import ArrayFormatError, checked_numpy
 from shared.protocol import ERROR_CODE_UNDECODABLE, LOCAL_PREFIX, WIRE_FULL, WIRE_OMITTED, WIRE_PATCH, WIRE_RECORD
 
 FULL, PATCH, OMITTED = WIRE_FULL, WIRE_PATCH, WIRE_OMITTED
@@ -168,7 +169,7 @@ class Wire:
         self.bytes["up"] += record_bytes(record)
         self.bytes["replies-up"] += 1
         try:
-            delta = {k: a.numpy() for k, a in record.items() if not k.startswith(LOCAL_PREFIX)}
+            delta = {k: checked_numpy(k, a) for k, a in record.items() if not k.startswith(LOCAL_PREFIX)}
             dense = decode_delta(delta, self._base)
             for name_, a in delta.items():  # the rows this reply changed (only valid replies get here)
                 key, _, part = name_.rpartition("@")
@@ -177,7 +178,8 @@ class Wire:
                 elif part in ("dense", "full"):
                     self._touched[key][:] = True
         except Exception as exc:  # malformed bytes too: the shop is left out with the reason, the round goes on
-            reason = exc if isinstance(exc, CompressionError) else f"arrays do not parse ({type(exc).__name__})"
+            known = (CompressionError, ArrayFormatError)
+            reason = exc if isinstance(exc, known) else f"arrays do not parse ({type(exc).__name__})"
             ins = next((m for m in sent if m.metadata.message_id == msg.metadata.reply_to_message_id), None)
             logger.warning("compressed update from node %d rejected: %s", msg.metadata.src_node_id, reason)
             if ins is None:

@@ -167,7 +167,9 @@ def _values(key: str, parts: Mapping[str, np.ndarray], part: str, shape: tuple[i
             raise CompressionError(f"'{key}@{SCALE}' must be float32 of shape {want} for int8 values")
         if not np.isfinite(scale).all():
             raise CompressionError(f"'{key}@{SCALE}' holds NaN/Inf values")
-        flat = v.reshape(want[0], -1).astype(np.float32) * scale[:, None]
+        per = v.size // want[0] if want[0] else 0  # explicit: reshape(0, -1) of no rows is ambiguous for numpy
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, not warned
+            flat = v.reshape(want[0], per).astype(np.float32) * scale[:, None]
         out = flat.reshape(shape)
     else:
         raise CompressionError(f"'{key}@{part}' has dtype {v.dtype}; a delta must be float16 or int8")
@@ -185,6 +187,8 @@ def decode_delta(arrays: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray
             if parts[FULL].shape != b.shape or parts[FULL].dtype != b.dtype or np.issubdtype(b.dtype, np.floating):
                 raise CompressionError(f"'{key}@{FULL}' is only for non-float tensors of the base's shape and dtype")
             out[key] = parts[FULL]
+        elif not np.issubdtype(b.dtype, np.floating):  # `encode_delta` sends integer tensors exactly, as '@full'
+            raise CompressionError(f"'{key}' is a {b.dtype} tensor: only '@{FULL}' may change it, got {sorted(parts)}")
         elif ROWS in parts:
             if set(parts) - {ROWS, VALUES, SCALE} or VALUES not in parts or b.ndim < 1:
                 raise CompressionError(f"'{key}': row-sparse delta needs exactly '@{ROWS}' and '@{VALUES}' "
@@ -209,7 +213,7 @@ def decode_patch(arrays: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray
         b = out[key]
         if set(parts) == {FULL}:
             out[key] = parts[FULL]
-        elif set(parts) == {ROWS, VALUES}:
+        elif set(parts) == {ROWS, VALUES} and b.ndim >= 1:
             rows, values = parts[ROWS], parts[VALUES]
             _check_rows(key, rows, b.shape[0] if b.ndim else 0)
             if tuple(values.shape) != (rows.size, *b.shape[1:]) or values.dtype != b.dtype:
@@ -219,7 +223,7 @@ def decode_patch(arrays: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray
             patched[rows] = values
             out[key] = patched
         else:
-            raise CompressionError(f"'{key}': parts {sorted(parts)} are not a patch ('@{FULL}' or "
-                                   f"'@{ROWS}'+'@{VALUES}')")
+            raise CompressionError(f"'{key}': parts {sorted(parts)} are not a patch ('@{FULL}', or "
+                                   f"'@{ROWS}'+'@{VALUES}' for a tensor of at least one dimension)")
     return out
 

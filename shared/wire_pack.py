@@ -65,6 +65,14 @@ def pack(content: RecordDict, inline_limit: int = INLINE_LIMIT) -> RecordDict:
     return packed
 
 
+def _check_types(fields: dict[str, list], kind: type) -> None:
+    """PackError unless every element of every layout list is a ``kind`` (bool is no int here)."""
+    for name, values in fields.items():
+        bad = next((v for v in values if not isinstance(v, kind) or isinstance(v, bool)), None)
+        if bad is not None or any(isinstance(v, bool) for v in values):
+            raise PackError(f"packed message: layout '{name}' holds {type(bad).__name__} {bad!r}, not {kind.__name__}")
+
+
 def unpack(content: RecordDict) -> RecordDict:
     """Invert `pack` (content not packed is returned as is); PackError when layout, blob or records disagree."""
     if not is_packed(content):
@@ -72,7 +80,9 @@ def unpack(content: RecordDict) -> RecordDict:
     layout = content.config_records[PACKED]
     try:
         if "blob" in layout:
-            blob = bytes(layout["blob"])  # type: ignore[arg-type]
+            blob = layout["blob"]  # bytes only: bytes(n) of an int would allocate n bytes
+            if not isinstance(blob, bytes):
+                raise TypeError(f"blob is {type(blob).__name__}, not bytes")
         else:
             blob = content.array_records[BLOB][BLOB].numpy().tobytes()
         records, keys, lengths = list(layout["records"]), list(layout["keys"]), list(layout["lengths"])
@@ -80,6 +90,12 @@ def unpack(content: RecordDict) -> RecordDict:
         order, kinds, deflated = list(layout["order"]), list(layout["kinds"]), list(layout["deflated"])
     except (KeyError, TypeError, ValueError) as err:
         raise PackError(f"packed message: unreadable layout ({err})") from err
+    _check_types({"records": records, "keys": keys, "dtypes": dtypes, "stypes": stypes, "order": order,
+                  "kinds": kinds}, str)
+    _check_types({"lengths": lengths, "shapes": shapes}, int)
+    _check_types({"deflated": deflated}, bytes)
+    if any(n < 0 for n in [*lengths, *shapes]):
+        raise PackError("packed message: negative lengths or shapes in the layout")
     if not len(records) == len(keys) == len(lengths) == len(dtypes) == len(stypes) or sum(lengths) != len(blob):
         raise PackError(f"packed message: layout of {len(records)} arrays, {sum(lengths)} bytes does not match "
                         f"the {len(blob)}-byte blob")
