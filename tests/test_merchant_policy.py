@@ -234,3 +234,14 @@ def test_a_node_claiming_another_shop_or_a_bad_index_is_left_out_and_cannot_writ
         assert "shop_02" not in report.train and "shop_02" not in report.evaluate
         assert any(SHOP_INDEX in why for why in report.left_out.values())
     assert "left out" in caplog.text
+
+
+def test_merchant_start_writes_the_policy_into_the_node_config(tmp_path):
+    from simulations.deploy.merchant import node_config
+
+    text = node_config(tmp_path / "shop", tmp_path / "state", 0, {"cap-local-epochs": 100, "allow-test-faults": True})
+    assert text.endswith("shop-index=0 cap-local-epochs=100 allow-test-faults=true")
+    with pytest.raises(ValueError, match="not a merchant policy key"):
+        node_config(tmp_path / "shop", tmp_path / "state", 0, {"cap-epochs": 3})
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        node_config(tmp_path / "shop", tmp_path / "state", 0, {"cap-max-steps": 0})
