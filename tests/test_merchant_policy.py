@@ -245,3 +245,18 @@ def test_merchant_start_writes_the_policy_into_the_node_config(tmp_path):
         node_config(tmp_path / "shop", tmp_path / "state", 0, {"cap-epochs": 3})
     with pytest.raises(ValueError, match="whole number >= 1"):
         node_config(tmp_path / "shop", tmp_path / "state", 0, {"cap-max-steps": 0})
+
+
+def test_secure_aggregation_rows_use_checked_claims(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from server.secure import SecureFedAvg
+
+    strategy = SecureFedAvg(keys=[], run_dir=tmp_path, method="fedshop", shop_name=lambda i: f"shop_{i:02d}",
+                            eval_split=lambda r: "val")
+    assert strategy._label(SimpleNamespace(node_id=101), {SHOP_INDEX: 0}) == "shop_00"
+    caplog.set_level(logging.WARNING)
+    assert strategy._label(SimpleNamespace(node_id=102), {SHOP_INDEX: 0}) == "node-102"  # shop_00 is node 101's
+    assert strategy._label(SimpleNamespace(node_id=103), {SHOP_INDEX: 2.5}) == "node-103"
+    assert strategy._label(SimpleNamespace(node_id=104), {}) == "node-104"
+    assert "shop-index claim refused" in caplog.text
