@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -40,12 +42,16 @@ def load_bindings(run_dir: str | Path) -> dict[int, int]:
 
 
 def claimed_shop_index(msg: Message) -> int | None:
-    """The ``shop-index`` a reply names (None for error replies and replies without one)."""
+    """The ``shop-index`` a reply names (None for error replies, replies without one, and a claim that is not a
+    whole number: `ShopClaims` refuses those)."""
     if msg.has_error():
         return None
     for record in msg.content.metric_records.values():
         if SHOP_INDEX in record:
-            return int(record[SHOP_INDEX])
+            value = record[SHOP_INDEX]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return None
+            return int(value) if math.isfinite(value) and float(value).is_integer() else None
     return None
 
 
@@ -87,3 +93,49 @@ def check_identities(grid: Grid, run_dir: str | Path) -> Grid:
     """Wrap ``grid`` when the run dir holds node bindings (a `fedshop coordinator run`); else return it."""
     bindings = load_bindings(run_dir) if run_dir else {}
     return IdentityCheckedGrid(grid, bindings) if bindings else grid
+
+
+MAX_SHOP_INDEX = 1_000_000  # claims at or above are refused when the coordinator cannot count the shops
+
+
+class ShopClaims:
+    """Which shop each node may speak for in this run: checked claims, and trust on first use.
+
+    A reply names its shop by ``shop-index``. A claim is refused (the reply is left out, the reason logged)
+    when it is not a whole number (2.5, NaN, a bool), negative, or not below the number of shops; when its
+    node already claimed another index in this run; or when another node already claimed that index. The
+    first accepted claim of a node binds it (registered nodes start bound: ``node-bindings.json``). So a bad
+    or hijacked node cannot write another shop's row of the round report, nor share its examples cap or
+    leave-one-out history. Kept in memory for the run's process: a `--resume` starts unbound (node IDs of
+    Flower's Ray simulation, and of a deployment whose SuperLink restarted, change between processes),
+    except for the registered bindings, which the run dir keeps.
+    """
+
+    def __init__(self, n_shops: Callable[[], int] | None = None, bindings: dict[int, int] | None = None) -> None:
+        self._n_shops = n_shops  # 0 (or None) = unknown: only MAX_SHOP_INDEX bounds a claim
+        self.node_index: dict[int, int] = dict(bindings or {})
+        self.index_node: dict[int, int] = {index: node for node, index in self.node_index.items()}
+
+    def limit(self) -> int:
+        """One past the largest shop-index a reply may claim."""
+        n = self._n_shops() if self._n_shops is not None else 0
+        return n if n > 0 else MAX_SHOP_INDEX
+
+    def check(self, node: int, value: Any) -> tuple[int | None, str]:
+        """(index, "") if ``node`` may claim ``value`` (binding it on first use), else (None, why)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"'{SHOP_INDEX}' {value!r} is not a whole number"
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            return None, f"'{SHOP_INDEX}' {value!r} is not a whole number"
+        index = int(value)
+        if not 0 <= index < self.limit():
+            return None, f"'{SHOP_INDEX}' {index} is out of range (0..{self.limit() - 1})"
+        bound = self.node_index.get(node)
+        if bound is not None and bound != index:
+            return None, f"node {node} claimed '{SHOP_INDEX}' {index} but is bound to {bound} in this run"
+        owner = self.index_node.get(index)
+        if owner is not None and owner != node:
+            return None, f"node {node} claimed '{SHOP_INDEX}' {index}, which node {owner} holds in this run"
+        self.node_index[node] = index
+        self.index_node[index] = node
+        return index, ""

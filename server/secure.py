@@ -36,6 +36,7 @@ from server.checkpoint import Checkpoint, capture_rng, save_checkpoint
 from server.federation_common import Progress, eval_split_for_round, initial_encoder, scenario_shop_names
 from server.federation_settings import FederationSettings, check_secure_supported
 from server.metrics_log import MetricsLog, eval_rows_by_split, train_rows
+from server.node_identity import ShopClaims
 from server.secagg_settings import SecAggSettings
 from server.strategies import RoundReport
 from shared.protocol import EVAL_SPLIT, PROXIMAL_MU, SECAGG_WEIGHTING, SERVER_ROUND, SHOP_INDEX
@@ -55,6 +56,21 @@ class SecureFedAvg(LegacyFedAvg):
         self.log = MetricsLog(run_dir / "metrics.csv", method)
         self.progress, self.num_rounds = progress, num_rounds
         self._report: RoundReport | None = None
+        self.claims = ShopClaims()  # shop-index claims checked as on the plain path (server.node_identity)
+
+    def _label(self, proxy: Any, metrics: dict[str, Any]) -> str:
+        """The shop a result's row is labelled with: its checked `shop-index` claim, else `node-<id>` (logged).
+
+        The sum is already unmasked here, so a refused claim cannot be left out of it, only out of another
+        shop's row.
+        """
+        node = getattr(proxy, "node_id", None)
+        node = int(node) if node is not None else int(getattr(proxy, "cid", -1))
+        index, why = self.claims.check(node, metrics.get(SHOP_INDEX))
+        if index is None:
+            logger.warning("node %s: shop-index claim refused (%s); its metrics are labelled node-%s", node, why, node)
+            return f"node-{node}"
+        return self.shop_name(index)
 
     def aggregate_fit(self, server_round, results, failures):
         """SecAgg+ already replaced every result's parameters by the unmasked weighted mean; log and checkpoint.
@@ -63,8 +79,8 @@ class SecureFedAvg(LegacyFedAvg):
         the global encoder is kept, as the plain path does.
         """
         self._report = RoundReport(server_round=server_round, arrays=ArrayRecord())
-        for _, res in results:
-            shop = self.shop_name(int(res.metrics.get(SHOP_INDEX, -1)))
+        for proxy, res in results:
+            shop = self._label(proxy, dict(res.metrics))
             self.log.add(server_round, shop, "train", train_rows(res.metrics))
             self._report.train[shop] = {k: float(v) for k, v in res.metrics.items() if k != SHOP_INDEX}
         for failure in failures:
@@ -89,8 +105,8 @@ class SecureFedAvg(LegacyFedAvg):
         """Log every shop's per-task metrics (split-prefixed keys go to their split) and report the round."""
         report = self._report or RoundReport(server_round=server_round, arrays=ArrayRecord())
         report.eval_split = self.eval_split(server_round)
-        for _, res in results:
-            shop = self.shop_name(int(res.metrics.get(SHOP_INDEX, -1)))
+        for proxy, res in results:
+            shop = self._label(proxy, dict(res.metrics))
             for split, rows in eval_rows_by_split(res.metrics, report.eval_split).items():
                 self.log.add(server_round, shop, split, rows)
             report.evaluate[shop] = {k: float(v) for k, v in res.metrics.items() if k != SHOP_INDEX}

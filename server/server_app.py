@@ -51,7 +51,7 @@ from server.federation_common import (
 )
 from server.federation_settings import FederationSettings, check_runnable, split_privacy
 from server.metrics_log import PRIVACY_TASK, MetricsLog, eval_rows_by_split, train_rows
-from server.node_identity import check_identities
+from server.node_identity import ShopClaims, check_identities, load_bindings
 from server.polling_grid import faster_polling
 from server.secure import run_secure_federation
 from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
@@ -186,7 +186,9 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
                             first_claims=ckpt.first_claims if ckpt is not None else None,
                             loo_history=ckpt.loo_history if ckpt is not None else None,
                             loo_turns=ckpt.loo_turns if ckpt is not None else None,
-                            fuse_evaluate=settings.fuse_evaluate and serves_own_encoder(settings))
+                            fuse_evaluate=settings.fuse_evaluate and serves_own_encoder(settings),
+                            # shop-index claims: in range, one node per shop (registered bindings first)
+                            claims=ShopClaims(lambda: len(shop_names()), load_bindings(run_dir)))
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),

@@ -44,6 +44,7 @@ from flwr.serverapp.strategy.bulyan import Bulyan
 
 from server.decoded_array import DecodedArray, array_record
 from server.metrics_log import mean_by_key
+from server.node_identity import ShopClaims
 from server.robust import LooEntry, RobustSettings, TurnLevel, screen
 from server.wire import Wire
 from shared.npy_check import checked_numpy
@@ -138,8 +139,11 @@ class ShopStrategy(Strategy):
                  max_short_rounds: int = 3, robust: RobustSettings | None = None,
                  wire: Wire | None = None, first_claims: dict[str, float] | None = None,
                  loo_history: dict[str, list[LooEntry]] | None = None,
-                 loo_turns: dict[str, TurnLevel] | None = None, fuse_evaluate: bool = False) -> None:
+                 loo_turns: dict[str, TurnLevel] | None = None, fuse_evaluate: bool = False,
+                 claims: ShopClaims | None = None) -> None:
         self.inner = inner
+        # node <-> shop-index of this run: checked claims, trust on first use (`server.node_identity.ShopClaims`)
+        self.claims = claims or ShopClaims()
         self.fuse_evaluate = fuse_evaluate  # train messages ask for the evaluation too (module docstring)
         self._fused: dict[int, str] = {}  # this round: node -> shop whose evaluation came with its train reply
         self.robust = robust or RobustSettings()
@@ -291,10 +295,12 @@ class ShopStrategy(Strategy):
                 continue
             metrics = dict(msg.content.metric_records[EVAL_METRICS_RECORD])
             msg.content = RecordDict({k: r for k, r in msg.content.items() if k != EVAL_METRICS_RECORD})
-            index = metrics.get(SHOP_INDEX)
-            if not self.fuse_evaluate or not isinstance(index, (int, float)) or not math.isfinite(index) or \
-                    not_scalar_metrics(metrics):
+            if not self.fuse_evaluate or SHOP_INDEX not in metrics or not_scalar_metrics(metrics):
                 continue  # unasked, nameless or malformed: the evaluate phase asks this shop instead
+            if why := self._refused_claim(msg, metrics):
+                logger.warning("round %d: evaluation of node %s left out: %s", report.server_round,
+                               msg.metadata.src_node_id, why)
+                continue
             shop = self._shop_of(msg, metrics)
             report.evaluate[shop] = evaluation_row(metrics)
             self._fused[msg.metadata.src_node_id] = shop
@@ -386,6 +392,10 @@ class ShopStrategy(Strategy):
             report.left_out[shop] = "reply must hold one ArrayRecord and one MetricRecord"
         else:
             metrics = next(iter(msg.content.metric_records.values()))
+            if why := self._refused_claim(msg, dict(metrics)):
+                report.left_out[shop] = why
+                logger.warning("round %d: left out %s: %s", report.server_round, shop, why)
+                return False
             shop = self._shop_of(msg, dict(metrics))
             weight = metrics.get(NUM_EXAMPLES)
             arrays = next(iter(msg.content.array_records.values()))
@@ -436,12 +446,19 @@ class ShopStrategy(Strategy):
         a = self._global_local.get(key)
         return None if a is None else (tuple(a.shape), a.dtype)
 
+    def _refused_claim(self, msg: Message, metrics: dict[str, Any]) -> str:
+        """Why the reply's `shop-index` claim is refused (`ShopClaims`), or "" (accepted, or no claim)."""
+        if SHOP_INDEX not in metrics:
+            return ""
+        return self.claims.check(msg.metadata.src_node_id, metrics[SHOP_INDEX])[1]
+
     def _shop_of(self, msg: Message, metrics: dict[str, Any]) -> str:
-        """Shop name from the reply's allow-listed `shop-index` (remembered per node for error replies)."""
-        index = metrics.get(SHOP_INDEX)
+        """Shop name from the reply's `shop-index` if `ShopClaims` accepts it (kept per node for error replies)."""
         node = msg.metadata.src_node_id
-        if isinstance(index, (int, float)) and math.isfinite(index) and index >= 0:
-            self._node_shop[node] = self.shop_name(int(index))
+        if SHOP_INDEX in metrics:
+            index, _ = self.claims.check(node, metrics[SHOP_INDEX])
+            if index is not None:
+                self._node_shop[node] = self.shop_name(index)
         return self._node_shop.get(node, f"node-{node}")
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -467,10 +484,11 @@ class ShopStrategy(Strategy):
         report = self._report or RoundReport(server_round=rnd, arrays=ArrayRecord())
         for msg in self.wire.receive(self._readdress(list(replies)), self._sent, "evaluate"):
             metrics = {} if msg.has_error() else dict(next(iter(msg.content.metric_records.values()), {}))
-            if msg.has_error() or len(msg.content.metric_records) != 1 or not_scalar_metrics(metrics):
+            refused = "" if msg.has_error() or not_scalar_metrics(metrics) else self._refused_claim(msg, metrics)
+            if msg.has_error() or len(msg.content.metric_records) != 1 or not_scalar_metrics(metrics) or refused:
                 shop = self._node_shop.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
                 reason = msg.error.reason if msg.has_error() else \
-                    not_scalar_metrics(metrics) or "malformed evaluation reply"
+                    not_scalar_metrics(metrics) or refused or "malformed evaluation reply"
                 logger.warning("round %d: no evaluation from shop %s: %s", rnd, shop, reason)
                 continue
             shop = self._shop_of(msg, metrics)

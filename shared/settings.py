@@ -107,8 +107,10 @@ class FederationTable(_Table):
     min_shops: int = Field(2, ge=1, description="a round needs at least this many usable replies")
     max_short_rounds: int = Field(3, ge=0, description="the run fails after more rounds than this in a row "
                                   "short of min_shops")
-    local_epochs: int = Field(1, ge=1, description="local epochs per round")
-    max_steps: int = Field(0, ge=0, description="cap on local optimiser steps per round (0 = none)")
+    local_epochs: int = Field(1, ge=1, description="local epochs per round"
+                              " (a shop refuses more than its node config's cap-local-epochs, default 50)")
+    max_steps: int = Field(0, ge=0, description="cap on local optimiser steps per round (0 = none;"
+                           " a shop refuses more than its cap-max-steps, default 1e6)")
     personal_mix: float = Field(0.0, ge=0, description="n0 of the personal mix: a shop starts from (1-b) global + "
                                 "b own encoder, b = n/(n+n0); 0 = off")
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight (strategy fedprox)")
@@ -119,7 +121,8 @@ class FederationTable(_Table):
     warmup_rounds: int = Field(1, ge=0, description="rounds a joining shop trains its local part with the "
                                "encoder frozen before its updates count")
     objective: Literal[OBJECTIVES] = Field("fedavg", description="fedavg | meta (Reptile-style short inner loops)")
-    meta_inner_steps: int = Field(20, ge=1, description="inner steps per round with objective = meta")
+    meta_inner_steps: int = Field(20, ge=1, description="inner steps per round with objective = meta"
+                                  " (a shop refuses more than its cap-meta-inner-steps, default 100)")
     meta_outer_step: float = Field(1.0, gt=0, description="Reptile outer step applied by each shop to its reply")
     round_timeout: float = Field(600.0, gt=0, description="seconds before a shop's reply counts as missing")
     test_every_round: bool = Field(False, description="every shop computes its test metrics every round; false = "
@@ -180,7 +183,8 @@ class FederationTable(_Table):
     dpsgd_clipping_norm: float = Field(1.0, gt=0, description="DP-SGD per-unit gradient bound")
     dpsgd_unit: Literal["user", "record"] = Field("user", description="DP-SGD unit of privacy: user | record")
     dpsgd_sample_rate: float = Field(0.05, gt=0, le=1, description="DP-SGD Poisson sampling rate of units per step")
-    dpsgd_steps: int = Field(0, ge=0, description="DP-SGD steps per round; 0 = one expected pass over the units")
+    dpsgd_steps: int = Field(0, ge=0, description="DP-SGD steps per round; 0 = one expected pass over the units"
+                             " (a shop refuses more than its cap-dpsgd-steps, default 1e6)")
     dpsgd_lr: float = Field(0.01, gt=0, description="DP-SGD learning rate")
     dpsgd_delta: float = Field(1e-5, gt=0, lt=1, description="DP-SGD delta")
     dpsgd_max_epsilon: float = Field(0.0, ge=0, description="a shop refuses a round past this (0 = none)")
@@ -230,8 +234,10 @@ class RunSettings(FederationTable):
     final_split: str = Field("test", description="split(s) of the last round when eval-split is one split")
     resume: bool = Field(False, description="continue from the newest checkpoint in run-dir")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in run-dir")
-    fault_inject: str = Field("", description="test-only: nan:1, error:2, sleep:1@2 (kind:shop-index[@round])")
-    fault_sleep: float = Field(30.0, ge=0, description="test-only: seconds of a sleep fault")
+    fault_inject: str = Field("", description="test-only: nan:1, error:2, sleep:1@2 (kind:shop-index[@round]); "
+                              "shops refuse it unless their node config has allow-test-faults=true")
+    fault_sleep: float = Field(30.0, ge=0, description="test-only: seconds of a sleep fault (refused like "
+                               "fault-inject)")
     app_signature: str = Field("", description="deployment: the coordinator's FAB signature")
 
     @field_validator("fault_inject")

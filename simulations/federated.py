@@ -10,11 +10,12 @@ holds the engine that ran.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import tomli_w
 
 from shared.atomic import atomic_write_text
 from shared.scenario import Scenario, ScenarioError
-from shared.settings import ENGINES, RunSettings
+from shared.settings import ENGINES, RunSettings, run_key
 from shared.world_share import SHARED_ENV, serve_over_ray, shared_world_env, with_ray_holder
 from simulations.console import quiet_simulation_workers
 from simulations.ray_auth import require_ray_token
@@ -162,7 +163,7 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     # The synthetic world is built once, here, and read by every shop's process (shared/world_share.py).
     shared_world = scenario.share_world(run_dir)
     try:
-        with shared_world_env(shared_world):
+        with shared_world_env(shared_world), test_faults_env(config):
             _run_engine(engine, config, progress, n_shops, client_app, make_server_app,
                         workers=workers or int(scenario.federation.get("workers", 0)) or None,
                         ray_address=ray_address)
@@ -176,6 +177,27 @@ def run_federated(scenario: Scenario, run_dir: Path, *, method: str = "fedshop",
     if reason is not None:  # e.g. the privacy budget: the last checkpoint is the final model
         raise RunStopped(f"{reason}\nrun directory: {run_dir}")
     return run_dir
+
+
+@contextlib.contextmanager
+def test_faults_env(config: dict[str, Any]) -> Iterator[None]:
+    """Let this simulation's shops obey its test-only faults (`FEDSHOP_ALLOW_TEST_FAULTS=1`) while it runs.
+
+    One person runs the coordinator and every simulated shop, so the run's `fault-inject`/`fault-sleep`
+    are that person's agreement; a deployed merchant agrees with its own node config (client/merchant_policy.py).
+    """
+    from client.merchant_policy import ALLOW_TEST_FAULTS_ENV, TEST_FAULT_FIELDS
+
+    defaults = RunSettings()
+    wanted = any(run_key(n) in config and config[run_key(n)] != getattr(defaults, n) for n in TEST_FAULT_FIELDS)
+    if not wanted or os.environ.get(ALLOW_TEST_FAULTS_ENV) == "1":
+        yield
+        return
+    os.environ[ALLOW_TEST_FAULTS_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(ALLOW_TEST_FAULTS_ENV, None)
 
 
 def _run_engine(engine: str, config: dict[str, Any], progress: Callable | None, n_shops: int, client_app: Any,

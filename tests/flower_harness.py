@@ -23,6 +23,8 @@ TINY = {"data.synthetic.n_shops": 3, "data.synthetic.n_late_joiners": 0, "data.s
         "data.synthetic.eval_impressions": 0, "model.embed_dim": 8,
         "model.expert_dim": 16, "model.tower_dim": 8, "model.n_experts": 2, "features.hash_buckets": 512,
         "features.product_buckets": 512, "federation.warmup_rounds": 0, "federation.min_shops": 2}
+# node config of merchants that agreed to test faults (client/merchant_policy.py): tests that inject faults use it
+TEST_FAULTS = {"allow-test-faults": True}
 
 
 def tiny_scenario(**extra: object) -> Scenario:
@@ -63,10 +65,11 @@ class LocalGrid(LocalGridBase):
     """A Grid whose nodes are in-process ClientApp calls; ``silent`` nodes never reply (a timeout)."""
 
     def __init__(self, n_nodes: int, app: object, silent: Iterable[int] = (),
-                 absent_until: dict[int, int] | None = None) -> None:
+                 absent_until: dict[int, int] | None = None, node_config: dict | None = None) -> None:
         self._open_run()
         self.app = app
-        configs = node_configs(n_nodes, first=1000)
+        # ``node_config``: merchant-side keys every node gets (e.g. `TEST_FAULTS`, `cap-local-epochs`)
+        configs = {nid: {**cfg, **(node_config or {})} for nid, cfg in node_configs(n_nodes, first=1000).items()}
         self.node_ids = list(configs)
         self.contexts = {nid: Context(run_id=1, node_id=nid, node_config=cfg, state=RecordDict(), run_config={})
                          for nid, cfg in configs.items()}

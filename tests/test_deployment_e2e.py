@@ -130,7 +130,9 @@ def _side_checks(federation: LoopbackFederation, result: dict) -> None:
     result["failing-run"] = CliRunner().invoke(app, [
         "coordinator", "run", str(federation.root / "tiny.toml"), "--home", federation.coordinator.home,
         "--runs-dir", str(federation.root / "runs" / "failing"), "--rounds", "1",
-        # every shop raises in round 1 (a bad strategy name is now refused before submitting: settings schema)
+        # every shop answers round 1 with an error: the merchants did not start with --allow-test-faults, so each
+        # refuses the test-only fault-inject (client/merchant_policy.py); a bad strategy name is refused before
+        # submitting (settings schema)
         "-c", "fault-inject=error:0,error:1,error:2", "-c", "max-short-rounds=0"])
 
 

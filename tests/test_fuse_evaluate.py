@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from flower_harness import LocalGrid, tiny_scenario, write_scenario
+from flower_harness import TEST_FAULTS, LocalGrid, tiny_scenario, write_scenario
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from client import client_app, shop_round
@@ -32,7 +32,7 @@ def scenario_file(tmp_path_factory):
 
 def _run(scenario_file: Path, run_dir: Path, *, fuse: bool, n_nodes: int = 3, rounds: int = ROUNDS,
          **config: object) -> tuple[pd.DataFrame, LocalGrid, list]:
-    grid = LocalGrid(n_nodes, client_app.app)
+    grid = LocalGrid(n_nodes, client_app.app, node_config=TEST_FAULTS)
     settings = FederationSettings.from_config({"scenario": str(scenario_file), "num-server-rounds": rounds,
                                                "run-dir": str(run_dir), "fuse-evaluate": fuse, **MIX, **config})
     reports: list = []

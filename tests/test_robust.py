@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from flower_harness import LocalGrid, tiny_scenario, write_scenario
+from flower_harness import TEST_FAULTS, LocalGrid, tiny_scenario, write_scenario
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
@@ -250,7 +250,7 @@ def test_a_run_whose_every_round_is_skipped_fails_with_the_reason(tmp_path):
                                                "run-dir": str(tmp_path / "run"), "min-shops": 3, "max-steps": 2,
                                                "max-short-rounds": 3, "fault-inject": "nan:0"})
     with pytest.raises(RunFailed, match=r"every round \(1-1\) was skipped.*NaN"):
-        run_federation(LocalGrid(3, client_app.app), settings)
+        run_federation(LocalGrid(3, client_app.app, node_config=TEST_FAULTS), settings)
     reason = failure_reason(tmp_path / "run")
     assert reason is not None and "min-shops=3" in reason and "shop_00" in reason and "older" not in reason
 

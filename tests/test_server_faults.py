@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from flower_harness import LocalGrid, tiny_scenario, write_scenario
+from flower_harness import TEST_FAULTS, LocalGrid, tiny_scenario, write_scenario
 
 from client import client_app
 from server.checkpoint import latest_checkpoint
@@ -20,7 +20,7 @@ def scenario_file(tmp_path_factory):
 
 
 def _run(scenario_file, run_dir, *, silent=(), rounds=1, **config):
-    grid = LocalGrid(3, client_app.app, silent=silent)
+    grid = LocalGrid(3, client_app.app, silent=silent, node_config=TEST_FAULTS)
     settings = FederationSettings.from_config({"scenario": str(scenario_file), "num-server-rounds": rounds,
                                                "run-dir": str(run_dir), **config})
     reports = []

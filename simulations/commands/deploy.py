@@ -280,6 +280,10 @@ def merchant_start(
                                              help="Seconds between this SuperNode's heartbeats (Flower: 30). "
                                              "The SuperLink notices a crash after two; 10 = back in 20 s."),
     foreground: bool = typer.Option(False, "--foreground", help=FOREGROUND_HELP),
+    cap: list[str] = typer.Option([], "--cap", help="KEY=N: the most work this shop accepts per round, e.g. "
+                                  "--cap cap-local-epochs=100 (keys and defaults: docs/deployment.md, 'Node config')."),
+    allow_test_faults: bool = typer.Option(False, "--allow-test-faults", help="Obey the coordinator's test-only "
+                                           "fault-inject/fault-sleep (test federations only)."),
     isolation: str = typer.Option("process", "--isolation",
                                   help="process: one long-lived ClientApp process serves every message (imports "
                                   "once); subprocess: Flower's default, a fresh process per message."),
@@ -289,6 +293,12 @@ def merchant_start(
     from simulations.deploy.merchant import start_merchant  # CoordinatorUnreachable is a RuntimeError
     from simulations.deploy.processes import ProcessStartError
 
+    policy: dict[str, int | bool] = {"allow-test-faults": True} if allow_test_faults else {}
+    for item in cap:
+        key, _, value = item.partition("=")
+        if not value.strip().isdigit():
+            raise _fail(ValueError(f"--cap {item}: not KEY=N. Fix: e.g. --cap cap-local-epochs=100"))
+        policy[key.strip()] = int(value)
     report = shop_report(shop_dir)
     if not report["ok"]:
         typer.secho(f"Shop data rejected, nothing started: {report['error']['message']}", fg=typer.colors.RED,
@@ -298,7 +308,7 @@ def merchant_start(
     try:
         merchant = start_merchant(shop_dir, state_dir, superlink, ca=ca, key=key, trusted_entities=trusted_entities,
                                   port=port or None, validate=False, shop_name=report["name"],
-                                  shop_index=shop_index, retry_for=retry_for,
+                                  shop_index=shop_index, retry_for=retry_for, policy=policy,
                                   heartbeat_interval=heartbeat_interval, isolation=isolation)
     except (FileNotFoundError, ValueError, RuntimeError, ProcessStartError) as err:
         raise _fail(err) from None

@@ -112,8 +112,16 @@ def probe_coordinator(address: str, timeout: float = PROBE_TIMEOUT, consequence:
         f"(`fedshop coordinator status` on its host), and that no firewall blocks TCP port {port} from this host")
 
 
-def node_config(shop_dir: Path, state_dir: Path, shop_index: int | None = None) -> str:
-    """The ``--node-config`` text the ClientApp reads (client.local_state.resolve_shop)."""
+def node_config(shop_dir: Path, state_dir: Path, shop_index: int | None = None,
+                policy: dict[str, int | bool] | None = None) -> str:
+    """The ``--node-config`` text the ClientApp reads (client.local_state.resolve_shop, client.merchant_policy).
+
+    ``policy``: the merchant's limits on what the coordinator may order, e.g. ``{"cap-local-epochs": 100}``
+    or ``{"allow-test-faults": True}`` (test federations only).
+    """
+    from client.merchant_policy import ALLOW_TEST_FAULTS, WORK_CAPS
+
+    known = {ALLOW_TEST_FAULTS} | {key for key, _ in WORK_CAPS.values()}
     for path in (shop_dir, state_dir):
         if "'" in str(path):
             raise ValueError(f"{path}: a quote in the path cannot pass through --node-config. Fix: rename the folder")
@@ -122,6 +130,15 @@ def node_config(shop_dir: Path, state_dir: Path, shop_index: int | None = None) 
         if shop_index < 0:
             raise ValueError(f"--shop-index {shop_index}: must be 0 or more. Fix: number merchants 0, 1, 2, ...")
         text += f" shop-index={int(shop_index)}"
+    for key, value in (policy or {}).items():
+        if key not in known:
+            raise ValueError(f"{key}: not a merchant policy key. Fix: use one of {sorted(known)}")
+        if key == ALLOW_TEST_FAULTS:
+            text += f" {key}={'true' if value is True else 'false'}"
+        elif type(value) is not int or value < 1:
+            raise ValueError(f"{key}={value!r}: a cap must be a whole number >= 1")
+        else:
+            text += f" {key}={value}"
     return text
 
 
@@ -138,7 +155,8 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
                    shop_index: int | None = None,
                    isolation: str = "process", env: dict[str, str] | None = None, validate: bool = True,
                    timeout: float = 60.0, retry_for: float = 0.0,
-                   heartbeat_interval: float = DEFAULT_INTERVAL, shop_name: str | None = None) -> Merchant:
+                   heartbeat_interval: float = DEFAULT_INTERVAL, shop_name: str | None = None,
+                   policy: dict[str, int | bool] | None = None) -> Merchant:
     """Validate ``shop_dir``, start the SuperNode and wait until the SuperLink has accepted it.
 
     ``shop_name`` (the validated shop's name, for `merchant status`) is taken from the validation, or
@@ -168,7 +186,7 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
             return _start_once(shop_dir, state_dir, superlink, ca=ca, key=key, trusted_entities=trusted_entities,
                                port=port, shop_index=shop_index,
                                isolation=isolation, env=env, validate=validate, timeout=timeout,
-                               heartbeat_interval=heartbeat_interval, shop_name=shop_name)
+                               heartbeat_interval=heartbeat_interval, shop_name=shop_name, policy=policy)
         except ProcessStartError as err:
             if _REFUSED not in str(err):
                 raise
@@ -187,7 +205,8 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
 def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, ca: str | Path | None,
                 key: str | Path, trusted_entities: str | Path, port: int | None, shop_index: int | None, isolation: str,
                 env: dict[str, str] | None, validate: bool, timeout: float,
-                heartbeat_interval: float, shop_name: str | None = None) -> Merchant:
+                heartbeat_interval: float, shop_name: str | None = None,
+                policy: dict[str, int | bool] | None = None) -> Merchant:
     """One attempt of `start_merchant`."""
     shop_dir, state_dir = Path(shop_dir).resolve(), Path(state_dir).resolve()
     if validate:
@@ -212,7 +231,7 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
     launcher = [sys.executable, "-m", "simulations.deploy.supernode_launcher", f"{heartbeat_interval:g}", "--"]
     command = [*launcher, "--superlink", superlink, "--auth-supernode-private-key", str(key),
                "--trusted-entities", str(Path(trusted_entities).resolve()),
-               "--node-config", node_config(shop_dir, state_dir, shop_index), "--port", str(port),
+               "--node-config", node_config(shop_dir, state_dir, shop_index, policy), "--port", str(port),
                "--isolation", isolation]
     if isolation == "process":
         # Only holders of this secret may acquire the SuperNode's tasks (Flower's SuperExec auth, offered
