@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -22,6 +25,17 @@ TINY_WORLD = WorldConfig(n_shops=3, seed=0, max_impressions=4000, min_impression
 # and filling them dominates the build time.
 TINY_FEATURES = FeatureConfig(hash_buckets=512, product_buckets=1024, history_len=10, sampled_negatives=20)
 TINY_MODEL = ModelConfig(embed_dim=8, n_experts=2, expert_dim=16, tower_dim=8, weighting="fixed")
+
+
+@pytest.fixture(autouse=True)
+def _restore_flower_logger() -> Iterator[None]:
+    """Undo what an in-process CLI run does to Flower's logger (`configure_logging` stops its propagation and
+    adds a filter), so a later test's `caplog` still sees Flower's records whatever ran before it."""
+    flwr = logging.getLogger("flwr")
+    saved = flwr.propagate, flwr.level, list(flwr.filters)
+    yield
+    flwr.propagate, flwr.filters[:] = saved[0], saved[2]
+    flwr.setLevel(saved[1])
 
 
 @pytest.fixture(scope="session")
