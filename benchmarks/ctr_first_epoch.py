@@ -5,7 +5,8 @@ mix) its train/val/test AUC, the mean logit against the log-odds of the shop's C
 the logit with a field-frequency score (sum over the row's shared fields of log(1 + training count)), and the AUC
 of the item's training impression count on train and test (a popularity shift between the splits would show
 there). Arm ``prior``: the CTR/CVR towers start at the shop's base-rate log-odds (`shared.model.prior_logits`);
-arm ``zero``: they start at 0, as before 2026-12-07. The reported AUC is checked against sklearn on the scores.
+arm ``zero``: they start at 0 (`model.tower_prior`, default "zero"). The reported AUC is checked against
+sklearn on the scores.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/ctr_first_epoch.py --seeds 0,1 \\
         --out benchmarks/results/ctr_first_epoch.json
@@ -86,19 +87,16 @@ def run(seed: int, arm: str) -> list[dict[str, Any]]:
     """Every training shop of the default world at ``seed`` under one arm ('prior' or 'zero')."""
     import torch
 
-    import shared.model
     from shared.scenario import load_scenario
 
     torch.set_num_threads(1)
-    if arm == "zero":
-        shared.model.prior_logits = lambda _tensors: {}  # the towers' former zero start
-    scenario = load_scenario("default", {"seed": seed})
+    scenario = load_scenario("default", {"seed": seed, "model.tower_prior": "base-rate" if arm == "prior" else "zero"})
     figures = [shop_figures(shop, scenario, seed) for shop in scenario.training_shops()]
     return [dict(f, seed=seed, arm=arm) for f in figures if f is not None]
 
 
 def main() -> None:
-    """Run both arms in fresh processes (the zero arm patches the model module) and write the JSON."""
+    """Run both arms in fresh processes and write the JSON."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
