@@ -7,14 +7,19 @@ end-to-end tests in test_simulation.py use Flower's real simulation engine inste
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from types import ModuleType
 
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from client import client_app
 from server.server_app import initial_encoder
+from shared.compression import encode_delta
 from shared.scenario import Scenario, load_scenario
 from simulations.local_grid import LocalGridBase, node_configs
 
@@ -130,3 +135,34 @@ def coordinator_home(tmp_path: Path, pid: int) -> Path:
         command = [Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()]
     (home / "superlink.json").write_text(json.dumps(asdict(ProcessRecord(pid, "flower-superlink", command, "log"))))
     return home
+
+
+def honest_train_round(strategy, global_arrays: Mapping[str, np.ndarray], n: int,
+                       trained: Callable[[int], dict[str, np.ndarray]], mode: str
+                       ) -> tuple[list[Message], list[Message]]:
+    """The train messages ``strategy`` sends to ``n`` local shops (node IDs 1000..) and each shop i's honest
+    reply: ``trained(i)`` dense (mode "none") or as its wire delta; replies sorted so shop i's is at index i."""
+    sent = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in global_arrays.items()}),
+                                         ConfigRecord(), LocalGrid(n, None)))
+    replies = []
+    for msg in sent:
+        msg.metadata.__dict__["_message_id"] = f"train-{msg.metadata.dst_node_id}"
+        i = msg.metadata.dst_node_id - 1000
+        arrays = trained(i) if mode == "none" else encode_delta(trained(i), dict(global_arrays))
+        replies.append(Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                           "metrics": MetricRecord({"num-examples": 100 + i, "shop-index": i})}),
+                               reply_to=msg))
+    return sent, sorted(replies, key=lambda m: m.metadata.src_node_id)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A benchmarks/ script as a module, imported as the script imports its siblings (benchmarks/ on the path)."""
+    bench = Path(__file__).parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    return module

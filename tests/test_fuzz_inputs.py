@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from flower_harness import LocalGrid
+from flower_harness import LocalGrid, honest_train_round
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
@@ -37,7 +37,7 @@ from client.shop_round import ReceivedEncoderError, check_received
 from server.robust import RobustSettings
 from server.strategies import ShopStrategy
 from server.wire import Wire
-from shared.compression import PARTS, SEP, CompressionError, decode_delta, decode_patch, encode_delta
+from shared.compression import PARTS, SEP, CompressionError, decode_delta, decode_patch
 from shared.npy_check import ArrayFormatError, checked_numpy
 
 N = 5
@@ -87,17 +87,7 @@ def strategy(mode: str) -> ShopStrategy:
 
 def train_round(strat: ShopStrategy, mode: str) -> list[Message]:
     """Each shop's honest reply to the strategy's train messages (dense, or the wire delta), shop i at index i."""
-    sent = list(strat.configure_train(1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), ConfigRecord(),
-                                      LocalGrid(N, None)))
-    replies = []
-    for msg in sent:
-        msg.metadata.__dict__["_message_id"] = f"train-{msg.metadata.dst_node_id}"
-        i = msg.metadata.dst_node_id - 1000
-        arrays = trained(i) if mode == "none" else encode_delta(trained(i), GLOBAL)
-        replies.append(Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                           "metrics": MetricRecord({"num-examples": 100 + i, "shop-index": i})}),
-                               reply_to=msg))
-    return sorted(replies, key=lambda m: m.metadata.src_node_id)
+    return honest_train_round(strat, GLOBAL, N, trained, mode)[1]
 
 
 # ---- hostile reply content: each of these must leave the shop out ----------------------------------

@@ -7,8 +7,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from flower_harness import LocalGrid
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flower_harness import LocalGrid, honest_train_round
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 import server.wire
@@ -16,7 +16,6 @@ from server.decoded_array import DecodedArray, array_record
 from server.robust import RobustSettings
 from server.strategies import ShopStrategy
 from server.wire import Wire
-from shared.compression import encode_delta
 from shared.protocol import WIRE_PATCH, WIRE_RECORD
 
 N = 6
@@ -37,17 +36,7 @@ def _trained(i: int) -> dict[str, np.ndarray]:
 
 def _train_round(strategy: ShopStrategy, mode: str) -> tuple[list[Message], list[Message]]:
     """The train messages the strategy sends to N shops, and each shop's reply (dense or as its wire delta)."""
-    sent = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), ConfigRecord(),
-                                         LocalGrid(N, None)))
-    replies = []
-    for msg in sent:
-        msg.metadata.__dict__["_message_id"] = f"train-{msg.metadata.dst_node_id}"
-        i = msg.metadata.dst_node_id - 1000
-        arrays = _trained(i) if mode == "none" else encode_delta(_trained(i), GLOBAL)
-        replies.append(Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                           "metrics": MetricRecord({"num-examples": 100 + i, "shop-index": i})}),
-                               reply_to=msg))
-    return sent, sorted(replies, key=lambda m: m.metadata.src_node_id)  # shop i's reply at index i
+    return honest_train_round(strategy, GLOBAL, N, _trained, mode)
 
 
 @pytest.mark.parametrize("mode", ["none", "sparse-fp16"])

@@ -6,7 +6,6 @@ with `server.strategies.screen` restored afterwards; `--replay` then reads its o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -15,21 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-BENCH = Path(__file__).parents[1] / "benchmarks"
+from flower_harness import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def small_screen():
-    """The benchmark module, imported as the script imports its siblings (benchmarks/ on the path)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("small_screen", BENCH / "small_screen.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    """The benchmark module."""
+    return load_benchmark("small_screen")
 
 
 def _round(cosines: list[float], pulls: list[float], kept: list[int] | None = None) -> dict:

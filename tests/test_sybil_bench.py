@@ -5,29 +5,19 @@ The arms run in this process (a serial stand-in for the script's process pool): 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).parents[1] / "benchmarks"
+from flower_harness import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sybil():
-    """The benchmark module, imported as the script imports its siblings (benchmarks/ on the path)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("sybil", BENCH / "sybil.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    """The benchmark module."""
+    return load_benchmark("sybil")
 
 
 class _Serial:
