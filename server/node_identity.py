@@ -48,11 +48,15 @@ def claimed_shop_index(msg: Message) -> int | None:
         return None
     for record in msg.content.metric_records.values():
         if SHOP_INDEX in record:
-            value = record[SHOP_INDEX]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return None
-            return int(value) if math.isfinite(value) and float(value).is_integer() else None
+            return whole_index(record[SHOP_INDEX])
     return None
+
+
+def whole_index(value: Any) -> int | None:
+    """``value`` as a whole-number index (an int, or a float like 2.0), else None (2.5, NaN, inf, a bool, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value) if math.isfinite(value) and float(value).is_integer() else None
 
 
 def mismatch(msg: Message, bindings: dict[int, int]) -> tuple[int, int] | None:
@@ -123,11 +127,9 @@ class ShopClaims:
 
     def check(self, node: int, value: Any) -> tuple[int | None, str]:
         """(index, "") if ``node`` may claim ``value`` (binding it on first use), else (None, why)."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        index = whole_index(value)
+        if index is None:
             return None, f"'{SHOP_INDEX}' {value!r} is not a whole number"
-        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            return None, f"'{SHOP_INDEX}' {value!r} is not a whole number"
-        index = int(value)
         if not 0 <= index < self.limit():
             return None, f"'{SHOP_INDEX}' {index} is out of range (0..{self.limit() - 1})"
         bound = self.node_index.get(node)

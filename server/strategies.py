@@ -484,11 +484,14 @@ class ShopStrategy(Strategy):
         report = self._report or RoundReport(server_round=rnd, arrays=ArrayRecord())
         for msg in self.wire.receive(self._readdress(list(replies)), self._sent, "evaluate"):
             metrics = {} if msg.has_error() else dict(next(iter(msg.content.metric_records.values()), {}))
-            refused = "" if msg.has_error() or not_scalar_metrics(metrics) else self._refused_claim(msg, metrics)
-            if msg.has_error() or len(msg.content.metric_records) != 1 or not_scalar_metrics(metrics) or refused:
+            if msg.has_error():
+                reason = msg.error.reason or f"error reply (code {msg.error.code})"
+            elif len(msg.content.metric_records) != 1:
+                reason = "malformed evaluation reply"
+            else:
+                reason = not_scalar_metrics(metrics) or self._refused_claim(msg, metrics)
+            if reason:
                 shop = self._node_shop.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
-                reason = msg.error.reason if msg.has_error() else \
-                    not_scalar_metrics(metrics) or refused or "malformed evaluation reply"
                 logger.warning("round %d: no evaluation from shop %s: %s", rnd, shop, reason)
                 continue
             shop = self._shop_of(msg, metrics)
