@@ -43,6 +43,9 @@ class TrainConfig:
     sparse_embeddings: bool = True  # lazy (row-sparse) Adam on the large hashed tables; False = dense Adam
 
 
+POSITIVE_COLUMNS = ("user", "item", "hist")  # what `RankingTask.loss` and the shared user pass read of a positive
+
+
 def _sources(tensors: ShopTensors, heads: list[TaskHead]) -> dict[str, Mapping[str, torch.Tensor]]:
     rows = tensors.rows["train"]
     out: dict[str, Mapping[str, torch.Tensor]] = {}
@@ -51,7 +54,8 @@ def _sources(tensors: ShopTensors, heads: list[TaskHead]) -> dict[str, Mapping[s
             out["impressions"] = rows
         elif head.source == "positives":
             pos = rows["clicked"] == 1
-            out["positives"] = {k: v[pos] for k, v in rows.items()}
+            # Only the columns ranking reads (users, histories, clicked items): each column is a gather a step.
+            out["positives"] = {k: rows[k][pos] for k in POSITIVE_COLUMNS}
         elif head.source == "sales" and tensors.sales is not None:
             out["sales"] = tensors.sales["train"]
     return {k: v for k, v in out.items() if next(iter(v.values())).shape[0] > 0}
