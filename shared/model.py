@@ -101,14 +101,17 @@ def _pool(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     return _pool_terms(emb, idx)[0]
 
 
-def _pool_terms(emb: nn.Embedding, idx: torch.Tensor, counts: FieldCounts | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pool_terms(emb: nn.Embedding, idx: torch.Tensor, counts: FieldCounts | None = None,
+                looked_up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`_pool`'s mean (..., d) with the masked embeddings (..., F, d) and their sum (..., d) it came from.
 
     For callers that also need the fields' crosses (`SharedEncoder.item_terms`): one lookup serves both.
-    ``counts``: `field_counts(idx)` when the caller keeps it (a fixed index table, e.g. the catalog's fields).
+    ``counts``: `field_counts(idx)` when the caller keeps it (a fixed index table, e.g. the catalog's fields);
+    ``looked_up``: ``emb``'s rows at ``idx`` when the caller looked them up (with other indices, in one lookup).
     """
-    return _mean_terms(F.embedding(idx, emb.weight, sparse=emb.sparse), idx, counts)
+    if looked_up is None:
+        looked_up = F.embedding(idx, emb.weight, sparse=emb.sparse)
+    return _mean_terms(looked_up, idx, counts)
 
 
 @dataclass(frozen=True)
@@ -198,24 +201,26 @@ class SharedEncoder(nn.Module):
 
     def items(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
               item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None,
-              counts: FieldCounts | None = None) -> torch.Tensor:
+              counts: FieldCounts | None = None, looked_up: torch.Tensor | None = None) -> torch.Tensor:
         """Item vectors (I, d) from shared side fields, the product key and the local ID embedding.
 
-        ``counts``: `field_counts(item_cat)` when the caller keeps it.
+        ``counts``: `field_counts(item_cat)` when the caller keeps it; ``looked_up``: ``fields`` at ``item_cat``
+        when the caller looked them up.
         """
-        return self._item_tower(_pool_terms(self.fields, item_cat, counts)[0], item_key, item_num, item_id_emb,
-                                id_keep)
+        return self._item_tower(_pool_terms(self.fields, item_cat, counts, looked_up)[0], item_key, item_num,
+                                item_id_emb, id_keep)
 
     def item_terms(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
                    item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None,
-                   counts: FieldCounts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   counts: FieldCounts | None = None, looked_up: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """`items` (I, d) with each item's side-field crosses (I, d): `crosses(item_cat)`'s first part, row for
         row, from the lookup the item vectors already make (that lookup touches every item's field rows anyway).
 
         The wide terms are not taken here: a whole-catalog lookup of ``wide`` would touch rows a batch does not
-        use, which row-sparse Adam would then move by their momentum. ``counts``: `field_counts(item_cat)`, if kept.
+        use, which row-sparse Adam would then move by their momentum. ``counts``, ``looked_up``: as in `items`.
         """
-        pooled, e, total = _pool_terms(self.fields, item_cat, counts)
+        pooled, e, total = _pool_terms(self.fields, item_cat, counts, looked_up)
         return self._item_tower(pooled, item_key, item_num, item_id_emb, id_keep), _bi_interaction(e, total)
 
     def _item_tower(self, pooled: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
@@ -240,13 +245,15 @@ class SharedEncoder(nn.Module):
         return _run(self.ctx_tower, x if ctx_num_vec is None else x + ctx_num_vec)
 
     def field_terms(self, field_idx: torch.Tensor, groups: Sequence[int] = (), pooled: Sequence[int] = (),
-                    extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                    extra: torch.Tensor | None = None, rows: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Bi-interaction pooling (NFM, (B, d)) of a row's shared fields, their wide terms ((B, n_gated_tasks)
         first-order logits) and the mean embedding (B, d) of the ``pooled`` groups among the consecutive
         groups of ``groups`` fields (sizes summing to F; padding left out), from one lookup of each table.
 
         ``extra``: other rows' field indices (B2, F2) whose `_pool` mean (B2, d) is appended to the means,
         from the same lookup of ``fields`` (one row-sparse gradient instead of two and their merge).
+        ``rows``: ``fields``' rows at ``field_idx`` and at ``extra`` when the caller looked them up.
         """
         mask = _padding_mask(field_idx, self.fields.weight.dtype)
         # The mask already zeroes the padding fields and their gradient, so the lookups skip the tables'
@@ -255,7 +262,9 @@ class SharedEncoder(nn.Module):
         # Row 0 then appears in the row-sparse gradient with zeros, which Adam turns into no change while its
         # moments are zero (as the dense path, where padding_idx also leaves a zero gradient row).
         table = self.fields.weight
-        if extra is None:
+        if rows is not None:
+            looked_up, other = rows
+        elif extra is None:
             looked_up = F.embedding(field_idx, table, sparse=self.fields.sparse)  # (B, F, d)
         else:  # one flat lookup, split (a split's backward is one concatenation)
             flat = F.embedding(torch.cat([field_idx.reshape(-1), extra.reshape(-1)]), table, sparse=self.fields.sparse)
@@ -486,21 +495,23 @@ class ShopModel(nn.Module):
             self.__dict__["_catalog_counts_kept"] = kept
         return kept[2]
 
-    def all_items(self, items: torch.Tensor | None = None) -> torch.Tensor:
+    def all_items(self, items: torch.Tensor | None = None, *,
+                  catalog_fields: torch.Tensor | None = None) -> torch.Tensor:
         """Item vectors for the given item indices (default: the whole local vocabulary).
 
         The whole vocabulary's table of a shop with sales also carries each item's side-field crosses
         (attribute ``ITEM_CROSSES``), from the field lookup the table makes: a sales batch then gathers its
         rows' crosses instead of looking their fields up again (one sparse gradient fewer on ``fields``, whose
-        merge into the others is a row-by-row copy).
+        merge into the others is a row-by-row copy). ``catalog_fields``: the ``fields`` table's rows at ``item_cat``
+        (I, F, d), when the caller looked them up (whole vocabulary only).
         """
         if items is None:
             w = self.local.item_ids.weight
             args = (self.item_cat, self.item_key, self.item_num, w, self._id_keep(len(w), w))
             counts = self._catalog_counts(w.dtype)
             if "sales" not in self.local.towers:
-                return self.encoder.items(*args, counts=counts)
-            table, bi = self.encoder.item_terms(*args, counts=counts)
+                return self.encoder.items(*args, counts=counts, looked_up=catalog_fields)
+            table, bi = self.encoder.item_terms(*args, counts=counts, looked_up=catalog_fields)
             setattr(table, ITEM_CROSSES, bi)
             return table
         emb = self.local.item_ids(items)
@@ -534,25 +545,45 @@ class ShopModel(nn.Module):
         training, the ID dropout draws the impression rows' then the ranking rows' masks, as they would),
         with gradients summed in another order, and a third fewer user-side ops a step.
         """
-        logits, users = self._impressions(batch, item_table, rank_rows)
+        logits, users, _ = self._impressions(batch, item_table, rank_rows)
         assert users is not None
         return logits, users
 
-    def _impressions(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor,
+    def training_impressions(self, batch: Mapping[str, torch.Tensor], rank_rows: Mapping[str, torch.Tensor] | None
+                             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
+        """A training step's first pass: `impression_logits` of ``batch``, `ranking_users` of ``rank_rows`` (if given,
+        else None) and the whole vocabulary's item table (`all_items`), which the pass builds first.
+
+        The catalog's and the rows' field indices go through one lookup of the field table: the same values as
+        `all_items` then `impression_logits_and_ranking_users` (the ID dropout draws in the same order), with one
+        row-sparse gradient on ``fields`` instead of two and autograd's row-by-row merge of them (~1 ms a step).
+        """
+        return self._impressions(batch, None, rank_rows)
+
+    def _impressions(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor | None,
                      rank_rows: Mapping[str, torch.Tensor] | None
-                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
         user_cat, ctx_cat = self.user_cat.index_select(0, batch["user"]), batch["ctx_cat"]
         fields = torch.cat([user_cat, self.item_cat.index_select(0, batch["item"]), ctx_cat], 1)
         # One lookup of the field table serves the crosses, the user's side fields and the context: each
         # extra lookup costs a forward, a backward and (in row-sparse training) a sparse gradient merge.
         groups = (user_cat.shape[1], fields.shape[1] - user_cat.shape[1] - ctx_cat.shape[1], ctx_cat.shape[1])
+        extra = None if rank_rows is None else self.user_cat.index_select(0, rank_rows["user"])
+        looked_up = None
+        if item_table is None:  # the catalog's fields join the lookup; the item table is built from them first
+            parts = [self.item_cat, fields] + ([] if extra is None else [extra])
+            emb = self.encoder.fields
+            flat = F.embedding(torch.cat([p.reshape(-1) for p in parts]), emb.weight, sparse=emb.sparse)
+            rows = [r.view(*p.shape, -1) for r, p in zip(flat.split([p.numel() for p in parts]), parts, strict=True)]
+            item_table = self.all_items(catalog_fields=rows[0])
+            looked_up = (rows[1], None if extra is None else rows[2])
         rank_users = None
         if rank_rows is None:
-            bi, wide, (side, ctx_mean) = self.encoder.field_terms(fields, groups, pooled=(0, 2))
+            bi, wide, (side, ctx_mean) = self.encoder.field_terms(fields, groups, pooled=(0, 2), rows=looked_up)
             u = self.user_vectors(batch["user"], batch["hist"], item_table, side=side)
         else:
             bi, wide, (side, ctx_mean, rank_side) = self.encoder.field_terms(
-                fields, groups, pooled=(0, 2), extra=self.user_cat.index_select(0, rank_rows["user"]))
+                fields, groups, pooled=(0, 2), extra=extra, rows=looked_up)
             both = self.user_vectors(torch.cat([batch["user"], rank_rows["user"]]),
                                      torch.cat([batch["hist"], rank_rows["hist"]]), item_table,
                                      side=torch.cat([side, rank_side]))
@@ -566,10 +597,10 @@ class ShopModel(nn.Module):
         experts = self.encoder.mixture(x)  # (B, K, E)
         tasks = [t for t in ("ctr", "cvr") if t in self.local.towers]
         if not tasks:
-            return {}, rank_users
+            return {}, rank_users, item_table
         first = GATED_TASKS.index(tasks[0])  # ctr, cvr: adjacent columns of the wide terms, a view
         logits = self.local.gated_towers(tasks, x, experts) + wide[:, first:first + len(tasks)].T
-        return dict(zip(tasks, logits.unbind(0), strict=True)), rank_users
+        return dict(zip(tasks, logits.unbind(0), strict=True)), rank_users, item_table
 
     def ranking_scores(self, user: torch.Tensor, hist: torch.Tensor, items: torch.Tensor,
                        item_table: torch.Tensor) -> torch.Tensor:

@@ -169,9 +169,12 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     # The optimisers' parameters, for `zero_grad(set_to_none=True)` as one loop (Optimizer.zero_grad's
     # profiling hooks and per-group bookkeeping cost ~0.1 ms a step for the same effect).
     optimised = [p for opt in optimisers for group in opt.param_groups for p in group["params"]]
+    # An impression head first: it builds the step's item table in its pass (one lookup of the field table for
+    # the catalog's and the rows' fields, see ShopModel.training_impressions); the other heads take it from the cache.
+    deferred = heads[0].source == "impressions"
     for step in range(steps):
         batches = {s: c.next() for s, c in cyclers.items()}
-        item_table = model.all_items()
+        item_table = None if deferred else model.all_items()
         for p in optimised:  # before the forward: weightings may attach gradients in combine()
             p.grad = None
         # rank_shared: the impression heads' forward also computes the ranking rows' users (one user pass)
