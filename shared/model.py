@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,17 @@ def _run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if kind is nn.Embedding:
         return F.embedding(x, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
     return m(x)
+
+
+def _lookup_parts(emb: nn.Embedding, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``emb``'s rows at each index tensor of ``parts`` ((..., d) each), from one lookup of the concatenated indices.
+
+    One lookup gives a table one (row-sparse) gradient: autograd adds a table's several gradients with a
+    row-by-row merge into a zero-filled buffer, which costs more than the lookups (a split's backward is one
+    concatenation).
+    """
+    flat = F.embedding(torch.cat([p.reshape(-1) for p in parts]), emb.weight, sparse=emb.sparse)
+    return [r.view(*p.shape, -1) for r, p in zip(flat.split([p.numel() for p in parts]), parts, strict=True)]
 
 
 def _sparse_mean(table: torch.Tensor, idx: torch.Tensor, sparse: bool = False) -> torch.Tensor:
@@ -166,6 +178,15 @@ def _bi_interaction(e: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return 0.5 * (total * total - (e * e).sum(-2))
 
 
+class ImpressionPass(NamedTuple):
+    """What `ShopModel.training_impressions` returns: the step's first pass."""
+
+    logits: dict[str, torch.Tensor]  # per impression task, (B,)
+    ranking_users: torch.Tensor | None  # the ranking rows' users (`ShopModel.ranking_users`), if rows were given
+    item_table: torch.Tensor  # the whole vocabulary's item vectors (`ShopModel.all_items`)
+    sales_wide: torch.Tensor | None  # the sales rows' wide terms (B_s, n_gated_tasks), if rows were given
+
+
 @cache
 def _sales_cols(d: int) -> torch.Tensor:
     """Columns of the joint input (u, v, c, u*v, bi; d each) a sales row fills: v, c (the sales input), bi.
@@ -245,15 +266,16 @@ class SharedEncoder(nn.Module):
         return _run(self.ctx_tower, x if ctx_num_vec is None else x + ctx_num_vec)
 
     def field_terms(self, field_idx: torch.Tensor, groups: Sequence[int] = (), pooled: Sequence[int] = (),
-                    extra: torch.Tensor | None = None, rows: tuple[torch.Tensor, torch.Tensor | None] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                    extra: torch.Tensor | None = None, rows: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                    wide_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Bi-interaction pooling (NFM, (B, d)) of a row's shared fields, their wide terms ((B, n_gated_tasks)
         first-order logits) and the mean embedding (B, d) of the ``pooled`` groups among the consecutive
         groups of ``groups`` fields (sizes summing to F; padding left out), from one lookup of each table.
 
         ``extra``: other rows' field indices (B2, F2) whose `_pool` mean (B2, d) is appended to the means,
         from the same lookup of ``fields`` (one row-sparse gradient instead of two and their merge).
-        ``rows``: ``fields``' rows at ``field_idx`` and at ``extra`` when the caller looked them up.
+        ``rows``: ``fields``' rows at ``field_idx`` and at ``extra`` when the caller looked them up; ``wide_rows``:
+        ``wide``'s rows at ``field_idx``, likewise.
         """
         mask = _padding_mask(field_idx, self.fields.weight.dtype)
         # The mask already zeroes the padding fields and their gradient, so the lookups skip the tables'
@@ -283,13 +305,17 @@ class SharedEncoder(nn.Module):
                 means = [parts[g].sum(1) / counts[g].sum(1, keepdim=True).clamp(min=1) for g in pooled]
         if extra is not None:
             means.append(_mean_terms(other, extra)[0])
-        wide = _masked(F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
-        return bi, wide, means
+        if wide_rows is None:
+            wide_rows = F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse)
+        return bi, _masked(wide_rows, mask).sum(1), means
 
-    def wide_terms(self, field_idx: torch.Tensor) -> torch.Tensor:
-        """The wide terms (B, n_gated_tasks) of `field_terms` alone (a lookup of ``wide`` only)."""
+    def wide_terms(self, field_idx: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The wide terms (B, n_gated_tasks) of `field_terms` alone (a lookup of ``wide`` only; ``rows``: ``wide``'s
+        rows at ``field_idx`` when the caller looked them up)."""
         mask = _padding_mask(field_idx, self.wide.weight.dtype)
-        return _masked(F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
+        if rows is None:
+            rows = F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse)
+        return _masked(rows, mask).sum(1)
 
     def crosses(self, field_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bi-interaction pooling (NFM) of all shared fields of a row, and their wide terms.
@@ -533,7 +559,7 @@ class ShopModel(nn.Module):
 
     def impression_logits(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-task logits on impression rows: {'ctr': (B,), 'cvr': (B,)} for the tasks the shop has."""
-        return self._impressions(batch, item_table, None)[0]
+        return self._impressions(batch, item_table, None).logits
 
     def impression_logits_and_ranking_users(self, batch: Mapping[str, torch.Tensor],
                                             rank_rows: Mapping[str, torch.Tensor], item_table: torch.Tensor
@@ -545,45 +571,50 @@ class ShopModel(nn.Module):
         training, the ID dropout draws the impression rows' then the ranking rows' masks, as they would),
         with gradients summed in another order, and a third fewer user-side ops a step.
         """
-        logits, users, _ = self._impressions(batch, item_table, rank_rows)
-        assert users is not None
-        return logits, users
+        out = self._impressions(batch, item_table, rank_rows)
+        assert out.ranking_users is not None
+        return out.logits, out.ranking_users
 
-    def training_impressions(self, batch: Mapping[str, torch.Tensor], rank_rows: Mapping[str, torch.Tensor] | None
-                             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
-        """A training step's first pass: `impression_logits` of ``batch``, `ranking_users` of ``rank_rows`` (if given,
-        else None) and the whole vocabulary's item table (`all_items`), which the pass builds first.
+    def training_impressions(self, batch: Mapping[str, torch.Tensor], rank_rows: Mapping[str, torch.Tensor] | None,
+                             sales_rows: Mapping[str, torch.Tensor] | None = None) -> ImpressionPass:
+        """A training step's first pass: `impression_logits` of ``batch``, `ranking_users` of ``rank_rows`` (if given),
+        the whole vocabulary's item table (`all_items`, built first) and the wide terms of ``sales_rows`` (if given;
+        what `sales_log_rate` takes as ``wide``).
 
-        The catalog's and the rows' field indices go through one lookup of the field table: the same values as
-        `all_items` then `impression_logits_and_ranking_users` (the ID dropout draws in the same order), with one
-        row-sparse gradient on ``fields`` instead of two and autograd's row-by-row merge of them (~1 ms a step).
+        The catalog's and the rows' field indices go through one lookup of the field table, and the impression and
+        sales rows' through one of the wide table: the same values as `all_items`, then
+        `impression_logits_and_ranking_users` and the sales rows' own lookup (the ID dropout draws in the same order),
+        with one row-sparse gradient a table instead of several and autograd's row-by-row merges of them.
         """
-        return self._impressions(batch, None, rank_rows)
+        return self._impressions(batch, None, rank_rows, sales_rows)
 
     def _impressions(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor | None,
-                     rank_rows: Mapping[str, torch.Tensor] | None
-                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
+                     rank_rows: Mapping[str, torch.Tensor] | None,
+                     sales_rows: Mapping[str, torch.Tensor] | None = None) -> ImpressionPass:
         user_cat, ctx_cat = self.user_cat.index_select(0, batch["user"]), batch["ctx_cat"]
         fields = torch.cat([user_cat, self.item_cat.index_select(0, batch["item"]), ctx_cat], 1)
         # One lookup of the field table serves the crosses, the user's side fields and the context: each
         # extra lookup costs a forward, a backward and (in row-sparse training) a sparse gradient merge.
         groups = (user_cat.shape[1], fields.shape[1] - user_cat.shape[1] - ctx_cat.shape[1], ctx_cat.shape[1])
         extra = None if rank_rows is None else self.user_cat.index_select(0, rank_rows["user"])
-        looked_up = None
+        looked_up = wide_rows = sales_wide = None
         if item_table is None:  # the catalog's fields join the lookup; the item table is built from them first
-            parts = [self.item_cat, fields] + ([] if extra is None else [extra])
-            emb = self.encoder.fields
-            flat = F.embedding(torch.cat([p.reshape(-1) for p in parts]), emb.weight, sparse=emb.sparse)
-            rows = [r.view(*p.shape, -1) for r, p in zip(flat.split([p.numel() for p in parts]), parts, strict=True)]
-            item_table = self.all_items(catalog_fields=rows[0])
-            looked_up = (rows[1], None if extra is None else rows[2])
+            item_rows, field_rows, *extra_rows = _lookup_parts(
+                self.encoder.fields, [self.item_cat, fields] + ([] if extra is None else [extra]))
+            item_table = self.all_items(catalog_fields=item_rows)
+            looked_up = (field_rows, extra_rows[0] if extra_rows else None)
+            if sales_rows is not None:  # the sales rows' wide terms from the impression rows' lookup of ``wide``
+                sales_fields = self.item_cat.index_select(0, sales_rows["item"])
+                wide_rows, sales_rows_wide = _lookup_parts(self.encoder.wide, [fields, sales_fields])
+                sales_wide = self.encoder.wide_terms(sales_fields, rows=sales_rows_wide)
         rank_users = None
         if rank_rows is None:
-            bi, wide, (side, ctx_mean) = self.encoder.field_terms(fields, groups, pooled=(0, 2), rows=looked_up)
+            bi, wide, (side, ctx_mean) = self.encoder.field_terms(fields, groups, pooled=(0, 2), rows=looked_up,
+                                                                  wide_rows=wide_rows)
             u = self.user_vectors(batch["user"], batch["hist"], item_table, side=side)
         else:
             bi, wide, (side, ctx_mean, rank_side) = self.encoder.field_terms(
-                fields, groups, pooled=(0, 2), extra=extra, rows=looked_up)
+                fields, groups, pooled=(0, 2), extra=extra, rows=looked_up, wide_rows=wide_rows)
             both = self.user_vectors(torch.cat([batch["user"], rank_rows["user"]]),
                                      torch.cat([batch["hist"], rank_rows["hist"]]), item_table,
                                      side=torch.cat([side, rank_side]))
@@ -597,10 +628,10 @@ class ShopModel(nn.Module):
         experts = self.encoder.mixture(x)  # (B, K, E)
         tasks = [t for t in ("ctr", "cvr") if t in self.local.towers]
         if not tasks:
-            return {}, rank_users, item_table
+            return ImpressionPass({}, rank_users, item_table, sales_wide)
         first = GATED_TASKS.index(tasks[0])  # ctr, cvr: adjacent columns of the wide terms, a view
         logits = self.local.gated_towers(tasks, x, experts) + wide[:, first:first + len(tasks)].T
-        return dict(zip(tasks, logits.unbind(0), strict=True)), rank_users, item_table
+        return ImpressionPass(dict(zip(tasks, logits.unbind(0), strict=True)), rank_users, item_table, sales_wide)
 
     def ranking_scores(self, user: torch.Tensor, hist: torch.Tensor, items: torch.Tensor,
                        item_table: torch.Tensor) -> torch.Tensor:
@@ -622,21 +653,25 @@ class ShopModel(nn.Module):
             return (users.unsqueeze(1) * v).sum(-1) + bias
         return torch.einsum("bd,bcd->bc", users, v) + bias
 
-    def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> torch.Tensor:
+    def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor,
+                       wide: torch.Tensor | None = None) -> torch.Tensor:
         """Log of expected next-period units per (item, period) row: (B,).
 
         The rows' side-field crosses come from ``item_table``'s per-item ones when it carries them
         (`all_items`), else from the lookup of the rows' fields the wide terms take: the same values either way.
+        ``wide``: the rows' wide terms (B, n_gated_tasks) when the caller has them (`training_impressions`).
         """
         item = batch["item"]
         v = item_table.index_select(0, item)
         s = _run(self.local.sales_in, batch["x"])  # (B, d)
-        fields = self.item_cat.index_select(0, item)
         per_item = getattr(item_table, ITEM_CROSSES, None)
         if per_item is None:
-            bi, wide = self.encoder.crosses(fields)
+            bi, wide_terms = self.encoder.crosses(self.item_cat.index_select(0, item))
+            wide = wide_terms if wide is None else wide
         else:
-            bi, wide = per_item.index_select(0, item), self.encoder.wide_terms(fields)
+            bi = per_item.index_select(0, item)
+            if wide is None:
+                wide = self.encoder.wide_terms(self.item_cat.index_select(0, item))
         # The joint input of a sales row is [0, v, s, 0, bi] (no user, no user-item product): the experts' first
         # layers and the gate read only the three non-zero blocks' weight columns (~40% fewer products there,
         # forward and backward, and no zero blocks built or differentiated).

@@ -55,6 +55,9 @@ class StepCache:
     - ``item_table``: when the trainer passes the heads no item table (None), the first impression head writes
       the step's (`ShopModel.training_impressions`: one field lookup for the catalog and the rows); the other
       heads read it (`step_items`).
+    - ``sales``: the trainer writes the step's sales rows when it leaves the item table to the impression head;
+      that head's pass also computes their wide terms into ``sales_wide``, which `SalesTask` takes (reads and
+      clears) for those same rows.
     """
 
     catalog: torch.Tensor
@@ -63,6 +66,8 @@ class StepCache:
     impressions: dict[str, torch.Tensor] | None = None
     ranking_users: torch.Tensor | None = None
     item_table: torch.Tensor | None = None
+    sales: Batch | None = None
+    sales_wide: torch.Tensor | None = None
 
 
 def step_items(model: ShopModel, item_table: torch.Tensor | None, cache: StepCache) -> torch.Tensor:
@@ -82,8 +87,8 @@ def _cached_impression_logits(model: ShopModel, batch: Batch, item_table: torch.
     """
     if cache.impressions is None:
         if item_table is None and cache.item_table is None:
-            cache.impressions, cache.ranking_users, cache.item_table = model.training_impressions(
-                batch, cache.positives)
+            cache.impressions, cache.ranking_users, cache.item_table, cache.sales_wide = model.training_impressions(
+                batch, cache.positives, cache.sales)
             return cache.impressions
         item_table = step_items(model, item_table, cache)
         if cache.positives is None:
@@ -232,7 +237,9 @@ class SalesTask(TaskHead):
     def loss(self, model, batch, item_table, cache):
         # Poisson deviance rather than F.poisson_nll_loss: same gradient, but >= 0 with 0 at a perfect fit,
         # which loss weightings (uncertainty, GradNorm, DWA) assume.
-        log_mu, y = model.sales_log_rate(batch, step_items(model, item_table, cache)), batch["units"]
+        wide = cache.sales_wide if cache.sales is batch else None  # from the impression pass, for these rows
+        cache.sales_wide = None
+        log_mu, y = model.sales_log_rate(batch, step_items(model, item_table, cache), wide), batch["units"]
         return 2 * (torch.xlogy(y, y) - y * log_mu - y + log_mu.exp()).mean()
 
     def evaluate(self, model, tensors, split, item_table):

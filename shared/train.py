@@ -178,7 +178,8 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
         for p in optimised:  # before the forward: weightings may attach gradients in combine()
             p.grad = None
         # rank_shared: the impression heads' forward also computes the ranking rows' users (one user pass)
-        cache = StepCache(tensors.catalog, gen, batches["positives"] if rank_shared else None)
+        cache = StepCache(tensors.catalog, gen, batches["positives"] if rank_shared else None,
+                          sales=batches.get("sales") if deferred else None)
         losses: dict[str, torch.Tensor] = {}
         with model.encoder.packing_once():  # impression and sales rows' mixtures share the packed expert weights
             for head in heads:
