@@ -79,6 +79,41 @@ def _run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
+def _alias_pack(params: Sequence[nn.Parameter], stack: bool) -> torch.Tensor:
+    """One leaf tensor holding ``params`` side by side (stacked, or concatenated along dim 0), each parameter's data
+    re-pointed to its part of it: an in-place update of the leaf (an optimiser step) is one of the parameters.
+
+    Why: a forward pass that reads several parameters as one tensor otherwise concatenates them at every step,
+    and the backward splits the gradient again and accumulates each part (~30 ops a step for the experts and the
+    CTR/CVR towers). `_unpack` gives each parameter its own storage back.
+    """
+    packed = (torch.stack if stack else torch.cat)([p.detach() for p in params])
+    packed.requires_grad_(all(p.requires_grad for p in params))
+    for p, part in zip(params, packed.detach().unbind(0) if stack else packed.detach().split([len(p) for p in params]),
+                       strict=True):
+        p.data = part
+    return packed
+
+
+def _unpack(params: Sequence[nn.Parameter]) -> None:
+    """Undo `_alias_pack`: each parameter gets a copy of its current values in its own storage."""
+    for p in params:
+        p.data = p.data.clone()
+
+
+@dataclass
+class Pack:
+    """A leaf tensor that holds ``params`` during training (`ShopModel.packed_parameters`): stacked or concatenated."""
+
+    leaf: torch.Tensor
+    params: list[nn.Parameter]
+    stack: bool
+
+    def of(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` (one per parameter, e.g. FedProx anchors) packed the same way as the parameters."""
+        return (torch.stack if self.stack else torch.cat)(list(tensors))
+
+
 def _lookup_parts(emb: nn.Embedding, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``emb``'s rows at each index tensor of ``parts`` ((..., d) each), from one lookup of the concatenated indices.
 
@@ -215,6 +250,7 @@ class SharedEncoder(nn.Module):
         self.wide = nn.Embedding(fcfg.hash_buckets, len(GATED_TASKS), padding_idx=0)
         nn.init.zeros_(self.wide.weight)
         self._packing: dict | None = None  # see packing_once
+        self._train_packs: list[Pack] | None = None  # see ShopModel.packed_parameters
         for emb in (self.fields, self.products):
             nn.init.normal_(emb.weight, std=0.05)
             with torch.no_grad():
@@ -348,6 +384,10 @@ class SharedEncoder(nn.Module):
     def _packed_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The experts' weights side by side: first layers' (K*E_in, 5d) and (K*E_in,), last layers' bias
         (K, 1, E) and transposed weight (K, E_in, E); inside `packing_once`, built once and reused."""
+        packs = getattr(self, "_train_packs", None)
+        if packs:  # the experts' parameters live in these leaves while training (`ShopModel.packed_parameters`)
+            w1, b1, w2, b2 = (p.leaf for p in packs)
+            return w1, b1, b2.unsqueeze(1), w2.transpose(1, 2)
         cache = getattr(self, "_packing", None)
         if cache is not None and "experts" in cache:
             return cache["experts"]
@@ -359,6 +399,14 @@ class SharedEncoder(nn.Module):
         if cache is not None:
             cache["experts"] = packed
         return packed
+
+    def expert_packs(self) -> list[Pack]:
+        """`_alias_pack` of the experts: first layers' weights and biases concatenated, last layers' stacked (the
+        layout `_packed_experts` builds each step otherwise); `mixture` reads them until `_unpack`."""
+        first, last = [e[0] for e in self.experts], [e[-1] for e in self.experts]
+        groups = [([f.weight for f in first], False), ([f.bias for f in first], False),
+                  ([m.weight for m in last], True), ([m.bias for m in last], True)]
+        return [Pack(_alias_pack(ps, stack), ps, stack) for ps, stack in groups]
 
     @contextmanager
     def packing_once(self) -> Iterator[None]:
@@ -424,6 +472,20 @@ class LocalPart(nn.Module):
             self.item_bias = nn.Embedding(tensors.n_items, 1)
             nn.init.zeros_(self.item_bias.weight)
         self.weighting = make_weighting(cfg.weighting, self.tasks)
+        self._train_packs: tuple[tuple[str, ...], list[Pack]] | None = None  # see ShopModel.packed_parameters
+
+    def tower_packs(self) -> tuple[tuple[str, ...], list[Pack]] | None:
+        """`_alias_pack` of the CTR/CVR gates and towers in `gated_towers`' layout (gate weights and biases
+        concatenated, tower layers stacked), or None when `gated_towers` would not batch them."""
+        tasks = tuple(t for t in ("ctr", "cvr") if t in self.towers)
+        towers = [self.towers[t] for t in tasks]
+        if len(tasks) < 2 or any(len(tw) != 3 for tw in towers):
+            return None
+        gates = [self.gates[t] for t in tasks]
+        groups = [([g.weight for g in gates], False), ([g.bias for g in gates], False),
+                  ([tw[0].weight for tw in towers], True), ([tw[0].bias for tw in towers], True),
+                  ([tw[-1].weight for tw in towers], True), ([tw[-1].bias for tw in towers], True)]
+        return tasks, [Pack(_alias_pack(ps, stack), ps, stack) for ps, stack in groups]
 
     def gate(self, task: str, x: torch.Tensor, experts: torch.Tensor, cols: torch.Tensor | None = None
              ) -> torch.Tensor:
@@ -447,14 +509,19 @@ class LocalPart(nn.Module):
             return torch.stack([self.towers[t](self.gate(t, x, experts)).squeeze(-1) for t in tasks])
         gates = [self.gates[t] for t in tasks]
         n, k = len(tasks), gates[0].out_features
-        logits = F.linear(x, torch.cat([g.weight for g in gates]), torch.cat([g.bias for g in gates]))
+        packed = getattr(self, "_train_packs", None)
+        if packed is not None and packed[0] == tuple(tasks):  # the parameters live in these leaves while training
+            gw, gb, w1, b1, w2, b2 = (p.leaf for p in packed[1])
+        else:
+            first, last = [tw[0] for tw in towers], [tw[-1] for tw in towers]
+            gw, gb = torch.cat([g.weight for g in gates]), torch.cat([g.bias for g in gates])
+            w1, b1 = torch.stack([f.weight for f in first]), torch.stack([f.bias for f in first])
+            w2, b2 = torch.stack([m.weight for m in last]), torch.stack([m.bias for m in last])
+        logits = F.linear(x, gw, gb)
         w = torch.softmax(logits.view(-1, n, k), -1)  # (B, T, K)
         h = torch.bmm(w, experts).transpose(0, 1)  # (T, B, E): each task's mixture
-        first, last = [tw[0] for tw in towers], [tw[-1] for tw in towers]
-        z = torch.relu(torch.baddbmm(torch.stack([f.bias for f in first]).unsqueeze(1), h,
-                                     torch.stack([f.weight for f in first]).transpose(1, 2)))  # (T, B, H)
-        out = torch.baddbmm(torch.stack([m.bias for m in last]).unsqueeze(1), z,
-                            torch.stack([m.weight for m in last]).transpose(1, 2))  # (T, B, 1)
+        z = torch.relu(torch.baddbmm(b1.unsqueeze(1), h, w1.transpose(1, 2)))  # (T, B, H)
+        out = torch.baddbmm(b2.unsqueeze(1), z, w2.transpose(1, 2))  # (T, B, 1)
         return out.squeeze(-1)
 
 
@@ -504,6 +571,27 @@ class ShopModel(nn.Module):
         ``local.item_ids`` is read whole by `all_items`, and the local tables are small.
         """
         return [self.encoder.fields, self.encoder.products, self.encoder.wide]
+
+    @contextmanager
+    def packed_parameters(self, encoder: bool = True) -> Iterator[list[Pack]]:
+        """Within the block, the experts' parameters (``encoder``) and the CTR/CVR gates' and towers' live in packed
+        leaf tensors (`_alias_pack`), which the forward passes read and an optimiser must update instead of them;
+        yields the packs. The parameters' values, names and state dict stay as they are; on exit they get their own
+        storage back. A training-loop switch (`shared.train`): a plain backward inside the block leaves the packed
+        parameters' ``.grad`` unset (the leaves get it).
+        """
+        enc = self.encoder.expert_packs() if encoder else []
+        towers = self.local.tower_packs()
+        self.encoder._train_packs = enc or None
+        self.local._train_packs = towers
+        packs = enc + (towers[1] if towers else [])
+        try:
+            yield packs
+        finally:
+            self.encoder._train_packs = None
+            self.local._train_packs = None
+            for pack in packs:
+                _unpack(pack.params)
 
     # ---- forward pieces ----------------------------------------------------------------------
     def _id_keep(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
