@@ -12,6 +12,7 @@ Without a bindings file (simulation, `flwr run` by hand) the Grid is returned un
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -100,6 +101,27 @@ def check_identities(grid: Grid, run_dir: str | Path) -> Grid:
 
 
 MAX_SHOP_INDEX = 1_000_000  # claims at or above are refused when the coordinator cannot count the shops
+RestoredBinding = tuple[int, str]  # (node ID, sha256 of its public key or "") a checkpoint keeps for a shop-index
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    """``sha256:<hex>`` of a node's public key as Flower's ``NodeInfo`` gives it ("" when it has none)."""
+    return f"sha256:{hashlib.sha256(public_key).hexdigest()}" if public_key else ""
+
+
+def online_nodes(grid: Grid) -> tuple[set[int], dict[int, str]]:
+    """(IDs of the nodes online now, node -> public-key fingerprint of those that have a key).
+
+    Flower 1.42's ``grid.get_nodes()`` gives the ServerApp each online node's ``NodeInfo`` with the
+    ``public_key`` it registered (a merchant's key with SuperNode authentication; a fresh key per start
+    without it; random bytes per process in the simulation engine). A Grid without it gives node IDs only.
+    """
+    try:
+        infos = list(grid.get_nodes())
+        return {int(n.node_id) for n in infos}, {int(n.node_id): key_fingerprint(bytes(getattr(n, "public_key", b"")))
+                                                for n in infos if getattr(n, "public_key", b"")}
+    except Exception:  # noqa: BLE001 - a Grid without NodeInfo: node IDs alone still decide
+        return {int(n) for n in grid.get_node_ids()}, {}
 
 
 class ShopClaims:
@@ -110,20 +132,64 @@ class ShopClaims:
     node already claimed another index in this run; or when another node already claimed that index. The
     first accepted claim of a node binds it (registered nodes start bound: ``node-bindings.json``). So a bad
     or hijacked node cannot write another shop's row of the round report, nor share its examples cap or
-    leave-one-out history. Kept in memory for the run's process: a `--resume` starts unbound (node IDs of
-    Flower's Ray simulation, and of a deployment whose SuperLink restarted, change between processes),
-    except for the registered bindings, which the run dir keeps.
+    leave-one-out history.
+
+    Bindings outlive the process: `export` gives each bound index's node ID and the fingerprint of its public
+    key (from `observe`), which the checkpoint keeps, and ``restored`` (a resumed run) holds them from the
+    start. A restored binding is the same node when the node ID or the key fingerprint matches, so an
+    authenticated merchant whose SuperLink restarted (new node ID, same key) keeps its shop, and any other
+    node claiming that index is refused, online or not. When no restored identity is among the nodes online
+    at the first `observe` (Flower's Ray simulation and unauthenticated SuperNodes get new IDs and keys in
+    every process), the restored bindings are dropped with a warning and indexes bind afresh. Registered
+    bindings win over restored ones.
     """
 
-    def __init__(self, n_shops: Callable[[], int] | None = None, bindings: dict[int, int] | None = None) -> None:
+    def __init__(self, n_shops: Callable[[], int] | None = None, bindings: dict[int, int] | None = None,
+                 restored: dict[int, RestoredBinding] | None = None) -> None:
         self._n_shops = n_shops  # 0 (or None) = unknown: only MAX_SHOP_INDEX bounds a claim
         self.node_index: dict[int, int] = dict(bindings or {})
         self.index_node: dict[int, int] = {index: node for node, index in self.node_index.items()}
+        self.keys: dict[int, str] = {}  # node -> key fingerprint, of the nodes online at the last `observe`
+        self._bound_key: dict[int, str] = {}  # index -> key fingerprint of the node it was bound to ("" unknown)
+        # index -> (node, key) bound in an earlier process and not claimed in this one yet; registered ones win
+        self.restored: dict[int, RestoredBinding] = {
+            index: (node, key) for index, (node, key) in (restored or {}).items()
+            if index not in self.index_node and node not in self.node_index}
+        self._restored_node = {node: index for index, (node, _) in self.restored.items()}
+        self._restored_key = {key: index for index, (_, key) in self.restored.items() if key}
+        self._observed = False
 
     def limit(self) -> int:
         """One past the largest shop-index a reply may claim."""
         n = self._n_shops() if self._n_shops is not None else 0
         return n if n > 0 else MAX_SHOP_INDEX
+
+    def observe(self, grid: Grid) -> None:
+        """Learn the online nodes' key fingerprints; at the first call, drop restored bindings none of whose
+        nodes is online (new node IDs and keys: a new simulation process, unauthenticated SuperNodes)."""
+        online, self.keys = online_nodes(grid)
+        if self._observed:
+            return
+        self._observed = True
+        if self.restored and not any(node in online or (key and key in self._key_nodes())
+                                     for node, key in self.restored.values()):
+            log.warning("fedshop: none of the %d node(s) bound to a shop-index before the resume is online (new node "
+                        "IDs and keys: a new simulation process, or SuperNodes without registered keys); their "
+                        "shop-indexes bind on first use again. Fix for deployments: `fedshop coordinator register "
+                        "--shop-index` binds an index to a merchant's key", len(self.restored))
+            self.restored.clear()
+            self._restored_node.clear()
+            self._restored_key.clear()
+
+    def _key_nodes(self) -> dict[str, int]:
+        """Key fingerprint -> node, of the nodes online at the last `observe`."""
+        return {key: node for node, key in self.keys.items()}
+
+    def _restored_of(self, node: int) -> int | None:
+        """The index ``node`` was bound to before the resume (by node ID, or by its key), else None."""
+        index = self._restored_node.get(node)
+        key = self.keys.get(node, "")
+        return index if index is not None or not key else self._restored_key.get(key)
 
     def check(self, node: int, value: Any) -> tuple[int | None, str]:
         """(index, "") if ``node`` may claim ``value`` (binding it on first use), else (None, why)."""
@@ -138,6 +204,32 @@ class ShopClaims:
         owner = self.index_node.get(index)
         if owner is not None and owner != node:
             return None, f"node {node} claimed '{SHOP_INDEX}' {index}, which node {owner} holds in this run"
+        if bound is None:
+            before = self._restored_of(node)
+            if before is not None and before != index:
+                return None, (f"node {node} claimed '{SHOP_INDEX}' {index} but was bound to {before} before the "
+                              "resume (checkpoint)")
+            if index in self.restored and before != index:
+                return None, (f"node {node} claimed '{SHOP_INDEX}' {index}, which node {self.restored[index][0]} "
+                              "held before the resume (checkpoint; another node ID and key)")
+            self._bind(node, index)
+        elif not self._bound_key.get(index) and self.keys.get(node):  # a registered node: its key, once known
+            self._bound_key[index] = self.keys[node]
+        return index, ""
+
+    def _bind(self, node: int, index: int) -> None:
+        """Bind ``node`` to ``index`` in this run (a restored binding of the index becomes a live one)."""
         self.node_index[node] = index
         self.index_node[index] = node
-        return index, ""
+        self._bound_key[index] = self.keys.get(node, "")
+        if index in self.restored:
+            old_node, old_key = self.restored.pop(index)
+            self._restored_node.pop(old_node, None)
+            self._restored_key.pop(old_key, None)
+
+    def export(self) -> dict[int, RestoredBinding]:
+        """Index -> (node, key fingerprint) of every binding, live or restored and not yet claimed: what a
+        checkpoint keeps."""
+        out = dict(self.restored)
+        out.update({index: (node, self._bound_key.get(index, "")) for index, node in self.index_node.items()})
+        return dict(sorted(out.items()))

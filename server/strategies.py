@@ -210,6 +210,7 @@ class ShopStrategy(Strategy):
             cfg = ConfigRecord({**dict(cfg), **self.round_config(rnd, "evaluate"), EVALUATE_AFTER_TRAIN: True})
         self._fused = {}
         messages = list(self.inner.configure_train(rnd, encoder, cfg, grid))
+        self.claims.observe(grid)  # the online nodes' keys (after sampling waited for min-shops of them)
         self._sampled = {m.metadata.dst_node_id for m in messages}
         for msg in messages:
             record = msg.content[self.key]
@@ -248,15 +249,14 @@ class ShopStrategy(Strategy):
             self._report.left_out[shop] = "no reply within the round timeout"
             logger.warning("round %d: left out shop %s: no reply within the round timeout", rnd, shop)
         # A fixed order makes the float sums, and so a resumed run, independent of reply arrival.
-        usable.sort(key=lambda m: (self._shop_of(m, dict(next(iter(m.content.metric_records.values())))),
-                                   m.metadata.src_node_id))
+        usable.sort(key=lambda m: (self._shop_of(m.metadata.src_node_id), m.metadata.src_node_id))
         shared: list[tuple[float, dict[str, np.ndarray]]] = []
         dtypes: dict[str, np.dtype] = {}
         screened = self._screen(rnd, usable)
         usable = [msg for msg, _ in screened]
         for msg, weight in screened:
             metrics = dict(next(iter(msg.content.metric_records.values())))
-            shop = self._shop_of(msg, metrics)
+            shop = self._shop_of(msg.metadata.src_node_id)  # its claim was checked by `_usable`
             self._report.train[shop] = {k: float(v) for k, v in metrics.items() if k != SHOP_INDEX}
             encoder, local = split_arrays(next(iter(msg.content.array_records.values())))
             dtypes = dtypes or {k: a.numpy().dtype for k, a in encoder.items()}
@@ -297,11 +297,12 @@ class ShopStrategy(Strategy):
             msg.content = RecordDict({k: r for k, r in msg.content.items() if k != EVAL_METRICS_RECORD})
             if not self.fuse_evaluate or SHOP_INDEX not in metrics or not_scalar_metrics(metrics):
                 continue  # unasked, nameless or malformed: the evaluate phase asks this shop instead
-            if why := self._refused_claim(msg, metrics):
+            index, why = self._claim(msg, metrics)
+            if why:
                 logger.warning("round %d: evaluation of node %s left out: %s", report.server_round,
                                msg.metadata.src_node_id, why)
                 continue
-            shop = self._shop_of(msg, metrics)
+            shop = self._shop_of(msg.metadata.src_node_id, index)
             report.evaluate[shop] = evaluation_row(metrics)
             self._fused[msg.metadata.src_node_id] = shop
 
@@ -336,7 +337,7 @@ class ShopStrategy(Strategy):
         flat_base = np.concatenate([base[k].ravel() for k in keys]).astype(np.float32) if keys else np.zeros(0)
         shops, deltas, claims = [], [], []
         for msg in usable:
-            shops.append(self._shop_of(msg, dict(next(iter(msg.content.metric_records.values())))))
+            shops.append(self._shop_of(msg.metadata.src_node_id))  # its claim was checked by `_usable`
             arrays = next(iter(msg.content.array_records.values()))
             flat = np.concatenate([arrays[k].numpy().ravel() for k in keys]) if keys else np.zeros(0)
             flat = flat.astype(np.float32, copy=False)  # the concatenation is a fresh array: subtract in place
@@ -392,11 +393,12 @@ class ShopStrategy(Strategy):
             report.left_out[shop] = "reply must hold one ArrayRecord and one MetricRecord"
         else:
             metrics = next(iter(msg.content.metric_records.values()))
-            if why := self._refused_claim(msg, dict(metrics)):
+            index, why = self._claim(msg, dict(metrics))
+            if why:
                 report.left_out[shop] = why
                 logger.warning("round %d: left out %s: %s", report.server_round, shop, why)
                 return False
-            shop = self._shop_of(msg, dict(metrics))
+            shop = self._shop_of(msg.metadata.src_node_id, index)
             weight = metrics.get(NUM_EXAMPLES)
             arrays = next(iter(msg.content.array_records.values()))
             if weight == 0:  # a late joiner still waiting or warming up: it reports, but does not count
@@ -446,19 +448,18 @@ class ShopStrategy(Strategy):
         a = self._global_local.get(key)
         return None if a is None else (tuple(a.shape), a.dtype)
 
-    def _refused_claim(self, msg: Message, metrics: dict[str, Any]) -> str:
-        """Why the reply's `shop-index` claim is refused (`ShopClaims`), or "" (accepted, or no claim)."""
+    def _claim(self, msg: Message, metrics: dict[str, Any]) -> tuple[int | None, str]:
+        """The reply's `shop-index` checked once by `ShopClaims`: (index, "") when accepted, (None, why) when
+        refused, (None, "") when the reply names none."""
         if SHOP_INDEX not in metrics:
-            return ""
-        return self.claims.check(msg.metadata.src_node_id, metrics[SHOP_INDEX])[1]
+            return None, ""
+        return self.claims.check(msg.metadata.src_node_id, metrics[SHOP_INDEX])
 
-    def _shop_of(self, msg: Message, metrics: dict[str, Any]) -> str:
-        """Shop name from the reply's `shop-index` if `ShopClaims` accepts it (kept per node for error replies)."""
-        node = msg.metadata.src_node_id
-        if SHOP_INDEX in metrics:
-            index, _ = self.claims.check(node, metrics[SHOP_INDEX])
-            if index is not None:
-                self._node_shop[node] = self.shop_name(index)
+    def _shop_of(self, node: int, index: int | None = None) -> str:
+        """Shop name of ``node``: that of its accepted claim ``index`` (kept per node for its error replies), else
+        the one it had, else ``node-<id>``."""
+        if index is not None:
+            self._node_shop[node] = self.shop_name(index)
         return self._node_shop.get(node, f"node-{node}")
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -467,6 +468,7 @@ class ShopStrategy(Strategy):
         """Send the new global arrays to every shop for per-task evaluation."""
         rnd = server_round + self.round_offset
         cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "evaluate")})
+        self.claims.observe(grid)
         if self._report is not None:
             self._report.eval_split = str(cfg.get(EVAL_SPLIT, "val"))
         # The inner strategy still samples (the same RNG draws as without fusion); fused shops are not asked again.
@@ -484,17 +486,20 @@ class ShopStrategy(Strategy):
         report = self._report or RoundReport(server_round=rnd, arrays=ArrayRecord())
         for msg in self.wire.receive(self._readdress(list(replies)), self._sent, "evaluate"):
             metrics = {} if msg.has_error() else dict(next(iter(msg.content.metric_records.values()), {}))
+            index: int | None = None
             if msg.has_error():
                 reason = msg.error.reason or f"error reply (code {msg.error.code})"
             elif len(msg.content.metric_records) != 1:
                 reason = "malformed evaluation reply"
             else:
-                reason = not_scalar_metrics(metrics) or self._refused_claim(msg, metrics)
+                reason = not_scalar_metrics(metrics)
+                if not reason:
+                    index, reason = self._claim(msg, metrics)
             if reason:
                 shop = self._node_shop.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
                 logger.warning("round %d: no evaluation from shop %s: %s", rnd, shop, reason)
                 continue
-            shop = self._shop_of(msg, metrics)
+            shop = self._shop_of(msg.metadata.src_node_id, index)
             report.evaluate[shop] = evaluation_row(metrics)
         # Error replies carry no shop-index: name shops first seen in this round's evaluation.
         for node, shop in self._node_shop.items():

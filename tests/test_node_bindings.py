@@ -1,0 +1,194 @@
+"""Node <-> shop-index bindings (`server.node_identity.ShopClaims`) outlive a coordinator restart: the checkpoint
+keeps them, a resumed run holds them from the start, and a node claiming another's index is refused, through the
+strategy and checkpoint API and through the real resume path (`run_federation` on `LocalGrid`)."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flower_harness import LocalGrid, honest_train_round, tiny_scenario, write_scenario
+from flwr.serverapp.strategy import FedAvg
+
+from client import client_app
+from server.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from server.node_identity import ShopClaims, key_fingerprint
+from server.robust import RobustSettings
+from server.server_app import FederationSettings, run_federation
+from server.strategies import ShopStrategy
+from shared.protocol import SHOP_INDEX
+
+BIG = 2**64 - 5  # Flower's node IDs are unsigned 64-bit
+KEY_A, KEY_B = key_fingerprint(b"merchant-a"), key_fingerprint(b"merchant-b")
+
+
+class NodesGrid:
+    """Just what `ShopClaims.observe` reads: the online nodes' IDs and public keys (Flower's `NodeInfo`)."""
+
+    def __init__(self, nodes: dict[int, bytes]) -> None:
+        self.nodes = nodes
+
+    def get_nodes(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(node_id=n, public_key=k) for n, k in self.nodes.items()]
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def _roundtrip(tmp_path, claims: ShopClaims) -> dict[int, tuple[int, str]]:
+    """``claims``' bindings as a resumed run reads them back from a checkpoint file."""
+    save_checkpoint(tmp_path, Checkpoint(3, {"w": np.zeros(2, np.float32)}, shop_bindings=claims.export()))
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.server_round == 3
+    return ckpt.shop_bindings
+
+
+# ---- ShopClaims and the checkpoint ------------------------------------------------------------------------------
+
+def test_bindings_survive_a_checkpoint_and_a_node_claiming_anothers_index_is_refused_after_resume(tmp_path):
+    before = ShopClaims(lambda: 3)
+    assert before.check(101, 0) == (0, "") and before.check(BIG, 1) == (1, "")
+    restored = _roundtrip(tmp_path, before)
+    assert restored == {0: (101, ""), 1: (BIG, "")}
+    after = ShopClaims(lambda: 3, restored=restored)
+    index, why = after.check(666, 0)  # a hostile node answering first after the resume
+    assert index is None and "which node 101 held before the resume" in why
+    index, why = after.check(BIG, 0)  # shop 1's node claiming shop 0
+    assert index is None and "was bound to 1 before the resume" in why
+    assert after.check(101, 0) == (0, "") and after.check(666, 2) == (2, "")  # owner back; a free index binds
+    # shop 1's node has not come back yet: its binding is carried into the next checkpoint
+    assert after.export() == {0: (101, ""), 1: (BIG, ""), 2: (666, "")}
+    assert after.check(777, 1)[0] is None
+
+
+def test_a_restored_binding_follows_the_key_when_the_node_id_changed():
+    after = ShopClaims(lambda: 3, restored={0: (101, KEY_A)})
+    after.observe(NodesGrid({201: b"merchant-a", 202: b"merchant-b"}))  # a restarted SuperLink: new node IDs
+    index, why = after.check(202, 0)
+    assert index is None and "held before the resume" in why  # another key
+    assert after.check(201, 0) == (0, "")  # the same key under a new node ID keeps its shop
+    assert after.export() == {0: (201, KEY_A)}
+    assert after.check(202, 1) == (1, "")
+
+
+def test_an_offline_owner_keeps_its_index_while_any_restored_node_is_online(caplog):
+    after = ShopClaims(lambda: 3, restored={0: (101, ""), 1: (102, "")})
+    after.observe(NodesGrid({102: b"", 666: b""}))  # 101 is offline; 102 shows the node IDs were kept
+    assert after.check(666, 0)[0] is None and after.check(101, 0) == (0, "")
+    assert "bind on first use again" not in caplog.text
+
+
+def test_restored_bindings_are_dropped_when_no_restored_node_is_online(caplog):
+    """Flower's Ray simulation (and unauthenticated SuperNodes) draw new node IDs and keys in every process: the
+    restored bindings match nobody, and keeping them would refuse every shop after `--resume`."""
+    caplog.set_level(logging.WARNING)
+    after = ShopClaims(lambda: 3, restored={0: (101, KEY_A), 1: (102, "")})
+    after.observe(NodesGrid({301: b"fresh-1", 302: b"fresh-2"}))
+    assert "none of the 2 node(s) bound to a shop-index before the resume is online" in caplog.text
+    assert after.check(302, 0) == (0, "") and after.check(301, 1) == (1, "") and not after.restored
+
+
+def test_registered_bindings_win_over_restored_ones():
+    """`node-bindings.json` is rewritten at every `coordinator run` (node IDs remapped after a SuperLink restart)."""
+    after = ShopClaims(lambda: 3, {501: 0}, restored={0: (101, ""), 1: (501, ""), 2: (102, "")})
+    assert after.restored == {2: (102, "")}
+    assert after.check(501, 0) == (0, "") and after.check(101, 0)[0] is None and after.check(666, 2)[0] is None
+
+
+def test_a_checkpoint_without_bindings_loads_and_a_malformed_one_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path, Checkpoint(1, {"w": np.zeros(2, np.float32)}))
+    payload = torch.load(path, weights_only=True)
+    del payload["shop_bindings"]
+    torch.save(payload, path)
+    assert load_checkpoint(path).shop_bindings == {}  # written before bindings were kept: none
+    for bad in ({"0": [101, ""]}, {"x": ["101", ""]}, {"0": ["101"]}, {"0": ["101", ""], "1": ["101", ""]},
+                {"0": ["101", "k"], "1": ["102", "k"]}, ["0"]):
+        payload["shop_bindings"] = bad
+        torch.save(payload, path)
+        with pytest.raises(CheckpointError, match=r"shop_bindings .*Fix: delete it"):
+            load_checkpoint(path)
+
+
+# ---- through the strategy ----------------------------------------------------------------------------------------
+
+SHAPES = {"emb": (20, 4), "dense.weight": (3, 5)}
+GLOBAL = {k: np.random.default_rng(0).normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _trained(i: int) -> dict[str, np.ndarray]:
+    return {k: v + 0.01 * (i + 1) for k, v in GLOBAL.items()}
+
+
+def _strategy(restored: dict[int, tuple[int, str]] | None) -> ShopStrategy:
+    return ShopStrategy(FedAvg(min_train_nodes=3, min_available_nodes=3), min_shops=2,
+                        shop_name=lambda i: f"shop_{i}", robust=RobustSettings(),
+                        claims=ShopClaims(lambda: 5, restored=restored))
+
+
+def _hostile_first_round(strategy: ShopStrategy) -> dict:
+    """One train round of 4 nodes (1000..1003) in which new node 1003 claims shop 0 and answers first."""
+    _, replies = honest_train_round(strategy, GLOBAL, 4, _trained, "none")
+    next(iter(replies[3].content.metric_records.values()))[SHOP_INDEX] = 0
+    strategy.aggregate_train(1, [replies[3], *replies[:3]])
+    assert strategy._report is not None
+    return {"train": sorted(strategy._report.train), "left_out": strategy._report.left_out}
+
+
+def test_the_strategy_refuses_a_hostile_node_that_answers_first_after_a_resume(tmp_path):
+    first = _strategy(None)
+    _, replies = honest_train_round(first, GLOBAL, 3, _trained, "none")
+    first.aggregate_train(1, replies)
+    assert first.claims.export() == {0: (1000, ""), 1: (1001, ""), 2: (1002, "")}
+    restored = _roundtrip(tmp_path, first.claims)
+
+    resumed = _hostile_first_round(_strategy(restored))
+    assert resumed["train"] == ["shop_0", "shop_1", "shop_2"]  # shop_0's row is node 1000's
+    assert "held before the resume" in resumed["left_out"]["node-1003"]
+    # without the checkpoint's bindings (the code before 2026-12-07) the hostile node took shop 0
+    unprotected = _hostile_first_round(_strategy(None))
+    assert "which node 1003 holds" in unprotected["left_out"]["node-1000"]
+
+
+# ---- through the real resume path --------------------------------------------------------------------------------
+
+def _hostile(victim: int, position: int):
+    """The ClientApp, except that the node at ``position`` claims shop ``victim``, whose own node is offline."""
+
+    def app(msg, context):
+        reply = client_app.app(msg, context)
+        if context.node_config["partition-id"] == position and not reply.has_error():
+            for record in reply.content.metric_records.values():
+                record[SHOP_INDEX] = victim
+        return reply
+
+    return app
+
+
+def test_after_a_real_resume_a_node_cannot_take_the_index_of_an_offline_shop(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    scenario_file = write_scenario(tiny_scenario(), tmp_path / "scenario.toml")
+    run_dir = tmp_path / "run"
+
+    def settings(rounds: int, **extra: object) -> FederationSettings:
+        return FederationSettings.from_config({"scenario": str(scenario_file), "num-server-rounds": rounds,
+                                               "run-dir": str(run_dir), "max-steps": 2, "min-shops": 1, **extra})
+
+    run_federation(LocalGrid(3, client_app.app), settings(2))
+    assert latest_checkpoint(run_dir).shop_bindings == {0: (1000, ""), 1: (1001, ""), 2: (1002, "")}
+    reports: list = []
+    # shop_00's node is offline after the restart; shop_02's node claims shop_00
+    grid = LocalGrid(3, _hostile(0, 2), silent=[0])
+    run_federation(grid, settings(3, resume=True), lambda report, _total: reports.append(report))
+    (report,) = reports
+    assert report.server_round == 3 and sorted(report.train) == ["shop_01"]
+    assert "shop_00" not in report.evaluate and "shop_02" not in report.evaluate
+    assert "was bound to 2 before the resume" in caplog.text
+    assert "was bound to 2 before the resume" in " ".join(report.left_out.values())
+    rows = pd.read_csv(run_dir / "metrics.csv")
+    assert set(rows[rows["round"] == 3]["shop"]) <= {"shop_01", "coordinator"}  # nothing written as shop_00
+    # the offline shop's binding is carried into round 3's checkpoint
+    assert latest_checkpoint(run_dir).shop_bindings == {0: (1000, ""), 1: (1001, ""), 2: (1002, "")}
