@@ -27,6 +27,7 @@ from server.delegating_grid import DelegatingGrid
 from shared.protocol import SHOP_INDEX
 
 BINDINGS_FILE = "node-bindings.json"  # {"<node id>": <shop index>} in the run dir
+MAX_DROPPED = 1000  # dropped replies `IdentityCheckedGrid.dropped` remembers (every one is logged)
 log = logging.getLogger("flwr")
 
 
@@ -87,6 +88,7 @@ class IdentityCheckedGrid(DelegatingGrid):
                 continue
             node = msg.metadata.src_node_id
             self.dropped.append((node, *wrong))
+            del self.dropped[:-MAX_DROPPED]  # the newest only: a node can be dropped every round of a long run
             log.warning("fedshop: reply dropped: SuperNode %s is registered as shop-index %s but replied as "
                         "shop-index %s (its key is used by another shop, or its --shop-index is wrong). Fix: "
                         "check that merchant; if its key leaked, `fedshop coordinator unregister %s` and rotate it",
@@ -150,6 +152,7 @@ class ShopClaims:
         self.node_index: dict[int, int] = dict(bindings or {})
         self.index_node: dict[int, int] = {index: node for node, index in self.node_index.items()}
         self.keys: dict[int, str] = {}  # node -> key fingerprint, of the nodes online at the last `observe`
+        self.online: set[int] = set()  # nodes online at the last `observe`
         self._bound_key: dict[int, str] = {}  # index -> key fingerprint of the node it was bound to ("" unknown)
         # index -> (node, key) bound in an earlier process and not claimed in this one yet; registered ones win
         self.restored: dict[int, RestoredBinding] = {
@@ -164,12 +167,14 @@ class ShopClaims:
         n = self._n_shops() if self._n_shops is not None else 0
         return n if n > 0 else MAX_SHOP_INDEX
 
-    def observe(self, grid: Grid) -> None:
-        """Learn the online nodes' key fingerprints; at the first call, drop restored bindings none of whose
-        nodes is online (new node IDs and keys: a new simulation process, unauthenticated SuperNodes)."""
+    def observe(self, grid: Grid) -> set[int]:
+        """Learn which nodes are online and their key fingerprints (returns the online node IDs); at the first
+        call, drop restored bindings none of whose nodes is online (new node IDs and keys: a new simulation
+        process, unauthenticated SuperNodes)."""
         online, self.keys = online_nodes(grid)
+        self.online = online
         if self._observed:
-            return
+            return online
         self._observed = True
         if self.restored and not any(node in online or (key and key in self._key_nodes())
                                      for node, key in self.restored.values()):
@@ -180,6 +185,7 @@ class ShopClaims:
             self.restored.clear()
             self._restored_node.clear()
             self._restored_key.clear()
+        return online
 
     def _key_nodes(self) -> dict[str, int]:
         """Key fingerprint -> node, of the nodes online at the last `observe`."""
@@ -195,7 +201,7 @@ class ShopClaims:
         """(index, "") if ``node`` may claim ``value`` (binding it on first use), else (None, why)."""
         index = whole_index(value)
         if index is None:
-            return None, f"'{SHOP_INDEX}' {value!r} is not a whole number"
+            return None, f"'{SHOP_INDEX}' {repr(value)[:40]} is not a whole number"
         if not 0 <= index < self.limit():
             return None, f"'{SHOP_INDEX}' {index} is out of range (0..{self.limit() - 1})"
         bound = self.node_index.get(node)

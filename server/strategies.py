@@ -48,6 +48,7 @@ from server.node_identity import ShopClaims
 from server.robust import LooEntry, RobustSettings, TurnLevel, screen
 from server.wire import Wire
 from shared.npy_check import checked_numpy
+from shared.privacy.audit import MAX_METRICS
 from shared.protocol import (
     EVAL_METRICS_RECORD,
     EVAL_SPLIT,
@@ -64,6 +65,8 @@ STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fe
 BYZANTINE_RULES = ("krum", "multikrum", "bulyan")  # take `num_malicious_nodes`
 
 logger = logging.getLogger(__name__)
+MAX_REPLY_METRICS = MAX_METRICS  # per MetricRecord of a reply: the shops' leak guard sends at most this many
+MAX_METRIC_NAME = 100  # characters; the longest metric name a shop sends is about 30
 
 
 class RunFailed(RuntimeError):
@@ -210,7 +213,9 @@ class ShopStrategy(Strategy):
             cfg = ConfigRecord({**dict(cfg), **self.round_config(rnd, "evaluate"), EVALUATE_AFTER_TRAIN: True})
         self._fused = {}
         messages = list(self.inner.configure_train(rnd, encoder, cfg, grid))
-        self.claims.observe(grid)  # the online nodes' keys (after sampling waited for min-shops of them)
+        online = self.claims.observe(grid)  # the online nodes and keys (after sampling waited for min-shops)
+        self.wire.forget_offline(online)
+        self._forget_anonymous(online)
         self._sampled = {m.metadata.dst_node_id for m in messages}
         for msg in messages:
             record = msg.content[self.key]
@@ -448,6 +453,18 @@ class ShopStrategy(Strategy):
         a = self._global_local.get(key)
         return None if a is None else (tuple(a.shape), a.dtype)
 
+    def _forget_anonymous(self, online: set[int]) -> None:
+        """Drop the examples cap base, leave-one-out history and turn level kept under ``node-<id>`` (a reply that
+        names no shop) for nodes no longer online: with rotating node IDs they would grow without bound, and each
+        checkpoint with them. Such a node that comes back starts as a new shop; fedshop's ClientApp always names
+        its shop."""
+        named = set(self._node_shop.values()) | {self.shop_name(i) for i in self.claims.export()}
+        for table in (self._first_claim, self._loo_history, self._loo_turns):
+            for name in [k for k in table if k not in named]:
+                node = anonymous_node(name)
+                if node is not None and node not in online:
+                    del table[name]
+
     def _claim(self, msg: Message, metrics: dict[str, Any]) -> tuple[int | None, str]:
         """The reply's `shop-index` checked once by `ShopClaims`: (index, "") when accepted, (None, why) when
         refused, (None, "") when the reply names none."""
@@ -514,8 +531,22 @@ class ShopStrategy(Strategy):
         return MetricRecord(means) if means else None
 
 
+def anonymous_node(name: str) -> int | None:
+    """The node ID of a ``node-<id>`` shop name (what a reply without a `shop-index` is reported as), else None."""
+    prefix, _, rest = name.partition("-")
+    return int(rest) if prefix == "node" and rest.isdigit() else None
+
+
 def not_scalar_metrics(metrics: dict[str, Any]) -> str:
-    """Why a reply's metrics cannot be reported (a MetricRecord may hold lists; ours are numbers), or ""."""
+    """Why a reply's metrics cannot be reported, or "": more than a shop's leak guard sends, a name longer than any
+    metric's (each would be a row of metrics.csv every round), or a value that is not a number (a MetricRecord may
+    hold lists; ours are numbers)."""
+    if len(metrics) > MAX_REPLY_METRICS:
+        return (f"{len(metrics)} metrics in one record, more than {MAX_REPLY_METRICS} (what a shop's leak guard "
+                "sends at most)")
+    long = next((k for k in metrics if len(k) > MAX_METRIC_NAME), None)
+    if long is not None:
+        return f"metric name '{long[:40]}...' is longer than {MAX_METRIC_NAME} characters"
     bad = next((k for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool)), None)
     return "" if bad is None else f"metric '{bad}' is a {type(metrics[bad]).__name__}, not a number"
 
