@@ -170,7 +170,8 @@ class ShopStrategy(Strategy):
         self.round_config = round_config or (lambda _r, _kind: {})
         self.round_offset = round_offset
         self.key = inner.arrayrecord_key
-        self._node_shop: dict[int, str] = {}
+        # node -> its shop's name, for its error replies; bound nodes (registered, or restored on resume) from the start
+        self._node_shop: dict[int, str] = {node: shop_name(index) for index, (node, _) in self.claims.export().items()}
         self._report: RoundReport | None = None
         self._global_local: dict[str, np.ndarray] = {}
         self._sampled: set[int] = set()

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from flower_harness import LocalGrid, honest_train_round, tiny_scenario, write_scenario
+from flwr.app import Error, Message
 from flwr.serverapp.strategy import FedAvg
 
 from client import client_app
@@ -151,6 +152,16 @@ def test_the_strategy_refuses_a_hostile_node_that_answers_first_after_a_resume(t
     # without the checkpoint's bindings (the code before 2026-12-07) the hostile node took shop 0
     unprotected = _hostile_first_round(_strategy(None))
     assert "which node 1003 holds" in unprotected["left_out"]["node-1000"]
+
+
+def test_a_bound_nodes_error_reply_is_named_by_its_shop_from_the_first_resumed_round():
+    strategy = _strategy({0: (1000, ""), 1: (1001, ""), 2: (1002, "")})
+    sent, replies = honest_train_round(strategy, GLOBAL, 3, _trained, "none")
+    to_1000 = next(m for m in sent if m.metadata.dst_node_id == 1000)
+    failed = Message(Error(code=2, reason="out of memory"), reply_to=to_1000)
+    strategy.aggregate_train(1, [failed, *replies[1:]])
+    assert strategy._report is not None
+    assert strategy._report.left_out == {"shop_0": "error reply: out of memory"}  # was 'node-1000'
 
 
 # ---- through the real resume path --------------------------------------------------------------------------------
