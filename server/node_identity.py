@@ -176,8 +176,8 @@ class ShopClaims:
         if self._observed:
             return online
         self._observed = True
-        if self.restored and not any(node in online or (key and key in self._key_nodes())
-                                     for node, key in self.restored.values()):
+        online_keys = set(self.keys.values())
+        if self.restored and not any(node in online or key in online_keys for node, key in self.restored.values()):
             log.warning("fedshop: none of the %d node(s) bound to a shop-index before the resume is online (new node "
                         "IDs and keys: a new simulation process, or SuperNodes without registered keys); their "
                         "shop-indexes bind on first use again. Fix for deployments: `fedshop coordinator register "
@@ -186,10 +186,6 @@ class ShopClaims:
             self._restored_node.clear()
             self._restored_key.clear()
         return online
-
-    def _key_nodes(self) -> dict[str, int]:
-        """Key fingerprint -> node, of the nodes online at the last `observe`."""
-        return {key: node for node, key in self.keys.items()}
 
     def _restored_of(self, node: int) -> int | None:
         """The index ``node`` was bound to before the resume (by node ID, or by its key), else None."""
