@@ -5,6 +5,7 @@ strategy and checkpoint API and through the real resume path (`run_federation` o
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -203,3 +204,65 @@ def test_after_a_real_resume_a_node_cannot_take_the_index_of_an_offline_shop(tmp
     assert set(rows[rows["round"] == 3]["shop"]) <= {"shop_01", "coordinator"}  # nothing written as shop_00
     # the offline shop's binding is carried into round 3's checkpoint
     assert latest_checkpoint(run_dir).shop_bindings == {0: (1000, ""), 1: (1001, ""), 2: (1002, "")}
+
+
+# ---- a real deployment: the SuperLink restarts, the merchants keep their keys and get new node IDs ---------------
+
+@pytest.mark.slow
+def test_a_deployed_run_resumed_after_a_superlink_restart_keeps_its_first_use_bindings_by_key(tmp_path):
+    """Flower's `grid.get_nodes()` gives the ServerApp each node's public key over the real Runtime API: the
+    checkpoint records it, and after an in-memory SuperLink restart (new node IDs) the resumed run matches each
+    merchant by key, so no binding is dropped and each index stays with its merchant."""
+    import io
+    import json
+    import time
+
+    from server.node_identity import BINDINGS_FILE
+    from shared.scenario import load_scenario
+    from simulations.deploy.coordinator import (
+        MERCHANTS_FILE,
+        deployment_run_config,
+        registered_merchants,
+        resume_run_config,
+        start_coordinator,
+        stop_coordinator,
+        submit_run,
+    )
+    from simulations.deploy.loopback import loopback_federation, write_tiny_shops
+    from simulations.deploy.loopback import tiny_scenario as deploy_scenario
+    from simulations.deploy.status import latest_node_id
+
+    shops = write_tiny_shops(tmp_path)[:2]
+    (tmp_path / "tiny.toml").write_text(deploy_scenario(rounds=2))
+    with loopback_federation(tmp_path, shops, env={"FEDSHOP_REJOIN_FOR": "25"}) as fed:
+        home = fed.coordinator.home
+        unbound = {node: {**entry, "shop-index": None} for node, entry in registered_merchants(home).items()}
+        (Path(home) / MERCHANTS_FILE).write_text(json.dumps(unbound))  # registered keys; indexes bound on first use
+        run_dir = tmp_path / "runs" / "first-use"
+        run_dir.mkdir(parents=True)
+        config = deployment_run_config(load_scenario(str(tmp_path / "tiny.toml")), str(tmp_path / "tiny.toml"),
+                                       run_dir, rounds=1, extra={"min-shops": 2})
+        log = io.StringIO()
+        assert submit_run(home, config, out=log, timeout=600).ok, log.getvalue()[-3000:]
+        assert json.loads((run_dir / BINDINGS_FILE).read_text()) == {}
+        first = latest_checkpoint(run_dir).shop_bindings
+        old_ids = {name: m.node_id for name, m in fed.merchants.items()}
+        assert {i: node for i, (node, _) in first.items()} == {0: old_ids[shops[0]], 1: old_ids[shops[1]]}
+        assert all(key.startswith("sha256:") for _, key in first.values())  # the public keys reached the ServerApp
+
+        assert stop_coordinator(home)
+        start_coordinator(home, tmp_path / "certs", port=fed.coordinator.port, state_db=False, warn=lambda _: None)
+        new_ids = {entry["name"]: int(node) for node, entry in registered_merchants(home).items()}
+        deadline = time.monotonic() + 120
+        while not all(latest_node_id(fed.merchants[n].log) == new_ids[n] for n in shops):
+            assert time.monotonic() < deadline, "merchants did not re-activate under their new node IDs"
+            time.sleep(0.5)
+        log = io.StringIO()
+        assert submit_run(home, resume_run_config(run_dir, rounds=2), out=log, timeout=600).ok, log.getvalue()[-3000:]
+    after = latest_checkpoint(run_dir)
+    assert after.server_round == 2 and set(new_ids.values()).isdisjoint(old_ids.values())
+    assert after.shop_bindings == {0: (new_ids[shops[0]], first[0][1]), 1: (new_ids[shops[1]], first[1][1])}
+    # the same "flwr" logger's lines reach this log (Flower's sampling line), and the drop warning is not among them
+    assert "configure_train: Sampled" in log.getvalue() and "before the resume is online" not in log.getvalue()
+    rows = pd.read_csv(run_dir / "metrics.csv").query("split == 'train' and round == 2")
+    assert sorted(rows["shop"].unique()) == ["shop-0", "shop-1"]
