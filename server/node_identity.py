@@ -106,7 +106,7 @@ MAX_SHOP_INDEX = 1_000_000  # claims at or above are refused when the coordinato
 RestoredBinding = tuple[int, str]  # (node ID, sha256 of its public key or "") a checkpoint keeps for a shop-index
 
 
-def key_fingerprint(public_key: bytes) -> str:
+def public_key_digest(public_key: bytes) -> str:
     """``sha256:<hex>`` of a node's public key as Flower's ``NodeInfo`` gives it ("" when it has none)."""
     return f"sha256:{hashlib.sha256(public_key).hexdigest()}" if public_key else ""
 
@@ -120,10 +120,10 @@ def online_nodes(grid: Grid) -> tuple[set[int], dict[int, str]]:
     """
     try:
         infos = list(grid.get_nodes())
-        return {int(n.node_id) for n in infos}, {int(n.node_id): key_fingerprint(bytes(getattr(n, "public_key", b"")))
-                                                for n in infos if getattr(n, "public_key", b"")}
     except Exception:  # noqa: BLE001 - a Grid without NodeInfo: node IDs alone still decide
         return {int(n) for n in grid.get_node_ids()}, {}
+    keys = {int(n.node_id): bytes(getattr(n, "public_key", b"")) for n in infos}
+    return set(keys), {node: public_key_digest(key) for node, key in keys.items() if key}
 
 
 class ShopClaims:

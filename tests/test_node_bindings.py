@@ -18,14 +18,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from client import client_app
 from server.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from server.node_identity import ShopClaims, key_fingerprint
+from server.node_identity import ShopClaims, public_key_digest
 from server.robust import RobustSettings
 from server.server_app import FederationSettings, run_federation
 from server.strategies import ShopStrategy
 from shared.protocol import SHOP_INDEX
 
 BIG = 2**64 - 5  # Flower's node IDs are unsigned 64-bit
-KEY_A, KEY_B = key_fingerprint(b"merchant-a"), key_fingerprint(b"merchant-b")
+KEY_A, KEY_B = public_key_digest(b"merchant-a"), public_key_digest(b"merchant-b")
 
 
 class NodesGrid:
@@ -92,6 +92,16 @@ def test_restored_bindings_are_dropped_when_no_restored_node_is_online(caplog):
     after.observe(NodesGrid({301: b"fresh-1", 302: b"fresh-2"}))
     assert "none of the 2 node(s) bound to a shop-index before the resume is online" in caplog.text
     assert after.check(302, 0) == (0, "") and after.check(301, 1) == (1, "") and not after.restored
+
+
+def test_a_grid_without_node_info_still_tells_which_nodes_are_online():
+    class IdsOnly(NodesGrid):
+        def get_nodes(self) -> list[SimpleNamespace]:
+            raise NotImplementedError
+
+    claims = ShopClaims(lambda: 3, restored={0: (101, KEY_A)})
+    assert claims.observe(IdsOnly({101: b"", 102: b""})) == {101, 102} and claims.keys == {}
+    assert claims.restored == {0: (101, KEY_A)} and claims.check(102, 0)[0] is None
 
 
 def test_registered_bindings_win_over_restored_ones():
