@@ -173,6 +173,9 @@ class ShopClaims:
         process, unauthenticated SuperNodes)."""
         online, self.keys = online_nodes(grid)
         self.online = online
+        bound_keys = {self.keys[node] for node in self.node_index if node in self.keys}
+        for index in [i for i, (_, key) in self.restored.items() if key in bound_keys]:
+            self._forget_restored(index)  # its key is bound in this run already (registered under a new node ID)
         if self._observed:
             return online
         self._observed = True
@@ -224,6 +227,10 @@ class ShopClaims:
         self.node_index[node] = index
         self.index_node[index] = node
         self._bound_key[index] = self.keys.get(node, "")
+        self._forget_restored(index)
+
+    def _forget_restored(self, index: int) -> None:
+        """Drop the restored binding of ``index``, if any."""
         if index in self.restored:
             old_node, old_key = self.restored.pop(index)
             self._restored_node.pop(old_node, None)

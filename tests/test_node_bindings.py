@@ -111,6 +111,13 @@ def test_registered_bindings_win_over_restored_ones():
     assert after.check(501, 0) == (0, "") and after.check(101, 0)[0] is None and after.check(666, 2)[0] is None
 
 
+def test_a_restored_binding_of_a_key_registered_to_another_index_is_dropped():
+    """The operator registered the key of a merchant bound on first use to index 1 with `--shop-index 0`."""
+    after = ShopClaims(lambda: 3, {201: 0}, restored={1: (101, KEY_A)})
+    after.observe(NodesGrid({201: b"merchant-a", 202: b"merchant-b"}))
+    assert after.restored == {} and after.check(202, 1) == (1, "") and after.check(201, 0) == (0, "")
+
+
 def test_a_checkpoint_without_bindings_loads_and_a_malformed_one_is_refused(tmp_path):
     path = save_checkpoint(tmp_path, Checkpoint(1, {"w": np.zeros(2, np.float32)}))
     payload = torch.load(path, weights_only=True)
