@@ -147,8 +147,11 @@ class ShopClaims:
     """
 
     def __init__(self, n_shops: Callable[[], int] | None = None, bindings: dict[int, int] | None = None,
-                 restored: dict[int, RestoredBinding] | None = None) -> None:
+                 restored: dict[int, RestoredBinding] | None = None, stable_keys: bool = False) -> None:
         self._n_shops = n_shops  # 0 (or None) = unknown: only MAX_SHOP_INDEX bounds a claim
+        # nodes keep their public key across restarts (SuperNode authentication: `fedshop coordinator run`, whose run
+        # dir holds node-bindings.json): restored bindings with a key are never dropped, even with every owner offline
+        self.stable_keys = stable_keys
         self.node_index: dict[int, int] = dict(bindings or {})
         self.index_node: dict[int, int] = {index: node for node, index in self.node_index.items()}
         self.keys: dict[int, str] = {}  # node -> key fingerprint, of the nodes online at the last `observe`
@@ -181,13 +184,14 @@ class ShopClaims:
         self._observed = True
         online_keys = set(self.keys.values())
         if self.restored and not any(node in online or key in online_keys for node, key in self.restored.values()):
-            log.warning("fedshop: none of the %d node(s) bound to a shop-index before the resume is online (new node "
-                        "IDs and keys: a new simulation process, or SuperNodes without registered keys); their "
-                        "shop-indexes bind on first use again. Fix for deployments: `fedshop coordinator register "
-                        "--shop-index` binds an index to a merchant's key", len(self.restored))
-            self.restored.clear()
-            self._restored_node.clear()
-            self._restored_key.clear()
+            stale = [i for i, (_, key) in self.restored.items() if not (self.stable_keys and key)]
+            if stale:
+                log.warning("fedshop: none of the %d node(s) bound to a shop-index before the resume is online (new "
+                            "node IDs and keys: a new simulation process, or SuperNodes without registered keys); "
+                            "%d shop-index(es) bind on first use again. Fix for deployments: `fedshop coordinator "
+                            "register --shop-index` binds an index to a merchant's key", len(self.restored), len(stale))
+            for index in stale:
+                self._forget_restored(index)
         return online
 
     def _restored_of(self, node: int) -> int | None:

@@ -51,7 +51,7 @@ from server.federation_common import (
 )
 from server.federation_settings import FederationSettings, check_runnable, split_privacy
 from server.metrics_log import PRIVACY_TASK, MetricsLog, eval_rows_by_split, train_rows
-from server.node_identity import ShopClaims, check_identities, load_bindings
+from server.node_identity import BINDINGS_FILE, ShopClaims, check_identities, load_bindings
 from server.polling_grid import faster_polling
 from server.secure import run_secure_federation
 from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
@@ -191,7 +191,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
                             # shop-index claims: in range, one node per shop (registered bindings first, then the
                             # checkpoint's: a resumed run keeps who was bound to which shop)
                             claims=ShopClaims(lambda: len(shop_names()), load_bindings(run_dir),
-                                              ckpt.shop_bindings if ckpt is not None else None))
+                                              ckpt.shop_bindings if ckpt is not None else None,
+                                              stable_keys=(run_dir / BINDINGS_FILE).exists()))
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),

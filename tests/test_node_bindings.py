@@ -104,6 +104,20 @@ def test_a_grid_without_node_info_still_tells_which_nodes_are_online():
     assert claims.restored == {0: (101, KEY_A)} and claims.check(102, 0)[0] is None
 
 
+def test_with_authenticated_keys_a_restored_binding_holds_even_when_every_owner_is_offline(caplog):
+    """`fedshop coordinator run` (SuperNode authentication, node-bindings.json in the run dir): a key outlives every
+    restart, so hostile nodes online at the resume while the bound merchants are not cannot take their indexes."""
+    caplog.set_level(logging.WARNING)
+    after = ShopClaims(lambda: 3, restored={0: (101, KEY_A), 1: (102, "")}, stable_keys=True)
+    after.observe(NodesGrid({301: b"hostile-1", 302: b"hostile-2"}))
+    assert after.restored == {0: (101, KEY_A)} and "1 shop-index(es) bind on first use again" in caplog.text
+    index, why = after.check(301, 0)
+    assert index is None and "held before the resume" in why
+    assert after.check(302, 1) == (1, "")  # a binding without a key cannot be told from a reissued node ID
+    after.observe(NodesGrid({401: b"merchant-a"}))  # merchant A back, under a new node ID
+    assert after.check(401, 0) == (0, "")
+
+
 def test_registered_bindings_win_over_restored_ones():
     """`node-bindings.json` is rewritten at every `coordinator run` (node IDs remapped after a SuperLink restart)."""
     after = ShopClaims(lambda: 3, {501: 0}, restored={0: (101, ""), 1: (501, ""), 2: (102, "")})
