@@ -142,8 +142,9 @@ class ShopClaims:
     authenticated merchant whose SuperLink restarted (new node ID, same key) keeps its shop, and any other
     node claiming that index is refused, online or not. When no restored identity is among the nodes online
     at the first `observe` (Flower's Ray simulation and unauthenticated SuperNodes get new IDs and keys in
-    every process), the restored bindings are dropped with a warning and indexes bind afresh. Registered
-    bindings win over restored ones.
+    every process), the restored bindings are dropped with a warning and indexes bind afresh; with
+    ``stable_keys`` (authenticated SuperNodes) those that carry a key are kept. Registered bindings win over
+    restored ones, by node ID and by key.
     """
 
     def __init__(self, n_shops: Callable[[], int] | None = None, bindings: dict[int, int] | None = None,
