@@ -200,7 +200,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("security")
     shops = write_tiny_shops(root, copies=("thief", "outsider"))[:2]
     (root / "tiny.toml").write_text(tiny_scenario(rounds=1, round_timeout=60.0))
-    with loopback_federation(root, shops, extra_keys=("thief", "outsider")) as fed:
+    with loopback_federation(root, shops, extra_keys=("thief", "outsider"), scenario=root / "tiny.toml") as fed:
         yield fed
 
 
