@@ -12,11 +12,10 @@ the coordinator's word. What the merchant agreed to lives in its SuperNode's nod
   ``cap-dpsgd-steps`` (1,000,000): the largest value of each work setting the shop accepts. The
   defaults are far above every shipped scenario and benchmark (largest: local_epochs 3, max_steps 15,
   meta_inner_steps 20, dpsgd_steps 3).
-
 * ``cap-fault-sleep`` (60 s): the longest `fault-sleep` a shop that allows test faults obeys.
 
 A deployed shop (node config with ``shop-dir``) also refuses what the coordinator could use to reach the
-merchant's files (docs/deployment.md, "What a coordinator may order"):
+merchant's files (docs/robustness.md, "What a coordinator may order"; docs/deployment.md, "Node config"):
 
 * ``scenario``: only a built-in scenario name (it ships inside the signed app) or exactly the file the
   merchant pinned with ``allow-scenario-path`` (an absolute path, compared as text: the coordinator's value

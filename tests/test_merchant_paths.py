@@ -341,3 +341,19 @@ def test_merchant_start_writes_the_pin_and_the_sleep_cap(tmp_path):
     for bad in ("relative.toml", str(tmp_path / "missing.toml")):
         with pytest.raises(ValueError, match="--allow-scenario-path"):
             node_config(tmp_path / "shop", tmp_path / "state", 0, {ALLOW_SCENARIO_PATH: bad})
+
+
+def test_merchant_start_checks_the_pinned_scenario_before_anything_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nembed_dim = 'x'\n")
+    for path in (tmp_path / "missing.toml", bad):
+        result = CliRunner().invoke(app, ["merchant", "start", "--shop-dir", str(tmp_path / "shop"), "--state-dir",
+                                          str(tmp_path / "state"), "--superlink", "127.0.0.1:9", "--ca", "ca.crt",
+                                          "--key", "k.key", "--trusted-entities", "t.yaml",
+                                          "--allow-scenario-path", str(path)])
+        assert result.exit_code == 1 and "--allow-scenario-path" in result.output, result.output
+        assert not (tmp_path / "state").exists()

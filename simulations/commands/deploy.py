@@ -298,7 +298,13 @@ def merchant_start(
     from simulations.deploy.processes import ProcessStartError
 
     policy: dict[str, int | bool | str] = {"allow-test-faults": True} if allow_test_faults else {}
-    if allow_scenario_path is not None:
+    if allow_scenario_path is not None:  # checked now, by the merchant: a run naming it then loads it as it is
+        from shared.scenario import ScenarioError, load_scenario
+
+        try:
+            load_scenario(str(allow_scenario_path.absolute()))
+        except (ScenarioError, OSError) as err:
+            raise _fail(ValueError(f"--allow-scenario-path {allow_scenario_path}: {err}")) from None
         policy["allow-scenario-path"] = str(allow_scenario_path.absolute())
     for item in cap:
         key, _, value = item.partition("=")
