@@ -270,8 +270,9 @@ def merchant_policy_mod(msg: Message, context: Context, call_next: ClientAppCall
 
 
 def allowed_reason(reason: str) -> bool:
-    """Whether an error reply's reason may leave the shop: a fixed text or a merchant refusal."""
-    return reason in FIXED_REASONS or reason.startswith(REFUSED_PREFIX)
+    """Whether an error reply's reason may leave the shop: a fixed text, a merchant refusal or a decoding error."""
+    return (reason in FIXED_REASONS or reason.startswith(REFUSED_PREFIX)
+            or reason.startswith(f"{UNDECODABLE_TEXT}: "))  # client.wire_mod: a CompressionError's own words
 
 
 def reply_shield(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
