@@ -281,7 +281,8 @@ def merchant_start(
                                              "The SuperLink notices a crash after two; 10 = back in 20 s."),
     foreground: bool = typer.Option(False, "--foreground", help=FOREGROUND_HELP),
     cap: list[str] = typer.Option([], "--cap", help="KEY=N: the most work this shop accepts per round, e.g. "
-                                  "--cap cap-local-epochs=100 (keys and defaults: docs/deployment.md, 'Node config')."),
+                                  "--cap cap-local-epochs=100, or the longest test sleep: --cap cap-fault-sleep=5 "
+                                  "(keys and defaults: docs/deployment.md, 'Node config')."),
     allow_test_faults: bool = typer.Option(False, "--allow-test-faults", help="Obey the coordinator's test-only "
                                            "fault-inject/fault-sleep (test federations only; sleeps up to "
                                            "cap-fault-sleep, default 60 s)."),
