@@ -193,12 +193,16 @@ def _expected_dpsgd_work(settings: ShopRoundSettings) -> tuple[int, float]:
     return steps, steps * rate
 
 
+_TEXT_FIELDS = tuple(name for name, info in ShopRoundSettings.model_fields.items() if info.annotation is str)
+
+
 def check_order(settings: ShopRoundSettings, node_config: Mapping[str, Any],
                 environ: Mapping[str, str] | None = None) -> None:
     """MerchantRefusal unless the message's settings stay within what this merchant's node config allows."""
     check_node(node_config)
-    for name, value in settings.model_dump().items():
-        if isinstance(value, str) and len(value) > MAX_TEXT:
+    for name in _TEXT_FIELDS:
+        value = getattr(settings, name)
+        if len(value) > MAX_TEXT:
             raise MerchantRefusal(f"{run_key(name)} is {len(value)} characters long, above this shop's limit of "
                                   f"{MAX_TEXT}. Fix: the coordinator sends a shorter {run_key(name)}")
     scenario_source(settings.scenario, node_config)
