@@ -5,7 +5,8 @@ ClientApp keeps the shop's local part directly in ``<state-dir>`` (``local_part.
 
 The SuperNode's node_config tells the ClientApp which shop it serves: ``shop-dir``, ``state-dir``
 and, when the operator gives one, ``shop-index`` (the coordinator labels this merchant's rows in
-metrics.csv by it; without it the rows say ``node-<SuperNode ID>``).
+metrics.csv by it; without it the rows say ``node-<SuperNode ID>``); and what the merchant agreed to
+(`client.merchant_policy`): ``cap-*`` keys, ``allow-test-faults``, ``allow-scenario-path``.
 
 The SuperNode runs only apps signed by a key in the merchant's trusted-entities file (the coordinator's
 ``trusted-entities.yaml``): Flower's ``--trusted-entities`` check, fed by `supernode_launcher`.
