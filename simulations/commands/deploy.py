@@ -303,10 +303,10 @@ def merchant_start(
         from shared.scenario import ScenarioError, load_scenario
 
         try:
-            load_scenario(str(allow_scenario_path.absolute()))
+            load_scenario(str(allow_scenario_path.resolve()))
         except (ScenarioError, OSError) as err:
             raise _fail(ValueError(f"--allow-scenario-path {allow_scenario_path}: {err}")) from None
-        policy["allow-scenario-path"] = str(allow_scenario_path.absolute())
+        policy["allow-scenario-path"] = str(allow_scenario_path.resolve())
     for item in cap:
         key, _, value = item.partition("=")
         if not value.strip().isdigit():
