@@ -265,7 +265,7 @@ def test_a_deployed_run_resumed_after_a_superlink_restart_keeps_its_first_use_bi
 
     shops = write_tiny_shops(tmp_path)[:2]
     (tmp_path / "tiny.toml").write_text(deploy_scenario(rounds=2))
-    with loopback_federation(tmp_path, shops, env={"FEDSHOP_REJOIN_FOR": "25"}) as fed:
+    with loopback_federation(tmp_path, shops, env={"FEDSHOP_REJOIN_FOR": "25"}, scenario=tmp_path / "tiny.toml") as fed:
         home = fed.coordinator.home
         unbound = {node: {**entry, "shop-index": None} for node, entry in registered_merchants(home).items()}
         (Path(home) / MERCHANTS_FILE).write_text(json.dumps(unbound))  # registered keys; indexes bound on first use
