@@ -269,10 +269,11 @@ def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds:
     """
     fed_root, run_dir = fresh_federation_root(root, f"fed-{label}", shops)
     timing = fed_root / "timing.jsonl"
-    config = deployment_run_config(load_scenario(scenario_path), str(scenario_path), run_dir, rounds=rounds,
+    scenario_ref = str(Path(scenario_path).absolute())  # the path each merchant pins (--allow-scenario-path)
+    config = deployment_run_config(load_scenario(scenario_path), scenario_ref, run_dir, rounds=rounds,
                                    extra={"keep-checkpoints": rounds, **(extra or {})})
     with loopback_federation(fed_root, shops, env={**env, "FEDSHOP_TIMING_LOG": str(timing)},
-                             isolation=isolation, state_db=state_db) as fed:
+                             isolation=isolation, state_db=state_db, scenario=scenario_path) as fed:
         pids = [m.clientapp_pid for m in fed.merchants.values() if m.clientapp_pid]
         cpu_at_start = {pid: cpu_seconds(pid) for pid in pids}
         superlink = SuperLinkCpu(read_record(Path(fed.coordinator.home) / "superlink.json").pid, run_dir)

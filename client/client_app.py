@@ -22,7 +22,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.leak_guard import error_reply, leak_guard
 from client.local_state import Shop
-from client.merchant_policy import merchant_policy_mod
+from client.merchant_policy import merchant_policy_mod, reply_shield
 from client.message_settings import settings_for
 from client.pack_mod import pack_mod
 from client.secure_client import SECAGG_RECORD, secure_app
@@ -77,10 +77,11 @@ def clip_when_dp(msg: Message, context: Context, call_next: ClientAppCallable) -
     return call_next(msg, context)
 
 
+# reply_shield: no exception text and no error reason but the fixed ones leaves the shop (client/merchant_policy.py);
 # pack_mod: transport packing (docs/deployment.md, "Latency"); merchant_policy_mod: the merchant's caps on what a
 # coordinator may order (client/merchant_policy.py), before the SecAgg+ path too; wire_mod: compression
 # (docs/federation.md)
-app = ClientApp(mods=[pack_mod, timing_mod, merchant_policy_mod, legacy_dispatch, wire_mod, leak_guard])
+app = ClientApp(mods=[reply_shield, pack_mod, timing_mod, merchant_policy_mod, legacy_dispatch, wire_mod, leak_guard])
 
 
 def _round_start(msg: Message, context: Context

@@ -75,6 +75,8 @@ def _shareable_local(context: Context, settings: ShopRoundSettings) -> dict[str,
     """
     shop = resolve_shop(context, settings)
     if id(shop) not in _SHAREABLE:
+        if len(_SHAREABLE) >= 4:  # bounded like `local_state`'s shops: forget the others
+            _SHAREABLE.clear()
         model = shop.model()
         local = model.local.state_dict()
         _SHAREABLE[id(shop)] = (shop, {LOCAL_PREFIX + k: (tuple(local[k].shape), str(local[k].numpy().dtype))

@@ -48,6 +48,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from client import model_cache
+from client.merchant_policy import check_node, deployed, scenario_source
 from shared.atomic import atomic_keep_copy, atomic_write, atomic_write_bytes, remove_stale_temps
 from shared.features import FeatureConfig, ShopTensors, build_shop_tensors
 from shared.model import ShopModel, build_model
@@ -120,14 +121,38 @@ def contexts_drop_disk_records(on: bool = True) -> None:
     _DISK_ONLY[0] = on
 
 
+# Runs (scenario, seed, run-dir) whose shops a process keeps: a coordinator that varies seed or run-dir per message
+# cannot grow a long-lived ClientApp's memory; a pool worker keeps every shop it serves in one run.
+MAX_RUNS_KEPT = 4
+
+
+def _late_joiners(scenario: Scenario, deployed: bool) -> set[str]:
+    """Names of the scenario's late joiners; a deployed shop never builds or reads the scenario's own shops.
+
+    Without a `[transfer] late_joiners` list the names come from the scenario's shops: in deployment only
+    when they are merchant-held folders (`shop-dirs`, which a built-in scenario lists none of), never a
+    synthetic world or a data set the coordinator's choice of scenario and seed would make the shop build.
+    """
+    if deployed and scenario.transfer.get("late_joiners") is None and scenario.data.get("source") != "shop-dirs":
+        return set()
+    return set(scenario.late_joiners)
+
+
 def resolve_shop(context: Context, settings: ShopRoundSettings) -> Shop:
-    """The shop this node serves, from node_config (`partition-id` or `shop-dir`) and the run's scenario."""
+    """The shop this node serves, from node_config (`partition-id` or `shop-dir`) and the run's scenario.
+
+    A deployed node (`shop-dir`) loads only what its merchant agreed to (`client.merchant_policy`): a built-in
+    scenario or its pinned `allow-scenario-path`, and writes only below its own `state-dir`.
+    """
     node = dict(context.node_config)
     scenario_ref, run_dir, seed = settings.scenario, settings.run_dir, settings.seed
     key = (scenario_ref, seed, node.get("partition-id"), node.get("shop-dir"), node.get("state-dir"), run_dir)
     if key in _SHOPS:
+        _SHOPS[key] = _SHOPS.pop(key)  # most recently used last
         return _SHOPS[key]
-    scenario = load_scenario(scenario_ref, {"seed": seed} if seed >= 0 else None)  # -1: the scenario's own seed
+    check_node(node)  # the merchant policy mod refused such a message already: this holds on every path
+    source_ref = scenario_source(scenario_ref, node)
+    scenario = load_scenario(source_ref, {"seed": seed} if seed >= 0 else None)  # -1: the scenario's own seed
     source: Path | ShopData
     if node.get("shop-dir"):
         source, index = Path(str(node["shop-dir"])), int(node.get("shop-index", -1))
@@ -147,15 +172,19 @@ def resolve_shop(context: Context, settings: ShopRoundSettings) -> Shop:
     else:
         data = load_shop_dir(source) if isinstance(source, Path) else source
         tensors = build_shop_tensors(data, scenario.features)
-    if state_dir is None and run_dir:
+    if state_dir is None and run_dir and not deployed(node):  # simulation: the run's folder holds shop state
         state_dir = Path(run_dir) / "shop-state" / check_shop_name(tensors.name, "shop name")  # no path escape
     if state_dir is not None:  # once per process: what a killed writer left half-written
         for folder in (state_dir, state_dir / CACHE_DIR):
             for path in remove_stale_temps(folder):
                 logger.warning("removed %s, a temp file left by an interrupted write", path)
     shop = Shop(tensors.name, index, scenario, tensors, state_dir,
-                late_joiner=tensors.name in set(scenario.late_joiners))
+                late_joiner=tensors.name in _late_joiners(scenario, deployed(node)))
     _SHOPS[key] = shop
+    runs = list(dict.fromkeys((k[0], k[1], k[5]) for k in _SHOPS))  # least recently used first
+    for old in runs[:-MAX_RUNS_KEPT]:
+        for k in [k for k in _SHOPS if (k[0], k[1], k[5]) == old]:
+            del _SHOPS[k]
     return shop
 
 

@@ -13,7 +13,7 @@ import logging
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from shared.protocol import ERROR_CODE_BLOCKED
+from shared.protocol import ERROR_CODE_BLOCKED, UNPACK_TEXT
 from shared.wire_pack import PackError, is_packed, pack, unpack
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def pack_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         msg.content = unpack(msg.content)
     except PackError as err:
         logger.warning("fedshop: %s", err)  # details stay in the shop's log
-        return Message(Error(code=ERROR_CODE_BLOCKED, reason="shop could not unpack the message"), reply_to=msg)
+        return Message(Error(code=ERROR_CODE_BLOCKED, reason=UNPACK_TEXT), reply_to=msg)
     reply = call_next(msg, context)
     if reply.has_content():
         reply.content = pack(reply.content)

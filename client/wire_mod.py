@@ -33,6 +33,7 @@ from shared.protocol import (
     ARRAYS_RECORD,
     ERROR_CODE_BLOCKED,
     LOCAL_PREFIX,
+    UNDECODABLE_TEXT,
     WIRE_FULL,
     WIRE_OMITTED,
     WIRE_PATCH,
@@ -43,7 +44,7 @@ from shared.settings import ShopRoundSettings
 HELD_RECORD = "fedshop.held-global"  # ArrayRecord in context.state: the last global this shop decoded
 HELD_META = "fedshop.held-global-meta"  # ConfigRecord in context.state: {"digest": ...}
 FULL, PATCH, OMITTED = WIRE_FULL, WIRE_PATCH, WIRE_OMITTED
-UNDECODABLE = "shop could not decode the compressed encoder"
+UNDECODABLE = UNDECODABLE_TEXT
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,11 @@ def wire_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         encoder = _received(arrays, wire, context, settings_for(msg, context))
     except Exception as exc:  # whatever the bytes are, the shop answers with an error, never a crash
         logger.error("cannot decode the coordinator's encoder: %s", exc)
-        return Message(Error(code=ERROR_CODE_BLOCKED, reason=f"{UNDECODABLE}: {exc}"), reply_to=msg)
+        # A CompressionError's text names only the coordinator's arrays, shapes and digests (the operator's
+        # diagnostic); any other exception (a scenario or shop file the shop failed to load) may quote host
+        # paths or file contents: its text stays in the log.
+        reason = f"{UNDECODABLE}: {exc}" if isinstance(exc, CompressionError) else UNDECODABLE
+        return Message(Error(code=ERROR_CODE_BLOCKED, reason=reason), reply_to=msg)
     dense = ArrayRecord({k: a for k, a in arrays.items() if k.startswith(LOCAL_PREFIX)})
     for k, v in encoder.items():
         dense[k] = Array(v)

@@ -1,6 +1,6 @@
 """Coordinator checkpoints: global arrays, round, strategy state, RNG state and each shop's first
-`num-examples` claim (the base of its cap, `server.robust`), leave-one-out history and sudden-turn levels, written
-atomically.
+`num-examples` claim (the base of its cap, `server.robust`), leave-one-out history, sudden-turn levels and the
+node <-> shop-index bindings (`server.node_identity.ShopClaims`), written atomically in one file.
 
 One file per round in `<run-dir>/checkpoints/round-NNNN.pt` (older ones pruned); a run resumes
 from the newest readable one and refuses when none is readable. Temp files a killed write left are
@@ -55,6 +55,9 @@ class Checkpoint:
     # shop -> its pre-turn [cosine, consensus] level while out for a sudden turn (`server.robust.judge_loo`);
     # absent in checkpoints written before the check existed: no shop turned
     loo_turns: dict[str, TurnLevel] = field(default_factory=dict)
+    # shop-index -> (node ID, its public-key fingerprint or "") bound in the run so far (`ShopClaims.export`): a
+    # resumed run holds them from the start; absent in checkpoints written before they were saved: none
+    shop_bindings: dict[int, tuple[int, str]] = field(default_factory=dict)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -126,7 +129,9 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 2) -> Path:
                "rng": ckpt.rng, "settings": ckpt.settings,
                "first_claims": {str(k): float(v) for k, v in ckpt.first_claims.items()},
                "loo_history": {str(k): [list(split_entry(x)) for x in v] for k, v in ckpt.loo_history.items()},
-               "loo_turns": {str(k): [float(x) for x in v] for k, v in ckpt.loo_turns.items()}}
+               "loo_turns": {str(k): [float(x) for x in v] for k, v in ckpt.loo_turns.items()},
+               # node IDs are unsigned 64-bit: kept as text
+               "shop_bindings": {str(i): [str(node), str(key)] for i, (node, key) in ckpt.shop_bindings.items()}}
     buf = io.BytesIO()
     torch.save(payload, buf)
     path = atomic_write_bytes(checkpoint_path(run_dir, ckpt.server_round), buf.getvalue())
@@ -161,7 +166,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
                       rng=payload["rng"], settings=payload["settings"],
                       first_claims=_first_claims(path, payload.get("first_claims", {})),
                       loo_history=_loo_history(path, payload.get("loo_history", {})),
-                      loo_turns=_loo_turns(path, payload.get("loo_turns", {})))
+                      loo_turns=_loo_turns(path, payload.get("loo_turns", {})),
+                      shop_bindings=_shop_bindings(path, payload.get("shop_bindings", {})))
 
 
 def _first_claims(path: Path, raw: object) -> dict[str, float]:
@@ -196,6 +202,23 @@ def _loo_turns(path: Path, raw: object) -> dict[str, TurnLevel]:
         raise CheckpointError(f"{path}: its loo_turns are not a table of shop -> [cosine, consensus]. Fix: delete it "
                               "to resume from the previous round's checkpoint, or start a new run")
     return {k: [float(y) for y in v] for k, v in raw.items()}
+
+
+def _shop_bindings(path: Path, raw: object) -> dict[int, tuple[int, str]]:
+    """The checkpoint's shop-index bindings (absent in checkpoints written before they were saved: none)."""
+    def ok(index: object, value: object) -> bool:
+        return (isinstance(index, str) and index.isdigit() and isinstance(value, list) and len(value) == 2
+                and isinstance(value[0], str) and value[0].isdigit() and isinstance(value[1], str))
+
+    if not isinstance(raw, dict) or not all(ok(i, v) for i, v in raw.items()):
+        raise CheckpointError(f"{path}: its shop_bindings are not a table of shop-index -> [node ID, key "
+                              "fingerprint]. Fix: delete it to resume from the previous round's checkpoint, or start "
+                              "a new run")
+    nodes, keys = [v[0] for v in raw.values()], [v[1] for v in raw.values() if v[1]]
+    if len(set(nodes)) != len(nodes) or len(set(keys)) != len(keys):
+        raise CheckpointError(f"{path}: its shop_bindings bind one node or key to two shop-indexes. Fix: delete it to "
+                              "resume from the previous round's checkpoint, or start a new run")
+    return {int(i): (int(v[0]), v[1]) for i, v in raw.items()}
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:

@@ -51,7 +51,7 @@ from server.federation_common import (
 )
 from server.federation_settings import FederationSettings, check_runnable, split_privacy
 from server.metrics_log import PRIVACY_TASK, MetricsLog, eval_rows_by_split, train_rows
-from server.node_identity import ShopClaims, check_identities, load_bindings
+from server.node_identity import BINDINGS_FILE, ShopClaims, check_identities, load_bindings
 from server.polling_grid import faster_polling
 from server.secure import run_secure_federation
 from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
@@ -167,7 +167,8 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
         save_checkpoint(run_dir, Checkpoint(report.server_round, {k: a.numpy() for k, a in report.arrays.items()},
                                             strategy_state(base), capture_rng(), fingerprint,
                                             first_claims=strategy.first_claims,
-                                            loo_history=strategy.loo_history, loo_turns=strategy.loo_turns),
+                                            loo_history=strategy.loo_history, loo_turns=strategy.loo_turns,
+                                            shop_bindings=strategy.claims.export()),
                         keep=settings.keep_checkpoints)
         if progress is not None:
             progress(report, total)
@@ -187,8 +188,11 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
                             loo_history=ckpt.loo_history if ckpt is not None else None,
                             loo_turns=ckpt.loo_turns if ckpt is not None else None,
                             fuse_evaluate=settings.fuse_evaluate and serves_own_encoder(settings),
-                            # shop-index claims: in range, one node per shop (registered bindings first)
-                            claims=ShopClaims(lambda: len(shop_names()), load_bindings(run_dir)))
+                            # shop-index claims: in range, one node per shop (registered bindings first, then the
+                            # checkpoint's: a resumed run keeps who was bound to which shop)
+                            claims=ShopClaims(lambda: len(shop_names()), load_bindings(run_dir),
+                                              ckpt.shop_bindings if ckpt is not None else None,
+                                              stable_keys=(run_dir / BINDINGS_FILE).exists()))
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
                        train_config=ConfigRecord(settings.client_config(scenario.seed)),

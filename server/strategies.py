@@ -48,6 +48,7 @@ from server.node_identity import ShopClaims
 from server.robust import LooEntry, RobustSettings, TurnLevel, screen
 from server.wire import Wire
 from shared.npy_check import checked_numpy
+from shared.privacy.audit import MAX_METRICS
 from shared.protocol import (
     EVAL_METRICS_RECORD,
     EVAL_SPLIT,
@@ -64,6 +65,8 @@ STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fe
 BYZANTINE_RULES = ("krum", "multikrum", "bulyan")  # take `num_malicious_nodes`
 
 logger = logging.getLogger(__name__)
+MAX_REPLY_METRICS = MAX_METRICS  # per MetricRecord of a reply: the shops' leak guard sends at most this many
+MAX_METRIC_NAME = 100  # characters; the longest metric name a shop sends is about 30
 
 
 class RunFailed(RuntimeError):
@@ -167,7 +170,8 @@ class ShopStrategy(Strategy):
         self.round_config = round_config or (lambda _r, _kind: {})
         self.round_offset = round_offset
         self.key = inner.arrayrecord_key
-        self._node_shop: dict[int, str] = {}
+        # node -> its shop's name, for its error replies; bound nodes (registered, or restored on resume) from the start
+        self._node_shop: dict[int, str] = {node: shop_name(index) for index, (node, _) in self.claims.export().items()}
         self._report: RoundReport | None = None
         self._global_local: dict[str, np.ndarray] = {}
         self._sampled: set[int] = set()
@@ -210,6 +214,9 @@ class ShopStrategy(Strategy):
             cfg = ConfigRecord({**dict(cfg), **self.round_config(rnd, "evaluate"), EVALUATE_AFTER_TRAIN: True})
         self._fused = {}
         messages = list(self.inner.configure_train(rnd, encoder, cfg, grid))
+        online = self.claims.observe(grid)  # the online nodes and keys (after sampling waited for min-shops)
+        self.wire.forget_offline(online)
+        self._forget_anonymous(online)
         self._sampled = {m.metadata.dst_node_id for m in messages}
         for msg in messages:
             record = msg.content[self.key]
@@ -248,15 +255,14 @@ class ShopStrategy(Strategy):
             self._report.left_out[shop] = "no reply within the round timeout"
             logger.warning("round %d: left out shop %s: no reply within the round timeout", rnd, shop)
         # A fixed order makes the float sums, and so a resumed run, independent of reply arrival.
-        usable.sort(key=lambda m: (self._shop_of(m, dict(next(iter(m.content.metric_records.values())))),
-                                   m.metadata.src_node_id))
+        usable.sort(key=lambda m: (self._shop_of(m.metadata.src_node_id), m.metadata.src_node_id))
         shared: list[tuple[float, dict[str, np.ndarray]]] = []
         dtypes: dict[str, np.dtype] = {}
         screened = self._screen(rnd, usable)
         usable = [msg for msg, _ in screened]
         for msg, weight in screened:
             metrics = dict(next(iter(msg.content.metric_records.values())))
-            shop = self._shop_of(msg, metrics)
+            shop = self._shop_of(msg.metadata.src_node_id)  # its claim was checked by `_usable`
             self._report.train[shop] = {k: float(v) for k, v in metrics.items() if k != SHOP_INDEX}
             encoder, local = split_arrays(next(iter(msg.content.array_records.values())))
             dtypes = dtypes or {k: a.numpy().dtype for k, a in encoder.items()}
@@ -297,11 +303,12 @@ class ShopStrategy(Strategy):
             msg.content = RecordDict({k: r for k, r in msg.content.items() if k != EVAL_METRICS_RECORD})
             if not self.fuse_evaluate or SHOP_INDEX not in metrics or not_scalar_metrics(metrics):
                 continue  # unasked, nameless or malformed: the evaluate phase asks this shop instead
-            if why := self._refused_claim(msg, metrics):
+            index, why = self._claim(msg, metrics)
+            if why:
                 logger.warning("round %d: evaluation of node %s left out: %s", report.server_round,
                                msg.metadata.src_node_id, why)
                 continue
-            shop = self._shop_of(msg, metrics)
+            shop = self._shop_of(msg.metadata.src_node_id, index)
             report.evaluate[shop] = evaluation_row(metrics)
             self._fused[msg.metadata.src_node_id] = shop
 
@@ -336,7 +343,7 @@ class ShopStrategy(Strategy):
         flat_base = np.concatenate([base[k].ravel() for k in keys]).astype(np.float32) if keys else np.zeros(0)
         shops, deltas, claims = [], [], []
         for msg in usable:
-            shops.append(self._shop_of(msg, dict(next(iter(msg.content.metric_records.values())))))
+            shops.append(self._shop_of(msg.metadata.src_node_id))  # its claim was checked by `_usable`
             arrays = next(iter(msg.content.array_records.values()))
             flat = np.concatenate([arrays[k].numpy().ravel() for k in keys]) if keys else np.zeros(0)
             flat = flat.astype(np.float32, copy=False)  # the concatenation is a fresh array: subtract in place
@@ -392,11 +399,12 @@ class ShopStrategy(Strategy):
             report.left_out[shop] = "reply must hold one ArrayRecord and one MetricRecord"
         else:
             metrics = next(iter(msg.content.metric_records.values()))
-            if why := self._refused_claim(msg, dict(metrics)):
+            index, why = self._claim(msg, dict(metrics))
+            if why:
                 report.left_out[shop] = why
                 logger.warning("round %d: left out %s: %s", report.server_round, shop, why)
                 return False
-            shop = self._shop_of(msg, dict(metrics))
+            shop = self._shop_of(msg.metadata.src_node_id, index)
             weight = metrics.get(NUM_EXAMPLES)
             arrays = next(iter(msg.content.array_records.values()))
             if weight == 0:  # a late joiner still waiting or warming up: it reports, but does not count
@@ -446,19 +454,30 @@ class ShopStrategy(Strategy):
         a = self._global_local.get(key)
         return None if a is None else (tuple(a.shape), a.dtype)
 
-    def _refused_claim(self, msg: Message, metrics: dict[str, Any]) -> str:
-        """Why the reply's `shop-index` claim is refused (`ShopClaims`), or "" (accepted, or no claim)."""
-        if SHOP_INDEX not in metrics:
-            return ""
-        return self.claims.check(msg.metadata.src_node_id, metrics[SHOP_INDEX])[1]
+    def _forget_anonymous(self, online: set[int]) -> None:
+        """Drop the examples cap base, leave-one-out history and turn level kept under ``node-<id>`` (a reply that
+        names no shop) for nodes no longer online: with rotating node IDs they would grow without bound, and each
+        checkpoint with them. Such a node that comes back starts as a new shop; fedshop's ClientApp always names
+        its shop."""
+        named = set(self._node_shop.values()) | {self.shop_name(i) for i in self.claims.export()}
+        for table in (self._first_claim, self._loo_history, self._loo_turns):
+            for name in [k for k in table if k not in named]:
+                node = anonymous_node(name)
+                if node is not None and node not in online:
+                    del table[name]
 
-    def _shop_of(self, msg: Message, metrics: dict[str, Any]) -> str:
-        """Shop name from the reply's `shop-index` if `ShopClaims` accepts it (kept per node for error replies)."""
-        node = msg.metadata.src_node_id
-        if SHOP_INDEX in metrics:
-            index, _ = self.claims.check(node, metrics[SHOP_INDEX])
-            if index is not None:
-                self._node_shop[node] = self.shop_name(index)
+    def _claim(self, msg: Message, metrics: dict[str, Any]) -> tuple[int | None, str]:
+        """The reply's `shop-index` checked once by `ShopClaims`: (index, "") when accepted, (None, why) when
+        refused, (None, "") when the reply names none."""
+        if SHOP_INDEX not in metrics:
+            return None, ""
+        return self.claims.check(msg.metadata.src_node_id, metrics[SHOP_INDEX])
+
+    def _shop_of(self, node: int, index: int | None = None) -> str:
+        """Shop name of ``node``: that of its accepted claim ``index`` (kept per node for its error replies), else
+        the one it had, else ``node-<id>``."""
+        if index is not None:
+            self._node_shop[node] = self.shop_name(index)
         return self._node_shop.get(node, f"node-{node}")
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -467,6 +486,7 @@ class ShopStrategy(Strategy):
         """Send the new global arrays to every shop for per-task evaluation."""
         rnd = server_round + self.round_offset
         cfg = ConfigRecord({**dict(config), **self.round_config(rnd, "evaluate")})
+        self.claims.observe(grid)
         if self._report is not None:
             self._report.eval_split = str(cfg.get(EVAL_SPLIT, "val"))
         # The inner strategy still samples (the same RNG draws as without fusion); fused shops are not asked again.
@@ -484,17 +504,20 @@ class ShopStrategy(Strategy):
         report = self._report or RoundReport(server_round=rnd, arrays=ArrayRecord())
         for msg in self.wire.receive(self._readdress(list(replies)), self._sent, "evaluate"):
             metrics = {} if msg.has_error() else dict(next(iter(msg.content.metric_records.values()), {}))
+            index: int | None = None
             if msg.has_error():
                 reason = msg.error.reason or f"error reply (code {msg.error.code})"
             elif len(msg.content.metric_records) != 1:
                 reason = "malformed evaluation reply"
             else:
-                reason = not_scalar_metrics(metrics) or self._refused_claim(msg, metrics)
+                reason = not_scalar_metrics(metrics)
+                if not reason:
+                    index, reason = self._claim(msg, metrics)
             if reason:
                 shop = self._node_shop.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
                 logger.warning("round %d: no evaluation from shop %s: %s", rnd, shop, reason)
                 continue
-            shop = self._shop_of(msg, metrics)
+            shop = self._shop_of(msg.metadata.src_node_id, index)
             report.evaluate[shop] = evaluation_row(metrics)
         # Error replies carry no shop-index: name shops first seen in this round's evaluation.
         for node, shop in self._node_shop.items():
@@ -509,8 +532,22 @@ class ShopStrategy(Strategy):
         return MetricRecord(means) if means else None
 
 
+def anonymous_node(name: str) -> int | None:
+    """The node ID of a ``node-<id>`` shop name (what a reply without a `shop-index` is reported as), else None."""
+    prefix, _, rest = name.partition("-")
+    return int(rest) if prefix == "node" and rest.isdigit() else None
+
+
 def not_scalar_metrics(metrics: dict[str, Any]) -> str:
-    """Why a reply's metrics cannot be reported (a MetricRecord may hold lists; ours are numbers), or ""."""
+    """Why a reply's metrics cannot be reported, or "": more than a shop's leak guard sends, a name longer than any
+    metric's (each would be a row of metrics.csv every round), or a value that is not a number (a MetricRecord may
+    hold lists; ours are numbers)."""
+    if len(metrics) > MAX_REPLY_METRICS:
+        return (f"{len(metrics)} metrics in one record, more than {MAX_REPLY_METRICS} (what a shop's leak guard "
+                "sends at most)")
+    long = next((k for k in metrics if len(k) > MAX_METRIC_NAME), None)
+    if long is not None:
+        return f"metric name '{long[:40]}...' is longer than {MAX_METRIC_NAME} characters"
     bad = next((k for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool)), None)
     return "" if bad is None else f"metric '{bad}' is a {type(metrics[bad]).__name__}, not a number"
 

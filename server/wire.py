@@ -63,6 +63,17 @@ class Wire:
         self._touched: dict[str, np.ndarray] = {}  # key -> rows some decoded reply changed this round
         self.bytes: dict[str, int] = {"down": 0, "up": 0, "messages-down": 0, "replies-up": 0}
 
+    def forget_offline(self, online: set[int]) -> None:
+        """Forget what nodes that are not ``online`` hold, and the globals only they held.
+
+        Without it a node that left (or a node ID that rotated) would keep its entry, and the dense copy of the
+        global it last held, for the rest of the run. A node that comes back is sent what a new node gets.
+        """
+        self._held = {n: d for n, d in self._held.items() if n in online}
+        self._no_initial &= online
+        live = set(self._held.values())
+        self._versions = {d: v for d, v in self._versions.items() if d in live or d == self._initial}
+
     def take_bytes(self) -> dict[str, int]:
         """The byte counts since the last call (one round), reset to zero."""
         out, self.bytes = self.bytes, dict.fromkeys(self.bytes, 0)

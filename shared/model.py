@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,72 @@ def _mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)`` for the Linear, ReLU, Sequential and Embedding layers the model is built from, without nn.Module's
+    call machinery (~3 us a call, ~20 calls a training step); a module with forward hooks (e.g. an instrumenting
+    library's) or of any other type is called as usual."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return m(x)
+    kind = type(m)
+    if kind is nn.Linear:
+        return F.linear(x, m.weight, m.bias)
+    if kind is nn.Sequential:
+        for layer in m:
+            x = _run(layer, x)
+        return x
+    if kind is nn.ReLU and not m.inplace:
+        return torch.relu(x)
+    if kind is nn.Embedding:
+        return F.embedding(x, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+    return m(x)
+
+
+def _alias_pack(params: Sequence[nn.Parameter], stack: bool) -> torch.Tensor:
+    """One leaf tensor holding ``params`` side by side (stacked, or concatenated along dim 0), each parameter's data
+    re-pointed to its part of it: an in-place update of the leaf (an optimiser step) is one of the parameters.
+
+    Why: a forward pass that reads several parameters as one tensor otherwise concatenates them at every step,
+    and the backward splits the gradient again and accumulates each part (~30 ops a step for the experts and the
+    CTR/CVR towers). `_unpack` gives each parameter its own storage back.
+    """
+    packed = (torch.stack if stack else torch.cat)([p.detach() for p in params])
+    packed.requires_grad_(all(p.requires_grad for p in params))
+    for p, part in zip(params, packed.detach().unbind(0) if stack else packed.detach().split([len(p) for p in params]),
+                       strict=True):
+        p.data = part
+    return packed
+
+
+def _unpack(params: Sequence[nn.Parameter]) -> None:
+    """Undo `_alias_pack`: each parameter gets a copy of its current values in its own storage."""
+    for p in params:
+        p.data = p.data.clone()
+
+
+@dataclass
+class Pack:
+    """A leaf tensor that holds ``params`` during training (`ShopModel.packed_parameters`): stacked or concatenated."""
+
+    leaf: torch.Tensor
+    params: list[nn.Parameter]
+    stack: bool
+
+    def of(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` (one per parameter, e.g. FedProx anchors) packed the same way as the parameters."""
+        return (torch.stack if self.stack else torch.cat)(list(tensors))
+
+
+def _lookup_parts(emb: nn.Embedding, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``emb``'s rows at each index tensor of ``parts`` ((..., d) each), from one lookup of the concatenated indices.
+
+    One lookup gives a table one (row-sparse) gradient: autograd adds a table's several gradients with a
+    row-by-row merge into a zero-filled buffer, which costs more than the lookups (a split's backward is one
+    concatenation).
+    """
+    flat = F.embedding(torch.cat([p.reshape(-1) for p in parts]), emb.weight, sparse=emb.sparse)
+    return [r.view(*p.shape, -1) for r, p in zip(flat.split([p.numel() for p in parts]), parts, strict=True)]
+
+
 def _sparse_mean(table: torch.Tensor, idx: torch.Tensor, sparse: bool = False) -> torch.Tensor:
     """Row-sparse `_mean_bag`: the same means, from a lookup of the non-zero indices only: (..., F) -> (..., d).
 
@@ -81,21 +148,46 @@ def _pool(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     return _pool_terms(emb, idx)[0]
 
 
-def _pool_terms(emb: nn.Embedding, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pool_terms(emb: nn.Embedding, idx: torch.Tensor, counts: FieldCounts | None = None,
+                looked_up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`_pool`'s mean (..., d) with the masked embeddings (..., F, d) and their sum (..., d) it came from.
 
     For callers that also need the fields' crosses (`SharedEncoder.item_terms`): one lookup serves both.
+    ``counts``: `field_counts(idx)` when the caller keeps it (a fixed index table, e.g. the catalog's fields);
+    ``looked_up``: ``emb``'s rows at ``idx`` when the caller looked them up (with other indices, in one lookup).
     """
-    return _mean_terms(F.embedding(idx, emb.weight, sparse=emb.sparse), idx)
+    if looked_up is None:
+        looked_up = F.embedding(idx, emb.weight, sparse=emb.sparse)
+    return _mean_terms(looked_up, idx, counts)
 
 
-def _mean_terms(looked_up: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class FieldCounts:
+    """The padding mask (..., F, 1) of an index table (None: no padding) and its rows' field counts (..., 1)."""
+
+    mask: torch.Tensor | None
+    count: torch.Tensor | float
+
+
+def field_counts(idx: torch.Tensor, dtype: torch.dtype) -> FieldCounts:
+    """`FieldCounts` of ``idx``: what `_mean_terms` derives from the indices each call (7 ops on a padded table)."""
+    mask = _padding_mask(idx, dtype)
+    return FieldCounts(mask, float(idx.shape[-1]) if mask is None else mask.sum(-2).clamp(min=1))
+
+
+def _mean_terms(looked_up: torch.Tensor, idx: torch.Tensor, counts: FieldCounts | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`_pool_terms` of rows already looked up (``looked_up`` = the table's rows at ``idx``, (..., F, d))."""
+    if counts is not None:
+        e = _masked(looked_up, counts.mask)
+        total = e.sum(-2)
+        return total / counts.count, e, total
     mask = _padding_mask(idx, looked_up.dtype)
     e = _masked(looked_up, mask)
     total = e.sum(-2)
-    count = torch.full_like(total[..., :1], idx.shape[-1]) if mask is None else mask.sum(-2).clamp(min=1)
-    return total / count, e, total
+    # Without padding every row counts F fields: dividing by the number itself is the same division as by a
+    # tensor of it (one op fewer, no tensor built).
+    return (total / idx.shape[-1] if mask is None else total / mask.sum(-2).clamp(min=1)), e, total
 
 
 def _padding_mask(idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -119,6 +211,15 @@ def _bi_interaction(e: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     (two products instead of pow's pow(x, 1), scale and product).
     """
     return 0.5 * (total * total - (e * e).sum(-2))
+
+
+class ImpressionPass(NamedTuple):
+    """What `ShopModel.training_impressions` returns: the step's first pass."""
+
+    logits: dict[str, torch.Tensor]  # per impression task, (B,)
+    ranking_users: torch.Tensor | None  # the ranking rows' users (`ShopModel.ranking_users`), if rows were given
+    item_table: torch.Tensor  # the whole vocabulary's item vectors (`ShopModel.all_items`)
+    sales_wide: torch.Tensor | None  # the sales rows' wide terms (B_s, n_gated_tasks), if rows were given
 
 
 @cache
@@ -149,37 +250,46 @@ class SharedEncoder(nn.Module):
         self.wide = nn.Embedding(fcfg.hash_buckets, len(GATED_TASKS), padding_idx=0)
         nn.init.zeros_(self.wide.weight)
         self._packing: dict | None = None  # see packing_once
+        self._train_packs: list[Pack] | None = None  # see ShopModel.packed_parameters
         for emb in (self.fields, self.products):
             nn.init.normal_(emb.weight, std=0.05)
             with torch.no_grad():
                 emb.weight[0].zero_()
 
     def items(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
-              item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Item vectors (I, d) from shared side fields, the product key and the local ID embedding."""
-        return self._item_tower(_pool(self.fields, item_cat), item_key, item_num, item_id_emb, id_keep)
+              item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None,
+              counts: FieldCounts | None = None, looked_up: torch.Tensor | None = None) -> torch.Tensor:
+        """Item vectors (I, d) from shared side fields, the product key and the local ID embedding.
+
+        ``counts``: `field_counts(item_cat)` when the caller keeps it; ``looked_up``: ``fields`` at ``item_cat``
+        when the caller looked them up.
+        """
+        return self._item_tower(_pool_terms(self.fields, item_cat, counts, looked_up)[0], item_key, item_num,
+                                item_id_emb, id_keep)
 
     def item_terms(self, item_cat: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
-                   item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   item_id_emb: torch.Tensor, id_keep: torch.Tensor | None = None,
+                   counts: FieldCounts | None = None, looked_up: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """`items` (I, d) with each item's side-field crosses (I, d): `crosses(item_cat)`'s first part, row for
         row, from the lookup the item vectors already make (that lookup touches every item's field rows anyway).
 
         The wide terms are not taken here: a whole-catalog lookup of ``wide`` would touch rows a batch does not
-        use, which row-sparse Adam would then move by their momentum.
+        use, which row-sparse Adam would then move by their momentum. ``counts``, ``looked_up``: as in `items`.
         """
-        pooled, e, total = _pool_terms(self.fields, item_cat)
+        pooled, e, total = _pool_terms(self.fields, item_cat, counts, looked_up)
         return self._item_tower(pooled, item_key, item_num, item_id_emb, id_keep), _bi_interaction(e, total)
 
     def _item_tower(self, pooled: torch.Tensor, item_key: torch.Tensor, item_num: torch.Tensor,
                     item_id_emb: torch.Tensor, id_keep: torch.Tensor | None) -> torch.Tensor:
-        ids = self.products(item_key) + item_id_emb
+        ids = _run(self.products, item_key) + item_id_emb
         if id_keep is not None:
             ids = ids * id_keep
-        return self.item_tower(torch.cat([pooled, ids, self.price(item_num)], -1))
+        return _run(self.item_tower, torch.cat([pooled, ids, _run(self.price, item_num)], -1))
 
     def users(self, user_side: torch.Tensor, user_id_emb: torch.Tensor, hist_vec: torch.Tensor) -> torch.Tensor:
         """User vectors (B, d) from side fields + local ID embedding and the behaviour sequence."""
-        return self.user_tower(torch.cat([user_side + user_id_emb, hist_vec], -1))
+        return _run(self.user_tower, torch.cat([user_side + user_id_emb, hist_vec], -1))
 
     def context(self, ctx_cat: torch.Tensor, ctx_num_vec: torch.Tensor | None,
                 pooled: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,16 +299,19 @@ class SharedEncoder(nn.Module):
         ``ctx_num_vec`` None: the shop has no numeric context (the same as adding zeros).
         """
         x = _pool(self.fields, ctx_cat) if pooled is None else pooled
-        return self.ctx_tower(x if ctx_num_vec is None else x + ctx_num_vec)
+        return _run(self.ctx_tower, x if ctx_num_vec is None else x + ctx_num_vec)
 
     def field_terms(self, field_idx: torch.Tensor, groups: Sequence[int] = (), pooled: Sequence[int] = (),
-                    extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                    extra: torch.Tensor | None = None, rows: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                    wide_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Bi-interaction pooling (NFM, (B, d)) of a row's shared fields, their wide terms ((B, n_gated_tasks)
         first-order logits) and the mean embedding (B, d) of the ``pooled`` groups among the consecutive
         groups of ``groups`` fields (sizes summing to F; padding left out), from one lookup of each table.
 
         ``extra``: other rows' field indices (B2, F2) whose `_pool` mean (B2, d) is appended to the means,
         from the same lookup of ``fields`` (one row-sparse gradient instead of two and their merge).
+        ``rows``: ``fields``' rows at ``field_idx`` and at ``extra`` when the caller looked them up; ``wide_rows``:
+        ``wide``'s rows at ``field_idx``, likewise.
         """
         mask = _padding_mask(field_idx, self.fields.weight.dtype)
         # The mask already zeroes the padding fields and their gradient, so the lookups skip the tables'
@@ -207,7 +320,9 @@ class SharedEncoder(nn.Module):
         # Row 0 then appears in the row-sparse gradient with zeros, which Adam turns into no change while its
         # moments are zero (as the dense path, where padding_idx also leaves a zero gradient row).
         table = self.fields.weight
-        if extra is None:
+        if rows is not None:
+            looked_up, other = rows
+        elif extra is None:
             looked_up = F.embedding(field_idx, table, sparse=self.fields.sparse)  # (B, F, d)
         else:  # one flat lookup, split (a split's backward is one concatenation)
             flat = F.embedding(torch.cat([field_idx.reshape(-1), extra.reshape(-1)]), table, sparse=self.fields.sparse)
@@ -218,18 +333,25 @@ class SharedEncoder(nn.Module):
         means = []
         if groups:
             # Split, not slice: the backward of a split is one concatenation, a slice's a zero-filled (B, F, d).
-            valid = (field_idx > 0).to(e.dtype) if mask is None else mask.squeeze(-1)
-            parts, counts = e.split(list(groups), 1), valid.split(list(groups), 1)
-            means = [parts[g].sum(1) / counts[g].sum(1, keepdim=True).clamp(min=1) for g in pooled]
+            parts = e.split(list(groups), 1)
+            if mask is None:  # every field counts: divide by the group's size (the same division, 5 ops fewer)
+                means = [parts[g].sum(1) / groups[g] for g in pooled]
+            else:
+                counts = mask.squeeze(-1).split(list(groups), 1)
+                means = [parts[g].sum(1) / counts[g].sum(1, keepdim=True).clamp(min=1) for g in pooled]
         if extra is not None:
             means.append(_mean_terms(other, extra)[0])
-        wide = _masked(F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
-        return bi, wide, means
+        if wide_rows is None:
+            wide_rows = F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse)
+        return bi, _masked(wide_rows, mask).sum(1), means
 
-    def wide_terms(self, field_idx: torch.Tensor) -> torch.Tensor:
-        """The wide terms (B, n_gated_tasks) of `field_terms` alone (a lookup of ``wide`` only)."""
+    def wide_terms(self, field_idx: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The wide terms (B, n_gated_tasks) of `field_terms` alone (a lookup of ``wide`` only; ``rows``: ``wide``'s
+        rows at ``field_idx`` when the caller looked them up)."""
         mask = _padding_mask(field_idx, self.wide.weight.dtype)
-        return _masked(F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse), mask).sum(1)
+        if rows is None:
+            rows = F.embedding(field_idx, self.wide.weight, sparse=self.wide.sparse)
+        return _masked(rows, mask).sum(1)
 
     def crosses(self, field_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bi-interaction pooling (NFM) of all shared fields of a row, and their wide terms.
@@ -262,6 +384,10 @@ class SharedEncoder(nn.Module):
     def _packed_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The experts' weights side by side: first layers' (K*E_in, 5d) and (K*E_in,), last layers' bias
         (K, 1, E) and transposed weight (K, E_in, E); inside `packing_once`, built once and reused."""
+        packs = getattr(self, "_train_packs", None)
+        if packs:  # the experts' parameters live in these leaves while training (`ShopModel.packed_parameters`)
+            w1, b1, w2, b2 = (p.leaf for p in packs)
+            return w1, b1, b2.unsqueeze(1), w2.transpose(1, 2)
         cache = getattr(self, "_packing", None)
         if cache is not None and "experts" in cache:
             return cache["experts"]
@@ -273,6 +399,14 @@ class SharedEncoder(nn.Module):
         if cache is not None:
             cache["experts"] = packed
         return packed
+
+    def expert_packs(self) -> list[Pack]:
+        """`_alias_pack` of the experts: first layers' weights and biases concatenated, last layers' stacked (the
+        layout `_packed_experts` builds each step otherwise); `mixture` reads them until `_unpack`."""
+        first, last = [e[0] for e in self.experts], [e[-1] for e in self.experts]
+        groups = [([f.weight for f in first], False), ([f.bias for f in first], False),
+                  ([m.weight for m in last], True), ([m.bias for m in last], True)]
+        return [Pack(_alias_pack(ps, stack), ps, stack) for ps, stack in groups]
 
     @contextmanager
     def packing_once(self) -> Iterator[None]:
@@ -338,6 +472,20 @@ class LocalPart(nn.Module):
             self.item_bias = nn.Embedding(tensors.n_items, 1)
             nn.init.zeros_(self.item_bias.weight)
         self.weighting = make_weighting(cfg.weighting, self.tasks)
+        self._train_packs: tuple[tuple[str, ...], list[Pack]] | None = None  # see ShopModel.packed_parameters
+
+    def tower_packs(self) -> tuple[tuple[str, ...], list[Pack]] | None:
+        """`_alias_pack` of the CTR/CVR gates and towers in `gated_towers`' layout (gate weights and biases
+        concatenated, tower layers stacked), or None when `gated_towers` would not batch them."""
+        tasks = tuple(t for t in ("ctr", "cvr") if t in self.towers)
+        towers = [self.towers[t] for t in tasks]
+        if len(tasks) < 2 or any(len(tw) != 3 for tw in towers):
+            return None
+        gates = [self.gates[t] for t in tasks]
+        groups = [([g.weight for g in gates], False), ([g.bias for g in gates], False),
+                  ([tw[0].weight for tw in towers], True), ([tw[0].bias for tw in towers], True),
+                  ([tw[-1].weight for tw in towers], True), ([tw[-1].bias for tw in towers], True)]
+        return tasks, [Pack(_alias_pack(ps, stack), ps, stack) for ps, stack in groups]
 
     def gate(self, task: str, x: torch.Tensor, experts: torch.Tensor, cols: torch.Tensor | None = None
              ) -> torch.Tensor:
@@ -361,14 +509,19 @@ class LocalPart(nn.Module):
             return torch.stack([self.towers[t](self.gate(t, x, experts)).squeeze(-1) for t in tasks])
         gates = [self.gates[t] for t in tasks]
         n, k = len(tasks), gates[0].out_features
-        logits = F.linear(x, torch.cat([g.weight for g in gates]), torch.cat([g.bias for g in gates]))
+        packed = getattr(self, "_train_packs", None)
+        if packed is not None and packed[0] == tuple(tasks):  # the parameters live in these leaves while training
+            gw, gb, w1, b1, w2, b2 = (p.leaf for p in packed[1])
+        else:
+            first, last = [tw[0] for tw in towers], [tw[-1] for tw in towers]
+            gw, gb = torch.cat([g.weight for g in gates]), torch.cat([g.bias for g in gates])
+            w1, b1 = torch.stack([f.weight for f in first]), torch.stack([f.bias for f in first])
+            w2, b2 = torch.stack([m.weight for m in last]), torch.stack([m.bias for m in last])
+        logits = F.linear(x, gw, gb)
         w = torch.softmax(logits.view(-1, n, k), -1)  # (B, T, K)
         h = torch.bmm(w, experts).transpose(0, 1)  # (T, B, E): each task's mixture
-        first, last = [tw[0] for tw in towers], [tw[-1] for tw in towers]
-        z = torch.relu(torch.baddbmm(torch.stack([f.bias for f in first]).unsqueeze(1), h,
-                                     torch.stack([f.weight for f in first]).transpose(1, 2)))  # (T, B, H)
-        out = torch.baddbmm(torch.stack([m.bias for m in last]).unsqueeze(1), z,
-                            torch.stack([m.weight for m in last]).transpose(1, 2))  # (T, B, 1)
+        z = torch.relu(torch.baddbmm(b1.unsqueeze(1), h, w1.transpose(1, 2)))  # (T, B, H)
+        out = torch.baddbmm(b2.unsqueeze(1), z, w2.transpose(1, 2))  # (T, B, 1)
         return out.squeeze(-1)
 
 
@@ -419,26 +572,60 @@ class ShopModel(nn.Module):
         """
         return [self.encoder.fields, self.encoder.products, self.encoder.wide]
 
+    @contextmanager
+    def packed_parameters(self, encoder: bool = True) -> Iterator[list[Pack]]:
+        """Within the block, the experts' parameters (``encoder``) and the CTR/CVR gates' and towers' live in packed
+        leaf tensors (`_alias_pack`), which the forward passes read and an optimiser must update instead of them;
+        yields the packs. The parameters' values, names and state dict stay as they are; on exit they get their own
+        storage back. A training-loop switch (`shared.train`): a plain backward inside the block leaves the packed
+        parameters' ``.grad`` unset (the leaves get it).
+        """
+        enc = self.encoder.expert_packs() if encoder else []
+        towers = self.local.tower_packs()
+        self.encoder._train_packs = enc or None
+        self.local._train_packs = towers
+        packs = enc + (towers[1] if towers else [])
+        try:
+            yield packs
+        finally:
+            self.encoder._train_packs = None
+            self.local._train_packs = None
+            for pack in packs:
+                _unpack(pack.params)
+
     # ---- forward pieces ----------------------------------------------------------------------
     def _id_keep(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
         if not self.training or self.cfg.id_dropout <= 0:
             return None
         return (torch.rand(n, 1, device=like.device) >= self.cfg.id_dropout).to(like.dtype)
 
-    def all_items(self, items: torch.Tensor | None = None) -> torch.Tensor:
+    def _catalog_counts(self, dtype: torch.dtype) -> FieldCounts:
+        """`field_counts` of the catalog's fields (``item_cat``), kept while that buffer and the dtype stay the same:
+        every whole-vocabulary item pass (each training step) would otherwise rebuild the same mask and counts."""
+        cat = self.item_cat
+        kept = self.__dict__.get("_catalog_counts_kept")
+        if kept is None or kept[0] is not cat or kept[1] != (cat._version, dtype):
+            kept = (cat, (cat._version, dtype), field_counts(cat, dtype))
+            self.__dict__["_catalog_counts_kept"] = kept
+        return kept[2]
+
+    def all_items(self, items: torch.Tensor | None = None, *,
+                  catalog_fields: torch.Tensor | None = None) -> torch.Tensor:
         """Item vectors for the given item indices (default: the whole local vocabulary).
 
         The whole vocabulary's table of a shop with sales also carries each item's side-field crosses
         (attribute ``ITEM_CROSSES``), from the field lookup the table makes: a sales batch then gathers its
         rows' crosses instead of looking their fields up again (one sparse gradient fewer on ``fields``, whose
-        merge into the others is a row-by-row copy).
+        merge into the others is a row-by-row copy). ``catalog_fields``: the ``fields`` table's rows at ``item_cat``
+        (I, F, d), when the caller looked them up (whole vocabulary only).
         """
         if items is None:
             w = self.local.item_ids.weight
             args = (self.item_cat, self.item_key, self.item_num, w, self._id_keep(len(w), w))
+            counts = self._catalog_counts(w.dtype)
             if "sales" not in self.local.towers:
-                return self.encoder.items(*args)
-            table, bi = self.encoder.item_terms(*args)
+                return self.encoder.items(*args, counts=counts, looked_up=catalog_fields)
+            table, bi = self.encoder.item_terms(*args, counts=counts, looked_up=catalog_fields)
             setattr(table, ITEM_CROSSES, bi)
             return table
         emb = self.local.item_ids(items)
@@ -454,13 +641,13 @@ class ShopModel(nn.Module):
         hist_vec = _sparse_mean(item_table, hist)  # mean over the clicked items (index 0 = padding)
         if side is None:
             side = _pool(self.encoder.fields, self.user_cat.index_select(0, user))
-        ids = self.local.user_ids(user)
+        ids = _run(self.local.user_ids, user)
         keep = self._id_keep(len(ids), ids)
         return self.encoder.users(side, ids if keep is None else ids * keep, hist_vec)
 
     def impression_logits(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-task logits on impression rows: {'ctr': (B,), 'cvr': (B,)} for the tasks the shop has."""
-        return self._impressions(batch, item_table, None)[0]
+        return self._impressions(batch, item_table, None).logits
 
     def impression_logits_and_ranking_users(self, batch: Mapping[str, torch.Tensor],
                                             rank_rows: Mapping[str, torch.Tensor], item_table: torch.Tensor
@@ -472,42 +659,67 @@ class ShopModel(nn.Module):
         training, the ID dropout draws the impression rows' then the ranking rows' masks, as they would),
         with gradients summed in another order, and a third fewer user-side ops a step.
         """
-        logits, users = self._impressions(batch, item_table, rank_rows)
-        assert users is not None
-        return logits, users
+        out = self._impressions(batch, item_table, rank_rows)
+        assert out.ranking_users is not None
+        return out.logits, out.ranking_users
 
-    def _impressions(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor,
-                     rank_rows: Mapping[str, torch.Tensor] | None
-                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def training_impressions(self, batch: Mapping[str, torch.Tensor], rank_rows: Mapping[str, torch.Tensor] | None,
+                             sales_rows: Mapping[str, torch.Tensor] | None = None) -> ImpressionPass:
+        """A training step's first pass: `impression_logits` of ``batch``, `ranking_users` of ``rank_rows`` (if given),
+        the whole vocabulary's item table (`all_items`, built first) and the wide terms of ``sales_rows`` (if given;
+        what `sales_log_rate` takes as ``wide``).
+
+        The catalog's and the rows' field indices go through one lookup of the field table, and the impression and
+        sales rows' through one of the wide table: the same values as `all_items`, then
+        `impression_logits_and_ranking_users` and the sales rows' own lookup (the ID dropout draws in the same order),
+        with one row-sparse gradient a table instead of several and autograd's row-by-row merges of them.
+        """
+        return self._impressions(batch, None, rank_rows, sales_rows)
+
+    def _impressions(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor | None,
+                     rank_rows: Mapping[str, torch.Tensor] | None,
+                     sales_rows: Mapping[str, torch.Tensor] | None = None) -> ImpressionPass:
         user_cat, ctx_cat = self.user_cat.index_select(0, batch["user"]), batch["ctx_cat"]
         fields = torch.cat([user_cat, self.item_cat.index_select(0, batch["item"]), ctx_cat], 1)
         # One lookup of the field table serves the crosses, the user's side fields and the context: each
         # extra lookup costs a forward, a backward and (in row-sparse training) a sparse gradient merge.
         groups = (user_cat.shape[1], fields.shape[1] - user_cat.shape[1] - ctx_cat.shape[1], ctx_cat.shape[1])
+        extra = None if rank_rows is None else self.user_cat.index_select(0, rank_rows["user"])
+        looked_up = wide_rows = sales_wide = None
+        if item_table is None:  # the catalog's fields join the lookup; the item table is built from them first
+            item_rows, field_rows, *extra_rows = _lookup_parts(
+                self.encoder.fields, [self.item_cat, fields] + ([] if extra is None else [extra]))
+            item_table = self.all_items(catalog_fields=item_rows)
+            looked_up = (field_rows, extra_rows[0] if extra_rows else None)
+            if sales_rows is not None:  # the sales rows' wide terms from the impression rows' lookup of ``wide``
+                sales_fields = self.item_cat.index_select(0, sales_rows["item"])
+                wide_rows, sales_rows_wide = _lookup_parts(self.encoder.wide, [fields, sales_fields])
+                sales_wide = self.encoder.wide_terms(sales_fields, rows=sales_rows_wide)
         rank_users = None
         if rank_rows is None:
-            bi, wide, (side, ctx_mean) = self.encoder.field_terms(fields, groups, pooled=(0, 2))
+            bi, wide, (side, ctx_mean) = self.encoder.field_terms(fields, groups, pooled=(0, 2), rows=looked_up,
+                                                                  wide_rows=wide_rows)
             u = self.user_vectors(batch["user"], batch["hist"], item_table, side=side)
         else:
             bi, wide, (side, ctx_mean, rank_side) = self.encoder.field_terms(
-                fields, groups, pooled=(0, 2), extra=self.user_cat.index_select(0, rank_rows["user"]))
+                fields, groups, pooled=(0, 2), extra=extra, rows=looked_up, wide_rows=wide_rows)
             both = self.user_vectors(torch.cat([batch["user"], rank_rows["user"]]),
                                      torch.cat([batch["hist"], rank_rows["hist"]]), item_table,
                                      side=torch.cat([side, rank_side]))
             u, rank_u = both.split([len(side), len(rank_side)])
-            rank_users = self.local.rank_proj(rank_u)
+            rank_users = _run(self.local.rank_proj, rank_u)
         v = item_table.index_select(0, batch["item"])  # backward is an index_add (advanced indexing sorts)
         # An absent numeric context adds nothing: no branch, no zeros tensor.
-        num_vec = self.local.ctx_num(batch["ctx_num"]) if self.local.ctx_num is not None else None
+        num_vec = _run(self.local.ctx_num, batch["ctx_num"]) if self.local.ctx_num is not None else None
         c = self.encoder.context(ctx_cat, num_vec, pooled=ctx_mean)
         x = torch.cat([u, v, c, u * v, bi], -1)  # (B, 5d)
         experts = self.encoder.mixture(x)  # (B, K, E)
         tasks = [t for t in ("ctr", "cvr") if t in self.local.towers]
         if not tasks:
-            return {}, rank_users
+            return ImpressionPass({}, rank_users, item_table, sales_wide)
         first = GATED_TASKS.index(tasks[0])  # ctr, cvr: adjacent columns of the wide terms, a view
         logits = self.local.gated_towers(tasks, x, experts) + wide[:, first:first + len(tasks)].T
-        return dict(zip(tasks, logits.unbind(0), strict=True)), rank_users
+        return ImpressionPass(dict(zip(tasks, logits.unbind(0), strict=True)), rank_users, item_table, sales_wide)
 
     def ranking_scores(self, user: torch.Tensor, hist: torch.Tensor, items: torch.Tensor,
                        item_table: torch.Tensor) -> torch.Tensor:
@@ -516,12 +728,12 @@ class ShopModel(nn.Module):
 
     def ranking_users(self, user: torch.Tensor, hist: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
         """The user vectors (B, d) ranking scores items against (compute once, score many candidate sets)."""
-        return self.local.rank_proj(self.user_vectors(user, hist, item_table))
+        return _run(self.local.rank_proj, self.user_vectors(user, hist, item_table))
 
     def candidate_scores(self, users: torch.Tensor, items: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
         """Scores (B, C) of candidates for `ranking_users` vectors: (B, C) indices, or (C,) shared by the batch."""
         v = item_table.index_select(0, items.reshape(-1)).reshape(*items.shape, -1)
-        bias = self.local.item_bias(items).squeeze(-1)
+        bias = _run(self.local.item_bias, items).squeeze(-1)
         if items.dim() == 1:
             return users @ v.T + bias
         if items.shape[1] == 1:  # one candidate a row (the training positives): a product and a sum, forward and
@@ -529,28 +741,32 @@ class ShopModel(nn.Module):
             return (users.unsqueeze(1) * v).sum(-1) + bias
         return torch.einsum("bd,bcd->bc", users, v) + bias
 
-    def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor) -> torch.Tensor:
+    def sales_log_rate(self, batch: Mapping[str, torch.Tensor], item_table: torch.Tensor,
+                       wide: torch.Tensor | None = None) -> torch.Tensor:
         """Log of expected next-period units per (item, period) row: (B,).
 
         The rows' side-field crosses come from ``item_table``'s per-item ones when it carries them
         (`all_items`), else from the lookup of the rows' fields the wide terms take: the same values either way.
+        ``wide``: the rows' wide terms (B, n_gated_tasks) when the caller has them (`training_impressions`).
         """
         item = batch["item"]
         v = item_table.index_select(0, item)
-        s = self.local.sales_in(batch["x"])  # (B, d)
-        fields = self.item_cat.index_select(0, item)
+        s = _run(self.local.sales_in, batch["x"])  # (B, d)
         per_item = getattr(item_table, ITEM_CROSSES, None)
         if per_item is None:
-            bi, wide = self.encoder.crosses(fields)
+            bi, wide_terms = self.encoder.crosses(self.item_cat.index_select(0, item))
+            wide = wide_terms if wide is None else wide
         else:
-            bi, wide = per_item.index_select(0, item), self.encoder.wide_terms(fields)
+            bi = per_item.index_select(0, item)
+            if wide is None:
+                wide = self.encoder.wide_terms(self.item_cat.index_select(0, item))
         # The joint input of a sales row is [0, v, s, 0, bi] (no user, no user-item product): the experts' first
         # layers and the gate read only the three non-zero blocks' weight columns (~40% fewer products there,
         # forward and backward, and no zero blocks built or differentiated).
         x = torch.cat([v, s, bi], -1)  # (B, 3d)
         cols = _sales_cols(v.shape[-1])
         h = self.local.gate("sales", x, self.encoder.mixture(x, cols), cols)
-        return self.local.towers["sales"](torch.cat([h, s], -1)).squeeze(-1) + wide[:, GATED_TASKS.index("sales")]
+        return _run(self.local.towers["sales"], torch.cat([h, s], -1)).squeeze(-1) + wide[:, GATED_TASKS.index("sales")]
 
 
 def initial_encoder_state(cfg: ModelConfig, fcfg: FeatureConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -57,6 +57,8 @@ WIRE_RECORD = "fedshop.wire"  # ConfigRecord of a compressed request: mode, enco
 WIRE_FULL, WIRE_PATCH, WIRE_OMITTED = "full", "patch", "omitted"  # how a request carries the encoder
 BLOCKED_TEXT = "reply blocked by the shop's leak guard"
 FAILED_TEXT = "shop failed to process the message"
+UNPACK_TEXT = "shop could not unpack the message"  # client.pack_mod
+UNDECODABLE_TEXT = "shop could not decode the compressed encoder"  # client.wire_mod (details: the shop's log)
 
 
 def task_loss_key(task: str) -> str:

@@ -52,6 +52,12 @@ class StepCache:
     - ``impressions``: the first impression head (CTR or CVR) writes its forward's logits; the other reads them.
     - ``ranking_users``: written with ``impressions`` when ``positives`` was set; `RankingTask` takes it
       (reads and clears it), else it computes its users itself.
+    - ``item_table``: when the trainer passes the heads no item table (None), the first impression head writes
+      the step's (`ShopModel.training_impressions`: one field lookup for the catalog and the rows); the other
+      heads read it (`step_items`).
+    - ``sales``: the trainer writes the step's sales rows when it leaves the item table to the impression head;
+      that head's pass also computes their wide terms into ``sales_wide``, which `SalesTask` takes (reads and
+      clears) for those same rows.
     """
 
     catalog: torch.Tensor
@@ -59,12 +65,32 @@ class StepCache:
     positives: Batch | None = None
     impressions: dict[str, torch.Tensor] | None = None
     ranking_users: torch.Tensor | None = None
+    item_table: torch.Tensor | None = None
+    sales: Batch | None = None
+    sales_wide: torch.Tensor | None = None
 
 
-def _cached_impression_logits(model: ShopModel, batch: Batch, item_table: torch.Tensor,
+def step_items(model: ShopModel, item_table: torch.Tensor | None, cache: StepCache) -> torch.Tensor:
+    """The item table a head scores with: the one it was given, else the step's (the cache's, built on first need)."""
+    if item_table is not None:
+        return item_table
+    if cache.item_table is None:
+        cache.item_table = model.all_items()
+    return cache.item_table
+
+
+def _cached_impression_logits(model: ShopModel, batch: Batch, item_table: torch.Tensor | None,
                               cache: StepCache) -> dict[str, torch.Tensor]:
-    """One impression forward pass per training step, shared by CTR and CVR through the step's cache."""
+    """One impression forward pass per training step, shared by CTR and CVR through the step's cache.
+
+    ``item_table`` None (and none in the cache yet): the pass builds the step's item table too (`StepCache`).
+    """
     if cache.impressions is None:
+        if item_table is None and cache.item_table is None:
+            cache.impressions, cache.ranking_users, cache.item_table, cache.sales_wide = model.training_impressions(
+                batch, cache.positives, cache.sales)
+            return cache.impressions
+        item_table = step_items(model, item_table, cache)
         if cache.positives is None:
             cache.impressions = model.impression_logits(batch, item_table)
         else:  # the step's ranking rows: one user pass serves both (RankingTask)
@@ -79,8 +105,8 @@ class TaskHead:
     name: str = ""
     source: str = "impressions"
 
-    def loss(self, model: ShopModel, batch: Batch, item_table: torch.Tensor, cache: StepCache) -> torch.Tensor:
-        """Mean training loss on a batch of this task's source rows."""
+    def loss(self, model: ShopModel, batch: Batch, item_table: torch.Tensor | None, cache: StepCache) -> torch.Tensor:
+        """Mean training loss on a batch of this task's source rows (``item_table`` None: the step's, `StepCache`)."""
         raise NotImplementedError
 
     def evaluate(self, model: ShopModel, tensors: ShopTensors, split: str,
@@ -155,6 +181,7 @@ class RankingTask(TaskHead):
     def loss(self, model, batch, item_table, cache):
         catalog = cache.catalog
         neg = catalog[torch.randint(len(catalog), (RANKING_NEGATIVES,), generator=cache.generator)]
+        item_table = step_items(model, item_table, cache)
         users, cache.ranking_users = cache.ranking_users, None  # from the impression rows' user pass, if any
         if users is None:
             users = model.ranking_users(batch["user"], batch["hist"], item_table)  # one user pass for both
@@ -210,7 +237,9 @@ class SalesTask(TaskHead):
     def loss(self, model, batch, item_table, cache):
         # Poisson deviance rather than F.poisson_nll_loss: same gradient, but >= 0 with 0 at a perfect fit,
         # which loss weightings (uncertainty, GradNorm, DWA) assume.
-        log_mu, y = model.sales_log_rate(batch, item_table), batch["units"]
+        wide = cache.sales_wide if cache.sales is batch else None  # from the impression pass, for these rows
+        cache.sales_wide = None
+        log_mu, y = model.sales_log_rate(batch, step_items(model, item_table, cache), wide), batch["units"]
         return 2 * (torch.xlogy(y, y) - y * log_mu - y + log_mu.exp()).mean()
 
     def evaluate(self, model, tensors, split, item_table):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from shared.features import ShopTensors
 from shared.lazy_adam import DenseAdam, LazyAdam
-from shared.model import ShopModel
+from shared.model import Pack, ShopModel
 from shared.protocol import LOSS, NUM_EXAMPLES, task_loss_key
 from shared.tasks import StepCache, TaskHead, heads_for
 from shared.weighting import task_conflict
@@ -43,6 +43,9 @@ class TrainConfig:
     sparse_embeddings: bool = True  # lazy (row-sparse) Adam on the large hashed tables; False = dense Adam
 
 
+POSITIVE_COLUMNS = ("user", "item", "hist")  # what `RankingTask.loss` and the shared user pass read of a positive
+
+
 def _sources(tensors: ShopTensors, heads: list[TaskHead]) -> dict[str, Mapping[str, torch.Tensor]]:
     rows = tensors.rows["train"]
     out: dict[str, Mapping[str, torch.Tensor]] = {}
@@ -51,7 +54,8 @@ def _sources(tensors: ShopTensors, heads: list[TaskHead]) -> dict[str, Mapping[s
             out["impressions"] = rows
         elif head.source == "positives":
             pos = rows["clicked"] == 1
-            out["positives"] = {k: v[pos] for k, v in rows.items()}
+            # Only the columns ranking reads (users, histories, clicked items): each column is a gather a step.
+            out["positives"] = {k: rows[k][pos] for k in POSITIVE_COLUMNS}
         elif head.source == "sales" and tensors.sales is not None:
             out["sales"] = tensors.sales["train"]
     return {k: v for k, v in out.items() if next(iter(v.values())).shape[0] > 0}
@@ -82,9 +86,14 @@ class _Batches:
         return {k: v.index_select(0, idx) for k, v in self.rows.items()}
 
 
-def shared_layer_params(model: ShopModel) -> list[torch.nn.Parameter]:
-    """The encoder parameters GradNorm balances and task conflict is measured on (experts' last layers)."""
-    return [p for e in model.encoder.experts for p in e[-1].parameters() if p.requires_grad]
+def shared_layer_params(model: ShopModel, packs: list[Pack] | None = None) -> list[torch.Tensor]:
+    """The encoder parameters GradNorm balances and task conflict is measured on (experts' last layers); with
+    ``packs`` (`ShopModel.packed_parameters`), the leaves that hold them (the same elements, packed)."""
+    last = [p for e in model.encoder.experts for p in e[-1].parameters() if p.requires_grad]
+    if packs:
+        held = {id(p) for p in last}
+        return [pk.leaf for pk in packs if any(id(p) in held for p in pk.params) and pk.leaf.requires_grad]
+    return last
 
 
 @contextmanager
@@ -124,8 +133,11 @@ def train_shop(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, *,
         p.requires_grad_(not cfg.freeze_encoder)
     tables = model.row_sparse_tables() if cfg.sparse_embeddings and not cfg.freeze_encoder else []
     try:
-        with row_sparse_gradients(tables):
-            return _train_steps(model, tensors, cfg, gen, heads, sources, tables, global_encoder)
+        # The fast path also reads the experts, CTR/CVR gates and towers from packed leaves (`packed_parameters`);
+        # the dense path (sparse_embeddings False) stays the reference, parameter by parameter.
+        with row_sparse_gradients(tables), (model.packed_parameters(encoder=not cfg.freeze_encoder)
+                                            if cfg.sparse_embeddings else nullcontext([])) as packs:
+            return _train_steps(model, tensors, cfg, gen, heads, sources, tables, global_encoder, packs)
     finally:
         for p in model.encoder.parameters():
             p.requires_grad_(True)
@@ -133,10 +145,12 @@ def train_shop(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, *,
 
 def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: torch.Generator,
                  heads: list[TaskHead], sources: dict[str, Mapping[str, torch.Tensor]], tables: list[nn.Embedding],
-                 global_encoder: Mapping[str, torch.Tensor] | None) -> dict[str, float]:
+                 global_encoder: Mapping[str, torch.Tensor] | None, packs: list[Pack]) -> dict[str, float]:
     sparse = [t.weight for t in tables]
     is_sparse = {id(p) for p in sparse}
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in is_sparse]
+    packed = {id(p) for pk in packs for p in pk.params}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in is_sparse and id(p) not in packed]
+    dense += [pk.leaf for pk in packs if pk.leaf.requires_grad]
     # The fast path also takes Adam's fused kernel (same update, one pass over all tensors) through DenseAdam
     # (Adam(fused=True)'s updates without its per-parameter step-tensor overhead); the dense path
     # (cfg.sparse_embeddings False) keeps the previous optimiser exactly, as the reference.
@@ -146,7 +160,10 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     prox, anchors = None, {}
     if cfg.prox_mu > 0 and global_encoder is not None and not cfg.freeze_encoder:
         named = {k: (p, torch.as_tensor(global_encoder[k]).detach()) for k, p in model.encoder.named_parameters()}
-        prox = [pg for pg in named.values() if id(pg[0]) not in is_sparse]
+        prox = [pg for pg in named.values() if id(pg[0]) not in is_sparse and id(pg[0]) not in packed]
+        anchor_of = {id(p): g for p, g in named.values()}
+        prox += [(pk.leaf, pk.of([anchor_of[id(p)] for p in pk.params])) for pk in packs
+                 if all(id(p) in anchor_of for p in pk.params)]  # the experts' leaves and their anchors, packed
         anchors = {p: g.to(p.dtype) for p, g in named.values() if id(p) in is_sparse}  # e.g. float64 replies
     if sparse:  # Adam's default betas and eps, as the dense optimiser
         optimisers.append(LazyAdam(sparse, lr=cfg.lr, weight_decay=cfg.weight_decay, prox_mu=cfg.prox_mu,
@@ -156,7 +173,7 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     steps = cfg.epochs * max(math.ceil(n / cfg.batch_size) for n in sizes.values())
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
-    shared = shared_layer_params(model) or [model.local.user_ids.weight]
+    shared = shared_layer_params(model, packs) or [model.local.user_ids.weight]
     totals: dict[str, float] = {}
     model.train()
     steps_per_epoch = max(1, steps // max(cfg.epochs, 1))
@@ -165,13 +182,17 @@ def _train_steps(model: ShopModel, tensors: ShopTensors, cfg: TrainConfig, gen: 
     # The optimisers' parameters, for `zero_grad(set_to_none=True)` as one loop (Optimizer.zero_grad's
     # profiling hooks and per-group bookkeeping cost ~0.1 ms a step for the same effect).
     optimised = [p for opt in optimisers for group in opt.param_groups for p in group["params"]]
+    # An impression head first: it builds the step's item table in its pass (one lookup of the field table for
+    # the catalog's and the rows' fields, see ShopModel.training_impressions); the other heads take it from the cache.
+    deferred = heads[0].source == "impressions"
     for step in range(steps):
         batches = {s: c.next() for s, c in cyclers.items()}
-        item_table = model.all_items()
+        item_table = None if deferred else model.all_items()
         for p in optimised:  # before the forward: weightings may attach gradients in combine()
             p.grad = None
         # rank_shared: the impression heads' forward also computes the ranking rows' users (one user pass)
-        cache = StepCache(tensors.catalog, gen, batches["positives"] if rank_shared else None)
+        cache = StepCache(tensors.catalog, gen, batches["positives"] if rank_shared else None,
+                          sales=batches.get("sales") if deferred else None)
         losses: dict[str, torch.Tensor] = {}
         with model.encoder.packing_once():  # impression and sales rows' mixtures share the packed expert weights
             for head in heads:

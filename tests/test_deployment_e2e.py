@@ -59,7 +59,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("deploy")
     shops = write_tiny_shops(root, copies=EXTRA)
     (root / "tiny.toml").write_text(tiny_scenario())
-    with loopback_federation(root, shops, extra_keys=EXTRA) as fed:
+    with loopback_federation(root, shops, extra_keys=EXTRA, scenario=root / "tiny.toml") as fed:
         yield fed
 
 

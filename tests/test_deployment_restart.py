@@ -55,7 +55,8 @@ def restarted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     shops = write_tiny_shops(root)
     (root / "tiny.toml").write_text(tiny_scenario(rounds=2))
     seen: dict = {"shops": shops, "warnings": []}
-    with loopback_federation(root, shops, env={"FEDSHOP_REJOIN_FOR": str(REJOIN_FOR)}) as fed:
+    with loopback_federation(root, shops, env={"FEDSHOP_REJOIN_FOR": str(REJOIN_FOR)},
+                            scenario=root / "tiny.toml") as fed:
         home = fed.coordinator.home
         seen["state"] = fed.coordinator.state
         seen["before"] = registered_merchants(home)

@@ -200,7 +200,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("security")
     shops = write_tiny_shops(root, copies=("thief", "outsider"))[:2]
     (root / "tiny.toml").write_text(tiny_scenario(rounds=1, round_timeout=60.0))
-    with loopback_federation(root, shops, extra_keys=("thief", "outsider")) as fed:
+    with loopback_federation(root, shops, extra_keys=("thief", "outsider"), scenario=root / "tiny.toml") as fed:
         yield fed
 
 
@@ -315,6 +315,32 @@ def test_refused_apps_never_ran_on_a_merchant(federation, refused_runs: dict) ->
             assert "long-lived ClientApp ready" in log and f"fedshop: run {outcome.run_id}: FAB" not in log
     for merchant in federation.merchants.values():
         assert not (merchant.state_dir / "local_part.pt").exists()  # no ClientApp trained anything
+
+
+@pytest.mark.slow
+def test_a_signed_run_naming_a_scenario_file_the_merchants_did_not_pin_is_refused(federation) -> None:
+    """The operator's own signed app, but a run config whose `scenario` is another file on the merchants' host:
+    each merchant refuses before loading it (client/merchant_policy.py), the reply names the key and the fix."""
+    from shared.scenario import load_scenario
+    from simulations.deploy.coordinator import deployment_run_config, submit_run
+
+    other = federation.root / "elsewhere" / "tiny.toml"  # same settings, a path no merchant pinned
+    other.parent.mkdir()
+    other.write_text((federation.root / "tiny.toml").read_text() + "# merchant-secret-4f1c\n")
+    run_dir = federation.root / "runs" / "unpinned"
+    run_dir.mkdir(parents=True)
+    config = deployment_run_config(load_scenario(str(other)), str(other), run_dir)
+    config["max-short-rounds"] = 0
+    out = io.StringIO()
+    outcome = submit_run(federation.coordinator.home, config, out=out, timeout=300)
+    text = out.getvalue()
+    assert outcome.status == "finished:failed", (outcome, text)
+    assert f"shop refused the order: scenario='{other}' is not a built-in scenario" in text, text
+    assert "allow-scenario-path" in text and "merchant-secret-4f1c" not in text
+    assert str(federation.root / "tiny.toml") not in text  # the merchants' pinned path is not echoed
+    for merchant in federation.merchants.values():
+        assert not (merchant.state_dir / "local_part.pt").exists() and not (merchant.state_dir / "cache").exists()
+        assert "shop refused the order: scenario=" in merchant.log.read_text(errors="replace")
 
 
 @pytest.mark.slow

@@ -296,7 +296,7 @@ def _deployed(root: Path, shops: list[str], scenario: Path, label: str, extra: d
     fed_root, run_dir = fresh_federation_root(root, label, shops)
     timing = fed_root / "timing.jsonl"
     config = deployment_run_config(load_scenario(str(scenario)), str(scenario), run_dir, rounds=3, extra=extra)
-    with loopback_federation(fed_root, shops, env={"FEDSHOP_TIMING_LOG": str(timing)}) as fed:
+    with loopback_federation(fed_root, shops, env={"FEDSHOP_TIMING_LOG": str(timing)}, scenario=scenario) as fed:
         outcome = submit_run(fed.coordinator.home, config, out=io.StringIO(), timeout=900)
     assert outcome.ok, outcome
     pushed: Counter = Counter()

@@ -95,7 +95,7 @@ def test_one_long_lived_process_serves_every_message_of_two_runs(tmp_path: Path)
     scenario.write_text(tiny_scenario(rounds=2))
     timing = tmp_path / "timing.jsonl"
     outcomes = []
-    with loopback_federation(tmp_path, shops, env={"FEDSHOP_TIMING_LOG": str(timing)}) as fed:
+    with loopback_federation(tmp_path, shops, env={"FEDSHOP_TIMING_LOG": str(timing)}, scenario=scenario) as fed:
         pids = {name: m.clientapp_pid for name, m in fed.merchants.items()}
         assert all(pids.values()) and len(set(pids.values())) == 2
         for label, rounds in (("first", 2), ("second", 1)):

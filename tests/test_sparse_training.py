@@ -132,20 +132,22 @@ def test_sparse_training_lowers_the_loss_of_every_task_set(
 
 def test_one_impression_forward_per_step(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
                                          tiny_features: FeatureConfig) -> None:
-    """CTR and CVR share the step's impression logits (a cache.setdefault(..., forward()) ran it twice)."""
+    """CTR and CVR share the step's impression logits (a cache.setdefault(..., forward()) ran it twice); the trainer's
+    pass is `training_impressions` (it also builds the step's item table), any other impression pass counts too."""
     shop = replace(largest_shop, tasks=["ctr", "cvr"])
     model = build_model(shop, tiny_model_cfg, tiny_features, seed=0)
     calls = []
-    forward = model.impression_logits
+    for name in ("impression_logits", "training_impressions"):
+        forward = getattr(model, name)
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
+        def counted(*args, _forward=forward, _name=name, **kwargs):
+            calls.append(_name)
+            return _forward(*args, **kwargs)
 
-    model.impression_logits = counted  # instance attribute shadows the method
+        setattr(model, name, counted)  # instance attribute shadows the method
     out = train_shop(model, shop, replace(STEP, max_steps=4))
     assert {"loss-ctr", "loss-cvr"} <= set(out)
-    assert len(calls) == 4
+    assert calls == ["training_impressions"] * 4
 
 
 def test_one_user_pass_per_step_with_ranking(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,

@@ -281,9 +281,14 @@ def merchant_start(
                                              "The SuperLink notices a crash after two; 10 = back in 20 s."),
     foreground: bool = typer.Option(False, "--foreground", help=FOREGROUND_HELP),
     cap: list[str] = typer.Option([], "--cap", help="KEY=N: the most work this shop accepts per round, e.g. "
-                                  "--cap cap-local-epochs=100 (keys and defaults: docs/deployment.md, 'Node config')."),
+                                  "--cap cap-local-epochs=100, or the longest test sleep: --cap cap-fault-sleep=5 "
+                                  "(keys and defaults: docs/deployment.md, 'Node config')."),
     allow_test_faults: bool = typer.Option(False, "--allow-test-faults", help="Obey the coordinator's test-only "
-                                           "fault-inject/fault-sleep (test federations only)."),
+                                           "fault-inject/fault-sleep (test federations only; sleeps up to "
+                                           "cap-fault-sleep, default 60 s)."),
+    allow_scenario_path: Path = typer.Option(None, "--allow-scenario-path", help="The one scenario file, besides "
+                                             "the built-in names, that the coordinator may have this shop load "
+                                             "(its run config must name exactly this absolute path)."),
     isolation: str = typer.Option("process", "--isolation",
                                   help="process: one long-lived ClientApp process serves every message (imports "
                                   "once); subprocess: Flower's default, a fresh process per message."),
@@ -293,7 +298,15 @@ def merchant_start(
     from simulations.deploy.merchant import start_merchant  # CoordinatorUnreachable is a RuntimeError
     from simulations.deploy.processes import ProcessStartError
 
-    policy: dict[str, int | bool] = {"allow-test-faults": True} if allow_test_faults else {}
+    policy: dict[str, int | bool | str] = {"allow-test-faults": True} if allow_test_faults else {}
+    if allow_scenario_path is not None:  # checked now, by the merchant: a run naming it then loads it as it is
+        from shared.scenario import ScenarioError, load_scenario
+
+        try:
+            load_scenario(str(allow_scenario_path.resolve()))
+        except (ScenarioError, OSError) as err:
+            raise _fail(ValueError(f"--allow-scenario-path {allow_scenario_path}: {err}")) from None
+        policy["allow-scenario-path"] = str(allow_scenario_path.resolve())
     for item in cap:
         key, _, value = item.partition("=")
         if not value.strip().isdigit():

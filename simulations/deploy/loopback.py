@@ -82,6 +82,7 @@ class LoopbackFederation:
     merchants: dict[str, Merchant] = field(default_factory=dict)
     heartbeat_interval: float = 10.0  # Flower's minimum: a killed merchant is let back in within 20 s
     isolation: str = "process"  # merchant start's default (long-lived ClientApp); "subprocess" = Flower's
+    scenario: Path | None = None  # the scenario file every merchant pins (`merchant start --allow-scenario-path`)
 
     def shop_dir(self, name: str) -> Path:
         """The merchant's data folder."""
@@ -104,7 +105,8 @@ class LoopbackFederation:
                                   trusted_entities=self.certs.trusted_entities,
                                   shop_index=shop_index, env=self.env, validate=validate, timeout=30,
                                   retry_for=retry_for, heartbeat_interval=self.heartbeat_interval,
-                                  isolation=self.isolation)
+                                  isolation=self.isolation,
+                                  policy={"allow-scenario-path": str(self.scenario)} if self.scenario else None)
         self.merchants[name] = merchant
         return merchant
 
@@ -136,9 +138,11 @@ def fresh_federation_root(root: str | Path, label: str, shops: Iterable[str]) ->
 def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple[str, ...] = (),
                         env: dict[str, str] | None = None, validate: bool = True,
                         heartbeat_interval: float = 10.0, isolation: str = "process",
-                        state_db: bool = False) -> Iterator[LoopbackFederation]:
+                        state_db: bool = False, scenario: str | Path | None = None) -> Iterator[LoopbackFederation]:
     """Certificates, a TLS SuperLink, and one registered, started SuperNode per shop in ``shops``.
 
+    ``scenario``: a scenario file every merchant agrees to load (a deployed shop loads built-in scenarios
+    and this one only: `client.merchant_policy`); runs must name it by this absolute path.
     ``state_db`` keeps the SuperLink's state in SQLite (`coordinator start --state-db`) instead of memory.
     Shop folders ``root/<shop>/shop`` must exist. ``extra_keys`` get key pairs but are neither registered
     nor started. Everything is stopped by PID on exit, also after errors.
@@ -147,7 +151,7 @@ def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple
     certs = write_certs(root / "certs", list(shops) + list(extra_keys), force=True)
     coordinator = start_coordinator(root / "coordinator", root / "certs", env=env, state_db=state_db)
     fed = LoopbackFederation(root, coordinator, certs, env, heartbeat_interval=heartbeat_interval,
-                             isolation=isolation)
+                             isolation=isolation, scenario=Path(scenario).absolute() if scenario else None)
     try:
         for name in shops:
             register_merchant(coordinator.home, certs.merchant_keys[name][1], name=name,

@@ -5,7 +5,8 @@ ClientApp keeps the shop's local part directly in ``<state-dir>`` (``local_part.
 
 The SuperNode's node_config tells the ClientApp which shop it serves: ``shop-dir``, ``state-dir``
 and, when the operator gives one, ``shop-index`` (the coordinator labels this merchant's rows in
-metrics.csv by it; without it the rows say ``node-<SuperNode ID>``).
+metrics.csv by it; without it the rows say ``node-<SuperNode ID>``); and what the merchant agreed to
+(`client.merchant_policy`): ``cap-*`` keys, ``allow-test-faults``, ``allow-scenario-path``.
 
 The SuperNode runs only apps signed by a key in the merchant's trusted-entities file (the coordinator's
 ``trusted-entities.yaml``): Flower's ``--trusted-entities`` check, fed by `supernode_launcher`.
@@ -113,15 +114,17 @@ def probe_coordinator(address: str, timeout: float = PROBE_TIMEOUT, consequence:
 
 
 def node_config(shop_dir: Path, state_dir: Path, shop_index: int | None = None,
-                policy: dict[str, int | bool] | None = None) -> str:
+                policy: dict[str, int | bool | str] | None = None) -> str:
     """The ``--node-config`` text the ClientApp reads (client.local_state.resolve_shop, client.merchant_policy).
 
     ``policy``: the merchant's limits on what the coordinator may order, e.g. ``{"cap-local-epochs": 100}``
-    or ``{"allow-test-faults": True}`` (test federations only).
+    or ``{"allow-test-faults": True}`` (test federations only), ``{"cap-fault-sleep": 5}``, or
+    ``{"allow-scenario-path": "/abs/scenario.toml"}`` (the one scenario file, besides the built-in ones, that
+    the coordinator may have this shop load).
     """
-    from client.merchant_policy import ALLOW_TEST_FAULTS, WORK_CAPS
+    from client.merchant_policy import ALLOW_SCENARIO_PATH, ALLOW_TEST_FAULTS, CAP_FAULT_SLEEP, WORK_CAPS
 
-    known = {ALLOW_TEST_FAULTS} | {key for key, _ in WORK_CAPS.values()}
+    known = {ALLOW_TEST_FAULTS, CAP_FAULT_SLEEP, ALLOW_SCENARIO_PATH} | {key for key, _ in WORK_CAPS.values()}
     for path in (shop_dir, state_dir):
         if "'" in str(path):
             raise ValueError(f"{path}: a quote in the path cannot pass through --node-config. Fix: rename the folder")
@@ -135,6 +138,12 @@ def node_config(shop_dir: Path, state_dir: Path, shop_index: int | None = None,
             raise ValueError(f"{key}: not a merchant policy key. Fix: use one of {sorted(known)}")
         if key == ALLOW_TEST_FAULTS:
             text += f" {key}={'true' if value is True else 'false'}"
+        elif key == ALLOW_SCENARIO_PATH:
+            path = Path(str(value))
+            if not path.is_absolute() or not path.is_file() or "'" in str(path):
+                raise ValueError(f"--allow-scenario-path {value}: not an absolute path to an existing file without "
+                                 "quotes. Fix: pass the scenario TOML's absolute path")
+            text += f" {key}='{path}'"
         elif type(value) is not int or value < 1:
             raise ValueError(f"{key}={value!r}: a cap must be a whole number >= 1")
         else:
@@ -156,7 +165,7 @@ def start_merchant(shop_dir: str | Path, state_dir: str | Path, superlink: str, 
                    isolation: str = "process", env: dict[str, str] | None = None, validate: bool = True,
                    timeout: float = 60.0, retry_for: float = 0.0,
                    heartbeat_interval: float = DEFAULT_INTERVAL, shop_name: str | None = None,
-                   policy: dict[str, int | bool] | None = None) -> Merchant:
+                   policy: dict[str, int | bool | str] | None = None) -> Merchant:
     """Validate ``shop_dir``, start the SuperNode and wait until the SuperLink has accepted it.
 
     ``shop_name`` (the validated shop's name, for `merchant status`) is taken from the validation, or
@@ -206,7 +215,7 @@ def _start_once(shop_dir: str | Path, state_dir: str | Path, superlink: str, *, 
                 key: str | Path, trusted_entities: str | Path, port: int | None, shop_index: int | None, isolation: str,
                 env: dict[str, str] | None, validate: bool, timeout: float,
                 heartbeat_interval: float, shop_name: str | None = None,
-                policy: dict[str, int | bool] | None = None) -> Merchant:
+                policy: dict[str, int | bool | str] | None = None) -> Merchant:
     """One attempt of `start_merchant`."""
     shop_dir, state_dir = Path(shop_dir).resolve(), Path(state_dir).resolve()
     if validate:
