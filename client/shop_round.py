@@ -197,6 +197,28 @@ def mixed_start(received: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
     return out
 
 
+def update_reply(trained: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
+                 start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder a shop replies with `mix-reply = "update"`: the global plus its training update, trained - start.
+
+    Why: the trained encoder itself carries b x (own - global), the pull back to the shop's own encoder, which for a
+    large shop (b near 1) dominates its update and points against the others' by construction (the leave-one-out
+    screen then leaves the honest largest shop out; docs/robustness.md, "False positives"). With this reply the
+    coordinator sees and averages what the shop's data taught this round, from wherever the shop started; its own
+    encoder (what it serves) is unchanged. Rows that training left as they started stay the global's, bit for bit
+    (a compressed reply's delta stays row-sparse).
+    """
+    out = {}
+    for k, g in received.items():
+        t = trained[k]
+        if not g.is_floating_point():
+            out[k] = t
+            continue
+        s = start[k]
+        out[k] = torch.where(t != s, g + (t - s), g)
+    return out
+
+
 def join_stage(shop: Shop, settings: ShopRoundSettings, trained: int = -1) -> str:
     """'active', 'waiting' (a scenario late joiner before `join-round`) or 'warm-up'.
 
@@ -248,9 +270,13 @@ def train_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, conte
         return RoundResult(reply_arrays(model, settings), {NUM_EXAMPLES: 0.0, SHOP_INDEX: shop.index}, stage)
     n0 = personal_mix(settings)
     own = restore_own_encoder(model, context) if n0 and stage == "active" else None
+    start: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None  # (global, mixed start)
     if own is not None:  # the model holds the received global encoder (loaded by load_round_start)
-        model.load_encoder_state(mixed_start(model.encoder_state(), own,
-                                             int(shop.tensors.rows["train"]["user"].shape[0]), n0))
+        received_encoder = model.encoder_state()
+        mixed = mixed_start(received_encoder, own, int(shop.tensors.rows["train"]["user"].shape[0]), n0)
+        model.load_encoder_state(mixed)
+        if settings.mix_reply == "update":
+            start = (received_encoder, mixed)
     # seed -1 means the scenario's own seed: resolve_shop then loaded the scenario without a seed override
     seed = settings.seed if settings.seed >= 0 else shop.scenario.seed
     cfg = replace(shop.scenario.train, epochs=settings.local_epochs, prox_mu=settings.prox_mu,
@@ -268,6 +294,8 @@ def train_round(shop: Shop, model: ShopModel, settings: ShopRoundSettings, conte
     saved = state_versions(model) if n0 else None  # the model now holds its saved local part and own encoder
     note_training(context, server_round, int(shop.tensors.rows["train"]["user"].shape[0]), stage)
     arrays = reply_arrays(model, settings)
+    if start is not None:
+        arrays.update(update_reply(arrays, *start))
     if fault == "nan":
         first = next(iter(arrays))
         arrays[first] = torch.full_like(arrays[first], float("nan"))

@@ -50,6 +50,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian",
               "bulyan")
 OBJECTIVES = ("fedavg", "meta")
 SHARE_MODES = ("encoder", "all-shareable")
+MIX_REPLIES = ("trained", "update")  # what a shop replies under the personal mix (client/shop_round.py, `mix_reply`)
 FAULT_KINDS = ("nan", "error", "sleep")  # test-only faults a shop injects (client/shop_round.py)
 ENGINES = ("auto", "ray", "pool")  # pool unless Ray is named | Flower's engine | simulations.pool_engine
 FLOAT_EXACT_INT = 2**53  # every whole number up to this is exactly a float
@@ -113,6 +114,10 @@ class FederationTable(_Table):
                            " a shop refuses more than its cap-max-steps, default 1e6)")
     personal_mix: float = Field(0.0, ge=0, description="n0 of the personal mix: a shop starts from (1-b) global + "
                                 "b own encoder, b = n/(n+n0); 0 = off")
+    mix_reply: Literal[MIX_REPLIES] = Field("trained", description="with the personal mix: what a shop replies; "
+                                            "trained = the encoder it trained from its mixed start; update = the "
+                                            "global plus its training update (trained - start), so the coordinator "
+                                            "averages training only, not the pull back to the shop's own encoder")
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight (strategy fedprox)")
     server_lr: float = Field(0.0, ge=0, description="FedAdam/FedYogi eta, FedAvgM server lr; 0 = the "
                              "strategy's default")
@@ -306,7 +311,7 @@ class RunSettings(FederationTable):
 
 
 # Keys the coordinator forwards to every shop each round (messages stay small: only what a shop reads).
-SHOP_KEYS = ("scenario", "local_epochs", "share", "personal_mix", "run_dir", "max_steps", "fault_inject",
+SHOP_KEYS = ("scenario", "local_epochs", "share", "personal_mix", "mix_reply", "run_dir", "max_steps", "fault_inject",
              "fault_sleep", "join_round", "warmup_rounds", "objective", "meta_inner_steps", "meta_outer_step")
 DPSGD_KEYS = tuple(n for n in FederationTable.model_fields if n.startswith("dpsgd_"))
 

@@ -17,7 +17,7 @@ from client.local_state import (
     restore_own_encoder,
     save_local_part,
 )
-from client.shop_round import mixed_start, personal_mix, round_seed
+from client.shop_round import mixed_start, personal_mix, round_seed, update_reply
 from server.server_app import initial_encoder
 from shared.features import build_shop_tensors
 from shared.model import build_model
@@ -128,3 +128,38 @@ def test_train_and_evaluate_use_the_own_encoder_when_the_personal_mix_is_on(shop
     assert metrics["ctr.auc"] == pytest.approx(evaluate_shop(served, tensors, "val")["ctr"]["auc"])
     plain = client_app.evaluate(message(MessageType.EVALUATE, 1, other, 0.0), ctx).content["metrics"]
     assert plain["ctr.auc"] != metrics["ctr.auc"]
+
+
+def test_update_reply_is_the_global_plus_the_training_update():
+    received, start = {"w": torch.zeros(3), "steps": torch.tensor([3])}, {"w": torch.tensor([0.5, 0.5, 0.0]),
+                                                                          "steps": torch.tensor([3])}
+    trained = {"w": torch.tensor([0.75, 0.5, 0.25]), "steps": torch.tensor([4])}
+    out = update_reply(trained, received, start)
+    assert torch.equal(out["w"], torch.tensor([0.25, 0.0, 0.25])) and out["steps"].item() == 4
+    assert out["w"][1].item() == 0.0 and not torch.signbit(out["w"][1])  # untouched row: the global's, bit for bit
+
+
+def test_mix_reply_update_sends_the_training_update_and_keeps_the_own_encoder(shop, tmp_path):
+    scenario, tensors = shop
+    path = write_scenario(scenario, tmp_path / "scenario.toml")
+
+    def message(server_round: int, arrays: ArrayRecord) -> Message:
+        config = ConfigRecord({"scenario": str(path), "seed": scenario.seed, "server-round": server_round,
+                               "share": "encoder", "eval-split": "val", "personal-mix": 1000.0,
+                               "mix-reply": "update"})
+        msg = Message(RecordDict({"arrays": arrays, "config": config}), 1, MessageType.TRAIN)
+        msg.metadata.__dict__["_message_id"] = f"train-{server_round}"
+        return msg
+
+    LocalGrid(1, client_app.app)
+    ctx = _context()
+    client_app.train(message(1, initial_encoder(scenario)), ctx)  # round 1: no own encoder yet, a plain reply
+    own = dict(ctx.state.array_records[OWN_ENCODER_RECORD].to_torch_state_dict())
+    glob = initial_encoder(scenario)
+    received = dict(glob.to_torch_state_dict())
+    reply = dict(client_app.train(message(2, glob), ctx).content["arrays"].to_torch_state_dict())
+    trained = dict(ctx.state.array_records[OWN_ENCODER_RECORD].to_torch_state_dict())
+    start = mixed_start(received, own, int(tensors.rows["train"]["user"].shape[0]), 1000.0)
+    expected = update_reply(trained, received, start)
+    assert all(torch.equal(reply[k], v) for k, v in expected.items())
+    assert any(not torch.equal(reply[k], trained[k]) for k in trained)  # the shop still keeps what it trained
