@@ -213,39 +213,6 @@ def _bi_interaction(e: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return 0.5 * (total * total - (e * e).sum(-2))
 
 
-class _BiInteraction(torch.autograd.Function):
-    """`_bi_interaction` of ``e`` and its field sum, with the gradient ``g * total - g * e`` in two full-size ops.
-
-    Autograd's graph of the formula spends five ops of the (..., F, d) size on the gradient (the square's two
-    products and their sum, the field sum's expansion and its addition): here one product and one subtraction.
-    The same values: the forward runs the formula itself, and the gradient's two terms are autograd's (``0.5 g``'s
-    doubled products are exact); only its sum with ``e``'s other gradients happens in another order. The backward
-    is made of differentiable ops (a double backward, e.g. GradNorm's, goes through it).
-    """
-
-    @staticmethod
-    def forward(ctx, e: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (torch's Function signature)
-        """The bi-interaction (..., d) of masked field embeddings (..., F, d)."""
-        total = e.sum(-2)
-        ctx.save_for_backward(e, total)
-        return _bi_interaction(e, total)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (torch's Function signature)
-        """d bi / d e_f = total - e_f, times the incoming gradient."""
-        e, total = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a double backward (create_graph): the sum as a function of e, not a constant
-            total = e.sum(-2)
-        g = grad.unsqueeze(-2)
-        return (grad * total).unsqueeze(-2) - g * e
-
-
-def _bi_interaction_of(e: torch.Tensor, fused: bool) -> torch.Tensor:
-    """`_bi_interaction` of ``e`` and ``e.sum(-2)``; ``fused``: through `_BiInteraction` (the row-sparse fast path)."""
-    return _BiInteraction.apply(e) if fused and torch.is_grad_enabled() and e.requires_grad else \
-        _bi_interaction(e, e.sum(-2))
-
-
 class ImpressionPass(NamedTuple):
     """What `ShopModel.training_impressions` returns: the step's first pass."""
 
@@ -362,7 +329,7 @@ class SharedEncoder(nn.Module):
             looked_up, other = flat.split([field_idx.numel(), extra.numel()])
             looked_up, other = looked_up.view(*field_idx.shape, -1), other.view(*extra.shape, -1)
         e = _masked(looked_up, mask)
-        bi = _bi_interaction_of(e, self.fields.sparse)  # sparse: the training fast path's switch
+        bi = _bi_interaction(e, e.sum(1))
         means = []
         if groups:
             # Split, not slice: the backward of a split is one concatenation, a slice's a zero-filled (B, F, d).

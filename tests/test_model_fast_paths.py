@@ -17,16 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.features import FeatureConfig, ShopTensors
-from shared.model import (
-    ITEM_CROSSES,
-    ModelConfig,
-    ShopModel,
-    _bi_interaction,
-    _bi_interaction_of,
-    _pool,
-    _sparse_mean,
-    build_model,
-)
+from shared.model import ITEM_CROSSES, ModelConfig, ShopModel, _bi_interaction, _pool, _sparse_mean, build_model
 from shared.train import row_sparse_gradients
 
 GOLDEN = Path(__file__).parent / "data" / "model_outputs_9b60ed7.pt"
@@ -252,31 +243,6 @@ def test_bi_interaction_by_products_equals_the_power_form() -> None:
     w = torch.randn_like(old)
     assert torch.equal(new, old)
     assert torch.equal(torch.autograd.grad((new * w).sum(), e)[0], torch.autograd.grad((old * w).sum(), e)[0])
-
-
-def test_fused_bi_interaction_equals_the_formula() -> None:
-    """`_BiInteraction` (the fast path's): the formula's values bit for bit; its gradient equal to autograd's up to
-    summation order (bit-identical alone, ~1 ulp once summed with another gradient of ``e``); a double backward
-    (GradNorm's) equal too."""
-    gen = torch.Generator().manual_seed(3)
-    e = torch.randn(64, 9, 8, generator=gen, requires_grad=True)
-    w, w2 = torch.randn(64, 8, generator=gen), torch.randn(64, 9, 8, generator=gen)
-    fused, plain = _bi_interaction_of(e, True), _bi_interaction_of(e, False)
-    assert fused.grad_fn is not None and plain.grad_fn is not None and type(fused.grad_fn) is not type(plain.grad_fn)
-    assert torch.equal(fused, plain) and torch.equal(plain, _bi_interaction(e, e.sum(1)))
-    g_fused = torch.autograd.grad((fused * w).sum(), e, retain_graph=True)[0]
-    assert torch.equal(g_fused, torch.autograd.grad((plain * w).sum(), e, retain_graph=True)[0])
-    g_fused, = torch.autograd.grad((fused * w).sum() + (e * w2).sum(), e)
-    g_plain, = torch.autograd.grad((plain * w).sum() + (e * w2).sum(), e)
-    assert torch.allclose(g_fused, g_plain, rtol=1e-6, atol=1e-6)
-    e64 = e.detach().double().requires_grad_()  # second order: the gradient's norm, differentiated again
-    second = []
-    for fuse in (True, False):
-        g, = torch.autograd.grad((_bi_interaction_of(e64, fuse) * w.double()).sum(), e64, create_graph=True)
-        second.append(torch.autograd.grad(g.square().sum(), e64)[0])
-    assert torch.allclose(*second, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():
-        assert torch.equal(_bi_interaction_of(e, True), plain)
 
 
 @pytest.mark.parametrize("padded", [False, True])
