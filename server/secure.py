@@ -170,7 +170,7 @@ class SecureFedAvg(LegacyFedAvg):
             shop = self._label(proxy, dict(res.metrics))
             self.log.add(server_round, shop, "train", train_rows(res.metrics))
             self._report.train[shop] = {k: float(v) for k, v in res.metrics.items() if k != SHOP_INDEX}
-        if failures and not self._left_out(server_round, ("SecAgg+",), self._report):
+        if not self._left_out(server_round, ("SecAgg+",), self._report) and failures:
             logger.warning("round %d: %d failure(s) in secure aggregation", server_round, len(failures))
         params = None
         if results and sum(res.num_examples for _, res in results) > 0:
