@@ -65,6 +65,32 @@ def test_a_shop_gone_at_any_stage_before_unmasking_is_left_out_and_the_sum_is_th
     assert reports[0].left_out == {f"node-{gone}": f"SecAgg+ {stage}: no reply"}
 
 
+def test_a_shop_gone_at_setup_and_another_gone_before_its_masked_vector_leave_the_exact_mean_of_the_rest(tmp_path):
+    """The later dropout's pairwise masks are removed only against the shops it masked with (not the one gone at
+    setup, whose public keys the coordinator never had: Flower alone would look them up, KeyError)."""
+    n, gone = 5, {102: "setup", 104: "collect_masked_vectors"}
+
+    def drop(nid, msg):
+        return nid in gone and gone[nid] == msg.content.config_records.get("secaggplus_configs", {}).get("stage")
+
+    grid = InProcessGrid(make_secure_app(lambda ctx: ToyShop(ctx).to_client()), nodes(n), drop=drop)
+    reports: list = []
+    run_dir = run_secure_federation(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                  run_config={}),
+                                    FederationSettings(num_server_rounds=1, run_dir=str(tmp_path), min_shops=2),
+                                    SecAggSettings(num_shares=1.0, reconstruction_threshold=0.6),
+                                    initial={k: np.zeros(s, np.float32) for k, s in SHAPES.items()},
+                                    shop_names=[f"s{i}" for i in range(n)],
+                                    progress=lambda report, total: reports.append(report))
+    alive = [s for s in range(n) if s + 101 not in gone]
+    plain = [np.mean([_update(s, 1)[j] for s in alive], axis=0) for j in range(len(SHAPES))]
+    agg = _checkpoint_arrays(run_dir)
+    assert max(float(np.abs(agg[k] - p).max()) for k, p in zip(SHAPES, plain, strict=True)) < \
+        SecAggSettings().quantisation_step()
+    assert reports[0].left_out == {"node-102": "SecAgg+ setup: no reply",
+                                   "node-104": "SecAgg+ collect_masked_vectors: no reply"}
+
+
 # ---- the main ClientApp, a merchant refusing: one of three shops, then all of them -------------------------------
 
 def _files(root: Path) -> dict[str, int]:
