@@ -9,6 +9,10 @@ Where the refusal happens: `merchant_policy_mod` runs before the SecAgg+ client,
 Its settings are the run config overridden by the message's config; on a SuperNode (and in Flower's
 simulation) the run config carries the order, so the shop refuses at the first stage (`setup`); an order
 sent only in the fit instructions is refused at `collect_masked_vectors` (the stage that trains).
+
+Harness: `InProcessGrid`, which copies each message as transport would. `flower_harness.LocalGrid` hands the
+message object itself to the ClientApp, and Flower's set-up stage sends one shared record to every node from
+which `secaggplus_mod` pops the stage, so on it every node after the first fails set-up (a harness limit).
 """
 
 from __future__ import annotations
