@@ -54,7 +54,7 @@ class SecAggSettings:
     quantization_range: int = _D["secagg_quantization_range"]
     max_weight: float = _D["secagg_max_weight"]  # largest per-shop weight; 1 with uniform weighting
     weighting: str = _D["secagg_weighting"]  # uniform | examples (weight = num-examples; raise max-weight to match)
-    timeout: float = _D["secagg_timeout"]  # seconds per protocol stage; 0 = wait for every reply
+    timeout: float = _D["secagg_timeout"]  # seconds per protocol stage; 0: the grid's bound (round-timeout)
 
     @classmethod
     def from_settings(cls, settings: FederationTable) -> SecAggSettings:

@@ -65,16 +65,24 @@ def _stage_of(msg: Message) -> str:
 
 class StageErrors(DelegatingGrid):
     """Records, per node, why it answered a stage with an error or did not answer (SecAgg+ keeps only a bare
-    `Exception(Error)` per failure, without the node, and counts a stage-2 failure twice)."""
+    `Exception(Error)` per failure, without the node, and counts a stage-2 failure twice).
 
-    def __init__(self, inner: Grid) -> None:
+    ``default_timeout`` bounds every exchange sent without a timeout: Flower's SecAgg+ stages with
+    `secagg-timeout` 0 and its default evaluate step wait for every reply, so one silent shop would hang the
+    run; with it, a silent shop is a dropout after the run's `round-timeout`.
+    """
+
+    def __init__(self, inner: Grid, default_timeout: float | None = None) -> None:
         super().__init__(inner)
         self.errors: dict[int, str] = {}  # node -> "<stage>: <reason>" since the last `take`
+        self.default_timeout = default_timeout
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
         """Flower's Grid API, delegated; every error reply and every missing reply is recorded."""
         messages = list(messages)
         stages = {m.metadata.dst_node_id: _stage_of(m) for m in messages}
+        if timeout is None:
+            timeout = self.default_timeout
         replies = list(self._inner.send_and_receive(messages, timeout=timeout))
         answered = set()
         for reply in replies:
@@ -84,7 +92,7 @@ class StageErrors(DelegatingGrid):
                 reason = reply.error.reason or f"error reply (code {reply.error.code})"
                 self.errors[node] = f"{stages.get(node, 'SecAgg+')}: {reason}"
         for node in stages.keys() - answered:
-            within = f" within secagg-timeout={timeout:g} s" if timeout else ""
+            within = f" within {timeout:g} s (secagg-timeout, else round-timeout)" if timeout else ""
             self.errors[node] = f"{stages[node]}: no reply{within}"
         return replies
 
@@ -234,7 +242,7 @@ def run_secure_federation(grid: Grid, context: Context, settings: FederationSett
             cfg[PROXIMAL_MU] = settings.proximal_mu
         return cfg
 
-    grid = errors = StageErrors(grid)
+    grid = errors = StageErrors(grid, default_timeout=settings.round_timeout)
     strategy = SecureFedAvg(
         errors=errors, max_short_rounds=settings.max_short_rounds,
         keys=keys, run_dir=run_dir, method=settings.method, progress=progress,

@@ -37,6 +37,8 @@ from server.server_app import FAILED_FILE, make_server_app
 from server.strategies import RunFailed
 from simulations.privacy.in_process_grid import InProcessGrid, nodes
 
+# the grid's bound on an exchange sent without a timeout: FederationSettings' default round-timeout
+NO_REPLY = "no reply within 600 s (secagg-timeout, else round-timeout)"
 BOUND_S = 120  # a refused run ends well within this on two busy cores (measured: about 2 s)
 
 
@@ -66,7 +68,7 @@ def test_a_shop_gone_at_any_stage_before_unmasking_is_left_out_and_the_sum_is_th
     agg = _checkpoint_arrays(run_dir)
     assert max(float(np.abs(agg[k] - p).max()) for k, p in zip(SHAPES, plain, strict=True)) < \
         SecAggSettings().quantisation_step()
-    assert reports[0].left_out == {f"node-{gone}": f"SecAgg+ {stage}: no reply"}
+    assert reports[0].left_out == {f"node-{gone}": f"SecAgg+ {stage}: {NO_REPLY}"}
 
 
 def test_a_shop_gone_at_setup_and_another_gone_before_its_masked_vector_leave_the_exact_mean_of_the_rest(tmp_path):
@@ -91,8 +93,8 @@ def test_a_shop_gone_at_setup_and_another_gone_before_its_masked_vector_leave_th
     agg = _checkpoint_arrays(run_dir)
     assert max(float(np.abs(agg[k] - p).max()) for k, p in zip(SHAPES, plain, strict=True)) < \
         SecAggSettings().quantisation_step()
-    assert reports[0].left_out == {"node-102": "SecAgg+ setup: no reply",
-                                   "node-104": "SecAgg+ collect_masked_vectors: no reply"}
+    assert reports[0].left_out == {"node-102": f"SecAgg+ setup: {NO_REPLY}",
+                                   "node-104": f"SecAgg+ collect_masked_vectors: {NO_REPLY}"}
 
 
 # ---- the main ClientApp, a merchant refusing: one of three shops, then all of them -------------------------------
@@ -206,3 +208,24 @@ def test_a_simulated_secagg_run_whose_shops_refuse_fails_with_the_reason(tmp_pat
                       extra_config={"secure-aggregation": True, "fault-inject": "sleep:1", "fault-sleep": 3600.0})
     assert time.monotonic() - started < 300
     assert not list((tmp_path / "run").glob("checkpoint*"))
+
+
+@pytest.mark.slow
+def test_a_silent_shop_under_secagg_is_a_dropout_after_the_round_timeout(tmp_path):
+    """With `secagg-timeout` 0 Flower's SecAgg+ stages (and its evaluate step) wait for every reply: one shop that
+    never answers would hang the run. `StageErrors` bounds them by `round-timeout`: the silent shop is left out
+    with a stage-named reason and the others' round completes. One pool worker per shop: the pool kills a late
+    shop's worker, and the SecAgg+ keys of the other shops it holds (in their contexts) go with it."""
+    from simulations.federated import run_federated
+
+    reports: list = []
+    started = time.monotonic()
+    run_federated(tiny_scenario(**{"federation.round_timeout": 15.0}), tmp_path / "run", rounds=1, engine="pool",
+                  workers=3,
+                  extra_config={"secure-aggregation": True, "fault-inject": "sleep:1", "fault-sleep": 45.0,
+                                "min-shops": 2},
+                  progress=lambda report, total: reports.append(report))
+    (report,) = reports
+    assert "no reply within 15 s" in " ".join(report.left_out.values()), report.left_out
+    assert sorted(report.train) == ["shop_00", "shop_02"], report
+    assert time.monotonic() - started < 240
