@@ -255,6 +255,20 @@ def server_settings(config: dict[str, Any]) -> tuple[FederationSettings, bool, A
     return settings, secure_on, secagg, dp
 
 
+def run_secure(grid: Grid, context: Context, settings: FederationSettings, secagg: Any,
+               progress: Progress | None) -> None:
+    """The SecAgg+ run (`server.secure`); a `RunFailed` leaves its reason in the run dir, as the plain run's does."""
+    run_dir = Path(settings.run_dir).resolve()
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    try:
+        run_secure_federation(grid, context, settings, secagg, progress=progress)
+    except RunFailed as exc:
+        logger.error("run failed: %s", exc)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / FAILED_FILE, f"{exc}\n")
+        raise
+
+
 def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress | None = None,
                     expected_nodes: int = 0) -> ServerApp:
     """A ServerApp whose settings are the run config updated with ``overrides``.
@@ -275,7 +289,7 @@ def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress 
         if expected_nodes:
             wait_for_nodes(grid, expected_nodes)
         if secure_on:
-            run_secure_federation(grid, context, settings, secagg, progress=progress)
+            run_secure(grid, context, settings, secagg, progress)
         else:
             run_federation(grid, settings, progress, dp=dp)
 

@@ -177,7 +177,7 @@ class FederationTable(_Table):
     secagg_max_weight: float = Field(1.0, gt=0, description="largest per-shop weight (raise with weighting "
                                      "examples)")
     secagg_weighting: Literal["uniform", "examples"] = Field("uniform", description="uniform | examples")
-    secagg_timeout: float = Field(0.0, ge=0, description="seconds per SecAgg+ stage; 0 = wait for every reply")
+    secagg_timeout: float = Field(0.0, ge=0, description="seconds per SecAgg+ stage; 0 = the run's round_timeout")
     dp_noise_multiplier: float = Field(0.0, ge=0, description="central DP noise z (> 0 turns it on); unit: a shop")
     dp_clipping_norm: float = Field(1.0, gt=0, description="central DP: bound S on each shop's encoder update")
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="central DP delta")
