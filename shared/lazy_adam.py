@@ -57,13 +57,11 @@ class LazyAdam(torch.optim.Optimizer):
             return idx, values
         if len(idx) * 8 < len(p):  # few lookups in a large table: sorting them beats marking every row
             rows, pos = torch.unique(idx, sorted=True, return_inverse=True)
-        else:
-            mark = torch.zeros(len(p), dtype=torch.bool)
-            mark[idx] = True
-            rows = mark.nonzero().squeeze(1)
-            where = torch.empty(len(p), dtype=torch.long)
-            where[rows] = torch.arange(len(rows))
-            pos = where[idx]
+        else:  # one int64 mark per row, then the same tensor maps a touched row to its position among them
+            # (index_fill_, index_copy_ and index_select: the plain kernels, not advanced indexing's)
+            where = torch.zeros(len(p), dtype=torch.long).index_fill_(0, idx, 1)
+            rows = where.nonzero().view(-1)
+            pos = where.index_copy_(0, rows, torch.arange(len(rows))).index_select(0, idx)
         return rows, torch.zeros((len(rows), *p.shape[1:]), dtype=values.dtype).index_add_(0, pos, values)
 
     @torch.no_grad()

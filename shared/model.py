@@ -374,11 +374,14 @@ class SharedEncoder(nn.Module):
         k, width = len(self.experts), self.experts[0][-1].in_features
         if cols is not None:
             w1 = w1.index_select(1, cols)
-        h = F.relu(F.linear(x, w1, b1))
         drop = next((m.p for m in self.experts[0] if isinstance(m, nn.Dropout)), 0.0)
         if drop:
-            h = F.dropout(h, drop, self.training)
-        h = h.reshape(-1, k, width).transpose(0, 1)  # (K, B, E_in)
+            h = F.dropout(F.relu(F.linear(x, w1, b1)), drop, self.training).reshape(-1, k, width).transpose(0, 1)
+        else:
+            # The ReLU on the (K, B, E_in) view, not before it: its backward writes the gradient in the view's
+            # memory layout (its input's), so the reshape's backward is a view; with the ReLU first, the gradient
+            # arrives transposed and that backward copies it (B x K*E_in, twice a step). Same values either way.
+            h = torch.relu(F.linear(x, w1, b1).view(-1, k, width).transpose(0, 1))  # (K, B, E_in)
         return torch.baddbmm(b2, h, w2).transpose(0, 1)  # (B, K, E)
 
     def _packed_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

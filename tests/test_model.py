@@ -171,6 +171,36 @@ def test_build_with_states_is_strict(largest_shop: ShopTensors, tiny_model_cfg: 
         build_model(largest_shop, tiny_model_cfg, tiny_features, encoder_state=encoder, local_state=local)
 
 
+@pytest.mark.parametrize("sales_cols", [False, True])
+def test_mixture_relu_on_the_expert_view_is_bit_identical(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
+                                                          tiny_features: FeatureConfig, sales_cols: bool) -> None:
+    """`mixture` applies the ReLU to the (K, B, E_in) view of the first layers' output (session 21, a copy fewer in
+    the backward): bit-identical outputs and input/parameter gradients to the ReLU before the reshape."""
+    model = build_model(largest_shop, tiny_model_cfg, tiny_features, seed=0)
+    enc, d = model.encoder, tiny_model_cfg.embed_dim
+    cols = torch.cat([torch.arange(d, 3 * d), torch.arange(4 * d, 5 * d)]) if sales_cols else None
+    x0 = torch.randn(37, 3 * d if sales_cols else 5 * d, generator=torch.Generator().manual_seed(4))
+    g = torch.randn(37, tiny_model_cfg.n_experts, tiny_model_cfg.expert_dim, generator=torch.Generator().manual_seed(5))
+
+    def relu_first(x: torch.Tensor) -> torch.Tensor:  # the formulation before session 21
+        w1, b1, b2, w2 = enc._packed_experts()
+        w1 = w1 if cols is None else w1.index_select(1, cols)
+        h = torch.nn.functional.relu(torch.nn.functional.linear(x, w1, b1))
+        h = h.reshape(-1, len(enc.experts), enc.experts[0][-1].in_features).transpose(0, 1)
+        return torch.baddbmm(b2, h, w2).transpose(0, 1)
+
+    out = []
+    for f in (lambda x: enc.mixture(x, cols), relu_first):
+        model.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        y = f(x)
+        y.backward(g)
+        out.append((y.detach(), x.grad, [p.grad.clone() for p in enc.experts.parameters()]))
+    (y_new, gx_new, gp_new), (y_old, gx_old, gp_old) = out
+    assert torch.equal(y_new, y_old) and torch.equal(gx_new, gx_old)
+    assert all(torch.equal(a, b) for a, b in zip(gp_new, gp_old, strict=True))
+
+
 def test_fused_mixture_equals_calling_each_expert(largest_shop: ShopTensors, tiny_model_cfg: ModelConfig,
                                                   tiny_features: FeatureConfig) -> None:
     """`mixture` runs the experts as two fused products: same outputs and parameter gradients as each expert."""

@@ -13,7 +13,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from shared.features import FeatureConfig, ShopTensors
-from shared.lazy_adam import DenseAdam
+from shared.lazy_adam import DenseAdam, LazyAdam
 from shared.model import ModelConfig, ShopModel, build_model
 from shared.tasks import StepCache, heads_for
 from shared.train import TrainConfig, row_sparse_gradients, train_shop
@@ -309,3 +309,23 @@ def test_training_with_and_without_the_packing_is_bit_identical(
     (l1, s1), (l2, s2) = out
     assert l1 == l2
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.mark.parametrize("lookups", [40, 3000])
+def test_lazy_adam_touched_rows_equal_the_marking_by_advanced_indexing(lookups: int) -> None:
+    """`LazyAdam._touched` (int64 marks through index_fill_/index_copy_/index_select, session 21): the same rows
+    and bit-identical summed gradient rows as the bool mark and advanced indexing it replaced, on both the
+    marking path (many lookups) and the sorting path (few), duplicates and row 0 included."""
+    gen = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(1000, 4, generator=gen))
+    idx = torch.randint(0, 150, (lookups,), generator=gen)
+    values = torch.randn(lookups, 4, generator=gen)
+    p.grad = torch.sparse_coo_tensor(idx[None], values, p.shape)
+    rows, summed = LazyAdam([p])._touched(p)
+    mark = torch.zeros(len(p), dtype=torch.bool)
+    mark[idx] = True
+    want_rows = mark.nonzero().squeeze(1)
+    where = torch.empty(len(p), dtype=torch.long)
+    where[want_rows] = torch.arange(len(want_rows))
+    want = torch.zeros(len(want_rows), 4).index_add_(0, where[idx], values)
+    assert torch.equal(rows, want_rows) and torch.equal(summed, want)
