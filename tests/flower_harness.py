@@ -166,3 +166,18 @@ def load_benchmark(name: str) -> ModuleType:
     finally:
         sys.path.remove(str(bench))
     return module
+
+
+def claiming_app(claim: object, node_position: int) -> Callable[[Message, Context], Message]:
+    """The ClientApp, except that the node at ``node_position`` claims ``claim`` as its shop-index in every reply
+    (a hostile merchant speaking for another shop)."""
+    from shared.protocol import SHOP_INDEX
+
+    def app(msg: Message, context: Context) -> Message:
+        reply = client_app.app(msg, context)
+        if context.node_config["partition-id"] == node_position and not reply.has_error():
+            for record in reply.content.metric_records.values():
+                record[SHOP_INDEX] = claim
+        return reply
+
+    return app

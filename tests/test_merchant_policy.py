@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from flower_harness import TEST_FAULTS, LocalGrid, one_shop, tiny_scenario, write_scenario
+from flower_harness import TEST_FAULTS, LocalGrid, claiming_app, one_shop, tiny_scenario, write_scenario
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from client import client_app
@@ -206,24 +206,11 @@ def test_the_identity_grid_reads_any_claim_without_raising(value, expected):
     assert claimed_shop_index(msg) == expected
 
 
-def _hijack(victim_index: int, node_position: int, claim: object):
-    """The ClientApp, except that the node at ``node_position`` claims ``claim`` as its shop-index."""
-
-    def app(msg, context):
-        reply = client_app.app(msg, context)
-        if context.node_config["partition-id"] == node_position and not reply.has_error():
-            for record in reply.content.metric_records.values():
-                record[SHOP_INDEX] = claim
-        return reply
-
-    return app
-
-
 @pytest.mark.parametrize("claim", [0, 2.5, -1, 9])
 def test_a_node_claiming_another_shop_or_a_bad_index_is_left_out_and_cannot_write_its_row(tmp_path, caplog, claim):
     caplog.set_level(logging.WARNING)
     scenario_file = write_scenario(tiny_scenario(), tmp_path / "scenario.toml")
-    grid = LocalGrid(3, _hijack(0, 2, claim))  # node of shop_02 replies as `claim`
+    grid = LocalGrid(3, claiming_app(claim, 2))  # node of shop_02 replies as `claim`
     settings = FederationSettings.from_config({"scenario": str(scenario_file), "num-server-rounds": 2,
                                                "run-dir": str(tmp_path / "run"), "max-steps": 2})
     reports: list = []

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flower_harness import LocalGrid, honest_train_round, tiny_scenario, write_scenario
+from flower_harness import LocalGrid, claiming_app, honest_train_round, tiny_scenario, write_scenario
 from flwr.app import Error, Message
 from flwr.serverapp.strategy import FedAvg
 
@@ -198,19 +198,6 @@ def test_a_bound_nodes_error_reply_is_named_by_its_shop_from_the_first_resumed_r
 
 # ---- through the real resume path --------------------------------------------------------------------------------
 
-def _hostile(victim: int, position: int):
-    """The ClientApp, except that the node at ``position`` claims shop ``victim``, whose own node is offline."""
-
-    def app(msg, context):
-        reply = client_app.app(msg, context)
-        if context.node_config["partition-id"] == position and not reply.has_error():
-            for record in reply.content.metric_records.values():
-                record[SHOP_INDEX] = victim
-        return reply
-
-    return app
-
-
 def test_after_a_real_resume_a_node_cannot_take_the_index_of_an_offline_shop(tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     scenario_file = write_scenario(tiny_scenario(), tmp_path / "scenario.toml")
@@ -224,7 +211,7 @@ def test_after_a_real_resume_a_node_cannot_take_the_index_of_an_offline_shop(tmp
     assert latest_checkpoint(run_dir).shop_bindings == {0: (1000, ""), 1: (1001, ""), 2: (1002, "")}
     reports: list = []
     # shop_00's node is offline after the restart; shop_02's node claims shop_00
-    grid = LocalGrid(3, _hostile(0, 2), silent=[0])
+    grid = LocalGrid(3, claiming_app(0, 2), silent=[0])
     run_federation(grid, settings(3, resume=True), lambda report, _total: reports.append(report))
     (report,) = reports
     assert report.server_round == 3 and sorted(report.train) == ["shop_01"]

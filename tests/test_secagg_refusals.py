@@ -44,15 +44,8 @@ BOUND_S = 120  # a refused run ends well within this on two busy cores (measured
 
 # ---- Flower's SecAgg+ workflow and a shop gone before its key shares went out -----------------------------------
 
-@pytest.mark.parametrize("stage", ["setup", "share_keys", "collect_masked_vectors"])
-def test_a_shop_gone_at_any_stage_before_unmasking_is_left_out_and_the_sum_is_the_others(tmp_path, stage):
-    """Flower 1.42 alone halts the round when a shop is gone at setup or share_keys (every other shop fails
-    unmasking: KeyError on its node ID); `DropTolerantSecAggPlus` leaves it out and the sum stays exact."""
-    n, gone = 5, 103
-
-    def drop(nid, msg):
-        return nid == gone and msg.content.config_records.get("secaggplus_configs", {}).get("stage") == stage
-
+def _toy_run(tmp_path: Path, n: int, drop) -> tuple[InProcessGrid, list, Path]:
+    """One SecAgg+ round of ``n`` toy shops on an `InProcessGrid` that drops what ``drop`` says."""
     grid = InProcessGrid(make_secure_app(lambda ctx: ToyShop(ctx).to_client()), nodes(n), drop=drop)
     reports: list = []
     run_dir = run_secure_federation(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
@@ -62,12 +55,29 @@ def test_a_shop_gone_at_any_stage_before_unmasking_is_left_out_and_the_sum_is_th
                                     initial={k: np.zeros(s, np.float32) for k, s in SHAPES.items()},
                                     shop_names=[f"s{i}" for i in range(n)],
                                     progress=lambda report, total: reports.append(report))
-    assert all(r.error is None for r in grid.received)  # no shop failed unmasking
-    alive = [s for s in range(n) if s + 101 != gone]
+    return grid, reports, run_dir
+
+
+def _assert_exact_mean(run_dir: Path, alive: list[int]) -> None:
+    """The checkpointed aggregate is the plain mean of the ``alive`` toy shops' updates, within one quantum."""
     plain = [np.mean([_update(s, 1)[j] for s in alive], axis=0) for j in range(len(SHAPES))]
     agg = _checkpoint_arrays(run_dir)
     assert max(float(np.abs(agg[k] - p).max()) for k, p in zip(SHAPES, plain, strict=True)) < \
         SecAggSettings().quantisation_step()
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "collect_masked_vectors"])
+def test_a_shop_gone_at_any_stage_before_unmasking_is_left_out_and_the_sum_is_the_others(tmp_path, stage):
+    """Flower 1.42 alone halts the round when a shop is gone at setup or share_keys (every other shop fails
+    unmasking: KeyError on its node ID); `DropTolerantSecAggPlus` leaves it out and the sum stays exact."""
+    n, gone = 5, 103
+
+    def drop(nid, msg):
+        return nid == gone and msg.content.config_records.get("secaggplus_configs", {}).get("stage") == stage
+
+    grid, reports, run_dir = _toy_run(tmp_path, n, drop)
+    assert all(r.error is None for r in grid.received)  # no shop failed unmasking
+    _assert_exact_mean(run_dir, [s for s in range(n) if s + 101 != gone])
     assert reports[0].left_out == {f"node-{gone}": f"SecAgg+ {stage}: {NO_REPLY}"}
 
 
@@ -79,20 +89,8 @@ def test_a_shop_gone_at_setup_and_another_gone_before_its_masked_vector_leave_th
     def drop(nid, msg):
         return nid in gone and gone[nid] == msg.content.config_records.get("secaggplus_configs", {}).get("stage")
 
-    grid = InProcessGrid(make_secure_app(lambda ctx: ToyShop(ctx).to_client()), nodes(n), drop=drop)
-    reports: list = []
-    run_dir = run_secure_federation(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                                  run_config={}),
-                                    FederationSettings(num_server_rounds=1, run_dir=str(tmp_path), min_shops=2),
-                                    SecAggSettings(num_shares=1.0, reconstruction_threshold=0.6),
-                                    initial={k: np.zeros(s, np.float32) for k, s in SHAPES.items()},
-                                    shop_names=[f"s{i}" for i in range(n)],
-                                    progress=lambda report, total: reports.append(report))
-    alive = [s for s in range(n) if s + 101 not in gone]
-    plain = [np.mean([_update(s, 1)[j] for s in alive], axis=0) for j in range(len(SHAPES))]
-    agg = _checkpoint_arrays(run_dir)
-    assert max(float(np.abs(agg[k] - p).max()) for k, p in zip(SHAPES, plain, strict=True)) < \
-        SecAggSettings().quantisation_step()
+    grid, reports, run_dir = _toy_run(tmp_path, n, drop)
+    _assert_exact_mean(run_dir, [s for s in range(n) if s + 101 not in gone])
     assert reports[0].left_out == {"node-102": f"SecAgg+ setup: {NO_REPLY}",
                                    "node-104": f"SecAgg+ collect_masked_vectors: {NO_REPLY}"}
 
