@@ -28,7 +28,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.local_state import Shop, resolve_shop
+from client.local_state import Shop, kept_shops, resolve_shop
 from client.message_settings import settings_for
 from shared.privacy.audit import LeakBlocked, MetricVocabulary, clean_metrics, parse_splits
 from shared.protocol import (
@@ -75,8 +75,9 @@ def _shareable_local(context: Context, settings: ShopRoundSettings) -> dict[str,
     """
     shop = resolve_shop(context, settings)
     if id(shop) not in _SHAREABLE:
-        if len(_SHAREABLE) >= 4:  # bounded like `local_state`'s shops: forget the others
-            _SHAREABLE.clear()
+        kept = {id(s) for s in kept_shops()}  # bounded as the process's shops are: forget the ones it dropped
+        for key in [k for k in _SHAREABLE if k not in kept]:
+            del _SHAREABLE[key]
         model = shop.model()
         local = model.local.state_dict()
         _SHAREABLE[id(shop)] = (shop, {LOCAL_PREFIX + k: (tuple(local[k].shape), str(local[k].numpy().dtype))

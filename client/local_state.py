@@ -103,6 +103,11 @@ class Shop:
 _SHOPS: dict[tuple, Shop] = {}  # per process: tensors are built once and reused every round
 
 
+def kept_shops() -> list[Shop]:
+    """The shops this process keeps (`resolve_shop`'s cache, at most `MAX_RUNS_KEPT` runs' worth)."""
+    return list(_SHOPS.values())
+
+
 def forget_shops() -> None:
     """Drop the per-process shops and their cached models, so a long-lived process reloads them for a new run."""
     _SHOPS.clear()
