@@ -48,7 +48,7 @@ from server.federation_settings import FederationSettings, check_secure_supporte
 from server.metrics_log import MetricsLog, eval_rows_by_split, train_rows
 from server.node_identity import ShopClaims
 from server.secagg_settings import SecAggSettings
-from server.strategies import RoundReport, RunFailed
+from server.strategies import RoundReport, RunFailed, failure_recorded
 from shared.protocol import EVAL_SPLIT, PROXIMAL_MU, SECAGG_WEIGHTING, SERVER_ROUND, SHOP_INDEX
 from shared.scenario import load_scenario
 
@@ -266,9 +266,10 @@ def run_secure_federation(grid: Grid, context: Context, settings: FederationSett
         if strategy.aggregated_rounds == done:
             strategy.fit_halted(int(ctx.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]))
 
-    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
-    if strategy.aggregated_rounds == 0:
-        raise RunFailed(f"every round (1-{settings.num_server_rounds}) was short, none updated the model; last: "
-                        f"{strategy.last_short}. Fix: check the left-out shops' reasons (a refusal names the key and "
-                        "the fix) and their logs, then run again")
+    with failure_recorded(run_dir):  # failed.txt, as the plain run writes it
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+        if strategy.aggregated_rounds == 0:
+            raise RunFailed(f"every round (1-{settings.num_server_rounds}) was short, none updated the model; last: "
+                            f"{strategy.last_short}. Fix: check the left-out shops' reasons (a refusal names the key "
+                            "and the fix) and their logs, then run again")
     return run_dir

@@ -54,7 +54,7 @@ from server.metrics_log import PRIVACY_TASK, MetricsLog, eval_rows_by_split, tra
 from server.node_identity import BINDINGS_FILE, ShopClaims, check_identities, load_bindings
 from server.polling_grid import faster_polling
 from server.secure import run_secure_federation
-from server.strategies import RoundReport, RunFailed, ShopStrategy, build_strategy
+from server.strategies import FAILED_FILE, RoundReport, RunFailed, ShopStrategy, build_strategy, failure_recorded
 from server.wire import Wire
 from shared.atomic import atomic_write_text
 from shared.protocol import EVAL_SPLIT, TEST_ON_IMPROVEMENT
@@ -63,7 +63,6 @@ from shared.scenario import Scenario, load_scenario
 
 logger = logging.getLogger(__name__)
 STOP_FILE = "stopped.txt"  # why a run ended before its last round (e.g. the privacy budget), for the caller
-FAILED_FILE = "failed.txt"  # why a run failed (no usable round), for the caller
 DP_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")  # mean-based: noise zS/n is calibrated to these
 
 
@@ -104,7 +103,7 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_orphans(run_dir)
     (run_dir / STOP_FILE).unlink(missing_ok=True)
-    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # before anything can fail
     settings.run_dir = str(run_dir)
     scenario = load_scenario(settings.scenario, {"seed": settings.seed} if settings.seed >= 0 else None)
     if not (run_dir / "config.toml").exists():
@@ -194,19 +193,16 @@ def run_federation(grid: Grid, settings: FederationSettings, progress: Progress 
                                               ckpt.shop_bindings if ckpt is not None else None,
                                               stable_keys=(run_dir / BINDINGS_FILE).exists()))
     try:
-        strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
-                       train_config=ConfigRecord(settings.client_config(scenario.seed)),
-                       evaluate_config=ConfigRecord(settings.client_config(scenario.seed)))
-        if strategy.aggregated_rounds == 0:  # the model never moved: not a completed run
-            raise RunFailed(f"every round ({done + 1}-{total}) was skipped, none updated the model; last: "
-                            f"{strategy.last_skip}. Fix: check the left-out shops' logs, then `--resume` the run")
+        with failure_recorded(run_dir):
+            strategy.start(grid=grid, initial_arrays=arrays, num_rounds=total - done, timeout=settings.round_timeout,
+                           train_config=ConfigRecord(settings.client_config(scenario.seed)),
+                           evaluate_config=ConfigRecord(settings.client_config(scenario.seed)))
+            if strategy.aggregated_rounds == 0:  # the model never moved: not a completed run
+                raise RunFailed(f"every round ({done + 1}-{total}) was skipped, none updated the model; last: "
+                                f"{strategy.last_skip}. Fix: check the left-out shops' logs, then `--resume` the run")
     except PrivacyBudgetExhausted as exc:  # a planned end: the last checkpoint is the final model
         logger.error("run stopped: %s", exc)
         atomic_write_text(run_dir / STOP_FILE, f"{exc}\n")
-    except RunFailed as exc:
-        logger.error("run failed: %s", exc)
-        atomic_write_text(run_dir / FAILED_FILE, f"{exc}\n")
-        raise
     return run_dir
 
 
@@ -255,20 +251,6 @@ def server_settings(config: dict[str, Any]) -> tuple[FederationSettings, bool, A
     return settings, secure_on, secagg, dp
 
 
-def run_secure(grid: Grid, context: Context, settings: FederationSettings, secagg: Any,
-               progress: Progress | None) -> None:
-    """The SecAgg+ run (`server.secure`); a `RunFailed` leaves its reason in the run dir, as the plain run's does."""
-    run_dir = Path(settings.run_dir).resolve()
-    (run_dir / FAILED_FILE).unlink(missing_ok=True)
-    try:
-        run_secure_federation(grid, context, settings, secagg, progress=progress)
-    except RunFailed as exc:
-        logger.error("run failed: %s", exc)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / FAILED_FILE, f"{exc}\n")
-        raise
-
-
 def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress | None = None,
                     expected_nodes: int = 0) -> ServerApp:
     """A ServerApp whose settings are the run config updated with ``overrides``.
@@ -289,7 +271,7 @@ def make_server_app(overrides: dict[str, Any] | None = None, progress: Progress 
         if expected_nodes:
             wait_for_nodes(grid, expected_nodes)
         if secure_on:
-            run_secure(grid, context, settings, secagg, progress)
+            run_secure_federation(grid, context, settings, secagg, progress=progress)
         else:
             run_federation(grid, settings, progress, dp=dp)
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,7 @@ from server.metrics_log import mean_by_key
 from server.node_identity import ShopClaims
 from server.robust import LooEntry, RobustSettings, TurnLevel, screen
 from server.wire import Wire
+from shared.atomic import atomic_write_text
 from shared.npy_check import checked_numpy
 from shared.privacy.audit import MAX_METRICS
 from shared.protocol import (
@@ -71,6 +74,23 @@ MAX_METRIC_NAME = 100  # characters; the longest metric name a shop sends is abo
 
 class RunFailed(RuntimeError):
     """A federation that cannot produce a model: too many rounds in a row, or every round, skipped."""
+
+
+FAILED_FILE = "failed.txt"  # why a run failed (no usable round), for the caller (`server.server_app.failure_reason`)
+
+
+@contextmanager
+def failure_recorded(run_dir: Path) -> Iterator[None]:
+    """Within the block a `RunFailed` leaves its reason in ``run_dir``'s `FAILED_FILE` (plain and SecAgg+ runs
+    alike; Flower may swallow or wrap the ServerApp's exception, the file still says); an older one is removed."""
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    try:
+        yield
+    except RunFailed as exc:
+        logger.error("run failed: %s", exc)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / FAILED_FILE, f"{exc}\n")
+        raise
 
 
 SERVER_LR_DEFAULTS = {"fedadam": 0.1, "fedyogi": 0.1, "fedavgm": 1.0}  # server_lr <= 0 means these
