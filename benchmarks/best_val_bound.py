@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from client.best_val import Record, compact, note_round, tasks_to_test
+from client.best_val import Record, compact, note_round, record_text, saved_rounds, tasks_to_test
 from shared.atomic import atomic_write_text
 from shared.protocol import SELECTION_METRICS
 
@@ -36,13 +36,12 @@ def scores(kind: str, rng: random.Random, r: int) -> dict[str, float]:
 
 def message(text: str, server_round: int, new: dict[str, float], bounded: bool) -> str:
     """What one evaluate message does with the saved record: parse, decide, note, serialise."""
-    saved = json.loads(text)
-    record = {int(r): {t: float(v) for t, v in tasks.items()} for r, tasks in saved["rounds"].items()}
+    record = saved_rounds(json.loads(text))  # `load_record` would compact it: the unbounded arm parses as before
     tasks_to_test(record, server_round, new)
     record = note_round(record, server_round, new)
     if bounded:
         record = compact(record)
-    return json.dumps({"run": "run", "rounds": {str(r): record[r] for r in sorted(record)}}, sort_keys=True)
+    return record_text("run", record)
 
 
 def main() -> None:
@@ -57,8 +56,7 @@ def main() -> None:
             rng = random.Random(0)
             full: Record = {r: scores(kind, rng, r) for r in range(1, n + 1)}
             kept = {False: full, True: compact(full)}
-            texts = {b: json.dumps({"run": "run", "rounds": {str(r): v for r, v in kept[b].items()}}, sort_keys=True)
-                     for b in (False, True)}
+            texts = {b: record_text("run", kept[b]) for b in (False, True)}
             new = scores(kind, rng, n + 1)
             times: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(args.repeats):

@@ -88,6 +88,16 @@ def compact(record: Record, max_rounds: int | None = None) -> Record:
     return {r: capped[r] for r in sorted(capped)}
 
 
+def saved_rounds(saved: dict) -> Record:
+    """The rounds of a saved record (`record_text`'s JSON, loaded), as they are: not compacted."""
+    return {int(r): {str(t): float(v) for t, v in tasks.items()} for r, tasks in saved["rounds"].items()}
+
+
+def record_text(run: str, record: Record) -> str:
+    """The JSON a shop keeps for ``run``'s ``record`` (in `context.state` and `best_val.json`)."""
+    return json.dumps({"run": run, "rounds": {str(r): record[r] for r in sorted(record)}}, sort_keys=True)
+
+
 def _parse(text: str, run: str, source: str) -> Record:
     """The rounds of ``text`` (a saved record from ``source``) that belong to ``run``, compacted.
 
@@ -97,7 +107,7 @@ def _parse(text: str, run: str, source: str) -> Record:
         saved = json.loads(text)
         if saved.get("run") != run:
             return {}
-        return compact({int(r): {str(t): float(v) for t, v in tasks.items()} for r, tasks in saved["rounds"].items()})
+        return compact(saved_rounds(saved))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         logger.warning("%s is not a best-val record (%s: %s); %s. Fix: none needed; delete it if this repeats",
                        source, type(exc).__name__, str(exc)[:100], _FALLBACK)
@@ -140,7 +150,7 @@ def save_record(context: Context, state_dir: Path | None, run: str, record: Reco
     taken at each task's best validation round, do not change. The local part, whose loss would lose a
     finished round, is still written with an fsync (`client.local_state.write_state_file`).
     """
-    text = json.dumps({"run": run, "rounds": {str(r): record[r] for r in sorted(record)}}, sort_keys=True)
+    text = record_text(run, record)
     context.state[BEST_VAL_RECORD] = ConfigRecord({"json": text})
     if state_dir is None:
         return
