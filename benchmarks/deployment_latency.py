@@ -269,7 +269,7 @@ def deployment_rounds(scenario_path: Path, root: Path, shops: list[str], rounds:
     """
     fed_root, run_dir = fresh_federation_root(root, f"fed-{label}", shops)
     timing = fed_root / "timing.jsonl"
-    scenario_ref = str(Path(scenario_path).absolute())  # the path each merchant pins (--allow-scenario-path)
+    scenario_ref = str(Path(scenario_path).resolve())  # the path each merchant pins (--allow-scenario-path resolves)
     config = deployment_run_config(load_scenario(scenario_path), scenario_ref, run_dir, rounds=rounds,
                                    extra={"keep-checkpoints": rounds, **(extra or {})})
     with loopback_federation(fed_root, shops, env={**env, "FEDSHOP_TIMING_LOG": str(timing)},

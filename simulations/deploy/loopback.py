@@ -142,7 +142,8 @@ def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple
     """Certificates, a TLS SuperLink, and one registered, started SuperNode per shop in ``shops``.
 
     ``scenario``: a scenario file every merchant agrees to load (a deployed shop loads built-in scenarios
-    and this one only: `client.merchant_policy`); runs must name it by this absolute path.
+    and this one only: `client.merchant_policy`); runs must name it by its resolved absolute path, as
+    `fedshop coordinator run` and `merchant start --allow-scenario-path` do.
     ``state_db`` keeps the SuperLink's state in SQLite (`coordinator start --state-db`) instead of memory.
     Shop folders ``root/<shop>/shop`` must exist. ``extra_keys`` get key pairs but are neither registered
     nor started. Everything is stopped by PID on exit, also after errors.
@@ -151,7 +152,7 @@ def loopback_federation(root: str | Path, shops: list[str], *, extra_keys: tuple
     certs = write_certs(root / "certs", list(shops) + list(extra_keys), force=True)
     coordinator = start_coordinator(root / "coordinator", root / "certs", env=env, state_db=state_db)
     fed = LoopbackFederation(root, coordinator, certs, env, heartbeat_interval=heartbeat_interval,
-                             isolation=isolation, scenario=Path(scenario).absolute() if scenario else None)
+                             isolation=isolation, scenario=Path(scenario).resolve() if scenario else None)
     try:
         for name in shops:
             register_merchant(coordinator.home, certs.merchant_keys[name][1], name=name,
